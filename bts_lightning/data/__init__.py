@@ -1,0 +1,1 @@
+"""Data loading, splitting, augmentation and synthetic data."""

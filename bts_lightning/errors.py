@@ -1,0 +1,27 @@
+"""User-facing errors: one clear message, no traceback wall, non-zero exit."""
+
+from __future__ import annotations
+
+
+class BtsError(Exception):
+    """Base class for errors caused by user input (data, config, files, weights)."""
+
+
+class DataError(BtsError):
+    """The dataset on disk is missing, incomplete or inconsistent."""
+
+
+class ConfigError(BtsError):
+    """A configuration value is invalid."""
+
+
+class WeightsUnavailableError(BtsError):
+    """Pretrained weights are neither cached nor downloadable."""
+
+
+def format_names(names: list[str], limit: int = 10) -> str:
+    """Join file names for an error message, eliding after ``limit`` entries."""
+    shown = ", ".join(str(name) for name in names[:limit])
+    if len(names) > limit:
+        shown += f", ... ({len(names) - limit} more)"
+    return shown

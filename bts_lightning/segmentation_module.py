@@ -1,0 +1,118 @@
+"""The LightningModule: network, loss, metrics, optimizer and scheduler from plain configs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from bts_lightning.metrics import overlap_metrics
+from bts_lightning.models import build_model
+from bts_lightning.preprocessing import standardize
+
+_MODEL_TRAINING_KEYS = ("freeze_backbone_epochs", "aux_loss_weight")
+
+
+def _plain(config: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if isinstance(config, DictConfig):
+        return OmegaConf.to_container(config, resolve=True)
+    return dict(config) if config else None
+
+
+class SegmentationModule(L.LightningModule):
+    """Trains a 2-class segmentation network on uint8 slices (``batch["image"]``, ``batch["mask"]``).
+
+    All constructor arguments are plain configs saved as hyperparameters, so a checkpoint alone
+    rebuilds the module; network weights live only in the state dict.
+
+    Args:
+        model: builder name and kwargs (see :func:`bts_lightning.models.build_model`) plus
+            ``freeze_backbone_epochs`` and ``aux_loss_weight``.
+        loss: ``_target_`` config of a MONAI loss taking (N, C, H, W) logits and (N, 1, H, W) labels.
+        optimizer: ``_partial_`` optimizer config, called with the parameters.
+        scheduler: ``{"scheduler": _partial_ config, **lightning_keys}`` (monitor, interval), or empty.
+    """
+
+    def __init__(
+        self,
+        model: Mapping[str, Any],
+        loss: Mapping[str, Any],
+        optimizer: Mapping[str, Any],
+        scheduler: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(
+            {"model": _plain(model), "loss": _plain(loss), "optimizer": _plain(optimizer), "scheduler": _plain(scheduler)}
+        )
+        self.configure_models()
+        self.configure_losses()
+        self.configure_metrics()
+
+    def configure_models(self) -> None:
+        """Build the network from the registry."""
+        kwargs = {k: v for k, v in self.hparams.model.items() if k not in _MODEL_TRAINING_KEYS}
+        self.net = build_model(**kwargs)
+
+    def configure_losses(self) -> None:
+        """Instantiate the loss; auxiliary heads add ``aux_loss_weight`` times the same loss."""
+        self.criterion = instantiate(self.hparams.loss)
+        self.aux_loss_weight = float(self.hparams.model.get("aux_loss_weight", 0.4))
+
+    def configure_metrics(self) -> None:
+        """Per-image tumor Dice and IoU for validation and test."""
+        self.val_metrics = overlap_metrics("val/")
+        self.test_metrics = overlap_metrics("test/")
+
+    @property
+    def pretrained(self) -> bool:
+        """Whether the network started from pretrained weights."""
+        return self.hparams.model.get("weights") is not None
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logits dict (``out`` and, for some models, ``aux``) for an (N, 1, H, W) batch of any scale."""
+        return self.net(standardize(images))
+
+    @torch.no_grad()
+    def predict_probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """Tumor probability (N, H, W) for an (N, 1, H, W) batch."""
+        return self(images)["out"].float().softmax(dim=1)[:, 1]
+
+    def compute_loss(self, outputs: dict[str, torch.Tensor], masks: torch.Tensor) -> torch.Tensor:
+        """Loss in float32 even under mixed precision (fp16 Dice sums overflow on large masks)."""
+        target = masks.unsqueeze(1).float()
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            loss = self.criterion(outputs["out"].float(), target)
+            if "aux" in outputs:
+                loss = loss + self.aux_loss_weight * self.criterion(outputs["aux"].float(), target)
+        return loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.compute_loss(self(batch["image"]), batch["mask"])
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["mask"]))
+        return loss
+
+    def _evaluate(self, batch: dict[str, torch.Tensor], stage: str) -> None:
+        outputs = self(batch["image"])
+        masks = batch["mask"]
+        self.log(f"{stage}/loss", self.compute_loss(outputs, masks), sync_dist=True, batch_size=len(masks))
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
+        metrics.update(outputs["out"].argmax(dim=1), masks)
+        self.log_dict(metrics, prog_bar=stage == "val")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def configure_optimizers(self) -> Any:
+        optimizer = instantiate(self.hparams.optimizer)(params=self.parameters())
+        schedule = dict(self.hparams.scheduler or {})
+        if not schedule.get("scheduler"):
+            return optimizer
+        scheduler = instantiate(schedule.pop("scheduler"))(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, **schedule}}

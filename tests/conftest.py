@@ -1,0 +1,61 @@
+"""Shared fixtures: small synthetic datasets, hand-made dataset folders, composed configs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+from bts_lightning.data.synthetic import generate_dataset
+from bts_lightning.train import CONFIG_DIR
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+REAL_DATA = REPO_ROOT.parent / "shared" / "data" / "brain-tumor"
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 synthetic 64x64 slices with metadata (5 folds), generated once per test session."""
+    return generate_dataset(tmp_path_factory.mktemp("synthetic") / "data", n=40, size=64, seed=3)
+
+
+@pytest.fixture
+def make_dataset(tmp_path: Path) -> Callable[..., Path]:
+    """Write a small Kaggle-layout folder: ``make_dataset(stems, image_ext=".png", mask_ext=".png")``."""
+
+    def make(stems: list[str], image_ext: str = ".png", mask_ext: str = ".png", size: int = 32) -> Path:
+        root = tmp_path / "dataset"
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        (root / "masks").mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(0)
+        for stem in stems:
+            image = rng.integers(0, 255, (size, size), dtype=np.uint8)
+            mask = np.zeros((size, size), np.uint8)
+            mask[8:16, 8:16] = 255
+            cv2.imwrite(str(root / "images" / f"{stem}{image_ext}"), image)
+            cv2.imwrite(str(root / "masks" / f"{stem}{mask_ext}"), mask)
+        return root
+
+    return make
+
+
+def compose_train(overrides: list[str], output_dir: Path) -> DictConfig:
+    """Compose ``conf/train.yaml`` as the app would, with the run directory set to ``output_dir``."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
+@pytest.fixture(autouse=True)
+def _no_network_weights(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point the torch hub cache at an empty folder so no test depends on (or fills) the user's cache."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.getbasetemp() / "torch_home"))
+    monkeypatch.setenv("NO_ALBUMENTATIONS_UPDATE", "1")
+    monkeypatch.delenv("BTS_DATA_ROOT", raising=False)

@@ -1,0 +1,183 @@
+"""Tests for the model registry, builders and the offline pretrained-weights path."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from http.client import HTTPMessage
+from pathlib import Path
+from urllib.error import URLError
+
+import pytest
+import torch
+import torch.hub
+from torchvision.models import WeightsEnum
+from torchvision.models import segmentation as tvseg
+
+from bts_lightning.errors import ConfigError, WeightsUnavailableError
+from bts_lightning.models import MODELS, available_models, backbone_of, build_model
+
+REAL_DOWNLOAD = torch.hub.download_url_to_file
+
+
+@pytest.fixture(autouse=True)
+def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Empty TORCH_HOME per test, and a download that always fails (no network use)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)  # undo any earlier torch.hub.set_dir
+
+    def no_network(url: str, dst: str, *args: object, **kwargs: object) -> None:
+        raise URLError("network disabled in tests")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    return tmp_path / "torch" / "hub" / "checkpoints"
+
+
+def _cache(checkpoints: Path, weights: WeightsEnum, state: dict) -> Path:
+    path = checkpoints / os.path.basename(weights.url)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return path
+
+
+def test_registry_lists_models() -> None:
+    assert available_models() == ["deeplabv3", "fcn", "lraspp", "unet"]
+    assert set(MODELS) == set(available_models())
+
+
+@pytest.mark.parametrize("name", ["unet", "deeplabv3", "fcn", "lraspp"])
+def test_output_shapes(name: str) -> None:
+    model = build_model(name).eval()
+    expected = {"out", "aux"} if name in ("deeplabv3", "fcn") else {"out"}
+    for size in [(64, 64), (64, 96)]:
+        with torch.no_grad():
+            out = model(torch.randn(2, 1, *size))
+        assert set(out) == expected
+        for logits in out.values():
+            assert logits.shape == (2, 2, *size)
+
+
+def test_unet_train_mode_kwargs_and_no_backbone() -> None:
+    model = build_model("unet", num_classes=3, channels=(8, 16, 32), strides=(2, 2), dropout=0.1)
+    out = model(torch.randn(2, 1, 32, 48))
+    assert out["out"].shape == (2, 3, 32, 48)
+    assert backbone_of(model) is None
+
+
+def test_torchvision_backbone_exposed_and_in_channels() -> None:
+    model = build_model("lraspp", in_channels=4).eval()
+    assert backbone_of(model) is model.backbone
+    with torch.no_grad():
+        assert model(torch.randn(1, 4, 64, 64))["out"].shape == (1, 2, 64, 64)
+
+
+def test_unknown_model_lists_available() -> None:
+    with pytest.raises(ConfigError, match="'segformer'.*deeplabv3, fcn, lraspp, unet"):
+        build_model("segformer")
+
+
+def test_unknown_option_is_config_error() -> None:
+    with pytest.raises(ConfigError, match="lraspp"):
+        build_model("lraspp", channels=(8, 16))
+
+
+def test_unet_rejects_weights() -> None:
+    with pytest.raises(ConfigError, match="only for the torchvision models"):
+        build_model("unet", weights="DEFAULT")
+
+
+def test_unknown_weights_name_lists_valid() -> None:
+    with pytest.raises(ConfigError, match="COCO_WITH_VOC_LABELS_V1, DEFAULT"):
+        build_model("lraspp", weights="IMAGENET1K_V2")
+
+
+def test_lraspp_loads_cached_pretrained(offline_hub: Path) -> None:
+    state = tvseg.lraspp_mobilenet_v3_large(
+        weights=None, weights_backbone=None, num_classes=21
+    ).state_dict()
+    state["backbone.0.0.weight"] = torch.arange(16 * 3 * 9, dtype=torch.float32).view(16, 3, 3, 3)
+    state["backbone.1.block.0.0.weight"].fill_(0.25)
+    _cache(offline_hub, tvseg.LRASPP_MobileNet_V3_Large_Weights.DEFAULT, state)
+
+    model = build_model("lraspp", weights="DEFAULT").eval()
+    loaded = model.state_dict()
+    assert loaded["backbone.0.0.weight"].shape == (16, 1, 3, 3)
+    torch.testing.assert_close(
+        loaded["backbone.0.0.weight"], state["backbone.0.0.weight"].sum(1, keepdim=True)
+    )
+    torch.testing.assert_close(
+        loaded["backbone.1.block.0.0.weight"], state["backbone.1.block.0.0.weight"]
+    )
+    torch.testing.assert_close(
+        loaded["classifier.cbr.0.weight"], state["classifier.cbr.0.weight"]
+    )
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 64, 96))["out"].shape == (1, 2, 64, 96)
+
+
+def test_deeplabv3_loads_cached_pretrained(offline_hub: Path) -> None:
+    state = tvseg.deeplabv3_resnet50(
+        weights=None, weights_backbone=None, num_classes=21, aux_loss=True
+    ).state_dict()
+    state["backbone.conv1.weight"].normal_()
+    state["backbone.layer4.2.conv3.weight"].fill_(0.5)
+    _cache(offline_hub, tvseg.DeepLabV3_ResNet50_Weights.DEFAULT, state)
+
+    model = build_model("deeplabv3", weights="COCO_WITH_VOC_LABELS_V1").eval()
+    loaded = model.state_dict()
+    torch.testing.assert_close(
+        loaded["backbone.conv1.weight"], state["backbone.conv1.weight"].sum(1, keepdim=True)
+    )
+    torch.testing.assert_close(
+        loaded["backbone.layer4.2.conv3.weight"], state["backbone.layer4.2.conv3.weight"]
+    )
+    assert loaded["classifier.4.weight"].shape[0] == 2
+    assert loaded["aux_classifier.4.weight"].shape[0] == 2
+    with torch.no_grad():
+        out = model(torch.randn(1, 1, 64, 96))
+    assert out["out"].shape == out["aux"].shape == (1, 2, 64, 96)
+
+
+def test_missing_weights_offline_raises_with_path(offline_hub: Path) -> None:
+    weights = tvseg.DeepLabV3_ResNet50_Weights.DEFAULT
+    expected = offline_hub / os.path.basename(weights.url)
+    with pytest.raises(WeightsUnavailableError) as info:
+        build_model("deeplabv3", weights="DEFAULT")
+    message = str(info.value)
+    assert str(expected) in message
+    assert weights.url in message
+    assert "model.weights=null" in message
+    assert list(offline_hub.iterdir()) == []
+
+
+def test_corrupt_cached_file_is_weights_error(offline_hub: Path) -> None:
+    path = _cache(offline_hub, tvseg.LRASPP_MobileNet_V3_Large_Weights.DEFAULT, {})
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsUnavailableError, match=re.escape(str(path))):
+        build_model("lraspp", weights="DEFAULT")
+
+
+class _DroppedConnection(io.BytesIO):
+    """HTTP response that sends some bytes, then fails."""
+
+    def __enter__(self) -> _DroppedConnection:
+        return self
+
+    def info(self) -> HTTPMessage:
+        return HTTPMessage()
+
+    def read(self, size: int = -1) -> bytes:
+        if self.tell() == 0:
+            return super().read(4)
+        raise ConnectionResetError("connection dropped")
+
+
+def test_interrupted_download_leaves_no_partial_file(
+    offline_hub: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.hub, "download_url_to_file", REAL_DOWNLOAD)
+    monkeypatch.setattr(torch.hub, "urlopen", lambda *a, **k: _DroppedConnection(b"partial data"))
+    with pytest.raises(WeightsUnavailableError, match="ConnectionResetError"):
+        build_model("lraspp", weights="DEFAULT")
+    assert list(offline_hub.iterdir()) == []

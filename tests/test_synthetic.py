@@ -1,0 +1,275 @@
+"""Synthetic dataset generator: layout, metadata, determinism, atomic writes, CLI and difficulty."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import subprocess
+import sys
+import threading
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from bts_lightning.data import synthetic
+from bts_lightning.data.synthetic import ensure_dataset, generate_dataset
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+N, SIZE, SEED, FOLDS, PER_PATIENT = 40, 64, 7, 5, 4
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_dataset(tmp_path_factory.mktemp("synth") / "ds", n=N, size=SIZE, seed=SEED)
+
+
+@pytest.fixture(scope="module")
+def dataset128(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_dataset(tmp_path_factory.mktemp("synth128") / "ds", n=60, size=128, seed=0)
+
+
+def read_rows(root: Path) -> list[dict[str, str]]:
+    with open(root / "metadata.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def read(path: Path) -> np.ndarray:
+    array = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    assert array is not None, path
+    return array
+
+
+def file_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def best_threshold_dice(image: np.ndarray, mask: np.ndarray) -> float:
+    """Best Dice of ``image >= t`` or ``image <= t`` against ``mask`` over all 8-bit thresholds t."""
+    best = 0.0
+    for img in (image, 255 - image):
+        tumor_at_least = np.bincount(img[mask], minlength=256)[::-1].cumsum()[::-1]
+        all_at_least = np.bincount(img.ravel(), minlength=256)[::-1].cumsum()[::-1]
+        best = max(best, float((2 * tumor_at_least / (all_at_least + mask.sum())).max()))
+    return best
+
+
+def test_layout_and_counts(dataset: Path) -> None:
+    stems = [str(i) for i in range(1, N + 1)]
+    assert sorted(p.stem for p in (dataset / "images").iterdir()) == sorted(stems)
+    assert sorted(p.stem for p in (dataset / "masks").iterdir()) == sorted(stems)
+    assert {p.suffix for p in (dataset / "images").iterdir()} | {p.suffix for p in (dataset / "masks").iterdir()} == {".png"}
+    for stem in stems:
+        image, mask = read(dataset / "images" / f"{stem}.png"), read(dataset / "masks" / f"{stem}.png")
+        assert image.shape == mask.shape == (SIZE, SIZE)
+        assert image.dtype == mask.dtype == np.uint8
+        assert image.min() == 0 and image.max() == 255  # min-max scaled per slice
+
+
+def test_masks_binary_and_non_empty(dataset: Path) -> None:
+    for path in (dataset / "masks").iterdir():
+        mask = read(path)
+        assert set(np.unique(mask).tolist()) == {0, 255}, path.name
+
+
+def test_metadata_patient_wise_folds(dataset: Path) -> None:
+    with open(dataset / "metadata.csv", newline="") as fh:
+        assert fh.readline().strip() == "index,label,fold,pid"
+    rows = read_rows(dataset)
+    assert [int(r["index"]) for r in rows] == list(range(1, N + 1))
+    assert {int(r["label"]) for r in rows} <= {1, 2, 3}
+    folds_of: dict[str, set[str]] = defaultdict(set)
+    labels_of: dict[str, set[str]] = defaultdict(set)
+    for r in rows:
+        folds_of[r["pid"]].add(r["fold"])
+        labels_of[r["pid"]].add(r["label"])
+    assert all(len(f) == 1 for f in folds_of.values()), "a patient spans several folds"
+    assert all(len(labels) == 1 for labels in labels_of.values()), "a patient has several labels"
+    assert len(folds_of) == N // PER_PATIENT
+    assert Counter(r["pid"] for r in rows) == {pid: PER_PATIENT for pid in folds_of}
+    patients_per_fold = Counter(next(iter(f)) for f in folds_of.values())
+    assert sorted(int(f) for f in patients_per_fold) == list(range(1, FOLDS + 1))
+    assert max(patients_per_fold.values()) - min(patients_per_fold.values()) <= 1
+
+
+def test_few_slices_still_fill_every_fold(tmp_path: Path) -> None:
+    rows = read_rows(generate_dataset(tmp_path / "ds", n=7, size=32, seed=0, num_folds=5))
+    assert sorted({int(r["fold"]) for r in rows}) == [1, 2, 3, 4, 5]
+    assert len({r["pid"] for r in rows}) >= 5
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "word"),
+    [
+        ({"n": 0}, "n"),
+        ({"size": 31}, "size"),
+        ({"slices_per_patient": 0}, "slices_per_patient"),
+        ({"num_folds": 0}, "num_folds"),
+        ({"n": 3, "num_folds": 4}, "num_folds"),
+    ],
+)
+def test_invalid_arguments(tmp_path: Path, kwargs: dict[str, int], word: str) -> None:
+    with pytest.raises(ValueError, match=word):
+        generate_dataset(tmp_path / "ds", **{"n": 8, "size": 32, **kwargs})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_deterministic_and_seed_dependent(dataset: Path, tmp_path: Path) -> None:
+    again = generate_dataset(tmp_path / "again", n=N, size=SIZE, seed=SEED)
+    assert file_bytes(again) == file_bytes(dataset)
+    other = file_bytes(generate_dataset(tmp_path / "other", n=N, size=SIZE, seed=SEED + 1))
+    reference = file_bytes(dataset)
+    assert other.keys() == reference.keys()
+    assert all(other[k] != reference[k] for k in reference if k.startswith("images"))
+
+
+def test_slices_do_not_depend_on_n(dataset: Path, tmp_path: Path) -> None:
+    prefix = generate_dataset(tmp_path / "prefix", n=N // 2, size=SIZE, seed=SEED)
+    for stem in range(1, N // 2 + 1):
+        for kind in ("images", "masks"):
+            assert (prefix / kind / f"{stem}.png").read_bytes() == (dataset / kind / f"{stem}.png").read_bytes()
+
+
+def test_ensure_dataset_reuses_complete_dataset(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    out = tmp_path / "ds"
+    with caplog.at_level(logging.INFO, logger=synthetic.__name__):
+        assert ensure_dataset(out, n=6, size=32, seed=0, num_folds=2) == out
+    assert any("Generating" in r.getMessage() for r in caplog.records)
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=synthetic.__name__):
+        assert ensure_dataset(out, n=6, size=32, seed=0, num_folds=2) == out
+    assert not caplog.records
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == stamps
+
+
+def test_ensure_dataset_regenerates_incomplete_target(tmp_path: Path) -> None:
+    out = tmp_path / "ds"
+    out.mkdir()  # e.g. left empty by a crash elsewhere: no metadata.csv, so not complete
+    ensure_dataset(out, n=4, size=32, seed=0, num_folds=2)
+    assert len(read_rows(out)) == 4
+
+
+def test_no_temporary_directories_left(dataset: Path) -> None:
+    assert [p.name for p in dataset.parent.iterdir()] == [dataset.name]
+
+
+def test_crash_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def failing_write(path: Path, array: np.ndarray) -> None:
+        calls.append(path)
+        if len(calls) == 5:
+            raise OSError("disk full")
+        cv2.imwrite(str(path), array)
+
+    monkeypatch.setattr(synthetic, "_write_png", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        generate_dataset(tmp_path / "ds", n=8, size=32, seed=0, num_folds=2)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_dataset_wins_the_rename(tmp_path: Path) -> None:
+    out = generate_dataset(tmp_path / "ds", n=4, size=32, seed=0, num_folds=2)
+    before = file_bytes(out)
+    assert generate_dataset(out, n=4, size=32, seed=1, num_folds=2) == out
+    assert file_bytes(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"]
+
+
+def test_incomplete_existing_target_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "stray.txt").write_text("x")
+    with pytest.raises(OSError, match="not a complete"):
+        generate_dataset(tmp_path / "ds", n=4, size=32, seed=0, num_folds=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+
+
+def test_concurrent_generation_both_succeed(tmp_path: Path) -> None:
+    out, errors = tmp_path / "ds", []
+
+    def work() -> None:
+        try:
+            generate_dataset(out, n=12, size=64, seed=0, num_folds=3)
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len(read_rows(out)) == 12
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bts_lightning.data.synthetic", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=120,
+    )
+
+
+def test_cli_generates(tmp_path: Path) -> None:
+    out = tmp_path / "cli"
+    result = run_cli(f"out={out}", "n=8", "size=64", "seed=1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(out)
+    assert len(read_rows(out)) == 8
+    assert read(out / "images" / "8.png").shape == (64, 64)
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["bogus=1"], "bogus"),
+        (["n=abc"], "abc"),
+        (["size=8"], "size"),
+        (["n=4"], "out"),
+    ],
+)
+def test_cli_bad_arguments(tmp_path: Path, args: list[str], named: str) -> None:
+    out_arg = [] if named == "out" else [f"out={tmp_path / 'cli'}"]
+    result = run_cli(*out_arg, *args)
+    assert result.returncode == 2
+    assert named in result.stderr
+    assert "slices_per_patient" in result.stderr  # lists the accepted keys
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "cli").exists()
+
+
+def test_tumor_not_recoverable_by_global_threshold(dataset128: Path) -> None:
+    dices = []
+    for path in sorted((dataset128 / "images").iterdir()):
+        image, mask = read(path), read(dataset128 / "masks" / path.name) > 0
+        dices.append(best_threshold_dice(image, mask))
+    assert np.mean(dices) < 0.7, np.mean(dices)
+
+
+def test_tumor_visible_against_surroundings(dataset128: Path) -> None:
+    """Learnable: the tumor differs from the tissue just around it in most slices."""
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (9, 9))
+    differences = []
+    for path in sorted((dataset128 / "images").iterdir()):
+        image, mask = read(path).astype(float), read(dataset128 / "masks" / path.name)
+        ring = (cv2.dilate(mask, kernel) > 0) & (mask == 0)
+        differences.append(abs(image[mask > 0].mean() - image[ring].mean()))
+    assert np.median(differences) > 10, np.median(differences)
+
+
+def test_tumor_sizes_and_label_locations(dataset128: Path) -> None:
+    rows = read_rows(dataset128)
+    assert {r["label"] for r in rows} == {"1", "2", "3"}
+    for r in rows:
+        mask = read(dataset128 / "masks" / f"{r['index']}.png") > 0
+        assert 0.001 < mask.mean() < 0.1, r
+        if r["label"] == "3":  # pituitary: small, near the horizontal centre
+            cols = np.nonzero(mask)[1]
+            assert abs(cols.mean() - 64) < 0.15 * 128, r
+            assert mask.mean() < 0.03, r
