@@ -10,7 +10,6 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from bts_lightning.callbacks.metric_history import MetricHistory
@@ -43,7 +42,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     train_time = time.perf_counter() - started
 
     best = history.best(MONITOR)
-    checkpoint = next((cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)), None)
+    checkpoint = next((cb for cb in trainer.checkpoint_callbacks if getattr(cb, "monitor", None) == MONITOR), None)
     best_path = checkpoint.best_model_path if checkpoint and checkpoint.best_model_path else None
     metrics: dict[str, Any] = {
         "model": cfg.model.name,

@@ -60,7 +60,7 @@ def test_layout_and_counts(dataset: Path) -> None:
     stems = [str(i) for i in range(1, N + 1)]
     assert sorted(p.stem for p in (dataset / "images").iterdir()) == sorted(stems)
     assert sorted(p.stem for p in (dataset / "masks").iterdir()) == sorted(stems)
-    assert {p.suffix for p in (dataset / "images").iterdir()} | {p.suffix for p in (dataset / "masks").iterdir()} == {".png"}
+    assert {p.suffix for kind in ("images", "masks") for p in (dataset / kind).iterdir()} == {".png"}
     for stem in stems:
         image, mask = read(dataset / "images" / f"{stem}.png"), read(dataset / "masks" / f"{stem}.png")
         assert image.shape == mask.shape == (SIZE, SIZE)

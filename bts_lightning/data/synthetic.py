@@ -99,8 +99,9 @@ def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray
     return cv2.resize(grid, (size, size), interpolation=cv2.INTER_CUBIC)
 
 
-def _to_pixel(pu: float, pv: float, scale: float, angle: float, shift_x: float, shift_y: float, size: int) -> tuple[float, float]:
-    """Image (column, row) of the anatomical point (pu, pv) under a slice pose."""
+def _to_pixel(pu: float, pv: float, pose: tuple[float, float, float, float], size: int) -> tuple[float, float]:
+    """Image (column, row) of the anatomical point (pu, pv) under ``pose`` (scale, angle, shift_x, shift_y)."""
+    scale, angle, shift_x, shift_y = pose
     x = shift_x + scale * (pu * math.cos(angle) - pv * math.sin(angle))
     y = shift_y + scale * (pu * math.sin(angle) + pv * math.cos(angle))
     return (x + 1) * size / 2 - 0.5, (y + 1) * size / 2 - 0.5
@@ -126,11 +127,9 @@ def _make_patient(seed: int, patient: int) -> _Patient:
         contrast = rng.uniform(0.22, 0.42)
         edema = rng.uniform(0.3, 0.7) if rng.random() < 0.3 else 0.0
     elif label == GLIOMA:  # intra-axial in one hemisphere: irregular, often necrotic, with edema
-        side = rng.choice([-1.0, 1.0])
-        for _ in range(100):
-            center = (side * rng.uniform(0.12, 0.5), rng.uniform(-0.55, 0.5))
-            if (center[0] / brain_u) ** 2 + (center[1] / brain_v) ** 2 < 0.55:
-                break
+        phi = rng.uniform(-1.1, 1.1) + (np.pi if rng.random() < 0.5 else 0.0)
+        depth = math.sqrt(rng.uniform(0.08, 0.5))  # fraction of the brain radius
+        center = (brain_u * depth * math.cos(phi), brain_v * depth * math.sin(phi))
         n_lobes, spread, irregular = int(rng.integers(2, 5)), 0.6, 0.18
         style = str(rng.choice(["ring", "faint", "mixed"], p=[0.5, 0.25, 0.25]))
         contrast = rng.uniform(*{"ring": (0.25, 0.45), "faint": (0.05, 0.12), "mixed": (0.12, 0.3)}[style])
@@ -177,7 +176,9 @@ def _make_patient(seed: int, patient: int) -> _Patient:
     )
 
 
-def _render_slice(patient: _Patient, seed: int, patient_id: int, slice_id: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _render_slice(
+    patient: _Patient, seed: int, patient_id: int, slice_id: int, size: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Render one slice of ``patient``: (uint8 image min-max scaled to 0..255, uint8 mask in {0, 255})."""
     rng = np.random.default_rng([seed, _SLICE_TAG, patient_id, slice_id])
     f32 = np.float32
@@ -185,7 +186,8 @@ def _render_slice(patient: _Patient, seed: int, patient_id: int, slice_id: int, 
     # Pose: anatomical coordinates (u, v) of every pixel after scale, rotation and shift.
     scale, angle = rng.uniform(0.9, 1.04), rng.uniform(-0.2, 0.2)
     shift_x, shift_y = rng.uniform(-0.05, 0.05, 2)
-    grid = ((np.arange(size, dtype=f32) + 0.5) * f32(2.0 / size) - 1).astype(f32)
+    pose = (scale, angle, shift_x, shift_y)
+    grid = (np.arange(size, dtype=f32) + 0.5) * f32(2.0 / size) - 1
     x, y = grid[None, :], grid[:, None]
     cos, sin = f32(math.cos(angle) / scale), f32(math.sin(angle) / scale)
     u = (x - f32(shift_x)) * cos + (y - f32(shift_y)) * sin
@@ -194,7 +196,8 @@ def _render_slice(patient: _Patient, seed: int, patient_id: int, slice_id: int, 
 
     # Head: scalp, dark skull, CSF rim, brain (soft-edged layers of a wobbly ellipse).
     axis_u, axis_v = patient.head_axes
-    rho = np.sqrt((u / f32(axis_u)) ** 2 + (v / f32(axis_v)) ** 2) / _wobble(np.arctan2(v, u), patient.head_harmonics)
+    rho = np.sqrt((u / f32(axis_u)) ** 2 + (v / f32(axis_v)) ** 2)
+    rho /= _wobble(np.arctan2(v, u), patient.head_harmonics)
     edge = pixel / axis_u
 
     def inside(radius: float) -> np.ndarray:
@@ -202,7 +205,8 @@ def _render_slice(patient: _Patient, seed: int, patient_id: int, slice_id: int, 
 
     head, skull, brain, tissue_mask = inside(1.0), inside(0.92), inside(BRAIN_RHO + 0.02), inside(BRAIN_RHO)
     fine = _smooth_noise(rng, size, max(4, size // 10))
-    scalp = f32(patient.scalp) * (1 + 0.12 * _smooth_noise(rng, size, 8)) * (0.85 + 0.15 * _smoothstep(0.93, 0.98, rho))
+    scalp = f32(patient.scalp) * (1 + 0.12 * _smooth_noise(rng, size, 8))
+    scalp *= 0.85 + 0.15 * _smoothstep(0.93, 0.98, rho)
 
     # Brain tissue: bright white matter centre, darker cortex with winding sulci, ventricles, fissure.
     tissue = f32(patient.tissue) + 0.04 * _smooth_noise(rng, size, 5) + 0.015 * fine
@@ -216,19 +220,23 @@ def _render_slice(patient: _Patient, seed: int, patient_id: int, slice_id: int, 
         for side in (-1.0, 1.0):
             du, dv = u - f32(side * 0.08 * ventricle_scale), v + f32(0.03)
             c, s = f32(math.cos(side * 0.35)), f32(math.sin(side * 0.35))
-            r = np.sqrt(((du * c + dv * s) / f32(0.04 * ventricle_scale)) ** 2 + ((dv * c - du * s) / f32(0.15 * ventricle_scale)) ** 2)
+            ru, rv = (du * c + dv * s) / f32(0.04 * ventricle_scale), (dv * c - du * s) / f32(0.15 * ventricle_scale)
+            r = np.sqrt(ru * ru + rv * rv)
             ventricles = np.maximum(ventricles, 1 - _smoothstep(0.8, 1.2, r))
         tissue = tissue * (1 - ventricles) + f32(patient.csf) * ventricles
 
     # Tumor field f: > 0 inside (the mask), ~ -distance in tumor radii outside; only in a crop around it.
     radius = max(patient.tumor_radius * rng.uniform(0.7, 1.1), 5.0 / size)
     tu, tv = patient.tumor_center
-    centers = [(tu + (lobe.du + rng.normal(0, 0.05)) * radius, tv + (lobe.dv + rng.normal(0, 0.05)) * radius) for lobe in patient.lobes]
+    centers = [
+        (tu + (lobe.du + rng.normal(0, 0.05)) * radius, tv + (lobe.dv + rng.normal(0, 0.05)) * radius)
+        for lobe in patient.lobes
+    ]
     reach = max(
         math.hypot(cu - tu, cv - tv) + radius * lobe.axis_u * (1.3 + patient.edema) * (1 + lobe.harmonics[:, 1].sum())
         for lobe, (cu, cv) in zip(patient.lobes, centers)
     )
-    col, row = _to_pixel(tu, tv, scale, angle, shift_x, shift_y, size)
+    col, row = _to_pixel(tu, tv, pose, size)
     half = reach * scale * size / 2 + 2
     r0, c0 = max(0, int(row - half)), max(0, int(col - half))
     crop = (slice(r0, min(size, int(row + half) + 2)), slice(c0, min(size, int(col + half) + 2)))
@@ -267,10 +275,11 @@ def _render_slice(patient: _Patient, seed: int, patient_id: int, slice_id: int, 
     for _ in range(int(rng.integers(3, 9))):
         theta, r = rng.uniform(0, 2 * np.pi), BRAIN_RHO * math.sqrt(rng.uniform(0.05, 0.9))
         pu, pv = axis_u * r * math.cos(theta), axis_v * r * math.sin(theta)
-        col, row = _to_pixel(pu, pv, scale, angle, shift_x, shift_y, size)
+        col, row = _to_pixel(pu, pv, pose, size)
         half_width = rng.uniform(0.4, 1.3) * zoom
         axes = (round(16 * half_width * rng.uniform(1.0, 4.0)), round(16 * half_width))
-        cv2.ellipse(vessels, (round(16 * col), round(16 * row)), axes, rng.uniform(0, 180), 0, 360, rng.uniform(0.2, 0.6), -1, cv2.LINE_8, 4)
+        center = (round(16 * col), round(16 * row))  # 4 fractional bits (shift=4)
+        cv2.ellipse(vessels, center, axes, rng.uniform(0, 180), 0, 360, rng.uniform(0.2, 0.6), -1, cv2.LINE_8, 4)
     tissue += cv2.GaussianBlur(vessels, (0, 0), max(0.6, 0.8 * zoom))
 
     image = scalp * (head - skull) + f32(patient.skull) * (skull - brain)
@@ -300,7 +309,9 @@ def _validate(n: int, size: int, slices_per_patient: int, num_folds: int) -> Non
     if num_folds < 1:
         raise ValueError(f"num_folds must be >= 1, got {num_folds}.")
     if num_folds > n:
-        raise ValueError(f"num_folds={num_folds} needs at least one patient per fold, but n={n} slices allow at most {n} patients.")
+        raise ValueError(
+            f"num_folds={num_folds} needs at least one patient per fold, but n={n} slices give at most {n} patients."
+        )
 
 
 def _effective_slices_per_patient(n: int, slices_per_patient: int, num_folds: int) -> int:
@@ -368,9 +379,11 @@ def generate_dataset(
         tmp.chmod(0o755)
         try:
             os.rename(tmp, out)
-        except OSError:
+        except OSError as exc:
+            if not out.exists():
+                raise
             if not (out / "metadata.csv").is_file():
-                raise OSError(f"{out} exists and is not a complete synthetic dataset; remove it and retry.") from None
+                raise OSError(f"{out} exists and is not a complete synthetic dataset; remove it and retry.") from exc
             logger.info("%s already exists (generated concurrently?); keeping it.", out)
             shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
@@ -394,7 +407,7 @@ def ensure_dataset(
     out = Path(out)
     if (out / "metadata.csv").is_file():
         return out
-    _validate(n, size, slices_per_patient, num_folds)
+    _validate(n, size, slices_per_patient, num_folds)  # before logging, so bad arguments log nothing
     logger.info("Generating synthetic dataset in %s (n=%d, size=%d, seed=%d).", out, n, size, seed)
     return generate_dataset(out, n, size, seed, slices_per_patient, num_folds)
 
