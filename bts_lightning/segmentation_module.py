@@ -14,7 +14,7 @@ from bts_lightning.metrics import overlap_metrics
 from bts_lightning.models import build_model
 from bts_lightning.preprocessing import standardize
 
-_MODEL_TRAINING_KEYS = ("freeze_backbone_epochs", "aux_loss_weight")
+_MODEL_TRAINING_KEYS = ("freeze_backbone_epochs", "aux_loss_weight", "compile")
 
 
 def _plain(config: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -53,9 +53,15 @@ class SegmentationModule(L.LightningModule):
         self.configure_metrics()
 
     def configure_models(self) -> None:
-        """Build the network from the registry."""
+        """Build the network from the registry; ``model.compile`` compiles it in place.
+
+        ``nn.Module.compile`` keeps parameter names, so checkpoints move freely between
+        compiled and uncompiled modules.
+        """
         kwargs = {k: v for k, v in self.hparams.model.items() if k not in _MODEL_TRAINING_KEYS}
         self.net = build_model(**kwargs)
+        if self.hparams.model.get("compile"):
+            self.net.compile()
 
     def configure_losses(self) -> None:
         """Instantiate the loss; auxiliary heads add ``aux_loss_weight`` times the same loss."""

@@ -12,7 +12,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from bts_lightning.callbacks.metric_history import MetricHistory
+from bts_lightning.callbacks import EpochSeed, MetricHistory, NonFiniteLossGuard
 from bts_lightning.runtime import run_app, write_json_atomic
 from bts_lightning.segmentation_module import SegmentationModule
 
@@ -35,7 +35,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     module = SegmentationModule(cfg.model, cfg.loss, cfg.optimizer, cfg.get("scheduler"))
     history = MetricHistory()
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=[*_instantiate_all(cfg.get("callbacks")), history], logger=_instantiate_all(cfg.get("logger")) or False
+        cfg.trainer, callbacks=[*_instantiate_all(cfg.get("callbacks")), history, EpochSeed(cfg.seed), NonFiniteLossGuard()], logger=_instantiate_all(cfg.get("logger")) or False
     )
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))

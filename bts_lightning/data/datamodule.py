@@ -13,9 +13,11 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from bts_lightning.callbacks.reproducibility import seed_worker_transform
 from bts_lightning.data.dataset import SliceDataset, scan_pairs
 from bts_lightning.data.discovery import SlicePair, find_pairs, read_metadata
 from bts_lightning.data.download import resolve_root
+from bts_lightning.data.sampling import EpochShuffleSampler
 from bts_lightning.data.splits import Split, make_split
 from bts_lightning.data.synthetic import ensure_dataset
 
@@ -61,7 +63,7 @@ class BrainTumorDataModule(L.LightningDataModule):
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.seed = seed
         self.cache = cache
-        self.train_transform = A.Compose(list(augmentations)) if augmentations else None
+        self.train_transform = A.Compose(list(augmentations), seed=seed) if augmentations else None
         self.synthetic = dict(synthetic) if synthetic else None
         self.download = download
         self.pairs: list[SlicePair] = []
@@ -111,11 +113,12 @@ class BrainTumorDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=EpochShuffleSampler(len(dataset), self.seed) if shuffle else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
             drop_last=shuffle and len(dataset) > self.batch_size,
+            worker_init_fn=seed_worker_transform,
         )
 
     def train_dataloader(self) -> DataLoader:

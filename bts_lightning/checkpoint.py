@@ -1,0 +1,99 @@
+"""Load a training checkpoint for inference, without the training config.
+
+A checkpoint written by ``bts_lightning.train`` holds the module's configs as hyperparameters
+(model, loss, optimizer, scheduler) and the network weights in its state dict, so the file alone
+rebuilds the :class:`~bts_lightning.segmentation_module.SegmentationModule`. Pretrained-weight
+names (``model.weights``) are cleared first: the state dict already holds the trained weights,
+so nothing is ever downloaded to load a checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from bts_lightning.errors import BtsError
+from bts_lightning.segmentation_module import SegmentationModule
+
+_REQUIRED_HPARAMS = ("model", "loss", "optimizer")
+
+
+class CheckpointError(BtsError):
+    """A checkpoint file is missing, unreadable or not written by bts_lightning."""
+
+
+def read_checkpoint(ckpt_path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The raw checkpoint dict, checked to be a bts_lightning checkpoint.
+
+    Loaded with ``weights_only=True`` (no arbitrary code runs). Raises :class:`CheckpointError`
+    naming the path when the file is missing, unreadable, or lacks the module's hyperparameters.
+    """
+    path = Path(ckpt_path)
+    if not path.is_file():
+        where = "is a directory" if path.is_dir() else "does not exist"
+        raise CheckpointError(f"Checkpoint {path} {where}; pass ckpt_path=PATH/TO/best.ckpt from a training run.")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # corrupt file, not a torch file, unsupported pickled objects...
+        raise CheckpointError(f"Checkpoint {path} could not be read ({type(error).__name__}): {_first_line(error)}") from None
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not isinstance(hparams, dict) or "state_dict" not in checkpoint or any(
+        not isinstance(hparams.get(key), dict) for key in _REQUIRED_HPARAMS
+    ):
+        raise CheckpointError(
+            f"{path} is not a bts_lightning checkpoint (expected 'state_dict' and hyperparameters "
+            f"{', '.join(_REQUIRED_HPARAMS)}); use checkpoints/best.ckpt or last.ckpt of a training run."
+        )
+    return checkpoint
+
+
+def load_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu") -> SegmentationModule:
+    """Rebuild the :class:`SegmentationModule` of a checkpoint, in eval mode, on ``map_location``.
+
+    ``model.weights`` is set to ``None`` before the network is built (the trained weights come from
+    the state dict), so loading never downloads anything.
+    """
+    checkpoint = read_checkpoint(ckpt_path, map_location)
+    hparams = copy.deepcopy(checkpoint["hyper_parameters"])
+    hparams["model"]["weights"] = None
+    try:
+        module = SegmentationModule(hparams["model"], hparams["loss"], hparams["optimizer"], hparams.get("scheduler"))
+        module.load_state_dict(checkpoint["state_dict"])
+    except BtsError:
+        raise
+    except Exception as error:
+        raise CheckpointError(
+            f"Checkpoint {ckpt_path} does not match the model it describes ({type(error).__name__}): "
+            f"{_first_line(error)}"
+        ) from None
+    return module.to(map_location).eval()
+
+
+def training_image_size(ckpt_path: str | Path) -> int | None:
+    """``data.image_size`` of the training run a checkpoint belongs to, when it can be found.
+
+    Image size is not a module hyperparameter; it is read from the run's ``.hydra/config.yaml``
+    (``RUN/checkpoints/best.ckpt`` -> ``RUN/.hydra/config.yaml``, or next to the checkpoint).
+    Returns ``None`` when there is no such file or it does not resolve to a whole number.
+    """
+    path = Path(ckpt_path).resolve()
+    for run_dir in (path.parent.parent, path.parent):
+        config_file = run_dir / ".hydra" / "config.yaml"
+        if not config_file.is_file():
+            continue
+        try:
+            config = OmegaConf.load(config_file)
+            size = OmegaConf.select(config, "data.image_size", default=None, throw_on_resolution_failure=False)
+        except Exception:  # unreadable or unresolvable config: no hint, not an error
+            return None
+        return int(size) if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else "no details"

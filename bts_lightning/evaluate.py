@@ -1,0 +1,290 @@
+"""Hydra app: ``python -m bts_lightning.evaluate ckpt_path=PATH [data.root=DIR] [split=test|val|all]``.
+
+Loads a checkpoint (or an exported model) without its training config, predicts every slice of
+the chosen split of the ``data`` config (``all`` = every slice, training slices included) at
+``data.image_size``, and writes into the run directory (``logs/evaluate/runs/<time>/``):
+
+- ``per_image.csv``: stem, label, tumor_type, dice, iou, precision, recall, hd95, area_true, area_pred;
+- ``metrics.json``: mean, std (population) and median of every column over all images, the same
+  per tumor type when ``metadata.csv`` has labels (1 meningioma, 2 glioma, 3 pituitary), counts
+  of the empty cases, and the worst slices;
+- ``worst_slices.png``: image | truth | prediction | overlay panels of the ``worst_k`` lowest-Dice
+  slices (ties: larger HD95 first).
+
+Metrics are per image, for the tumor class, on binary masks at the evaluation size; HD95 (MONAI
+``compute_hausdorff_distance``, percentile 95, symmetric, between mask edges) and areas are in
+pixels of that size.
+
+Empty-case policy (no image is ever dropped from a mean; nothing is NaN):
+
+- truth and prediction both empty (correctly tumor-free): Dice = IoU = precision = recall = 1, HD95 = 0;
+- truth non-empty, prediction empty (missed tumor): Dice = IoU = precision = recall = 0, HD95 = image diagonal;
+- truth empty, prediction non-empty (false alarm): Dice = IoU = precision = recall = 0, HD95 = image diagonal.
+
+So an undefined ratio (0/0) is 1 only on an image that is entirely right and 0 on an image that is
+wrong: a missed tumor or a false alarm is never rewarded by the metric that cannot see its error.
+The diagonal, ``sqrt(H**2 + W**2)``, is larger than any distance inside the image, so a miss always
+scores worse than any detection. ``metrics.json["cases"]`` counts each case.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import time
+import warnings
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import cv2
+import hydra
+import numpy as np
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from monai.metrics import compute_hausdorff_distance
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from bts_lightning.checkpoint import training_image_size
+from bts_lightning.data.dataset import SliceDataset
+from bts_lightning.errors import ConfigError
+from bts_lightning.inference import InferenceOptions, load_predictor, resolve_device
+from bts_lightning.runtime import run_app, write_json_atomic
+from bts_lightning.visualize import panel, panel_grid
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+METRICS = ("dice", "iou", "precision", "recall", "hd95")
+AREAS = ("area_true", "area_pred")
+COLUMNS = ("stem", "label", "tumor_type", *METRICS, *AREAS)
+LABEL_NAMES = {"1": "meningioma", "2": "glioma", "3": "pituitary"}
+SPLITS = ("test", "val", "all")
+UNLABELLED = "unlabelled"
+
+
+def tumor_type(label: str | int | None) -> str | None:
+    """Name of a metadata label (1 meningioma, 2 glioma, 3 pituitary); other labels as given."""
+    if label is None or str(label).strip() == "":
+        return None
+    text = str(label).strip()
+    return LABEL_NAMES.get(text, text)
+
+
+def hausdorff95(prediction: np.ndarray, truth: np.ndarray) -> float:
+    """Symmetric 95th-percentile Hausdorff distance (pixels) between two non-empty binary masks."""
+    one_hot = [F.one_hot(torch.as_tensor(m.astype(np.int64))[None], 2).permute(0, 3, 1, 2) for m in (prediction, truth)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # MONAI 1.5+ deprecation inside its own helper
+        distance = compute_hausdorff_distance(*one_hot, include_background=False, percentile=95)
+    return float(distance[0, 0])
+
+
+def image_metrics(prediction: np.ndarray, truth: np.ndarray) -> dict[str, float | int]:
+    """Tumor-class Dice, IoU, precision, recall, HD95 and areas of one binary (H, W) prediction.
+
+    Empty cases follow the module's policy: both empty -> ratios 1, HD95 0; exactly one empty
+    -> ratios 0, HD95 = image diagonal.
+    """
+    predicted, true = np.asarray(prediction) > 0, np.asarray(truth) > 0
+    if predicted.shape != true.shape or predicted.ndim != 2:
+        raise ValueError(f"prediction {predicted.shape} and truth {true.shape} must be the same 2-D shape")
+    area_pred, area_true = int(predicted.sum()), int(true.sum())
+    if area_pred == 0 and area_true == 0:
+        scores = {"dice": 1.0, "iou": 1.0, "precision": 1.0, "recall": 1.0, "hd95": 0.0}
+    elif area_pred == 0 or area_true == 0:
+        diagonal = math.hypot(*true.shape)
+        scores = {"dice": 0.0, "iou": 0.0, "precision": 0.0, "recall": 0.0, "hd95": diagonal}
+    else:
+        overlap = int(np.logical_and(predicted, true).sum())
+        scores = {
+            "dice": 2 * overlap / (area_pred + area_true),
+            "iou": overlap / (area_pred + area_true - overlap),
+            "precision": overlap / area_pred,
+            "recall": overlap / area_true,
+            "hd95": hausdorff95(predicted, true),
+        }
+    return {**scores, "area_true": area_true, "area_pred": area_pred}
+
+
+def describe(values: list[float]) -> dict[str, float]:
+    """Mean, population standard deviation and median."""
+    array = np.asarray(values, dtype=np.float64)
+    return {"mean": float(array.mean()), "std": float(array.std()), "median": float(np.median(array))}
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """:func:`describe` of every metric and area column over ``rows``."""
+    return {column: describe([row[column] for row in rows]) for column in (*METRICS, *AREAS)}
+
+
+def summarize_by_type(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]] | None:
+    """Per tumor type ``{"n": count, column: describe(...)}``; ``None`` when no slice has a label."""
+    if all(row["tumor_type"] is None for row in rows):
+        return None
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        groups[row["tumor_type"] or UNLABELLED].append(row)
+    return {name: {"n": len(group), **summarize(group)} for name, group in sorted(groups.items())}
+
+
+def count_cases(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """How many images fall in each empty case (see the module docstring)."""
+    present = [row for row in rows if row["area_true"] > 0]
+    absent = [row for row in rows if row["area_true"] == 0]
+    return {
+        "tumor_present": len(present),
+        "tumor_absent": len(absent),
+        "missed_tumor": sum(row["area_pred"] == 0 for row in present),
+        "false_alarm": sum(row["area_pred"] > 0 for row in absent),
+        "both_empty": sum(row["area_pred"] == 0 for row in absent),
+    }
+
+
+def worst_positions(rows: list[dict[str, Any]], k: int) -> list[int]:
+    """Row positions of the ``k`` lowest Dice scores (ties: larger HD95, then stem)."""
+    order = sorted(range(len(rows)), key=lambda i: (rows[i]["dice"], -rows[i]["hd95"], rows[i]["stem"]))
+    return order[: max(k, 0)]
+
+
+def select_split(datamodule: Any, split: str) -> SliceDataset:
+    """The ``test``/``val`` dataset of a set-up datamodule, or every slice for ``all``."""
+    if split not in SPLITS:
+        raise ConfigError(f"split={split} is not one of {', '.join(SPLITS)}.")
+    if split == "all":
+        cache = datamodule.datasets["train"].cache
+        dataset = SliceDataset(datamodule.pairs, range(len(datamodule.pairs)), datamodule.image_size, None, cache)
+    else:
+        dataset = datamodule.datasets[split]
+    if len(dataset) == 0:
+        sizes = ", ".join(f"{name} {len(d)}" for name, d in datamodule.datasets.items())
+        raise ConfigError(
+            f"The {split} split of {datamodule.root} is empty ({sizes}). Use split=val or split=all, or "
+            "hold out test slices as in training (data.test_fold=K with metadata folds, else data.test_fraction=F)."
+        )
+    return dataset
+
+
+def _captioned(row: np.ndarray, text: str) -> np.ndarray:
+    """A panel row with a dark caption band above it."""
+    height = max(14, row.shape[0] // 12)
+    band = np.full((height, row.shape[1], 3), 32, np.uint8)
+    scale = height / 32
+    cv2.putText(band, text, (3, height - max(3, height // 5)), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1,
+                cv2.LINE_AA)
+    return np.concatenate([band, row], axis=0)
+
+
+def write_per_image_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """``per_image.csv`` with full-precision floats (its means equal ``metrics.json``'s)."""
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: ("" if row[key] is None else row[key]) for key in COLUMNS})
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """A short plain-text summary table."""
+    lines = [
+        f"Evaluated {metrics['n_images']} slice(s), split {metrics['split']}, at {metrics['image_size']} px "
+        f"({metrics['checkpoint']})",
+        f"{'metric':<16}{'mean':>8}   {'std':<8}{'median':>9}",
+    ]
+    for column in (*METRICS, *AREAS):
+        stats = metrics["summary"][column]
+        name = f"{column} (px)" if column in ("hd95", *AREAS) else column
+        lines.append(f"{name:<16}{stats['mean']:>8.4f} ± {stats['std']:<8.4f}{stats['median']:>9.4f}")
+    if metrics["by_label"]:
+        lines.append("Dice by tumor type:")
+        for name, group in metrics["by_label"].items():
+            lines.append(f"  {name:<12} n={group['n']:<5} {group['dice']['mean']:.4f} ± {group['dice']['std']:.4f}")
+    cases = metrics["cases"]
+    lines.append(
+        f"Empty cases: {cases['missed_tumor']} missed tumor(s), {cases['false_alarm']} false alarm(s), "
+        f"{cases['both_empty']} correctly empty"
+    )
+    return "\n".join(lines)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Predict the split, score every image, and write the three output files; returns metrics.json."""
+    if not cfg.get("ckpt_path"):
+        raise ConfigError("ckpt_path is required: python -m bts_lightning.evaluate ckpt_path=RUN/checkpoints/best.ckpt")
+    ckpt_path = Path(str(cfg.ckpt_path))
+    split = str(cfg.get("split", "test"))
+    if split not in SPLITS:
+        raise ConfigError(f"split={split} is not one of {', '.join(SPLITS)}.")
+    options = InferenceOptions.from_config(cfg)
+    worst_k = int(cfg.get("worst_k", 8))
+    output_dir = Path(cfg.paths.output_dir)
+    device = resolve_device(cfg.get("device", "auto"))
+    predictor = load_predictor(ckpt_path, device)  # before the data: a bad checkpoint fails fast
+
+    datamodule = instantiate(cfg.data, augmentations=None)
+    datamodule.setup("test")
+    dataset = select_split(datamodule, split)
+    trained_at = training_image_size(ckpt_path)
+    if trained_at is not None and trained_at != datamodule.image_size:
+        log.warning("The checkpoint was trained at %d px but data.image_size=%d; pass data.image_size=%d to match.",
+                    trained_at, datamodule.image_size, trained_at)
+
+    started = time.perf_counter()
+    batch_size = max(1, int(cfg.data.get("batch_size") or 16))
+    rows: list[dict[str, Any]] = []
+    with tqdm(total=len(dataset), desc=f"evaluate {split}", unit="slice", disable=None) as bar:
+        for start in range(0, len(dataset), batch_size):
+            positions = range(start, min(start + batch_size, len(dataset)))
+            images, truths = zip(*(dataset.load(position) for position in positions))
+            predictions = options.predict_masks(predictor, np.stack(images)[:, None])
+            for position, prediction, truth in zip(positions, predictions, truths):
+                label = datamodule.label_of(dataset.indices[position])
+                rows.append({"stem": dataset.stem(position), "label": label, "tumor_type": tumor_type(label),
+                             **image_metrics(prediction, truth)})
+            bar.update(len(positions))
+    eval_time = time.perf_counter() - started
+
+    worst = worst_positions(rows, worst_k)
+    metrics: dict[str, Any] = {
+        "checkpoint": str(ckpt_path.resolve()),
+        "data_root": str(datamodule.root),
+        "split": split,
+        "image_size": datamodule.image_size,
+        "n_images": len(rows),
+        "device": str(device),
+        "inference": options.to_dict(),
+        "summary": summarize(rows),
+        "by_label": summarize_by_type(rows),
+        "cases": count_cases(rows),
+        "worst": [{"stem": rows[i]["stem"], "dice": rows[i]["dice"], "hd95": rows[i]["hd95"]} for i in worst],
+        "eval_time_s": round(eval_time, 2),
+    }
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_per_image_csv(output_dir / "per_image.csv", rows)
+    if worst:
+        images, truths = zip(*(dataset.load(position) for position in worst))
+        predictions = options.predict_masks(predictor, np.stack(images)[:, None])
+        panels = [
+            _captioned(panel(image, truth, prediction),
+                       f"{rows[i]['stem']}  Dice {rows[i]['dice']:.3f}  HD95 {rows[i]['hd95']:.1f}")
+            for i, image, truth, prediction in zip(worst, images, truths, predictions)
+        ]
+        cv2.imwrite(str(output_dir / "worst_slices.png"), cv2.cvtColor(panel_grid(panels), cv2.COLOR_RGB2BGR))
+    write_json_atomic(output_dir / "metrics.json", metrics)
+    print(format_table(metrics), flush=True)
+    log.info("Wrote metrics.json, per_image.csv and worst_slices.png to %s", output_dir)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
+def main(cfg: DictConfig) -> float:
+    """Entry point; returns the mean Dice (the value Hydra sweepers optimize)."""
+    log.debug("Config:\n%s", OmegaConf.to_yaml(cfg))
+    return run_app(evaluate, cfg)["summary"]["dice"]["mean"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Hydra app: ``python -m bts_lightning.predict ckpt_path=PATH input=DIR_OR_FILE output=DIR``.
+
+Every image in ``input`` (a file, or the image files directly inside a folder: PNG, JPEG, TIFF,
+BMP; 8/16-bit, gray or colour, any size) gets ``<stem>_mask.png`` (0/255, at the image's original
+resolution) and ``<stem>_overlay.png`` (prediction tinted and outlined in red) in ``output``.
+
+Each slice is read as grayscale, resized to ``image_size`` x ``image_size`` for the network (as in
+training), and its tumor probabilities are resized back to the original size (bilinear) before
+thresholding and postprocessing, so ``postprocess.min_size`` counts original pixels. Options:
+``tta=true`` (flip averaging), ``threshold=0.5``, ``postprocess.largest_component=true``,
+``postprocess.min_size=N``. ``ckpt_path`` may be a training checkpoint (``.ckpt``) or an exported
+model (``.onnx``, ``.pt``, ``.ts``).
+
+Unreadable files get one warning each and a summary, and are skipped; the exit status is 0 when
+at least one image was written, 2 (one ``error:`` line) when the input is missing, holds no
+image files, or nothing could be read. Files in ``input`` are only read, never written.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import cv2
+import hydra
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from bts_lightning.checkpoint import training_image_size
+from bts_lightning.data.discovery import IMAGE_SUFFIXES
+from bts_lightning.data.io import UnreadableImageError, read_grayscale, resize
+from bts_lightning.errors import BtsError, ConfigError, DataError, format_names
+from bts_lightning.inference import InferenceOptions, Predictor, load_predictor, predict_probabilities, resolve_device
+from bts_lightning.runtime import run_app
+from bts_lightning.visualize import overlay
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+DEFAULT_IMAGE_SIZE = 256
+
+
+def _natural_key(path: Path) -> tuple[int, int | str, str]:
+    return (0, int(path.stem), path.name) if path.stem.isdigit() else (1, path.stem, path.name)
+
+
+def list_inputs(source: str | Path) -> list[Path]:
+    """The file ``source``, or the image files directly inside folder ``source`` (natural order)."""
+    path = Path(source)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise DataError(f"Input {path} does not exist; pass input=IMAGE_FILE or input=FOLDER_OF_IMAGES.")
+    files = sorted(
+        (p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")),
+        key=_natural_key,
+    )
+    if not files:
+        raise DataError(f"No image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {path}.")
+    return files
+
+
+def output_names(files: list[Path]) -> dict[Path, str]:
+    """Output name stem per input: its file stem, or ``<stem>_<ext>`` when stems collide (a.png, a.jpg)."""
+    counts = Counter(path.stem for path in files)
+    return {path: path.stem if counts[path.stem] == 1 else f"{path.stem}_{path.suffix.lstrip('.').lower()}"
+            for path in files}
+
+
+def _write_png(path: Path, image: np.ndarray) -> None:
+    if not cv2.imwrite(str(path), image):
+        raise BtsError(f"Could not write {path}; check that the output folder is writable and has space.")
+
+
+def predict_files(
+    predictor: Predictor,
+    files: list[Path],
+    output_dir: Path,
+    image_size: int,
+    options: InferenceOptions,
+    batch_size: int = 16,
+) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Write mask and overlay of every readable file; returns (written masks, (skipped file, reason))."""
+    names = output_names(files)
+    written: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
+    with tqdm(total=len(files), desc="predict", unit="image", disable=None) as bar:
+        for start in range(0, len(files), batch_size):
+            loaded: list[tuple[Path, np.ndarray]] = []
+            for path in files[start : start + batch_size]:
+                try:
+                    loaded.append((path, read_grayscale(path)))
+                except (UnreadableImageError, OSError) as error:
+                    reason = "not a readable image" if isinstance(error, UnreadableImageError) else str(error)
+                    log.warning("Skipping %s: %s", path.name, reason)
+                    skipped.append((path, reason))
+            if loaded:
+                batch = np.stack([resize(image, image_size, is_mask=False) for _, image in loaded])[:, None]
+                probabilities = predict_probabilities(predictor, batch, options.tta).numpy()
+                for (path, image), probability in zip(loaded, probabilities):
+                    height, width = image.shape
+                    if probability.shape != (height, width):
+                        probability = cv2.resize(probability, (width, height), interpolation=cv2.INTER_LINEAR)
+                    mask = options.mask(probability)
+                    mask_path = output_dir / f"{names[path]}_mask.png"
+                    _write_png(mask_path, mask * 255)
+                    _write_png(output_dir / f"{names[path]}_overlay.png",
+                               cv2.cvtColor(overlay(image, mask), cv2.COLOR_RGB2BGR))
+                    written.append(mask_path)
+            bar.update(min(batch_size, len(files) - start))
+    return written, skipped
+
+
+def predict(cfg: DictConfig) -> dict[str, Any]:
+    """Check the options, load the model and write masks and overlays; returns a summary."""
+    if not cfg.get("ckpt_path"):
+        raise ConfigError("ckpt_path is required: python -m bts_lightning.predict ckpt_path=MODEL input=DIR output=DIR")
+    if not cfg.get("input"):
+        raise ConfigError("input is required: input=IMAGE_FILE or input=FOLDER_OF_IMAGES")
+    ckpt_path, source, output_dir = Path(str(cfg.ckpt_path)), Path(str(cfg.input)), Path(str(cfg.output))
+    options = InferenceOptions.from_config(cfg)
+    files = list_inputs(source)
+    input_dir = source if source.is_dir() else source.parent
+    if output_dir.resolve() == input_dir.resolve():
+        raise ConfigError(f"output={output_dir} is the input folder; choose another folder so inputs stay untouched.")
+    image_size = cfg.get("image_size")
+    if image_size is None:
+        trained_at = training_image_size(ckpt_path)
+        image_size = trained_at or DEFAULT_IMAGE_SIZE
+        source_of_size = "the training run's data.image_size" if trained_at else "default; no training run config found"
+        log.info("Network input size %d px (%s)", image_size, source_of_size)
+    if int(image_size) != image_size or image_size < 1:
+        raise ConfigError(f"image_size={image_size} must be a positive whole number of pixels.")
+    batch_size = int(cfg.get("batch_size") or 16)
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size} must be >= 1.")
+    predictor = load_predictor(ckpt_path, resolve_device(cfg.get("device", "auto")))
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise BtsError(f"Cannot create output folder {output_dir}: {error.strerror or error}") from None
+
+    written, skipped = predict_files(predictor, files, output_dir, int(image_size), options, batch_size)
+    skipped_names = [path.name for path, _ in skipped]
+    if not written:
+        raise DataError(f"None of the {len(files)} input file(s) could be read as an image: {format_names(skipped_names)}.")
+    if skipped:
+        log.warning("Skipped %d unreadable file(s) of %d: %s", len(skipped), len(files), format_names(skipped_names))
+    log.info("Wrote %d mask(s) and overlay(s) to %s", len(written), output_dir)
+    return {"written": [str(p) for p in written], "skipped": skipped_names, "output": str(output_dir)}
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
+def main(cfg: DictConfig) -> None:
+    """Entry point."""
+    log.debug("Config:\n%s", OmegaConf.to_yaml(cfg))
+    run_app(predict, cfg)
+
+
+if __name__ == "__main__":
+    main()

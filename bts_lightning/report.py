@@ -1,0 +1,463 @@
+"""Compare training runs: ``python -m bts_lightning.report DIR [DIR ...] [--out DIR]``.
+
+Finds every run (a directory with ``metrics.json`` and ``.hydra/config.yaml``) under the given
+directories, groups runs that share a configuration (everything except the seeds, the validation
+and test folds and where files live), and writes ``report.md``, ``report.csv`` and ``report.png``:
+one row per configuration, mean ± sample std over its runs, best validation Dice first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from bts_lightning.errors import BtsError
+from bts_lightning.runtime import run_app
+
+# Config keys that do not make a different configuration: seeds, cross-validation folds, where
+# files live and settings that do not change results. Runs differing only in these are repeats.
+IGNORED_KEYS = (
+    "seed",
+    "data.seed",
+    "data.val_fold",
+    "data.test_fold",
+    "task_name",
+    "ckpt_path",
+    "paths",
+    "data.num_workers",
+    "data.cache",
+    "data.download",
+    "logger",
+    "callbacks.progress_bar",
+)
+# Hydra override prefixes never shown in configuration labels (beyond IGNORED_KEYS).
+_IGNORED_OVERRIDE_PREFIXES = ("hydra.",)
+
+REPORT_FILES = ("report.md", "report.csv", "report.png")
+
+CSV_COLUMNS = (
+    "rank",
+    "config",
+    "model",
+    "loss",
+    "optimizer",
+    "lr",
+    "image_size",
+    "precision",
+    "num_params",
+    "runs",
+    "epochs_mean",
+    "epochs_std",
+    "train_time_s_mean",
+    "train_time_s_std",
+    "best_val_dice_mean",
+    "best_val_dice_std",
+    "test_runs",
+    "test_dice_mean",
+    "test_dice_std",
+    "test_iou_mean",
+    "test_iou_std",
+    "run_dirs",
+)
+
+
+@dataclass
+class Run:
+    """One training run: its directory, ``metrics.json`` and (unresolved) Hydra config."""
+
+    directory: Path
+    metrics: dict[str, Any]
+    config: DictConfig | None
+    overrides: list[str] = field(default_factory=list)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """Config value at dotted ``key``, interpolations resolved where possible."""
+        if self.config is None:
+            return default
+        try:
+            value = OmegaConf.select(self.config, key, default=default, throw_on_resolution_failure=True)
+        except Exception:  # e.g. ${hydra:...} outside a Hydra app
+            value = OmegaConf.select(self.config, key, default=default, throw_on_resolution_failure=False)
+        if isinstance(value, DictConfig):
+            return OmegaConf.to_container(value, resolve=False)
+        return OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
+
+    def identity(self) -> str:
+        """A canonical string of the configuration, without :data:`IGNORED_KEYS`."""
+        if self.config is None:
+            return f"<no config> {self.directory}"
+        config = OmegaConf.to_container(self.config, resolve=False)
+        for key in IGNORED_KEYS:
+            *parents, leaf = key.split(".")
+            node = config
+            for parent in parents:
+                node = node.get(parent) if isinstance(node, dict) else None
+            if isinstance(node, dict):
+                node.pop(leaf, None)
+        return json.dumps(config, sort_keys=True, default=str)
+
+
+@dataclass
+class ConfigurationRow:
+    """Runs of one configuration and their aggregated numbers."""
+
+    runs: list[Run]
+    label: str = ""
+
+    @property
+    def first(self) -> Run:
+        return self.runs[0]
+
+    def values(self, metric: str) -> list[float]:
+        """Finite values of ``metric`` over the runs (``test/...`` keys read the test dict)."""
+        found = []
+        for run in self.runs:
+            source = (run.metrics.get("test") or {}) if metric.startswith("test/") else run.metrics
+            value = source.get(metric)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                found.append(value)
+        return found
+
+    def mean_std(self, metric: str) -> tuple[float | None, float | None]:
+        """Mean and sample standard deviation (None with fewer than two values)."""
+        values = self.values(metric)
+        if not values:
+            return None, None
+        mean = values[0] if len(values) == 1 else statistics.fmean(values)
+        return mean, statistics.stdev(values) if len(values) > 1 else None
+
+    def fields(self) -> dict[str, Any]:
+        """The row as plain values (CSV columns except rank)."""
+        run = self.first
+        target = lambda key: (str(run.get(f"{key}._target_") or "").rsplit(".", 1)[-1] or None)  # noqa: E731
+        row: dict[str, Any] = {
+            "config": self.label,
+            "model": run.get("model.name") or run.metrics.get("model"),
+            "loss": target("loss"),
+            "optimizer": target("optimizer"),
+            "lr": run.get("optimizer.lr"),
+            "image_size": run.get("data.image_size"),
+            "precision": run.get("trainer.precision"),
+            "num_params": run.metrics.get("num_params"),
+            "runs": len(self.runs),
+            "test_runs": len(self.values("test/dice")),
+            "run_dirs": " ".join(str(r.directory) for r in self.runs),
+        }
+        for column, metric in (
+            ("epochs", "epochs_trained"),
+            ("train_time_s", "train_time_s"),
+            ("best_val_dice", "best_val_dice"),
+            ("test_dice", "test/dice"),
+            ("test_iou", "test/iou"),
+        ):
+            row[f"{column}_mean"], row[f"{column}_std"] = self.mean_std(metric)
+        return row
+
+
+def find_runs(directories: Sequence[str | Path]) -> list[Run]:
+    """Every run below ``directories`` (recursively), each once, in path order.
+
+    Raises:
+        BtsError: a directory does not exist, or no ``metrics.json`` is found under any of them.
+    """
+    missing = [str(d) for d in directories if not Path(d).is_dir()]
+    if missing:
+        raise BtsError(f"Not a directory: {', '.join(missing)}.")
+    seen: set[Path] = set()
+    runs: list[Run] = []
+    for directory in directories:
+        for metrics_path in sorted(Path(directory).rglob("metrics.json")):
+            if metrics_path.resolve() in seen:
+                continue
+            seen.add(metrics_path.resolve())
+            run = _load_run(metrics_path)
+            if run is not None:
+                runs.append(run)
+    if not runs:
+        raise BtsError(
+            f"No runs found under {', '.join(str(d) for d in directories)}: expected run directories "
+            "with metrics.json and .hydra/config.yaml (written by python -m bts_lightning.train)."
+        )
+    return runs
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _load_run(metrics_path: Path) -> Run | None:
+    directory = metrics_path.parent
+    try:
+        metrics = json.loads(metrics_path.read_text())
+        if not isinstance(metrics, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as error:
+        _warn(f"skipped {metrics_path}: unreadable ({error})")
+        return None
+    config_path = directory / ".hydra" / "config.yaml"
+    config = overrides = None
+    if config_path.is_file():
+        try:
+            config = OmegaConf.load(config_path)
+        except Exception as error:  # malformed YAML
+            _warn(f"{config_path} is unreadable ({error}); run {directory} is reported on its own")
+    else:
+        _warn(f"{directory} has no .hydra/config.yaml; it is reported on its own")
+    overrides_path = directory / ".hydra" / "overrides.yaml"
+    if overrides_path.is_file():
+        try:
+            overrides = [str(item) for item in OmegaConf.load(overrides_path)]
+        except Exception:
+            overrides = None
+    return Run(directory, metrics, config if isinstance(config, DictConfig) else None, overrides or [])
+
+
+def group_runs(runs: Iterable[Run]) -> list[ConfigurationRow]:
+    """One row per configuration, labelled, sorted by mean best validation Dice (best first)."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.identity(), []).append(run)
+    rows = [ConfigurationRow(members) for members in groups.values()]
+    _label(rows)
+
+    def sort_key(row: ConfigurationRow) -> tuple[float, str]:
+        mean = row.mean_std("best_val_dice")[0]
+        return (-mean if mean is not None else math.inf, row.label)
+
+    return sorted(rows, key=sort_key)
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _shown_override(override: str) -> bool:
+    key = _override_key(override)
+    if key.startswith(_IGNORED_OVERRIDE_PREFIXES):
+        return False
+    return not any(key == ignored or key.startswith(f"{ignored}.") for ignored in IGNORED_KEYS)
+
+
+def _label(rows: list[ConfigurationRow]) -> None:
+    """Name each row by the command-line overrides that set it apart from the other rows."""
+    override_sets = [[o for o in row.first.overrides if _shown_override(o)] for row in rows]
+    common = set.intersection(*(set(s) for s in override_sets)) if len(rows) > 1 else set(override_sets[0])
+    for row, overrides in zip(rows, override_sets):
+        distinct = [o for o in overrides if o not in common]
+        model = row.first.get("model.name") or row.first.metrics.get("model") or "run"
+        row.label = ", ".join(distinct) if distinct else str(model)
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row.label] = counts.get(row.label, 0) + 1
+    numbered: dict[str, int] = {}
+    for row in rows:
+        if counts[row.label] > 1:  # same overrides, different configs (e.g. loose runs): number them
+            numbered[row.label] = numbered.get(row.label, 0) + 1
+            row.label = f"{row.label} #{numbered[row.label]}"
+
+
+# ---------------------------------------------------------------------------------------- writing
+
+
+def _number(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _mean_std(mean: float | None, std: float | None, digits: int = 4) -> str:
+    if mean is None:
+        return "–"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if std is not None else f"{mean:.{digits}f}"
+
+
+def _params(count: Any) -> str:
+    if not isinstance(count, (int, float)):
+        return "–"
+    return f"{count / 1e6:.2f} M" if count >= 1e5 else f"{count / 1e3:.1f} k"
+
+
+def _duration(seconds: float | None, std: float | None) -> str:
+    if seconds is None:
+        return "–"
+
+    def one(value: float) -> str:
+        if value < 120:
+            return f"{value:.1f} s"
+        if value < 7200:
+            return f"{value / 60:.1f} min"
+        return f"{value / 3600:.2f} h"
+
+    return f"{one(seconds)} ± {one(std)}" if std is not None else one(seconds)
+
+
+def write_csv(rows: Sequence[ConfigurationRow], path: Path) -> None:
+    """Full-precision numbers (a single run's values exactly as in its metrics.json)."""
+    with open(path, "w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for rank, row in enumerate(rows, start=1):
+            values = {"rank": rank, **row.fields()}
+            writer.writerow({k: "" if values.get(k) is None else values[k] for k in CSV_COLUMNS})
+
+
+def render_markdown(rows: Sequence[ConfigurationRow], directories: Sequence[str | Path], chart: str | None) -> str:
+    """The report as Markdown: summary, table, chart and the run directories of each row."""
+    n_runs = sum(len(row.runs) for row in rows)
+    repeated = any(len(row.runs) > 1 for row in rows)
+    lines = [
+        "# Training runs compared",
+        "",
+        f"{n_runs} run{'s' * (n_runs != 1)} in {len(rows)} configuration{'s' * (len(rows) != 1)}, "
+        f"from {', '.join(f'`{d}`' for d in directories)}. Sorted by best validation Dice (mean over runs).",
+    ]
+    if repeated:
+        lines.append(
+            "Runs that differ only in seed, `data.val_fold`/`data.test_fold` or paths are one configuration: "
+            "numbers are mean ± sample standard deviation over them."
+        )
+    header = ["#", "configuration", "model", "loss", "optimizer", "lr", "image size", "precision", "params",
+              "runs", "epochs", "training time", "best val Dice", "test Dice"]
+    lines += ["", "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    for rank, row in enumerate(rows, start=1):
+        f = row.fields()
+        test = _mean_std(f["test_dice_mean"], f["test_dice_std"])
+        if f["test_runs"] and f["test_runs"] != f["runs"]:
+            test += f" ({f['test_runs']} of {f['runs']})"
+        cells = [
+            str(rank),
+            f["config"].replace("|", "\\|"),
+            _number(f["model"]),
+            _number(f["loss"]),
+            _number(f["optimizer"]),
+            _number(f["lr"]) if not isinstance(f["lr"], float) else f"{f['lr']:g}",
+            _number(f["image_size"]),
+            _number(f["precision"]),
+            _params(f["num_params"]),
+            str(f["runs"]),
+            _mean_std(f["epochs_mean"], f["epochs_std"], 1) if f["epochs_std"] else _number(f["epochs_mean"], 0),
+            _duration(f["train_time_s_mean"], f["train_time_s_std"]),
+            f"**{_mean_std(f['best_val_dice_mean'], f['best_val_dice_std'])}**",
+            test,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    if chart:
+        lines += ["", f"![Best validation Dice per configuration]({chart})"]
+    lines += ["", "## Runs", ""]
+    for rank, row in enumerate(rows, start=1):
+        dirs = ", ".join(f"`{r.directory}`" for r in row.runs)
+        lines.append(f"{rank}. {row.label}: {dirs}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: Sequence[ConfigurationRow], path: Path) -> bool:
+    """Horizontal bars of best val Dice (mean, std error bars) and test Dice per configuration.
+
+    Returns False (after a warning) when matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        _warn(f"matplotlib is not installed, so {path.name} was not written (pip install matplotlib)")
+        return False
+
+    def bars(metric: str) -> tuple[list[float], list[float]]:
+        means, stds = [], []
+        for row in rows:
+            mean, std = row.mean_std(metric)
+            means.append(math.nan if mean is None else mean)
+            stds.append(0.0 if std is None else std)
+        return means, stds
+
+    val_mean, val_std = bars("best_val_dice")
+    test_mean, test_std = bars("test/dice")
+    has_test = any(not math.isnan(v) for v in test_mean)
+    labels = [f"{row.label}  (n={len(row.runs)})" if len(row.runs) > 1 else row.label for row in rows]
+    count = len(rows)
+    height = 0.38 if has_test else 0.6
+    figure, axes = plt.subplots(figsize=(9, 1.5 + 0.5 * count * (1.5 if has_test else 1)), dpi=120)
+    positions = list(range(count))  # best configuration on top
+    offset = height / 2 if has_test else 0.0
+    val_bars = axes.barh([p - offset for p in positions], [0 if math.isnan(v) else v for v in val_mean], height,
+                         color="#1f77b4", label="best validation Dice")
+    series = [(val_bars, val_mean, val_std)]
+    if has_test:
+        test_bars = axes.barh([p + offset for p in positions], [0 if math.isnan(v) else v for v in test_mean],
+                              height, color="#ff7f0e", label="test Dice (best checkpoint)")
+        series.append((test_bars, test_mean, test_std))
+    for bar_container, means, stds in series:  # error bars only where a configuration ran more than once
+        spread = [(bar, mean, std) for bar, mean, std in zip(bar_container, means, stds) if std and not math.isnan(mean)]
+        if spread:
+            axes.errorbar([mean for _, mean, _ in spread], [bar.get_y() + bar.get_height() / 2 for bar, _, _ in spread],
+                          xerr=[std for _, _, std in spread], fmt="none", ecolor="#222222", capsize=3, elinewidth=1)
+    for bar_container, means, stds in series:
+        for bar, mean, std in zip(bar_container, means, stds):
+            if math.isnan(mean):
+                continue
+            text = f"{mean:.3f}" + (f" ± {std:.3f}" if std else "")
+            axes.text(min(mean + std, 1.0) + 0.01, bar.get_y() + bar.get_height() / 2, text, va="center", fontsize=8)
+    axes.set_yticks(positions, labels)
+    axes.invert_yaxis()
+    axes.set_xlim(0, 1.12)
+    axes.set_xticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    axes.set_xlabel("Dice (tumor, mean over images)")
+    axes.grid(axis="x", alpha=0.3)
+    axes.set_axisbelow(True)
+    axes.spines[["top", "right"]].set_visible(False)
+    repeated = any(len(row.runs) > 1 for row in rows)
+    axes.set_title("Configurations by best validation Dice" + (" (mean ± std over runs)" if repeated else ""))
+    legend_inches = 0.3 if has_test else 0.0
+    if has_test:
+        figure.legend(loc="lower center", ncol=2, fontsize=8, frameon=False)
+    figure.tight_layout(rect=(0, legend_inches / figure.get_figheight(), 1, 1))
+    figure.savefig(path)
+    plt.close(figure)
+    return True
+
+
+def report(directories: Sequence[str | Path], out: str | Path | None = None) -> list[ConfigurationRow]:
+    """Find, group and write ``report.md``, ``report.csv`` and ``report.png``; returns the rows."""
+    rows = group_runs(find_runs(directories))
+    out_dir = Path(out) if out is not None else Path(directories[0])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out_dir / "report.csv")
+    chart = "report.png" if plot(rows, out_dir / "report.png") else None
+    (out_dir / "report.md").write_text(render_markdown(rows, directories, chart))
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bts_lightning.report",
+        description="Compare training runs (single runs, multirun sweeps, cross-validation folds): one row per "
+        "configuration, mean ± std over seeds/folds, written as report.md, report.csv and report.png.",
+    )
+    parser.add_argument("dirs", nargs="+", metavar="DIR", help="directories searched recursively for runs")
+    parser.add_argument("--out", metavar="DIR", help="where to write the report (default: the first DIR)")
+    args = parser.parse_args(argv)
+    rows = run_app(report, args.dirs, args.out)
+    out_dir = Path(args.out) if args.out is not None else Path(args.dirs[0])
+    for rank, row in enumerate(rows, start=1):
+        mean, std = row.mean_std("best_val_dice")
+        print(f"{rank:>3}. {_mean_std(mean, std)}  {row.label}  ({len(row.runs)} run{'s' * (len(row.runs) != 1)})")
+    written = [name for name in REPORT_FILES if (out_dir / name).is_file()]
+    print(f"Wrote {', '.join(str(out_dir / name) for name in written)}")
+
+
+if __name__ == "__main__":
+    main()

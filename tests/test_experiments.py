@@ -1,0 +1,129 @@
+"""Resume after a kill, non-finite loss, determinism, compiled checkpoints, DDP on CPU, cross-validation."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bts_lightning.callbacks import TrainingDivergedError
+from bts_lightning.segmentation_module import SegmentationModule
+from bts_lightning.train import train
+from tests.conftest import REPO_ROOT, compose_train
+from tests.test_train import SMALL_SYNTHETIC, run_module
+
+QUICK = [*SMALL_SYNTHETIC, "trainer=cpu", "data.num_workers=0", "trainer.deterministic=true", "test=false"]
+
+
+def history(run: Path) -> list[dict]:
+    return json.loads((run / "metrics.json").read_text())["val_history"]
+
+
+def test_killed_run_resumes_from_last_checkpoint_and_matches_uninterrupted(tmp_path):
+    args = ["bts_lightning.train", *QUICK, "trainer.max_epochs=4", f"paths.data_dir={tmp_path / 'data'}"]
+    reference = run_module([*args, f"hydra.run.dir={tmp_path / 'reference'}"], cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    run = tmp_path / "killed"
+    env_args = [sys.executable, "-m", *args, f"hydra.run.dir={run}"]
+    environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    process = subprocess.Popen(env_args, cwd=tmp_path, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = run / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while not last.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    time.sleep(0.5)  # into the next epoch
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert last.exists() and not (run / "metrics.json").exists(), "the run finished before it could be killed"
+    epoch_at_kill = torch.load(last, map_location="cpu", weights_only=False)["epoch"]
+    assert epoch_at_kill < 3
+
+    resumed = run_module([*args, f"hydra.run.dir={run}", "ckpt_path=last"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["epochs_trained"] == 4
+    assert history(run) == history(tmp_path / "reference")
+
+
+def test_non_finite_loss_stops_with_a_clear_message_and_keeps_best_checkpoint(tmp_path):
+    cfg = compose_train([*QUICK, "trainer.max_epochs=3", f"paths.data_dir={tmp_path / 'data'}"], tmp_path / "run")
+    original = SegmentationModule.compute_loss
+
+    def diverge_in_epoch_two(self, outputs, masks):
+        loss = original(self, outputs, masks)
+        return loss * float("nan") if self.current_epoch == 1 and self.training else loss
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(SegmentationModule, "compute_loss", diverge_in_epoch_two)
+        with pytest.raises(TrainingDivergedError, match=r"optimizer.lr.*trainer.precision"):
+            train(cfg)
+    for name in ("best.ckpt", "last.ckpt"):
+        checkpoint = torch.load(tmp_path / "run" / "checkpoints" / name, map_location="cpu", weights_only=False)
+        assert checkpoint["epoch"] == 0
+        assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values() if t.is_floating_point())
+
+
+def test_same_seed_and_deterministic_give_identical_metrics(tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        cfg = compose_train([*QUICK, "trainer.max_epochs=2", f"paths.data_dir={tmp_path / 'data'}"], tmp_path / name)
+        runs.append(train(cfg)["val_history"])
+    assert runs[0] == runs[1]
+
+
+def test_compiled_and_uncompiled_checkpoints_are_interchangeable(tmp_path):
+    cfg = compose_train(["model=lraspp"], tmp_path)
+    model = dict(cfg.model)
+    compiled = SegmentationModule({**model, "compile": True}, cfg.loss, cfg.optimizer)
+    plain = SegmentationModule({**model, "compile": False}, cfg.loss, cfg.optimizer)
+    assert compiled.state_dict().keys() == plain.state_dict().keys()
+    plain.load_state_dict(compiled.state_dict())
+    compiled.load_state_dict(plain.state_dict())
+
+
+def test_ddp_on_two_cpu_processes_matches_single_process_evaluation(tmp_path):
+    run = tmp_path / "run"
+    result = run_module(
+        ["bts_lightning.train", *QUICK, "trainer=ddp_cpu", "trainer.max_epochs=1", f"paths.data_dir={tmp_path / 'data'}",
+         f"hydra.run.dir={run}"],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "run"]
+    saved = json.loads((run / "metrics.json").read_text())
+
+    import lightning as L
+
+    from bts_lightning.data.datamodule import BrainTumorDataModule
+
+    checkpoint = run / "checkpoints" / "best.ckpt"
+    module = SegmentationModule.load_from_checkpoint(checkpoint, map_location="cpu")
+    datamodule = BrainTumorDataModule(tmp_path / "data" / "synthetic" / "n40-size64-seed0", image_size=64,
+                                      batch_size=8, num_workers=0, val_fold=1, test_fold=2, download=False)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    single = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    assert single["val/dice"] == pytest.approx(saved["best_val_dice"], abs=0.02)
+
+
+def test_cross_validation_experiment_trains_one_model_per_fold(tmp_path):
+    sweep = tmp_path / "cv"
+    result = run_module(
+        ["bts_lightning.train", "experiment=cv", *SMALL_SYNTHETIC, "trainer=cpu", "debug=fast_dev_run",
+         f"paths.data_dir={tmp_path / 'data'}", f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    from omegaconf import OmegaConf
+
+    jobs = [p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()]
+    folds = sorted(OmegaConf.load(job / ".hydra" / "config.yaml").data.val_fold for job in jobs)
+    assert folds == [1, 2, 3, 4]
+    assert all((job / "metrics.json").is_file() for job in jobs)
