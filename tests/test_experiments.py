@@ -127,3 +127,32 @@ def test_cross_validation_experiment_trains_one_model_per_fold(tmp_path):
     folds = sorted(OmegaConf.load(job / ".hydra" / "config.yaml").data.val_fold for job in jobs)
     assert folds == [1, 2, 3, 4]
     assert all((job / "metrics.json").is_file() for job in jobs)
+
+
+def test_optuna_sweep_runs_two_trials_and_maximizes_val_dice(tmp_path):
+    sweep = tmp_path / "optuna"
+    result = run_module(
+        ["bts_lightning.train", "hparams_search=optuna", "hydra.sweeper.n_trials=2",
+         "hydra.sweeper.params.model='choice(unet,lraspp)'", *QUICK, "debug=limit", "trainer.max_epochs=1",
+         f"paths.data_dir={tmp_path / 'data'}", f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = [p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()]
+    assert len(jobs) == 2 and all((job / "metrics.json").is_file() for job in jobs)
+    from omegaconf import OmegaConf
+
+    best = OmegaConf.load(sweep / "optimization_results.yaml")
+    values = [json.loads((job / "metrics.json").read_text())["best_val_dice"] for job in jobs]
+    assert best.best_value == pytest.approx(max(values))
+
+
+def test_slurm_launcher_config_composes(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from bts_lightning.train import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["hydra/launcher=slurm", "experiment=cv"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert cfg.hydra.launcher.gpus_per_node == 1 and cfg.hydra.sweeper.params["data.val_fold"] == "1,2,3,4"

@@ -1,0 +1,218 @@
+"""Checkpoint loading, per-image metrics (every empty case) and the evaluate app end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from bts_lightning.checkpoint import CheckpointError, load_module, training_image_size
+from bts_lightning.errors import ConfigError
+from bts_lightning.evaluate import (
+    METRICS,
+    count_cases,
+    evaluate,
+    image_metrics,
+    summarize,
+    summarize_by_type,
+    tumor_type,
+    worst_positions,
+)
+from bts_lightning.metrics import per_image_overlap
+from bts_lightning.runtime import run_app
+from tests.fixtures_checkpoint import compose_app, run_module, tiny_checkpoint  # noqa: F401 (fixture)
+
+
+def square(top: int, left: int, size: int, shape: tuple[int, int] = (10, 10)) -> np.ndarray:
+    mask = np.zeros(shape, np.uint8)
+    mask[top : top + size, left : left + size] = 1
+    return mask
+
+
+# ---------------------------------------------------------------- per-image metrics, by hand
+
+
+def test_overlapping_masks_score_by_hand():
+    truth = square(0, 0, 4)  # 16 px
+    prediction = np.zeros((10, 10), np.uint8)
+    prediction[0:2, 0:4] = 1  # 8 px, all inside the truth
+    scores = image_metrics(prediction, truth)
+    assert scores["dice"] == pytest.approx(2 * 8 / (8 + 16))
+    assert scores["iou"] == pytest.approx(8 / 16)
+    assert scores["precision"] == pytest.approx(1.0)
+    assert scores["recall"] == pytest.approx(0.5)
+    assert (scores["area_true"], scores["area_pred"]) == (16, 8)
+
+
+def test_hd95_in_pixels_by_hand():
+    # One pixel each, 3 rows and 4 columns apart: every distance is 5.
+    a, b = np.zeros((10, 10), np.uint8), np.zeros((10, 10), np.uint8)
+    a[0, 0], b[3, 4] = 1, 1
+    scores = image_metrics(a, b)
+    assert scores["hd95"] == pytest.approx(5.0)
+    assert scores["dice"] == scores["iou"] == scores["precision"] == scores["recall"] == 0.0
+    # 2x2 squares 3 columns apart: directed distances {2, 2, 3, 3} both ways -> 95th percentile 3.
+    assert image_metrics(square(2, 5, 2), square(2, 2, 2))["hd95"] == pytest.approx(3.0)
+    assert image_metrics(square(2, 2, 3), square(2, 2, 3))["hd95"] == 0.0
+
+
+def test_perfect_prediction_scores_one():
+    scores = image_metrics(square(1, 1, 3), square(1, 1, 3))
+    assert [scores[m] for m in METRICS] == [1.0, 1.0, 1.0, 1.0, 0.0]
+
+
+def test_empty_case_policy():
+    empty = np.zeros((30, 40), np.uint8)
+    tumor = square(5, 5, 4, (30, 40))
+    diagonal = 50.0  # hypot(30, 40)
+    both_empty = image_metrics(empty, empty)
+    assert [both_empty[m] for m in METRICS] == [1.0, 1.0, 1.0, 1.0, 0.0]
+    missed = image_metrics(empty, tumor)
+    assert [missed[m] for m in METRICS] == [0.0, 0.0, 0.0, 0.0, diagonal]
+    assert (missed["area_true"], missed["area_pred"]) == (16, 0)
+    false_alarm = image_metrics(tumor, empty)
+    assert [false_alarm[m] for m in METRICS] == [0.0, 0.0, 0.0, 0.0, diagonal]
+    assert (false_alarm["area_true"], false_alarm["area_pred"]) == (0, 16)
+    assert all(math.isfinite(v) for case in (both_empty, missed, false_alarm) for v in case.values())
+
+
+def test_dice_and_iou_match_the_training_metric():
+    rng = np.random.default_rng(0)
+    truths = [rng.random((16, 16)) > 0.6 for _ in range(6)] + [np.zeros((16, 16), bool)] * 2
+    preds = [rng.random((16, 16)) > 0.5 for _ in range(6)] + [np.zeros((16, 16), bool), rng.random((16, 16)) > 0.5]
+    preds[1] = np.zeros((16, 16), bool)  # a missed tumor
+    ours = [image_metrics(p, t) for p, t in zip(preds, truths)]
+    for kind in ("dice", "iou"):
+        training = per_image_overlap(torch.as_tensor(np.stack(preds)), torch.as_tensor(np.stack(truths)), kind)
+        np.testing.assert_allclose([row[kind] for row in ours], training.numpy(), rtol=1e-5)
+
+
+def test_summaries_keep_every_image_and_group_by_tumor_type():
+    rows = [
+        {"stem": "a", "tumor_type": "glioma", **image_metrics(square(0, 0, 2), square(0, 0, 2))},  # perfect
+        {"stem": "b", "tumor_type": "glioma", **image_metrics(np.zeros((10, 10)), square(0, 0, 2))},  # missed
+        {"stem": "c", "tumor_type": None, **image_metrics(np.zeros((10, 10)), np.zeros((10, 10)))},  # both empty
+        {"stem": "d", "tumor_type": "meningioma", **image_metrics(square(0, 0, 2), np.zeros((10, 10)))},  # alarm
+    ]
+    summary = summarize(rows)
+    assert summary["dice"]["mean"] == pytest.approx(0.5)
+    assert summary["dice"]["std"] == pytest.approx(0.5)
+    assert summary["dice"]["median"] == pytest.approx(0.5)
+    assert summary["hd95"]["mean"] == pytest.approx(2 * math.hypot(10, 10) / 4)
+    groups = summarize_by_type(rows)
+    assert sorted(groups) == ["glioma", "meningioma", "unlabelled"]
+    assert groups["glioma"]["n"] == 2 and groups["glioma"]["dice"]["mean"] == pytest.approx(0.5)
+    assert summarize_by_type([{**row, "tumor_type": None} for row in rows]) is None
+    assert count_cases(rows) == {"tumor_present": 2, "tumor_absent": 2, "missed_tumor": 1, "false_alarm": 1,
+                                 "both_empty": 1}
+    assert [rows[i]["stem"] for i in worst_positions(rows, 3)] == ["b", "d", "a"]
+    assert [tumor_type(x) for x in ("1", 2, "3", "7", "", None)] == ["meningioma", "glioma", "pituitary", "7", None,
+                                                                       None]
+
+
+# ---------------------------------------------------------------- checkpoint loading
+
+
+def test_load_module_rebuilds_eval_module_without_downloads(tiny_checkpoint, tmp_path):
+    saved = torch.load(tiny_checkpoint.path, map_location="cpu", weights_only=True)
+    module = load_module(tiny_checkpoint.path)
+    assert not module.training
+    for key, value in saved["state_dict"].items():
+        assert torch.equal(module.state_dict()[key], value), key
+    # A weights name would make the U-Net builder refuse (and torchvision ones download): it is cleared.
+    saved["hyper_parameters"]["model"]["weights"] = "DEFAULT"
+    torch.save(saved, tmp_path / "named_weights.ckpt")
+    assert load_module(tmp_path / "named_weights.ckpt").hparams.model["weights"] is None
+
+
+def test_bad_checkpoints_raise_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="missing.ckpt does not exist"):
+        load_module(tmp_path / "missing.ckpt")
+    (tmp_path / "garbage.ckpt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="garbage.ckpt could not be read"):
+        load_module(tmp_path / "garbage.ckpt")
+    torch.save({"state_dict": {}, "hyper_parameters": {"lr": 1}}, tmp_path / "other.ckpt")
+    with pytest.raises(CheckpointError, match="other.ckpt is not a bts_lightning checkpoint"):
+        load_module(tmp_path / "other.ckpt")
+
+
+def test_training_image_size_comes_from_the_run_config(tmp_path):
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    (run / ".hydra" / "config.yaml").write_text(
+        "paths:\n  output_dir: ${hydra:runtime.output_dir}\n"
+        "data:\n  image_size: ${data.synthetic.size}\n  synthetic:\n    size: 96\n"
+    )
+    assert training_image_size(run / "checkpoints" / "best.ckpt") == 96
+    assert training_image_size(tmp_path / "elsewhere.ckpt") is None
+
+
+# ---------------------------------------------------------------- the app
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_evaluate_app_writes_consistent_outputs(tiny_checkpoint, tmp_path):
+    run = tmp_path / "run"
+    result = run_module(
+        ["bts_lightning.evaluate", f"ckpt_path={tiny_checkpoint.path}", *tiny_checkpoint.data_overrides,
+         "worst_k=3", f"hydra.run.dir={run}"],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "dice" in result.stdout and "Dice by tumor type" in result.stdout
+    metrics = json.loads((run / "metrics.json").read_text())
+    rows = read_rows(run / "per_image.csv")
+    assert metrics["split"] == "test" and metrics["n_images"] == len(rows) == 8  # fold 2 of 40 slices
+    assert metrics["image_size"] == 64
+    for column in (*METRICS, "area_true", "area_pred"):
+        values = [float(row[column]) for row in rows]
+        assert metrics["summary"][column]["mean"] == pytest.approx(np.mean(values), rel=1e-9, abs=1e-12), column
+        assert metrics["summary"][column]["median"] == pytest.approx(np.median(values), rel=1e-9, abs=1e-12)
+    assert all(row["tumor_type"] in {"meningioma", "glioma", "pituitary"} for row in rows)
+    assert sum(group["n"] for group in metrics["by_label"].values()) == 8
+    worst_dice = [w["dice"] for w in metrics["worst"]]
+    assert len(worst_dice) == 3 and worst_dice == sorted(worst_dice)
+    assert worst_dice[0] == pytest.approx(min(float(row["dice"]) for row in rows))
+    worst = cv2.imread(str(run / "worst_slices.png"))
+    assert worst is not None and worst.shape[0] > 3 * 64 and worst.shape[1] == 4 * 64 + 6
+    assert (run / ".hydra" / "config.yaml").is_file()
+
+
+def test_evaluate_all_slices_with_tta_and_postprocessing(tiny_checkpoint, tmp_path):
+    overrides = [f"ckpt_path={tiny_checkpoint.path}", *tiny_checkpoint.data_overrides, "split=all", "tta=true",
+                 "postprocess.largest_component=true", "worst_k=0", "device=cpu"]
+    metrics = evaluate(compose_app("evaluate", overrides, tmp_path))
+    assert metrics["n_images"] == 40 and metrics["split"] == "all"
+    assert metrics["inference"] == {"threshold": 0.5, "tta": True, "largest_component": True, "min_size": 0}
+    rows = read_rows(tmp_path / "per_image.csv")
+    assert len({row["stem"] for row in rows}) == 40
+    assert not (tmp_path / "worst_slices.png").exists()
+
+
+def test_empty_split_and_bad_checkpoint_are_user_errors(tiny_checkpoint, tmp_path, make_dataset, capsys):
+    root = make_dataset([str(i) for i in range(10)], size=64)  # no metadata: random split, no test slices
+    cfg = compose_app("evaluate", [f"ckpt_path={tiny_checkpoint.path}", f"data.root={root}", "data.image_size=64",
+                                   "data.num_workers=0"], tmp_path / "run")
+    with pytest.raises(ConfigError, match="test split .* is empty"):
+        evaluate(cfg)
+    # What the app's main() does with a user error: one "error:" line and exit status 2.
+    cfg = compose_app("evaluate", [f"ckpt_path={tmp_path / 'nope.ckpt'}"], tmp_path / "run2")
+    with pytest.raises(SystemExit) as exit_info:
+        run_app(evaluate, cfg)
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("error: Checkpoint") and "nope.ckpt does not exist" in stderr
+    for missing in ([], ["ckpt_path=model.h5"]):
+        with pytest.raises(ConfigError, match="ckpt_path"):
+            evaluate(compose_app("evaluate", missing, tmp_path / "run3"))

@@ -1,0 +1,211 @@
+"""Inference helpers (TTA, thresholding, postprocessing) and the predict app end to end."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import types
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from bts_lightning.errors import ConfigError, DataError
+from bts_lightning.inference import InferenceOptions, load_predictor, postprocess, predict_probabilities
+from bts_lightning.predict import output_names, predict, predict_files
+from bts_lightning.runtime import run_app
+from tests.fixtures_checkpoint import compose_app, run_module, tiny_checkpoint  # noqa: F401 (fixture)
+
+
+def ramp_predictor(images: torch.Tensor) -> torch.Tensor:
+    """Ignores the input: probability rises from 0 (left column) to 1 (right column)."""
+    n, _, h, w = images.shape
+    return torch.linspace(0, 1, w).expand(n, h, w).clone()
+
+
+def components(mask: np.ndarray) -> int:
+    return cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)[0] - 1
+
+
+def folder_state(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+# ---------------------------------------------------------------- postprocessing, TTA, threshold
+
+
+def test_postprocess_on_hand_made_masks():
+    mask = np.zeros((12, 12), np.uint8)
+    mask[0:3, 0:3] = 1  # 9 px
+    mask[6:8, 6:8] = 1  # 4 px
+    mask[8, 8] = 1  # touches the 2x2 block diagonally: same 8-connected component (5 px)
+    mask[11, 0] = 1  # 1 px
+    assert np.array_equal(postprocess(mask), mask)
+    largest = postprocess(mask, largest_component=True)
+    assert largest.sum() == 9 and largest[0:3, 0:3].all()
+    no_specks = postprocess(mask, min_size=5)
+    assert no_specks.sum() == 9 + 5 and no_specks[11, 0] == 0 and no_specks[8, 8] == 1
+    assert postprocess(mask, min_size=6).sum() == 9
+    assert postprocess(mask, largest_component=True, min_size=10).sum() == 0  # nothing is big enough
+    assert postprocess(np.zeros((5, 5)), largest_component=True, min_size=3).sum() == 0
+    tie = np.zeros((6, 6), np.uint8)
+    tie[0, 4:6], tie[4, 0:2] = 1, 1
+    assert np.array_equal(np.argwhere(postprocess(tie, largest_component=True)), [[0, 4], [0, 5]])  # raster order
+    assert postprocess(mask * 255).max() == 1
+
+
+def test_tta_averages_identity_and_both_flips():
+    seen: list[torch.Tensor] = []
+
+    def recording(images: torch.Tensor) -> torch.Tensor:
+        seen.append(images.clone())
+        return ramp_predictor(images)
+
+    images = torch.arange(2 * 4 * 5, dtype=torch.float32).reshape(2, 1, 4, 5)
+    ramp = torch.linspace(0, 1, 5).expand(2, 4, 5)
+    assert torch.allclose(predict_probabilities(recording, images), ramp)
+    seen.clear()
+    averaged = predict_probabilities(recording, images, tta=True)
+    # identity: r; horizontal flip, flipped back: 1 - r; vertical flip, flipped back: r.
+    assert torch.allclose(averaged, (ramp + (1 - ramp) + ramp) / 3)
+    assert [torch.equal(s, images.flip(dims)) for s, dims in zip(seen, [(), (-1,), (-2,)])] == [True] * 3
+
+
+def test_threshold_is_strict_and_options_are_checked():
+    options = InferenceOptions(threshold=0.5)
+    assert options.mask(np.array([[0.2, 0.5, 0.51]])).tolist() == [[0, 0, 1]]
+    with pytest.raises(ConfigError, match="threshold"):
+        InferenceOptions(threshold=1.5)
+    with pytest.raises(ConfigError, match="min_size"):
+        InferenceOptions(min_size=-1)
+    assert InferenceOptions.from_config({"tta": True, "postprocess": {"min_size": 7}}) == InferenceOptions(
+        0.5, True, False, 7
+    )
+
+
+def test_probabilities_are_resized_back_then_thresholded_and_cleaned(tmp_path):
+    source, out = tmp_path / "in", tmp_path / "out"
+    source.mkdir(), out.mkdir()
+    cv2.imwrite(str(source / "wide.png"), np.full((50, 70), 100, np.uint8))
+
+    def mask_with(**options) -> np.ndarray:
+        written, skipped = predict_files(ramp_predictor, [source / "wide.png"], out, 16, InferenceOptions(**options))
+        assert skipped == [] and written == [out / "wide_mask.png"]
+        return cv2.imread(str(written[0]), cv2.IMREAD_UNCHANGED)
+
+    plain = mask_with(threshold=0.6)
+    assert plain.shape == (50, 70) and set(np.unique(plain)) == {0, 255}
+    assert 0.35 < (plain[0] > 0).mean() < 0.45  # ramp > 0.6 on the right ~40% of the original width
+    with_tta = mask_with(threshold=0.6, tta=True)  # (1 + r) / 3 > 0.6  <=>  r > 0.8
+    assert 0.15 < (with_tta[0] > 0).mean() < 0.25
+    assert (with_tta <= plain).all()
+    assert mask_with(threshold=0.6, min_size=50 * 70).max() == 0  # the one component is smaller than the image
+
+    def two_blobs(images: torch.Tensor) -> torch.Tensor:
+        probabilities = torch.zeros(images.shape[0], *images.shape[-2:])
+        probabilities[:, 2:10, 2:10] = 0.9
+        probabilities[:, 13:15, 13:15] = 0.9
+        return probabilities
+
+    written, _ = predict_files(two_blobs, [source / "wide.png"], out, 16, InferenceOptions())
+    assert components(cv2.imread(str(written[0]), cv2.IMREAD_UNCHANGED)) == 2
+    written, _ = predict_files(two_blobs, [source / "wide.png"], out, 16, InferenceOptions(largest_component=True))
+    assert components(cv2.imread(str(written[0]), cv2.IMREAD_UNCHANGED)) == 1
+
+
+def test_output_names_stay_unique():
+    files = [Path("x/a.png"), Path("x/a.JPG"), Path("x/b.tif")]
+    assert output_names(files) == {files[0]: "a_png", files[1]: "a_jpg", files[2]: "b"}
+
+
+# ---------------------------------------------------------------- the app
+
+
+def write_inputs(folder: Path, slice_image: np.ndarray) -> dict[str, tuple[int, int]]:
+    """Slices of several sizes and formats, a corrupt file and a non-image; returns name -> (h, w)."""
+    folder.mkdir(parents=True)
+    small = cv2.resize(slice_image, (70, 50))  # 70 wide, 50 high
+    big_rgb = cv2.cvtColor(cv2.resize(slice_image, (300, 200)), cv2.COLOR_GRAY2BGR)
+    deep = (cv2.resize(slice_image, (90, 80)).astype(np.uint16) * 257)  # 16-bit
+    assert cv2.imwrite(str(folder / "small.png"), small)
+    assert cv2.imwrite(str(folder / "big_rgb.jpg"), big_rgb)
+    assert cv2.imwrite(str(folder / "deep16.tif"), deep)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+    (folder / "notes.txt").write_text("not an image, ignored")
+    return {"small": (50, 70), "big_rgb": (200, 300), "deep16": (80, 90)}
+
+
+def test_predict_app_keeps_sizes_skips_corrupt_files_and_leaves_input_alone(tiny_checkpoint, tmp_path):
+    slice_image = cv2.imread(str(next((tiny_checkpoint.data_dir).rglob("images/*.png"))), cv2.IMREAD_GRAYSCALE)
+    source, out = tmp_path / "input", tmp_path / "masks"
+    sizes = write_inputs(source, slice_image)
+    before = folder_state(source)
+    result = run_module(
+        ["bts_lightning.predict", f"ckpt_path={tiny_checkpoint.path}", f"input={source}", f"output={out}",
+         "image_size=64", "tta=true", "postprocess.largest_component=true", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    logs = result.stdout + result.stderr
+    assert "Skipping broken.png" in logs and "Skipped 1 unreadable file(s) of 4: broken.png" in logs
+    assert folder_state(source) == before
+    expected = {f"{stem}_{kind}.png" for stem in sizes for kind in ("mask", "overlay")}
+    assert {p.name for p in out.iterdir()} == expected
+    for stem, (height, width) in sizes.items():
+        mask = cv2.imread(str(out / f"{stem}_mask.png"), cv2.IMREAD_UNCHANGED)
+        assert mask.shape == (height, width) and mask.dtype == np.uint8
+        assert set(np.unique(mask)) <= {0, 255}
+        assert components(mask) <= 1  # largest_component
+        assert cv2.imread(str(out / f"{stem}_overlay.png")).shape == (height, width, 3)
+
+
+def test_exported_models_dispatch_to_the_export_module(tmp_path, monkeypatch):
+    source = tmp_path / "in"
+    source.mkdir()
+    cv2.imwrite(str(source / "1.png"), np.full((20, 30), 7, np.uint8))
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"fake")
+    loaded: list[Path] = []
+
+    def load_exported(path):
+        loaded.append(Path(path))
+        return ramp_predictor
+
+    monkeypatch.setitem(sys.modules, "bts_lightning.export", types.SimpleNamespace(load_exported=load_exported))
+    cfg = compose_app("predict", [f"ckpt_path={model}", f"input={source}", f"output={tmp_path / 'out'}",
+                                  "image_size=16"], tmp_path / "run")
+    summary = predict(cfg)
+    assert loaded == [model] and summary["written"] == [str(tmp_path / "out" / "1_mask.png")]
+    mask = cv2.imread(summary["written"][0], cv2.IMREAD_UNCHANGED)
+    assert mask.shape == (20, 30) and mask[:, -1].all() and not mask[:, 0].any()
+    monkeypatch.setitem(sys.modules, "bts_lightning.export", None)  # not installed
+    with pytest.raises(ConfigError, match="need bts_lightning.export"):
+        load_predictor(model)
+    with pytest.raises(ConfigError, match="unsupported model file type '.h5'"):
+        load_predictor(tmp_path / "model.h5")
+
+
+def test_bad_inputs_are_clear_user_errors(tiny_checkpoint, tmp_path, capsys):
+    def run(source: Path, output: Path | None = None) -> None:
+        overrides = [f"ckpt_path={tiny_checkpoint.path}", f"input={source}", "image_size=64"]
+        predict(compose_app("predict", overrides + ([f"output={output}"] if output else []), tmp_path / "run"))
+
+    with pytest.raises(SystemExit) as exit_info:  # what main() does: one error line, exit status 2
+        run_app(run, tmp_path / "missing")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith(f"error: Input {tmp_path / 'missing'} does not exist")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no images here")
+    with pytest.raises(DataError, match="No image files"):
+        run(empty)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "1.png").write_bytes(b"garbage")
+    with pytest.raises(DataError, match=r"None of the 1 input file\(s\) could be read.*1\.png"):
+        run(broken, tmp_path / "out")
+    with pytest.raises(ConfigError, match="is the input folder"):
+        run(broken, broken)
+    assert [p.name for p in broken.iterdir()] == ["1.png"]
