@@ -39,7 +39,9 @@ def read_checkpoint(ckpt_path: str | Path, map_location: str | torch.device = "c
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # corrupt file, not a torch file, unsupported pickled objects...
-        raise CheckpointError(f"Checkpoint {path} could not be read ({type(error).__name__}): {_first_line(error)}") from None
+        raise CheckpointError(
+            f"Checkpoint {path} could not be read ({type(error).__name__}): {_first_line(error)}"
+        ) from None
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if not isinstance(hparams, dict) or "state_dict" not in checkpoint or any(
         not isinstance(hparams.get(key), dict) for key in _REQUIRED_HPARAMS
@@ -74,23 +76,33 @@ def load_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu")
 
 
 def training_image_size(ckpt_path: str | Path) -> int | None:
-    """``data.image_size`` of the training run a checkpoint belongs to, when it can be found.
+    """``data.image_size`` the checkpoint was trained at, or ``None`` when it cannot be told.
 
-    Image size is not a module hyperparameter; it is read from the run's ``.hydra/config.yaml``
-    (``RUN/checkpoints/best.ckpt`` -> ``RUN/.hydra/config.yaml``, or next to the checkpoint).
-    Returns ``None`` when there is no such file or it does not resolve to a whole number.
+    Checkpoints of ``bts_lightning.train`` store it with the data module's hyperparameters; for
+    older ones, the run's ``.hydra/config.yaml`` (``RUN/checkpoints/best.ckpt`` -> ``RUN/.hydra``)
+    is read instead.
     """
     path = Path(ckpt_path).resolve()
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        size = checkpoint.get("datamodule_hyper_parameters", {}).get("image_size")
+    except Exception:  # not a readable checkpoint: loading it reports that properly
+        size = None
+    if size is None:
+        size = _image_size_from_run_config(path)
+    return int(size) if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+
+
+def _image_size_from_run_config(path: Path) -> Any:
     for run_dir in (path.parent.parent, path.parent):
         config_file = run_dir / ".hydra" / "config.yaml"
         if not config_file.is_file():
             continue
         try:
-            config = OmegaConf.load(config_file)
-            size = OmegaConf.select(config, "data.image_size", default=None, throw_on_resolution_failure=False)
+            return OmegaConf.select(OmegaConf.load(config_file), "data.image_size", default=None,
+                                    throw_on_resolution_failure=False)
         except Exception:  # unreadable or unresolvable config: no hint, not an error
             return None
-        return int(size) if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
     return None
 
 

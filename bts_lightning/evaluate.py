@@ -192,12 +192,12 @@ def format_table(metrics: dict[str, Any]) -> str:
     lines = [
         f"Evaluated {metrics['n_images']} slice(s), split {metrics['split']}, at {metrics['image_size']} px "
         f"({metrics['checkpoint']})",
-        f"{'metric':<16}{'mean':>8}   {'std':<8}{'median':>9}",
+        f"{'metric':<16}{'mean':>10}   {'std':<10}{'median':>10}",
     ]
     for column in (*METRICS, *AREAS):
         stats = metrics["summary"][column]
         name = f"{column} (px)" if column in ("hd95", *AREAS) else column
-        lines.append(f"{name:<16}{stats['mean']:>8.4f} ± {stats['std']:<8.4f}{stats['median']:>9.4f}")
+        lines.append(f"{name:<16}{stats['mean']:>10.4f} ± {stats['std']:<10.4f}{stats['median']:>10.4f}")
     if metrics["by_label"]:
         lines.append("Dice by tumor type:")
         for name, group in metrics["by_label"].items():

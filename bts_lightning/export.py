@@ -26,6 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from bts_lightning.checkpoint import load_module
 from bts_lightning.errors import BtsError, ConfigError
 from bts_lightning.preprocessing import standardize
 from bts_lightning.runtime import run_app
@@ -105,24 +106,33 @@ def _atomic_target(path: Path) -> Path:
     return Path(temporary)
 
 
-def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int, exporter: str) -> str:
-    """Write ONNX with dynamic batch, height and width; returns the exporter used."""
+def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int, exporter: str) -> tuple[str, int]:
+    """Write ONNX with dynamic batch, height and width; returns the exporter and opset used."""
     if exporter == "legacy":
         try:
             torch.onnx.export(
                 model, (example,), str(path), dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME], dynamic_axes=DYNAMIC_AXES, do_constant_folding=True,
             )
-            return "legacy"
+            return "legacy", opset
         except (TypeError, NotImplementedError, AttributeError) as error:  # removed from a future PyTorch
             log.warning("Legacy ONNX exporter unavailable (%s); using the dynamo exporter.", error)
+    opset = max(opset, 18)  # the dynamo exporter's oldest opset
     dynamic = torch.export.Dim.DYNAMIC
-    torch.onnx.export(
-        model, (example,), str(path), dynamo=True, opset_version=max(opset, 18), input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME], dynamic_shapes={"images": {0: dynamic, 2: dynamic, 3: dynamic}},
-        external_data=False, verbose=False,
-    )
-    return "dynamo"
+    chatty = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export")]
+    levels = [logger.level for logger in chatty]
+    for logger in chatty:
+        logger.setLevel(logging.WARNING)
+    try:
+        torch.onnx.export(
+            model, (example,), str(path), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME], dynamic_shapes={INPUT_NAME: {0: dynamic, 2: dynamic, 3: dynamic}},
+            external_data=False, verbose=False,
+        )
+    finally:
+        for logger, level in zip(chatty, levels):
+            logger.setLevel(level)
+    return "dynamo", opset
 
 
 def export_model(
@@ -159,8 +169,8 @@ def export_model(
                     import onnx  # noqa: F401  (torch.onnx.export needs it)
                 except ImportError:
                     raise BtsError(f"ONNX export needs the onnx package: {INSTALL_HINT}") from None
-                used = _export_onnx(model, example, temporary, int(opset), onnx_exporter)
-                log.info("Exported with the %s ONNX exporter (opset %s)", used, opset)
+                used, used_opset = _export_onnx(model, example, temporary, int(opset), onnx_exporter)
+                log.info("Exported with the %s ONNX exporter (opset %s)", used, used_opset)
             else:
                 traced = torch.jit.trace(model, (example,), check_trace=False)
                 traced.save(str(temporary))
@@ -216,7 +226,7 @@ class ExportedModel:
         if self.format is None:
             known = ", ".join(s for suffixes in FORMATS.values() for s in suffixes)
             raise BtsError(f"Exported model {self.path}: unknown format {suffix or '(no suffix)'!r}; expected {known}.")
-        use_cuda = torch.cuda.is_available() if device in (None, "auto") else torch.device(device).type == "cuda"
+        use_cuda = _wants_cuda(device)
         if self.format == "onnx":
             self._session, self._input_name, self.providers = _onnx_session(self.path, use_cuda)
         else:
@@ -241,6 +251,18 @@ class ExportedModel:
 
     def __repr__(self) -> str:
         return f"ExportedModel({str(self.path)!r}, format={self.format!r})"
+
+
+def _wants_cuda(device: str | torch.device | None) -> bool:
+    if device is None or str(device) == "auto":
+        return torch.cuda.is_available()
+    try:
+        wanted = torch.device(device).type == "cuda"
+    except (RuntimeError, TypeError):
+        raise BtsError(f"device={device!r} is not a device name (use auto, cpu or cuda).") from None
+    if wanted and not torch.cuda.is_available():
+        raise BtsError(f"device={device} was asked for but CUDA is not available here; use auto or cpu.")
+    return wanted
 
 
 def _onnx_session(path: Path, use_cuda: bool) -> tuple[Any, str, list[str]]:
@@ -282,8 +304,6 @@ def _first_line(error: BaseException) -> str:
 
 def export(cfg: DictConfig) -> dict[str, Any]:
     """Load ``cfg.ckpt_path``, export it, check it against PyTorch and return a summary."""
-    from bts_lightning.checkpoint import load_module
-
     if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.get("ckpt_path"):
         raise ConfigError("ckpt_path is required: python -m bts_lightning.export ckpt_path=RUN/checkpoints/best.ckpt")
     output = cfg.get("output")

@@ -72,9 +72,11 @@ def load_predictor(path: str | Path, device: str | torch.device | None = "auto")
                 f"{path}: exported models ({', '.join(EXPORTED_SUFFIXES)}) need bts_lightning.export, "
                 "which this installation lacks; use the training checkpoint (.ckpt)."
             ) from None
-        return load_exported(path)
+        return load_exported(path, device=resolve_device(device))
     supported = ", ".join(CHECKPOINT_SUFFIXES + EXPORTED_SUFFIXES)
-    raise ConfigError(f"ckpt_path={path}: unsupported model file type {suffix or '(no suffix)'!r}; expected {supported}.")
+    raise ConfigError(
+        f"ckpt_path={path}: unsupported model file type {suffix or '(no suffix)'!r}; expected {supported}."
+    )
 
 
 def _call(predictor: Predictor, images: torch.Tensor) -> torch.Tensor:

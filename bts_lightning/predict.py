@@ -55,7 +55,8 @@ def list_inputs(source: str | Path) -> list[Path]:
     if not path.is_dir():
         raise DataError(f"Input {path} does not exist; pass input=IMAGE_FILE or input=FOLDER_OF_IMAGES.")
     files = sorted(
-        (p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")),
+        (p for p in path.iterdir()
+         if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")),
         key=_natural_key,
     )
     if not files:
@@ -146,7 +147,9 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     written, skipped = predict_files(predictor, files, output_dir, int(image_size), options, batch_size)
     skipped_names = [path.name for path, _ in skipped]
     if not written:
-        raise DataError(f"None of the {len(files)} input file(s) could be read as an image: {format_names(skipped_names)}.")
+        raise DataError(
+            f"None of the {len(files)} input file(s) could be read as an image: {format_names(skipped_names)}."
+        )
     if skipped:
         log.warning("Skipped %d unreadable file(s) of %d: %s", len(skipped), len(files), format_names(skipped_names))
     log.info("Wrote %d mask(s) and overlay(s) to %s", len(written), output_dir)

@@ -175,14 +175,19 @@ def find_runs(directories: Sequence[str | Path]) -> list[Run]:
         raise BtsError(f"Not a directory: {', '.join(missing)}.")
     seen: set[Path] = set()
     runs: list[Run] = []
+    others = 0
     for directory in directories:
         for metrics_path in sorted(Path(directory).rglob("metrics.json")):
             if metrics_path.resolve() in seen:
                 continue
             seen.add(metrics_path.resolve())
             run = _load_run(metrics_path)
-            if run is not None:
+            if run == "other":
+                others += 1  # e.g. bts_lightning.evaluate runs, which also write metrics.json
+            elif run is not None:
                 runs.append(run)
+    if others:
+        print(f"note: skipped {others} metrics.json not written by training (evaluate runs or others)", file=sys.stderr)
     if not runs:
         raise BtsError(
             f"No runs found under {', '.join(str(d) for d in directories)}: expected run directories "
@@ -195,7 +200,8 @@ def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def _load_run(metrics_path: Path) -> Run | None:
+def _load_run(metrics_path: Path) -> Run | str | None:
+    """The run of ``metrics_path``; None when unreadable, ``"other"`` when not written by training."""
     directory = metrics_path.parent
     try:
         metrics = json.loads(metrics_path.read_text())
@@ -204,6 +210,8 @@ def _load_run(metrics_path: Path) -> Run | None:
     except (OSError, ValueError) as error:
         _warn(f"skipped {metrics_path}: unreadable ({error})")
         return None
+    if "best_val_dice" not in metrics:
+        return "other"
     config_path = directory / ".hydra" / "config.yaml"
     config = overrides = None
     if config_path.is_file():
@@ -219,7 +227,8 @@ def _load_run(metrics_path: Path) -> Run | None:
             overrides = [str(item) for item in OmegaConf.load(overrides_path)]
         except Exception:
             overrides = None
-    return Run(directory, metrics, config if isinstance(config, DictConfig) else None, overrides or [])
+    run = Run(directory, metrics, config if isinstance(config, DictConfig) else None, overrides or [])
+    return "other" if run.get("task_name", "train") != "train" else run
 
 
 def group_runs(runs: Iterable[Run]) -> list[ConfigurationRow]:

@@ -58,19 +58,21 @@ def test_postprocess_on_hand_made_masks():
 
 def test_tta_averages_identity_and_both_flips():
     seen: list[torch.Tensor] = []
+    raster = torch.arange(4 * 5, dtype=torch.float32).reshape(4, 5) / 19  # differs along rows and columns
 
     def recording(images: torch.Tensor) -> torch.Tensor:
         seen.append(images.clone())
-        return ramp_predictor(images)
+        return raster.expand(images.shape[0], 4, 5).clone()
 
     images = torch.arange(2 * 4 * 5, dtype=torch.float32).reshape(2, 1, 4, 5)
-    ramp = torch.linspace(0, 1, 5).expand(2, 4, 5)
-    assert torch.allclose(predict_probabilities(recording, images), ramp)
+    assert torch.allclose(predict_probabilities(recording, images), raster)
     seen.clear()
     averaged = predict_probabilities(recording, images, tta=True)
-    # identity: r; horizontal flip, flipped back: 1 - r; vertical flip, flipped back: r.
-    assert torch.allclose(averaged, (ramp + (1 - ramp) + ramp) / 3)
+    # Each flipped prediction is flipped back before averaging.
+    assert torch.allclose(averaged, (raster + raster.flip(-1) + raster.flip(-2)).expand(2, 4, 5) / 3)
     assert [torch.equal(s, images.flip(dims)) for s, dims in zip(seen, [(), (-1,), (-2,)])] == [True] * 3
+    ramp = torch.linspace(0, 1, 5).expand(2, 4, 5)
+    assert torch.allclose(predict_probabilities(ramp_predictor, images, tta=True), (ramp + (1 - ramp) + ramp) / 3)
 
 
 def test_threshold_is_strict_and_options_are_checked():
@@ -108,6 +110,19 @@ def test_probabilities_are_resized_back_then_thresholded_and_cleaned(tmp_path):
         probabilities[:, 2:10, 2:10] = 0.9
         probabilities[:, 13:15, 13:15] = 0.9
         return probabilities
+
+    def one_pixel(images: torch.Tensor) -> torch.Tensor:
+        probabilities = torch.zeros(images.shape[0], *images.shape[-2:])
+        probabilities[:, 1, 1] = 0.9
+        return probabilities
+
+    cv2.imwrite(str(source / "square.png"), np.full((40, 40), 100, np.uint8))
+    written, _ = predict_files(one_pixel, [source / "square.png"], out, 4, InferenceOptions())
+    blob = cv2.imread(str(written[0]), cv2.IMREAD_UNCHANGED) > 0
+    # Bilinear probabilities, then threshold: a rounded blob inside the 10x10 block that
+    # thresholding first and enlarging the mask would give.
+    assert blob[15, 15] and not blob[10, 10] and not blob[11, 11] and 0 < blob.sum() < 100
+    assert not blob[:10].any() and not blob[20:].any()
 
     written, _ = predict_files(two_blobs, [source / "wide.png"], out, 16, InferenceOptions())
     assert components(cv2.imread(str(written[0]), cv2.IMREAD_UNCHANGED)) == 2
@@ -169,7 +184,7 @@ def test_exported_models_dispatch_to_the_export_module(tmp_path, monkeypatch):
     model.write_bytes(b"fake")
     loaded: list[Path] = []
 
-    def load_exported(path):
+    def load_exported(path, device=None):
         loaded.append(Path(path))
         return ramp_predictor
 
@@ -209,3 +224,22 @@ def test_bad_inputs_are_clear_user_errors(tiny_checkpoint, tmp_path, capsys):
     with pytest.raises(ConfigError, match="is the input folder"):
         run(broken, broken)
     assert [p.name for p in broken.iterdir()] == ["1.png"]
+
+
+def test_predict_from_a_real_torchscript_export_matches_the_checkpoint(tiny_checkpoint, tmp_path):
+    export = pytest.importorskip("bts_lightning.export")
+    from bts_lightning.checkpoint import load_module
+
+    exported = export.export_model(load_module(tiny_checkpoint.path), tmp_path / "model.ts", "torchscript", 64)
+    slice_image = cv2.imread(str(next(tiny_checkpoint.data_dir.rglob("images/*.png"))), cv2.IMREAD_GRAYSCALE)
+    source = tmp_path / "in"
+    source.mkdir()
+    cv2.imwrite(str(source / "s.png"), cv2.resize(slice_image, (96, 80)))
+    masks = {}
+    for model in (tiny_checkpoint.path, exported):
+        out = tmp_path / model.suffix.lstrip(".")
+        predict(compose_app("predict", [f"ckpt_path={model}", f"input={source}", f"output={out}", "image_size=64",
+                                        "device=cpu"], tmp_path / "run"))
+        masks[model.suffix] = cv2.imread(str(out / "s_mask.png"), cv2.IMREAD_UNCHANGED)
+    assert masks[".ts"].shape == (80, 96)
+    assert (masks[".ts"] != masks[".ckpt"]).mean() < 0.001  # same network, up to float rounding at the threshold

@@ -114,3 +114,15 @@ def test_readme_demo_reaches_dice_0_7_within_5_minutes(tmp_path):
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["best_val_dice"] >= 0.7
     assert saved["train_time_s"] < 300
+
+
+def test_checkpoint_records_the_training_image_size(tmp_path):
+    from bts_lightning.checkpoint import training_image_size
+
+    cfg = compose_train([*SMALL_SYNTHETIC, f"paths.data_dir={tmp_path / 'data'}", "trainer=cpu", "debug=limit",
+                         "trainer.max_epochs=1", "data.num_workers=0", "data.image_size=48", "test=false"], tmp_path / "run")
+    train(cfg)
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    copied = tmp_path / "elsewhere.ckpt"  # away from its run directory and .hydra/config.yaml
+    copied.write_bytes(checkpoint.read_bytes())
+    assert training_image_size(copied) == 48

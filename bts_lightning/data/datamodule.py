@@ -55,6 +55,7 @@ class BrainTumorDataModule(L.LightningDataModule):
         download: bool = True,
     ) -> None:
         super().__init__()
+        self.save_hyperparameters("image_size")  # stored in checkpoints: inference resizes to it
         self.root = Path(root)
         self.image_size = image_size
         self.batch_size = batch_size

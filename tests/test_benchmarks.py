@@ -1,0 +1,98 @@
+"""The benchmark harness (benchmarks/benchmark.py) runs end to end and reports every column.
+
+These are crash tests on CPU (``--tiny``); the speeds they produce mean nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks import benchmark
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_tiny_run_reports_every_column_for_every_model(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    results = benchmark.main(["--tiny", "--out", str(out)])
+
+    assert results["errors"] == []
+    rows = results["rows"]
+    assert [(row["model"], row["precision"]) for row in rows] == [("unet", "32-true"), ("lraspp", "32-true")]
+    for row in rows:
+        for _, key, _ in benchmark.COLUMNS:
+            assert key in row, key
+            if key in ("model", "precision"):
+                continue
+            if key in benchmark.MEMORY_KEYS:
+                assert row[key] is None  # CPU: no GPU memory to report
+            else:
+                assert _positive(row[key]), (row["model"], key, row[key])
+        assert row["ratio"] == pytest.approx(row["lightning_ips"] / row["bare_ips"])
+        per_model = results["per_model"][row["model"]]
+        flops = per_model["flops"]
+        assert flops["train_per_image"] > flops["forward_per_image"] > 0
+        for name in ("bare", "lightning", "inference"):
+            timing = per_model["32-true"][name]["images_per_s"]
+            assert len(timing["repeats"]) == 1 and timing["median"] == timing["repeats"][0]
+        assert "bts_lightning.inference" in per_model["32-true"]["inference"]["path"]
+
+    meta = results["meta"]
+    assert meta["tiny"] and meta["machine"]["device"] == "cpu" and meta["machine"]["gpu"] is None
+    assert {"torch", "torchvision", "lightning", "monai", "albumentations", "cuda (torch build)", "cudnn"} <= set(meta["versions"])
+    assert results["matmul_bf16"]["tflops"]["median"] > 0
+    assert results["data"]["num_workers"] >= 1 and results["data"]["images_per_s"]["median"] > 0
+    assert results["targets"]["judged"] is False
+
+    saved = json.loads(out.read_text())
+    assert [row["model"] for row in saved["rows"]] == ["unet", "lraspp"]
+    printed = capsys.readouterr().out
+    assert "(2)/(1)" in printed and "| unet | 32-true |" in printed and "| lraspp | 32-true |" in printed
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_mixed_precision_paths_of_bare_loop_and_inference(tmp_path, precision):
+    """autocast (and GradScaler for fp16) in the bare loop; autocast around predict's path."""
+    args = benchmark.parse_args(["--tiny", "--image-size", "32", "--steps", "1", "--warmup", "0"])
+    cfg = benchmark.compose_config("unet", precision, tmp_path, args, tmp_path / "run")
+    assert cfg.trainer.precision == precision and cfg.trainer.limit_val_batches == 0
+    assert set(cfg.callbacks) <= set(benchmark.KEPT_CALLBACKS) and "logger" not in cfg
+    bare = benchmark.bench_bare(cfg, precision, args)
+    inference = benchmark.bench_inference(cfg, precision, args)
+    assert _positive(bare["images_per_s"]["median"]) and bare["peak_memory_gb"] is None
+    assert _positive(inference["images_per_s"]["median"]) and inference["autocast"] is not None
+
+
+def test_grouped_conv_backward_flops_are_two_forwards():
+    """torch's formula counts a depthwise conv's weight gradient ``groups`` times; ours does not."""
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16)
+    x = torch.randn(2, 16, 8, 8, requires_grad=True)
+    with FlopCounterMode(display=False) as forward:
+        y = conv(x)
+    mapping = {torch.ops.aten.convolution_backward: benchmark._conv_backward_flops}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as backward:
+        y.sum().backward()
+    assert backward.get_total_flops() == 2 * forward.get_total_flops() > 0
+
+
+def test_targets_are_judged_from_the_rows():
+    rows = [
+        {"model": "unet", "precision": "bf16-mixed", "bare_ips": 1000.0, "ratio": 0.97,
+         "bare_peak_gb": 3.0, "lightning_peak_gb": 3.5},
+        {"model": "fcn", "precision": "bf16-mixed", "bare_ips": 400.0, "ratio": 0.90,
+         "bare_peak_gb": 20.0, "lightning_peak_gb": 41.0},
+        {"model": "fcn", "precision": "32-true", "bare_ips": 200.0, "ratio": 0.5,
+         "bare_peak_gb": 30.0, "lightning_peak_gb": 30.0},
+    ]
+    targets = benchmark.judge_targets(rows, data_ips=2500.0, judged=True)
+    assert targets["ratio_bf16_ge_0.95"] == {"unet": True, "fcn": False}
+    assert targets["data_ge_2x_fastest_bare"] is True and targets["data_over_fastest_bare"] == 2.5
+    assert targets["peak_memory_lt_40gb"] is False and targets["max_peak_memory_gb"] == 41.0
+    assert benchmark.judge_targets(rows, 2500.0, judged=False)["judged"] is False

@@ -1,0 +1,135 @@
+"""Comparison report over training runs: a real sweep, and aggregation over seeds/folds."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bts_lightning.report import find_runs, group_runs, main
+from tests.conftest import REPO_ROOT
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "NO_ALBUMENTATIONS_UPDATE": "1"}
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as stream:
+        return list(csv.DictReader(stream))
+
+
+def test_report_on_a_real_sweep(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = _run(
+        ["bts_lightning.train", "-m", "model=unet,lraspp", "data=synthetic", "data.synthetic.n=40",
+         "data.synthetic.size=64", "trainer=cpu", "trainer.max_epochs=1", "data.num_workers=0",
+         f"paths.data_dir={tmp_path}", f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = _run(["bts_lightning.report", str(sweep)], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("report.md", "report.csv", "report.png"):
+        assert (sweep / name).is_file() and (sweep / name).stat().st_size > 0
+    assert (sweep / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    rows = _read_csv(sweep / "report.csv")
+    assert len(rows) == 2 and {row["model"] for row in rows} == {"unet", "lraspp"}
+    assert float(rows[0]["best_val_dice_mean"]) >= float(rows[1]["best_val_dice_mean"])
+    for row in rows:
+        (run_dir,) = row["run_dirs"].split()
+        metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
+        assert row["model"] == metrics["model"] and row["runs"] == "1" and row["config"] == f"model={metrics['model']}"
+        assert float(row["best_val_dice_mean"]) == metrics["best_val_dice"] and row["best_val_dice_std"] == ""
+        assert float(row["test_dice_mean"]) == metrics["test"]["test/dice"]
+        assert float(row["test_iou_mean"]) == metrics["test"]["test/iou"]
+        assert int(row["num_params"]) == metrics["num_params"]
+        assert float(row["train_time_s_mean"]) == metrics["train_time_s"]
+        assert int(row["epochs_mean"]) == metrics["epochs_trained"]
+        assert (row["loss"], row["optimizer"], row["image_size"], row["precision"]) == ("DiceCELoss", "AdamW", "64", "32-true")
+    markdown = (sweep / "report.md").read_text()
+    assert "| model=unet | unet | DiceCELoss | AdamW |" in markdown and "![" in markdown
+    assert "2 runs in 2 configurations" in markdown
+
+
+def _write_run(directory: Path, model: str, seed: int, val_fold: int, val_dice: float, test_dice: float | None,
+               lr: float = 0.001, data_dir: str = "data") -> None:
+    (directory / ".hydra").mkdir(parents=True)
+    (directory / ".hydra" / "config.yaml").write_text(
+        f"seed: {seed}\n"
+        f"data:\n  image_size: 128\n  val_fold: {val_fold}\n  test_fold: null\n  seed: ${{seed}}\n"
+        f"model:\n  name: {model}\n"
+        "loss:\n  _target_: monai.losses.DiceFocalLoss\n"
+        f"optimizer:\n  _target_: torch.optim.Adam\n  _partial_: true\n  lr: {lr}\n"
+        "trainer:\n  precision: bf16-mixed\n"
+        f"paths:\n  data_dir: {data_dir}\n  output_dir: ${{hydra:runtime.output_dir}}\n"
+    )
+    (directory / ".hydra" / "overrides.yaml").write_text(
+        f"- model={model}\n- seed={seed}\n- data.val_fold={val_fold}\n- optimizer.lr={lr}\n- paths.data_dir={data_dir}\n"
+    )
+    metrics = {"model": model, "num_params": 1000, "epochs_trained": 10 + seed, "train_time_s": 60.0 * seed,
+               "best_val_dice": val_dice, "best_epoch": 3, "best_checkpoint": None, "val_history": []}
+    if test_dice is not None:
+        metrics["test"] = {"test/dice": test_dice, "test/iou": test_dice / 2, "test/loss": 0.5}
+    (directory / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_repeats_of_a_configuration_become_one_row_with_mean_and_std(tmp_path, capsys):
+    root = tmp_path / "runs"
+    # Two seeds (and folds, and data dirs) of one configuration, in different sub-folders...
+    _write_run(root / "cv" / "fold1", "unet", seed=1, val_fold=1, val_dice=0.70, test_dice=0.60)
+    _write_run(root / "cv" / "fold2", "unet", seed=2, val_fold=2, val_dice=0.80, test_dice=0.66, data_dir="/elsewhere")
+    # ...a second configuration that differs only in the learning rate, without a test split...
+    _write_run(root / "loose" / "a", "unet", seed=1, val_fold=1, val_dice=0.90, test_dice=None, lr=0.01)
+    # ...and a third, another model.
+    _write_run(root / "loose" / "b", "lraspp", seed=1, val_fold=1, val_dice=0.50, test_dice=0.45)
+    # An evaluate run also writes metrics.json; it is not a training run and is skipped.
+    (root / "evaluate").mkdir()
+    (root / "evaluate" / "metrics.json").write_text(json.dumps({"dice": {"mean": 0.5}, "cases": 3}))
+
+    rows = group_runs(find_runs([root, root / "cv"]))  # overlapping directories: each run once
+    assert [len(row.runs) for row in rows] == [1, 2, 1]
+    assert [row.label for row in rows] == ["model=unet, optimizer.lr=0.01", "model=unet, optimizer.lr=0.001",
+                                           "model=lraspp, optimizer.lr=0.001"]
+    fields = rows[1].fields()
+    assert fields["best_val_dice_mean"] == pytest.approx(0.75)
+    assert fields["best_val_dice_std"] == pytest.approx(statistics.stdev([0.70, 0.80]))
+    assert fields["test_dice_mean"] == pytest.approx(0.63)
+    assert fields["test_dice_std"] == pytest.approx(statistics.stdev([0.60, 0.66]))
+    assert fields["train_time_s_mean"] == pytest.approx(90.0) and fields["epochs_mean"] == pytest.approx(11.5)
+    assert (fields["model"], fields["loss"], fields["optimizer"], fields["lr"]) == ("unet", "DiceFocalLoss", "Adam", 0.001)
+    assert (fields["image_size"], fields["precision"], fields["num_params"]) == (128, "bf16-mixed", 1000)
+    assert rows[0].fields()["test_dice_mean"] is None
+
+    out = tmp_path / "report"
+    main([str(root), "--out", str(out)])
+    assert "Wrote" in capsys.readouterr().out
+    assert not (root / "report.md").exists()
+    table = _read_csv(out / "report.csv")
+    assert [row["runs"] for row in table] == ["1", "2", "1"] and table[0]["test_dice_mean"] == ""
+    assert float(table[1]["best_val_dice_std"]) == pytest.approx(statistics.stdev([0.70, 0.80]))
+    markdown = (out / "report.md").read_text()
+    assert "0.7500 ± 0.0707" in markdown and "0.6300 ± 0.0424" in markdown
+    assert "4 runs in 3 configurations" in markdown
+    assert (out / "report.png").stat().st_size > 0
+
+
+def test_no_runs_is_one_clear_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "empty"), str(tmp_path)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: No runs found under") and str(tmp_path / "empty") in error
+    assert "Traceback" not in error
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "missing")])
+    assert "Not a directory" in capsys.readouterr().err
