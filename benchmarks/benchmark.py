@@ -43,7 +43,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -302,9 +302,10 @@ def count_flops(cfg: Any, device: torch.device, batch_size: int, image_size: int
     forward = forward_counter.get_total_flops() / batch_size
     backward = backward_counter.get_total_flops() / batch_size
     del net, outputs, loss
+    note = ("torch.utils.flop_counter (conv/matmul only) on the training graph, auxiliary heads included, "
+            "loss not counted; grouped-conv backward corrected (see _conv_backward_flops)")
     return {"forward_per_image": forward, "backward_per_image": backward, "train_per_image": forward + backward,
-            "counted_batch": batch_size, "note": "torch.utils.flop_counter (conv/matmul only) on the training graph, auxiliary heads "
-            "included, loss not counted; grouped-conv backward corrected (see _conv_backward_flops)"}
+            "counted_batch": batch_size, "note": note}
 
 
 def bench_bare(cfg: Any, precision: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -554,8 +555,8 @@ def judge_targets(rows: list[dict[str, Any]], data_ips: float | None, judged: bo
 def versions_lines(meta: dict[str, Any]) -> list[str]:
     machine, versions = meta["machine"], meta["versions"]
     return [
-        f"device: {machine['device']} ({machine['gpu'] or machine['cpu']}), {machine['cpu_cores_usable']} usable CPU cores, "
-        f"default loader workers {machine['default_num_workers']}",
+        f"device: {machine['device']} ({machine['gpu'] or machine['cpu']}), "
+        f"{machine['cpu_cores_usable']} usable CPU cores, default loader workers {machine['default_num_workers']}",
         "versions: " + ", ".join(f"{name} {value}" for name, value in versions.items()),
     ]
 
@@ -565,7 +566,8 @@ def versions_lines(meta: dict[str, Any]) -> list[str]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.benchmark", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", help=f"comma-separated, from {','.join(ALL_MODELS)} (default all; --tiny: unet,lraspp)")
+    parser.add_argument("--models",
+                        help=f"comma-separated, from {','.join(ALL_MODELS)} (default all; --tiny: unet,lraspp)")
     parser.add_argument("--image-size", type=int, help="square input size in px (default 256; --tiny: 64)")
     parser.add_argument("--batch-size", type=int, help="batch size of every measurement (default 32; --tiny: 2)")
     parser.add_argument("--precisions", help="comma-separated Lightning precisions: 32-true, bf16-mixed, 16-mixed "
@@ -580,6 +582,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cuda", "cpu"), help="default cuda when available (--tiny: cpu)")
     parser.add_argument("--matmul-size", type=int, help="n of the bf16 n x n matmul peak (default 8192 on cuda, "
                         "1024 on cpu; --tiny: 128)")
+    parser.add_argument("--cpu-threads", type=int, help="torch intra-op threads of the main process (default: torch's "
+                        "own; --tiny: 1, since on a busy 2-core machine 2 threads can be 100x slower than 1)")
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="set torch.backends.cudnn.benchmark=True (applies to every measurement alike)")
     parser.add_argument("--sync-every-batch", action="store_true",
@@ -626,6 +630,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--device cuda was asked for but CUDA is not available here")
     args.device = torch.device(args.device)
     args.lightning_warmup = max(1, args.warmup)  # the Lightning window starts at the end of a batch
+    if args.cpu_threads is None and tiny:
+        args.cpu_threads = 1
+    if args.cpu_threads is not None and args.cpu_threads < 1:
+        parser.error("--cpu-threads must be >= 1")
     if args.matmul_size is None:
         args.matmul_size = 128 if tiny else (8192 if args.device.type == "cuda" else 1024)
     return args
@@ -633,6 +641,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every measurement; returns the JSON-ready results (``rows`` hold the table)."""
+    threads = torch.get_num_threads()
+    if args.cpu_threads is not None:
+        torch.set_num_threads(args.cpu_threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
     if args.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
     device = args.device
@@ -723,7 +741,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "bare_peak_gb": entry["bare"].get("peak_memory_gb"),
                     "lightning_peak_gb": entry["lightning"].get("peak_memory_gb"),
                     "inference_ips": median("inference"),
-                    "fwd_gflop_per_image": flops.get("forward_per_image") / 1e9 if "forward_per_image" in flops else None,
+                    "fwd_gflop_per_image": flops["forward_per_image"] / 1e9 if "forward_per_image" in flops else None,
                     "train_gflop_per_image": train_flops / 1e9 if train_flops else None,
                     "achieved_tflops": achieved,
                     "pct_of_bf16_peak": 100 * achieved / peak_tflops if achieved and peak_tflops else None,

@@ -21,7 +21,9 @@ def _positive(value: object) -> bool:
 
 def test_tiny_run_reports_every_column_for_every_model(tmp_path, capsys):
     out = tmp_path / "bench.json"
+    threads = torch.get_num_threads()
     results = benchmark.main(["--tiny", "--out", str(out)])
+    assert torch.get_num_threads() == threads  # --tiny runs on 1 thread and restores the setting
 
     assert results["errors"] == []
     rows = results["rows"]
@@ -46,7 +48,9 @@ def test_tiny_run_reports_every_column_for_every_model(tmp_path, capsys):
 
     meta = results["meta"]
     assert meta["tiny"] and meta["machine"]["device"] == "cpu" and meta["machine"]["gpu"] is None
-    assert {"torch", "torchvision", "lightning", "monai", "albumentations", "cuda (torch build)", "cudnn"} <= set(meta["versions"])
+    assert meta["machine"]["torch_num_threads"] == 1
+    libraries = {"torch", "torchvision", "lightning", "monai", "albumentations", "cuda (torch build)", "cudnn"}
+    assert libraries <= set(meta["versions"])
     assert results["matmul_bf16"]["tflops"]["median"] > 0
     assert results["data"]["num_workers"] >= 1 and results["data"]["images_per_s"]["median"] > 0
     assert results["targets"]["judged"] is False
@@ -64,8 +68,13 @@ def test_mixed_precision_paths_of_bare_loop_and_inference(tmp_path, precision):
     cfg = benchmark.compose_config("unet", precision, tmp_path, args, tmp_path / "run")
     assert cfg.trainer.precision == precision and cfg.trainer.limit_val_batches == 0
     assert set(cfg.callbacks) <= set(benchmark.KEPT_CALLBACKS) and "logger" not in cfg
-    bare = benchmark.bench_bare(cfg, precision, args)
-    inference = benchmark.bench_inference(cfg, precision, args)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.cpu_threads)  # as run() does for --tiny
+    try:
+        bare = benchmark.bench_bare(cfg, precision, args)
+        inference = benchmark.bench_inference(cfg, precision, args)
+    finally:
+        torch.set_num_threads(threads)
     assert _positive(bare["images_per_s"]["median"]) and bare["peak_memory_gb"] is None
     assert _positive(inference["images_per_s"]["median"]) and inference["autocast"] is not None
 
