@@ -135,3 +135,23 @@ def test_cache_gives_the_same_slices_as_reading_from_disk(synthetic_root):
     for position in (0, 3):
         for a, b in zip(cached.datasets["val"].load(position), uncached.datasets["val"].load(position)):
             np.testing.assert_array_equal(a, b)
+
+
+def test_missing_root_is_fetched_with_kagglehub(tmp_path, make_dataset, monkeypatch):
+    import types
+
+    from bts_lightning.data import download
+
+    downloaded = make_dataset(["1", "2"]).parent
+    fake = types.SimpleNamespace(dataset_download=lambda handle: str(downloaded))
+    monkeypatch.setitem(__import__("sys").modules, "kagglehub", fake)
+    monkeypatch.setattr(download.importlib.util, "find_spec", lambda name: object())
+    assert download.resolve_root(tmp_path / "missing", download=True) == downloaded / "dataset"
+
+    def offline(handle):
+        raise ConnectionError("no network")
+
+    fake.dataset_download = offline
+    with pytest.raises(DataError, match="kagglehub download failed: no network") as error:
+        download.resolve_root(tmp_path / "missing", download=True)
+    assert "data=synthetic" in str(error.value)

@@ -1,0 +1,79 @@
+"""Metric and loss values on hand-made masks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from bts_lightning.metrics import MeanPerImageOverlap, overlap_metrics, per_image_overlap
+from bts_lightning.segmentation_module import SegmentationModule
+from tests.conftest import compose_train
+
+
+def square(top: int, left: int, side: int, size: int = 8) -> torch.Tensor:
+    mask = torch.zeros(size, size, dtype=torch.long)
+    mask[top : top + side, left : left + side] = 1
+    return mask
+
+
+def test_per_image_dice_and_iou_by_hand():
+    truth = square(0, 0, 4)  # 16 pixels
+    prediction = square(0, 2, 4)  # 16 pixels, 8 shared
+    assert per_image_overlap(prediction[None], truth[None], "dice").item() == pytest.approx(2 * 8 / 32)
+    assert per_image_overlap(prediction[None], truth[None], "iou").item() == pytest.approx(8 / 24)
+
+
+def test_empty_cases():
+    empty = torch.zeros(1, 8, 8, dtype=torch.long)
+    tumor = square(2, 2, 3)[None]
+    assert per_image_overlap(empty, empty, "dice").item() == 1.0  # nothing there, nothing predicted
+    assert per_image_overlap(tumor, empty, "dice").item() == 0.0  # false alarm
+    assert per_image_overlap(empty, tumor, "iou").item() == 0.0  # missed tumor
+
+
+def test_mean_is_over_images_not_pooled_pixels():
+    big_truth, small_truth = square(0, 0, 8), square(0, 0, 1)
+    preds = torch.stack([big_truth, torch.zeros_like(small_truth)])  # big one perfect, small one missed
+    metric = MeanPerImageOverlap("dice")
+    metric.update(preds[:1], torch.stack([big_truth]))
+    metric.update(preds[1:], torch.stack([small_truth]))
+    assert metric.compute().item() == pytest.approx(0.5)  # pooled pixels would give ~0.99
+    collection = overlap_metrics("val/")
+    collection.update(preds, torch.stack([big_truth, small_truth]))
+    assert set(collection.compute()) == {"val/dice", "val/iou"}
+
+
+def logits_for(mask: torch.Tensor, confidence: float) -> torch.Tensor:
+    """2-class logits (N, 2, H, W) that predict ``mask`` with the given margin."""
+    tumor = mask.float() * 2 - 1
+    return torch.stack([-tumor, tumor], dim=1) * confidence
+
+
+@pytest.mark.parametrize("loss", ["dice", "dice_ce", "dice_focal", "focal", "tversky"])
+def test_losses_are_near_zero_when_right_and_large_when_wrong(loss, tmp_path):
+    criterion = instantiate(compose_train([f"loss={loss}"], tmp_path).loss)
+    mask = square(2, 2, 4)[None]
+    right = criterion(logits_for(mask, 20.0), mask[:, None].float()).item()
+    wrong = criterion(logits_for(1 - mask, 20.0), mask[:, None].float()).item()
+    assert right < 0.01 and wrong > 0.5
+
+
+def test_loss_is_float32_and_finite_for_large_masks_with_half_logits(tmp_path):
+    cfg = compose_train(["loss=dice", "model=lraspp"], tmp_path)
+    module = SegmentationModule(cfg.model, cfg.loss, cfg.optimizer)
+    masks = torch.ones(2, 512, 512, dtype=torch.uint8)  # 262k tumor pixels per image: fp16 sums overflow
+    outputs = {"out": logits_for(masks, 3.0).half()}
+    loss = module.compute_loss(outputs, masks)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert loss.item() < 0.01
+
+
+def test_auxiliary_head_adds_weighted_loss(tmp_path):
+    cfg = compose_train(["loss=dice", "model=fcn"], tmp_path)
+    module = SegmentationModule(cfg.model, cfg.loss, cfg.optimizer)
+    mask = square(2, 2, 4)[None]
+    main = {"out": logits_for(mask, 20.0)}
+    with_aux = {**main, "aux": logits_for(1 - mask, 20.0)}
+    difference = module.compute_loss(with_aux, mask) - module.compute_loss(main, mask)
+    assert difference.item() == pytest.approx(0.4 * module.criterion(with_aux["aux"], mask[:, None].float()).item(), rel=1e-4)
