@@ -93,8 +93,8 @@ def test_pretrained_backbone_is_frozen_for_the_first_epochs(tmp_path, monkeypatc
 def test_real_data_deeplabv3_mixed_precision_with_limits(tmp_path):
     result = run_module(
         ["bts_lightning.train", "model=deeplabv3", "trainer.precision=bf16-mixed", "model.weights=null",
-         f"data.root={REAL_DATA}", "debug=limit", "data.image_size=128", "data.batch_size=4",
-         "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'run'}"],
+         f"data.root={REAL_DATA}", "debug=limit", "data.image_size=64", "data.batch_size=2",
+         "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", f"hydra.run.dir={tmp_path / 'run'}"],
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
