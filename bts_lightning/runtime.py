@@ -48,6 +48,7 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
         with os.fdopen(handle, "w") as stream:
             json.dump(data, stream, indent=2, sort_keys=True)
             stream.write("\n")
+        os.chmod(temporary, 0o644)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
