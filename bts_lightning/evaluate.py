@@ -53,7 +53,7 @@ from bts_lightning.data.dataset import SliceDataset
 from bts_lightning.errors import ConfigError
 from bts_lightning.inference import InferenceOptions, load_predictor, resolve_device
 from bts_lightning.runtime import run_app, write_json_atomic
-from bts_lightning.visualize import panel, panel_grid
+from bts_lightning.visualize import captioned, panel, panel_grid
 
 log = logging.getLogger(__name__)
 
@@ -168,16 +168,6 @@ def select_split(datamodule: Any, split: str) -> SliceDataset:
     return dataset
 
 
-def _captioned(row: np.ndarray, text: str) -> np.ndarray:
-    """A panel row with a dark caption band above it."""
-    height = max(14, row.shape[0] // 12)
-    band = np.full((height, row.shape[1], 3), 32, np.uint8)
-    scale = height / 32
-    cv2.putText(band, text, (3, height - max(3, height // 5)), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1,
-                cv2.LINE_AA)
-    return np.concatenate([band, row], axis=0)
-
-
 def write_per_image_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     """``per_image.csv`` with full-precision floats (its means equal ``metrics.json``'s)."""
     with path.open("w", newline="") as handle:
@@ -268,7 +258,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         images, truths = zip(*(dataset.load(position) for position in worst))
         predictions = options.predict_masks(predictor, np.stack(images)[:, None])
         panels = [
-            _captioned(panel(image, truth, prediction),
+            captioned(panel(image, truth, prediction),
                        f"{rows[i]['stem']}  Dice {rows[i]['dice']:.3f}  HD95 {rows[i]['hd95']:.1f}")
             for i, image, truth, prediction in zip(worst, images, truths, predictions)
         ]

@@ -45,6 +45,15 @@ def panel(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray) -> np.nd
     return np.concatenate(row, axis=1)
 
 
+def captioned(row: np.ndarray, text: str) -> np.ndarray:
+    """A panel row with a dark caption band above it."""
+    height = max(14, row.shape[0] // 12)
+    band = np.full((height, row.shape[1], 3), 32, np.uint8)
+    cv2.putText(band, text, (3, height - max(3, height // 5)), cv2.FONT_HERSHEY_SIMPLEX, height / 32, (255, 255, 255),
+                1, cv2.LINE_AA)
+    return np.concatenate([band, row], axis=0)
+
+
 def panel_grid(rows: list[np.ndarray]) -> np.ndarray:
     """Stack panels vertically with a thin separator."""
     separator = np.full((2, rows[0].shape[1], 3), 128, np.uint8)
