@@ -694,7 +694,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             results["data"] = bench_data(datamodule, args)
             data_ips = results["data"]["images_per_s"]["median"]
             log(f"data pipeline: {data_ips:.1f} img/s")
-        except Exception as error:  # noqa: BLE001 - record and carry on with the other measurements
+        except Exception as error:
             errors.append(f"data: {error!r}")
             results["data"], data_ips = {"error": repr(error)}, None
 
@@ -704,7 +704,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             try:
                 cfg = compose_config(model, args.precisions[0], data_root, args, workdir / "runs" / model)
                 per_model["flops"] = count_flops(cfg, device, args.batch_size, args.image_size)
-            except Exception as error:  # noqa: BLE001
+            except Exception as error:
                 errors.append(f"{model} flops: {error!r}")
                 per_model["flops"] = {"error": repr(error)}
             reset_memory(device)
@@ -720,7 +720,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                     try:
                         entry[name] = measure()
                         log(f"{model} {precision}: {name} {entry[name]['images_per_s']['median']:.1f} img/s")
-                    except Exception as error:  # noqa: BLE001
+                    except Exception as error:
                         errors.append(f"{model} {precision} {name}: {error!r}")
                         entry[name] = {"error": repr(error)}
                     reset_memory(device)

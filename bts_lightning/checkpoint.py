@@ -10,6 +10,7 @@ so nothing is ever downloaded to load a checkpoint.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -57,11 +58,13 @@ def load_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu")
     """Rebuild the :class:`SegmentationModule` of a checkpoint, in eval mode, on ``map_location``.
 
     ``model.weights`` is set to ``None`` before the network is built (the trained weights come from
-    the state dict), so loading never downloads anything.
+    the state dict), so loading never downloads anything; ``model.compile`` is switched off, so a
+    network trained compiled runs eagerly (no recompilation for every new batch shape, no compiler needed).
     """
     checkpoint = read_checkpoint(ckpt_path, map_location)
     hparams = copy.deepcopy(checkpoint["hyper_parameters"])
     hparams["model"]["weights"] = None
+    hparams["model"]["compile"] = False
     try:
         module = SegmentationModule(hparams["model"], hparams["loss"], hparams["optimizer"], hparams.get("scheduler"))
         module.load_state_dict(checkpoint["state_dict"])
@@ -73,6 +76,44 @@ def load_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu")
             f"{_first_line(error)}"
         ) from None
     return module.to(map_location).eval()
+
+
+# Model keys that do not change the network's parameters: a resumed run may change them.
+_RESUMABLE_MODEL_KEYS = ("weights", "compile", "freeze_backbone_epochs", "aux_loss_weight")
+
+
+def resolve_resume(ckpt_path: str | Path | None, run_dir: str | Path, model: Mapping[str, Any]) -> Path | None:
+    """The checkpoint a training run resumes from, checked before anything is fitted.
+
+    ``None`` = start fresh. ``last`` = ``RUN_DIR/checkpoints/last.ckpt``, which must exist (resuming
+    happens in the killed run's own directory). The file must be a readable bts_lightning checkpoint
+    of the same network as ``model`` (keys in ``_RESUMABLE_MODEL_KEYS`` may differ). Raises
+    :class:`CheckpointError` otherwise, naming the file and what to do.
+    """
+    if ckpt_path is None or str(ckpt_path) == "":
+        return None
+    if str(ckpt_path) == "last":
+        path = Path(run_dir) / "checkpoints" / "last.ckpt"
+        if not path.is_file():
+            raise CheckpointError(
+                f"ckpt_path=last: there is no {path} to resume from. Resume in the interrupted run's own "
+                "directory (hydra.run.dir=logs/train/runs/<date_time> ckpt_path=last) or pass ckpt_path=PATH/last.ckpt."
+            )
+    else:
+        path = Path(ckpt_path)
+    stored = read_checkpoint(path)["hyper_parameters"]["model"]
+    wanted = dict(model)
+    differences = [
+        f"model.{key}: {stored.get(key)!r} in the checkpoint, {wanted.get(key)!r} now"
+        for key in sorted(set(stored) | set(wanted), key=str)
+        if key not in _RESUMABLE_MODEL_KEYS and stored.get(key) != wanted.get(key)
+    ]
+    if differences:
+        raise CheckpointError(
+            f"Cannot resume from {path}: it holds another network ({'; '.join(differences)}). Pass the model "
+            "overrides the run was trained with, or start a new run without ckpt_path."
+        )
+    return path
 
 
 def training_image_size(ckpt_path: str | Path) -> int | None:

@@ -19,6 +19,10 @@ class WeightsUnavailableError(BtsError):
     """Pretrained weights are neither cached nor downloadable."""
 
 
+class OutputError(BtsError):
+    """An output file or folder cannot be written (full disk, folder not writable, path under a file)."""
+
+
 def format_names(names: list[str], limit: int = 10) -> str:
     """Join file names for an error message, eliding after ``limit`` entries."""
     shown = ", ".join(str(name) for name in names[:limit])

@@ -1,8 +1,10 @@
 """Hydra app: ``python -m bts_lightning.evaluate ckpt_path=PATH [data.root=DIR] [split=test|val|all]``.
 
 Loads a checkpoint (or an exported model) without its training config, predicts every slice of
-the chosen split of the ``data`` config (``all`` = every slice, training slices included) at
-``data.image_size``, and writes into the run directory (``logs/evaluate/runs/<time>/``):
+the chosen split (``all`` = every slice, training slices included) at ``data.image_size``, and
+writes into the run directory (``logs/evaluate/runs/<time>/``). The data root, split settings and
+image size come from the checkpoint unless overridden, and the scored slices are checked against
+the trained split (:mod:`bts_lightning.trained_split`). Files written:
 
 - ``per_image.csv``: stem, label, tumor_type, dice, iou, precision, recall, hd95, area_true, area_pred;
 - ``metrics.json``: mean, std (population) and median of every column over all images, the same
@@ -35,6 +37,7 @@ import math
 import time
 import warnings
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +46,7 @@ import hydra
 import numpy as np
 import torch
 import torch.nn.functional as F
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from monai.metrics import compute_hausdorff_distance
 from omegaconf import DictConfig, OmegaConf
@@ -51,9 +55,17 @@ from tqdm.auto import tqdm
 from bts_lightning.checkpoint import training_image_size
 from bts_lightning.data.dataset import SliceDataset
 from bts_lightning.errors import ConfigError
-from bts_lightning.inference import InferenceOptions, load_predictor, resolve_device
-from bts_lightning.runtime import run_app, write_json_atomic
-from bts_lightning.visualize import captioned, panel, panel_grid
+from bts_lightning.inference import InferenceOptions, check_input_size, load_predictor, resolve_device
+from bts_lightning.runtime import atomic_path, make_directory, run_app, write_json_atomic
+from bts_lightning.trained_split import (
+    check_scored_slices,
+    data_config,
+    describe_scored,
+    explicit_data,
+    override_keys,
+    stored_split,
+)
+from bts_lightning.visualize import captioned, panel, panel_grid, write_png
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +168,8 @@ def select_split(datamodule: Any, split: str) -> SliceDataset:
         raise ConfigError(f"split={split} is not one of {', '.join(SPLITS)}.")
     if split == "all":
         cache = datamodule.datasets["train"].cache
-        dataset = SliceDataset(datamodule.pairs, range(len(datamodule.pairs)), datamodule.image_size, None, cache)
+        dataset = SliceDataset(datamodule.pairs, range(len(datamodule.pairs)), datamodule.image_size, None, cache,
+                               datamodule.mask_threshold)
     else:
         dataset = datamodule.datasets[split]
     if len(dataset) == 0:
@@ -169,8 +182,8 @@ def select_split(datamodule: Any, split: str) -> SliceDataset:
 
 
 def write_per_image_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    """``per_image.csv`` with full-precision floats (its means equal ``metrics.json``'s)."""
-    with path.open("w", newline="") as handle:
+    """``per_image.csv`` with full-precision floats (its means equal ``metrics.json``'s), all or nothing."""
+    with atomic_path(path) as temporary, temporary.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
         for row in rows:
@@ -180,8 +193,9 @@ def write_per_image_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 def format_table(metrics: dict[str, Any]) -> str:
     """A short plain-text summary table."""
     lines = [
-        f"Evaluated {metrics['n_images']} slice(s), split {metrics['split']}, at {metrics['image_size']} px "
-        f"({metrics['checkpoint']})",
+        (f"Evaluated {metrics['n_images']} slice(s), split {metrics['split']}, at {metrics['image_size']} px "
+        f"({metrics['checkpoint']})"),
+        describe_scored(metrics["slices"]),
         f"{'metric':<16}{'mean':>10}   {'std':<10}{'median':>10}",
     ]
     for column in (*METRICS, *AREAS):
@@ -200,8 +214,14 @@ def format_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Predict the split, score every image, and write the three output files; returns metrics.json."""
+def evaluate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, Any]:
+    """Predict the split, score every image, and write the three output files; returns metrics.json.
+
+    ``overrides`` are the user's command-line overrides (the app passes Hydra's): ``data`` settings
+    not among them (root, split settings, image size) come from the checkpoint, and the scored
+    slices are checked against its split (see :mod:`bts_lightning.trained_split`). ``None`` (calls
+    from Python) uses ``cfg.data`` as given, warning when its split is not the trained one.
+    """
     if not cfg.get("ckpt_path"):
         raise ConfigError("ckpt_path is required: python -m bts_lightning.evaluate ckpt_path=RUN/checkpoints/best.ckpt")
     ckpt_path = Path(str(cfg.ckpt_path))
@@ -214,13 +234,21 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     device = resolve_device(cfg.get("device", "auto"))
     predictor = load_predictor(ckpt_path, device)  # before the data: a bad checkpoint fails fast
 
-    datamodule = instantiate(cfg.data, augmentations=None)
+    record, trained_at = stored_split(ckpt_path), training_image_size(ckpt_path)
+    if overrides is None:  # a config built in Python: its data settings are all deliberate
+        keys, data = {"data"}, cfg.data
+    else:
+        keys = override_keys(overrides)
+        data = data_config(cfg.data, record, keys, trained_at)
+    datamodule = instantiate(data, augmentations=None)
+    check_input_size(predictor, datamodule.image_size, "data.image_size")
     datamodule.setup("test")
     dataset = select_split(datamodule, split)
-    trained_at = training_image_size(ckpt_path)
     if trained_at is not None and trained_at != datamodule.image_size:
         log.warning("The checkpoint was trained at %d px but data.image_size=%d; pass data.image_size=%d to match.",
                     trained_at, datamodule.image_size, trained_at)
+    ids = [dataset.stem(position) for position in range(len(dataset))]
+    scored = check_scored_slices(split, ids, record, explicit_data(keys), datamodule.split_record())
 
     started = time.perf_counter()
     batch_size = max(1, int(cfg.data.get("batch_size") or 16))
@@ -242,6 +270,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "checkpoint": str(ckpt_path.resolve()),
         "data_root": str(datamodule.root),
         "split": split,
+        "slices": scored,
         "image_size": datamodule.image_size,
         "n_images": len(rows),
         "device": str(device),
@@ -252,7 +281,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "worst": [{"stem": rows[i]["stem"], "dice": rows[i]["dice"], "hd95": rows[i]["hd95"]} for i in worst],
         "eval_time_s": round(eval_time, 2),
     }
-    output_dir.mkdir(parents=True, exist_ok=True)
+    make_directory(output_dir)
     write_per_image_csv(output_dir / "per_image.csv", rows)
     if worst:
         images, truths = zip(*(dataset.load(position) for position in worst))
@@ -262,7 +291,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                        f"{rows[i]['stem']}  Dice {rows[i]['dice']:.3f}  HD95 {rows[i]['hd95']:.1f}")
             for i, image, truth, prediction in zip(worst, images, truths, predictions)
         ]
-        cv2.imwrite(str(output_dir / "worst_slices.png"), cv2.cvtColor(panel_grid(panels), cv2.COLOR_RGB2BGR))
+        write_png(output_dir / "worst_slices.png", cv2.cvtColor(panel_grid(panels), cv2.COLOR_RGB2BGR))
     write_json_atomic(output_dir / "metrics.json", metrics)
     print(format_table(metrics), flush=True)
     log.info("Wrote metrics.json, per_image.csv and worst_slices.png to %s", output_dir)
@@ -273,7 +302,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 def main(cfg: DictConfig) -> float:
     """Entry point; returns the mean Dice (the value Hydra sweepers optimize)."""
     log.debug("Config:\n%s", OmegaConf.to_yaml(cfg))
-    return run_app(evaluate, cfg)["summary"]["dice"]["mean"]
+    return run_app(evaluate, cfg, list(HydraConfig.get().overrides.task))["summary"]["dice"]["mean"]
 
 
 if __name__ == "__main__":

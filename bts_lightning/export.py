@@ -12,9 +12,8 @@ needs H and W divisible by the product of its strides, 16 by default). Auxiliary
 from __future__ import annotations
 
 import copy
+import io
 import logging
-import os
-import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,7 +28,7 @@ from torch import nn
 from bts_lightning.checkpoint import load_module
 from bts_lightning.errors import BtsError, ConfigError
 from bts_lightning.preprocessing import standardize
-from bts_lightning.runtime import run_app
+from bts_lightning.runtime import make_directory, run_app, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -99,22 +98,16 @@ def resolve_format(format: str | None, output: str | Path | None) -> str:
     return format
 
 
-def _atomic_target(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(handle)
-    return Path(temporary)
-
-
-def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int, exporter: str) -> tuple[str, int]:
-    """Write ONNX with dynamic batch, height and width; returns the exporter and opset used."""
+def _onnx_bytes(model: nn.Module, example: torch.Tensor, opset: int, exporter: str) -> tuple[bytes, str, int]:
+    """ONNX with dynamic batch, height and width, in memory; returns it, the exporter and the opset used."""
     if exporter == "legacy":
         try:
+            onnx_file = io.BytesIO()
             torch.onnx.export(
-                model, (example,), str(path), dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
+                model, (example,), onnx_file, dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME], dynamic_axes=DYNAMIC_AXES, do_constant_folding=True,
             )
-            return "legacy", opset
+            return onnx_file.getvalue(), "legacy", opset
         except (TypeError, NotImplementedError, AttributeError) as error:  # removed from a future PyTorch
             log.warning("Legacy ONNX exporter unavailable (%s); using the dynamo exporter.", error)
     opset = max(opset, 18)  # the dynamo exporter's oldest opset
@@ -124,15 +117,15 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int
     for logger in chatty:
         logger.setLevel(logging.WARNING)
     try:
-        torch.onnx.export(
-            model, (example,), str(path), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
+        program = torch.onnx.export(
+            model, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME], dynamic_shapes={INPUT_NAME: {0: dynamic, 2: dynamic, 3: dynamic}},
-            external_data=False, verbose=False,
+            verbose=False,
         )
     finally:
         for logger, level in zip(chatty, levels):
             logger.setLevel(level)
-    return "dynamo", opset
+    return program.model_proto.SerializeToString(), "dynamo", opset
 
 
 def export_model(
@@ -144,6 +137,10 @@ def export_model(
     onnx_exporter: str = "legacy",
 ) -> Path:
     """Export ``module`` (a SegmentationModule) to ``output``; the file appears only when complete.
+
+    The model is exported in memory, then written with :func:`~bts_lightning.runtime.write_bytes_atomic`:
+    a crash or a full disk leaves ``output`` as it was, and an output folder that cannot be written
+    raises :class:`~bts_lightning.errors.OutputError` before anything is exported.
 
     Args:
         module: the trained module (any device; it is copied to CPU, the original is untouched).
@@ -159,24 +156,22 @@ def export_model(
         raise ConfigError(f"onnx_exporter={onnx_exporter!r} is not supported; use {' or '.join(ONNX_EXPORTERS)}.")
     if int(opset) < 17:
         raise ConfigError(f"opset={opset} is too old; use 17 or newer.")
+    make_directory(output.parent, "output")
     model = probability_model(module)
     example = _example_input(model, int(image_size))
-    temporary = _atomic_target(output)
-    try:
-        with _quiet_tracing(), torch.no_grad():
-            if format == "onnx":
-                try:
-                    import onnx  # noqa: F401  (torch.onnx.export needs it)
-                except ImportError:
-                    raise BtsError(f"ONNX export needs the onnx package: {INSTALL_HINT}") from None
-                used, used_opset = _export_onnx(model, example, temporary, int(opset), onnx_exporter)
-                log.info("Exported with the %s ONNX exporter (opset %s)", used, used_opset)
-            else:
-                traced = torch.jit.trace(model, (example,), check_trace=False)
-                traced.save(str(temporary))
-        os.replace(temporary, output)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with _quiet_tracing(), torch.no_grad():
+        if format == "onnx":
+            try:
+                import onnx  # noqa: F401  (torch.onnx.export needs it)
+            except ImportError:
+                raise BtsError(f"ONNX export needs the onnx package: {INSTALL_HINT}") from None
+            data, used, used_opset = _onnx_bytes(model, example, int(opset), onnx_exporter)
+            log.info("Exported with the %s ONNX exporter (opset %s)", used, used_opset)
+        else:
+            script_file = io.BytesIO()
+            torch.jit.save(torch.jit.trace(model, (example,), check_trace=False), script_file)
+            data = script_file.getvalue()
+    write_bytes_atomic(output, data)
     return output
 
 

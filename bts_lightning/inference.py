@@ -19,7 +19,9 @@ import numpy as np
 import torch
 
 from bts_lightning.checkpoint import CheckpointError, load_module
+from bts_lightning.data.io import MIN_IMAGE_SIZE
 from bts_lightning.errors import ConfigError
+from bts_lightning.models import check_input_size as check_network_input_size
 from bts_lightning.segmentation_module import SegmentationModule
 
 Predictor = Callable[[torch.Tensor], Any]
@@ -77,6 +79,27 @@ def load_predictor(path: str | Path, device: str | torch.device | None = "auto")
     raise ConfigError(
         f"ckpt_path={path}: unsupported model file type {suffix or '(no suffix)'!r}; expected {supported}."
     )
+
+
+def check_input_size(predictor: Predictor, size: int, key: str) -> None:
+    """Raise ``ConfigError`` naming ``key`` unless ``predictor`` takes ``size`` x ``size`` slices.
+
+    Sizes below ``MIN_IMAGE_SIZE`` are refused; a checkpoint's network states its own size rule
+    (U-Net: multiples of the product of its strides); an exported model is tried on one blank slice.
+    """
+    if isinstance(size, bool) or not isinstance(size, int) or size < MIN_IMAGE_SIZE:
+        raise ConfigError(f"{key}={size} must be a whole number of pixels >= {MIN_IMAGE_SIZE}.")
+    if isinstance(predictor, ModulePredictor):
+        check_network_input_size(predictor.module.net, size, key)
+        return
+    try:
+        _call(predictor, torch.zeros(1, 1, size, size))
+    except Exception as error:
+        raise ConfigError(
+            f"{key}={size}: the model cannot run on {size}x{size} slices ({type(error).__name__}: "
+            f"{str(error).strip().splitlines()[0][:200] if str(error).strip() else 'no details'}); use the size it "
+            "was trained at (U-Net: a multiple of 16 with the default strides)."
+        ) from None
 
 
 def _call(predictor: Predictor, images: torch.Tensor) -> torch.Tensor:

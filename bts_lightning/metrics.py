@@ -46,5 +46,11 @@ class MeanPerImageOverlap(Metric):
 
 
 def overlap_metrics(prefix: str) -> MetricCollection:
-    """``{prefix}dice`` and ``{prefix}iou``, e.g. ``val/dice``."""
-    return MetricCollection({"dice": MeanPerImageOverlap("dice"), "iou": MeanPerImageOverlap("iou")}, prefix=prefix)
+    """``{prefix}dice`` and ``{prefix}iou``, e.g. ``val/dice``.
+
+    ``compute_groups=False``: torchmetrics would otherwise merge the two metrics whenever their
+    states agree after the first update (a first batch scoring only 0s and 1s), and report Dice
+    as IoU for the rest of the epoch.
+    """
+    metrics = {"dice": MeanPerImageOverlap("dice"), "iou": MeanPerImageOverlap("iou")}
+    return MetricCollection(metrics, prefix=prefix, compute_groups=False)

@@ -32,10 +32,17 @@ from tqdm.auto import tqdm
 from bts_lightning.checkpoint import training_image_size
 from bts_lightning.data.discovery import IMAGE_SUFFIXES
 from bts_lightning.data.io import UnreadableImageError, read_grayscale, resize
-from bts_lightning.errors import BtsError, ConfigError, DataError, format_names
-from bts_lightning.inference import InferenceOptions, Predictor, load_predictor, predict_probabilities, resolve_device
-from bts_lightning.runtime import run_app
-from bts_lightning.visualize import overlay
+from bts_lightning.errors import ConfigError, DataError, format_names
+from bts_lightning.inference import (
+    InferenceOptions,
+    Predictor,
+    check_input_size,
+    load_predictor,
+    predict_probabilities,
+    resolve_device,
+)
+from bts_lightning.runtime import make_directory, run_app
+from bts_lightning.visualize import overlay, write_png
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +78,6 @@ def output_names(files: list[Path]) -> dict[Path, str]:
             for path in files}
 
 
-def _write_png(path: Path, image: np.ndarray) -> None:
-    if not cv2.imwrite(str(path), image):
-        raise BtsError(f"Could not write {path}; check that the output folder is writable and has space.")
-
-
 def predict_files(
     predictor: Predictor,
     files: list[Path],
@@ -107,9 +109,9 @@ def predict_files(
                         probability = cv2.resize(probability, (width, height), interpolation=cv2.INTER_LINEAR)
                     mask = options.mask(probability)
                     mask_path = output_dir / f"{names[path]}_mask.png"
-                    _write_png(mask_path, mask * 255)
-                    _write_png(output_dir / f"{names[path]}_overlay.png",
-                               cv2.cvtColor(overlay(image, mask), cv2.COLOR_RGB2BGR))
+                    write_png(mask_path, mask * 255)
+                    write_png(output_dir / f"{names[path]}_overlay.png",
+                              cv2.cvtColor(overlay(image, mask), cv2.COLOR_RGB2BGR))
                     written.append(mask_path)
             bar.update(min(batch_size, len(files) - start))
     return written, skipped
@@ -133,18 +135,14 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         image_size = trained_at or DEFAULT_IMAGE_SIZE
         source_of_size = "the training run's data.image_size" if trained_at else "default; no training run config found"
         log.info("Network input size %d px (%s)", image_size, source_of_size)
-    if int(image_size) != image_size or image_size < 1:
-        raise ConfigError(f"image_size={image_size} must be a positive whole number of pixels.")
     batch_size = int(cfg.get("batch_size") or 16)
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size} must be >= 1.")
     predictor = load_predictor(ckpt_path, resolve_device(cfg.get("device", "auto")))
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise BtsError(f"Cannot create output folder {output_dir}: {error.strerror or error}") from None
+    check_input_size(predictor, image_size, "image_size")
+    make_directory(output_dir, "output")
 
-    written, skipped = predict_files(predictor, files, output_dir, int(image_size), options, batch_size)
+    written, skipped = predict_files(predictor, files, output_dir, image_size, options, batch_size)
     skipped_names = [path.name for path, _ in skipped]
     if not written:
         raise DataError(

@@ -3,13 +3,16 @@
 Finds every run (a directory with ``metrics.json`` and ``.hydra/config.yaml``) under the given
 directories, groups runs that share a configuration (everything except the seeds, the validation
 and test folds and where files live), and writes ``report.md``, ``report.csv`` and ``report.png``:
-one row per configuration, mean ± sample std over its runs, best validation Dice first.
+one row per configuration, mean ± sample std over its runs, ranked by the held-out test Dice when
+every run has one (else by the last-epoch validation Dice): the best validation Dice is picked on
+the split it is measured on, so it is shown but never ranks.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import statistics
@@ -22,7 +25,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from bts_lightning.errors import BtsError
-from bts_lightning.runtime import run_app
+from bts_lightning.runtime import atomic_path, make_directory, run_app, write_bytes_atomic
 
 # Config keys that do not make a different configuration: seeds, cross-validation folds, where
 # files live and settings that do not change results. Runs differing only in these are repeats.
@@ -62,13 +65,26 @@ CSV_COLUMNS = (
     "train_time_s_std",
     "best_val_dice_mean",
     "best_val_dice_std",
+    "last_val_dice_mean",
+    "last_val_dice_std",
+    "split",
     "test_runs",
     "test_dice_mean",
     "test_dice_std",
     "test_iou_mean",
     "test_iou_std",
+    "ranked_by",
     "run_dirs",
 )
+
+# What each Dice column measures: which split chose the checkpoint, which split scored it.
+DICE_COLUMNS = {
+    "test/dice": "test Dice: best.ckpt (chosen on validation) scored on the held-out test split",
+    "last_val_dice": "last val Dice: the final epoch on the validation split (not chosen by its score)",
+    "best_val_dice": "best val Dice: the maximum over epochs on the validation split that also chose best.ckpt, "
+    "so an optimistic score",
+}
+SHORT_NAMES = {"test/dice": "test Dice", "last_val_dice": "last val Dice", "best_val_dice": "best val Dice"}
 
 
 @dataclass
@@ -136,20 +152,33 @@ class ConfigurationRow:
         mean = values[0] if len(values) == 1 else statistics.fmean(values)
         return mean, statistics.stdev(values) if len(values) > 1 else None
 
+    def split(self) -> str | None:
+        """How the runs split their data (``folds``, ``patients``, ``slices (leaky)``), from metrics.json."""
+        methods = set()
+        for run in self.runs:
+            split = run.metrics.get("split") or {}
+            if split.get("method"):
+                methods.add(split["method"] + (" (leaky)" if split.get("leaky") else ""))
+        return ", ".join(sorted(methods)) or None
+
     def fields(self) -> dict[str, Any]:
-        """The row as plain values (CSV columns except rank)."""
+        """The row as plain values (CSV columns except rank and ranked_by)."""
         run = self.first
-        target = lambda key: (str(run.get(f"{key}._target_") or "").rsplit(".", 1)[-1] or None)  # noqa: E731
+        target = lambda key: (str(run.get(f"{key}._target_") or "").rsplit(".", 1)[-1] or None)
+        loss = target("loss")
+        if loss == "WeightedLossSum":  # name the terms, e.g. DiceLoss+FocalLoss
+            loss = "+".join(target(f"loss.terms.{name}") or name for name in run.get("loss.terms", {}))
         row: dict[str, Any] = {
             "config": self.label,
             "model": run.get("model.name") or run.metrics.get("model"),
-            "loss": target("loss"),
+            "loss": loss,
             "optimizer": target("optimizer"),
             "lr": run.get("optimizer.lr"),
             "image_size": run.get("data.image_size"),
             "precision": run.get("trainer.precision"),
             "num_params": run.metrics.get("num_params"),
             "runs": len(self.runs),
+            "split": self.split(),
             "test_runs": len(self.values("test/dice")),
             "run_dirs": " ".join(str(r.directory) for r in self.runs),
         }
@@ -157,6 +186,7 @@ class ConfigurationRow:
             ("epochs", "epochs_trained"),
             ("train_time_s", "train_time_s"),
             ("best_val_dice", "best_val_dice"),
+            ("last_val_dice", "last_val_dice"),
             ("test_dice", "test/dice"),
             ("test_iou", "test/iou"),
         ):
@@ -231,16 +261,26 @@ def _load_run(metrics_path: Path) -> Run | str | None:
     return "other" if run.get("task_name", "train") != "train" else run
 
 
+def ranking_metric(rows: Sequence[ConfigurationRow]) -> str:
+    """What ranks the configurations: the held-out test Dice when every run has one, else the
+    last-epoch validation Dice (when every run has it), else the best validation Dice."""
+    for metric in ("test/dice", "last_val_dice"):
+        if all(len(row.values(metric)) == len(row.runs) for row in rows):
+            return metric
+    return "best_val_dice"
+
+
 def group_runs(runs: Iterable[Run]) -> list[ConfigurationRow]:
-    """One row per configuration, labelled, sorted by mean best validation Dice (best first)."""
+    """One row per configuration, labelled, sorted by :func:`ranking_metric` (mean over runs, best first)."""
     groups: dict[str, list[Run]] = {}
     for run in runs:
         groups.setdefault(run.identity(), []).append(run)
     rows = [ConfigurationRow(members) for members in groups.values()]
     _label(rows)
+    metric = ranking_metric(rows)
 
     def sort_key(row: ConfigurationRow) -> tuple[float, str]:
-        mean = row.mean_std("best_val_dice")[0]
+        mean = row.mean_std(metric)[0]
         return (-mean if mean is not None else math.inf, row.label)
 
     return sorted(rows, key=sort_key)
@@ -313,12 +353,13 @@ def _duration(seconds: float | None, std: float | None) -> str:
 
 
 def write_csv(rows: Sequence[ConfigurationRow], path: Path) -> None:
-    """Full-precision numbers (a single run's values exactly as in its metrics.json)."""
-    with open(path, "w", newline="") as stream:
+    """Full-precision numbers (a single run's values exactly as in its metrics.json); all or nothing."""
+    with atomic_path(path) as temporary, temporary.open("w", newline="") as stream:
         writer = csv.DictWriter(stream, fieldnames=CSV_COLUMNS)
         writer.writeheader()
+        ranked_by = ranking_metric(rows)
         for rank, row in enumerate(rows, start=1):
-            values = {"rank": rank, **row.fields()}
+            values = {"rank": rank, **row.fields(), "ranked_by": ranked_by}
             writer.writerow({k: "" if values.get(k) is None else values[k] for k in CSV_COLUMNS})
 
 
@@ -329,20 +370,34 @@ def render_markdown(rows: Sequence[ConfigurationRow], directories: Sequence[str 
     lines = [
         "# Training runs compared",
         "",
-        f"{n_runs} run{'s' * (n_runs != 1)} in {len(rows)} configuration{'s' * (len(rows) != 1)}, "
-        f"from {', '.join(f'`{d}`' for d in directories)}. Sorted by best validation Dice (mean over runs).",
+        (f"{n_runs} run{'s' * (n_runs != 1)} in {len(rows)} configuration{'s' * (len(rows) != 1)}, "
+         f"from {', '.join(f'`{d}`' for d in directories)}. Ranked by {DICE_COLUMNS[ranking_metric(rows)]} "
+         "(mean over runs)."),
+        "",
+        "Which split chose and which split scored:",
+        *(f"- {text}." for text in DICE_COLUMNS.values()),
     ]
+    leaky = [row.label for row in rows if "leaky" in (row.split() or "")]
+    if leaky:
+        warning = (f"**Warning:** {', '.join(leaky)} split slices, not patients (`data.split_by=slice`): one "
+                   "patient's slices can be in training and validation/test, so their scores are optimistic.")
+        lines += ["", warning]
     if repeated:
         lines.append(
             "Runs that differ only in seed, `data.val_fold`/`data.test_fold` or paths are one configuration: "
             "numbers are mean ± sample standard deviation over them."
         )
     header = ["#", "configuration", "model", "loss", "optimizer", "lr", "image size", "precision", "params",
-              "runs", "epochs", "training time", "best val Dice", "test Dice"]
+              "split", "runs", "epochs", "training time", "best val Dice", "last val Dice", "test Dice"]
     lines += ["", "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    ranked_by = ranking_metric(rows)
     for rank, row in enumerate(rows, start=1):
         f = row.fields()
-        test = _mean_std(f["test_dice_mean"], f["test_dice_std"])
+        dice = {metric: _mean_std(f[f"{column}_mean"], f[f"{column}_std"])
+                for metric, column in (("best_val_dice", "best_val_dice"), ("last_val_dice", "last_val_dice"),
+                                       ("test/dice", "test_dice"))}
+        dice[ranked_by] = f"**{dice[ranked_by]}**"
+        test = dice["test/dice"]
         if f["test_runs"] and f["test_runs"] != f["runs"]:
             test += f" ({f['test_runs']} of {f['runs']})"
         cells = [
@@ -355,15 +410,17 @@ def render_markdown(rows: Sequence[ConfigurationRow], directories: Sequence[str 
             _number(f["image_size"]),
             _number(f["precision"]),
             _params(f["num_params"]),
+            _number(f["split"]),
             str(f["runs"]),
             _mean_std(f["epochs_mean"], f["epochs_std"], 1) if f["epochs_std"] else _number(f["epochs_mean"], 0),
             _duration(f["train_time_s_mean"], f["train_time_s_std"]),
-            f"**{_mean_std(f['best_val_dice_mean'], f['best_val_dice_std'])}**",
+            dice["best_val_dice"],
+            dice["last_val_dice"],
             test,
         ]
         lines.append("| " + " | ".join(cells) + " |")
     if chart:
-        lines += ["", f"![Best validation Dice per configuration]({chart})"]
+        lines += ["", f"![Dice per configuration]({chart})"]
     lines += ["", "## Runs", ""]
     for rank, row in enumerate(rows, start=1):
         dirs = ", ".join(f"`{r.directory}`" for r in row.runs)
@@ -372,9 +429,11 @@ def render_markdown(rows: Sequence[ConfigurationRow], directories: Sequence[str 
 
 
 def plot(rows: Sequence[ConfigurationRow], path: Path) -> bool:
-    """Horizontal bars of best val Dice (mean, std error bars) and test Dice per configuration.
+    """Horizontal bars of validation Dice (last epoch when every run has it, else best) and test Dice
+    (mean, std error bars) per configuration, in ranking order.
 
-    Returns False (after a warning) when matplotlib is not installed.
+    Rendered in memory, then written all or nothing. Returns False (after a warning) when
+    matplotlib is not installed.
     """
     try:
         import matplotlib
@@ -393,7 +452,9 @@ def plot(rows: Sequence[ConfigurationRow], path: Path) -> bool:
             stds.append(0.0 if std is None else std)
         return means, stds
 
-    val_mean, val_std = bars("best_val_dice")
+    val_metric = "last_val_dice" if all(len(row.values("last_val_dice")) == len(row.runs) for row in rows) \
+        else "best_val_dice"
+    val_mean, val_std = bars(val_metric)
     test_mean, test_std = bars("test/dice")
     has_test = any(not math.isnan(v) for v in test_mean)
     labels = [f"{row.label}  (n={len(row.runs)})" if len(row.runs) > 1 else row.label for row in rows]
@@ -403,7 +464,7 @@ def plot(rows: Sequence[ConfigurationRow], path: Path) -> bool:
     positions = list(range(count))  # best configuration on top
     offset = height / 2 if has_test else 0.0
     val_bars = axes.barh([p - offset for p in positions], [0 if math.isnan(v) else v for v in val_mean], height,
-                         color="#1f77b4", label="best validation Dice")
+                         color="#1f77b4", label=SHORT_NAMES[val_metric])
     series = [(val_bars, val_mean, val_std)]
     if has_test:
         test_bars = axes.barh([p + offset for p in positions], [0 if math.isnan(v) else v for v in test_mean],
@@ -429,24 +490,31 @@ def plot(rows: Sequence[ConfigurationRow], path: Path) -> bool:
     axes.set_axisbelow(True)
     axes.spines[["top", "right"]].set_visible(False)
     repeated = any(len(row.runs) > 1 for row in rows)
-    axes.set_title("Configurations by best validation Dice" + (" (mean ± std over runs)" if repeated else ""))
+    spread_note = " (mean ± std over runs)" if repeated else ""
+    axes.set_title(f"Configurations by {SHORT_NAMES[ranking_metric(rows)]}{spread_note}")
     legend_inches = 0.3 if has_test else 0.0
     if has_test:
         figure.legend(loc="lower center", ncol=2, fontsize=8, frameon=False)
     figure.tight_layout(rect=(0, legend_inches / figure.get_figheight(), 1, 1))
-    figure.savefig(path)
+    image = io.BytesIO()
+    figure.savefig(image, format="png")
     plt.close(figure)
+    write_bytes_atomic(path, image.getvalue())
     return True
 
 
 def report(directories: Sequence[str | Path], out: str | Path | None = None) -> list[ConfigurationRow]:
-    """Find, group and write ``report.md``, ``report.csv`` and ``report.png``; returns the rows."""
+    """Find, group and write ``report.md``, ``report.csv`` and ``report.png``; returns the rows.
+
+    Each file is replaced all or nothing; an unwritable ``out`` or a full disk raises
+    :class:`~bts_lightning.errors.OutputError`.
+    """
     rows = group_runs(find_runs(directories))
     out_dir = Path(out) if out is not None else Path(directories[0])
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_directory(out_dir, "--out")
     write_csv(rows, out_dir / "report.csv")
     chart = "report.png" if plot(rows, out_dir / "report.png") else None
-    (out_dir / "report.md").write_text(render_markdown(rows, directories, chart))
+    write_bytes_atomic(out_dir / "report.md", render_markdown(rows, directories, chart).encode())
     return rows
 
 
@@ -461,8 +529,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     rows = run_app(report, args.dirs, args.out)
     out_dir = Path(args.out) if args.out is not None else Path(args.dirs[0])
+    ranked_by = ranking_metric(rows)
+    print(f"Ranked by {SHORT_NAMES[ranked_by]}")
     for rank, row in enumerate(rows, start=1):
-        mean, std = row.mean_std("best_val_dice")
+        mean, std = row.mean_std(ranked_by)
         print(f"{rank:>3}. {_mean_std(mean, std)}  {row.label}  ({len(row.runs)} run{'s' * (len(row.runs) != 1)})")
     written = [name for name in REPORT_FILES if (out_dir / name).is_file()]
     print(f"Wrote {', '.join(str(out_dir / name) for name in written)}")

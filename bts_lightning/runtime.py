@@ -2,54 +2,173 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bts_lightning.errors import BtsError
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from bts_lightning.errors import BtsError, OutputError
 
 T = TypeVar("T")
+E = TypeVar("E", bound=BaseException)
+
+log = logging.getLogger(__name__)
+
+# errno values meaning the disk, the user's quota or the file-size limit is full.
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-def user_error_of(error: BaseException) -> BtsError | None:
-    """The :class:`BtsError` behind ``error`` (Hydra's instantiate wraps exceptions), if any."""
+def _in_chain(error: BaseException, kind: type[E]) -> E | None:
+    """The first exception of type ``kind`` among ``error`` and its causes and contexts."""
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
-        if isinstance(current, BtsError):
+        if isinstance(current, kind):
             return current
         seen.add(id(current))
         current = current.__cause__ or current.__context__
     return None
 
 
+def user_error_of(error: BaseException) -> BtsError | None:
+    """The :class:`BtsError` behind ``error`` (Hydra's instantiate wraps exceptions), if any."""
+    return _in_chain(error, BtsError)
+
+
 def run_app(app: Callable[..., T], *args: Any) -> T:
-    """Run ``app``; a user error becomes one ``error:`` line on stderr and exit status 2."""
+    """Run ``app``; a user error becomes one ``error:`` line on stderr and exit status 2.
+
+    The failure also goes to the run's log files (the root logger's file handlers, e.g. Hydra's
+    ``<run dir>/<app>.log``): the ``error:`` line, or the traceback of an unexpected exception,
+    which is re-raised (the terminal shows each once).
+    """
     try:
         return app(*args)
     except Exception as error:
         user_error = user_error_of(error)
         if user_error is None:
+            _log_to_files(f"{type(error).__name__}: {error}", error)
             raise
         print(f"error: {user_error}", file=sys.stderr)
+        _log_to_files(f"error: {user_error}")
         raise SystemExit(2) from None
 
 
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write JSON through a temporary file and rename, so readers never see a partial file."""
+def _log_to_files(message: str, error: BaseException | None = None) -> None:
+    """Log ``message`` (with ``error``'s traceback) at ERROR level to the root logger's file handlers only."""
+    exc_info = (type(error), error, error.__traceback__) if error is not None else None
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, (), exc_info)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+            handler.handle(record)
+
+
+# ------------------------------------------------------------------------------------- output files
+
+
+def _advice(error: OSError) -> str:
+    if error.errno in _NO_SPACE:
+        return "free some disk space or write to another disk"
+    return "choose a writable folder"
+
+
+def output_error(path: str | Path, error: OSError) -> OutputError:
+    """The user error for OS ``error`` while writing ``path``: what failed and what to do."""
+    return OutputError(f"Could not write {path}: {error.strerror or error}; {_advice(error)}.")
+
+
+def make_directory(path: str | Path, setting: str | None = None) -> Path:
+    """Create folder ``path`` and its parents; returns it.
+
+    Raises:
+        OutputError: it cannot be created (a file in the way, not writable, full disk); the
+            message names it and, when given, the ``setting`` that chose it (e.g. ``hydra.run.dir``).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(data, stream, indent=2, sort_keys=True)
-            stream.write("\n")
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        blocking_file = next((p for p in (path, *path.parents) if p.is_file()), None)
+        reason = f"{blocking_file} is a file" if blocking_file else error.strerror or str(error)
+        named = f" ({setting})" if setting else ""
+        raise OutputError(f"Cannot create folder {path}{named}: {reason}; {_advice(error)}.") from error
+    return path
+
+
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary file beside ``path`` (hidden ``.NAME.XXXX.tmp``) for the block to write.
+
+    When the block succeeds, the file is flushed to disk, made readable by all (0o644) and renamed
+    onto ``path`` in one step: ``path`` always holds its previous content or the complete new one,
+    whatever happens (crash, SIGKILL, full disk). On any exception, KeyboardInterrupt included, the
+    temporary file is removed and ``path`` left as it was. The parent folder is created if needed.
+
+    Raises:
+        OutputError: an OS error (full disk, folder not writable, ...) in the block or while
+            finishing, also when wrapped (e.g. the RuntimeError of ``torch.save``); it names ``path``.
+    """
+    path = Path(path)
+    make_directory(path.parent)
+    try:
+        handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise output_error(path, error) from error
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        yield temporary
+        _fsync(temporary)
         os.chmod(temporary, 0o644)
         os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+    except BaseException as error:
+        with suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        cause = _in_chain(error, OSError) if isinstance(error, Exception) and user_error_of(error) is None else None
+        if cause is not None:
+            raise output_error(path, cause) from error
         raise
+    with suppress(OSError):  # make the rename itself durable; some filesystems cannot sync folders
+        _fsync(path.parent)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through :func:`atomic_path` (all or nothing; OutputError on OS errors)."""
+    with atomic_path(path) as temporary:
+        temporary.write_bytes(data)
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write ``data`` as indented JSON through :func:`atomic_path`: readers never see a partial file."""
+    write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+class CreateRunDirectory(Callback):
+    """Hydra callback (``conf/hydra/default.yaml``): create the run or sweep directory first.
+
+    Hydra creates it itself, and reports a failure (a file in the way, no permission) with a
+    traceback and exit status 1; here it is one ``error:`` line naming the directory, exit status 2.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        run_app(make_directory, config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        run_app(make_directory, config.hydra.sweep.dir, "hydra.sweep.dir")

@@ -10,6 +10,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from bts_lightning.errors import ConfigError
 from bts_lightning.metrics import overlap_metrics
 from bts_lightning.models import build_model
 from bts_lightning.preprocessing import standardize
@@ -21,6 +22,13 @@ def _plain(config: Mapping[str, Any] | None) -> dict[str, Any] | None:
     if isinstance(config, DictConfig):
         return OmegaConf.to_container(config, resolve=True)
     return dict(config) if config else None
+
+
+def _check_learning_rate(optimizer: Mapping[str, Any]) -> None:
+    """Raise ``ConfigError`` unless ``optimizer.lr`` (when given) is a positive number."""
+    lr = optimizer.get("lr")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf")):
+        raise ConfigError(f"optimizer.lr={lr} must be a positive number (e.g. optimizer.lr=1e-3).")
 
 
 class SegmentationModule(L.LightningModule):
@@ -48,6 +56,7 @@ class SegmentationModule(L.LightningModule):
         self.save_hyperparameters(
             {"model": _plain(model), "loss": _plain(loss), "optimizer": _plain(optimizer), "scheduler": _plain(scheduler)}
         )
+        _check_learning_rate(self.hparams.optimizer)
         self.configure_models()
         self.configure_losses()
         self.configure_metrics()

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
 import numpy as np
+
+from bts_lightning.runtime import write_bytes_atomic
 
 TRUTH_COLOR = (0, 255, 0)  # RGB green
 PREDICTION_COLOR = (255, 0, 0)  # RGB red
@@ -61,3 +65,15 @@ def panel_grid(rows: list[np.ndarray]) -> np.ndarray:
     for row in rows[1:]:
         stacked += [separator, row]
     return np.concatenate(stacked, axis=0)
+
+
+def write_png(path: str | Path, image: np.ndarray) -> None:
+    """Write an OpenCV image (gray or BGR, 8 or 16 bit) as PNG ``path``, all or nothing.
+
+    Encoded in memory, then written with :func:`~bts_lightning.runtime.write_bytes_atomic`: a crash
+    or a full disk never leaves a partial PNG; OS errors raise :class:`~bts_lightning.errors.OutputError`.
+    """
+    encoded, data = cv2.imencode(".png", image)
+    if not encoded:
+        raise ValueError(f"OpenCV could not encode a {image.dtype} array of shape {image.shape} as PNG for {path}")
+    write_bytes_atomic(path, data.tobytes())

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
+import lightning as L
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DistributedSampler
 
 from bts_lightning.data.datamodule import BrainTumorDataModule
 from bts_lightning.data.discovery import find_pairs, read_metadata
-from bts_lightning.data.io import binarize_mask, read_grayscale
+from bts_lightning.data.io import binarize_mask, mask_threshold, read_grayscale
+from bts_lightning.data.sampling import EpochShuffleSampler
+from bts_lightning.data.splits import slice_ids_digest
 from bts_lightning.errors import ConfigError, DataError
 
 
@@ -20,7 +28,7 @@ def write_metadata(root: Path, rows: list[str], header: str = "index,label,fold"
 
 
 def datamodule(root: Path, **kwargs) -> BrainTumorDataModule:
-    defaults = dict(image_size=32, batch_size=4, num_workers=0, download=False)
+    defaults = {"image_size": 32, "batch_size": 4, "num_workers": 0, "download": False}
     return BrainTumorDataModule(root, **{**defaults, **kwargs})
 
 
@@ -75,7 +83,7 @@ def test_corrupt_and_mismatched_files_fail_setup_with_names(make_dataset):
     (root / "masks" / "5.png").write_bytes(b"")
     cv2.imwrite(str(root / "masks" / "6.png"), np.zeros((20, 32), np.uint8))
     with pytest.raises(DataError) as error:
-        datamodule(root).setup("fit")
+        datamodule(root, split_by="slice").setup("fit")
     message = str(error.value)
     assert "3.png" in message and "5.png" in message and "unreadable" in message
     assert "6.png" in message and "size mismatch" in message
@@ -98,16 +106,17 @@ def test_unknown_fold_lists_available_folds(make_dataset):
         datamodule(root, val_fold=7).setup("fit")
 
 
-def test_reads_16bit_rgb_and_binarizes_at_half_max(tmp_path):
+def test_reads_16bit_rgb_and_binarizes_by_the_dataset_rule(tmp_path):
     ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).astype(np.uint16)
     cv2.imwrite(str(tmp_path / "deep.tif"), ramp)
     image = read_grayscale(tmp_path / "deep.tif")
     assert image.dtype == np.uint8 and image.min() == 0 and image.max() == 255
     cv2.imwrite(str(tmp_path / "rgb.png"), np.full((4, 4, 3), 200, np.uint8))
     assert read_grayscale(tmp_path / "rgb.png").shape == (4, 4)
-    mask = np.array([[0, 1], [2, 3]], np.uint8)
-    assert binarize_mask(mask).tolist() == [[0, 0], [1, 1]]
-    assert binarize_mask(np.zeros((2, 2), np.uint8)).sum() == 0
+    assert (mask_threshold(0), mask_threshold(1), mask_threshold(2), mask_threshold(255)) == (0, 0, 127, 127)
+    mask = np.array([[0, 1], [3, 128]], np.uint8)
+    assert binarize_mask(mask, 0).tolist() == [[0, 1], [1, 1]]
+    assert binarize_mask(mask, 127).tolist() == [[0, 0], [0, 1]]  # a few faint noise pixels are not tumor
 
 
 def test_datamodule_batches_resized_uint8_and_no_augmentation_on_validation(synthetic_root):
@@ -155,3 +164,282 @@ def test_missing_root_is_fetched_with_kagglehub(tmp_path, make_dataset, monkeypa
     with pytest.raises(DataError, match="kagglehub download failed: no network") as error:
         download.resolve_root(tmp_path / "missing", download=True)
     assert "data=synthetic" in str(error.value)
+
+
+# --- Split policy and split record --------------------------------------------------------------------------------
+
+
+def test_folder_without_folds_or_patients_needs_split_by_slice(make_dataset):
+    root = make_dataset([str(i) for i in range(1, 9)])
+    with pytest.raises(DataError) as error:
+        datamodule(root).setup("fit")
+    assert str(root) in str(error.value) and "data.split_by=slice" in str(error.value)
+    dm = datamodule(root, split_by="slice")
+    dm.setup("fit")
+    assert (dm.split.method, dm.split.leaky) == ("slices", True)
+    assert dm.split_record()["leaky"] is True and dm.split_record()["method"] == "slices"
+
+
+def test_split_record_round_trips_through_state_dict(synthetic_root, caplog):
+    dm = datamodule(synthetic_root, val_fold=1, test_fold=2)
+    assert dm.state_dict() == {}
+    dm.setup("fit")
+    record = dm.split_record()
+    assert json.loads(json.dumps(record)) == record  # plain JSON-able data
+    assert (record["method"], record["leaky"]) == ("folds", False)
+    assert record["settings"] == {"root": str(synthetic_root.resolve()), "split_by": "auto", "val_fold": 1,
+                                  "test_fold": 2, "val_fraction": 0.2, "test_fraction": 0.0, "seed": 42}
+    for name, dataset in dm.datasets.items():
+        ids = [dataset.stem(i) for i in range(len(dataset))]
+        assert record["subsets"][name] == {"n": len(ids), "sha256": slice_ids_digest(ids), "ids": ids}
+    assert record["subsets"]["test"]["n"] == 8 and sum(s["n"] for s in record["subsets"].values()) == 40
+
+    same = datamodule(synthetic_root, val_fold=1, test_fold=2)
+    same.setup("fit")
+    with caplog.at_level(logging.WARNING):
+        same.load_state_dict(dm.state_dict())
+    assert same.trained_split == record and same.split == dm.split and not caplog.records
+    other = datamodule(synthetic_root, val_fold=3, test_fold=2)
+    other.setup("fit")
+    with caplog.at_level(logging.WARNING):
+        other.load_state_dict(dm.state_dict())
+    assert other.trained_split == record and other.split_record()["subsets"]["val"] != record["subsets"]["val"]
+    assert "different split" in caplog.text
+
+
+class TinySegmenter(L.LightningModule):
+    """One convolution: enough to run Lightning's fit loop and write a checkpoint."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+
+    def step(self, batch: dict) -> torch.Tensor:
+        logits = self.conv(batch["image"].float() / 255)[:, 0]
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, batch["mask"].float())
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self.step(batch)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.log("val_loss", self.step(batch))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_fit_writes_the_split_record_into_the_checkpoint(synthetic_root, tmp_path):
+    dm = datamodule(synthetic_root, val_fold=1, test_fold=2)
+    trainer = L.Trainer(default_root_dir=tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=1,
+                        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(TinySegmenter(), datamodule=dm)
+    [path] = (tmp_path / "checkpoints").glob("*.ckpt")
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["BrainTumorDataModule"] == {"split": dm.split_record()}
+    resumed = datamodule(synthetic_root, val_fold=1, test_fold=2)
+    resumed.setup("fit")
+    resumed.load_state_dict(checkpoint["BrainTumorDataModule"])
+    assert resumed.trained_split == dm.split_record()
+
+
+def test_distributed_evaluation_scores_every_slice_once(make_dataset):
+    root = make_dataset([str(i) for i in range(1, 12)])
+    write_metadata(root, [f"{i},1,{1 if i <= 5 else 2 if i <= 8 else 3}" for i in range(1, 12)])
+    dm = datamodule(root, val_fold=1, test_fold=2, batch_size=2)
+    dm.setup("fit")
+    assert (len(dm.split.val), len(dm.split.test)) == (5, 3)  # odd sizes: a padded sampler would repeat slices
+    seen: dict[str, list[int]] = {"val": [], "test": []}
+    for rank in (0, 1):
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        assert isinstance(dm.train_dataloader().sampler, EpochShuffleSampler)  # Lightning distributes it, padded
+        for name, loader in (("val", dm.val_dataloader()), ("test", dm.test_dataloader())):
+            assert isinstance(loader.sampler, DistributedSampler)  # so Lightning keeps it
+            seen[name] += [index for batch in loader for index in batch["index"].tolist()]
+    assert sorted(seen["val"]) == dm.split.val and sorted(seen["test"]) == dm.split.test
+    dm.trainer = SimpleNamespace(world_size=1, global_rank=0)
+    assert [i for batch in dm.val_dataloader() for i in batch["index"].tolist()] == dm.split.val
+
+
+# --- Masks ---------------------------------------------------------------------------------------------------------
+
+
+def block(value: int, dtype: type = np.uint8, size: int = 64) -> np.ndarray:
+    mask = np.zeros((size, size), dtype)
+    mask[8:16, 8:16] = value
+    return mask
+
+
+def write_slices(root: Path, masks: dict[str, np.ndarray], val: tuple[str, ...] = ("1",)) -> Path:
+    """Random 8-bit images, the given masks as PNG, and metadata: ``val`` stems in fold 1, the rest in fold 2."""
+    rng = np.random.default_rng(0)
+    for folder in ("images", "masks"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    for stem, mask in masks.items():
+        cv2.imwrite(str(root / "images" / f"{stem}.png"), rng.integers(0, 256, mask.shape, dtype=np.uint8))
+        assert cv2.imwrite(str(root / "masks" / f"{stem}.png"), mask)
+    write_metadata(root, [f"{stem},1,{1 if stem in val else 2}" for stem in masks])
+    return root
+
+
+def labels() -> np.ndarray:
+    mask = block(1)
+    mask[10:12, 10:12] = 2
+    return mask
+
+
+def masks_by_stem(dm: BrainTumorDataModule) -> dict[str, np.ndarray]:
+    return {d.stem(i): d.load(i)[1] for d in dm.datasets.values() for i in range(len(d))}
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_masks_are_binarized_by_one_rule_for_the_whole_dataset(tmp_path, cache):
+    tumor = np.zeros((32, 32), np.uint8)
+    tumor[4:8, 4:8] = 1  # the 8:16 block of the 64x64 masks at image_size 32 (nearest)
+    binary = write_slices(tmp_path / "binary", {"1": block(1), "2": block(1), "3": block(0)})
+    dm = datamodule(binary, cache=cache)
+    dm.setup("fit")
+    assert dm.mask_threshold == 0
+    got = masks_by_stem(dm)
+    assert [got[s].tolist() for s in "123"] == [tumor.tolist(), tumor.tolist(), np.zeros((32, 32)).tolist()]
+
+    noise = np.zeros((64, 64), np.uint8)
+    noise[20, 20:23] = 3  # a tumor-free mask with faint noise: not tumor
+    masks = {"1": block(255), "2": noise, "3": block(65535, np.uint16), "4": block(1, np.uint16), "5": block(255)}
+    eight_bit = write_slices(tmp_path / "eight_bit", masks)
+    dm = datamodule(eight_bit, cache=cache)
+    dm.setup("fit")
+    assert dm.mask_threshold == 127
+    got = masks_by_stem(dm)
+    assert got["2"].sum() == 0
+    for stem in "1345":
+        np.testing.assert_array_equal(got[stem], tumor, err_msg=stem)
+
+
+@pytest.mark.parametrize(
+    "masks, expected",
+    [
+        ({"1": block(1), "2": block(2), "3": labels()}, "largest mask value is 2"),
+        ({"1": block(255), "2": block(0), "3": block(0)}, "2.png, 3.png"),  # only the validation mask has tumor
+        ({"1": block(0), "2": block(0), "3": block(0)}, "largest mask value is 0"),
+    ],
+    ids=["labels-0-1-2", "train-empty", "all-empty"],
+)
+def test_empty_training_masks_are_an_error(tmp_path, masks, expected):
+    root = write_slices(tmp_path / "data", masks)
+    with pytest.raises(DataError) as error:
+        datamodule(root).setup("fit")
+    message = str(error.value)
+    assert "All 2 training masks" in message and "empty" in message and expected in message
+    assert "class labels" in message
+
+
+def test_copied_or_grey_masks_are_named_and_jpeg_masks_accepted(synthetic_root, tmp_path):
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for stem in "12345":
+        (root / "images" / f"{stem}.png").write_bytes((synthetic_root / "images" / f"{stem}.png").read_bytes())
+        (root / "masks" / f"{stem}.png").write_bytes((synthetic_root / "masks" / f"{stem}.png").read_bytes())
+    (root / "masks" / "1.png").write_bytes((root / "images" / "1.png").read_bytes())  # images copied into masks/
+    (root / "masks" / "2.png").write_bytes((root / "images" / "3.png").read_bytes())  # an MRI slice, not a mask
+    original = cv2.imread(str(root / "masks" / "4.png"), cv2.IMREAD_GRAYSCALE)
+    (root / "masks" / "4.png").unlink()
+    cv2.imwrite(str(root / "masks" / "4.jpg"), original, [cv2.IMWRITE_JPEG_QUALITY, 50])
+    with pytest.raises(DataError) as error:
+        datamodule(root, image_size=64, split_by="slice").setup("fit")
+    message = str(error.value)
+    assert "1 mask(s) identical to their image" in message and "masks/1.png" in message
+    assert "1 mask(s) with many grey levels" in message and "masks/2.png" in message
+    assert "4.jpg" not in message and "3.png" not in message
+
+    for stem in "12":
+        (root / "masks" / f"{stem}.png").write_bytes((synthetic_root / "masks" / f"{stem}.png").read_bytes())
+    dm = datamodule(root, image_size=64, split_by="slice")
+    dm.setup("fit")
+    jpeg_mask = masks_by_stem(dm)["4"].astype(bool)
+    true_mask = original > 127
+    assert (jpeg_mask & true_mask).sum() / (jpeg_mask | true_mask).sum() > 0.9
+
+
+# --- metadata.csv --------------------------------------------------------------------------------------------------
+
+
+def test_duplicated_index_names_values_and_rows(make_dataset):
+    root = make_dataset(["1", "2", "3"])
+    write_metadata(root, ["1,1,1", "2,1,2", "3,1,2", "1,1,2", "2,1,1"])
+    with pytest.raises(DataError, match=r"2 index value\(s\) on several rows: 1 \(rows 2, 5\), 2 \(rows 3, 6\)"):
+        read_metadata(root, ["1", "2", "3"])
+
+
+@pytest.mark.parametrize("column, rows, row_numbers", [
+    ("fold", ["1,1,1,p1", "2,1,,p2", "3,1, ,p3"], "3, 4"),
+    ("pid", ["1,1,1,p1", "2,1,2,p2", "3,1,2,"], "4"),
+])
+def test_blank_fold_or_pid_cells_are_named_by_row(make_dataset, column, rows, row_numbers):
+    root = make_dataset(["1", "2", "3"])
+    write_metadata(root, rows, header="index,label,fold,pid")
+    with pytest.raises(DataError, match=rf"empty '{column}' cell\(s\) on row\(s\) {row_numbers}\. Fill them in"):
+        read_metadata(root, ["1", "2", "3"])
+
+
+@pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", b"index,label,fold\n1,1,\x00\x01\n"])
+def test_binary_metadata_is_named(make_dataset, content):
+    root = make_dataset(["1"])
+    (root / "metadata.csv").write_bytes(content)
+    with pytest.raises(DataError, match="metadata.csv") as error:
+        read_metadata(root, ["1"])
+    assert "UTF-8" in str(error.value)
+
+
+def test_metadata_with_excel_bom_is_read(make_dataset):
+    root = make_dataset(["1", "2"])
+    (root / "metadata.csv").write_bytes("index,label,fold\r\n1,1,1\r\n2,3,2\r\n".encode("utf-8-sig"))
+    assert read_metadata(root, ["1", "2"]) == {
+        "1": {"index": "1", "label": "1", "fold": "1"},
+        "2": {"index": "2", "label": "3", "fold": "2"},
+    }
+
+
+# --- Config values -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        ({"image_size": 0}, "data.image_size=0"),
+        ({"image_size": 13}, "data.image_size=13"),
+        ({"image_size": 64.0}, "data.image_size=64.0"),
+        ({"batch_size": 0}, "data.batch_size=0"),
+        ({"num_workers": -1}, "data.num_workers=-1"),
+        ({"num_workers": "2"}, "data.num_workers='2'"),
+        ({"val_fraction": 1.5}, "data.val_fraction=1.5"),
+        ({"test_fraction": -0.1}, "data.test_fraction=-0.1"),
+        ({"val_fraction": "a lot"}, "data.val_fraction='a lot'"),
+        ({"split_by": "patients"}, "data.split_by='patients'"),
+    ],
+)
+def test_bad_data_config_values_are_named(tmp_path, kwargs, key):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        datamodule(tmp_path, **kwargs)
+
+
+def test_valid_edge_config_values_are_accepted(tmp_path):
+    dm = BrainTumorDataModule(tmp_path, image_size=32, batch_size=1, num_workers=None, test_fraction=0.5,
+                              val_fraction=0.4, split_by="patient")
+    assert dm.num_workers >= 1 and dm.split_by == "patient"
+
+
+def test_bad_or_mismatched_synthetic_arguments_are_user_errors(tmp_path):
+    with pytest.raises(ConfigError, match="data.synthetic: size must be >= 32"):
+        datamodule(tmp_path / "ds", synthetic={"n": 4, "size": 8}).prepare_data()
+    datamodule(tmp_path / "ds", synthetic={"n": 4, "size": 32, "num_folds": 2}).prepare_data()
+    with pytest.raises(DataError, match="not the requested n=4, size=32, seed=0, slices_per_patient=4, num_folds=3"):
+        datamodule(tmp_path / "ds", synthetic={"n": 4, "size": 32, "num_folds": 3}).setup("fit")
+
+
+def test_root_that_is_a_file_says_so(tmp_path):
+    root = tmp_path / "data.zip"
+    root.write_bytes(b"PK")
+    with pytest.raises(DataError, match="is a file, not a folder holding images/ and masks/"):
+        datamodule(root).setup("fit")

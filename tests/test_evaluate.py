@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from bts_lightning.evaluate import (
 )
 from bts_lightning.metrics import per_image_overlap
 from bts_lightning.runtime import run_app
-from tests.fixtures_checkpoint import compose_app, run_module, tiny_checkpoint  # noqa: F401 (fixture)
+from tests.fixtures_checkpoint import compose_app, run_module, tiny_checkpoint
 
 
 def square(top: int, left: int, size: int, shape: tuple[int, int] = (10, 10)) -> np.ndarray:
@@ -203,7 +204,8 @@ def test_evaluate_all_slices_with_tta_and_postprocessing(tiny_checkpoint, tmp_pa
 def test_empty_split_and_bad_checkpoint_are_user_errors(tiny_checkpoint, tmp_path, make_dataset, capsys):
     root = make_dataset([str(i) for i in range(10)], size=64)  # no metadata: random split, no test slices
     cfg = compose_app("evaluate", [f"ckpt_path={tiny_checkpoint.path}", f"data.root={root}", "data.image_size=64",
-                                   "data.num_workers=0"], tmp_path / "run")
+                                   "data.num_workers=0", "data.split_by=slice", "data.test_fraction=0"],
+                      tmp_path / "run")
     with pytest.raises(ConfigError, match="test split .* is empty"):
         evaluate(cfg)
     # What the app's main() does with a user error: one "error:" line and exit status 2.
@@ -216,3 +218,54 @@ def test_empty_split_and_bad_checkpoint_are_user_errors(tiny_checkpoint, tmp_pat
     for missing in ([], ["ckpt_path=model.h5"]):
         with pytest.raises(ConfigError, match="ckpt_path"):
             evaluate(compose_app("evaluate", missing, tmp_path / "run3"))
+
+
+# ---------------------------------------------------------------- which slices are scored
+
+
+def test_evaluate_scores_the_split_the_checkpoint_was_trained_with(tmp_path, caplog):
+    """A model trained with data.val_fold=3 is scored on fold 3, not on the config's default fold 1."""
+    from bts_lightning.train import train
+    from tests.conftest import compose_train
+    from tests.fixtures_checkpoint import SYNTHETIC, TINY_MODEL
+
+    data = [*SYNTHETIC, f"paths.data_dir={tmp_path / 'data'}"]
+    train(compose_train([*data, *TINY_MODEL, "trainer=cpu", "debug=limit", "trainer.max_epochs=1", "logger=csv",
+                         "data.val_fold=3", "data.test_fold=null"], tmp_path / "train"))
+    ckpt = tmp_path / "train" / "checkpoints" / "last.ckpt"
+    record = torch.load(ckpt, map_location="cpu", weights_only=True)["BrainTumorDataModule"]["split"]
+    trained_val = record["subsets"]["val"]["ids"]
+
+    def scored(overrides: list[str], run: str) -> tuple[dict, list[str]]:
+        cfg = compose_app("evaluate", [f"ckpt_path={ckpt}", "split=val", "worst_k=0", "device=cpu", *overrides],
+                          tmp_path / run)
+        metrics = evaluate(cfg, overrides)
+        return metrics, [row["stem"] for row in read_rows(tmp_path / run / "per_image.csv")]
+
+    # Nothing but the checkpoint: its data root, its folds, its image size.
+    metrics, stems = scored([], "plain")
+    assert sorted(stems) == sorted(trained_val) and metrics["image_size"] == 64
+    assert metrics["slices"]["matches_trained_split"] is True and metrics["slices"]["training_slices_scored"] == 0
+    # The data as in training, without data.val_fold: still fold 3 (the config's default is fold 1).
+    metrics, stems = scored(data, "same_data")
+    assert sorted(stems) == sorted(trained_val) and metrics["slices"]["settings"]["val_fold"] == 3
+    # Another fold on purpose: scored, flagged, and the training slices among them counted.
+    with caplog.at_level(logging.WARNING):
+        metrics, stems = scored([*data, "data.val_fold=1"], "other_fold")
+    assert metrics["slices"]["matches_trained_split"] is False
+    assert metrics["slices"]["training_slices_scored"] == len(stems) > 0
+    assert "NOT the checkpoint's val split" in caplog.text
+    # The data changed on disk since training (folds reassigned): refused, unless split=all.
+    metadata = Path(record["settings"]["root"]) / "metadata.csv"
+    header, *rows = [line.split(",") for line in metadata.read_text().splitlines()]
+    fold = header.index("fold")
+    first_val_patient = next(row for row in rows if row[fold] == "3")[header.index("pid")]
+    for row in rows:
+        if row[header.index("pid")] == first_val_patient:
+            row[fold] = "1"  # one validation patient moves to a training fold
+    metadata.write_text("\n".join(",".join(row) for row in [header, *rows]) + "\n")
+    with pytest.raises(ConfigError, match="not the val split this checkpoint was trained with"):
+        scored([], "changed")
+    overrides = [f"ckpt_path={ckpt}", "split=all", "worst_k=0", "device=cpu"]
+    metrics = evaluate(compose_app("evaluate", overrides, tmp_path / "all"), overrides)
+    assert metrics["slices"]["training_slices_scored"] == record["subsets"]["train"]["n"]

@@ -26,6 +26,7 @@ def history(run: Path) -> list[dict]:
     return json.loads((run / "metrics.json").read_text())["val_history"]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_last_checkpoint_and_matches_uninterrupted(tmp_path):
     args = ["bts_lightning.train", *QUICK, "trainer.max_epochs=4", f"paths.data_dir={tmp_path / 'data'}"]
     reference = run_module([*args, f"hydra.run.dir={tmp_path / 'reference'}"], cwd=tmp_path)
@@ -89,11 +90,30 @@ def test_compiled_and_uncompiled_checkpoints_are_interchangeable(tmp_path):
     compiled.load_state_dict(plain.state_dict())
 
 
+def test_compiled_checkpoints_load_uncompiled_for_inference(tmp_path):
+    """Inference must not recompile (minutes per new batch shape on CPU) nor need a compiler."""
+    from bts_lightning.checkpoint import load_module
+
+    cfg = compose_train(["model.channels=[8,16,32]", "model.strides=[2,2]", "model.compile=true"], tmp_path)
+    compiled = SegmentationModule(cfg.model, cfg.loss, cfg.optimizer)
+    assert compiled.net._compiled_call_impl is not None
+    path = tmp_path / "compiled.ckpt"
+    torch.save({"state_dict": compiled.state_dict(), "hyper_parameters": dict(compiled.hparams)}, path)
+    loaded = load_module(path)
+    assert loaded.net._compiled_call_impl is None
+    assert loaded.hparams.model["compile"] is False
+    assert all(torch.equal(value, compiled.state_dict()[key]) for key, value in loaded.state_dict().items())
+
+
+@pytest.mark.slow
 def test_ddp_on_two_cpu_processes_matches_single_process_evaluation(tmp_path):
+    """Two gloo processes score every validation slice exactly once (no padding with repeated slices)."""
     run = tmp_path / "run"
+    # 39 slices, 3 per patient, 5 folds: validation fold 1 holds 9 slices, which 2 ranks cannot split evenly.
+    odd = ["data.synthetic.n=39", "+data.synthetic.slices_per_patient=3", "data.batch_size=4"]
     result = run_module(
-        ["bts_lightning.train", *QUICK, "trainer=ddp_cpu", "trainer.max_epochs=1", f"paths.data_dir={tmp_path / 'data'}",
-         f"hydra.run.dir={run}"],
+        ["bts_lightning.train", *QUICK, *odd, "trainer=ddp_cpu", "trainer.max_epochs=1",
+         f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={run}"],
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -106,13 +126,16 @@ def test_ddp_on_two_cpu_processes_matches_single_process_evaluation(tmp_path):
 
     checkpoint = run / "checkpoints" / "best.ckpt"
     module = SegmentationModule.load_from_checkpoint(checkpoint, map_location="cpu")
-    datamodule = BrainTumorDataModule(tmp_path / "data" / "synthetic" / "n40-size64-seed0", image_size=64,
-                                      batch_size=8, num_workers=0, val_fold=1, test_fold=2, download=False)
+    datamodule = BrainTumorDataModule(tmp_path / "data" / "synthetic" / "n39-size64-seed0", image_size=64,
+                                      batch_size=4, num_workers=0, val_fold=1, test_fold=2, download=False)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     single = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
-    assert single["val/dice"] == pytest.approx(saved["best_val_dice"], abs=0.02)
+    assert len(datamodule.datasets["val"]) == 9
+    assert single["val/dice"] == pytest.approx(saved["best_val_dice"], abs=1e-6)
+    assert single["val/iou"] == pytest.approx(saved["val_history"][0]["val/iou"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_cross_validation_experiment_trains_one_model_per_fold(tmp_path):
     sweep = tmp_path / "cv"
     result = run_module(
@@ -129,6 +152,7 @@ def test_cross_validation_experiment_trains_one_model_per_fold(tmp_path):
     assert all((job / "metrics.json").is_file() for job in jobs)
 
 
+@pytest.mark.slow
 def test_optuna_sweep_runs_two_trials_and_maximizes_val_dice(tmp_path):
     sweep = tmp_path / "optuna"
     result = run_module(

@@ -256,7 +256,7 @@ def test_metadata_works_with_discovery_and_fold_split(
     assert [stems[i] for i in split.test] == ["5", "6"]
     assert [stems[i] for i in split.train] == ["1", "2"]
     groups = make_split(metadata, stems, None, None, val_fraction=0.3, test_fraction=0.0, seed=0)
-    assert groups.method == "groups"  # the pid column enables patient-wise random splits too
+    assert groups.method == "patients"  # the pid column enables patient-wise random splits too
 
 
 def test_release_counts_check(mat_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -77,3 +79,28 @@ def test_auxiliary_head_adds_weighted_loss(tmp_path):
     with_aux = {**main, "aux": logits_for(1 - mask, 20.0)}
     difference = module.compute_loss(with_aux, mask) - module.compute_loss(main, mask)
     assert difference.item() == pytest.approx(0.4 * module.criterion(with_aux["aux"], mask[:, None].float()).item(), rel=1e-4)
+
+
+def test_iou_stays_iou_when_the_first_batch_scores_only_zeros_and_ones():
+    """torchmetrics' compute groups merged Dice and IoU when their states agreed after one update."""
+    collection = overlap_metrics("val/")
+    truth = square(0, 0, 4)[None]
+    collection.update(torch.zeros_like(truth), truth)  # an untrained net: all background, Dice = IoU = 0
+    collection.update(square(0, 2, 4)[None], truth)  # half overlap: Dice 0.5, IoU 1/3
+    scores = collection.compute()
+    assert scores["val/dice"].item() == pytest.approx(0.25)
+    assert scores["val/iou"].item() == pytest.approx(1 / 6)
+
+
+def test_dice_focal_punishes_a_confident_miss_that_the_softmax_makes():
+    """MONAI's DiceFocalLoss scored a sigmoid of the tumor logit alone: ~0 focal term for this miss."""
+    mask = square(2, 2, 4)[None]
+    # Tumor pixels: logits (30, 20); elsewhere (0, -20). The softmax says background everywhere
+    # (a complete miss), although the tumor logit alone is high exactly on the tumor.
+    logits = torch.stack([mask * 30.0, mask * 40.0 - 20.0], dim=1)
+    assert logits.softmax(dim=1).argmax(dim=1).sum() == 0
+    target = mask[:, None].float()
+    dice_focal = instantiate(compose_train(["loss=dice_focal"], Path(".")).loss)
+    dice = instantiate(compose_train(["loss=dice"], Path(".")).loss)
+    focal_term = (dice_focal(logits, target) - dice(logits, target)).item()
+    assert focal_term > 1.0

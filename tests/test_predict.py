@@ -16,7 +16,7 @@ from bts_lightning.errors import ConfigError, DataError
 from bts_lightning.inference import InferenceOptions, load_predictor, postprocess, predict_probabilities
 from bts_lightning.predict import output_names, predict, predict_files
 from bts_lightning.runtime import run_app
-from tests.fixtures_checkpoint import compose_app, run_module, tiny_checkpoint  # noqa: F401 (fixture)
+from tests.fixtures_checkpoint import compose_app, run_module, tiny_checkpoint
 
 
 def ramp_predictor(images: torch.Tensor) -> torch.Tensor:
@@ -190,7 +190,7 @@ def test_exported_models_dispatch_to_the_export_module(tmp_path, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "bts_lightning.export", types.SimpleNamespace(load_exported=load_exported))
     cfg = compose_app("predict", [f"ckpt_path={model}", f"input={source}", f"output={tmp_path / 'out'}",
-                                  "image_size=16"], tmp_path / "run")
+                                  "image_size=32"], tmp_path / "run")  # the smallest size predict takes
     summary = predict(cfg)
     assert loaded == [model] and summary["written"] == [str(tmp_path / "out" / "1_mask.png")]
     mask = cv2.imread(summary["written"][0], cv2.IMREAD_UNCHANGED)
@@ -243,3 +243,26 @@ def test_predict_from_a_real_torchscript_export_matches_the_checkpoint(tiny_chec
         masks[model.suffix] = cv2.imread(str(out / "s_mask.png"), cv2.IMREAD_UNCHANGED)
     assert masks[".ts"].shape == (80, 96)
     assert (masks[".ts"] != masks[".ckpt"]).mean() < 0.001  # same network, up to float rounding at the threshold
+
+
+def test_image_sizes_the_network_cannot_take_are_config_errors(tiny_checkpoint, tmp_path):
+    source = tmp_path / "in"
+    source.mkdir()
+    cv2.imwrite(str(source / "s.png"), np.zeros((64, 64), np.uint8))
+
+    def run(model: Path, size: int) -> None:
+        overrides = [f"ckpt_path={model}", f"input={source}", f"image_size={size}", f"output={tmp_path / 'out'}"]
+        predict(compose_app("predict", overrides, tmp_path / "run"))
+
+    with pytest.raises(ConfigError, match=r"image_size=13 must be a whole number of pixels >= 32"):
+        run(tiny_checkpoint.path, 13)
+    # The tiny U-Net has strides [2, 2, 2]: sides must be multiples of 8.
+    with pytest.raises(ConfigError, match=r"image_size=36 is not a multiple of 8.*image_size=32 or 40"):
+        run(tiny_checkpoint.path, 36)
+    export = pytest.importorskip("bts_lightning.export")
+    from bts_lightning.checkpoint import load_module
+
+    exported = export.export_model(load_module(tiny_checkpoint.path), tmp_path / "model.ts", "torchscript", 64)
+    with pytest.raises(ConfigError, match=r"image_size=36: the model cannot run on 36x36 slices"):
+        run(exported, 36)
+    assert not (tmp_path / "out").exists()

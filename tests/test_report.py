@@ -26,6 +26,7 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(stream))
 
 
+@pytest.mark.slow
 def test_report_on_a_real_sweep(tmp_path):
     sweep = tmp_path / "sweep"
     result = _run(
@@ -43,12 +44,16 @@ def test_report_on_a_real_sweep(tmp_path):
 
     rows = _read_csv(sweep / "report.csv")
     assert len(rows) == 2 and {row["model"] for row in rows} == {"unet", "lraspp"}
-    assert float(rows[0]["best_val_dice_mean"]) >= float(rows[1]["best_val_dice_mean"])
+    # Both runs have a held-out test fold: it ranks them, not the validation fold that chose their checkpoints.
+    assert {row["ranked_by"] for row in rows} == {"test/dice"}
+    assert float(rows[0]["test_dice_mean"]) >= float(rows[1]["test_dice_mean"])
     for row in rows:
         (run_dir,) = row["run_dirs"].split()
         metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
         assert row["model"] == metrics["model"] and row["runs"] == "1" and row["config"] == f"model={metrics['model']}"
         assert float(row["best_val_dice_mean"]) == metrics["best_val_dice"] and row["best_val_dice_std"] == ""
+        assert float(row["last_val_dice_mean"]) == metrics["last_val_dice"] == metrics["val_history"][-1]["val/dice"]
+        assert row["split"] == metrics["split"]["method"] == "folds"
         assert float(row["test_dice_mean"]) == metrics["test"]["test/dice"]
         assert float(row["test_iou_mean"]) == metrics["test"]["test/iou"]
         assert int(row["num_params"]) == metrics["num_params"]
@@ -61,7 +66,8 @@ def test_report_on_a_real_sweep(tmp_path):
 
 
 def _write_run(directory: Path, model: str, seed: int, val_fold: int, val_dice: float, test_dice: float | None,
-               lr: float = 0.001, data_dir: str = "data") -> None:
+               lr: float = 0.001, data_dir: str = "data", last_val_dice: float | None = None,
+               split: dict | None = None) -> None:
     (directory / ".hydra").mkdir(parents=True)
     (directory / ".hydra" / "config.yaml").write_text(
         f"seed: {seed}\n"
@@ -79,6 +85,10 @@ def _write_run(directory: Path, model: str, seed: int, val_fold: int, val_dice: 
                "best_val_dice": val_dice, "best_epoch": 3, "best_checkpoint": None, "val_history": []}
     if test_dice is not None:
         metrics["test"] = {"test/dice": test_dice, "test/iou": test_dice / 2, "test/loss": 0.5}
+    if last_val_dice is not None:
+        metrics["last_val_dice"] = last_val_dice
+    if split is not None:
+        metrics["split"] = split
     (directory / "metrics.json").write_text(json.dumps(metrics))
 
 
@@ -133,3 +143,28 @@ def test_no_runs_is_one_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path / "missing")])
     assert "Not a directory" in capsys.readouterr().err
+
+
+def test_ranking_never_uses_the_split_that_chose_the_checkpoint(tmp_path):
+    """Best val Dice is a maximum over epochs on the split that picked best.ckpt: shown, never ranked by."""
+    folds, slices = {"method": "folds", "leaky": False}, {"method": "slices", "leaky": True}
+    with_test = tmp_path / "with_test"
+    _write_run(with_test / "a", "unet", 1, 1, val_dice=0.90, test_dice=0.60, last_val_dice=0.85, split=folds)
+    _write_run(with_test / "b", "lraspp", 1, 1, val_dice=0.80, test_dice=0.70, last_val_dice=0.75, split=slices)
+    rows = group_runs(find_runs([with_test]))
+    assert [row.first.get("model.name") for row in rows] == ["lraspp", "unet"]  # by test Dice
+    main([str(with_test)])
+    markdown = (with_test / "report.md").read_text()
+    assert "Ranked by test Dice: best.ckpt (chosen on validation) scored on the held-out test split" in markdown
+    assert "maximum over epochs on the validation split that also chose best.ckpt" in markdown
+    assert "**Warning:** model=lraspp split slices, not patients" in markdown
+    assert "| slices (leaky) |" in markdown and "| **0.7000** |" in markdown
+
+    cross_validation = tmp_path / "cv"  # no test fold: the last epoch's validation Dice ranks
+    _write_run(cross_validation / "a", "unet", 1, 1, val_dice=0.90, test_dice=None, last_val_dice=0.70, split=folds)
+    _write_run(cross_validation / "b", "lraspp", 1, 1, val_dice=0.80, test_dice=None, last_val_dice=0.78, split=folds)
+    rows = group_runs(find_runs([cross_validation]))
+    assert [row.first.get("model.name") for row in rows] == ["lraspp", "unet"]
+    main([str(cross_validation)])
+    assert {row["ranked_by"] for row in _read_csv(cross_validation / "report.csv")} == {"last_val_dice"}
+    assert "Ranked by last val Dice: the final epoch" in (cross_validation / "report.md").read_text()

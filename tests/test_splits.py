@@ -1,13 +1,14 @@
-"""Split logic: folds, patient groups, random; disjoint, complete and seed-deterministic."""
+"""Split logic: folds, patient groups, random slices only on request; disjoint, complete and seed-deterministic."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import pytest
 
-from bts_lightning.data.splits import make_split, split_by_folds, split_by_groups, split_randomly
-from bts_lightning.errors import ConfigError
+from bts_lightning.data.splits import make_split, slice_ids_digest, split_by_folds, split_by_groups, split_randomly
+from bts_lightning.errors import ConfigError, DataError
 
 
 def assert_partition(split, count: int) -> None:
@@ -52,11 +53,57 @@ def test_bad_fractions_are_named(val, test):
         split_randomly(10, val, test, seed=0)
 
 
-def test_make_split_prefers_folds_then_groups_then_random():
-    stems = [str(i) for i in range(12)]
-    with_folds = {s: {"index": s, "fold": str(int(s) % 3 + 1), "pid": f"p{int(s) // 2}"} for s in stems}
-    assert make_split(with_folds, stems, 1, None, 0.25, 0.0, 0).method == "folds"
-    assert make_split(with_folds, stems, None, None, 0.25, 0.0, 0).method == "groups"
-    groups_only = {s: {"index": s, "pid": f"p{int(s) // 2}"} for s in stems}
-    assert make_split(groups_only, stems, 1, None, 0.25, 0.0, 0).method == "groups"
-    assert make_split(None, stems, 1, None, 0.25, 0.0, 0).method == "random"
+STEMS = [str(i) for i in range(12)]
+WITH_FOLDS = {s: {"index": s, "fold": str(int(s) % 3 + 1), "pid": f"p{int(s) // 2}"} for s in STEMS}
+PIDS_ONLY = {s: {"index": s, "pid": f"p{int(s) // 2}"} for s in STEMS}
+FOLDS_ONLY = {s: {"index": s, "label": "1", "fold": str(int(s) % 3 + 1)} for s in STEMS}
+LABELS_ONLY = {s: {"index": s, "label": "1"} for s in STEMS}
+
+
+def split(metadata, val_fold=1, split_by="auto"):
+    return make_split(metadata, STEMS, val_fold, None, 0.25, 0.0, 0, split_by=split_by, source="/data/root")
+
+
+def test_auto_prefers_folds_then_patients():
+    assert (split(WITH_FOLDS).method, split(WITH_FOLDS).leaky) == ("folds", False)
+    assert (split(WITH_FOLDS, val_fold=None).method, split(WITH_FOLDS, val_fold=None).leaky) == ("patients", False)
+    assert split(PIDS_ONLY).method == "patients"
+
+
+@pytest.mark.parametrize("metadata", [None, LABELS_ONLY, FOLDS_ONLY], ids=["no-metadata", "labels", "folds-no-val"])
+def test_auto_without_folds_or_patients_is_an_error_not_a_leaky_split(metadata):
+    val_fold = None if metadata is FOLDS_ONLY else 1
+    with pytest.raises(DataError) as error:
+        split(metadata, val_fold=val_fold)
+    message = str(error.value)
+    assert "/data/root" in message and "metadata.csv" in message and "'fold' or 'pid'" in message
+    assert "index,label,fold[,pid]" in message and "data.split_by=slice" in message and "optimistic" in message
+    if metadata is FOLDS_ONLY:
+        assert "data.val_fold=K" in message
+
+
+def test_slice_split_only_on_request_and_marked_leaky(caplog):
+    with caplog.at_level(logging.WARNING):
+        random = split(None, split_by="slice")
+    assert (random.method, random.leaky) == ("slices", True) and "leak" in caplog.text
+    assert_partition(random, len(STEMS))
+    assert split(WITH_FOLDS, split_by="slice") == random  # forced even when folds exist
+
+
+def test_forced_fold_or_patient_split_needs_its_column():
+    assert split(WITH_FOLDS, split_by="patient").method == "patients"
+    assert split(WITH_FOLDS, split_by="fold").method == "folds"
+    with pytest.raises(DataError, match=r"split_by=fold, but /data/root has no metadata.csv with a 'fold' column"):
+        split(PIDS_ONLY, split_by="fold")
+    with pytest.raises(DataError, match=r"split_by=patient, but /data/root has no metadata.csv with a 'pid' column"):
+        split(FOLDS_ONLY, split_by="patient")
+    with pytest.raises(ConfigError, match="data.val_fold"):
+        split(WITH_FOLDS, val_fold=None, split_by="fold")
+    with pytest.raises(ConfigError, match="data.split_by='patients' is not one of auto, fold, patient, slice"):
+        split(WITH_FOLDS, split_by="patients")
+
+
+def test_slice_ids_digest_is_stable_and_order_independent():
+    expected = hashlib.sha256(b"1\n10\n2").hexdigest()  # sorted as strings, joined by newlines
+    assert slice_ids_digest(["2", "10", "1"]) == slice_ids_digest(["1", "2", "10"]) == expected
+    assert slice_ids_digest(["1", "2"]) != expected and slice_ids_digest([]) == hashlib.sha256(b"").hexdigest()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 
 from bts_lightning.data import synthetic
 from bts_lightning.data.synthetic import ensure_dataset, generate_dataset
+from bts_lightning.errors import DataError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 N, SIZE, SEED, FOLDS, PER_PATIENT = 40, 64, 7, 5, 4
@@ -152,6 +154,37 @@ def test_ensure_dataset_regenerates_incomplete_target(tmp_path: Path) -> None:
     assert len(read_rows(out)) == 4
 
 
+def test_manifest_records_the_arguments(dataset: Path) -> None:
+    stored = json.loads((dataset / "synthetic.json").read_text())
+    assert stored == {"n": N, "size": SIZE, "seed": SEED, "slices_per_patient": PER_PATIENT, "num_folds": FOLDS}
+
+
+@pytest.mark.parametrize("other", [{"size": 64}, {"seed": 1}, {"n": 8}, {"num_folds": 3}])
+def test_ensure_dataset_refuses_a_dataset_of_other_arguments(tmp_path: Path, other: dict[str, int]) -> None:
+    out = generate_dataset(tmp_path / "ds", n=6, size=32, seed=0, num_folds=2)
+    before = file_bytes(out)
+    with pytest.raises(DataError) as error:
+        ensure_dataset(out, **{"n": 6, "size": 32, "seed": 0, "num_folds": 2, **other})
+    message = str(error.value)
+    assert str(out) in message and "n=6, size=32, seed=0, slices_per_patient=4, num_folds=2" in message
+    assert ", ".join(f"{key}={value}" for key, value in other.items()) in message
+    assert "another folder" in message and f"delete {out}" in message
+    assert file_bytes(out) == before
+
+
+def test_ensure_dataset_refuses_folders_that_are_not_its_own(tmp_path: Path) -> None:
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match=r"is not empty but holds no complete synthetic dataset"):
+        ensure_dataset(stray, n=4, size=32, seed=0, num_folds=2)
+    assert [p.name for p in stray.iterdir()] == ["notes.txt"]
+    foreign = generate_dataset(tmp_path / "foreign", n=4, size=32, seed=0, num_folds=2)
+    (foreign / "synthetic.json").unlink()  # e.g. a real dataset, or one from before manifests existed
+    with pytest.raises(DataError, match=r"holds no readable synthetic.json"):
+        ensure_dataset(foreign, n=4, size=32, seed=0, num_folds=2)
+
+
 def test_no_temporary_directories_left(dataset: Path) -> None:
     assert [p.name for p in dataset.parent.iterdir()] == [dataset.name]
 
@@ -193,7 +226,7 @@ def test_concurrent_generation_both_succeed(tmp_path: Path) -> None:
     def work() -> None:
         try:
             generate_dataset(out, n=12, size=64, seed=0, num_folds=3)
-        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+        except Exception as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=work) for _ in range(2)]
@@ -210,6 +243,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "bts_lightning.data.synthetic", *args],
         capture_output=True,
+        check=False,
         text=True,
         cwd=REPO_ROOT,
         timeout=120,
@@ -242,6 +276,15 @@ def test_cli_bad_arguments(tmp_path: Path, args: list[str], named: str) -> None:
     assert "slices_per_patient" in result.stderr  # lists the accepted keys
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "cli").exists()
+
+
+def test_cli_refuses_an_existing_dataset_of_another_size(tmp_path: Path) -> None:
+    out = generate_dataset(tmp_path / "cli", n=8, size=32, seed=1, num_folds=2)
+    result = run_cli(f"out={out}", "n=8", "size=64", "seed=1", "num_folds=2")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+    assert str(out) in result.stderr and "size=32" in result.stderr and "size=64" in result.stderr
+    assert read(out / "images" / "1.png").shape == (32, 32)
 
 
 def test_tumor_not_recoverable_by_global_threshold(dataset128: Path) -> None:

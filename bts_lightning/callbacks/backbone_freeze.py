@@ -5,18 +5,41 @@ from __future__ import annotations
 import logging
 
 import lightning as L
-from lightning.pytorch.callbacks import BaseFinetuning, Callback
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from bts_lightning.models import backbone_of
 
 log = logging.getLogger(__name__)
 
 
+def freeze(backbone: nn.Module) -> None:
+    """No gradients for ``backbone`` and its BatchNorm layers in eval mode.
+
+    In eval mode BatchNorm normalizes with its (pretrained) running statistics in training steps
+    too, so the frozen backbone computes the same function in training and validation.
+    (Lightning's ``BaseFinetuning.freeze(train_bn=False)`` instead stops tracking statistics but
+    leaves the layers in train mode: training sees batch statistics, validation the stale ones.)
+    """
+    backbone.requires_grad_(False)
+    for module in backbone.modules():
+        if isinstance(module, _BatchNorm):
+            module.eval()
+
+
+def release(backbone: nn.Module) -> None:
+    """Undo :func:`freeze`: gradients on and every layer in train mode."""
+    backbone.requires_grad_(True)
+    backbone.train()
+
+
 class BackboneFreeze(Callback):
-    """Keep the backbone's parameters frozen for ``epochs`` epochs when pretrained weights were loaded.
+    """Keep the backbone frozen (see :func:`freeze`) for ``epochs`` epochs when pretrained weights were loaded.
 
     All parameters stay in the optimizer (frozen ones simply get no gradient), so schedulers and
-    optimizer state are unaffected when the backbone is released.
+    optimizer state are unaffected when the backbone is released. Lightning restores each layer's
+    mode after validation, so the frozen BatchNorm layers stay in eval mode for the whole epoch.
     """
 
     def __init__(self, epochs: int) -> None:
@@ -27,8 +50,8 @@ class BackboneFreeze(Callback):
         if self.epochs <= 0 or backbone is None or not pl_module.pretrained:
             return
         if trainer.current_epoch < self.epochs:
-            BaseFinetuning.freeze(backbone, train_bn=False)
+            freeze(backbone)
         else:
             if trainer.current_epoch == self.epochs:
                 log.info("Unfreezing the pretrained backbone at epoch %d", trainer.current_epoch)
-            BaseFinetuning.make_trainable(backbone)
+            release(backbone)

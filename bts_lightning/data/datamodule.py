@@ -11,15 +11,18 @@ from typing import Any
 import albumentations as A
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Sampler
 
 from bts_lightning.callbacks.reproducibility import seed_worker_transform
-from bts_lightning.data.dataset import SliceDataset, scan_pairs
+from bts_lightning.data.dataset import Scan, SliceDataset, scan_pairs
 from bts_lightning.data.discovery import SlicePair, find_pairs, read_metadata
 from bts_lightning.data.download import resolve_root
+from bts_lightning.data.io import BYTE_THRESHOLD, MIN_IMAGE_SIZE, binarize_mask, mask_threshold
 from bts_lightning.data.sampling import EpochShuffleSampler
-from bts_lightning.data.splits import Split, make_split
+from bts_lightning.data.splits import SPLIT_BY, Split, check_fractions, make_split, slice_ids_digest
 from bts_lightning.data.synthetic import ensure_dataset
+from bts_lightning.errors import ConfigError, DataError, format_names
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +33,24 @@ def default_num_workers() -> int:
     return max(1, min(cores - 1, 12))
 
 
+def _check_int(key: str, value: Any, minimum: int, optional: bool = False) -> None:
+    """Raise :class:`ConfigError` naming ``data.<key>`` unless ``value`` is an int >= ``minimum`` (or None)."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        allowed = f"null or an integer >= {minimum}" if optional else f"an integer >= {minimum}"
+        raise ConfigError(f"data.{key}={value!r} is invalid: it must be {allowed}.")
+
+
 class BrainTumorDataModule(L.LightningDataModule):
     """Pairs, validates, splits, caches and augments 2-D tumor slices.
 
-    Splits come from ``metadata.csv``: whole folds (``val_fold``/``test_fold``), else patient
-    groups (``pid``), else random slices. Every file is decoded once in :meth:`setup`, so bad
-    input fails before training starts; with ``cache`` the decoded slices are kept in RAM.
+    Splits come from ``metadata.csv`` (``split_by``, see :func:`make_split`): whole folds
+    (``val_fold``/``test_fold``), else patient groups (``pid``); random slices only with
+    ``split_by="slice"``. Every file is decoded once in :meth:`setup`, so bad input fails before
+    training starts; with ``cache`` the decoded slices are kept in RAM. Masks are binarized by one
+    rule for the whole dataset (:func:`mask_threshold`). :meth:`state_dict` puts the split
+    (:meth:`split_record`) into every checkpoint.
     """
 
     def __init__(
@@ -44,6 +59,7 @@ class BrainTumorDataModule(L.LightningDataModule):
         image_size: int = 256,
         batch_size: int = 16,
         num_workers: int | None = None,
+        split_by: str = "auto",
         val_fold: int | str | None = 1,
         test_fold: int | str | None = None,
         val_fraction: float = 0.2,
@@ -55,11 +71,18 @@ class BrainTumorDataModule(L.LightningDataModule):
         download: bool = True,
     ) -> None:
         super().__init__()
+        _check_int("image_size", image_size, MIN_IMAGE_SIZE)
+        _check_int("batch_size", batch_size, 1)
+        _check_int("num_workers", num_workers, 0, optional=True)
+        if split_by not in SPLIT_BY:
+            raise ConfigError(f"data.split_by={split_by!r} is not one of {', '.join(SPLIT_BY)}.")
+        check_fractions(val_fraction, test_fraction)
         self.save_hyperparameters("image_size")  # stored in checkpoints: inference resizes to it
         self.root = Path(root)
         self.image_size = image_size
         self.batch_size = batch_size
         self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.split_by = split_by
         self.val_fold, self.test_fold = val_fold, test_fold
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.seed = seed
@@ -70,12 +93,18 @@ class BrainTumorDataModule(L.LightningDataModule):
         self.pairs: list[SlicePair] = []
         self.metadata: dict[str, dict[str, str]] | None = None
         self.split: Split | None = None
+        self.data_root: Path | None = None  # the resolved root, after setup
+        self.mask_threshold = BYTE_THRESHOLD  # tumor = mask value above it; set for the dataset in setup
         self.datasets: dict[str, SliceDataset] = {}
+        self.trained_split: dict[str, Any] | None = None  # split record of a loaded checkpoint
 
     def prepare_data(self) -> None:
         """Generate the synthetic dataset on first use (atomic, so concurrent jobs are safe)."""
         if self.synthetic is not None:
-            ensure_dataset(self.root, **self.synthetic)
+            try:
+                ensure_dataset(self.root, **self.synthetic)
+            except ValueError as error:  # invalid generator arguments
+                raise ConfigError(f"data.synthetic: {error}") from error
 
     def setup(self, stage: str | None = None) -> None:
         """Find, validate, split and (optionally) cache the slices; runs once per process."""
@@ -87,16 +116,77 @@ class BrainTumorDataModule(L.LightningDataModule):
         self.pairs = find_pairs(root)
         stems = [pair.stem for pair in self.pairs]
         self.metadata = read_metadata(root, stems)
-        self.split = make_split(
-            self.metadata, stems, self.val_fold, self.test_fold, self.val_fraction, self.test_fraction, self.seed
-        )
-        cache = scan_pairs(self.pairs, self.image_size, keep=self.cache)
-        subsets = {"train": self.split.train, "val": self.split.val, "test": self.split.test}
-        for name, indices in subsets.items():
+        settings = (self.val_fold, self.test_fold, self.val_fraction, self.test_fraction, self.seed)
+        self.split = make_split(self.metadata, stems, *settings, split_by=self.split_by, source=str(root))
+        self.data_root = root.resolve()
+        scan = scan_pairs(self.pairs, self.image_size, keep=self.cache)
+        self.mask_threshold = mask_threshold(int(scan.mask_max.max()))
+        self._check_training_masks(scan)
+        cache = None
+        if scan.images is not None and scan.masks is not None:
+            cache = (scan.images, binarize_mask(scan.masks, self.mask_threshold))
+        for name, indices in self._subsets().items():
             transform = self.train_transform if name == "train" else None
-            self.datasets[name] = SliceDataset(self.pairs, indices, self.image_size, transform, cache)
-        sizes = ", ".join(f"{name} {len(indices)}" for name, indices in subsets.items())
-        log.info("Data %s: %d slices, %s split (%s)", root, len(self.pairs), self.split.method, sizes)
+            self.datasets[name] = SliceDataset(
+                self.pairs, indices, self.image_size, transform, cache, self.mask_threshold
+            )
+        sizes = ", ".join(f"{name} {len(indices)}" for name, indices in self._subsets().items())
+        log.info("Data %s: %d slices, split by %s (%s)", root, len(self.pairs), self.split.method, sizes)
+
+    def _subsets(self) -> dict[str, list[int]]:
+        assert self.split is not None, "call setup() first"
+        return {"train": self.split.train, "val": self.split.val, "test": self.split.test}
+
+    def _check_training_masks(self, scan: Scan) -> None:
+        """Raise :class:`DataError` when no training mask has a tumor pixel (e.g. 0/1/2 class-label masks)."""
+        train = self._subsets()["train"]
+        if (scan.mask_max[train] > self.mask_threshold).any():
+            return
+        largest = int(scan.mask_max.max())
+        names = [self.pairs[i].mask.name for i in train]
+        raise DataError(
+            f"All {len(train)} training masks in {self.data_root}/masks are empty ({format_names(names)}): "
+            f"the largest mask value is {largest}, and tumor is a value above {self.mask_threshold} "
+            "(masks are 0/1, or 8-bit 0/255). If the masks hold class labels (0, 1, 2, ...), convert them to "
+            "0/255 tumor masks; otherwise put the tumor masks in masks/."
+        )
+
+    def split_record(self) -> dict[str, Any]:
+        """The split as plain JSON-able data (after :meth:`setup`), stored in checkpoints.
+
+        ``{"method", "leaky", "settings": {root, split_by, val_fold, test_fold, val_fraction,
+        test_fraction, seed}, "subsets": {name: {"n", "sha256", "ids"}}}``; ``ids`` are slice
+        stems in dataset order, ``sha256`` is :func:`slice_ids_digest` of them.
+        """
+        assert self.split is not None, "call setup() first"
+        settings = {
+            "root": str(self.data_root),
+            "split_by": self.split_by,
+            "val_fold": self.val_fold,
+            "test_fold": self.test_fold,
+            "val_fraction": self.val_fraction,
+            "test_fraction": self.test_fraction,
+            "seed": self.seed,
+        }
+        subsets = {}
+        for name, indices in self._subsets().items():
+            ids = [self.pairs[i].stem for i in indices]
+            subsets[name] = {"n": len(ids), "sha256": slice_ids_digest(ids), "ids": ids}
+        return {"method": self.split.method, "leaky": self.split.leaky, "settings": settings, "subsets": subsets}
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"split": split_record()}`` once set up (Lightning saves it in checkpoints), else ``{}``."""
+        return {"split": self.split_record()} if self.split is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep a checkpoint's split record as :attr:`trained_split`; the split itself stays as set up."""
+        self.trained_split = state_dict.get("split")
+        if self.trained_split is None or self.split is None:
+            return
+        digests = {name: subset["sha256"] for name, subset in self.split_record()["subsets"].items()}
+        trained = {name: subset["sha256"] for name, subset in self.trained_split["subsets"].items()}
+        if digests != trained:
+            log.warning("The checkpoint was trained on a different split of the data than the one set up now.")
 
     @property
     def has_test(self) -> bool:
@@ -109,12 +199,30 @@ class BrainTumorDataModule(L.LightningDataModule):
             return None
         return self.metadata[self.pairs[index].stem].get("label") or None
 
+    def _eval_sampler(self, dataset: SliceDataset) -> Sampler[int] | None:
+        """Under DDP an unpadded sampler (each slice once over all ranks), which Lightning keeps as it is.
+
+        Lightning's own distributed sampler pads with repeated slices, biasing per-image means.
+        Ranks may get one batch fewer than others. ``None`` (sequential) on a single process.
+        """
+        trainer = self.trainer
+        if trainer is None or trainer.world_size <= 1:
+            return None
+        if 0 < len(dataset) < trainer.world_size:
+            raise ConfigError(
+                f"An evaluation split has {len(dataset)} slice(s), fewer than the {trainer.world_size} processes; "
+                "hold out more slices or run on fewer devices."
+            )
+        return UnrepeatedDistributedSampler(
+            dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+        )
+
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         dataset = self.datasets[name]
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=EpochShuffleSampler(len(dataset), self.seed) if shuffle else None,
+            sampler=EpochShuffleSampler(len(dataset), self.seed) if shuffle else self._eval_sampler(dataset),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import io
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +46,11 @@ def find_pairs(root: str | Path) -> list[SlicePair]:
     Raises :class:`DataError` naming the offending files when the layout is incomplete.
     """
     root = Path(root)
+    if root.is_file():
+        raise DataError(
+            f"Dataset root {root} is a file, not a folder holding images/ and masks/; "
+            "set data.root=DIR (or BTS_DATA_ROOT) to that folder."
+        )
     if not root.is_dir():
         raise DataError(
             f"Dataset root {root} does not exist. Put the Kaggle 'brain-tumor-segmentation' "
@@ -71,24 +78,63 @@ def find_pairs(root: str | Path) -> list[SlicePair]:
     return [SlicePair(stem, images[stem], masks[stem]) for stem in sorted(images, key=_natural_key)]
 
 
+def _read_rows(path: Path) -> dict[int, dict[str, str]]:
+    """The rows of CSV file ``path`` with stripped cells, keyed by spreadsheet row number (header = row 1)."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DataError(
+            f"{path} is not a UTF-8 text file ({error.reason} at byte {error.start}). "
+            "Save it as CSV (UTF-8) with the header index,label,fold[,pid]."
+        ) from error
+    if "\x00" in text:
+        raise DataError(f"{path} is a binary file. Save it as CSV (UTF-8) with the header index,label,fold[,pid].")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows: dict[int, dict[str, str]] = {}
+    try:
+        if reader.fieldnames is None or "index" not in reader.fieldnames:
+            raise DataError(f"{path}: missing header with an 'index' column (expected index,label,fold[,pid]).")
+        for row in reader:
+            if None in row:
+                raise DataError(f"{path}: row {reader.line_num} has more cells than the header; fix or remove it.")
+            rows[reader.line_num] = {key: (value or "").strip() for key, value in row.items()}
+    except csv.Error as error:
+        raise DataError(f"{path}: not a readable CSV file ({error} near row {reader.line_num}).") from error
+    return rows
+
+
 def _natural_key(stem: str) -> tuple[int, int | str]:
     """Sort numeric stems numerically ('2' before '10'), others alphabetically after them."""
     return (0, int(stem)) if stem.isdigit() else (1, stem)
 
 
 def read_metadata(root: str | Path, stems: list[str]) -> dict[str, dict[str, str]] | None:
-    """Read ``root/metadata.csv`` keyed by ``index``; ``None`` when the file is absent.
+    """Read ``root/metadata.csv`` (UTF-8, a BOM is fine) keyed by ``index``; ``None`` when the file is absent.
 
-    Every row must name an existing slice and every slice must have a row.
+    Every row must name an existing slice, every slice must have exactly one row, and ``fold``/``pid``
+    cells (when the column exists) must not be blank. Errors give row numbers as a spreadsheet shows them.
     """
     path = Path(root) / METADATA_FILE
     if not path.is_file():
         return None
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        if reader.fieldnames is None or "index" not in reader.fieldnames:
-            raise DataError(f"{path}: missing header with an 'index' column (expected index,label,fold[,pid]).")
-        rows = {row["index"].strip(): {k: (v or "").strip() for k, v in row.items()} for row in reader}
+    rows_by_number = _read_rows(path)
+    numbers: dict[str, list[int]] = defaultdict(list)
+    for number, row in rows_by_number.items():
+        numbers[row["index"]].append(number)
+    if duplicated := sorted((i for i, lines in numbers.items() if len(lines) > 1), key=_natural_key):
+        listed = [f"{i} (rows {', '.join(map(str, numbers[i]))})" for i in duplicated]
+        raise DataError(
+            f"{path}: {len(duplicated)} index value(s) on several rows: {format_names(listed)}. "
+            "Keep one row per slice."
+        )
+    for column in ("fold", "pid"):
+        blank = [str(number) for number, row in rows_by_number.items() if column in row and not row[column]]
+        if blank:
+            raise DataError(
+                f"{path}: empty '{column}' cell(s) on row(s) {format_names(blank)}. "
+                f"Fill them in (every slice needs a {column}) or remove the '{column}' column."
+            )
+    rows = {row["index"]: row for row in rows_by_number.values()}
     unknown = sorted(set(rows) - set(stems), key=_natural_key)
     if unknown:
         raise DataError(

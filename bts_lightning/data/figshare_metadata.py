@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 import re
 import sys
-import tempfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from bts_lightning.errors import BtsError, DataError, format_names
+from bts_lightning.runtime import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -360,20 +359,12 @@ def compare_with(records: list[SliceRecord], other: str | Path) -> int:
 
 
 def write_metadata(records: list[SliceRecord], out: str | Path) -> Path:
-    """Write ``index,label,fold,pid`` rows to ``out`` atomically (temporary file, then rename)."""
+    """Write ``index,label,fold,pid`` rows to ``out`` all or nothing (:func:`~bts_lightning.runtime.atomic_path`)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.tmp-")
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            writer = csv.writer(handle, lineterminator="\n")
-            writer.writerow(HEADER)
-            writer.writerows((r.index, r.label, r.fold, r.pid) for r in records)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(out) as temporary, temporary.open("w", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(HEADER)
+        writer.writerows((r.index, r.label, r.fold, r.pid) for r in records)
     return out
 
 

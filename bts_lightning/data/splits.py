@@ -1,8 +1,10 @@
-"""Train/val/test splits: patient-wise folds, patient groups, or random slices."""
+"""Train/val/test splits: patient-wise folds, patient groups, or (explicitly) random slices."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,15 +13,30 @@ from bts_lightning.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
+SPLIT_BY = ("auto", "fold", "patient", "slice")
+
 
 @dataclass(frozen=True)
 class Split:
-    """Indices (into the sorted slice list) of each subset, and how they were chosen."""
+    """Indices (into the sorted slice list) of each subset, and how they were chosen.
+
+    ``method`` is "folds", "patients" or "slices"; only slice-level splits are ``leaky`` (slices of one
+    patient may be in several subsets, so validation scores are optimistic).
+    """
 
     train: list[int]
     val: list[int]
     test: list[int]
     method: str
+
+    @property
+    def leaky(self) -> bool:
+        return self.method == "slices"
+
+
+def slice_ids_digest(ids: Iterable[str]) -> str:
+    """SHA-256 hex digest of slice ids (file stems), sorted and joined by newlines: independent of order."""
+    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
 
 
 def split_by_folds(folds: list[str], val_fold: int | str, test_fold: int | str | None) -> Split:
@@ -39,7 +56,12 @@ def split_by_folds(folds: list[str], val_fold: int | str, test_fold: int | str |
     return Split(train, val, test, "folds")
 
 
-def _check_fractions(val_fraction: float, test_fraction: float) -> None:
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
+    """Raise :class:`ConfigError` unless 0 < val, 0 <= test and val + test < 1."""
+    if not all(isinstance(f, (int, float)) and not isinstance(f, bool) for f in (val_fraction, test_fraction)):
+        raise ConfigError(
+            f"data.val_fraction={val_fraction!r} and data.test_fraction={test_fraction!r} must be numbers."
+        )
     if val_fraction <= 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
         raise ConfigError(
             f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} must satisfy "
@@ -49,7 +71,7 @@ def _check_fractions(val_fraction: float, test_fraction: float) -> None:
 
 def split_by_groups(groups: list[str], val_fraction: float, test_fraction: float, seed: int) -> Split:
     """Shuffle groups (patients) by seed and fill val, then test, then train: no group spans two subsets."""
-    _check_fractions(val_fraction, test_fraction)
+    check_fractions(val_fraction, test_fraction)
     unique = sorted(set(groups))
     if len(unique) < 2 + (test_fraction > 0):
         raise DataError(f"Only {len(unique)} patient id(s) in metadata.csv; a group-aware split needs more.")
@@ -67,12 +89,12 @@ def split_by_groups(groups: list[str], val_fraction: float, test_fraction: float
     subsets = {s: [i for i, g in enumerate(groups) if assignment[g] == s] for s in ("train", "val", "test")}
     if not subsets["train"]:
         raise ConfigError("The group-aware split left no training patients; lower data.val_fraction/test_fraction.")
-    return Split(subsets["train"], subsets["val"], subsets["test"], "groups")
+    return Split(subsets["train"], subsets["val"], subsets["test"], "patients")
 
 
 def split_randomly(count: int, val_fraction: float, test_fraction: float, seed: int) -> Split:
     """Random slice-level split by seed (slices of one patient may land in different subsets)."""
-    _check_fractions(val_fraction, test_fraction)
+    check_fractions(val_fraction, test_fraction)
     order = np.random.default_rng(seed).permutation(count).tolist()
     n_val = max(1, round(val_fraction * count))
     n_test = round(test_fraction * count)
@@ -80,10 +102,10 @@ def split_randomly(count: int, val_fraction: float, test_fraction: float, seed: 
         raise DataError(f"Only {count} slice(s): too few to split into train/val/test.")
     val, test, train = order[:n_val], order[n_val : n_val + n_test], order[n_val + n_test :]
     log.warning(
-        "No folds or patient ids (metadata.csv with 'fold' or 'pid'): splitting slices at random. "
+        "data.split_by=slice: splitting slices at random. "
         "Slices of one patient may leak between train and validation, inflating validation scores."
     )
-    return Split(sorted(train), sorted(val), sorted(test), "random")
+    return Split(sorted(train), sorted(val), sorted(test), "slices")
 
 
 def make_split(
@@ -94,11 +116,43 @@ def make_split(
     val_fraction: float,
     test_fraction: float,
     seed: int,
+    split_by: str = "auto",
+    source: str = "the dataset",
 ) -> Split:
-    """Choose the split from what the metadata offers: folds, else patient ids, else random."""
+    """Split by ``split_by``: "fold", "patient", "slice", or "auto" (folds, else patient ids, else an error).
+
+    ``source`` (the dataset root) names the data in error messages. A slice-level split is only made
+    when asked for, since it leaks patients between subsets.
+    """
+    if split_by not in SPLIT_BY:
+        raise ConfigError(f"data.split_by={split_by!r} is not one of {', '.join(SPLIT_BY)}.")
     columns = set(next(iter(metadata.values()))) if metadata else set()
-    if "fold" in columns and val_fold is not None:
+    if split_by == "auto":
+        if "fold" in columns and val_fold is not None:
+            split_by = "fold"
+        elif "pid" in columns:
+            split_by = "patient"
+        else:
+            hint = " (its fold column needs data.val_fold=K)" if "fold" in columns else ""
+            raise DataError(
+                f"{source} has no folds or patient ids to split by{hint}. Add a metadata.csv with a 'fold' or "
+                "'pid' column (index,label,fold[,pid]), or pass data.split_by=slice to accept a slice-level split "
+                "whose validation scores are optimistic (one patient's slices can be in train and validation)."
+            )
+    if split_by == "fold":
+        if "fold" not in columns:
+            raise DataError(
+                f"data.split_by=fold, but {source} has no metadata.csv with a 'fold' column. Add one "
+                "(index,label,fold[,pid]) or choose data.split_by=auto, patient or slice."
+            )
+        if val_fold is None:
+            raise ConfigError("data.split_by=fold needs data.val_fold=K (the fold to validate on).")
         return split_by_folds([metadata[s]["fold"] for s in stems], val_fold, test_fold)
-    if "pid" in columns:
+    if split_by == "patient":
+        if "pid" not in columns:
+            raise DataError(
+                f"data.split_by=patient, but {source} has no metadata.csv with a 'pid' column. Add one "
+                "(index,label,fold,pid) or choose data.split_by=auto, fold or slice."
+            )
         return split_by_groups([metadata[s]["pid"] for s in stems], val_fraction, test_fraction, seed)
     return split_randomly(len(stems), val_fraction, test_fraction, seed)

@@ -1,17 +1,19 @@
 """Synthetic MRI-like brain slices with tumor masks, written in the Kaggle layout.
 
-``OUT/images/<index>.png`` (8-bit slice), ``OUT/masks/<index>.png`` (0 background, 255 tumor) and
+``OUT/images/<index>.png`` (8-bit slice), ``OUT/masks/<index>.png`` (0 background, 255 tumor),
 ``OUT/metadata.csv`` (``index,label,fold,pid``; label 1 meningioma, 2 glioma, 3 pituitary; folds are
-assigned per patient). Every slice is drawn from its own seeded generator, so the output is
-byte-identical for the same arguments and independent of generation order.
+assigned per patient) and ``OUT/synthetic.json`` (the generator arguments, checked on reuse). Every
+slice is drawn from its own seeded generator, so the output is byte-identical for the same arguments
+and independent of generation order.
 
 CLI: ``python -m bts_lightning.data.synthetic out=DIR [n=400] [size=128] [seed=0]
-[slices_per_patient=4] [num_folds=5]``
+[slices_per_patient=4] [num_folds=5]``; reusing ``out`` generated with other arguments is an error.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import os
@@ -23,6 +25,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
+from bts_lightning.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +40,7 @@ BRAIN_RHO = 0.84  # head-normalised radius of the brain surface (1.0 = outer sca
 _FOLD_TAG, _PATIENT_TAG, _SLICE_TAG = 0, 1, 2
 
 CLI_KEYS = ("out", "n", "size", "seed", "slices_per_patient", "num_folds")
+MANIFEST = "synthetic.json"
 
 
 @dataclass(frozen=True)
@@ -372,6 +377,8 @@ def generate_dataset(
             _write_png(tmp / "images" / f"{i + 1}.png", image)
             _write_png(tmp / "masks" / f"{i + 1}.png", mask)
             rows.append((i + 1, patients[p].label, folds[p], p + 1))
+        params = _params(n, size, seed, slices_per_patient, num_folds)
+        (tmp / MANIFEST).write_text(json.dumps(params, indent=1) + "\n")
         with open(tmp / "metadata.csv", "w", newline="") as fh:  # written last: marks completion
             writer = csv.writer(fh, lineterminator="\n")
             writer.writerow(("index", "label", "fold", "pid"))
@@ -392,6 +399,31 @@ def generate_dataset(
     return out
 
 
+def _params(n: int, size: int, seed: int, slices_per_patient: int, num_folds: int) -> dict[str, int]:
+    """The generator arguments as stored in :data:`MANIFEST`."""
+    return {"n": n, "size": size, "seed": seed, "slices_per_patient": slices_per_patient, "num_folds": num_folds}
+
+
+def _describe(params: dict[str, object]) -> str:
+    return ", ".join(f"{key}={value}" for key, value in params.items())
+
+
+def _check_manifest(out: Path, params: dict[str, int]) -> None:
+    """Raise :class:`DataError` unless ``out`` holds a synthetic dataset generated with ``params``."""
+    what_to_do = f"Choose another folder (out= / data.root=) or delete {out} to generate it again."
+    try:
+        stored = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError) as error:
+        raise DataError(
+            f"{out} holds no readable {MANIFEST}, so it is not a synthetic dataset. {what_to_do}"
+        ) from error
+    if stored != params:
+        raise DataError(
+            f"{out} holds a synthetic dataset generated with {_describe(stored)}, "
+            f"not the requested {_describe(params)}. {what_to_do}"
+        )
+
+
 def ensure_dataset(
     out: str | Path,
     n: int = 400,
@@ -400,16 +432,24 @@ def ensure_dataset(
     slices_per_patient: int = 4,
     num_folds: int = 5,
 ) -> Path:
-    """Return ``out`` if it holds a complete dataset (``metadata.csv`` present), else generate it there.
+    """Return ``out`` if it holds the dataset these arguments generate, generating it there if ``out`` is empty.
 
-    An existing dataset is returned as is, whatever arguments it was generated with.
+    Raises :class:`DataError` when ``out`` holds a dataset of other arguments, or files that are no
+    complete synthetic dataset (no ``metadata.csv``/:data:`MANIFEST`), and ValueError for bad arguments.
     """
     out = Path(out)
-    if (out / "metadata.csv").is_file():
-        return out
-    _validate(n, size, slices_per_patient, num_folds)  # before logging, so bad arguments log nothing
-    logger.info("Generating synthetic dataset in %s (n=%d, size=%d, seed=%d).", out, n, size, seed)
-    return generate_dataset(out, n, size, seed, slices_per_patient, num_folds)
+    params = _params(n, size, seed, slices_per_patient, num_folds)
+    if not (out / "metadata.csv").is_file():
+        if out.is_dir() and any(out.iterdir()):
+            raise DataError(
+                f"{out} is not empty but holds no complete synthetic dataset ({MANIFEST} and metadata.csv). "
+                f"Choose another folder (out= / data.root=) or empty {out}."
+            )
+        _validate(n, size, slices_per_patient, num_folds)  # before logging, so bad arguments log nothing
+        logger.info("Generating synthetic dataset in %s (n=%d, size=%d, seed=%d).", out, n, size, seed)
+        generate_dataset(out, n, size, seed, slices_per_patient, num_folds)
+    _check_manifest(out, params)  # also when a concurrent process with other arguments won the rename
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -440,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
         path = ensure_dataset(options["out"], **params)
     except (ValueError, OSError) as exc:
         print(f"error: {exc} (keys: {accepted})", file=sys.stderr)
+        return 2
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     print(path)
     return 0

@@ -58,6 +58,22 @@ def build_model(
     return builder(in_channels, num_classes, weights, **kwargs)
 
 
+def check_input_size(model: nn.Module, size: int, key: str) -> None:
+    """Raise ``ConfigError`` naming ``key`` when ``model`` cannot take ``size`` x ``size`` inputs.
+
+    A network that needs H and W divisible by some number says so with a ``size_multiple``
+    attribute (U-Net: the product of its strides); other networks take any size.
+    """
+    multiple = int(getattr(model, "size_multiple", 1))
+    if size % multiple:
+        lower, upper = size // multiple * multiple, (size // multiple + 1) * multiple
+        choices = f"{lower} or {upper}" if lower > 0 else str(upper)
+        raise ConfigError(
+            f"{key}={size} is not a multiple of {multiple}, which this network needs (U-Net: the product of "
+            f"model.strides); use {key}={choices}, or change model.strides."
+        )
+
+
 def backbone_of(model: nn.Module) -> nn.Module | None:
     """The pretrainable backbone of ``model`` (to freeze it), or None if it has none."""
     backbone = getattr(model, "backbone", None)

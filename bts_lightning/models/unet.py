@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -13,7 +14,7 @@ from bts_lightning.models.registry import register_model
 
 
 class MonaiUNet(nn.Module):
-    """MONAI ``UNet(spatial_dims=2)``; H and W must be divisible by the product of strides."""
+    """MONAI ``UNet(spatial_dims=2)``; H and W must be divisible by ``size_multiple``, the product of strides."""
 
     def __init__(
         self,
@@ -25,6 +26,7 @@ class MonaiUNet(nn.Module):
         dropout: float,
     ) -> None:
         super().__init__()
+        self.size_multiple = math.prod(strides)
         self.net = UNet(
             spatial_dims=2,
             in_channels=in_channels,
