@@ -694,7 +694,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             results["data"] = bench_data(datamodule, args)
             data_ips = results["data"]["images_per_s"]["median"]
             log(f"data pipeline: {data_ips:.1f} img/s")
-        except Exception as error:
+        except Exception as error:  # record and carry on with the other measurements
             errors.append(f"data: {error!r}")
             results["data"], data_ips = {"error": repr(error)}, None
 
