@@ -165,7 +165,7 @@ def test_real_data_deeplabv3_mixed_precision_with_limits(tmp_path):
 def test_readme_demo_reaches_dice_0_7(tmp_path):
     """The README's offline demo, exactly as written (plus where to put its files); its time is in the README."""
     result = run_module(
-        ["bts_lightning.train", "data=synthetic", "trainer=cpu", f"paths.data_dir={tmp_path / 'data'}",
+        ["bts_lightning.train", "experiment=demo", f"paths.data_dir={tmp_path / 'data'}",
          f"hydra.run.dir={tmp_path / 'run'}"],
         cwd=tmp_path,
     )
