@@ -90,7 +90,8 @@ def describe_settings(settings: dict[str, Any], method: str) -> str:
 
 def describe_scored(scored: dict[str, Any]) -> str:
     """One line saying which slices were scored and how they relate to the trained split."""
-    where = f"{scored['n']} slices of {scored['root']}, {describe_settings(scored['settings'], scored['method'])}"
+    settings = scored["settings"]
+    where = f"{scored['n']} slices of {settings['root']}, {describe_settings(settings, scored['method'])}"
     leaky = "; slice-level split: patients may span train and evaluation (optimistic)" if scored["leaky"] else ""
     if scored["matches_trained_split"] is None:
         relation = "no training split recorded to compare with" if scored["training_slices_scored"] is None else \
@@ -115,7 +116,6 @@ def check_scored_slices(
         "split": split,
         "n": len(ids),
         "sha256": slice_ids_digest(ids),
-        "root": current["settings"]["root"],
         "method": current["method"],
         "leaky": current["leaky"],
         "settings": current["settings"],
