@@ -182,7 +182,7 @@ def compose_config(
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    from bts_lightning.train import CONFIG_DIR
+    from bts_lightning.runtime import CONFIG_DIR
 
     overrides = [
         f"model={model}",

@@ -42,21 +42,19 @@ from pathlib import Path
 from typing import Any
 
 import cv2
-import hydra
 import numpy as np
 import torch
 import torch.nn.functional as F
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from monai.metrics import compute_hausdorff_distance
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from bts_lightning.checkpoint import training_image_size
 from bts_lightning.data.dataset import SliceDataset
 from bts_lightning.errors import ConfigError
 from bts_lightning.inference import InferenceOptions, check_input_size, load_predictor, resolve_device
-from bts_lightning.runtime import atomic_path, make_directory, run_app, write_json_atomic
+from bts_lightning.runtime import atomic_path, hydra_app, make_directory, write_json_atomic
 from bts_lightning.trained_split import (
     check_scored_slices,
     data_config,
@@ -69,7 +67,6 @@ from bts_lightning.visualize import captioned, panel, panel_grid, write_png
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 METRICS = ("dice", "iou", "precision", "recall", "hd95")
 AREAS = ("area_true", "area_pred")
 COLUMNS = ("stem", "label", "tumor_type", *METRICS, *AREAS)
@@ -298,11 +295,8 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[st
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
-def main(cfg: DictConfig) -> float:
-    """Entry point; returns the mean Dice (the value Hydra sweepers optimize)."""
-    log.debug("Config:\n%s", OmegaConf.to_yaml(cfg))
-    return run_app(evaluate, cfg, list(HydraConfig.get().overrides.task))["summary"]["dice"]["mean"]
+# Entry point (``bts-evaluate``); returns the mean Dice, the value Hydra sweepers optimize.
+main = hydra_app("evaluate", evaluate, result=lambda metrics: metrics["summary"]["dice"]["mean"], pass_overrides=True)
 
 
 if __name__ == "__main__":

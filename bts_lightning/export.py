@@ -20,7 +20,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -28,11 +27,10 @@ from torch import nn
 from bts_lightning.checkpoint import load_module
 from bts_lightning.errors import BtsError, ConfigError
 from bts_lightning.preprocessing import standardize
-from bts_lightning.runtime import make_directory, run_app, write_bytes_atomic
+from bts_lightning.runtime import hydra_app, make_directory, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 # format -> file suffixes it is written with (the first is the default).
 FORMATS = {"onnx": (".onnx",), "torchscript": (".pt", ".ts")}
@@ -324,9 +322,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
-def main(cfg: DictConfig) -> None:
-    run_app(export, cfg)
+main = hydra_app("export", export)  # entry point: bts-export
 
 
 if __name__ == "__main__":

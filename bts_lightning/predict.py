@@ -24,9 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import cv2
-import hydra
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from bts_lightning.checkpoint import training_image_size
@@ -41,12 +40,11 @@ from bts_lightning.inference import (
     predict_probabilities,
     resolve_device,
 )
-from bts_lightning.runtime import make_directory, run_app
+from bts_lightning.runtime import hydra_app, make_directory
 from bts_lightning.visualize import overlay, write_png
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 DEFAULT_IMAGE_SIZE = 256
 
 
@@ -154,11 +152,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     return {"written": [str(p) for p in written], "skipped": skipped_names, "output": str(output_dir)}
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
-def main(cfg: DictConfig) -> None:
-    """Entry point."""
-    log.debug("Config:\n%s", OmegaConf.to_yaml(cfg))
-    run_app(predict, cfg)
+main = hydra_app("predict", predict)  # entry point: bts-predict
 
 
 if __name__ == "__main__":

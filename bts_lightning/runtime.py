@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import functools
+import importlib.resources
 import json
 import logging
 import os
@@ -13,8 +15,10 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
+import hydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from bts_lightning.errors import BtsError, OutputError
 
@@ -22,6 +26,11 @@ T = TypeVar("T")
 E = TypeVar("E", bound=BaseException)
 
 log = logging.getLogger(__name__)
+
+# The config tree: top-level conf/ in a checkout, bts_lightning/conf/ in an installed wheel.
+CONFIG_PATH = "pkg://bts_lightning.conf"
+# The same tree as a folder, for Hydra's compose API (``initialize_config_dir``) and for reading files.
+CONFIG_DIR = str(importlib.resources.files("bts_lightning.conf"))
 
 # errno values meaning the disk, the user's quota or the file-size limit is full.
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -61,6 +70,30 @@ def run_app(app: Callable[..., T], *args: Any) -> T:
         print(f"error: {user_error}", file=sys.stderr)
         _log_to_files(f"error: {user_error}")
         raise SystemExit(2) from None
+
+
+def hydra_app(
+    config_name: str,
+    app: Callable[..., T],
+    result: Callable[[T], Any] | None = None,
+    pass_overrides: bool = False,
+) -> Callable[[], Any]:
+    """The command-line entry point of a Hydra app: ``main = hydra_app("train", train)``.
+
+    ``main()`` composes ``conf/<config_name>.yaml`` with the command-line overrides, logs the config at
+    DEBUG level and calls ``app(cfg)`` (``app(cfg, overrides)`` with ``pass_overrides``) through
+    :func:`run_app`: a user error is one ``error:`` line and exit status 2. ``result`` maps the app's
+    return value to what Hydra sweepers optimize (e.g. the best validation Dice).
+    """
+
+    @functools.wraps(app)  # Hydra names the job (and its log file) after app's module
+    def task(cfg: DictConfig) -> Any:
+        log.debug("Config:\n%s", OmegaConf.to_yaml(cfg))
+        args = (cfg, list(HydraConfig.get().overrides.task)) if pass_overrides else (cfg,)
+        value = run_app(app, *args)
+        return result(value) if result is not None else None
+
+    return hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=config_name)(task)
 
 
 def _log_to_files(message: str, error: BaseException | None = None) -> None:

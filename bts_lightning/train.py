@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -16,12 +15,11 @@ from bts_lightning.callbacks import EpochSeed, MetricHistory, NonFiniteLossGuard
 from bts_lightning.checkpoint import resolve_resume
 from bts_lightning.errors import ConfigError
 from bts_lightning.models import check_input_size
-from bts_lightning.runtime import run_app, write_json_atomic
+from bts_lightning.runtime import hydra_app, write_json_atomic
 from bts_lightning.segmentation_module import SegmentationModule
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 MONITOR = "val/dice"
 
 
@@ -107,11 +105,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    """Entry point; returns the best validation Dice (the value Hydra sweepers optimize)."""
-    log.debug("Config:\n%s", OmegaConf.to_yaml(cfg))
-    return run_app(train, cfg)["best_val_dice"]
+# Entry point (``bts-train``); returns the best validation Dice, the value Hydra sweepers optimize.
+main = hydra_app("train", train, result=lambda metrics: metrics["best_val_dice"])
 
 
 if __name__ == "__main__":

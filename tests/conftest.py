@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 from bts_lightning.data.synthetic import generate_dataset
-from bts_lightning.train import CONFIG_DIR
+from bts_lightning.runtime import CONFIG_DIR
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REAL_DATA = REPO_ROOT.parent / "shared" / "data" / "brain-tumor"

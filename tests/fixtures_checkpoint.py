@@ -17,7 +17,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-from bts_lightning.train import CONFIG_DIR, train
+from bts_lightning.runtime import CONFIG_DIR
+from bts_lightning.train import train
 from tests.conftest import REPO_ROOT, compose_train
 
 # 40 synthetic 64x64 slices in 5 patient-wise folds (val fold 1, test fold 2 -> 8 test slices).

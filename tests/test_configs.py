@@ -10,7 +10,7 @@ import torch
 from hydra.utils import instantiate
 
 from bts_lightning.segmentation_module import SegmentationModule
-from bts_lightning.train import CONFIG_DIR
+from bts_lightning.runtime import CONFIG_DIR
 from tests.conftest import compose_train
 
 GROUPS = ["data", "model", "loss", "optimizer", "scheduler", "trainer", "callbacks", "logger", "debug", "experiment"]

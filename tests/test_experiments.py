@@ -174,7 +174,7 @@ def test_optuna_sweep_runs_two_trials_and_maximizes_val_dice(tmp_path):
 def test_slurm_launcher_config_composes(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from bts_lightning.train import CONFIG_DIR
+    from bts_lightning.runtime import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=["hydra/launcher=slurm", "experiment=cv"], return_hydra_config=True)

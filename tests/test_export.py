@@ -15,7 +15,8 @@ from omegaconf import OmegaConf, open_dict
 
 from bts_lightning.checkpoint import load_module
 from bts_lightning.errors import BtsError, ConfigError
-from bts_lightning.export import CONFIG_DIR, export, export_model, load_exported, resolve_format
+from bts_lightning.runtime import CONFIG_DIR
+from bts_lightning.export import export, export_model, load_exported, resolve_format
 from bts_lightning.segmentation_module import SegmentationModule
 from tests.conftest import REPO_ROOT
 
