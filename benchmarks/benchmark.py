@@ -44,6 +44,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,7 @@ MEMORY_KEYS = ("bare_peak_gb", "lightning_peak_gb")
 
 # Default-config callbacks that act during training steps; checkpoints, early stopping, LR monitor
 # and validation images need validation, which the benchmark turns off.
-KEPT_CALLBACKS = ("progress_bar", "backbone_freeze")
+KEPT_CALLBACKS = ("progress_bar", "backbone_freeze", "metric_history", "epoch_seed", "nonfinite_guard")
 
 
 # --------------------------------------------------------------------------------------- helpers
@@ -211,17 +212,6 @@ def compose_config(
     return cfg
 
 
-def network_kwargs(model_cfg: Any) -> dict[str, Any]:
-    from omegaconf import OmegaConf
-
-    try:
-        from bts_lightning.segmentation_module import _MODEL_TRAINING_KEYS as training_keys
-    except ImportError:  # pragma: no cover - keep the harness working if the module is reorganised
-        training_keys = ("freeze_backbone_epochs", "aux_loss_weight", "compile")
-    plain = OmegaConf.to_container(model_cfg, resolve=True)
-    return {key: value for key, value in plain.items() if key not in training_keys}
-
-
 def prepare_data_root(args: argparse.Namespace, workdir: Path) -> tuple[Path, dict[str, Any]]:
     """The dataset folder: ``--data-root``, or synthetic slices generated into ``workdir``."""
     if not args.synthetic:
@@ -283,10 +273,9 @@ def count_flops(cfg: Any, device: torch.device, batch_size: int, image_size: int
     from hydra.utils import instantiate
     from torch.utils.flop_counter import FlopCounterMode
 
-    from bts_lightning.models import build_model
     from bts_lightning.preprocessing import standardize
 
-    net = build_model(**network_kwargs(cfg.model)).to(device).train()
+    net = instantiate(cfg.model.net).to(device).train()
     criterion = instantiate(cfg.loss)
     aux_weight = float(cfg.model.get("aux_loss_weight", 0.4))
     images = torch.randint(0, 256, (batch_size, 1, image_size, image_size), dtype=torch.uint8, device=device)
@@ -312,13 +301,12 @@ def bench_bare(cfg: Any, precision: str, args: argparse.Namespace) -> dict[str, 
     """(1) The ceiling: plain PyTorch training steps over device-resident uint8 batches."""
     from hydra.utils import instantiate
 
-    from bts_lightning.models import build_model
     from bts_lightning.preprocessing import standardize
 
     device = args.device
     dtype, use_scaler = precision_settings(precision)
     torch.manual_seed(cfg.seed)
-    net = build_model(**network_kwargs(cfg.model)).to(device).train()
+    net = instantiate(cfg.model.net).to(device).train()
     criterion = instantiate(cfg.loss)
     optimizer = instantiate(cfg.optimizer)(params=net.parameters())
     scaler = torch.amp.GradScaler(device.type) if use_scaler else None
@@ -362,9 +350,7 @@ def bench_bare(cfg: Any, precision: str, args: argparse.Namespace) -> dict[str, 
             step(i)
         synchronize(device)
         values.append(args.steps * args.batch_size / (time.perf_counter() - start))
-    peak = peak_memory_gb(device)
-    del net, optimizer, batches
-    return {"images_per_s": summary(values), "peak_memory_gb": peak}
+    return {"images_per_s": summary(values), "peak_memory_gb": peak_memory_gb(device)}
 
 
 class ThroughputTimer(Callback):
@@ -406,15 +392,13 @@ def bench_lightning(cfg: Any, datamodule: Any, args: argparse.Namespace) -> dict
     import lightning as L
     from hydra.utils import instantiate
 
-    from bts_lightning.callbacks import EpochSeed, MetricHistory, NonFiniteLossGuard
-    from bts_lightning.segmentation_module import SegmentationModule
+    from bts_lightning.train import build_module
 
     device = args.device
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = SegmentationModule(cfg.model, cfg.loss, cfg.optimizer, cfg.get("scheduler"))
+    module = build_module(cfg)
     timer = ThroughputTimer(args.lightning_warmup, device, args.sync_every_batch)
-    callbacks = [*(instantiate(c) for c in cfg.callbacks.values() if c),
-                 MetricHistory(), EpochSeed(cfg.seed), NonFiniteLossGuard(), timer]
+    callbacks = [*(instantiate(c) for c in cfg.callbacks.values() if c), timer]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)
     reset_memory(device)
     with warnings.catch_warnings():
@@ -485,13 +469,13 @@ def inference_path() -> tuple[str, Callable[[Any, torch.device], Callable[[np.nd
 
 def bench_inference(cfg: Any, precision: str, args: argparse.Namespace) -> dict[str, Any]:
     """(5) Probabilities through predict's path: uint8 host batch in, float32 host probabilities out."""
-    from bts_lightning.segmentation_module import SegmentationModule
+    from hydra.utils import instantiate
 
     device = args.device
     dtype, _ = precision_settings(precision)
     path, make = inference_path()
     torch.manual_seed(cfg.seed)
-    module = SegmentationModule(cfg.model, cfg.loss, cfg.optimizer, None)
+    module = instantiate(cfg.model, _recursive_=False, scheduler=None)
     run = make(module, device)
     rng = np.random.default_rng(0)
     batch = rng.integers(0, 256, (args.batch_size, 1, args.image_size, args.image_size), dtype=np.uint8)
@@ -555,8 +539,8 @@ def judge_targets(rows: list[dict[str, Any]], data_ips: float | None, judged: bo
 def versions_lines(meta: dict[str, Any]) -> list[str]:
     machine, versions = meta["machine"], meta["versions"]
     return [
-        f"device: {machine['device']} ({machine['gpu'] or machine['cpu']}), "
-        f"{machine['cpu_cores_usable']} usable CPU cores, default loader workers {machine['default_num_workers']}",
+        (f"device: {machine['device']} ({machine['gpu'] or machine['cpu']}), "
+        f"{machine['cpu_cores_usable']} usable CPU cores, default loader workers {machine['default_num_workers']}"),
         "versions: " + ", ".join(f"{name} {value}" for name, value in versions.items()),
     ]
 
@@ -694,7 +678,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             results["data"] = bench_data(datamodule, args)
             data_ips = results["data"]["images_per_s"]["median"]
             log(f"data pipeline: {data_ips:.1f} img/s")
-        except Exception as error:  # record and carry on with the other measurements
+        except Exception as error:  # noqa: BLE001 - record and carry on with the other measurements
             errors.append(f"data: {error!r}")
             results["data"], data_ips = {"error": repr(error)}, None
 
@@ -704,7 +688,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             try:
                 cfg = compose_config(model, args.precisions[0], data_root, args, workdir / "runs" / model)
                 per_model["flops"] = count_flops(cfg, device, args.batch_size, args.image_size)
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001 - record and carry on
                 errors.append(f"{model} flops: {error!r}")
                 per_model["flops"] = {"error": repr(error)}
             reset_memory(device)
@@ -713,19 +697,19 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                 cfg = compose_config(model, precision, data_root, args, workdir / "runs" / f"{model}-{precision}")
                 entry: dict[str, Any] = {}
                 per_model[precision] = entry
-                for name, measure in (("bare", lambda: bench_bare(cfg, precision, args)),
-                                      ("lightning", lambda: bench_lightning(cfg, datamodule, args)),
-                                      ("inference", lambda: bench_inference(cfg, precision, args))):
+                for name, measure in (("bare", partial(bench_bare, cfg, precision, args)),
+                                      ("lightning", partial(bench_lightning, cfg, datamodule, args)),
+                                      ("inference", partial(bench_inference, cfg, precision, args))):
                     log(f"{model} {precision}: {name}")
                     try:
                         entry[name] = measure()
                         log(f"{model} {precision}: {name} {entry[name]['images_per_s']['median']:.1f} img/s")
-                    except Exception as error:
+                    except Exception as error:  # noqa: BLE001 - record and carry on
                         errors.append(f"{model} {precision} {name}: {error!r}")
                         entry[name] = {"error": repr(error)}
                     reset_memory(device)
 
-                def median(name: str) -> float | None:
+                def median(name: str, entry: dict[str, Any] = entry) -> float | None:
                     return (entry[name].get("images_per_s") or {}).get("median")
 
                 bare, lightning_ips = median("bare"), median("lightning")
@@ -747,7 +731,6 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                     "pct_of_bf16_peak": 100 * achieved / peak_tflops if achieved and peak_tflops else None,
                     "repeats": args.repeats,
                 })
-        del datamodule
 
     results["targets"] = judge_targets(results["rows"], data_ips, judged=device.type == "cuda" and not args.tiny)
     return results
@@ -763,11 +746,11 @@ def report(results: dict[str, Any]) -> str:
         f"command: `{meta['command']}`  ",
         f"date: {meta['date']}  ",
         *(f"{line}  " for line in versions_lines(meta)),
-        f"data: {meta['data']['kind']} {meta['data']['root']} ({meta['data'].get('train_slices')} train slices), "
+        (f"data: {meta['data']['kind']} {meta['data']['root']} ({meta['data'].get('train_slices')} train slices), "
         f"image {settings['image_size']} px, batch {settings['batch_size']}, {settings['steps']} timed steps x "
-        f"{settings['repeats']} repeat(s) after {settings['warmup']} warm-up; medians shown  ",
-        f"bf16 matmul peak (n={results['matmul_bf16']['n']}): {peak['median']:.3f} TFLOP/s median of "
-        f"{[round(v, 3) for v in peak['repeats']]}  ",
+        f"{settings['repeats']} repeat(s) after {settings['warmup']} warm-up; medians shown  "),
+        (f"bf16 matmul peak (n={results['matmul_bf16']['n']}): {peak['median']:.3f} TFLOP/s median of "
+        f"{[round(v, 3) for v in peak['repeats']]}  "),
         "",
         markdown_table(results["rows"]),
     ]

@@ -1,9 +1,9 @@
 """Load a training checkpoint for inference, without the training config.
 
-A checkpoint written by ``bts_lightning.train`` holds the module's configs as hyperparameters
-(model, loss, optimizer, scheduler) and the network weights in its state dict, so the file alone
-rebuilds the :class:`~bts_lightning.segmentation_module.SegmentationModule`. Pretrained-weight
-names (``model.weights``) are cleared first: the state dict already holds the trained weights,
+A checkpoint written by ``bts_lightning.train`` holds the module's plain configs as hyperparameters
+(net, loss, optimizer, scheduler and the module's own settings) and the network weights in its state
+dict, so the file alone rebuilds the :class:`~bts_lightning.segmentation_module.SegmentationModule`.
+Pretrained-weight names (``model.net.weights``) are cleared first: the state dict already holds the trained weights,
 so nothing is ever downloaded to load a checkpoint.
 """
 
@@ -17,10 +17,13 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from bts_lightning.errors import BtsError
+from bts_lightning.errors import BtsError, first_line
+from bts_lightning.runtime import user_error_of
 from bts_lightning.segmentation_module import SegmentationModule
 
-_REQUIRED_HPARAMS = ("model", "loss", "optimizer")
+_REQUIRED_HPARAMS = ("net", "loss", "optimizer")
+# Module settings that checkpoints written before the model config became the module's kept in "model".
+_LEGACY_MODULE_KEYS = ("compile", "freeze_backbone_epochs", "aux_loss_weight")
 
 
 class CheckpointError(BtsError):
@@ -39,11 +42,13 @@ def read_checkpoint(ckpt_path: str | Path, map_location: str | torch.device = "c
         raise CheckpointError(f"Checkpoint {path} {where}; pass ckpt_path=PATH/TO/best.ckpt from a training run.")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # corrupt file, not a torch file, unsupported pickled objects...
+    except Exception as error:  # noqa: BLE001 - corrupt file, not a torch file, unsupported pickled objects...
         raise CheckpointError(
-            f"Checkpoint {path} could not be read ({type(error).__name__}): {_first_line(error)}"
+            f"Checkpoint {path} could not be read ({type(error).__name__}): {first_line(error)}"
         ) from None
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if isinstance(hparams, dict) and isinstance(hparams.get("model"), dict) and "net" not in hparams:
+        hparams = checkpoint["hyper_parameters"] = upgrade_hparams(hparams)
     if not isinstance(hparams, dict) or "state_dict" not in checkpoint or any(
         not isinstance(hparams.get(key), dict) for key in _REQUIRED_HPARAMS
     ):
@@ -54,40 +59,52 @@ def read_checkpoint(ckpt_path: str | Path, map_location: str | torch.device = "c
     return checkpoint
 
 
+def upgrade_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
+    """Hyperparameters of an older checkpoint (``model: {name, ...}``) in today's layout (``net: {_target_, ...}``)."""
+    upgraded = {key: value for key, value in hparams.items() if key != "model"}
+    model = dict(hparams["model"])
+    for key in _LEGACY_MODULE_KEYS:
+        if key in model:
+            upgraded[key] = model.pop(key)
+    upgraded["net"] = {"_target_": "bts_lightning.models.build_model", **model}
+    return upgraded
+
+
 def load_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu") -> SegmentationModule:
     """Rebuild the :class:`SegmentationModule` of a checkpoint, in eval mode, on ``map_location``.
 
-    ``model.weights`` is set to ``None`` before the network is built (the trained weights come from
-    the state dict), so loading never downloads anything; ``model.compile`` is switched off, so a
+    ``net.weights`` is set to ``None`` before the network is built (the trained weights come from
+    the state dict), so loading never downloads anything; ``compile`` is switched off, so a
     network trained compiled runs eagerly (no recompilation for every new batch shape, no compiler needed).
     """
     checkpoint = read_checkpoint(ckpt_path, map_location)
     hparams = copy.deepcopy(checkpoint["hyper_parameters"])
-    hparams["model"]["weights"] = None
-    hparams["model"]["compile"] = False
+    hparams["net"]["weights"] = None
+    hparams["compile"] = False
     try:
-        module = SegmentationModule(hparams["model"], hparams["loss"], hparams["optimizer"], hparams.get("scheduler"))
+        module = SegmentationModule(**hparams)
         module.load_state_dict(checkpoint["state_dict"])
-    except BtsError:
-        raise
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - whatever fails, the checkpoint does not rebuild its module
+        user_error = user_error_of(error)
+        if user_error is not None:
+            raise user_error from None
         raise CheckpointError(
             f"Checkpoint {ckpt_path} does not match the model it describes ({type(error).__name__}): "
-            f"{_first_line(error)}"
+            f"{first_line(error)}"
         ) from None
     return module.to(map_location).eval()
 
 
-# Model keys that do not change the network's parameters: a resumed run may change them.
-_RESUMABLE_MODEL_KEYS = ("weights", "compile", "freeze_backbone_epochs", "aux_loss_weight")
+# Network keys that do not change the network's parameters: a resumed run may change them.
+_RESUMABLE_NET_KEYS = ("weights",)
 
 
-def resolve_resume(ckpt_path: str | Path | None, run_dir: str | Path, model: Mapping[str, Any]) -> Path | None:
+def resolve_resume(ckpt_path: str | Path | None, run_dir: str | Path, net: Mapping[str, Any]) -> Path | None:
     """The checkpoint a training run resumes from, checked before anything is fitted.
 
     ``None`` = start fresh. ``last`` = ``RUN_DIR/checkpoints/last.ckpt``, which must exist (resuming
     happens in the killed run's own directory). The file must be a readable bts_lightning checkpoint
-    of the same network as ``model`` (keys in ``_RESUMABLE_MODEL_KEYS`` may differ). Raises
+    of the same network as ``net`` (the ``model.net`` config; ``weights`` may differ). Raises
     :class:`CheckpointError` otherwise, naming the file and what to do.
     """
     if ckpt_path is None or str(ckpt_path) == "":
@@ -101,12 +118,12 @@ def resolve_resume(ckpt_path: str | Path | None, run_dir: str | Path, model: Map
             )
     else:
         path = Path(ckpt_path)
-    stored = read_checkpoint(path)["hyper_parameters"]["model"]
-    wanted = dict(model)
+    stored = read_checkpoint(path)["hyper_parameters"]["net"]
+    wanted = dict(net)
     differences = [
-        f"model.{key}: {stored.get(key)!r} in the checkpoint, {wanted.get(key)!r} now"
+        f"model.net.{key}: {stored.get(key)!r} in the checkpoint, {wanted.get(key)!r} now"
         for key in sorted(set(stored) | set(wanted), key=str)
-        if key not in _RESUMABLE_MODEL_KEYS and stored.get(key) != wanted.get(key)
+        if key not in _RESUMABLE_NET_KEYS and stored.get(key) != wanted.get(key)
     ]
     if differences:
         raise CheckpointError(
@@ -127,7 +144,7 @@ def training_image_size(ckpt_path: str | Path) -> int | None:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         size = checkpoint.get("datamodule_hyper_parameters", {}).get("image_size")
-    except Exception:  # not a readable checkpoint: loading it reports that properly
+    except Exception:  # noqa: BLE001 - not a readable checkpoint: loading it reports that properly
         size = None
     if size is None:
         size = _image_size_from_run_config(path)
@@ -142,11 +159,6 @@ def _image_size_from_run_config(path: Path) -> Any:
         try:
             return OmegaConf.select(OmegaConf.load(config_file), "data.image_size", default=None,
                                     throw_on_resolution_failure=False)
-        except Exception:  # unreadable or unresolvable config: no hint, not an error
+        except Exception:  # noqa: BLE001 - unreadable or unresolvable config: no hint, not an error
             return None
     return None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else "no details"

@@ -29,3 +29,9 @@ def format_names(names: list[str], limit: int = 10) -> str:
     if len(names) > limit:
         shown += f", ... ({len(names) - limit} more)"
     return shown
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of ``str(error)``, at most ``limit`` characters (the error's type name when empty)."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__

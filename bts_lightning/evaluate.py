@@ -2,9 +2,11 @@
 
 Loads a checkpoint (or an exported model) without its training config, predicts every slice of
 the chosen split (``all`` = every slice, training slices included) at ``data.image_size``, and
-writes into the run directory (``logs/evaluate/runs/<time>/``). The data root, split settings and
-image size come from the checkpoint unless overridden, and the scored slices are checked against
-the trained split (:mod:`bts_lightning.trained_split`). Files written:
+writes into the run directory (``logs/evaluate/runs/<time>/``). The data root and split settings
+come from the checkpoint unless overridden, and the scored slices are checked against the trained
+split (:mod:`bts_lightning.trained_split`). ``data.image_size`` defaults to the size the model was
+trained at, from the model file's contract (:class:`bts_lightning.inference.ModelContract`; exported
+files embed it), and an explicit one that differs is warned about. Files written:
 
 - ``per_image.csv``: stem, label, tumor_type, dice, iou, precision, recall, hd95, area_true, area_pred;
 - ``metrics.json``: mean, std (population) and median of every column over all images, the same
@@ -13,29 +15,20 @@ the trained split (:mod:`bts_lightning.trained_split`). Files written:
 - ``worst_slices.png``: image | truth | prediction | overlay panels of the ``worst_k`` lowest-Dice
   slices (ties: larger HD95 first).
 
-Metrics are per image, for the tumor class, on binary masks at the evaluation size; HD95 (MONAI
-``compute_hausdorff_distance``, percentile 95, symmetric, between mask edges) and areas are in
-pixels of that size.
-
-Empty-case policy (no image is ever dropped from a mean; nothing is NaN):
-
-- truth and prediction both empty (correctly tumor-free): Dice = IoU = precision = recall = 1, HD95 = 0;
-- truth non-empty, prediction empty (missed tumor): Dice = IoU = precision = recall = 0, HD95 = image diagonal;
-- truth empty, prediction non-empty (false alarm): Dice = IoU = precision = recall = 0, HD95 = image diagonal.
-
-So an undefined ratio (0/0) is 1 only on an image that is entirely right and 0 on an image that is
-wrong: a missed tumor or a false alarm is never rewarded by the metric that cannot see its error.
-The diagonal, ``sqrt(H**2 + W**2)``, is larger than any distance inside the image, so a miss always
-scores worse than any detection. ``metrics.json["cases"]`` counts each case.
+Metrics are per image, for the tumor class, on binary masks at the evaluation size, computed by
+:func:`bts_lightning.metrics.image_metrics`: Dice and IoU through the same function as the training
+metric (so they agree with training's ``val/dice``/``test/dice`` on the same masks); HD95 and areas
+in pixels of that size.
+The empty-case policy (both empty: ratios 1, HD95 0; a missed tumor or a false alarm: ratios 0,
+HD95 = image diagonal; no image dropped, nothing NaN) is described in :mod:`bts_lightning.metrics`;
+``metrics.json["cases"]`` counts each case.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
-import math
 import time
-import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,17 +36,14 @@ from typing import Any
 
 import cv2
 import numpy as np
-import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
-from monai.metrics import compute_hausdorff_distance
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from bts_lightning.checkpoint import training_image_size
 from bts_lightning.data.dataset import SliceDataset
 from bts_lightning.errors import ConfigError
-from bts_lightning.inference import InferenceOptions, check_input_size, load_predictor, resolve_device
+from bts_lightning.inference import InferenceOptions, check_input_size, contract_of, load_predictor, resolve_device
+from bts_lightning.metrics import image_metrics
 from bts_lightning.runtime import atomic_path, hydra_app, make_directory, write_json_atomic
 from bts_lightning.trained_split import (
     check_scored_slices,
@@ -81,42 +71,6 @@ def tumor_type(label: str | int | None) -> str | None:
         return None
     text = str(label).strip()
     return LABEL_NAMES.get(text, text)
-
-
-def hausdorff95(prediction: np.ndarray, truth: np.ndarray) -> float:
-    """Symmetric 95th-percentile Hausdorff distance (pixels) between two non-empty binary masks."""
-    one_hot = [F.one_hot(torch.as_tensor(m.astype(np.int64))[None], 2).permute(0, 3, 1, 2) for m in (prediction, truth)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # MONAI 1.5+ deprecation inside its own helper
-        distance = compute_hausdorff_distance(*one_hot, include_background=False, percentile=95)
-    return float(distance[0, 0])
-
-
-def image_metrics(prediction: np.ndarray, truth: np.ndarray) -> dict[str, float | int]:
-    """Tumor-class Dice, IoU, precision, recall, HD95 and areas of one binary (H, W) prediction.
-
-    Empty cases follow the module's policy: both empty -> ratios 1, HD95 0; exactly one empty
-    -> ratios 0, HD95 = image diagonal.
-    """
-    predicted, true = np.asarray(prediction) > 0, np.asarray(truth) > 0
-    if predicted.shape != true.shape or predicted.ndim != 2:
-        raise ValueError(f"prediction {predicted.shape} and truth {true.shape} must be the same 2-D shape")
-    area_pred, area_true = int(predicted.sum()), int(true.sum())
-    if area_pred == 0 and area_true == 0:
-        scores = {"dice": 1.0, "iou": 1.0, "precision": 1.0, "recall": 1.0, "hd95": 0.0}
-    elif area_pred == 0 or area_true == 0:
-        diagonal = math.hypot(*true.shape)
-        scores = {"dice": 0.0, "iou": 0.0, "precision": 0.0, "recall": 0.0, "hd95": diagonal}
-    else:
-        overlap = int(np.logical_and(predicted, true).sum())
-        scores = {
-            "dice": 2 * overlap / (area_pred + area_true),
-            "iou": overlap / (area_pred + area_true - overlap),
-            "precision": overlap / area_pred,
-            "recall": overlap / area_true,
-            "hd95": hausdorff95(predicted, true),
-        }
-    return {**scores, "area_true": area_true, "area_pred": area_pred}
 
 
 def describe(values: list[float]) -> dict[str, float]:
@@ -231,7 +185,7 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[st
     device = resolve_device(cfg.get("device", "auto"))
     predictor = load_predictor(ckpt_path, device)  # before the data: a bad checkpoint fails fast
 
-    record, trained_at = stored_split(ckpt_path), training_image_size(ckpt_path)
+    record, trained_at = stored_split(ckpt_path), contract_of(predictor).image_size
     if overrides is None:  # a config built in Python: its data settings are all deliberate
         keys, data = {"data"}, cfg.data
     else:
@@ -242,7 +196,7 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[st
     datamodule.setup("test")
     dataset = select_split(datamodule, split)
     if trained_at is not None and trained_at != datamodule.image_size:
-        log.warning("The checkpoint was trained at %d px but data.image_size=%d; pass data.image_size=%d to match.",
+        log.warning("The model was trained at %d px but data.image_size=%d; pass data.image_size=%d to match.",
                     trained_at, datamodule.image_size, trained_at)
     ids = [dataset.stem(position) for position in range(len(dataset))]
     scored = check_scored_slices(split, ids, record, explicit_data(keys), datamodule.split_record())

@@ -5,8 +5,14 @@ intensity scale (the per-image standardization is part of the graph) and returns
 probabilities (N, H, W) (softmax channel 1). Batch size, height and width are dynamic (U-Net
 needs H and W divisible by the product of its strides, 16 by default). Auxiliary heads are left out.
 
-:func:`load_exported` turns an exported file back into a callable ``images -> probabilities``
-(ONNX through onnxruntime, TorchScript through ``torch.jit.load``).
+The file carries its preprocessing contract (:class:`bts_lightning.inference.ModelContract`: the
+training ``image_size``, channels, normalization, model name) as JSON: in the ONNX model's
+``metadata_props`` (key ``bts_lightning.contract``) or as the TorchScript extra file
+``bts_lightning_contract.json``. So ``predict``/``evaluate`` on a copied ``model.onnx`` use the size it
+was trained at.
+
+This module only writes files; :func:`bts_lightning.inference.load_predictor` loads them (ONNX through
+onnxruntime, TorchScript through ``torch.jit.load``), also for the check against PyTorch after export.
 """
 
 from __future__ import annotations
@@ -24,8 +30,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from bts_lightning.checkpoint import load_module
-from bts_lightning.errors import BtsError, ConfigError
+from bts_lightning.errors import BtsError, ConfigError, first_line
+from bts_lightning.inference import (
+    EXPORT_FORMATS,
+    INPUT_NAME,
+    INSTALL_HINT,
+    ONNX_CONTRACT_KEY,
+    OUTPUT_NAME,
+    TORCHSCRIPT_CONTRACT_FILE,
+    ModelContract,
+    ModulePredictor,
+    load_predictor,
+)
 from bts_lightning.preprocessing import standardize
 from bts_lightning.runtime import hydra_app, make_directory, write_bytes_atomic
 
@@ -33,13 +49,13 @@ log = logging.getLogger(__name__)
 
 
 # format -> file suffixes it is written with (the first is the default).
-FORMATS = {"onnx": (".onnx",), "torchscript": (".pt", ".ts")}
-INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
+FORMATS = EXPORT_FORMATS
 DYNAMIC_AXES = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: {0: "batch", 1: "height", 2: "width"}}
 ONNX_EXPORTERS = ("legacy", "dynamo")
 # Largest |exported - PyTorch| probability accepted by the check after export.
 VERIFY_TOLERANCE = 1e-3
-INSTALL_HINT = 'pip install -e ".[export]"'
+# Tracing size when neither image_size nor the checkpoint's training size is known.
+DEFAULT_IMAGE_SIZE = 256
 
 
 class ProbabilityModel(nn.Module):
@@ -77,7 +93,9 @@ def _quiet_tracing() -> Iterator[None]:
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message=r".*(legacy TorchScript-based ONNX export|will be removed|instance_norm).*")
+        warnings.filterwarnings(
+            "ignore", message=r".*(legacy TorchScript-based ONNX export|will be removed|instance_norm).*"
+        )
         yield
 
 
@@ -91,7 +109,7 @@ def resolve_format(format: str | None, output: str | Path | None) -> str:
     if output is not None and Path(output).suffix.lower() not in FORMATS[format]:
         raise ConfigError(
             f"output={output} does not end in {' or '.join(FORMATS[format])} for format={format} "
-            "(load_exported, predict and evaluate pick the runtime by suffix)."
+            "(load_predictor, predict and evaluate pick the runtime by suffix)."
         )
     return format
 
@@ -133,6 +151,7 @@ def export_model(
     image_size: int = 256,
     opset: int = 17,
     onnx_exporter: str = "legacy",
+    contract: ModelContract | None = None,
 ) -> Path:
     """Export ``module`` (a SegmentationModule) to ``output``; the file appears only when complete.
 
@@ -147,6 +166,8 @@ def export_model(
         image_size: side of the square example input used for tracing (any size works afterwards).
         opset: ONNX opset (>= 17).
         onnx_exporter: ``legacy`` (TorchScript-based, fast) or ``dynamo`` (``torch.export``-based).
+        contract: the preprocessing contract written into the file; None = the module's network facts
+            with an unknown training ``image_size`` (the export app passes the checkpoint's, size included).
     """
     output = Path(output)
     format = resolve_format(format, output)
@@ -155,6 +176,7 @@ def export_model(
     if int(opset) < 17:
         raise ConfigError(f"opset={opset} is too old; use 17 or newer.")
     make_directory(output.parent, "output")
+    contract = contract or ModelContract.from_module(module)
     model = probability_model(module)
     example = _example_input(model, int(image_size))
     with _quiet_tracing(), torch.no_grad():
@@ -164,13 +186,28 @@ def export_model(
             except ImportError:
                 raise BtsError(f"ONNX export needs the onnx package: {INSTALL_HINT}") from None
             data, used, used_opset = _onnx_bytes(model, example, int(opset), onnx_exporter)
+            data = _with_onnx_metadata(data, {ONNX_CONTRACT_KEY: contract.to_json()})
             log.info("Exported with the %s ONNX exporter (opset %s)", used, used_opset)
         else:
             script_file = io.BytesIO()
-            torch.jit.save(torch.jit.trace(model, (example,), check_trace=False), script_file)
+            torch.jit.save(torch.jit.trace(model, (example,), check_trace=False), script_file,
+                           _extra_files={TORCHSCRIPT_CONTRACT_FILE: contract.to_json()})
             data = script_file.getvalue()
     write_bytes_atomic(output, data)
     return output
+
+
+def _with_onnx_metadata(data: bytes, metadata: dict[str, str]) -> bytes:
+    """The serialized ONNX model ``data`` with ``metadata`` set in its ``metadata_props`` (replacing same keys)."""
+    import onnx
+
+    proto = onnx.ModelProto()
+    proto.ParseFromString(data)
+    kept = [(entry.key, entry.value) for entry in proto.metadata_props if entry.key not in metadata]
+    del proto.metadata_props[:]
+    for key, value in [*kept, *metadata.items()]:
+        proto.metadata_props.add(key=key, value=value)
+    return proto.SerializeToString()
 
 
 def _example_input(model: nn.Module, image_size: int) -> torch.Tensor:
@@ -182,10 +219,10 @@ def _example_input(model: nn.Module, image_size: int) -> torch.Tensor:
     try:
         with torch.no_grad():
             model(example)
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001  (whatever the network raises for a shape it cannot take)
         raise ConfigError(
             f"The model does not run on {image_size}x{image_size} inputs ({type(error).__name__}: "
-            f"{str(error).strip().splitlines()[0] if str(error).strip() else 'no details'}); choose another image_size "
+            f"{first_line(error)}); choose another image_size "
             "(U-Net needs a multiple of the product of its strides, 16 by default)."
         ) from None
     return example
@@ -199,99 +236,6 @@ def max_difference(module: nn.Module, exported: Any, image_size: int, batch_size
     return float((exported(images).cpu() - expected).abs().max())
 
 
-# ---------------------------------------------------------------------------------------- loading
-
-
-class ExportedModel:
-    """Callable over an exported file: float (N, 1, H, W) images -> tumor probabilities (N, H, W).
-
-    Returns a float32 tensor on the input's device (computation runs where the runtime does:
-    onnxruntime's CUDA provider when installed and available, else CPU; TorchScript on the input's device).
-    """
-
-    def __init__(self, path: str | Path, device: str | torch.device | None = "auto") -> None:
-        self.path = Path(path)
-        if not self.path.is_file():
-            where = "is a directory" if self.path.is_dir() else "does not exist"
-            raise BtsError(f"Exported model {self.path} {where}.")
-        suffix = self.path.suffix.lower()
-        self.format = next((name for name, suffixes in FORMATS.items() if suffix in suffixes), None)
-        if self.format is None:
-            known = ", ".join(s for suffixes in FORMATS.values() for s in suffixes)
-            raise BtsError(f"Exported model {self.path}: unknown format {suffix or '(no suffix)'!r}; expected {known}.")
-        use_cuda = _wants_cuda(device)
-        if self.format == "onnx":
-            self._session, self._input_name, self.providers = _onnx_session(self.path, use_cuda)
-        else:
-            self.providers = []
-            self._device = torch.device("cuda" if use_cuda else "cpu")
-            try:
-                with _quiet_tracing():
-                    self._module = torch.jit.load(str(self.path), map_location=self._device).eval()
-            except Exception as error:
-                raise BtsError(f"Exported model {self.path} could not be loaded as TorchScript: {_first_line(error)}") from None
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        images = torch.as_tensor(images)
-        if images.ndim != 4 or images.shape[1] != 1:
-            raise ValueError(f"expected an (N, 1, H, W) batch, got shape {tuple(images.shape)}")
-        if self.format == "onnx":
-            array = images.detach().to("cpu", torch.float32).contiguous().numpy()
-            (probabilities,) = self._session.run([OUTPUT_NAME], {self._input_name: array})
-            return torch.from_numpy(probabilities).to(images.device)
-        with torch.no_grad():
-            return self._module(images.to(self._device, torch.float32)).float().to(images.device)
-
-    def __repr__(self) -> str:
-        return f"ExportedModel({str(self.path)!r}, format={self.format!r})"
-
-
-def _wants_cuda(device: str | torch.device | None) -> bool:
-    if device is None or str(device) == "auto":
-        return torch.cuda.is_available()
-    try:
-        wanted = torch.device(device).type == "cuda"
-    except (RuntimeError, TypeError):
-        raise BtsError(f"device={device!r} is not a device name (use auto, cpu or cuda).") from None
-    if wanted and not torch.cuda.is_available():
-        raise BtsError(f"device={device} was asked for but CUDA is not available here; use auto or cpu.")
-    return wanted
-
-
-def _onnx_session(path: Path, use_cuda: bool) -> tuple[Any, str, list[str]]:
-    try:
-        import onnxruntime
-    except ImportError:
-        raise BtsError(f"Running ONNX model {path} needs onnxruntime: {INSTALL_HINT}") from None
-    available = onnxruntime.get_available_providers()
-    wanted = (["CUDAExecutionProvider"] if use_cuda else []) + ["CPUExecutionProvider"]
-    providers = [p for p in wanted if p in available] or available
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3  # errors only
-    try:
-        session = onnxruntime.InferenceSession(str(path), sess_options=options, providers=providers)
-    except Exception as error:
-        raise BtsError(f"Exported model {path} could not be loaded by onnxruntime: {_first_line(error)}") from None
-    return session, session.get_inputs()[0].name, session.get_providers()
-
-
-def load_exported(path: str | Path, device: str | torch.device | None = "auto") -> ExportedModel:
-    """A callable images (N, 1, H, W) float tensor -> tumor probabilities (N, H, W) for an exported file.
-
-    ``.onnx`` runs in onnxruntime (CUDA provider when available, else CPU), ``.pt``/``.ts`` through
-    ``torch.jit.load``. ``device``: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
-
-    Raises:
-        BtsError: the file is missing, its suffix unknown, unreadable, or onnxruntime is not installed.
-    """
-    return ExportedModel(path, device)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else type(error).__name__
-
-
 # ------------------------------------------------------------------------------------------- app
 
 
@@ -302,12 +246,19 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     output = cfg.get("output")
     format = resolve_format(cfg.get("format"), output)
     output = Path(str(output)) if output else Path(cfg.paths.output_dir) / f"model{FORMATS[format][0]}"
-    module = load_module(str(cfg.ckpt_path), map_location="cpu")
-    image_size = int(cfg.get("image_size", 256))
-    export_model(module, output, format, image_size, int(cfg.get("opset", 17)), str(cfg.get("onnx_exporter", "legacy")))
-    summary: dict[str, Any] = {"output": str(output), "format": format, "model": module.hparams.model.get("name")}
+    predictor = load_predictor(str(cfg.ckpt_path), device="cpu")
+    if not isinstance(predictor, ModulePredictor):
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path} is an exported model already; export the training checkpoint "
+                          "(RUN/checkpoints/best.ckpt) it came from.")
+    module, contract = predictor.module, predictor.contract
+    image_size = cfg.get("image_size")
+    image_size = int(image_size) if image_size is not None else contract.image_size or DEFAULT_IMAGE_SIZE
+    export_model(module, output, format, image_size, int(cfg.get("opset", 17)), str(cfg.get("onnx_exporter", "legacy")),
+                 contract)
+    summary: dict[str, Any] = {"output": str(output), "format": format, "model": contract.model,
+                               "contract": contract.to_dict()}
     if cfg.get("verify", True):
-        difference = max_difference(module, load_exported(output, device="cpu"), image_size)
+        difference = max_difference(module, load_predictor(output, device="cpu"), image_size)
         summary["max_abs_difference"] = difference
         if not difference <= VERIFY_TOLERANCE:
             raise BtsError(

@@ -1,16 +1,32 @@
-"""Batched tumor-probability prediction, flip test-time augmentation, thresholding, postprocessing.
+"""The one inference boundary: model files -> tumor probabilities -> masks.
 
 A *predictor* is any callable taking a float (N, 1, H, W) batch of slices (any intensity scale;
-CPU tensor) and returning tumor probabilities (N, H, W) (tensor on any device, or array). A
-training checkpoint gives one through :class:`ModulePredictor`; exported models (``.onnx``,
-``.pt``, ``.ts``) give one through ``bts_lightning.export.load_exported``. :func:`load_predictor`
-picks by file suffix, so ``evaluate`` and ``predict`` run from either.
+CPU tensor) and returning tumor probabilities (N, H, W) (tensor on any device, or array).
+:func:`load_predictor` gives one for every model file, picking the runtime by suffix:
+
+- ``.ckpt``: a training checkpoint, rebuilt as a :class:`ModulePredictor`;
+- ``.onnx``: an exported ONNX model, run by onnxruntime (:class:`ExportedModel`);
+- ``.pt`` / ``.ts``: an exported TorchScript model, run by ``torch.jit.load`` (:class:`ExportedModel`).
+
+Every loaded predictor has a ``contract`` (:class:`ModelContract`): the preprocessing it expects
+(training ``image_size``, channels, per-image z-score normalization) and what it returns. A
+checkpoint's is read from the checkpoint (and its run's ``.hydra/config.yaml`` for older ones);
+``bts_lightning.export`` embeds it in exported files (ONNX ``metadata_props`` key
+:data:`ONNX_CONTRACT_KEY`, TorchScript extra file :data:`TORCHSCRIPT_CONTRACT_FILE`), so a model
+file copied away from its run still tells ``predict``/``evaluate`` the size it was trained at.
+
+Also here: the one device choice (:func:`resolve_device`), flip test-time augmentation
+(:func:`predict_probabilities`), thresholds and postprocessing (:class:`InferenceOptions`,
+:func:`postprocess`). This module only reads model files; ``bts_lightning.export`` writes them.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +34,30 @@ import cv2
 import numpy as np
 import torch
 
-from bts_lightning.checkpoint import CheckpointError, load_module
+from bts_lightning.checkpoint import CheckpointError, load_module, training_image_size
 from bts_lightning.data.io import MIN_IMAGE_SIZE
-from bts_lightning.errors import ConfigError
+from bts_lightning.errors import BtsError, ConfigError, first_line
 from bts_lightning.models import check_input_size as check_network_input_size
 from bts_lightning.segmentation_module import SegmentationModule
+
+log = logging.getLogger(__name__)
 
 Predictor = Callable[[torch.Tensor], Any]
 
 CHECKPOINT_SUFFIXES = (".ckpt",)
-EXPORTED_SUFFIXES = (".onnx", ".pt", ".ts")
+# Exported format -> file suffixes (the first is the default when writing).
+EXPORT_FORMATS = {"onnx": (".onnx",), "torchscript": (".pt", ".ts")}
+EXPORTED_SUFFIXES = tuple(suffix for suffixes in EXPORT_FORMATS.values() for suffix in suffixes)
+# Names of the exported graph's input and output.
+INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
+INSTALL_HINT = 'pip install -e ".[export]"'
+
+# Where exported files carry their contract (JSON of ModelContract.to_json()).
+ONNX_CONTRACT_KEY = "bts_lightning.contract"
+TORCHSCRIPT_CONTRACT_FILE = "bts_lightning_contract.json"
+CONTRACT_VERSION = 1
+NORMALIZATION = "per-image z-score (bts_lightning.preprocessing.standardize)"
+INPUT_NOTE = "float32 (N, 1, H, W) slices of any intensity scale (uint8, uint16 or [0, 1] give the same result)"
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -43,38 +73,232 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return resolved
 
 
+# ------------------------------------------------------------------------------------ the contract
+
+
+def _is_count(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+@dataclass(frozen=True)
+class ModelContract:
+    """The preprocessing a model file expects and what it returns; travels with exported files.
+
+    Attributes:
+        image_size: side of the square slices it was trained at (the training ``data.image_size``);
+            ``None`` when unknown (exported files older than the contract).
+        in_channels, num_classes: of the network (the model files themselves take 1-channel slices).
+        tumor_class: the softmax channel returned as tumor probability.
+        normalization: how slices are normalized (inside the model: callers pass raw intensities).
+        input: dtype, shape and intensity-scale note of the input.
+        model: registry name of the network (``unet``, ``deeplabv3``, ...), ``None`` when unknown.
+        format_version: version of this record.
+    """
+
+    image_size: int | None = None
+    in_channels: int = 1
+    num_classes: int = 2
+    tumor_class: int = 1
+    normalization: str = NORMALIZATION
+    input: str = INPUT_NOTE
+    model: str | None = None
+    format_version: int = CONTRACT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.image_size is not None and not _is_count(self.image_size, 1):
+            raise ValueError(f"image_size={self.image_size!r} must be a positive whole number or None")
+        for name, minimum in (("in_channels", 1), ("num_classes", 1), ("tumor_class", 0), ("format_version", 1)):
+            if not _is_count(getattr(self, name), minimum):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a whole number >= {minimum}")
+        if self.tumor_class >= self.num_classes:
+            raise ValueError(f"tumor_class={self.tumor_class} must be below num_classes={self.num_classes}")
+        if self.model is not None and not isinstance(self.model, str):
+            raise ValueError(f"model={self.model!r} must be a name or None")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ModelContract:
+        """Parse :meth:`to_json` output; unknown keys are ignored, a newer ``format_version`` is refused.
+
+        Raises ``ValueError`` for text that is not such a record.
+        """
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("the contract is not a JSON object")  # noqa: TRY004  (bad value, one error type)
+        version = data.get("format_version", CONTRACT_VERSION)
+        if _is_count(version, 1) and version > CONTRACT_VERSION:
+            raise ValueError(f"contract format_version {version} is newer than this bts_lightning reads "
+                             f"({CONTRACT_VERSION}); upgrade bts_lightning")
+        known = {field.name for field in fields(cls)}
+        try:
+            return cls(**{key: value for key, value in data.items() if key in known})
+        except TypeError as error:
+            raise ValueError(str(error)) from None
+
+    @classmethod
+    def from_module(cls, module: Any, image_size: int | None = None) -> ModelContract:
+        """The contract of a :class:`SegmentationModule` trained at ``image_size`` (``None``: unknown)."""
+        config = network_config(module)
+        return cls(
+            image_size=image_size,
+            in_channels=int(config.get("in_channels", 1)),
+            num_classes=int(config.get("num_classes", 2)),
+            model=None if config.get("name") is None else str(config["name"]),
+        )
+
+
+def network_config(module: Any) -> Mapping[str, Any]:
+    """The network's builder config (``hparams.net``: ``name``, ``in_channels``, ...); empty without one.
+
+    (``checkpoint.load_module`` brings older checkpoints' ``hparams.model`` into this layout.)
+    """
+    hparams = getattr(module, "hparams", None) or {}
+    config = hparams.get("net") or {}
+    return config if isinstance(config, Mapping) else {}
+
+
+def contract_of(predictor: Predictor) -> ModelContract:
+    """``predictor.contract``, or an all-unknown contract for a bare callable."""
+    contract = getattr(predictor, "contract", None)
+    return contract if isinstance(contract, ModelContract) else ModelContract()
+
+
+# ------------------------------------------------------------------------------------ predictors
+
+
 class ModulePredictor:
     """Predictor over a :class:`SegmentationModule`: moves each batch to the module's device."""
 
-    def __init__(self, module: SegmentationModule, device: str | torch.device | None = "auto") -> None:
+    def __init__(
+        self,
+        module: SegmentationModule,
+        device: str | torch.device | None = "auto",
+        contract: ModelContract | None = None,
+    ) -> None:
         self.device = resolve_device(device)
         self.module = module.to(self.device).eval()
+        self.contract = contract or ModelContract.from_module(module)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return self.module.predict_probabilities(images.to(self.device))
 
 
-def load_predictor(path: str | Path, device: str | torch.device | None = "auto") -> Predictor:
-    """A predictor for a model file: ``.ckpt`` (training checkpoint) or ``.onnx``/``.pt``/``.ts`` (export)."""
+class ExportedModel:
+    """Predictor over an exported file: float (N, 1, H, W) images -> tumor probabilities (N, H, W).
+
+    ``.onnx`` runs in onnxruntime (its CUDA provider when ``device`` is CUDA and it is installed,
+    else CPU), ``.pt``/``.ts`` through ``torch.jit.load`` on ``device``. Returns a float32 tensor on
+    the input's device. ``contract`` is the :class:`ModelContract` embedded by the exporter (an
+    all-unknown one, with a warning, for files exported before it existed).
+
+    Raises:
+        BtsError: the file is missing, its suffix unknown, it is corrupt, its contract unreadable,
+            or onnxruntime is not installed (each naming the file).
+    """
+
+    def __init__(self, path: str | Path, device: str | torch.device | None = "auto") -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            where = "is a directory" if self.path.is_dir() else "does not exist"
+            raise CheckpointError(f"Exported model {self.path} {where}.")
+        suffix = self.path.suffix.lower()
+        self.format = next((name for name, suffixes in EXPORT_FORMATS.items() if suffix in suffixes), None)
+        if self.format is None:
+            raise BtsError(f"Exported model {self.path}: unknown format {suffix or '(no suffix)'!r}; "
+                           f"expected {', '.join(EXPORTED_SUFFIXES)}.")
+        self.device = resolve_device(device)
+        if self.format == "onnx":
+            self._session, self._input_name, self.providers = _onnx_session(self.path, self.device.type == "cuda")
+            text = self._session.get_modelmeta().custom_metadata_map.get(ONNX_CONTRACT_KEY)
+        else:
+            self.providers = []
+            extra = {TORCHSCRIPT_CONTRACT_FILE: ""}
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FutureWarning)
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    self._module = torch.jit.load(str(self.path), map_location=self.device, _extra_files=extra).eval()
+            except Exception as error:  # noqa: BLE001  (any failure: a corrupt or foreign file)
+                raise BtsError(
+                    f"Exported model {self.path} could not be loaded as TorchScript: {first_line(error)}"
+                ) from None
+            text = extra[TORCHSCRIPT_CONTRACT_FILE]
+        self.contract = _read_contract(self.path, text)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        images = torch.as_tensor(images)
+        if images.ndim != 4 or images.shape[1] != 1:
+            raise ValueError(f"expected an (N, 1, H, W) batch, got shape {tuple(images.shape)}")
+        if self.format == "onnx":
+            array = images.detach().to("cpu", torch.float32).contiguous().numpy()
+            (probabilities,) = self._session.run([OUTPUT_NAME], {self._input_name: array})
+            return torch.from_numpy(probabilities).to(images.device)
+        with torch.no_grad():
+            return self._module(images.to(self.device, torch.float32)).float().to(images.device)
+
+    def __repr__(self) -> str:
+        return f"ExportedModel({str(self.path)!r}, format={self.format!r})"
+
+
+def _onnx_session(path: Path, use_cuda: bool) -> tuple[Any, str, list[str]]:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise BtsError(f"Running ONNX model {path} needs onnxruntime: {INSTALL_HINT}") from None
+    available = onnxruntime.get_available_providers()
+    wanted = (["CUDAExecutionProvider"] if use_cuda else []) + ["CPUExecutionProvider"]
+    providers = [p for p in wanted if p in available] or available
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # errors only
+    try:
+        session = onnxruntime.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as error:  # noqa: BLE001  (any failure: a corrupt or foreign file)
+        raise BtsError(f"Exported model {path} could not be loaded by onnxruntime: {first_line(error)}") from None
+    return session, session.get_inputs()[0].name, session.get_providers()
+
+
+def _read_contract(path: Path, text: str | bytes | None) -> ModelContract:
+    """The contract embedded in an exported file; all-unknown (logged) when it has none."""
+    if not text:
+        log.warning(
+            "Exported model %s carries no bts_lightning contract (exported by an older version): the image size "
+            "it was trained at is unknown; pass the size explicitly, or re-export it from its checkpoint.", path,
+        )
+        return ModelContract()
+    try:
+        return ModelContract.from_json(text)
+    except ValueError as error:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise BtsError(
+            f"Exported model {path} has an unreadable bts_lightning contract ({first_line(error)}); re-export it "
+            "from its checkpoint with python -m bts_lightning.export."
+        ) from None
+
+
+def load_predictor(path: str | Path, device: str | torch.device | None = "auto") -> ModulePredictor | ExportedModel:
+    """The predictor of a model file, by suffix: ``.ckpt`` (training checkpoint) or ``.onnx``/``.pt``/``.ts``.
+
+    ``device``: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``. The
+    predictor's ``contract`` says how it was trained (see :class:`ModelContract`).
+
+    Raises:
+        ConfigError: an unsupported suffix or device.
+        BtsError: (``CheckpointError`` for checkpoints) the file is missing, corrupt, or its runtime
+            (onnxruntime) is not installed, naming the file.
+    """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in CHECKPOINT_SUFFIXES:
         resolved = resolve_device(device)
-        return ModulePredictor(load_module(path, map_location=resolved), resolved)
+        module = load_module(path, map_location=resolved)
+        return ModulePredictor(module, resolved, ModelContract.from_module(module, training_image_size(path)))
     if suffix in EXPORTED_SUFFIXES:
-        if not path.is_file():
-            raise CheckpointError(f"Exported model {path} does not exist.")
-        try:
-            from bts_lightning.export import load_exported
-        except ImportError as error:
-            if error.name != "bts_lightning.export":
-                raise
-            raise ConfigError(
-                f"{path}: exported models ({', '.join(EXPORTED_SUFFIXES)}) need bts_lightning.export, "
-                "which this installation lacks; use the training checkpoint (.ckpt)."
-            ) from None
-        return load_exported(path, device=resolve_device(device))
+        return ExportedModel(path, device)
     supported = ", ".join(CHECKPOINT_SUFFIXES + EXPORTED_SUFFIXES)
     raise ConfigError(
         f"ckpt_path={path}: unsupported model file type {suffix or '(no suffix)'!r}; expected {supported}."
@@ -94,12 +318,17 @@ def check_input_size(predictor: Predictor, size: int, key: str) -> None:
         return
     try:
         _call(predictor, torch.zeros(1, 1, size, size))
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001  (whatever the runtime raises for a shape it cannot take)
         raise ConfigError(
             f"{key}={size}: the model cannot run on {size}x{size} slices ({type(error).__name__}: "
-            f"{str(error).strip().splitlines()[0][:200] if str(error).strip() else 'no details'}); use the size it "
-            "was trained at (U-Net: a multiple of 16 with the default strides)."
+            f"{first_line(error, 200)}); use the size it was trained at "
+            f"({_trained_size_hint(predictor)}U-Net: a multiple of 16 with the default strides)."
         ) from None
+
+
+def _trained_size_hint(predictor: Predictor) -> str:
+    size = contract_of(predictor).image_size
+    return f"{size} px for this model; " if size else ""
 
 
 def _call(predictor: Predictor, images: torch.Tensor) -> torch.Tensor:

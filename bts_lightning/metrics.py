@@ -1,22 +1,46 @@
-"""Per-image overlap metrics for the tumor class (MONAI maths, torchmetrics accumulation)."""
+"""Per-image tumor-class metrics, one definition for training, ``evaluate`` and the benchmark.
+
+Training logs :class:`MeanPerImageOverlap` (``val/dice``, ``test/dice``, ...); ``evaluate`` scores
+each slice with :func:`image_metrics`. Both take Dice and IoU from :func:`per_image_overlap` (MONAI
+maths), so a checkpoint's ``test/dice`` equals the mean Dice ``evaluate`` reports on the same masks.
+
+Metrics are per image, for the tumor class, on binary masks; HD95 (MONAI
+``compute_hausdorff_distance``, percentile 95, symmetric, between mask edges) and areas are in pixels.
+
+Empty-case policy (no image is ever dropped from a mean; nothing is NaN):
+
+- truth and prediction both empty (correctly tumor-free): Dice = IoU = precision = recall = 1, HD95 = 0;
+- truth non-empty, prediction empty (missed tumor): Dice = IoU = precision = recall = 0, HD95 = image diagonal;
+- truth empty, prediction non-empty (false alarm): Dice = IoU = precision = recall = 0, HD95 = image diagonal.
+
+So an undefined ratio (0/0) is 1 only on an image that is entirely right and 0 on an image that is
+wrong: a missed tumor or a false alarm is never rewarded by the metric that cannot see its error.
+The diagonal, ``sqrt(H**2 + W**2)``, is larger than any distance inside the image, so a miss always
+scores worse than any detection.
+"""
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.metrics import compute_dice, compute_iou
+from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou
 from torchmetrics import Metric, MetricCollection
 
 _SCORES = {"dice": compute_dice, "iou": compute_iou}
+# Names under which the module logs its validation metrics (``overlap_metrics("val/")``).
+VAL_DICE, VAL_IOU = "val/dice", "val/iou"
 
 
 def per_image_overlap(preds: torch.Tensor, target: torch.Tensor, kind: Literal["dice", "iou"]) -> torch.Tensor:
     """Tumor-class Dice or IoU of each image in a batch of binary (N, H, W) masks.
 
     An image whose truth and prediction are both empty scores 1; empty truth with a
-    non-empty prediction scores 0 (MONAI's ``ignore_empty=False``).
+    non-empty prediction scores 0 (MONAI's ``ignore_empty=False``), as the module's policy says.
     """
     one_hot = [F.one_hot(mask.long(), 2).permute(0, 3, 1, 2) for mask in (preds, target)]
     return _SCORES[kind](*one_hot, include_background=False, ignore_empty=False)[:, 0]
@@ -54,3 +78,35 @@ def overlap_metrics(prefix: str) -> MetricCollection:
     """
     metrics = {"dice": MeanPerImageOverlap("dice"), "iou": MeanPerImageOverlap("iou")}
     return MetricCollection(metrics, prefix=prefix, compute_groups=False)
+
+
+def hausdorff95(prediction: np.ndarray, truth: np.ndarray) -> float:
+    """Symmetric 95th-percentile Hausdorff distance (pixels) between two non-empty binary masks."""
+    one_hot = [F.one_hot(torch.as_tensor(m.astype(np.int64))[None], 2).permute(0, 3, 1, 2) for m in (prediction, truth)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # MONAI 1.5+ deprecation inside its own helper
+        distance = compute_hausdorff_distance(*one_hot, include_background=False, percentile=95)
+    return float(distance[0, 0])
+
+
+def image_metrics(prediction: np.ndarray, truth: np.ndarray) -> dict[str, float | int]:
+    """Tumor-class Dice, IoU, precision, recall, HD95 and areas of one binary (H, W) prediction.
+
+    Dice and IoU come from :func:`per_image_overlap` (the training metric's function); empty cases
+    follow the module's policy: both empty -> ratios 1, HD95 0; exactly one empty -> ratios 0,
+    HD95 = image diagonal.
+    """
+    predicted, true = np.asarray(prediction) > 0, np.asarray(truth) > 0
+    if predicted.shape != true.shape or predicted.ndim != 2:
+        raise ValueError(f"prediction {predicted.shape} and truth {true.shape} must be the same 2-D shape")
+    area_pred, area_true = int(predicted.sum()), int(true.sum())
+    preds, target = torch.from_numpy(predicted)[None], torch.from_numpy(true)[None]
+    scores: dict[str, float] = {kind: float(per_image_overlap(preds, target, kind)[0]) for kind in _SCORES}
+    if area_pred == 0 and area_true == 0:
+        scores.update(precision=1.0, recall=1.0, hd95=0.0)
+    elif area_pred == 0 or area_true == 0:
+        scores.update(precision=0.0, recall=0.0, hd95=math.hypot(*true.shape))
+    else:
+        overlap = int(np.logical_and(predicted, true).sum())
+        scores.update(precision=overlap / area_pred, recall=overlap / area_true, hd95=hausdorff95(predicted, true))
+    return {**scores, "area_true": area_true, "area_pred": area_pred}

@@ -9,7 +9,13 @@ training), and its tumor probabilities are resized back to the original size (bi
 thresholding and postprocessing, so ``postprocess.min_size`` counts original pixels. Options:
 ``tta=true`` (flip averaging), ``threshold=0.5``, ``postprocess.largest_component=true``,
 ``postprocess.min_size=N``. ``ckpt_path`` may be a training checkpoint (``.ckpt``) or an exported
-model (``.onnx``, ``.pt``, ``.ts``).
+model (``.onnx``, ``.pt``, ``.ts``), loaded by :func:`bts_lightning.inference.load_predictor`.
+
+``image_size`` defaults to the size the model was trained at, from the model file's contract
+(:class:`bts_lightning.inference.ModelContract`: the checkpoint's data settings, or the contract
+embedded in an exported file, so a ``model.onnx`` copied anywhere keeps it); 256 when the file does
+not record it (exports older than the contract). An explicit ``image_size`` wins, with a warning
+when it differs from the trained size.
 
 Unreadable files get one warning each and a summary, and are skipped; the exit status is 0 when
 at least one image was written, 2 (one ``error:`` line) when the input is missing, holds no
@@ -28,14 +34,14 @@ import numpy as np
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from bts_lightning.checkpoint import training_image_size
-from bts_lightning.data.discovery import IMAGE_SUFFIXES
+from bts_lightning.data.discovery import IMAGE_SUFFIXES, natural_key
 from bts_lightning.data.io import UnreadableImageError, read_grayscale, resize
 from bts_lightning.errors import ConfigError, DataError, format_names
 from bts_lightning.inference import (
     InferenceOptions,
     Predictor,
     check_input_size,
+    contract_of,
     load_predictor,
     predict_probabilities,
     resolve_device,
@@ -48,10 +54,6 @@ log = logging.getLogger(__name__)
 DEFAULT_IMAGE_SIZE = 256
 
 
-def _natural_key(path: Path) -> tuple[int, int | str, str]:
-    return (0, int(path.stem), path.name) if path.stem.isdigit() else (1, path.stem, path.name)
-
-
 def list_inputs(source: str | Path) -> list[Path]:
     """The file ``source``, or the image files directly inside folder ``source`` (natural order)."""
     path = Path(source)
@@ -62,7 +64,7 @@ def list_inputs(source: str | Path) -> list[Path]:
     files = sorted(
         (p for p in path.iterdir()
          if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")),
-        key=_natural_key,
+        key=lambda p: (natural_key(p.stem), p.name),
     )
     if not files:
         raise DataError(f"No image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {path}.")
@@ -127,16 +129,19 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     input_dir = source if source.is_dir() else source.parent
     if output_dir.resolve() == input_dir.resolve():
         raise ConfigError(f"output={output_dir} is the input folder; choose another folder so inputs stay untouched.")
-    image_size = cfg.get("image_size")
-    if image_size is None:
-        trained_at = training_image_size(ckpt_path)
-        image_size = trained_at or DEFAULT_IMAGE_SIZE
-        source_of_size = "the training run's data.image_size" if trained_at else "default; no training run config found"
-        log.info("Network input size %d px (%s)", image_size, source_of_size)
     batch_size = int(cfg.get("batch_size") or 16)
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size} must be >= 1.")
     predictor = load_predictor(ckpt_path, resolve_device(cfg.get("device", "auto")))
+    trained_at = contract_of(predictor).image_size
+    image_size = cfg.get("image_size")
+    if image_size is None:
+        image_size = trained_at or DEFAULT_IMAGE_SIZE
+        source_of_size = "the size it was trained at" if trained_at else "default; the model file does not record it"
+        log.info("Network input size %d px (%s)", image_size, source_of_size)
+    elif trained_at is not None and trained_at != image_size:
+        log.warning("The model was trained at %d px but image_size=%s; pass image_size=%d to match.",
+                    trained_at, image_size, trained_at)
     check_input_size(predictor, image_size, "image_size")
     make_directory(output_dir, "output")
 
@@ -149,7 +154,8 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     if skipped:
         log.warning("Skipped %d unreadable file(s) of %d: %s", len(skipped), len(files), format_names(skipped_names))
     log.info("Wrote %d mask(s) and overlay(s) to %s", len(written), output_dir)
-    return {"written": [str(p) for p in written], "skipped": skipped_names, "output": str(output_dir)}
+    return {"written": [str(p) for p in written], "skipped": skipped_names, "output": str(output_dir),
+            "image_size": image_size}
 
 
 main = hydra_app("predict", predict)  # entry point: bts-predict

@@ -1,4 +1,6 @@
-"""Compare training runs: ``python -m bts_lightning.report DIR [DIR ...] [--out DIR]``.
+"""Compare training runs: ``python -m bts_lightning.report dirs=DIR [out=DIR]`` (or ``bts-report``).
+
+A Hydra app (``conf/report.yaml``); several folders: ``dirs='[DIR,DIR]'``.
 
 Finds every run (a directory with ``metrics.json`` and ``.hydra/config.yaml``) under the given
 directories, groups runs that share a configuration (everything except the seeds, the validation
@@ -10,9 +12,7 @@ the split it is measured on, so it is shown but never ranks.
 
 from __future__ import annotations
 
-import argparse
 import csv
-import io
 import json
 import math
 import statistics
@@ -22,10 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
-from bts_lightning.errors import BtsError
-from bts_lightning.runtime import atomic_path, make_directory, run_app, write_bytes_atomic
+from bts_lightning.errors import BtsError, ConfigError
+from bts_lightning.runtime import as_path, atomic_path, hydra_app, make_directory, path_setting, write_bytes_atomic
+from bts_lightning.visualize import BarSeries, score_bar_chart
+
+USAGE = "python -m bts_lightning.report dirs=RUNS_DIR [out=DIR]; several folders: dirs='[DIR,DIR]'"
 
 # Config keys that do not make a different configuration: seeds, cross-validation folds, where
 # files live and settings that do not change results. Runs differing only in these are repeats.
@@ -102,11 +107,16 @@ class Run:
             return default
         try:
             value = OmegaConf.select(self.config, key, default=default, throw_on_resolution_failure=True)
-        except Exception:  # e.g. ${hydra:...} outside a Hydra app
+        except InterpolationResolutionError:  # e.g. ${hydra:...} outside a Hydra app
             value = OmegaConf.select(self.config, key, default=default, throw_on_resolution_failure=False)
         if isinstance(value, DictConfig):
             return OmegaConf.to_container(value, resolve=False)
         return OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
+
+    def model_name(self) -> str | None:
+        """The network's name: ``model.net.name``, ``model.name`` in runs made before the module/network
+        split of the model config, else metrics.json's ``model``."""
+        return self.get("model.net.name") or self.get("model.name") or self.metrics.get("model")
 
     def identity(self) -> str:
         """A canonical string of the configuration, without :data:`IGNORED_KEYS`."""
@@ -170,7 +180,7 @@ class ConfigurationRow:
             loss = "+".join(target(f"loss.terms.{name}") or name for name in run.get("loss.terms", {}))
         row: dict[str, Any] = {
             "config": self.label,
-            "model": run.get("model.name") or run.metrics.get("model"),
+            "model": run.model_name(),
             "loss": loss,
             "optimizer": target("optimizer"),
             "lr": run.get("optimizer.lr"),
@@ -235,10 +245,11 @@ def _load_run(metrics_path: Path) -> Run | str | None:
     directory = metrics_path.parent
     try:
         metrics = json.loads(metrics_path.read_text())
-        if not isinstance(metrics, dict):
-            raise ValueError("not a JSON object")
     except (OSError, ValueError) as error:
         _warn(f"skipped {metrics_path}: unreadable ({error})")
+        return None
+    if not isinstance(metrics, dict):
+        _warn(f"skipped {metrics_path}: unreadable (not a JSON object)")
         return None
     if "best_val_dice" not in metrics:
         return "other"
@@ -247,7 +258,7 @@ def _load_run(metrics_path: Path) -> Run | str | None:
     if config_path.is_file():
         try:
             config = OmegaConf.load(config_path)
-        except Exception as error:  # malformed YAML
+        except (OSError, yaml.YAMLError, OmegaConfBaseException) as error:  # unreadable, malformed YAML
             _warn(f"{config_path} is unreadable ({error}); run {directory} is reported on its own")
     else:
         _warn(f"{directory} has no .hydra/config.yaml; it is reported on its own")
@@ -255,16 +266,19 @@ def _load_run(metrics_path: Path) -> Run | str | None:
     if overrides_path.is_file():
         try:
             overrides = [str(item) for item in OmegaConf.load(overrides_path)]
-        except Exception:
+        except (OSError, yaml.YAMLError, OmegaConfBaseException):
             overrides = None
     run = Run(directory, metrics, config if isinstance(config, DictConfig) else None, overrides or [])
     return "other" if run.get("task_name", "train") != "train" else run
 
 
-def ranking_metric(rows: Sequence[ConfigurationRow]) -> str:
+def ranking_metric(rows: Sequence[ConfigurationRow], metrics: Sequence[str] = ("test/dice", "last_val_dice")) -> str:
     """What ranks the configurations: the held-out test Dice when every run has one, else the
-    last-epoch validation Dice (when every run has it), else the best validation Dice."""
-    for metric in ("test/dice", "last_val_dice"):
+    last-epoch validation Dice (when every run has it), else the best validation Dice.
+
+    ``metrics``: the candidates, in order of preference, before the best validation Dice.
+    """
+    for metric in metrics:
         if all(len(row.values(metric)) == len(row.runs) for row in rows):
             return metric
     return "best_val_dice"
@@ -303,7 +317,7 @@ def _label(rows: list[ConfigurationRow]) -> None:
     common = set.intersection(*(set(s) for s in override_sets)) if len(rows) > 1 else set(override_sets[0])
     for row, overrides in zip(rows, override_sets):
         distinct = [o for o in overrides if o not in common]
-        model = row.first.get("model.name") or row.first.metrics.get("model") or "run"
+        model = row.first.model_name() or "run"
         row.label = ", ".join(distinct) if distinct else str(model)
     counts: dict[str, int] = {}
     for row in rows:
@@ -428,78 +442,37 @@ def render_markdown(rows: Sequence[ConfigurationRow], directories: Sequence[str 
     return "\n".join(lines) + "\n"
 
 
+def _bars(rows: Sequence[ConfigurationRow], metric: str, name: str, color: str) -> BarSeries:
+    """``metric``'s mean (NaN where missing) and std (0 for a single run) per row, as a chart series."""
+    means, stds = [], []
+    for row in rows:
+        mean, std = row.mean_std(metric)
+        means.append(math.nan if mean is None else mean)
+        stds.append(0.0 if std is None else std)
+    return BarSeries(name, means, stds, color)
+
+
 def plot(rows: Sequence[ConfigurationRow], path: Path) -> bool:
-    """Horizontal bars of validation Dice (last epoch when every run has it, else best) and test Dice
-    (mean, std error bars) per configuration, in ranking order.
+    """Write ``path``: bars of validation Dice (last epoch when every run has it, else best) and test Dice
+    (mean, std error bars) per configuration, in ranking order (:func:`~bts_lightning.visualize.score_bar_chart`).
 
     Rendered in memory, then written all or nothing. Returns False (after a warning) when
     matplotlib is not installed.
     """
+    val_metric = ranking_metric(rows, ("last_val_dice",))
+    series = [_bars(rows, val_metric, SHORT_NAMES[val_metric], "#1f77b4")]
+    test = _bars(rows, "test/dice", "test Dice (best checkpoint)", "#ff7f0e")
+    if any(not math.isnan(mean) for mean in test.means):
+        series.append(test)
+    labels = [f"{row.label}  (n={len(row.runs)})" if len(row.runs) > 1 else row.label for row in rows]
+    spread_note = " (mean ± std over runs)" if any(len(row.runs) > 1 for row in rows) else ""
+    title = f"Configurations by {SHORT_NAMES[ranking_metric(rows)]}{spread_note}"
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        image = score_bar_chart(labels, series, title, xlabel="Dice (tumor, mean over images)")
     except ImportError:
         _warn(f"matplotlib is not installed, so {path.name} was not written (pip install matplotlib)")
         return False
-
-    def bars(metric: str) -> tuple[list[float], list[float]]:
-        means, stds = [], []
-        for row in rows:
-            mean, std = row.mean_std(metric)
-            means.append(math.nan if mean is None else mean)
-            stds.append(0.0 if std is None else std)
-        return means, stds
-
-    val_metric = "last_val_dice" if all(len(row.values("last_val_dice")) == len(row.runs) for row in rows) \
-        else "best_val_dice"
-    val_mean, val_std = bars(val_metric)
-    test_mean, test_std = bars("test/dice")
-    has_test = any(not math.isnan(v) for v in test_mean)
-    labels = [f"{row.label}  (n={len(row.runs)})" if len(row.runs) > 1 else row.label for row in rows]
-    count = len(rows)
-    height = 0.38 if has_test else 0.6
-    figure, axes = plt.subplots(figsize=(9, 1.5 + 0.5 * count * (1.5 if has_test else 1)), dpi=120)
-    positions = list(range(count))  # best configuration on top
-    offset = height / 2 if has_test else 0.0
-    val_bars = axes.barh([p - offset for p in positions], [0 if math.isnan(v) else v for v in val_mean], height,
-                         color="#1f77b4", label=SHORT_NAMES[val_metric])
-    series = [(val_bars, val_mean, val_std)]
-    if has_test:
-        test_bars = axes.barh([p + offset for p in positions], [0 if math.isnan(v) else v for v in test_mean],
-                              height, color="#ff7f0e", label="test Dice (best checkpoint)")
-        series.append((test_bars, test_mean, test_std))
-    for bar_container, means, stds in series:  # error bars only where a configuration ran more than once
-        spread = [(bar, mean, std) for bar, mean, std in zip(bar_container, means, stds) if std and not math.isnan(mean)]
-        if spread:
-            axes.errorbar([mean for _, mean, _ in spread], [bar.get_y() + bar.get_height() / 2 for bar, _, _ in spread],
-                          xerr=[std for _, _, std in spread], fmt="none", ecolor="#222222", capsize=3, elinewidth=1)
-    for bar_container, means, stds in series:
-        for bar, mean, std in zip(bar_container, means, stds):
-            if math.isnan(mean):
-                continue
-            text = f"{mean:.3f}" + (f" ± {std:.3f}" if std else "")
-            axes.text(min(mean + std, 1.0) + 0.01, bar.get_y() + bar.get_height() / 2, text, va="center", fontsize=8)
-    axes.set_yticks(positions, labels)
-    axes.invert_yaxis()
-    axes.set_xlim(0, 1.12)
-    axes.set_xticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
-    axes.set_xlabel("Dice (tumor, mean over images)")
-    axes.grid(axis="x", alpha=0.3)
-    axes.set_axisbelow(True)
-    axes.spines[["top", "right"]].set_visible(False)
-    repeated = any(len(row.runs) > 1 for row in rows)
-    spread_note = " (mean ± std over runs)" if repeated else ""
-    axes.set_title(f"Configurations by {SHORT_NAMES[ranking_metric(rows)]}{spread_note}")
-    legend_inches = 0.3 if has_test else 0.0
-    if has_test:
-        figure.legend(loc="lower center", ncol=2, fontsize=8, frameon=False)
-    figure.tight_layout(rect=(0, legend_inches / figure.get_figheight(), 1, 1))
-    image = io.BytesIO()
-    figure.savefig(image, format="png")
-    plt.close(figure)
-    write_bytes_atomic(path, image.getvalue())
+    write_bytes_atomic(path, image)
     return True
 
 
@@ -511,24 +484,28 @@ def report(directories: Sequence[str | Path], out: str | Path | None = None) -> 
     """
     rows = group_runs(find_runs(directories))
     out_dir = Path(out) if out is not None else Path(directories[0])
-    make_directory(out_dir, "--out")
+    make_directory(out_dir, "out")
     write_csv(rows, out_dir / "report.csv")
     chart = "report.png" if plot(rows, out_dir / "report.png") else None
     write_bytes_atomic(out_dir / "report.md", render_markdown(rows, directories, chart).encode())
     return rows
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m bts_lightning.report",
-        description="Compare training runs (single runs, multirun sweeps, cross-validation folds): one row per "
-        "configuration, mean ± std over seeds/folds, written as report.md, report.csv and report.png.",
-    )
-    parser.add_argument("dirs", nargs="+", metavar="DIR", help="directories searched recursively for runs")
-    parser.add_argument("--out", metavar="DIR", help="where to write the report (default: the first DIR)")
-    args = parser.parse_args(argv)
-    rows = run_app(report, args.dirs, args.out)
-    out_dir = Path(args.out) if args.out is not None else Path(args.dirs[0])
+def _directories(cfg: DictConfig) -> list[Path]:
+    """``cfg.dirs`` as folders: one path or a list of them (ConfigError naming the setting otherwise)."""
+    value = cfg.get("dirs")
+    items = list(value) if OmegaConf.is_list(value) else [value]
+    if not [item for item in items if item not in (None, "")]:
+        raise ConfigError(f"dirs is required: {USAGE}")
+    return [as_path("dirs", item) for item in items]
+
+
+def report_app(cfg: DictConfig) -> list[ConfigurationRow]:
+    """The ``bts-report`` app (``conf/report.yaml``): write the report of the runs under ``cfg.dirs`` to
+    ``cfg.out`` (default: the first of them), print the ranking and the files written; returns the rows."""
+    directories = _directories(cfg)
+    out_dir = path_setting(cfg, "out") or directories[0]
+    rows = report(directories, out_dir)
     ranked_by = ranking_metric(rows)
     print(f"Ranked by {SHORT_NAMES[ranked_by]}")
     for rank, row in enumerate(rows, start=1):
@@ -536,7 +513,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"{rank:>3}. {_mean_std(mean, std)}  {row.label}  ({len(row.runs)} run{'s' * (len(row.runs) != 1)})")
     written = [name for name in REPORT_FILES if (out_dir / name).is_file()]
     print(f"Wrote {', '.join(str(out_dir / name) for name in written)}")
+    return rows
 
+
+main = hydra_app("report", report_app)
 
 if __name__ == "__main__":
     main()

@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from bts_lightning.errors import BtsError, OutputError
+from bts_lightning.errors import BtsError, ConfigError, OutputError
 
 T = TypeVar("T")
 E = TypeVar("E", bound=BaseException)
@@ -94,6 +94,41 @@ def hydra_app(
         return result(value) if result is not None else None
 
     return hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=config_name)(task)
+
+
+# ------------------------------------------------------------------------------------ settings
+
+
+def _shown(value: Any) -> str:
+    """A setting's value as the user typed it, for error messages."""
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value, resolve=False)
+    return json.dumps(value, default=str)  # "abc", true, null, ["a", "b"]
+
+
+def as_path(key: str, value: Any) -> Path:
+    """Setting ``key``'s ``value`` as a path: a string, or a number taken as a name (``out=2024``).
+
+    Raises:
+        ConfigError: anything else (a list, true, 1.5, an empty string), naming ``key`` and the value.
+    """
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
+        raise ConfigError(f"{key}={_shown(value)} is not a path; give one file or folder name, e.g. {key}=DIR.")
+    return Path(str(value))
+
+
+def path_setting(cfg: DictConfig, key: str, required: str | None = None) -> Path | None:
+    """Setting ``key`` of an app's config as a path (:func:`as_path`); None when it is null.
+
+    ``required``: an example command; when given, a null (or empty) setting is a ConfigError naming
+    ``key`` and showing the example.
+    """
+    value = OmegaConf.select(cfg, key)
+    if value is None or value == "":
+        if required:
+            raise ConfigError(f"{key} is required: {required}")
+        return None
+    return as_path(key, value)
 
 
 def _log_to_files(message: str, error: BaseException | None = None) -> None:

@@ -12,10 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bts_lightning.errors import ConfigError
 from bts_lightning.metrics import overlap_metrics
-from bts_lightning.models import build_model
 from bts_lightning.preprocessing import standardize
-
-_MODEL_TRAINING_KEYS = ("freeze_backbone_epochs", "aux_loss_weight", "compile")
 
 
 def _plain(config: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -34,48 +31,57 @@ def _check_learning_rate(optimizer: Mapping[str, Any]) -> None:
 class SegmentationModule(L.LightningModule):
     """Trains a 2-class segmentation network on uint8 slices (``batch["image"]``, ``batch["mask"]``).
 
-    All constructor arguments are plain configs saved as hyperparameters, so a checkpoint alone
-    rebuilds the module; network weights live only in the state dict.
+    ``conf/model/*.yaml`` is this class's config. Every argument is a plain value or a plain
+    ``_target_`` config, saved as hyperparameters, so a checkpoint alone rebuilds the module (no
+    pickled objects); network weights live only in the state dict.
 
     Args:
-        model: builder name and kwargs (see :func:`bts_lightning.models.build_model`) plus
-            ``freeze_backbone_epochs`` and ``aux_loss_weight``.
-        loss: ``_target_`` config of a MONAI loss taking (N, C, H, W) logits and (N, 1, H, W) labels.
+        net: ``_target_`` config of the network (``bts_lightning.models.build_model`` with a
+            registry ``name`` and its options); ``forward`` returns ``{"out": logits[, "aux": logits]}``.
+        loss: ``_target_`` config of a loss taking (N, C, H, W) logits and (N, 1, H, W) labels.
         optimizer: ``_partial_`` optimizer config, called with the parameters.
-        scheduler: ``{"scheduler": _partial_ config, **lightning_keys}`` (monitor, interval), or empty.
+        scheduler: ``{"scheduler": _partial_ config or None, **lightning_keys}`` (monitor, interval), or None.
+        compile: compile the network in place (``nn.Module.compile``; parameter names are kept).
+        freeze_backbone_epochs: epochs the :class:`~bts_lightning.callbacks.BackboneFreeze` callback
+            keeps a pretrained backbone frozen.
+        aux_loss_weight: weight of the loss on the auxiliary head, for networks that have one.
     """
 
     def __init__(
         self,
-        model: Mapping[str, Any],
+        net: Mapping[str, Any],
         loss: Mapping[str, Any],
         optimizer: Mapping[str, Any],
         scheduler: Mapping[str, Any] | None = None,
+        compile: bool = False,
+        freeze_backbone_epochs: int = 0,
+        aux_loss_weight: float = 0.4,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(
-            {"model": _plain(model), "loss": _plain(loss), "optimizer": _plain(optimizer), "scheduler": _plain(scheduler)}
-        )
+        self.save_hyperparameters({
+            "net": _plain(net), "loss": _plain(loss), "optimizer": _plain(optimizer), "scheduler": _plain(scheduler),
+            "compile": bool(compile), "freeze_backbone_epochs": int(freeze_backbone_epochs),
+            "aux_loss_weight": float(aux_loss_weight),
+        })
         _check_learning_rate(self.hparams.optimizer)
         self.configure_models()
         self.configure_losses()
         self.configure_metrics()
 
     def configure_models(self) -> None:
-        """Build the network from the registry; ``model.compile`` compiles it in place.
+        """Instantiate the network; ``compile`` compiles it in place.
 
         ``nn.Module.compile`` keeps parameter names, so checkpoints move freely between
         compiled and uncompiled modules.
         """
-        kwargs = {k: v for k, v in self.hparams.model.items() if k not in _MODEL_TRAINING_KEYS}
-        self.net = build_model(**kwargs)
-        if self.hparams.model.get("compile"):
+        self.net = instantiate(self.hparams.net)
+        if self.hparams.compile:
             self.net.compile()
 
     def configure_losses(self) -> None:
         """Instantiate the loss; auxiliary heads add ``aux_loss_weight`` times the same loss."""
         self.criterion = instantiate(self.hparams.loss)
-        self.aux_loss_weight = float(self.hparams.model.get("aux_loss_weight", 0.4))
+        self.aux_loss_weight = self.hparams.aux_loss_weight
 
     def configure_metrics(self) -> None:
         """Per-image tumor Dice and IoU for validation and test."""
@@ -85,7 +91,7 @@ class SegmentationModule(L.LightningModule):
     @property
     def pretrained(self) -> bool:
         """Whether the network started from pretrained weights."""
-        return self.hparams.model.get("weights") is not None
+        return self.hparams.net.get("weights") is not None
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logits dict (``out`` and, for some models, ``aux``) for an (N, 1, H, W) batch of any scale."""

@@ -11,16 +11,17 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from bts_lightning.callbacks import EpochSeed, MetricHistory, NonFiniteLossGuard
+from bts_lightning.callbacks import MetricHistory
 from bts_lightning.checkpoint import resolve_resume
 from bts_lightning.errors import ConfigError
+from bts_lightning.metrics import VAL_DICE, VAL_IOU
 from bts_lightning.models import check_input_size
-from bts_lightning.runtime import hydra_app, write_json_atomic
+from bts_lightning.runtime import hydra_app, user_error_of, write_json_atomic
 from bts_lightning.segmentation_module import SegmentationModule
 
 log = logging.getLogger(__name__)
 
-MONITOR = "val/dice"
+MONITOR_MODES = ("max", "min")
 
 
 def _instantiate_all(configs: DictConfig | None) -> list[Any]:
@@ -41,6 +42,35 @@ def check_epochs(trainer: DictConfig) -> None:
         )
 
 
+def check_monitor(monitor: DictConfig | None) -> tuple[str, str]:
+    """``(metric, mode)`` of the ``monitor`` node, checked: a ``val/`` metric and ``max`` or ``min``."""
+    metric = (monitor or {}).get("metric")
+    mode = (monitor or {}).get("mode")
+    if not isinstance(metric, str) or not metric.startswith("val/"):
+        raise ConfigError(f"monitor.metric={metric} must name a validation metric: val/dice, val/iou or val/loss.")
+    if mode not in MONITOR_MODES:
+        raise ConfigError(f"monitor.mode={mode} must be max (val/dice, val/iou) or min (val/loss).")
+    return metric, mode
+
+
+def build_module(cfg: DictConfig) -> SegmentationModule:
+    """The :class:`SegmentationModule` of ``cfg.model``, its nested configs passed as plain configs.
+
+    A user error while building it (bad learning rate, unknown network) is raised as itself, not
+    wrapped in Hydra's ``InstantiationException``.
+    """
+    try:
+        module = instantiate(cfg.model, _recursive_=False)
+    except Exception as error:
+        user_error = user_error_of(error)
+        if user_error is None:
+            raise
+        raise user_error from None
+    if not isinstance(module, SegmentationModule):
+        raise ConfigError(f"model._target_={cfg.model.get('_target_')} must build a SegmentationModule.")
+    return module
+
+
 def split_summary(datamodule: Any) -> dict[str, Any]:
     """How the slices were split: method, whether patients may leak between subsets, subset sizes."""
     sizes = {f"n_{name}": len(dataset) for name, dataset in datamodule.datasets.items()}
@@ -56,52 +86,57 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """
     output_dir = Path(cfg.paths.output_dir)
     check_epochs(cfg.trainer)
-    model_config = OmegaConf.to_container(cfg.model, resolve=True)
-    resume_from = resolve_resume(cfg.get("ckpt_path"), output_dir, model_config)
+    monitor, mode = check_monitor(cfg.get("monitor"))
+    network = OmegaConf.to_container(cfg.model.net, resolve=True)
+    resume_from = resolve_resume(cfg.get("ckpt_path"), output_dir, network)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")  # validates every file before anything heavy starts
-    module = SegmentationModule(cfg.model, cfg.loss, cfg.optimizer, cfg.get("scheduler"))
+    module = build_module(cfg)
     check_input_size(module.net, datamodule.image_size, "data.image_size")
-    history = MetricHistory()
-    callbacks = [*_instantiate_all(cfg.get("callbacks")), history, EpochSeed(cfg.seed), NonFiniteLossGuard()]
+    callbacks = _instantiate_all(cfg.get("callbacks"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=_instantiate_all(cfg.get("logger")) or False)
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     train_time = time.perf_counter() - started
 
-    best = history.best(MONITOR)
-    last = history.history[-1] if history.history else None
-    checkpoint = next((cb for cb in trainer.checkpoint_callbacks if getattr(cb, "monitor", None) == MONITOR), None)
+    history = next((cb for cb in trainer.callbacks if isinstance(cb, MetricHistory)), None)
+    best = history.best(monitor, mode) if history else None
+    last = history.history[-1] if history and history.history else None
+    checkpoint = next((cb for cb in trainer.checkpoint_callbacks if getattr(cb, "monitor", None) == monitor), None)
     best_path = checkpoint.best_model_path if checkpoint and checkpoint.best_model_path else None
     tested = bool(cfg.get("test") and datamodule.has_test)
+    scored = "best.ckpt" if best_path else "the final weights (no checkpoint callback chose a best epoch)"
     metrics: dict[str, Any] = {
-        "model": cfg.model.name,
+        "model": cfg.model.net.name,
         "num_params": sum(p.numel() for p in module.parameters()),
         "epochs_trained": trainer.current_epoch,
         "train_time_s": round(train_time, 2),
         "split": split_summary(datamodule),
         "selection": {
-            "monitor": MONITOR,
-            "chosen_on": "val",
+            "monitor": monitor,
+            "mode": mode,
+            "chosen_on": "val" if best_path else None,
             "scored_on": "test" if tested else None,
-            "note": "best_val_dice is the maximum over epochs on the split that chose best.ckpt (optimistic); "
-            + ("test is best.ckpt scored on the held-out test split." if tested else "there is no test split."),
+            "note": f"best_val_dice is {VAL_DICE} at the epoch with the best {monitor} on the split that chose "
+            f"best.ckpt (optimistic); " + (f"test is {scored} scored on the held-out test split." if tested
+                                           else "there is no test split."),
         },
-        "best_val_dice": best[MONITOR] if best else None,
+        "best_val_dice": best.get(VAL_DICE) if best else None,
         "best_epoch": best["epoch"] if best else None,
-        "last_val_dice": last.get(MONITOR) if last else None,
-        "last_val_iou": last.get("val/iou") if last else None,
+        "last_val_dice": last.get(VAL_DICE) if last else None,
+        "last_val_iou": last.get(VAL_IOU) if last else None,
         "last_epoch": last["epoch"] if last else None,
         "best_checkpoint": best_path,
-        "val_history": history.history,
+        "val_history": history.history if history else [],
     }
     if tested:
         results = trainer.test(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)
         metrics["test"] = {key: float(value) for key, value in results[0].items()}
     if trainer.is_global_zero:
         write_json_atomic(output_dir / "metrics.json", metrics)
-        log.info("Best %s %s at epoch %s; metrics in %s", MONITOR, metrics["best_val_dice"], metrics["best_epoch"], output_dir)
+        log.info("Best %s %s at epoch %s; metrics in %s", VAL_DICE, metrics["best_val_dice"], metrics["best_epoch"],
+                 output_dir)
     return metrics
 
 

@@ -1,7 +1,12 @@
-"""Image | truth | prediction | overlay panels, shared by TensorBoard, evaluate, predict and report."""
+"""All drawing: 8-bit scaling and PNG files (data, predict), image | truth | prediction | overlay panels
+(TensorBoard, evaluate, predict) and score bar charts (report)."""
 
 from __future__ import annotations
 
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -14,10 +19,12 @@ PREDICTION_COLOR = (255, 0, 0)  # RGB red
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
-    """Min-max scale any 2-D array to uint8."""
+    """Min-max scale any array to uint8, rounding to the nearest level (a constant array becomes 0)."""
     image = image.astype(np.float32)
     low, high = float(image.min()), float(image.max())
-    return ((image - low) * (255.0 / (high - low)) if high > low else image * 0).astype(np.uint8)
+    if high <= low:
+        return np.zeros(image.shape, np.uint8)
+    return np.round((image - low) * (255.0 / (high - low))).astype(np.uint8)
 
 
 def overlay(image: np.ndarray, prediction: np.ndarray, truth: np.ndarray | None = None) -> np.ndarray:
@@ -67,13 +74,84 @@ def panel_grid(rows: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(stacked, axis=0)
 
 
+def encode_png(image: np.ndarray) -> bytes:
+    """An OpenCV image (gray or BGR, 8 or 16 bit) as PNG bytes; ValueError when OpenCV cannot encode it."""
+    encoded, data = cv2.imencode(".png", image)
+    if not encoded:
+        raise ValueError(f"OpenCV could not encode a {image.dtype} array of shape {image.shape} as PNG")
+    return data.tobytes()
+
+
 def write_png(path: str | Path, image: np.ndarray) -> None:
     """Write an OpenCV image (gray or BGR, 8 or 16 bit) as PNG ``path``, all or nothing.
 
-    Encoded in memory, then written with :func:`~bts_lightning.runtime.write_bytes_atomic`: a crash
-    or a full disk never leaves a partial PNG; OS errors raise :class:`~bts_lightning.errors.OutputError`.
+    Encoded in memory (:func:`encode_png`), then written with :func:`~bts_lightning.runtime.write_bytes_atomic`:
+    a crash or a full disk never leaves a partial PNG; OS errors raise :class:`~bts_lightning.errors.OutputError`.
     """
-    encoded, data = cv2.imencode(".png", image)
-    if not encoded:
-        raise ValueError(f"OpenCV could not encode a {image.dtype} array of shape {image.shape} as PNG for {path}")
-    write_bytes_atomic(path, data.tobytes())
+    try:
+        data = encode_png(image)
+    except ValueError as error:
+        raise ValueError(f"{error} for {path}") from None
+    write_bytes_atomic(path, data)
+
+
+# ------------------------------------------------------------------------------------- charts
+
+
+@dataclass(frozen=True)
+class BarSeries:
+    """One series of a :func:`score_bar_chart`: a value per row (NaN: no bar) and its spread (0: no error bar)."""
+
+    name: str  # legend entry
+    means: Sequence[float]
+    stds: Sequence[float]
+    color: str
+
+
+def score_bar_chart(labels: Sequence[str], series: Sequence[BarSeries], title: str, xlabel: str) -> bytes:
+    """PNG bytes of horizontal bars of scores in [0, 1]: one group per label (first on top), one bar per series.
+
+    Each bar is annotated with its value (± its std); error bars are drawn where the std is non-zero.
+    A legend names the series when there is more than one. Needs matplotlib (ImportError otherwise);
+    drawn without pyplot, so the caller's matplotlib backend is left alone.
+    """
+    from matplotlib.figure import Figure
+
+    count, groups = len(labels), len(series)
+    height = 0.76 / groups if groups > 1 else 0.6
+    figure = Figure(figsize=(9, 1.5 + 0.5 * count * (1 + 0.5 * (groups - 1))), dpi=120)
+    axes = figure.subplots()
+    positions = list(range(count))
+    drawn = []
+    for number, one in enumerate(series):
+        offset = (number - (groups - 1) / 2) * height
+        bars = axes.barh([p + offset for p in positions], [0 if math.isnan(v) else v for v in one.means], height,
+                         color=one.color, label=one.name)
+        drawn.append((bars, one))
+    for bars, one in drawn:  # error bars only where a row has a spread
+        spread = [(bar, mean, std) for bar, mean, std in zip(bars, one.means, one.stds) if std and not math.isnan(mean)]
+        if spread:
+            axes.errorbar([mean for _, mean, _ in spread], [bar.get_y() + bar.get_height() / 2 for bar, _, _ in spread],
+                          xerr=[std for _, _, std in spread], fmt="none", ecolor="#222222", capsize=3, elinewidth=1)
+    for bars, one in drawn:
+        for bar, mean, std in zip(bars, one.means, one.stds):
+            if math.isnan(mean):
+                continue
+            text = f"{mean:.3f}" + (f" ± {std:.3f}" if std else "")
+            axes.text(min(mean + std, 1.0) + 0.01, bar.get_y() + bar.get_height() / 2, text, va="center", fontsize=8)
+    axes.set_yticks(positions, labels)
+    axes.invert_yaxis()
+    axes.set_xlim(0, 1.12)
+    axes.set_xticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    axes.set_xlabel(xlabel)
+    axes.grid(axis="x", alpha=0.3)
+    axes.set_axisbelow(True)
+    axes.spines[["top", "right"]].set_visible(False)
+    axes.set_title(title)
+    legend_inches = 0.3 if groups > 1 else 0.0
+    if groups > 1:
+        figure.legend(loc="lower center", ncol=groups, fontsize=8, frameon=False)
+    figure.tight_layout(rect=(0, legend_inches / figure.get_figheight(), 1, 1))
+    image = io.BytesIO()
+    figure.savefig(image, format="png")
+    return image.getvalue()

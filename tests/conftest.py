@@ -1,8 +1,11 @@
-"""Shared fixtures: small synthetic datasets, hand-made dataset folders, composed configs."""
+"""Shared fixtures: small synthetic datasets, hand-made dataset folders, composed configs, app subprocesses."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import cv2
@@ -44,13 +47,36 @@ def make_dataset(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
-def compose_train(overrides: list[str], output_dir: Path) -> DictConfig:
-    """Compose ``conf/train.yaml`` as the app would, with the run directory set to ``output_dir``."""
+def compose_app(config_name: str, overrides: list[str], output_dir: Path) -> DictConfig:
+    """Compose ``conf/<config_name>.yaml`` as the app would, with the run directory set to ``output_dir``."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
+        cfg = compose(config_name=config_name, overrides=overrides)
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
     return cfg
+
+
+def compose_train(overrides: list[str], output_dir: Path) -> DictConfig:
+    """Compose ``conf/train.yaml`` as the app would, with the run directory set to ``output_dir``."""
+    return compose_app("train", overrides, output_dir)
+
+
+def run_cli(args: Sequence[str | Path], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m ARGS`` as a user would, from ``cwd`` (where Hydra apps put their logs/ folder)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "NO_ALBUMENTATIONS_UPDATE": "1"}
+    return subprocess.run([sys.executable, "-m", *map(str, args)], check=False, cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    """Exit status 2, no traceback, and exactly one ``error:`` line on stderr, containing ``fragments``."""
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert all(fragment in errors[0] for fragment in fragments), errors[0]
+    return errors[0]
 
 
 @pytest.fixture(autouse=True)

@@ -8,23 +8,18 @@ fixture still share one training run.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
 
-from bts_lightning.runtime import CONFIG_DIR
 from bts_lightning.train import train
-from tests.conftest import REPO_ROOT, compose_train
+from tests.conftest import REPO_ROOT, compose_app, compose_train  # noqa: F401 (compose_app: tests import it from here)
 
 # 40 synthetic 64x64 slices in 5 patient-wise folds (val fold 1, test fold 2 -> 8 test slices).
 SYNTHETIC = ["data=synthetic", "data.synthetic.n=40", "data.synthetic.size=64", "data.num_workers=0"]
 # A small U-Net keeps training and inference to seconds on 2 CPU cores.
-TINY_MODEL = ["model.channels=[8,16,32,64]", "model.strides=[2,2,2]", "model.num_res_units=1"]
+TINY_MODEL = ["model.net.channels=[8,16,32,64]", "model.net.strides=[2,2,2]", "model.net.num_res_units=1"]
 
 
 @dataclass(frozen=True)
@@ -54,19 +49,3 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> TinyCheckpoint:
     """A 1-epoch tiny U-Net checkpoint on 64x64 synthetic slices, shared by the whole session."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     return train_tiny_checkpoint(tmp_path_factory.getbasetemp() / "tiny_checkpoint")
-
-
-def compose_app(config_name: str, overrides: list[str], output_dir: Path) -> DictConfig:
-    """Compose ``conf/<config_name>.yaml`` as the app would, with the run directory ``output_dir``."""
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-    return cfg
-
-
-def run_module(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run ``python -m ARGS`` as users do, from ``cwd``."""
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "NO_ALBUMENTATIONS_UPDATE": "1"}
-    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)

@@ -27,11 +27,11 @@ from hydra.utils import instantiate
 from bts_lightning.checkpoint_io import AtomicCheckpointIO
 from bts_lightning.errors import DataError, OutputError
 from bts_lightning.export import export
-from bts_lightning.report import main as report_main
+from bts_lightning.report import report_app
 from bts_lightning.runtime import atomic_path, run_app, write_bytes_atomic, write_json_atomic
 from bts_lightning.train import train
 from tests import fixtures_checkpoint
-from tests.conftest import REPO_ROOT, compose_train
+from tests.conftest import REPO_ROOT, assert_one_error_line, compose_train
 from tests.fixtures_checkpoint import SYNTHETIC, TINY_MODEL, compose_app
 from tests.test_report import _write_run
 
@@ -52,17 +52,6 @@ def run_python(args: list[str], cwd: Path, max_file_bytes: int | None = None,
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "NO_ALBUMENTATIONS_UPDATE": "1", **(env or {})}
     return subprocess.run([sys.executable, *args], check=False, cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=600, preexec_fn=limit_file_size if max_file_bytes else None)
-
-
-def assert_one_error_line(result: subprocess.CompletedProcess, *fragments: str) -> str:
-    """Exit status 2, no traceback, and exactly one ``error:`` line on stderr, containing ``fragments``."""
-    output = result.stdout + result.stderr
-    assert result.returncode == 2, output[-3000:]
-    assert "Traceback" not in output, output[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr[-3000:]
-    assert all(fragment in errors[0] for fragment in fragments), errors[0]
-    return errors[0]
 
 
 def temporary_files(folder: Path) -> list[str]:
@@ -157,6 +146,7 @@ def test_checkpoints_are_written_only_in_their_own_folder(tmp_path, monkeypatch)
     assert [p.name for p in target.parent.iterdir()] == ["last.ckpt"]
 
 
+@pytest.mark.slow  # a subprocess per app (~10 s); the quick tier keeps report's full-disk case
 def test_a_checkpoint_save_on_a_full_disk_keeps_the_previous_checkpoint(tmp_path):
     target = tmp_path / "checkpoints" / "last.ckpt"
     target.parent.mkdir()
@@ -228,6 +218,7 @@ def test_every_trainer_config_uses_the_atomic_checkpoint_io(trainer, tmp_path):
 # ------------------------------------------------------------------------- apps on a full disk
 
 
+@pytest.mark.slow  # a subprocess per app (~10 s); the quick tier keeps report's full-disk case
 def test_predict_on_a_full_disk_keeps_the_previous_outputs(tiny_checkpoint, tmp_path):
     source, out = tmp_path / "input", tmp_path / "out"
     source.mkdir()
@@ -243,6 +234,7 @@ def test_predict_on_a_full_disk_keeps_the_previous_outputs(tiny_checkpoint, tmp_
     assert cv2.imread(str(out / "scan_mask.png"), cv2.IMREAD_UNCHANGED).shape == (512, 512)
 
 
+@pytest.mark.slow  # a subprocess per app (~10 s); the quick tier keeps report's full-disk case
 def test_evaluate_on_a_full_disk_fails_and_keeps_the_previous_figure(tiny_checkpoint, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
@@ -256,6 +248,7 @@ def test_evaluate_on_a_full_disk_fails_and_keeps_the_previous_figure(tiny_checkp
     assert "error: Could not write" in (run / "evaluate.log").read_text()
 
 
+@pytest.mark.slow  # a subprocess per app (~10 s); the quick tier keeps report's full-disk case
 @pytest.mark.parametrize("format", ["torchscript", "onnx"])
 def test_export_on_a_full_disk_keeps_the_previous_model(tiny_checkpoint, tmp_path, format):
     output = tmp_path / "models" / ("model.pt" if format == "torchscript" else "model.onnx")
@@ -275,7 +268,7 @@ def test_report_on_a_full_disk_keeps_the_previous_report(tmp_path):
     out.mkdir()
     for name in ("report.md", "report.png"):
         (out / name).write_text(f"the previous {name}")
-    result = run_python(["-m", "bts_lightning.report", str(tmp_path / "runs"), "--out", str(out)], tmp_path, 8 * 1024)
+    result = run_python(["-m", "bts_lightning.report", f"dirs={tmp_path / 'runs'}", f"out={out}"], tmp_path, 8 * 1024)
     assert_one_error_line(result, f"Could not write {out / 'report.png'}: File too large")
     assert [(out / name).read_text() for name in ("report.md", "report.png")] == [
         "the previous report.md", "the previous report.png"]
@@ -285,6 +278,7 @@ def test_report_on_a_full_disk_keeps_the_previous_report(tmp_path):
 # ------------------------------------------------------------------------- unwritable outputs
 
 
+@pytest.mark.slow  # a subprocess per app (~10 s); the quick tier keeps report's full-disk case
 @pytest.mark.parametrize(("app", "setting"), [("train", "hydra.run.dir"), ("export", "hydra.sweep.dir")])
 def test_a_run_directory_under_a_file_is_one_error_line(tmp_path, blocker, app, setting):
     multirun = ["-m"] if setting == "hydra.sweep.dir" else []
@@ -298,11 +292,12 @@ def test_outputs_under_a_file_are_one_error_line(tiny_checkpoint, tmp_path, bloc
     with pytest.raises(OutputError, match=rf"Cannot create folder {blocker}/sub \(output\): {blocker} is a file"):
         export(cfg)
     _write_run(tmp_path / "runs" / "a", "unet", seed=1, val_fold=1, val_dice=0.7, test_dice=0.6)
+    cfg = compose_app("report", [f"dirs={tmp_path / 'runs'}", f"out={blocker / 'report'}"], tmp_path)
     with pytest.raises(SystemExit) as exit_info:
-        report_main([str(tmp_path / "runs"), "--out", str(blocker / "report")])
+        run_app(report_app, cfg)
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == (
-        f"error: Cannot create folder {blocker}/report (--out): {blocker} is a file; choose a writable folder.\n")
+        f"error: Cannot create folder {blocker}/report (out): {blocker} is a file; choose a writable folder.\n")
 
 
 # ------------------------------------------------------------------------- errors in the run log

@@ -19,6 +19,7 @@ def _positive(value: object) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
+@pytest.mark.slow  # the whole harness on two models (~8 s)
 def test_tiny_run_reports_every_column_for_every_model(tmp_path, capsys):
     out = tmp_path / "bench.json"
     threads = torch.get_num_threads()

@@ -9,8 +9,8 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from bts_lightning.segmentation_module import SegmentationModule
 from bts_lightning.runtime import CONFIG_DIR
+from bts_lightning.train import build_module
 from tests.conftest import compose_train
 
 GROUPS = ["data", "model", "loss", "optimizer", "scheduler", "trainer", "callbacks", "logger", "debug", "experiment"]
@@ -27,8 +27,8 @@ def test_every_group_has_options(group):
 
 @pytest.mark.parametrize("group, option", [(g, o) for g in GROUPS for o in options(g)])
 def test_option_composes_and_instantiates(group, option, tmp_path):
-    cfg = compose_train([f"{group}={option}", "model.weights=null"], tmp_path)  # nothing to download
-    module = SegmentationModule(cfg.model, cfg.loss, cfg.optimizer, cfg.get("scheduler"))
+    cfg = compose_train([f"{group}={option}", "model.net.weights=null"], tmp_path)  # nothing to download
+    module = build_module(cfg)
     assert module.net is not None
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
@@ -41,8 +41,7 @@ def test_option_composes_and_instantiates(group, option, tmp_path):
 
 @pytest.mark.parametrize("option", options("scheduler"))
 def test_schedulers_build_on_the_optimizer(option, tmp_path):
-    cfg = compose_train([f"scheduler={option}", "model=unet"], tmp_path)
-    module = SegmentationModule(cfg.model, cfg.loss, cfg.optimizer, cfg.get("scheduler"))
+    module = build_module(compose_train([f"scheduler={option}", "model=unet"], tmp_path))
     configured = module.configure_optimizers()
     if option == "none":
         assert isinstance(configured, torch.optim.Optimizer)
@@ -52,8 +51,9 @@ def test_schedulers_build_on_the_optimizer(option, tmp_path):
 
 
 def test_command_line_style_overrides_reach_objects(tmp_path):
-    cfg = compose_train(["model=deeplabv3", "model.weights=null", "optimizer=sgd", "optimizer.lr=0.05", "trainer.precision=16-mixed"], tmp_path)
-    assert cfg.model.name == "deeplabv3" and cfg.model.weights is None
+    cfg = compose_train(["model=deeplabv3", "model.net.weights=null", "optimizer=sgd", "optimizer.lr=0.05",
+                         "trainer.precision=16-mixed"], tmp_path)
+    assert cfg.model.net.name == "deeplabv3" and cfg.model.net.weights is None
     optimizer = instantiate(cfg.optimizer)(params=[torch.nn.Parameter(torch.zeros(1))])
     assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["lr"] == 0.05
     assert cfg.trainer.precision == "16-mixed"
@@ -61,5 +61,5 @@ def test_command_line_style_overrides_reach_objects(tmp_path):
 
 def test_experiment_sets_the_notebook_recipe(tmp_path):
     cfg = compose_train(["experiment=deeplabv3_transfer"], tmp_path)
-    assert cfg.model.name == "deeplabv3" and cfg.model.weights == "DEFAULT"
+    assert cfg.model.net.name == "deeplabv3" and cfg.model.net.weights == "DEFAULT"
     assert cfg.loss._target_ == "monai.losses.DiceLoss" and cfg.trainer.precision == "16-mixed"

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from bts_lightning.data.datamodule import BrainTumorDataModule
-from bts_lightning.data.discovery import find_pairs, read_metadata
+from bts_lightning.data.discovery import find_pairs, natural_key, read_metadata
 from bts_lightning.data.io import binarize_mask, mask_threshold, read_grayscale
 from bts_lightning.data.sampling import EpochShuffleSampler
 from bts_lightning.data.splits import slice_ids_digest
@@ -44,6 +44,7 @@ def test_pairs_by_stem_across_formats_in_natural_order(make_dataset):
     assert [p.stem for p in pairs] == ["1", "2", "3", "4", "10"]
     assert pairs[2].image.name == "3.jpg" and pairs[2].mask.name == "3.png"
     assert pairs[0].mask.suffix == ".tif"
+    assert sorted(["b", "10", "a", "9", "010"], key=natural_key) == ["9", "10", "010", "a", "b"]
 
 
 def test_missing_root_says_where_to_put_data(tmp_path):
@@ -111,6 +112,7 @@ def test_reads_16bit_rgb_and_binarizes_by_the_dataset_rule(tmp_path):
     cv2.imwrite(str(tmp_path / "deep.tif"), ramp)
     image = read_grayscale(tmp_path / "deep.tif")
     assert image.dtype == np.uint8 and image.min() == 0 and image.max() == 255
+    assert image.ravel()[12] == 49  # 12000 / 63000 * 255 = 48.57: min-max scaled to the nearest level
     cv2.imwrite(str(tmp_path / "rgb.png"), np.full((4, 4, 3), 200, np.uint8))
     assert read_grayscale(tmp_path / "rgb.png").shape == (4, 4)
     assert (mask_threshold(0), mask_threshold(1), mask_threshold(2), mask_threshold(255)) == (0, 0, 127, 127)
@@ -433,6 +435,11 @@ def test_valid_edge_config_values_are_accepted(tmp_path):
 def test_bad_or_mismatched_synthetic_arguments_are_user_errors(tmp_path):
     with pytest.raises(ConfigError, match="data.synthetic: size must be >= 32"):
         datamodule(tmp_path / "ds", synthetic={"n": 4, "size": 8}).prepare_data()
+    with pytest.raises(ConfigError, match="data.synthetic: n must be a whole number, got 'abc'"):
+        datamodule(tmp_path / "ds", synthetic={"n": "abc"}).prepare_data()
+    with pytest.raises(ConfigError, match="data.synthetic: .*'bogus'"):  # e.g. +data.synthetic.bogus=1
+        datamodule(tmp_path / "ds", synthetic={"n": 4, "bogus": 1}).prepare_data()
+    assert not (tmp_path / "ds").exists()
     datamodule(tmp_path / "ds", synthetic={"n": 4, "size": 32, "num_folds": 2}).prepare_data()
     with pytest.raises(DataError, match="not the requested n=4, size=32, seed=0, slices_per_patient=4, num_folds=3"):
         datamodule(tmp_path / "ds", synthetic={"n": 4, "size": 32, "num_folds": 3}).setup("fit")

@@ -19,15 +19,18 @@ from bts_lightning.evaluate import (
     METRICS,
     count_cases,
     evaluate,
-    image_metrics,
     summarize,
     summarize_by_type,
     tumor_type,
     worst_positions,
 )
-from bts_lightning.metrics import per_image_overlap
+from bts_lightning.metrics import image_metrics, per_image_overlap
 from bts_lightning.runtime import run_app
-from tests.fixtures_checkpoint import compose_app, run_module, tiny_checkpoint
+from tests import fixtures_checkpoint
+from tests.conftest import run_cli
+from tests.fixtures_checkpoint import compose_app
+
+tiny_checkpoint = fixtures_checkpoint.tiny_checkpoint  # the pytest fixture, requested by name below
 
 
 def square(top: int, left: int, size: int, shape: tuple[int, int] = (10, 10)) -> np.ndarray:
@@ -127,9 +130,9 @@ def test_load_module_rebuilds_eval_module_without_downloads(tiny_checkpoint, tmp
     for key, value in saved["state_dict"].items():
         assert torch.equal(module.state_dict()[key], value), key
     # A weights name would make the U-Net builder refuse (and torchvision ones download): it is cleared.
-    saved["hyper_parameters"]["model"]["weights"] = "DEFAULT"
+    saved["hyper_parameters"]["net"]["weights"] = "DEFAULT"
     torch.save(saved, tmp_path / "named_weights.ckpt")
-    assert load_module(tmp_path / "named_weights.ckpt").hparams.model["weights"] is None
+    assert load_module(tmp_path / "named_weights.ckpt").hparams.net["weights"] is None
 
 
 def test_bad_checkpoints_raise_clear_errors(tmp_path):
@@ -165,7 +168,7 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 def test_evaluate_app_writes_consistent_outputs(tiny_checkpoint, tmp_path):
     run = tmp_path / "run"
-    result = run_module(
+    result = run_cli(
         ["bts_lightning.evaluate", f"ckpt_path={tiny_checkpoint.path}", *tiny_checkpoint.data_overrides,
          "worst_k=3", f"hydra.run.dir={run}"],
         cwd=tmp_path,
@@ -218,6 +221,29 @@ def test_empty_split_and_bad_checkpoint_are_user_errors(tiny_checkpoint, tmp_pat
     for missing in ([], ["ckpt_path=model.h5"]):
         with pytest.raises(ConfigError, match="ckpt_path"):
             evaluate(compose_app("evaluate", missing, tmp_path / "run3"))
+
+
+def test_evaluate_an_export_away_from_its_run_at_the_size_it_was_trained_at(tiny_checkpoint, tmp_path, make_dataset,
+                                                                              caplog):
+    """data.image_size defaults to the model file's contract (64 px here), not the data config's 256."""
+    export = pytest.importorskip("bts_lightning.export")
+    pytest.importorskip("onnxruntime")
+    from bts_lightning.inference import load_predictor
+
+    checkpoint = load_predictor(tiny_checkpoint.path, "cpu")
+    model = export.export_model(checkpoint.module, tmp_path / "copied" / "model.onnx", "onnx", 64,
+                                contract=checkpoint.contract)
+    root = make_dataset([str(i) for i in range(6)], size=32)
+
+    def run(*extra: str) -> dict:
+        overrides = [f"ckpt_path={model}", f"data.root={root}", "data.num_workers=0", "data.split_by=slice",
+                     "split=all", "worst_k=0", "device=cpu", *extra]
+        return evaluate(compose_app("evaluate", overrides, tmp_path / f"run{len(extra)}"), overrides)
+
+    assert run()["image_size"] == 64
+    with caplog.at_level(logging.WARNING, logger="bts_lightning.evaluate"):
+        assert run("data.image_size=32")["image_size"] == 32  # an explicit size still wins, with a warning
+    assert "trained at 64 px but data.image_size=32" in caplog.text
 
 
 # ---------------------------------------------------------------- which slices are scored

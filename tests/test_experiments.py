@@ -15,9 +15,9 @@ import torch
 
 from bts_lightning.callbacks import TrainingDivergedError
 from bts_lightning.segmentation_module import SegmentationModule
-from bts_lightning.train import train
-from tests.conftest import REPO_ROOT, compose_train
-from tests.test_train import SMALL_SYNTHETIC, run_module
+from bts_lightning.train import build_module, train
+from tests.conftest import REPO_ROOT, compose_train, run_cli
+from tests.test_train import SMALL_SYNTHETIC
 
 QUICK = [*SMALL_SYNTHETIC, "trainer=cpu", "data.num_workers=0", "trainer.deterministic=true", "test=false"]
 
@@ -29,7 +29,7 @@ def history(run: Path) -> list[dict]:
 @pytest.mark.slow
 def test_killed_run_resumes_from_last_checkpoint_and_matches_uninterrupted(tmp_path):
     args = ["bts_lightning.train", *QUICK, "trainer.max_epochs=4", f"paths.data_dir={tmp_path / 'data'}"]
-    reference = run_module([*args, f"hydra.run.dir={tmp_path / 'reference'}"], cwd=tmp_path)
+    reference = run_cli([*args, f"hydra.run.dir={tmp_path / 'reference'}"], cwd=tmp_path)
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     run = tmp_path / "killed"
@@ -47,7 +47,7 @@ def test_killed_run_resumes_from_last_checkpoint_and_matches_uninterrupted(tmp_p
     epoch_at_kill = torch.load(last, map_location="cpu", weights_only=False)["epoch"]
     assert epoch_at_kill < 3
 
-    resumed = run_module([*args, f"hydra.run.dir={run}", "ckpt_path=last"], cwd=tmp_path)
+    resumed = run_cli([*args, f"hydra.run.dir={run}", "ckpt_path=last"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     saved = json.loads((run / "metrics.json").read_text())
     assert saved["epochs_trained"] == 4
@@ -81,10 +81,8 @@ def test_same_seed_and_deterministic_give_identical_metrics(tmp_path):
 
 
 def test_compiled_and_uncompiled_checkpoints_are_interchangeable(tmp_path):
-    cfg = compose_train(["model=lraspp"], tmp_path)
-    model = dict(cfg.model)
-    compiled = SegmentationModule({**model, "compile": True}, cfg.loss, cfg.optimizer)
-    plain = SegmentationModule({**model, "compile": False}, cfg.loss, cfg.optimizer)
+    compiled = build_module(compose_train(["model=lraspp", "model.compile=true"], tmp_path))
+    plain = build_module(compose_train(["model=lraspp", "model.compile=false"], tmp_path))
     assert compiled.state_dict().keys() == plain.state_dict().keys()
     plain.load_state_dict(compiled.state_dict())
     compiled.load_state_dict(plain.state_dict())
@@ -94,14 +92,14 @@ def test_compiled_checkpoints_load_uncompiled_for_inference(tmp_path):
     """Inference must not recompile (minutes per new batch shape on CPU) nor need a compiler."""
     from bts_lightning.checkpoint import load_module
 
-    cfg = compose_train(["model.channels=[8,16,32]", "model.strides=[2,2]", "model.compile=true"], tmp_path)
-    compiled = SegmentationModule(cfg.model, cfg.loss, cfg.optimizer)
+    cfg = compose_train(["model.net.channels=[8,16,32]", "model.net.strides=[2,2]", "model.compile=true"], tmp_path)
+    compiled = build_module(cfg)
     assert compiled.net._compiled_call_impl is not None
     path = tmp_path / "compiled.ckpt"
     torch.save({"state_dict": compiled.state_dict(), "hyper_parameters": dict(compiled.hparams)}, path)
     loaded = load_module(path)
     assert loaded.net._compiled_call_impl is None
-    assert loaded.hparams.model["compile"] is False
+    assert loaded.hparams.compile is False
     assert all(torch.equal(value, compiled.state_dict()[key]) for key, value in loaded.state_dict().items())
 
 
@@ -111,7 +109,7 @@ def test_ddp_on_two_cpu_processes_matches_single_process_evaluation(tmp_path):
     run = tmp_path / "run"
     # 39 slices, 3 per patient, 5 folds: validation fold 1 holds 9 slices, which 2 ranks cannot split evenly.
     odd = ["data.synthetic.n=39", "+data.synthetic.slices_per_patient=3", "data.batch_size=4"]
-    result = run_module(
+    result = run_cli(
         ["bts_lightning.train", *QUICK, *odd, "trainer=ddp_cpu", "trainer.max_epochs=1",
          f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={run}"],
         cwd=tmp_path,
@@ -138,7 +136,7 @@ def test_ddp_on_two_cpu_processes_matches_single_process_evaluation(tmp_path):
 @pytest.mark.slow
 def test_cross_validation_experiment_trains_one_model_per_fold(tmp_path):
     sweep = tmp_path / "cv"
-    result = run_module(
+    result = run_cli(
         ["bts_lightning.train", "experiment=cv", *SMALL_SYNTHETIC, "trainer=cpu", "debug=fast_dev_run",
          f"paths.data_dir={tmp_path / 'data'}", f"hydra.sweep.dir={sweep}"],
         cwd=tmp_path,
@@ -155,7 +153,7 @@ def test_cross_validation_experiment_trains_one_model_per_fold(tmp_path):
 @pytest.mark.slow
 def test_optuna_sweep_runs_two_trials_and_maximizes_val_dice(tmp_path):
     sweep = tmp_path / "optuna"
-    result = run_module(
+    result = run_cli(
         ["bts_lightning.train", "hparams_search=optuna", "hydra.sweeper.n_trials=2",
          "hydra.sweeper.params.model='choice(unet,lraspp)'", *QUICK, "debug=limit", "trainer.max_epochs=1",
          f"paths.data_dir={tmp_path / 'data'}", f"hydra.sweep.dir={sweep}"],

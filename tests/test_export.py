@@ -1,7 +1,10 @@
-"""Export to ONNX and TorchScript: parity with PyTorch for every architecture, CLI and errors."""
+"""Export to ONNX and TorchScript: parity with PyTorch for every architecture, the embedded contract, CLI, errors."""
 
 from __future__ import annotations
 
+import ast
+import json
+import logging
 import os
 import subprocess
 import sys
@@ -11,28 +14,33 @@ import lightning
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf, open_dict
+from omegaconf import open_dict
 
 from bts_lightning.checkpoint import load_module
 from bts_lightning.errors import BtsError, ConfigError
+from bts_lightning.export import export, export_model, probability_model, resolve_format
+from bts_lightning.inference import (
+    ONNX_CONTRACT_KEY,
+    TORCHSCRIPT_CONTRACT_FILE,
+    ExportedModel,
+    ModelContract,
+    load_predictor,
+)
 from bts_lightning.runtime import CONFIG_DIR
-from bts_lightning.export import export, export_model, load_exported, resolve_format
 from bts_lightning.segmentation_module import SegmentationModule
-from tests.conftest import REPO_ROOT
+from bts_lightning.train import build_module
+from tests.conftest import REPO_ROOT, compose_train
 
-ARCHITECTURES = ["unet", "deeplabv3", "fcn", "lraspp"]
+# Parity of every registered architecture is in tests/test_model_contract.py; here, the format details.
+ARCHITECTURES = ["unet", "lraspp"]
 SIZE = 64
 TOLERANCE = 1e-4
-
-
-def _config(group: str, name: str) -> dict:
-    return OmegaConf.to_container(OmegaConf.load(Path(CONFIG_DIR) / group / f"{name}.yaml"))
 
 
 def _write_checkpoint(name: str, directory: Path) -> Path:
     """A randomly initialised module saved the way Lightning saves it (no training needed)."""
     torch.manual_seed(0)
-    module = SegmentationModule(_config("model", name), _config("loss", "dice_ce"), _config("optimizer", "adamw"))
+    module = build_module(compose_train([f"model={name}", "loss=dice_ce", "optimizer=adamw"], directory))
     path = directory / f"{name}.ckpt"
     torch.save(
         {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
@@ -69,7 +77,7 @@ def _assert_parity(module: SegmentationModule, exported, shapes) -> None:
 def test_onnx_matches_pytorch_for_dynamic_batch_and_size(trained, tmp_path):
     module, _ = trained
     path = export_model(module, tmp_path / "model.onnx", image_size=SIZE)
-    exported = load_exported(path)
+    exported = load_predictor(path)
     assert exported.format == "onnx" and "CPUExecutionProvider" in exported.providers
     _assert_parity(module, exported, [(1, SIZE, SIZE), (3, SIZE, SIZE), (2, 96, 128)])
     # Intensity scale does not matter: standardization is inside the graph.
@@ -80,7 +88,7 @@ def test_onnx_matches_pytorch_for_dynamic_batch_and_size(trained, tmp_path):
 def test_torchscript_matches_pytorch(trained, tmp_path):
     module, _ = trained
     path = export_model(module, tmp_path / "model.pt", image_size=SIZE)
-    exported = load_exported(path)
+    exported = load_predictor(path)
     assert exported.format == "torchscript"
     _assert_parity(module, exported, [(1, SIZE, SIZE), (3, SIZE, SIZE)])
 
@@ -91,6 +99,7 @@ def test_export_leaves_the_module_unchanged(tmp_path):
     assert module.net.aux_classifier is not None and "aux" in module(_images(1))
 
 
+@pytest.mark.slow  # a subprocess (~10 s); export(cfg) runs in-process in the quick tier
 def test_cli_exports_a_checkpoint(tmp_path):
     checkpoint = _write_checkpoint("unet", tmp_path)
     output = tmp_path / "out" / "unet.onnx"
@@ -98,13 +107,13 @@ def test_cli_exports_a_checkpoint(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "bts_lightning.export", f"ckpt_path={checkpoint}", "format=onnx", f"output={output}",
          f"image_size={SIZE}", f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "run" / ".hydra" / "config.yaml").is_file()
     assert [p.name for p in output.parent.iterdir()] == ["unet.onnx"]  # no temporary files left
     assert "max |difference| vs PyTorch" in (tmp_path / "run" / "export.log").read_text()
-    _assert_parity(load_module(checkpoint), load_exported(output), [(1, SIZE, SIZE), (3, SIZE, SIZE)])
+    _assert_parity(load_module(checkpoint), load_predictor(output), [(1, SIZE, SIZE), (3, SIZE, SIZE)])
 
 
 def _compose_export(overrides: list[str], output_dir: Path):
@@ -117,7 +126,8 @@ def _compose_export(overrides: list[str], output_dir: Path):
 
 def test_default_output_goes_to_the_run_directory(tmp_path):
     checkpoint = _write_checkpoint("lraspp", tmp_path)
-    summary = export(_compose_export([f"ckpt_path={checkpoint}", "format=torchscript", f"image_size={SIZE}"], tmp_path / "run"))
+    cfg = _compose_export([f"ckpt_path={checkpoint}", "format=torchscript", f"image_size={SIZE}"], tmp_path / "run")
+    summary = export(cfg)
     assert summary["output"] == str(tmp_path / "run" / "model.pt") and summary["max_abs_difference"] <= TOLERANCE
 
 
@@ -142,18 +152,107 @@ def test_format_follows_the_output_suffix():
         resolve_format("onnx", "model.pt")
 
 
-def test_load_exported_errors(tmp_path, monkeypatch):
-    with pytest.raises(BtsError, match="does not exist"):
-        load_exported(tmp_path / "missing.onnx")
+def test_loading_exported_files_errors(tmp_path, monkeypatch):
+    with pytest.raises(BtsError, match="missing.onnx does not exist"):
+        load_predictor(tmp_path / "missing.onnx")
     (tmp_path / "model.h5").write_bytes(b"x")
+    with pytest.raises(ConfigError, match="unsupported model file type '.h5'"):
+        load_predictor(tmp_path / "model.h5")
     with pytest.raises(BtsError, match="unknown format '.h5'"):
-        load_exported(tmp_path / "model.h5")
+        ExportedModel(tmp_path / "model.h5")
     (tmp_path / "broken.onnx").write_bytes(b"not a model")
-    with pytest.raises(BtsError, match="could not be loaded by onnxruntime"):
-        load_exported(tmp_path / "broken.onnx")
+    with pytest.raises(BtsError, match="broken.onnx could not be loaded by onnxruntime"):
+        load_predictor(tmp_path / "broken.onnx")
     (tmp_path / "broken.pt").write_bytes(b"not a model")
-    with pytest.raises(BtsError, match="could not be loaded as TorchScript"):
-        load_exported(tmp_path / "broken.pt")
+    with pytest.raises(BtsError, match="broken.pt could not be loaded as TorchScript"):
+        load_predictor(tmp_path / "broken.pt")
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
-    with pytest.raises(BtsError, match=r'pip install -e "\.\[export\]"'):
-        load_exported(tmp_path / "broken.onnx")
+    with pytest.raises(BtsError, match=r'broken.onnx needs onnxruntime: pip install -e "\.\[export\]"'):
+        load_predictor(tmp_path / "broken.onnx")
+
+
+def test_export_does_not_load_and_inference_does_not_import_export():
+    """One inference boundary: bts_lightning.inference reads model files, bts_lightning.export only writes them."""
+    tree = ast.parse((REPO_ROOT / "bts_lightning" / "inference.py").read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not any("export" in name for name in imported), imported  # not even lazily, inside a function
+    import bts_lightning.export as export_module
+
+    assert not hasattr(export_module, "ExportedModel") and not hasattr(export_module, "load_exported")
+
+
+# ---------------------------------------------------------------- the contract travels with the file
+
+
+def _checkpoint_trained_at(name: str, directory: Path, image_size: int) -> Path:
+    """A checkpoint whose data module was trained at ``image_size`` (as bts_lightning.train stores it)."""
+    path = _write_checkpoint(name, directory)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint["datamodule_hyper_parameters"] = {"image_size": image_size}
+    torch.save(checkpoint, path)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".pt"])
+def test_exported_files_carry_the_contract(suffix, tmp_path):
+    checkpoint = _checkpoint_trained_at("unet", tmp_path, 48)
+    output = tmp_path / "elsewhere" / f"model{suffix}"
+    summary = export(_compose_export([f"ckpt_path={checkpoint}", f"output={output}"], tmp_path / "run"))
+    expected = ModelContract(image_size=48, in_channels=1, num_classes=2, model="unet")
+    assert load_predictor(checkpoint, "cpu").contract == expected
+    assert summary["contract"] == expected.to_dict() and summary["model"] == "unet"
+    assert summary["max_abs_difference"] <= TOLERANCE  # verified at the training size (image_size=null)
+    checkpoint.unlink()  # the file alone carries it
+    assert load_predictor(output, "cpu").contract == expected
+    # Stored where other tools can read it: ONNX metadata_props, a TorchScript extra file.
+    if suffix == ".onnx":
+        import onnx
+
+        props = {entry.key: entry.value for entry in onnx.load(str(output)).metadata_props}
+        stored = props[ONNX_CONTRACT_KEY]
+    else:
+        extra = {TORCHSCRIPT_CONTRACT_FILE: ""}
+        torch.jit.load(str(output), _extra_files=extra)
+        stored = extra[TORCHSCRIPT_CONTRACT_FILE]
+    assert ModelContract.from_json(stored) == expected
+    assert json.loads(stored)["normalization"].startswith("per-image z-score")
+
+
+def test_old_exports_without_a_contract_still_load(tmp_path, caplog):
+    import onnx
+
+    module = load_module(_write_checkpoint("lraspp", tmp_path))
+    onnx_path = export_model(module, tmp_path / "old.onnx", image_size=SIZE)
+    proto = onnx.load(str(onnx_path))
+    del proto.metadata_props[:]
+    onnx.save(proto, str(onnx_path))
+    script_path = tmp_path / "old.pt"
+    torch.jit.save(torch.jit.trace(probability_model(module), (_images(1),), check_trace=False), str(script_path))
+    for path in (onnx_path, script_path):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="bts_lightning.inference"):
+            predictor = load_predictor(path, "cpu")
+        assert predictor.contract == ModelContract() and predictor.contract.image_size is None
+        assert f"{path} carries no bts_lightning contract" in caplog.text
+        _assert_parity(module, predictor, [(2, SIZE, SIZE)])
+
+
+def test_a_corrupt_contract_is_a_clear_error(tmp_path):
+    module = load_module(_write_checkpoint("lraspp", tmp_path))
+    path = tmp_path / "model.pt"
+    torch.jit.save(torch.jit.trace(probability_model(module), (_images(1),), check_trace=False), str(path),
+                   _extra_files={TORCHSCRIPT_CONTRACT_FILE: "{not json"})
+    with pytest.raises(BtsError, match="model.pt has an unreadable bts_lightning contract"):
+        load_predictor(path, "cpu")
+
+
+def test_contract_json_round_trip_and_checks():
+    contract = ModelContract(image_size=256, in_channels=1, num_classes=2, model="deeplabv3")
+    assert ModelContract.from_json(contract.to_json()) == contract
+    assert ModelContract.from_json(b'{"image_size": 96, "future_key": 1}') == ModelContract(image_size=96)
+    with pytest.raises(ValueError, match="newer than this bts_lightning reads"):
+        ModelContract.from_json(json.dumps({**contract.to_dict(), "format_version": 99}))
+    for bad in ('[1, 2]', '{"image_size": -3}', '{"image_size": true}', '{"tumor_class": 2}'):
+        with pytest.raises(ValueError):
+            ModelContract.from_json(bad)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
-import subprocess
-import sys
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,11 +14,11 @@ import pytest
 from bts_lightning.data import figshare_metadata as fm
 from bts_lightning.data.discovery import find_pairs, read_metadata
 from bts_lightning.data.splits import make_split
-from bts_lightning.errors import DataError
+from bts_lightning.errors import ConfigError, DataError
+from tests.conftest import REPO_ROOT, assert_one_error_line, compose_app, run_cli
 
 h5py = pytest.importorskip("h5py")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 REAL_METADATA = REPO_ROOT.parent / "shared" / "data" / "brain-tumor" / "metadata.csv"
 
 # 6 slices of 3 patients; the author's folds keep each patient in one fold.
@@ -218,27 +217,52 @@ def test_missing_dir_and_no_slice_files(tmp_path: Path) -> None:
         fm.build_metadata(tmp_path)
 
 
-def test_cli_writes_out_and_reports_errors(mat_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def figshare_app(overrides: list[str], run_dir: Path) -> Path:
+    return fm.figshare_metadata_app(compose_app("figshare_metadata", overrides, run_dir))
+
+
+def test_app_writes_out(mat_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                        capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(tmp_path)
-    assert fm.main([str(mat_dir)]) == 0  # default out: ./metadata.csv
+    assert figshare_app([f"mat_dir={mat_dir}"], tmp_path / "run") == Path("metadata.csv")  # default: ./metadata.csv
     assert read_csv(tmp_path / "metadata.csv") == expected_rows(CVIND)
-    assert fm.main([str(mat_dir), "out=sub/meta.csv"]) == 0
+    figshare_app([f"mat_dir={mat_dir}", "out=sub/meta.csv", f"check={tmp_path}"], tmp_path / "run")
     assert (tmp_path / "sub" / "meta.csv").read_text() == (tmp_path / "metadata.csv").read_text()
-    assert fm.main([str(mat_dir), "folds=3"]) == 2
-    assert fm.main([]) == 2
-    assert fm.main([str(mat_dir), str(mat_dir)]) == 2
+    assert capsys.readouterr().out == "metadata.csv\nsub/meta.csv\n"  # the files written, one a line
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ([], "mat_dir is required: python -m bts_lightning.data.figshare_metadata mat_dir=DIR"),
+        (["mat_dir=[a,b]"], 'mat_dir=["a", "b"] is not a path'),
+        (["out=null"], "out is required"),
+        (["out=true"], "out=true is not a path"),
+        (["cvind=[x]"], 'cvind=["x"] is not a path'),
+    ],
+)
+def test_app_refuses_bad_settings(mat_dir: Path, tmp_path: Path, overrides: list[str], message: str) -> None:
+    mat_dir_arg = [] if "mat_dir" in message else [f"mat_dir={mat_dir}"]
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        figshare_app([*mat_dir_arg, f"out={tmp_path / 'metadata.csv'}", *overrides], tmp_path / "run")
+    assert not (tmp_path / "metadata.csv").exists()
+
+
+def test_cli_writes_out_and_reports_errors(mat_dir: Path, tmp_path: Path) -> None:
+    module = "bts_lightning.data.figshare_metadata"
+    result = run_cli([module, f"mat_dir={mat_dir}", "out=meta.csv"], cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "meta.csv\n" and read_csv(tmp_path / "meta.csv") == expected_rows(CVIND)
+    assert "Wrote meta.csv: 6 slices of 3 patients" in result.stderr  # progress on stderr, like the log file
+
+    assert_one_error_line(run_cli([module, "mat_dir=[a,b]"], cwd=tmp_path, timeout=120),
+                          'mat_dir=["a", "b"] is not a path')
+    unknown = run_cli([module, f"mat_dir={mat_dir}", "folds=3"], cwd=tmp_path, timeout=120)
+    assert unknown.returncode == 1 and "Could not override 'folds'" in unknown.stderr  # Hydra, as for every app
 
     write_v73(mat_dir / "4.mat", 2.0, None)
-    result = subprocess.run(
-        [sys.executable, "-m", "bts_lightning.data.figshare_metadata", str(mat_dir), "out=bad.csv"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=60,
-    )
-    assert result.returncode == 2
-    assert result.stderr.startswith("error: ") and "4.mat: missing key cjdata/PID" in result.stderr
-    assert "Traceback" not in result.stderr
+    result = run_cli([module, f"mat_dir={mat_dir}", "out=bad.csv"], cwd=tmp_path, timeout=120)
+    assert_one_error_line(result, "4.mat: missing key cjdata/PID")
     assert not (tmp_path / "bad.csv").exists()
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from bts_lightning.metrics import MeanPerImageOverlap, overlap_metrics, per_image_overlap
-from bts_lightning.segmentation_module import SegmentationModule
+from bts_lightning.metrics import MeanPerImageOverlap, image_metrics, overlap_metrics, per_image_overlap
+from bts_lightning.train import build_module
 from tests.conftest import compose_train
 
 
@@ -46,6 +46,26 @@ def test_mean_is_over_images_not_pooled_pixels():
     assert set(collection.compute()) == {"val/dice", "val/iou"}
 
 
+def test_training_metric_and_evaluate_agree_per_image_and_on_the_mean():
+    """val/dice, test/dice (MeanPerImageOverlap) and evaluate's per-image Dice are one definition."""
+    generator = torch.Generator().manual_seed(0)
+    truths = (torch.rand(12, 16, 16, generator=generator) > 0.6).long()
+    preds = (torch.rand(12, 16, 16, generator=generator) > 0.5).long()
+    truths[8:] = 0  # tumor-free slices: a false alarm (8, 9), correctly empty (10, 11)
+    preds[10:] = 0
+    preds[1] = 0  # a missed tumor
+    preds[2] = truths[2]  # a perfect one
+    rows = [image_metrics(p.numpy(), t.numpy()) for p, t in zip(preds, truths)]
+    assert [row["dice"] for row in rows[8:]] == [0.0, 0.0, 1.0, 1.0] and rows[1]["dice"] == 0.0
+    for kind in ("dice", "iou"):
+        metric = MeanPerImageOverlap(kind)
+        for start in range(0, 12, 5):  # batches of unequal size, as at an epoch's end
+            metric.update(preds[start : start + 5], truths[start : start + 5])
+        per_image = torch.tensor([row[kind] for row in rows])
+        assert torch.equal(per_image, per_image_overlap(preds, truths, kind))
+        assert metric.compute().item() == pytest.approx(per_image.double().mean().item(), abs=1e-6)
+
+
 def logits_for(mask: torch.Tensor, confidence: float) -> torch.Tensor:
     """2-class logits (N, 2, H, W) that predict ``mask`` with the given margin."""
     tumor = mask.float() * 2 - 1
@@ -62,8 +82,7 @@ def test_losses_are_near_zero_when_right_and_large_when_wrong(loss, tmp_path):
 
 
 def test_loss_is_float32_and_finite_for_large_masks_with_half_logits(tmp_path):
-    cfg = compose_train(["loss=dice", "model=lraspp"], tmp_path)
-    module = SegmentationModule(cfg.model, cfg.loss, cfg.optimizer)
+    module = build_module(compose_train(["loss=dice", "model=lraspp"], tmp_path))
     masks = torch.ones(2, 512, 512, dtype=torch.uint8)  # 262k tumor pixels per image: fp16 sums overflow
     outputs = {"out": logits_for(masks, 3.0).half()}
     loss = module.compute_loss(outputs, masks)
@@ -72,8 +91,7 @@ def test_loss_is_float32_and_finite_for_large_masks_with_half_logits(tmp_path):
 
 
 def test_auxiliary_head_adds_weighted_loss(tmp_path):
-    cfg = compose_train(["loss=dice", "model=fcn"], tmp_path)
-    module = SegmentationModule(cfg.model, cfg.loss, cfg.optimizer)
+    module = build_module(compose_train(["loss=dice", "model=fcn"], tmp_path))
     mask = square(2, 2, 4)[None]
     main = {"out": logits_for(mask, 20.0)}
     with_aux = {**main, "aux": logits_for(1 - mask, 20.0)}

@@ -7,6 +7,7 @@ import os
 import re
 from http.client import HTTPMessage
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.error import URLError
 
 import pytest
@@ -17,6 +18,9 @@ from torchvision.models import segmentation as tvseg
 
 from bts_lightning.errors import ConfigError, WeightsUnavailableError
 from bts_lightning.models import MODELS, available_models, backbone_of, build_model
+
+if TYPE_CHECKING:
+    from typing import Self  # Python 3.11+; annotations are not evaluated at run time
 
 REAL_DOWNLOAD = torch.hub.download_url_to_file
 
@@ -147,7 +151,7 @@ def test_missing_weights_offline_raises_with_path(offline_hub: Path) -> None:
     message = str(info.value)
     assert str(expected) in message
     assert weights.url in message
-    assert "model.weights=null" in message
+    assert "model.net.weights=null" in message
     assert list(offline_hub.iterdir()) == []
 
 
@@ -161,7 +165,7 @@ def test_corrupt_cached_file_is_weights_error(offline_hub: Path) -> None:
 class _DroppedConnection(io.BytesIO):
     """HTTP response that sends some bytes, then fails."""
 
-    def __enter__(self) -> _DroppedConnection:
+    def __enter__(self) -> Self:
         return self
 
     def info(self) -> HTTPMessage:

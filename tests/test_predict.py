@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import sys
-import types
+import logging
+import shutil
 from pathlib import Path
 
 import cv2
@@ -12,11 +12,16 @@ import numpy as np
 import pytest
 import torch
 
+from bts_lightning import inference
 from bts_lightning.errors import ConfigError, DataError
-from bts_lightning.inference import InferenceOptions, load_predictor, postprocess, predict_probabilities
+from bts_lightning.inference import InferenceOptions, ModelContract, load_predictor, postprocess, predict_probabilities
 from bts_lightning.predict import output_names, predict, predict_files
 from bts_lightning.runtime import run_app
-from tests.fixtures_checkpoint import compose_app, run_module, tiny_checkpoint
+from tests import fixtures_checkpoint
+from tests.conftest import run_cli
+from tests.fixtures_checkpoint import compose_app
+
+tiny_checkpoint = fixtures_checkpoint.tiny_checkpoint  # the pytest fixture, requested by name below
 
 
 def ramp_predictor(images: torch.Tensor) -> torch.Tensor:
@@ -157,7 +162,7 @@ def test_predict_app_keeps_sizes_skips_corrupt_files_and_leaves_input_alone(tiny
     source, out = tmp_path / "input", tmp_path / "masks"
     sizes = write_inputs(source, slice_image)
     before = folder_state(source)
-    result = run_module(
+    result = run_cli(
         ["bts_lightning.predict", f"ckpt_path={tiny_checkpoint.path}", f"input={source}", f"output={out}",
          "image_size=64", "tta=true", "postprocess.largest_component=true", f"hydra.run.dir={tmp_path / 'run'}"],
         cwd=tmp_path,
@@ -176,28 +181,35 @@ def test_predict_app_keeps_sizes_skips_corrupt_files_and_leaves_input_alone(tiny
         assert cv2.imread(str(out / f"{stem}_overlay.png")).shape == (height, width, 3)
 
 
-def test_exported_models_dispatch_to_the_export_module(tmp_path, monkeypatch):
+def test_exported_models_load_by_suffix_and_bring_their_trained_size(tmp_path, monkeypatch):
     source = tmp_path / "in"
     source.mkdir()
     cv2.imwrite(str(source / "1.png"), np.full((20, 30), 7, np.uint8))
     model = tmp_path / "model.onnx"
     model.write_bytes(b"fake")
     loaded: list[Path] = []
+    seen_sizes: list[tuple[int, int]] = []
 
-    def load_exported(path, device=None):
-        loaded.append(Path(path))
-        return ramp_predictor
+    class FakeExported:
+        """Stands in for inference.ExportedModel: a ramp predictor whose contract says 32 px."""
 
-    monkeypatch.setitem(sys.modules, "bts_lightning.export", types.SimpleNamespace(load_exported=load_exported))
-    cfg = compose_app("predict", [f"ckpt_path={model}", f"input={source}", f"output={tmp_path / 'out'}",
-                                  "image_size=32"], tmp_path / "run")  # the smallest size predict takes
+        contract = ModelContract(image_size=32, model="unet")
+
+        def __init__(self, path, device=None) -> None:
+            loaded.append(Path(path))
+
+        def __call__(self, images: torch.Tensor) -> torch.Tensor:
+            seen_sizes.append(tuple(images.shape[-2:]))
+            return ramp_predictor(images)
+
+    monkeypatch.setattr(inference, "ExportedModel", FakeExported)
+    cfg = compose_app("predict", [f"ckpt_path={model}", f"input={source}", f"output={tmp_path / 'out'}"],
+                      tmp_path / "run")  # no image_size: the contract's
     summary = predict(cfg)
     assert loaded == [model] and summary["written"] == [str(tmp_path / "out" / "1_mask.png")]
+    assert summary["image_size"] == 32 and (32, 32) in seen_sizes
     mask = cv2.imread(summary["written"][0], cv2.IMREAD_UNCHANGED)
     assert mask.shape == (20, 30) and mask[:, -1].all() and not mask[:, 0].any()
-    monkeypatch.setitem(sys.modules, "bts_lightning.export", None)  # not installed
-    with pytest.raises(ConfigError, match="need bts_lightning.export"):
-        load_predictor(model)
     with pytest.raises(ConfigError, match="unsupported model file type '.h5'"):
         load_predictor(tmp_path / "model.h5")
 
@@ -243,6 +255,35 @@ def test_predict_from_a_real_torchscript_export_matches_the_checkpoint(tiny_chec
         masks[model.suffix] = cv2.imread(str(out / "s_mask.png"), cv2.IMREAD_UNCHANGED)
     assert masks[".ts"].shape == (80, 96)
     assert (masks[".ts"] != masks[".ckpt"]).mean() < 0.001  # same network, up to float rounding at the threshold
+
+
+def test_predict_on_an_export_copied_away_from_its_run_uses_the_trained_size(tiny_checkpoint, tmp_path, caplog):
+    """The tiny checkpoint was trained at 64 px (predict's fallback is 256): the exported file says so."""
+    export = pytest.importorskip("bts_lightning.export")
+    pytest.importorskip("onnxruntime")
+    checkpoint = load_predictor(tiny_checkpoint.path, "cpu")
+    assert checkpoint.contract.image_size == 64 and checkpoint.contract.model == "unet"
+    exported = export.export_model(checkpoint.module, tmp_path / "export" / "model.onnx", "onnx", 64,
+                                   contract=checkpoint.contract)
+    moved = tmp_path / "somewhere" / "else" / "model.onnx"  # no run directory, no .hydra, no checkpoint near it
+    moved.parent.mkdir(parents=True)
+    shutil.move(exported, moved)
+    source = tmp_path / "in"
+    source.mkdir()
+    cv2.imwrite(str(source / "s.png"), np.zeros((100, 90), np.uint8))
+
+    def run(*overrides: str) -> dict:
+        out = tmp_path / f"out{len(overrides)}"
+        return predict(compose_app("predict", [f"ckpt_path={moved}", f"input={source}", f"output={out}",
+                                               "device=cpu", *overrides], tmp_path / "run"))
+
+    with caplog.at_level(logging.INFO, logger="bts_lightning.predict"):
+        assert run()["image_size"] == 64
+    assert "Network input size 64 px (the size it was trained at)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="bts_lightning.predict"):
+        assert run("image_size=32")["image_size"] == 32  # an explicit size still wins, with a warning
+    assert "trained at 64 px but image_size=32" in caplog.text
 
 
 def test_image_sizes_the_network_cannot_take_are_config_errors(tiny_checkpoint, tmp_path):

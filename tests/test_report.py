@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
-from bts_lightning.report import find_runs, group_runs, main
-from tests.conftest import REPO_ROOT
+from bts_lightning.errors import BtsError, ConfigError
+from bts_lightning.report import IGNORED_KEYS, find_runs, group_runs, report_app
+from tests.conftest import assert_one_error_line, compose_app, run_cli
 
 
-def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "NO_ALBUMENTATIONS_UPDATE": "1"}
-    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+def _report(overrides: list[str], run_dir: Path) -> list:
+    """Run the report app in this process on ``conf/report.yaml`` with ``overrides``; returns its rows."""
+    return report_app(compose_app("report", overrides, run_dir))
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -29,14 +28,14 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 @pytest.mark.slow
 def test_report_on_a_real_sweep(tmp_path):
     sweep = tmp_path / "sweep"
-    result = _run(
+    result = run_cli(
         ["bts_lightning.train", "-m", "model=unet,lraspp", "data=synthetic", "data.synthetic.n=40",
          "data.synthetic.size=64", "trainer=cpu", "trainer.max_epochs=1", "data.num_workers=0",
          f"paths.data_dir={tmp_path}", f"hydra.sweep.dir={sweep}"],
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    result = _run(["bts_lightning.report", str(sweep)], cwd=tmp_path)
+    result = run_cli(["bts_lightning.report", f"dirs={sweep}"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("report.md", "report.csv", "report.png"):
         assert (sweep / name).is_file() and (sweep / name).stat().st_size > 0
@@ -65,14 +64,34 @@ def test_report_on_a_real_sweep(tmp_path):
     assert "2 runs in 2 configurations" in markdown
 
 
+# The model node of today's run configs: the LightningModule, the network's settings under model.net.
+NET_LAYOUT = """model:
+  _target_: bts_lightning.segmentation_module.SegmentationModule
+  net:
+    _target_: bts_lightning.models.build_model
+    name: {model}
+    weights: null
+  loss: ${{loss}}
+  optimizer: ${{optimizer}}
+  scheduler: ${{scheduler}}
+  compile: false
+  aux_loss_weight: 0.4
+  freeze_backbone_epochs: 0
+scheduler: null
+"""
+
+
 def _write_run(directory: Path, model: str, seed: int, val_fold: int, val_dice: float, test_dice: float | None,
                lr: float = 0.001, data_dir: str = "data", last_val_dice: float | None = None,
-               split: dict | None = None) -> None:
+               split: dict | None = None, net_layout: bool = False) -> None:
+    """A training run's folder; its config has the model node of runs made before model.net (``model.name``)
+    unless ``net_layout``."""
     (directory / ".hydra").mkdir(parents=True)
     (directory / ".hydra" / "config.yaml").write_text(
         f"seed: {seed}\n"
         f"data:\n  image_size: 128\n  val_fold: {val_fold}\n  test_fold: null\n  seed: ${{seed}}\n"
-        f"model:\n  name: {model}\n"
+        + (NET_LAYOUT.format(model=model) if net_layout else f"model:\n  name: {model}\n")
+        +
         "loss:\n  _target_: monai.losses.DiceFocalLoss\n"
         f"optimizer:\n  _target_: torch.optim.Adam\n  _partial_: true\n  lr: {lr}\n"
         "trainer:\n  precision: bf16-mixed\n"
@@ -120,8 +139,11 @@ def test_repeats_of_a_configuration_become_one_row_with_mean_and_std(tmp_path, c
     assert rows[0].fields()["test_dice_mean"] is None
 
     out = tmp_path / "report"
-    main([str(root), "--out", str(out)])
-    assert "Wrote" in capsys.readouterr().out
+    _report([f"dirs={root}", f"out={out}"], tmp_path / "run")
+    printed = capsys.readouterr().out
+    assert printed.startswith("Ranked by best val Dice\n  1. 0.9000  model=unet, optimizer.lr=0.01  (1 run)\n")
+    assert "  2. 0.7500 ± 0.0707  model=unet, optimizer.lr=0.001  (2 runs)\n" in printed
+    assert printed.endswith(f"Wrote {out / 'report.md'}, {out / 'report.csv'}, {out / 'report.png'}\n")
     assert not (root / "report.md").exists()
     table = _read_csv(out / "report.csv")
     assert [row["runs"] for row in table] == ["1", "2", "1"] and table[0]["test_dice_mean"] == ""
@@ -132,17 +154,68 @@ def test_repeats_of_a_configuration_become_one_row_with_mean_and_std(tmp_path, c
     assert (out / "report.png").stat().st_size > 0
 
 
-def test_no_runs_is_one_clear_error(tmp_path, capsys):
+def test_cli_reports_several_folders(tmp_path):
+    _write_run(tmp_path / "a" / "run", "unet", seed=1, val_fold=1, val_dice=0.7, test_dice=0.6, net_layout=True)
+    _write_run(tmp_path / "b" / "run", "lraspp", seed=1, val_fold=1, val_dice=0.5, test_dice=0.4, net_layout=True)
+    result = run_cli(["bts_lightning.report", "dirs=[a,b]", "out=report"], cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "Ranked by test Dice",
+        "  1. 0.6000  model=unet  (1 run)",
+        "  2. 0.4000  model=lraspp  (1 run)",
+        "Wrote report/report.md, report/report.csv, report/report.png",
+    ]
+    assert [row["model"] for row in _read_csv(tmp_path / "report" / "report.csv")] == ["unet", "lraspp"]
+    assert not (tmp_path / "a" / "report.md").exists()
+
+
+def test_no_runs_is_one_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(tmp_path / "empty"), str(tmp_path)])
-    assert exit_info.value.code == 2
-    error = capsys.readouterr().err
-    assert error.startswith("error: No runs found under") and str(tmp_path / "empty") in error
-    assert "Traceback" not in error
-    with pytest.raises(SystemExit):
-        main([str(tmp_path / "missing")])
-    assert "Not a directory" in capsys.readouterr().err
+    result = run_cli(["bts_lightning.report", f"dirs=[{tmp_path / 'empty'},{tmp_path}]"], cwd=tmp_path, timeout=120)
+    error = assert_one_error_line(result, "No runs found under", str(tmp_path / "empty"))
+    assert error.startswith("error: No runs found under")
+    with pytest.raises(BtsError, match="Not a directory"):
+        _report([f"dirs={tmp_path / 'missing'}"], tmp_path / "run")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ([], "dirs is required: python -m bts_lightning.report dirs=RUNS_DIR"),
+        (["dirs=[]"], "dirs is required"),
+        (["dirs=true"], "dirs=true is not a path"),
+        (["dirs=[a,[b]]"], 'dirs=["b"] is not a path'),
+        (["dirs=a", "out=[x]"], 'out=["x"] is not a path'),
+    ],
+)
+def test_bad_settings_name_the_key(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        _report(overrides, tmp_path / "run")
+
+
+def test_cli_bad_value_is_one_error_line(tmp_path):
+    assert_one_error_line(run_cli(["bts_lightning.report", "dirs=3.5"], cwd=tmp_path, timeout=120),
+                          "dirs=3.5 is not a path")
+
+
+def test_model_name_from_either_config_layout(tmp_path):
+    """Runs configure the network under model.net (model.net.name); runs made before, under model (model.name)."""
+    root = tmp_path / "runs"
+    for seed in (1, 2):
+        _write_run(root / f"new{seed}", "lraspp", seed, seed, val_dice=0.6, test_dice=0.5, net_layout=True)
+    _write_run(root / "old", "fcn", 1, 1, val_dice=0.6, test_dice=0.4)
+    for run in ("new1", "new2", "old"):
+        (root / run / ".hydra" / "overrides.yaml").unlink()  # no overrides: rows are labelled by the model
+        metrics = json.loads((root / run / "metrics.json").read_text())
+        (root / run / "metrics.json").write_text(json.dumps({**metrics, "model": None}))  # the config names it
+    rows = group_runs(find_runs([root]))
+    assert [(row.label, row.fields()["model"], len(row.runs)) for row in rows] == [("lraspp", "lraspp", 2),
+                                                                                 ("fcn", "fcn", 1)]
+    assert rows[0].first.get("model.net.name") == "lraspp" and rows[1].first.get("model.name") == "fcn"
+    # Seeds and folds still make repeats: the ignored keys exist in today's configs.
+    config = compose_app("train", [], tmp_path / "run")
+    for key in IGNORED_KEYS:
+        assert OmegaConf.select(config, key, default="absent", throw_on_resolution_failure=False) != "absent", key
 
 
 def test_ranking_never_uses_the_split_that_chose_the_checkpoint(tmp_path):
@@ -153,7 +226,7 @@ def test_ranking_never_uses_the_split_that_chose_the_checkpoint(tmp_path):
     _write_run(with_test / "b", "lraspp", 1, 1, val_dice=0.80, test_dice=0.70, last_val_dice=0.75, split=slices)
     rows = group_runs(find_runs([with_test]))
     assert [row.first.get("model.name") for row in rows] == ["lraspp", "unet"]  # by test Dice
-    main([str(with_test)])
+    _report([f"dirs={with_test}"], tmp_path / "run")
     markdown = (with_test / "report.md").read_text()
     assert "Ranked by test Dice: best.ckpt (chosen on validation) scored on the held-out test split" in markdown
     assert "maximum over epochs on the validation split that also chose best.ckpt" in markdown
@@ -165,6 +238,6 @@ def test_ranking_never_uses_the_split_that_chose_the_checkpoint(tmp_path):
     _write_run(cross_validation / "b", "lraspp", 1, 1, val_dice=0.80, test_dice=None, last_val_dice=0.78, split=folds)
     rows = group_runs(find_runs([cross_validation]))
     assert [row.first.get("model.name") for row in rows] == ["lraspp", "unet"]
-    main([str(cross_validation)])
+    _report([f"dirs={cross_validation}"], tmp_path / "run")
     assert {row["ranked_by"] for row in _read_csv(cross_validation / "report.csv")} == {"last_val_dice"}
     assert "Ranked by last val Dice: the final epoch" in (cross_validation / "report.md").read_text()

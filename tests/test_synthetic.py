@@ -6,9 +6,8 @@ import csv
 import json
 import logging
 import subprocess
-import sys
-import threading
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -17,9 +16,9 @@ import pytest
 
 from bts_lightning.data import synthetic
 from bts_lightning.data.synthetic import ensure_dataset, generate_dataset
-from bts_lightning.errors import DataError
+from bts_lightning.errors import ConfigError, DataError
+from tests.conftest import assert_one_error_line, compose_app, run_cli
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 N, SIZE, SEED, FOLDS, PER_PATIENT = 40, 64, 7, 5, 4
 
 
@@ -107,6 +106,7 @@ def test_few_slices_still_fill_every_fold(tmp_path: Path) -> None:
     [
         ({"n": 0}, "n"),
         ({"size": 31}, "size"),
+        ({"seed": -1}, "seed"),
         ({"slices_per_patient": 0}, "slices_per_patient"),
         ({"num_folds": 0}, "num_folds"),
         ({"n": 3, "num_folds": 4}, "num_folds"),
@@ -114,6 +114,15 @@ def test_few_slices_still_fill_every_fold(tmp_path: Path) -> None:
 )
 def test_invalid_arguments(tmp_path: Path, kwargs: dict[str, int], word: str) -> None:
     with pytest.raises(ValueError, match=word):
+        generate_dataset(tmp_path / "ds", **{"n": 8, "size": 32, **kwargs})
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [({"size": 64.0}, "size must be a whole number, got 64.0"),
+                                                 ({"n": "8"}, "n must be a whole number, got '8'"),
+                                                 ({"num_folds": True}, "num_folds must be a whole number")])
+def test_arguments_of_the_wrong_type(tmp_path: Path, kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(TypeError, match=message):
         generate_dataset(tmp_path / "ds", **{"n": 8, "size": 32, **kwargs})
     assert list(tmp_path.iterdir()) == []
 
@@ -192,13 +201,13 @@ def test_no_temporary_directories_left(dataset: Path) -> None:
 def test_crash_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
 
-    def failing_write(path: Path, array: np.ndarray) -> None:
-        calls.append(path)
+    def failing_encode(array: np.ndarray) -> bytes:
+        calls.append(array)
         if len(calls) == 5:
             raise OSError("disk full")
-        cv2.imwrite(str(path), array)
+        return cv2.imencode(".png", array)[1].tobytes()
 
-    monkeypatch.setattr(synthetic, "_write_png", failing_write)
+    monkeypatch.setattr(synthetic, "encode_png", failing_encode)
     with pytest.raises(OSError, match="disk full"):
         generate_dataset(tmp_path / "ds", n=8, size=32, seed=0, num_folds=2)
     assert list(tmp_path.iterdir()) == []
@@ -221,70 +230,81 @@ def test_incomplete_existing_target_is_an_error(tmp_path: Path) -> None:
 
 
 def test_concurrent_generation_both_succeed(tmp_path: Path) -> None:
-    out, errors = tmp_path / "ds", []
-
-    def work() -> None:
-        try:
-            generate_dataset(out, n=12, size=64, seed=0, num_folds=3)
-        except Exception as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert errors == []
+    out = tmp_path / "ds"
+    with ThreadPoolExecutor(2) as pool:
+        runs = [pool.submit(generate_dataset, out, n=12, size=64, seed=0, num_folds=3) for _ in range(2)]
+    assert [run.result() for run in runs] == [out, out]  # .result() raises a thread's error
     assert len(read_rows(out)) == 12
     assert [p.name for p in tmp_path.iterdir()] == ["ds"]
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "bts_lightning.data.synthetic", *args],
-        capture_output=True,
-        check=False,
-        text=True,
-        cwd=REPO_ROOT,
-        timeout=120,
-    )
+def synthetic_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return run_cli(["bts_lightning.data.synthetic", *args], cwd=cwd, timeout=120)
 
 
 def test_cli_generates(tmp_path: Path) -> None:
-    out = tmp_path / "cli"
-    result = run_cli(f"out={out}", "n=8", "size=64", "seed=1")
+    result = synthetic_cli("out=cli", "n=8", "size=64", "seed=1", cwd=tmp_path)  # relative to where it runs
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == str(out)
+    assert result.stdout == "cli\n"  # only the folder: progress messages go to stderr
+    assert "Generating synthetic dataset in cli (n=8, size=64, seed=1" in result.stderr
+    out = tmp_path / "cli"
     assert len(read_rows(out)) == 8
     assert read(out / "images" / "8.png").shape == (64, 64)
+    assert json.loads((out / "synthetic.json").read_text())["seed"] == 1
+    (log,) = (tmp_path / "logs" / "synthetic" / "runs").glob("*/synthetic.log")  # a Hydra run like the others
+    assert "Generating synthetic dataset" in log.read_text()
+
+
+def test_cli_bad_value_is_one_error_line(tmp_path: Path) -> None:
+    result = synthetic_cli("out=cli", "n=abc", cwd=tmp_path)
+    error = assert_one_error_line(result, "n must be a whole number, got 'abc'")
+    assert "slices_per_patient" in error  # shows the usage with every setting
+    assert result.stdout == "" and not (tmp_path / "cli").exists()
 
 
 @pytest.mark.parametrize(
     ("args", "named"),
     [
-        (["bogus=1"], "bogus"),
-        (["n=abc"], "abc"),
-        (["size=8"], "size"),
-        (["n=4"], "out"),
+        (["n=abc"], "n must be a whole number, got 'abc'"),
+        (["n=1.5"], "n must be a whole number, got 1.5"),
+        (["num_folds=true"], "num_folds must be a whole number, got True"),
+        (["n=null"], "n must be a whole number, got None"),
+        (["size=8"], "size must be >= 32 pixels, got 8"),
+        (["seed=-1"], "seed must be >= 0, got -1"),
+        (["n=3", "num_folds=4"], "num_folds=4 needs at least one patient per fold"),
+        (["n=4"], "out is required"),
+        (["n=4", "out=[a,b]"], 'out=["a", "b"] is not a path'),
     ],
 )
-def test_cli_bad_arguments(tmp_path: Path, args: list[str], named: str) -> None:
-    out_arg = [] if named == "out" else [f"out={tmp_path / 'cli'}"]
-    result = run_cli(*out_arg, *args)
-    assert result.returncode == 2
-    assert named in result.stderr
-    assert "slices_per_patient" in result.stderr  # lists the accepted keys
-    assert "Traceback" not in result.stderr
+def test_app_refuses_bad_settings(tmp_path: Path, args: list[str], named: str) -> None:
+    out_arg = [] if "out" in named else [f"out={tmp_path / 'cli'}"]
+    cfg = compose_app("synthetic", [*out_arg, *args], tmp_path / "run")
+    with pytest.raises(ConfigError) as error:
+        synthetic.synthetic_app(cfg)
+    assert named in str(error.value)
+    assert "slices_per_patient" in str(error.value) or "e.g. out=DIR" in str(error.value)  # usage, or an example
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_cli_unknown_setting_is_refused_by_hydra(tmp_path: Path) -> None:
+    result = synthetic_cli("out=cli", "bogus=1", cwd=tmp_path)
+    assert result.returncode == 1  # Hydra's own error for every app: the key is not in the config
+    assert "Could not override 'bogus'" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "cli").exists()
 
 
 def test_cli_refuses_an_existing_dataset_of_another_size(tmp_path: Path) -> None:
     out = generate_dataset(tmp_path / "cli", n=8, size=32, seed=1, num_folds=2)
-    result = run_cli(f"out={out}", "n=8", "size=64", "seed=1", "num_folds=2")
-    assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
-    assert str(out) in result.stderr and "size=32" in result.stderr and "size=64" in result.stderr
+    result = synthetic_cli(f"out={out}", "n=8", "size=64", "seed=1", "num_folds=2", cwd=tmp_path)
+    error = assert_one_error_line(result, str(out), "size=32", "size=64")
+    assert result.stdout == "" and result.stderr == f"{error}\n"
     assert read(out / "images" / "1.png").shape == (32, 32)
+
+
+def test_ensure_dataset_refuses_unknown_arguments(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="bogus"):
+        ensure_dataset(tmp_path / "ds", n=4, bogus=1)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_tumor_not_recoverable_by_global_threshold(dataset128: Path) -> None:

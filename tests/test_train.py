@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,16 +15,9 @@ from bts_lightning.checkpoint import CheckpointError
 from bts_lightning.errors import ConfigError
 from bts_lightning.preprocessing import standardize
 from bts_lightning.train import train
-from tests.conftest import REAL_DATA, REPO_ROOT, compose_train
+from tests.conftest import REAL_DATA, compose_train, run_cli
 
 SMALL_SYNTHETIC = ["data=synthetic", "data.synthetic.n=40", "data.synthetic.size=64", "data.batch_size=8"]
-
-
-def run_module(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
 
 
 def test_short_run_writes_checkpoints_tensorboard_and_metrics(tmp_path):
@@ -44,7 +34,7 @@ def test_short_run_writes_checkpoints_tensorboard_and_metrics(tmp_path):
     assert metrics["best_val_dice"] == saved["best_val_dice"]
     checkpoint = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["epoch"] == saved["best_epoch"]
-    assert checkpoint["hyper_parameters"]["model"]["name"] == "unet"
+    assert checkpoint["hyper_parameters"]["net"]["name"] == "unet"
     events = EventAccumulator(str(run / "tensorboard")).Reload()
     assert {"train/loss_epoch", "val/dice", "val/iou", "val/loss"} <= set(events.Tags()["scalars"])
     assert any(tag.startswith("lr-") for tag in events.Tags()["scalars"])
@@ -54,7 +44,7 @@ def test_short_run_writes_checkpoints_tensorboard_and_metrics(tmp_path):
 @pytest.mark.slow
 def test_multirun_trains_all_four_architectures(tmp_path):
     sweep = tmp_path / "sweep"
-    result = run_module(
+    result = run_cli(
         ["bts_lightning.train", "-m", "model=unet,deeplabv3,fcn,lraspp", "data=synthetic", "data.synthetic.n=40",
          "data.synthetic.size=64", "debug=fast_dev_run",
          f"paths.data_dir={tmp_path / 'data'}", f"hydra.sweep.dir={sweep}"],
@@ -68,9 +58,10 @@ def test_multirun_trains_all_four_architectures(tmp_path):
     assert sorted(models) == ["deeplabv3", "fcn", "lraspp", "unet"]
 
 
+@pytest.mark.slow  # a subprocess (~10 s); run_app's error path is quick-tested in-process
 def test_bad_input_exits_with_one_clear_line_also_in_the_run_log(tmp_path):
     run = tmp_path / "run"
-    result = run_module(["bts_lightning.train", f"data.root={tmp_path / 'missing'}", "data.download=false",
+    result = run_cli(["bts_lightning.train", f"data.root={tmp_path / 'missing'}", "data.download=false",
                          "debug=fast_dev_run", f"hydra.run.dir={run}"], cwd=tmp_path)
     assert result.returncode == 2
     assert "error: Dataset root" in result.stderr and "missing" in result.stderr
@@ -94,7 +85,7 @@ def cache_fake_lraspp_weights() -> Path:
 
 def frozen_lraspp_overrides(tmp_path: Path) -> list[str]:
     return [*SMALL_SYNTHETIC, f"paths.data_dir={tmp_path / 'data'}", "trainer=cpu", "data.num_workers=0",
-            "model=lraspp", "model.weights=DEFAULT", "model.freeze_backbone_epochs=1", "debug=limit", "test=false"]
+            "model=lraspp", "model.net.weights=DEFAULT", "model.freeze_backbone_epochs=1", "debug=limit", "test=false"]
 
 
 def test_pretrained_backbone_is_frozen_for_the_first_epochs(tmp_path):
@@ -149,8 +140,8 @@ def test_frozen_backbone_trains_what_validation_scores(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not (REAL_DATA / "images").is_dir(), reason="real data not present")
 def test_real_data_deeplabv3_mixed_precision_with_limits(tmp_path):
-    result = run_module(
-        ["bts_lightning.train", "model=deeplabv3", "trainer.precision=bf16-mixed", "model.weights=null",
+    result = run_cli(
+        ["bts_lightning.train", "model=deeplabv3", "trainer.precision=bf16-mixed", "model.net.weights=null",
          f"data.root={REAL_DATA}", "debug=limit", "data.image_size=64", "data.batch_size=2",
          "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", f"hydra.run.dir={tmp_path / 'run'}"],
         cwd=tmp_path,
@@ -164,7 +155,7 @@ def test_real_data_deeplabv3_mixed_precision_with_limits(tmp_path):
 @pytest.mark.slow
 def test_readme_demo_reaches_dice_0_7(tmp_path):
     """The README's offline demo, exactly as written (plus where to put its files); its time is in the README."""
-    result = run_module(
+    result = run_cli(
         ["bts_lightning.train", "experiment=demo", f"paths.data_dir={tmp_path / 'data'}",
          f"hydra.run.dir={tmp_path / 'run'}"],
         cwd=tmp_path,
@@ -194,6 +185,9 @@ def test_checkpoint_records_the_training_image_size(tmp_path):
         ("optimizer.lr=0", "optimizer.lr=0"),
         ("optimizer.lr=-0.001", "optimizer.lr=-0.001"),
         ("data.image_size=40", "data.image_size=40 is not a multiple of 16"),
+        ("monitor.metric=train/loss", "monitor.metric=train/loss must name a validation metric"),
+        ("monitor.mode=up", "monitor.mode=up must be max"),
+        ("model.net.name=unetx", "Unknown model 'unetx'"),
     ],
 )
 def test_values_nothing_else_checks_are_config_errors(override, message, tmp_path):
@@ -206,18 +200,48 @@ def test_values_nothing_else_checks_are_config_errors(override, message, tmp_pat
 
 def test_resume_needs_a_matching_readable_checkpoint(tmp_path):
     overrides = [*SMALL_SYNTHETIC, f"paths.data_dir={tmp_path / 'data'}", "trainer=cpu", "data.num_workers=0",
-                 "debug=limit", "trainer.max_epochs=1", "test=false", "model.channels=[8,16,32]", "model.strides=[2,2]"]
+                 "debug=limit", "trainer.max_epochs=1", "test=false", "model.net.channels=[8,16,32]", "model.net.strides=[2,2]"]
     with pytest.raises(CheckpointError, match=r"ckpt_path=last: there is no .*last\.ckpt"):
         train(compose_train([*overrides, "ckpt_path=last"], tmp_path / "fresh"))
     assert not (tmp_path / "fresh" / "metrics.json").exists()
 
     train(compose_train(overrides, tmp_path / "run"))
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    with pytest.raises(CheckpointError, match=r"another network \(model\.channels: \[8, 16, 32\] in the checkpoint"):
-        train(compose_train([*overrides, "model.channels=[8,16,64]", "ckpt_path=last"], tmp_path / "run"))
+    with pytest.raises(CheckpointError, match=r"another network \(model\.net\.channels: \[8, 16, 32\] in the checkpoint"):
+        train(compose_train([*overrides, "model.net.channels=[8,16,64]", "ckpt_path=last"], tmp_path / "run"))
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(last.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="truncated.ckpt could not be read"):
         train(compose_train([*overrides, f"ckpt_path={truncated}"], tmp_path / "other"))
     with pytest.raises(CheckpointError, match="missing.ckpt does not exist"):
         train(compose_train([*overrides, f"ckpt_path={tmp_path / 'missing.ckpt'}"], tmp_path / "other"))
+
+
+def test_callbacks_none_means_no_callbacks(tmp_path):
+    """No checkpoints, history or example images; test scores the final weights and says so."""
+    cfg = compose_train([*SMALL_SYNTHETIC, f"paths.data_dir={tmp_path / 'data'}", "trainer=cpu", "debug=limit",
+                         "trainer.max_epochs=1", "data.num_workers=0", "callbacks=none", "logger=csv"], tmp_path / "run")
+    assert not cfg.get("callbacks")
+    saved = train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert saved["best_checkpoint"] is None and saved["val_history"] == [] and saved["best_val_dice"] is None
+    assert saved["selection"]["chosen_on"] is None and "final weights" in saved["selection"]["note"]
+    assert set(saved["test"]) == {"test/dice", "test/iou", "test/loss"}
+
+
+def test_one_monitor_key_drives_checkpoint_early_stopping_and_scheduler(tmp_path):
+    overrides = [*SMALL_SYNTHETIC, f"paths.data_dir={tmp_path / 'data'}", "trainer=cpu", "debug=limit",
+                 "trainer.max_epochs=3", "data.num_workers=0", "test=false", "monitor.metric=val/loss",
+                 "monitor.mode=min"]
+    cfg = compose_train(overrides, tmp_path / "run")
+    assert cfg.callbacks.model_checkpoint.monitor == cfg.callbacks.early_stopping.monitor == "val/loss"
+    assert cfg.callbacks.model_checkpoint.mode == cfg.model.scheduler.scheduler.mode == "min"
+    assert cfg.model.scheduler.monitor == "val/loss"
+    saved = train(cfg)
+    losses = {row["epoch"]: row["val/loss"] for row in saved["val_history"]}
+    assert saved["best_epoch"] == min(losses, key=losses.get)
+    assert saved["selection"]["monitor"] == "val/loss" and saved["selection"]["mode"] == "min"
+    best_row = next(row for row in saved["val_history"] if row["epoch"] == saved["best_epoch"])
+    assert saved["best_val_dice"] == best_row["val/dice"]
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["epoch"] == saved["best_epoch"]

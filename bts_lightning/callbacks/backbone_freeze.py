@@ -37,21 +37,25 @@ def release(backbone: nn.Module) -> None:
 class BackboneFreeze(Callback):
     """Keep the backbone frozen (see :func:`freeze`) for ``epochs`` epochs when pretrained weights were loaded.
 
+    ``epochs=None`` (the default) takes the module's ``freeze_backbone_epochs`` hyperparameter
+    (``model.freeze_backbone_epochs``, which each model config sets for its network).
+
     All parameters stay in the optimizer (frozen ones simply get no gradient), so schedulers and
     optimizer state are unaffected when the backbone is released. Lightning restores each layer's
     mode after validation, so the frozen BatchNorm layers stay in eval mode for the whole epoch.
     """
 
-    def __init__(self, epochs: int) -> None:
+    def __init__(self, epochs: int | None = None) -> None:
         self.epochs = epochs
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epochs = self.epochs if self.epochs is not None else int(pl_module.hparams.get("freeze_backbone_epochs", 0))
         backbone = backbone_of(pl_module.net)
-        if self.epochs <= 0 or backbone is None or not pl_module.pretrained:
+        if epochs <= 0 or backbone is None or not pl_module.pretrained:
             return
-        if trainer.current_epoch < self.epochs:
+        if trainer.current_epoch < epochs:
             freeze(backbone)
         else:
-            if trainer.current_epoch == self.epochs:
+            if trainer.current_epoch == epochs:
                 log.info("Unfreezing the pretrained backbone at epoch %d", trainer.current_epoch)
             release(backbone)

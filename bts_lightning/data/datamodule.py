@@ -103,7 +103,7 @@ class BrainTumorDataModule(L.LightningDataModule):
         if self.synthetic is not None:
             try:
                 ensure_dataset(self.root, **self.synthetic)
-            except ValueError as error:  # invalid generator arguments
+            except (TypeError, ValueError) as error:  # invalid or unknown generator arguments
                 raise ConfigError(f"data.synthetic: {error}") from error
 
     def setup(self, stage: str | None = None) -> None:

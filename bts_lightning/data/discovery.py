@@ -67,15 +67,15 @@ def find_pairs(root: str | Path) -> list[SlicePair]:
         suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
         raise DataError(f"No images ({suffixes}) found in {folders['images']}.")
     problems = []
-    if missing := sorted(set(images) - set(masks), key=_natural_key):
+    if missing := sorted(set(images) - set(masks), key=natural_key):
         names = [images[stem].name for stem in missing]
         problems.append(f"{len(missing)} image(s) without a mask in {folders['masks']}: {format_names(names)}")
-    if orphans := sorted(set(masks) - set(images), key=_natural_key):
+    if orphans := sorted(set(masks) - set(images), key=natural_key):
         names = [masks[stem].name for stem in orphans]
         problems.append(f"{len(orphans)} mask(s) without an image in {folders['images']}: {format_names(names)}")
     if problems:
         raise DataError("; ".join(problems) + ". Every slice needs an image and a mask with the same name stem.")
-    return [SlicePair(stem, images[stem], masks[stem]) for stem in sorted(images, key=_natural_key)]
+    return [SlicePair(stem, images[stem], masks[stem]) for stem in sorted(images, key=natural_key)]
 
 
 def _read_rows(path: Path) -> dict[int, dict[str, str]]:
@@ -103,8 +103,11 @@ def _read_rows(path: Path) -> dict[int, dict[str, str]]:
     return rows
 
 
-def _natural_key(stem: str) -> tuple[int, int | str]:
-    """Sort numeric stems numerically ('2' before '10'), others alphabetically after them."""
+def natural_key(stem: str) -> tuple[int, int | str]:
+    """Sort key for names: numeric ones numerically ('2' before '10'), others alphabetically after them.
+
+    ``sorted(stems, key=natural_key)``; for files, ``key=lambda p: (natural_key(p.stem), p.name)``.
+    """
     return (0, int(stem)) if stem.isdigit() else (1, stem)
 
 
@@ -121,7 +124,7 @@ def read_metadata(root: str | Path, stems: list[str]) -> dict[str, dict[str, str
     numbers: dict[str, list[int]] = defaultdict(list)
     for number, row in rows_by_number.items():
         numbers[row["index"]].append(number)
-    if duplicated := sorted((i for i, lines in numbers.items() if len(lines) > 1), key=_natural_key):
+    if duplicated := sorted((i for i, lines in numbers.items() if len(lines) > 1), key=natural_key):
         listed = [f"{i} (rows {', '.join(map(str, numbers[i]))})" for i in duplicated]
         raise DataError(
             f"{path}: {len(duplicated)} index value(s) on several rows: {format_names(listed)}. "
@@ -135,13 +138,13 @@ def read_metadata(root: str | Path, stems: list[str]) -> dict[str, dict[str, str
                 f"Fill them in (every slice needs a {column}) or remove the '{column}' column."
             )
     rows = {row["index"]: row for row in rows_by_number.values()}
-    unknown = sorted(set(rows) - set(stems), key=_natural_key)
+    unknown = sorted(set(rows) - set(stems), key=natural_key)
     if unknown:
         raise DataError(
             f"{path}: {len(unknown)} row(s) name slices that have no image/mask files: "
             f"{format_names(unknown)}. Remove those rows or add the files."
         )
-    unlisted = sorted(set(stems) - set(rows), key=_natural_key)
+    unlisted = sorted(set(stems) - set(rows), key=natural_key)
     if unlisted:
         raise DataError(
             f"{path}: {len(unlisted)} slice(s) have no metadata row: {format_names(unlisted)}. "

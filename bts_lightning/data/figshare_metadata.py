@@ -6,7 +6,7 @@ The release (Jun Cheng, "brain tumor dataset", figshare 1512427) has one MATLAB 
 ``tumorMask``, plus ``cvind.mat`` with the author's patient-wise 5-fold assignment (``cvind``, one
 fold per slice in index order). Only ``cjdata/label`` and ``cjdata/PID`` are read for MATLAB v7.3
 (HDF5) files, so no image is loaded; older v5 files are read with ``scipy.io.loadmat`` when SciPy is
-installed. Slice files are looked for in ``MAT_DIR`` and in its direct subfolders (the release's
+installed. Slice files are looked for in ``mat_dir`` and in its direct subfolders (the release's
 four zips unpack to ``brainTumorDataPublic_1-766/`` etc.).
 
 Without ``cvind.mat`` folds are assigned per patient, round-robin over the sorted patient ids.
@@ -14,8 +14,9 @@ The result is checked against the published release (3064 slices, 233 patients, 
 slices per label, 570/655/562/613/664 slices per fold) when all 3064 slices are present, and
 against another metadata file (for example the Kaggle copy's) with ``check=CSV_OR_DIR``.
 
-CLI: ``python -m bts_lightning.data.figshare_metadata MAT_DIR [out=metadata.csv] [cvind=PATH]
-[check=CSV_OR_DIR]``
+CLI (a Hydra app, ``conf/figshare_metadata.yaml``): ``python -m bts_lightning.data.figshare_metadata
+mat_dir=DIR [out=metadata.csv] [cvind=PATH] [check=CSV_OR_DIR]`` (or ``bts-figshare-metadata ...``)
+prints the file written.
 """
 
 from __future__ import annotations
@@ -23,23 +24,22 @@ from __future__ import annotations
 import csv
 import logging
 import re
-import sys
 from collections import Counter, defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from omegaconf import DictConfig
 
-from bts_lightning.errors import BtsError, DataError, format_names
-from bts_lightning.runtime import atomic_path
+from bts_lightning.errors import DataError, format_names
+from bts_lightning.runtime import atomic_path, hydra_app, path_setting
 
 logger = logging.getLogger(__name__)
 
-CLI_KEYS = ("out", "cvind", "check")
-USAGE = (
-    "usage: python -m bts_lightning.data.figshare_metadata MAT_DIR "
-    "[out=metadata.csv] [cvind=PATH] [check=CSV_OR_DIR]"
-)
+USAGE = "python -m bts_lightning.data.figshare_metadata mat_dir=DIR [out=metadata.csv] [cvind=PATH] [check=CSV_OR_DIR]"
 CVIND_FILE = "cvind.mat"
 NUM_FOLDS = 5
 LABELS = {1: "meningioma", 2: "glioma", 3: "pituitary"}
@@ -76,12 +76,18 @@ def _is_hdf5(path: Path) -> bool:
     return False
 
 
-def _import_h5py(path: Path):
+@contextmanager
+def _open_hdf5(path: Path) -> Iterator[tuple[Any, Any]]:
+    """``(h5py, open file)`` of a MATLAB v7.3 file; an OSError while reading it becomes a DataError naming it."""
     try:
         import h5py
     except ImportError as exc:
         raise DataError(f"{path}: reading MATLAB v7.3 (HDF5) files needs h5py: pip install h5py") from exc
-    return h5py
+    try:
+        with h5py.File(path, "r") as handle:
+            yield h5py, handle
+    except OSError as exc:
+        raise DataError(f"{path}: unreadable HDF5 (MATLAB v7.3) file: {exc}") from exc
 
 
 def _load_v5(path: Path, variable: str) -> object:
@@ -134,28 +140,24 @@ def _pid_text(path: Path, key: str, value: object, is_char: bool) -> str:
 
 
 def _read_hdf5_slice(path: Path) -> tuple[int, str]:
-    h5py = _import_h5py(path)
-    try:
-        with h5py.File(path, "r") as handle:
-            group = handle.get("cjdata")
-            if not isinstance(group, h5py.Group):
-                raise DataError(f"{path}: no 'cjdata' struct (expected cjdata/label and cjdata/PID).")
-            values = {}
-            for key in ("label", "PID"):
-                dataset = group.get(key)
-                if not isinstance(dataset, h5py.Dataset):
-                    raise DataError(f"{path}: missing key cjdata/{key}.")
-                attrs = dataset.attrs
-                if attrs.get("MATLAB_empty"):
-                    values[key] = (np.zeros(0, dtype=np.uint16), True)
-                else:
-                    matlab_class = attrs.get("MATLAB_class", b"")
-                    if isinstance(matlab_class, bytes):
-                        matlab_class = matlab_class.decode("ascii", "replace")
-                    is_char = matlab_class == "char" or dataset.dtype == np.uint16
-                    values[key] = (dataset[()], is_char)
-    except OSError as exc:
-        raise DataError(f"{path}: unreadable HDF5 (MATLAB v7.3) file: {exc}") from exc
+    with _open_hdf5(path) as (h5py, handle):
+        group = handle.get("cjdata")
+        if not isinstance(group, h5py.Group):
+            raise DataError(f"{path}: no 'cjdata' struct (expected cjdata/label and cjdata/PID).")
+        values = {}
+        for key in ("label", "PID"):
+            dataset = group.get(key)
+            if not isinstance(dataset, h5py.Dataset):
+                raise DataError(f"{path}: missing key cjdata/{key}.")
+            attrs = dataset.attrs
+            if attrs.get("MATLAB_empty"):
+                values[key] = (np.zeros(0, dtype=np.uint16), True)
+            else:
+                matlab_class = attrs.get("MATLAB_class", b"")
+                if isinstance(matlab_class, bytes):
+                    matlab_class = matlab_class.decode("ascii", "replace")
+                is_char = matlab_class == "char" or dataset.dtype == np.uint16
+                values[key] = (dataset[()], is_char)
     label = _label_value(path, "cjdata/label", values["label"][0])
     pid = _pid_text(path, "cjdata/PID", *values["PID"])
     return label, pid
@@ -186,15 +188,11 @@ def read_cvind(path: str | Path) -> list[int]:
     """The fold (1-based) of every slice, in index order, from ``cvind.mat`` (v7.3 or v5)."""
     path = Path(path)
     if _is_hdf5(path):
-        h5py = _import_h5py(path)
-        try:
-            with h5py.File(path, "r") as handle:
-                dataset = handle.get("cvind")
-                if not isinstance(dataset, h5py.Dataset):
-                    raise DataError(f"{path}: missing key 'cvind' (expected a 1 x N array of fold numbers).")
-                values = np.asarray(dataset[()])
-        except OSError as exc:
-            raise DataError(f"{path}: unreadable HDF5 (MATLAB v7.3) file: {exc}") from exc
+        with _open_hdf5(path) as (h5py, handle):
+            dataset = handle.get("cvind")
+            if not isinstance(dataset, h5py.Dataset):
+                raise DataError(f"{path}: missing key 'cvind' (expected a 1 x N array of fold numbers).")
+            values = np.asarray(dataset[()])
     else:
         values = np.asarray(_load_v5(path, "cvind"))
     if values.ndim > 2 or (values.ndim == 2 and min(values.shape) != 1) or values.dtype.kind not in "biuf":
@@ -212,7 +210,7 @@ def find_slice_files(mat_dir: str | Path) -> dict[int, Path]:
     mat_dir = Path(mat_dir)
     if not mat_dir.is_dir():
         raise DataError(
-            f"MAT_DIR {mat_dir} does not exist or is not a folder; point it at the unpacked Figshare release "
+            f"mat_dir={mat_dir} does not exist or is not a folder; point it at the unpacked Figshare release "
             "(1.mat ... 3064.mat)."
         )
     found: dict[int, list[Path]] = defaultdict(list)
@@ -391,44 +389,20 @@ def build_metadata(
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point: ``MAT_DIR`` and ``key=value`` arguments (see module docstring); returns the exit code."""
-    args = sys.argv[1:] if argv is None else argv
-    if any(arg in ("-h", "--help") for arg in args):
-        print(USAGE)
-        return 0
-    accepted = ", ".join(CLI_KEYS)
-    options: dict[str, str] = {}
-    positional: list[str] = []
-    for arg in args:
-        key, sep, value = arg.partition("=")
-        if sep and key in CLI_KEYS:
-            options[key] = value
-        elif not sep or Path(arg).exists():
-            positional.append(arg)
-        else:
-            print(f"error: unknown argument {arg!r}; expected MAT_DIR and key=value with keys: {accepted}",
-                  file=sys.stderr)
-            return 2
-    if len(positional) != 1:
-        what = "missing MAT_DIR" if not positional else f"one MAT_DIR expected, got {len(positional)}: {positional}"
-        print(f"error: {what}\n{USAGE}", file=sys.stderr)
-        return 2
-    for key, value in options.items():
-        if not value:
-            print(f"error: {key}= needs a path\n{USAGE}", file=sys.stderr)
-            return 2
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+def figshare_metadata_app(cfg: DictConfig) -> Path:
+    """The ``bts-figshare-metadata`` app (``conf/figshare_metadata.yaml``): build ``cfg.out`` from the
+    release in ``cfg.mat_dir``, print its path and return it."""
+    mat_dir, out = (path_setting(cfg, key, required=USAGE) for key in ("mat_dir", "out"))
+    cvind, check = (path_setting(cfg, key) for key in ("cvind", "check"))
     try:
-        path = build_metadata(
-            positional[0], options.get("out", "metadata.csv"), options.get("cvind"), options.get("check")
-        )
-    except (BtsError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        path = build_metadata(mat_dir, out, cvind, check)
+    except OSError as error:  # reading the release (writing goes through atomic_path: OutputError)
+        raise DataError(f"Could not read the release in {mat_dir}: {error}") from error
     print(path)
-    return 0
+    return path
 
+
+main = hydra_app("figshare_metadata", figshare_metadata_app)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -7,6 +7,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from bts_lightning.visualize import to_uint8
+
 BINARY_THRESHOLD = 0  # masks with values in {0, 1}: tumor = 1
 BYTE_THRESHOLD = 127  # 8-bit 0-255 masks (other depths are min-max scaled to 0-255 on reading)
 GREY_LEVELS, GREY_LIMIT = (32, 223), 0.05  # a mask with over 5 % of pixels strictly in between is not binary
@@ -29,11 +31,7 @@ def read_grayscale(path: str | Path) -> np.ndarray:
     if image.ndim == 3:
         code = cv2.COLOR_BGRA2GRAY if image.shape[2] == 4 else cv2.COLOR_BGR2GRAY
         image = cv2.cvtColor(image, code)
-    if image.dtype != np.uint8:
-        image = image.astype(np.float32)
-        low, high = float(image.min()), float(image.max())
-        image = ((image - low) * (255.0 / (high - low)) if high > low else image * 0).astype(np.uint8)
-    return image
+    return image if image.dtype == np.uint8 else to_uint8(image)
 
 
 def mask_threshold(largest_value: int) -> int:

@@ -6,27 +6,33 @@ assigned per patient) and ``OUT/synthetic.json`` (the generator arguments, check
 slice is drawn from its own seeded generator, so the output is byte-identical for the same arguments
 and independent of generation order.
 
-CLI: ``python -m bts_lightning.data.synthetic out=DIR [n=400] [size=128] [seed=0]
-[slices_per_patient=4] [num_folds=5]``; reusing ``out`` generated with other arguments is an error.
+CLI (a Hydra app, ``conf/synthetic.yaml``): ``python -m bts_lightning.data.synthetic out=DIR [n=400]
+[size=128] [seed=0] [slices_per_patient=4] [num_folds=5]`` (or ``bts-synthetic ...``) prints the
+folder; reusing ``out`` generated with other arguments is an error.
 """
 
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import logging
 import math
+import numbers
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
+from omegaconf import DictConfig
 
-from bts_lightning.errors import DataError
+from bts_lightning.errors import ConfigError, DataError
+from bts_lightning.runtime import hydra_app, make_directory, output_error, path_setting
+from bts_lightning.visualize import encode_png, to_uint8
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +46,7 @@ BRAIN_RHO = 0.84  # head-normalised radius of the brain surface (1.0 = outer sca
 _FOLD_TAG, _PATIENT_TAG, _SLICE_TAG = 0, 1, 2
 
 CLI_KEYS = ("out", "n", "size", "seed", "slices_per_patient", "num_folds")
+USAGE = "python -m bts_lightning.data.synthetic out=DIR [n=400] [size=128] [seed=0] [slices_per_patient=4] [num_folds=5]"
 MANIFEST = "synthetic.json"
 
 
@@ -298,17 +305,23 @@ def _render_slice(
     noise = rng.standard_normal((2, size, size), dtype=np.float32) * sigma
     image = np.sqrt((image + noise[0]) ** 2 + noise[1] ** 2)
 
-    low, high = float(image.min()), float(image.max())
-    scaled = np.round((image - low) * (255.0 / max(high - low, 1e-6))).astype(np.uint8)
-    return scaled, mask.astype(np.uint8) * 255
+    return to_uint8(image), mask.astype(np.uint8) * 255
 
 
-def _validate(n: int, size: int, slices_per_patient: int, num_folds: int) -> None:
-    """Raise ValueError for arguments that cannot produce a dataset."""
+def _validate(params: dict[str, Any]) -> None:
+    """Raise TypeError or ValueError, naming the argument and its value, for :func:`generate_dataset`
+    arguments (``params``: all of them) that cannot produce a dataset."""
+    for key, value in params.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{key} must be a whole number, got {value!r}.")
+    n, size, seed = params["n"], params["size"], params["seed"]
+    slices_per_patient, num_folds = params["slices_per_patient"], params["num_folds"]
     if n < 1:
         raise ValueError(f"n must be >= 1 (number of slices), got {n}.")
     if size < 32:
         raise ValueError(f"size must be >= 32 pixels, got {size}.")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}.")
     if slices_per_patient < 1:
         raise ValueError(f"slices_per_patient must be >= 1, got {slices_per_patient}.")
     if num_folds < 1:
@@ -336,12 +349,6 @@ def _assign_folds(labels: list[int], num_folds: int, seed: int) -> list[int]:
     return folds
 
 
-def _write_png(path: Path, array: np.ndarray) -> None:
-    """Write an 8-bit PNG, raising OSError if OpenCV cannot."""
-    if not cv2.imwrite(str(path), array):
-        raise OSError(f"could not write {path}")
-
-
 def generate_dataset(
     out: str | Path,
     n: int = 400,
@@ -358,9 +365,10 @@ def generate_dataset(
     patients of ``slices_per_patient`` (fewer when needed to fill every fold); folds are
     assigned per patient, stratified by label.
     """
-    _validate(n, size, slices_per_patient, num_folds)
+    params = {"n": n, "size": size, "seed": seed, "slices_per_patient": slices_per_patient, "num_folds": num_folds}
+    _validate(params)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_directory(out.parent)
     per_patient = _effective_slices_per_patient(n, slices_per_patient, num_folds)
     n_patients = math.ceil(n / per_patient)
     patients = [_make_patient(seed, p) for p in range(n_patients)]
@@ -374,10 +382,9 @@ def generate_dataset(
         for i in range(n):
             p, s = divmod(i, per_patient)
             image, mask = _render_slice(patients[p], seed, p, s, size)
-            _write_png(tmp / "images" / f"{i + 1}.png", image)
-            _write_png(tmp / "masks" / f"{i + 1}.png", mask)
+            (tmp / "images" / f"{i + 1}.png").write_bytes(encode_png(image))
+            (tmp / "masks" / f"{i + 1}.png").write_bytes(encode_png(mask))
             rows.append((i + 1, patients[p].label, folds[p], p + 1))
-        params = _params(n, size, seed, slices_per_patient, num_folds)
         (tmp / MANIFEST).write_text(json.dumps(params, indent=1) + "\n")
         with open(tmp / "metadata.csv", "w", newline="") as fh:  # written last: marks completion
             writer = csv.writer(fh, lineterminator="\n")
@@ -399,9 +406,12 @@ def generate_dataset(
     return out
 
 
-def _params(n: int, size: int, seed: int, slices_per_patient: int, num_folds: int) -> dict[str, int]:
-    """The generator arguments as stored in :data:`MANIFEST`."""
-    return {"n": n, "size": size, "seed": seed, "slices_per_patient": slices_per_patient, "num_folds": num_folds}
+def _with_defaults(params: dict[str, int]) -> dict[str, int]:
+    """:func:`generate_dataset`'s keyword arguments: ``params`` and the defaults of those left out (TypeError
+    for unknown ones), in the order stored in :data:`MANIFEST`."""
+    bound = inspect.signature(generate_dataset).bind(None, **params)
+    bound.apply_defaults()
+    return {key: value for key, value in bound.arguments.items() if key != "out"}
 
 
 def _describe(params: dict[str, object]) -> str:
@@ -424,69 +434,49 @@ def _check_manifest(out: Path, params: dict[str, int]) -> None:
         )
 
 
-def ensure_dataset(
-    out: str | Path,
-    n: int = 400,
-    size: int = 128,
-    seed: int = 0,
-    slices_per_patient: int = 4,
-    num_folds: int = 5,
-) -> Path:
-    """Return ``out`` if it holds the dataset these arguments generate, generating it there if ``out`` is empty.
+def ensure_dataset(out: str | Path, **params: int) -> Path:
+    """Return ``out`` if it holds the dataset ``params`` generate, generating it there if ``out`` is empty.
+
+    ``params`` are :func:`generate_dataset`'s keyword arguments (``n``, ``size``, ``seed``,
+    ``slices_per_patient``, ``num_folds``), its defaults for those left out.
 
     Raises :class:`DataError` when ``out`` holds a dataset of other arguments, or files that are no
-    complete synthetic dataset (no ``metadata.csv``/:data:`MANIFEST`), and ValueError for bad arguments.
+    complete synthetic dataset (no ``metadata.csv``/:data:`MANIFEST`), and TypeError or ValueError for
+    bad or unknown arguments.
     """
     out = Path(out)
-    params = _params(n, size, seed, slices_per_patient, num_folds)
+    params = _with_defaults(params)
     if not (out / "metadata.csv").is_file():
         if out.is_dir() and any(out.iterdir()):
             raise DataError(
                 f"{out} is not empty but holds no complete synthetic dataset ({MANIFEST} and metadata.csv). "
                 f"Choose another folder (out= / data.root=) or empty {out}."
             )
-        _validate(n, size, slices_per_patient, num_folds)  # before logging, so bad arguments log nothing
-        logger.info("Generating synthetic dataset in %s (n=%d, size=%d, seed=%d).", out, n, size, seed)
-        generate_dataset(out, n, size, seed, slices_per_patient, num_folds)
+        _validate(params)  # before logging, so bad arguments log nothing
+        logger.info("Generating synthetic dataset in %s (%s).", out, _describe(params))
+        generate_dataset(out, **params)
     _check_manifest(out, params)  # also when a concurrent process with other arguments won the rename
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point: ``key=value`` arguments (see module docstring); returns the exit code."""
-    args = sys.argv[1:] if argv is None else argv
-    accepted = ", ".join(CLI_KEYS)
-    options: dict[str, str] = {}
-    for arg in args:
-        key, sep, value = arg.partition("=")
-        if not sep or key not in CLI_KEYS:
-            print(f"error: unknown argument {arg!r}; expected key=value with keys: {accepted}", file=sys.stderr)
-            return 2
-        options[key] = value
-    if not options.get("out"):
-        print(f"error: missing required out=DIR; keys: {accepted}", file=sys.stderr)
-        return 2
-    params: dict[str, int] = {}
-    for key, value in options.items():
-        if key == "out":
-            continue
-        try:
-            params[key] = int(value)
-        except ValueError:
-            print(f"error: {key}={value!r} is not an integer; keys: {accepted}", file=sys.stderr)
-            return 2
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+def synthetic_app(cfg: DictConfig) -> Path:
+    """The ``bts-synthetic`` app (``conf/synthetic.yaml``): generate the dataset in ``cfg.out`` (or find it
+    there, generated with the same settings), print the folder and return it."""
+    out = path_setting(cfg, "out", required=USAGE)
+    params = {key: cfg[key] for key in CLI_KEYS if key != "out"}
     try:
-        path = ensure_dataset(options["out"], **params)
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc} (keys: {accepted})", file=sys.stderr)
-        return 2
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        _validate(params)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{error} Usage: {USAGE}") from None
+    try:
+        path = ensure_dataset(out, **params)
+    except OSError as error:  # a full disk, a folder that is not writable
+        raise output_error(out, error) from error
     print(path)
-    return 0
+    return path
 
+
+main = hydra_app("synthetic", synthetic_app)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -70,7 +70,7 @@ def check_input_size(model: nn.Module, size: int, key: str) -> None:
         choices = f"{lower} or {upper}" if lower > 0 else str(upper)
         raise ConfigError(
             f"{key}={size} is not a multiple of {multiple}, which this network needs (U-Net: the product of "
-            f"model.strides); use {key}={choices}, or change model.strides."
+            f"model.net.strides); use {key}={choices}, or change model.net.strides."
         )
 
 

@@ -38,7 +38,7 @@ def _build(
             raise WeightsUnavailableError(
                 f"Cached weights file {path} for {resolved} could not be loaded "
                 f"({type(exc).__name__}: {exc}). Delete it and copy a complete download "
-                f"of {resolved.url} there, or use model.weights=null."
+                f"of {resolved.url} there, or use model.net.weights=null."
             ) from None
         for conv_path in head_convs:
             replace_out_conv(model, conv_path, num_classes)
@@ -49,39 +49,19 @@ def _build(
 @register_model("deeplabv3")
 def deeplabv3(in_channels: int, num_classes: int, weights: str | None = None) -> nn.Module:
     """DeepLabV3 with a dilated ResNet-50 backbone and an auxiliary FCN head."""
-    return _build(
-        tvseg.deeplabv3_resnet50,
-        tvseg.DeepLabV3_ResNet50_Weights,
-        ("classifier.4", "aux_classifier.4"),
-        in_channels,
-        num_classes,
-        weights,
-        aux_loss=True,
-    )
+    return _build(tvseg.deeplabv3_resnet50, tvseg.DeepLabV3_ResNet50_Weights, ("classifier.4", "aux_classifier.4"),
+                  in_channels, num_classes, weights, aux_loss=True)
 
 
 @register_model("fcn")
 def fcn(in_channels: int, num_classes: int, weights: str | None = None) -> nn.Module:
     """FCN with a dilated ResNet-50 backbone and an auxiliary head."""
-    return _build(
-        tvseg.fcn_resnet50,
-        tvseg.FCN_ResNet50_Weights,
-        ("classifier.4", "aux_classifier.4"),
-        in_channels,
-        num_classes,
-        weights,
-        aux_loss=True,
-    )
+    return _build(tvseg.fcn_resnet50, tvseg.FCN_ResNet50_Weights, ("classifier.4", "aux_classifier.4"),
+                  in_channels, num_classes, weights, aux_loss=True)
 
 
 @register_model("lraspp")
 def lraspp(in_channels: int, num_classes: int, weights: str | None = None) -> nn.Module:
     """Lite R-ASPP with a MobileNetV3-Large backbone (no auxiliary head)."""
-    return _build(
-        tvseg.lraspp_mobilenet_v3_large,
-        tvseg.LRASPP_MobileNet_V3_Large_Weights,
-        ("classifier.low_classifier", "classifier.high_classifier"),
-        in_channels,
-        num_classes,
-        weights,
-    )
+    return _build(tvseg.lraspp_mobilenet_v3_large, tvseg.LRASPP_MobileNet_V3_Large_Weights,
+                  ("classifier.low_classifier", "classifier.high_classifier"), in_channels, num_classes, weights)

@@ -56,6 +56,6 @@ def unet(
         raise ConfigError(
             f"Model 'unet' has no pretrained weights (got weights={weights!r}); pretrained "
             "weights exist only for the torchvision models (deeplabv3, fcn, lraspp). "
-            "Use model.weights=null."
+            "Use model.net.weights=null."
         )
     return MonaiUNet(in_channels, num_classes, channels, strides, num_res_units, dropout)

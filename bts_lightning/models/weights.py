@@ -43,13 +43,13 @@ def ensure_cached(weights: WeightsEnum) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.hub.download_url_to_file(weights.url, str(path), match.group(1) if match else None)
-    except Exception as exc:  # any network, filesystem or hash failure
+    except Exception as exc:  # noqa: BLE001 - any network, filesystem or hash failure
         raise WeightsUnavailableError(
             f"Pretrained weights {weights} are not cached and could not be downloaded "
             f"({type(exc).__name__}: {exc}).\n"
             f"  Expected file: {path}\n"
             f"  Download it from: {weights.url}\n"
             f"Copy the file to that path (or set TORCH_HOME to a directory holding "
-            f"checkpoints/{path.name}), or train from scratch with model.weights=null."
+            f"checkpoints/{path.name}), or train from scratch with model.net.weights=null."
         ) from None
     return path
