@@ -166,6 +166,7 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
+@pytest.mark.slow  # a subprocess (~10 s); evaluate(cfg) writes the same files in-process in the quick tier
 def test_evaluate_app_writes_consistent_outputs(tiny_checkpoint, tmp_path):
     run = tmp_path / "run"
     result = run_cli(
