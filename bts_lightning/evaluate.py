@@ -118,9 +118,7 @@ def select_split(datamodule: Any, split: str) -> SliceDataset:
     if split not in SPLITS:
         raise ConfigError(f"split={split} is not one of {', '.join(SPLITS)}.")
     if split == "all":
-        cache = datamodule.datasets["train"].cache
-        dataset = SliceDataset(datamodule.pairs, range(len(datamodule.pairs)), datamodule.image_size, None, cache,
-                               datamodule.mask_threshold)
+        dataset = datamodule.make_dataset(range(len(datamodule.pairs)))
     else:
         dataset = datamodule.datasets[split]
     if len(dataset) == 0:
@@ -208,7 +206,7 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[st
         for start in range(0, len(dataset), batch_size):
             positions = range(start, min(start + batch_size, len(dataset)))
             images, truths = zip(*(dataset.load(position) for position in positions))
-            predictions = options.predict_masks(predictor, np.stack(images)[:, None])
+            predictions = options.predict_masks(predictor, np.stack(images))
             for position, prediction, truth in zip(positions, predictions, truths):
                 label = datamodule.label_of(dataset.indices[position])
                 rows.append({"stem": dataset.stem(position), "label": label, "tumor_type": tumor_type(label),
@@ -236,7 +234,7 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[st
     write_per_image_csv(output_dir / "per_image.csv", rows)
     if worst:
         images, truths = zip(*(dataset.load(position) for position in worst))
-        predictions = options.predict_masks(predictor, np.stack(images)[:, None])
+        predictions = options.predict_masks(predictor, np.stack(images))
         panels = [
             captioned(panel(image, truth, prediction),
                        f"{rows[i]['stem']}  Dice {rows[i]['dice']:.3f}  HD95 {rows[i]['hd95']:.1f}")

@@ -6,11 +6,12 @@ import torch
 
 
 def standardize(images: torch.Tensor) -> torch.Tensor:
-    """Per-image z-score of an (N, 1, H, W) batch of any dtype or intensity scale, as float32.
+    """Z-score of each channel of each image of an (N, C, H, W) batch of any dtype or scale, as float32.
 
-    Scale-invariant, so 8-bit, 16-bit and [0, 1] inputs give the same network input.
+    Scale-invariant per channel, so 8-bit, 16-bit and [0, 1] inputs give the same network input, and
+    MRI sequences of different brightness (e.g. FLAIR and T1) each get zero mean and unit variance.
     """
     x = images.float()
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    std = x.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    std = x.std(dim=(2, 3), keepdim=True).clamp_min(1e-6)
     return (x - mean) / std

@@ -24,8 +24,9 @@ from bts_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-# data.* keys that define the split; each comes from the checkpoint unless overridden.
-SPLIT_KEYS = ("split_by", "val_fold", "test_fold", "val_fraction", "test_fraction", "seed")
+# data.* keys that define the slices and split; each comes from the checkpoint unless overridden.
+SPLIT_KEYS = ("layout", "channels", "mask_suffix", "patient_pattern", "split_by", "val_fold", "test_fold", "num_folds",
+              "val_fraction", "test_fraction", "seed")
 # Overrides that choose the data folder: with none of them (nor BTS_DATA_ROOT), the training root is used.
 _ROOT_KEYS = ("data", "data.root", "data.synthetic", "paths.data_dir", "paths")
 
@@ -82,8 +83,9 @@ def data_config(data: DictConfig, record: dict[str, Any] | None, keys: set[str],
 
 def describe_settings(settings: dict[str, Any], method: str) -> str:
     """One phrase for a split's settings, e.g. ``folds (val_fold=3, test_fold=None)``."""
-    if method == "folds":
-        return f"folds (val_fold={settings['val_fold']}, test_fold={settings['test_fold']})"
+    if method in ("folds", "patient_folds"):
+        made = f", num_folds={settings.get('num_folds')}, seed={settings['seed']}" if method == "patient_folds" else ""
+        return f"{method} (val_fold={settings['val_fold']}, test_fold={settings['test_fold']}{made})"
     return (f"{method} (val_fraction={settings['val_fraction']}, test_fraction={settings['test_fraction']}, "
             f"seed={settings['seed']})")
 

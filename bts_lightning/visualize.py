@@ -41,8 +41,11 @@ def overlay(image: np.ndarray, prediction: np.ndarray, truth: np.ndarray | None 
 
 
 def panel(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray) -> np.ndarray:
-    """One RGB row: image | truth | prediction | overlay (truth green, prediction red)."""
-    gray = to_uint8(image)
+    """One RGB row: image | truth | prediction | overlay (truth green, prediction red).
+
+    ``image`` is a 2-D slice or a (C, H, W) stack of channels, of which the first is drawn.
+    """
+    gray = to_uint8(image if image.ndim == 2 else image[0])
     tiles = [
         cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB),
         cv2.cvtColor((truth > 0).astype(np.uint8) * 255, cv2.COLOR_GRAY2RGB),

@@ -131,10 +131,10 @@ def test_datamodule_batches_resized_uint8_and_no_augmentation_on_validation(synt
     assert batch["mask"].shape == (4, 48, 48) and set(batch["mask"].unique().tolist()) <= {0, 1}
     val = dm.datasets["val"]
     image, mask = val.load(0)
-    assert torch.equal(val[0]["image"][0], torch.from_numpy(image))
+    assert image.shape == (1, 48, 48) and torch.equal(val[0]["image"], torch.from_numpy(image))
     train = dm.datasets["train"]
     image, mask = train.load(0)
-    assert torch.equal(train[0]["image"][0], torch.from_numpy(image[::-1].copy()))
+    assert torch.equal(train[0]["image"], torch.from_numpy(image[:, ::-1].copy()))
     assert torch.equal(train[0]["mask"], torch.from_numpy(mask[::-1].copy()))
     assert dm.has_test and dm.label_of(dm.split.val[0]) in {"1", "2", "3"}
 
@@ -189,8 +189,10 @@ def test_split_record_round_trips_through_state_dict(synthetic_root, caplog):
     record = dm.split_record()
     assert json.loads(json.dumps(record)) == record  # plain JSON-able data
     assert (record["method"], record["leaky"]) == ("folds", False)
-    assert record["settings"] == {"root": str(synthetic_root.resolve()), "split_by": "auto", "val_fold": 1,
-                                  "test_fold": 2, "val_fraction": 0.2, "test_fraction": 0.0, "seed": 42}
+    assert record["settings"] == {"root": str(synthetic_root.resolve()), "layout": "kaggle", "channels": "gray",
+                                  "mask_suffix": "_mask", "patient_pattern": None, "split_by": "auto", "val_fold": 1,
+                                  "test_fold": 2, "num_folds": None, "val_fraction": 0.2, "test_fraction": 0.0,
+                                  "seed": 42}
     for name, dataset in dm.datasets.items():
         ids = [dataset.stem(i) for i in range(len(dataset))]
         assert record["subsets"][name] == {"n": len(ids), "sha256": slice_ids_digest(ids), "ids": ids}
@@ -419,6 +421,12 @@ def test_metadata_with_excel_bom_is_read(make_dataset):
         ({"test_fraction": -0.1}, "data.test_fraction=-0.1"),
         ({"val_fraction": "a lot"}, "data.val_fraction='a lot'"),
         ({"split_by": "patients"}, "data.split_by='patients'"),
+        ({"num_folds": 1}, "data.num_folds=1"),
+        ({"num_folds": "5"}, "data.num_folds='5'"),
+        ({"layout": "lgg"}, "data.layout='lgg' is not one of auto, kaggle, suffix, figshare_mat"),
+        ({"mask_suffix": ""}, "data.mask_suffix=''"),
+        ({"patient_pattern": "(unclosed"}, "data.patient_pattern='(unclosed' is not a regular expression"),
+        ({"channels": "rgb"}, "data.channels='rgb' is invalid"),
     ],
 )
 def test_bad_data_config_values_are_named(tmp_path, kwargs, key):

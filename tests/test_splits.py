@@ -7,7 +7,14 @@ import logging
 
 import pytest
 
-from bts_lightning.data.splits import make_split, slice_ids_digest, split_by_folds, split_by_groups, split_randomly
+from bts_lightning.data.splits import (
+    make_patient_folds,
+    make_split,
+    slice_ids_digest,
+    split_by_folds,
+    split_by_groups,
+    split_randomly,
+)
 from bts_lightning.errors import ConfigError, DataError
 
 
@@ -60,8 +67,9 @@ FOLDS_ONLY = {s: {"index": s, "label": "1", "fold": str(int(s) % 3 + 1)} for s i
 LABELS_ONLY = {s: {"index": s, "label": "1"} for s in STEMS}
 
 
-def split(metadata, val_fold=1, split_by="auto"):
-    return make_split(metadata, STEMS, val_fold, None, 0.25, 0.0, 0, split_by=split_by, source="/data/root")
+def split(metadata, val_fold=1, split_by="auto", num_folds=None):
+    return make_split(metadata, STEMS, val_fold, None, 0.25, 0.0, 0, split_by=split_by, source="/data/root",
+                      num_folds=num_folds)
 
 
 def test_auto_prefers_folds_then_patients():
@@ -93,8 +101,11 @@ def test_slice_split_only_on_request_and_marked_leaky(caplog):
 def test_forced_fold_or_patient_split_needs_its_column():
     assert split(WITH_FOLDS, split_by="patient").method == "patients"
     assert split(WITH_FOLDS, split_by="fold").method == "folds"
-    with pytest.raises(DataError, match=r"split_by=fold, but /data/root has no metadata.csv with a 'fold' column"):
+    with pytest.raises(DataError, match=r"split_by=fold, but /data/root has no metadata.csv with a 'fold' column\. "
+                                        r"Set data.num_folds=K to make K patient-wise folds"):
         split(PIDS_ONLY, split_by="fold")
+    with pytest.raises(DataError, match=r"split_by=fold, but .* 'fold' column\. Add a metadata.csv .*split_by=slice"):
+        split(LABELS_ONLY, split_by="fold", num_folds=3)
     with pytest.raises(DataError, match=r"split_by=patient, but /data/root has no metadata.csv with a 'pid' column"):
         split(FOLDS_ONLY, split_by="patient")
     with pytest.raises(ConfigError, match="data.val_fold"):
@@ -107,3 +118,34 @@ def test_slice_ids_digest_is_stable_and_order_independent():
     expected = hashlib.sha256(b"1\n10\n2").hexdigest()  # sorted as strings, joined by newlines
     assert slice_ids_digest(["2", "10", "1"]) == slice_ids_digest(["1", "2", "10"]) == expected
     assert slice_ids_digest(["1", "2"]) != expected and slice_ids_digest([]) == hashlib.sha256(b"").hexdigest()
+
+
+def test_patient_folds_keep_patients_whole_follow_the_seed_and_stratify_by_label():
+    pids = [f"p{i // 3}" for i in range(60)]  # 20 patients of 3 slices
+    labels = ["1" if i < 24 else "2" for i in range(60)]  # 8 patients of label 1, 12 of label 2
+    folds = make_patient_folds(pids, labels, num_folds=4, seed=7)
+    fold_of: dict[str, set[str]] = {}
+    for pid, fold in zip(pids, folds):
+        fold_of.setdefault(pid, set()).add(fold)
+    assert all(len(f) == 1 for f in fold_of.values()) and set(folds) == {"1", "2", "3", "4"}
+    for label, per_fold in (("1", 2), ("2", 3)):  # every fold gets its share of each label's patients
+        patients = {pid for pid, lab in zip(pids, labels) if lab == label}
+        assert sorted(sum(fold_of[p] == {f} for p in patients) for f in "1234") == [per_fold] * 4
+    assert make_patient_folds(pids, labels, 4, seed=7) == folds
+    assert make_patient_folds(pids, labels, 4, seed=8) != folds
+    assert sorted(set(make_patient_folds(pids, None, 5, seed=0))) == ["1", "2", "3", "4", "5"]
+    with pytest.raises(DataError, match=r"Only 20 patient id\(s\): data.num_folds=21 .* lower data.num_folds"):
+        make_patient_folds(pids, None, 21, seed=0)
+
+
+def test_num_folds_makes_folds_from_patient_ids_only_when_the_data_has_none():
+    made = split(PIDS_ONLY, val_fold=2, num_folds=3)
+    assert (made.method, made.leaky) == ("patient_folds", False)
+    assert_partition(made, len(STEMS))
+    pids = [PIDS_ONLY[s]["pid"] for s in STEMS]
+    assert not {pids[i] for i in made.val} & {pids[i] for i in made.train}
+    assert split(PIDS_ONLY, val_fold=2, split_by="fold", num_folds=3) == made
+    assert split(WITH_FOLDS, num_folds=3).method == "folds"  # the data's own folds win
+    assert split(PIDS_ONLY, val_fold=None, num_folds=3).method == "patients"  # no fold to validate on
+    with pytest.raises(ConfigError, match=r"data.val_fold=4 is not one of the data's folds; available folds: 1, 2, 3"):
+        split(PIDS_ONLY, val_fold=4, num_folds=3)

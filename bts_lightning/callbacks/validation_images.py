@@ -25,7 +25,7 @@ class ValidationImages(Callback):
             return
         positions = np.unique(np.linspace(0, len(dataset) - 1, min(self.count, len(dataset))).astype(int))
         slices = [dataset.load(int(p)) for p in positions]
-        images = torch.stack([torch.from_numpy(image) for image, _ in slices]).unsqueeze(1)
+        images = torch.stack([torch.from_numpy(image) for image, _ in slices])  # (N, C, H, W)
         predictions = (pl_module.predict_probabilities(images.to(pl_module.device)) > 0.5).cpu().numpy()
         grid = panel_grid([panel(image, mask, pred) for (image, mask), pred in zip(slices, predictions)])
         logger.experiment.add_image(self.tag, grid, global_step=trainer.global_step, dataformats="HWC")

@@ -1,24 +1,28 @@
-"""LightningDataModule over a Kaggle-layout folder (``images/``, ``masks/``, optional ``metadata.csv``)."""
+"""LightningDataModule over a dataset folder in any layout of :mod:`bts_lightning.data.layouts`."""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import albumentations as A
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Sampler
 
 from bts_lightning.callbacks.reproducibility import seed_worker_transform
+from bts_lightning.data.channels import channels_setting, parse_channels
 from bts_lightning.data.dataset import Scan, SliceDataset, scan_pairs
-from bts_lightning.data.discovery import SlicePair, find_pairs, read_metadata
+from bts_lightning.data.discovery import SlicePair
 from bts_lightning.data.download import resolve_root
 from bts_lightning.data.io import BYTE_THRESHOLD, MIN_IMAGE_SIZE, binarize_mask, mask_threshold
+from bts_lightning.data.layouts import CONTENTS, LAYOUTS, ORIGINS, find_slices, slice_metadata
 from bts_lightning.data.sampling import EpochShuffleSampler
 from bts_lightning.data.splits import SPLIT_BY, Split, check_fractions, make_split, slice_ids_digest
 from bts_lightning.data.synthetic import ensure_dataset
@@ -42,15 +46,28 @@ def _check_int(key: str, value: Any, minimum: int, optional: bool = False) -> No
         raise ConfigError(f"data.{key}={value!r} is invalid: it must be {allowed}.")
 
 
-class BrainTumorDataModule(L.LightningDataModule):
-    """Pairs, validates, splits, caches and augments 2-D tumor slices.
+def _check_pattern(pattern: Any) -> None:
+    """Raise :class:`ConfigError` unless ``pattern`` (``data.patient_pattern``) is null or a valid regular expression."""
+    if pattern is None:
+        return
+    try:
+        re.compile(pattern)
+    except (re.error, TypeError) as error:
+        raise ConfigError(f"data.patient_pattern={pattern!r} is not a regular expression ({error}).") from None
 
-    Splits come from ``metadata.csv`` (``split_by``, see :func:`make_split`): whole folds
-    (``val_fold``/``test_fold``), else patient groups (``pid``); random slices only with
-    ``split_by="slice"``. Every file is decoded once in :meth:`setup`, so bad input fails before
-    training starts; with ``cache`` the decoded slices are kept in RAM. Masks are binarized by one
-    rule for the whole dataset (:func:`mask_threshold`). :meth:`state_dict` puts the split
-    (:meth:`split_record`) into every checkpoint.
+
+class BrainTumorDataModule(L.LightningDataModule):
+    """Finds (``layout``), validates, splits, caches and augments 2-D tumor slices.
+
+    ``layout`` is ``auto``, ``kaggle``, ``suffix`` (with ``mask_suffix`` and ``patient_pattern``) or
+    ``figshare_mat`` (:func:`~bts_lightning.data.layouts.find_slices`). ``channels`` is ``gray`` or
+    a list of channel indices in file order (:mod:`bts_lightning.data.channels`); batches hold
+    (N, C, H, W) uint8 images. Splits (``split_by``, see :func:`make_split`): whole folds
+    (``val_fold``/``test_fold``), the data's own or ``num_folds`` made from patient ids, else patient
+    groups by the fractions; random slices only with ``split_by="slice"``. Every file is decoded once
+    in :meth:`setup`, so bad input fails before training starts; with ``cache`` the decoded slices are
+    kept in RAM. Masks are binarized by one rule for the whole dataset (:func:`mask_threshold`).
+    :meth:`state_dict` puts the split (:meth:`split_record`) into every checkpoint.
     """
 
     def __init__(
@@ -69,16 +86,30 @@ class BrainTumorDataModule(L.LightningDataModule):
         augmentations: Sequence[A.BasicTransform] | None = None,
         synthetic: dict[str, Any] | None = None,
         download: bool = True,
+        layout: str = "auto",
+        channels: str | Sequence[int] = "gray",
+        mask_suffix: str = "_mask",
+        patient_pattern: str | None = None,
+        num_folds: int | None = None,
     ) -> None:
         super().__init__()
         _check_int("image_size", image_size, MIN_IMAGE_SIZE)
         _check_int("batch_size", batch_size, 1)
         _check_int("num_workers", num_workers, 0, optional=True)
+        _check_int("num_folds", num_folds, 2, optional=True)
         if split_by not in SPLIT_BY:
             raise ConfigError(f"data.split_by={split_by!r} is not one of {', '.join(SPLIT_BY)}.")
+        if layout not in LAYOUTS:
+            raise ConfigError(f"data.layout={layout!r} is not one of {', '.join(LAYOUTS)}.")
+        if not isinstance(mask_suffix, str) or not mask_suffix:
+            raise ConfigError(f"data.mask_suffix={mask_suffix!r} must be a non-empty string such as _mask.")
+        _check_pattern(patient_pattern)
         check_fractions(val_fraction, test_fraction)
+        self.channels = parse_channels(channels)
         self.save_hyperparameters("image_size")  # stored in checkpoints: inference resizes to it
         self.root = Path(root)
+        self.layout, self.mask_suffix, self.patient_pattern = layout, mask_suffix, patient_pattern
+        self.num_folds = num_folds
         self.image_size = image_size
         self.batch_size = batch_size
         self.num_workers = default_num_workers() if num_workers is None else num_workers
@@ -94,8 +125,10 @@ class BrainTumorDataModule(L.LightningDataModule):
         self.metadata: dict[str, dict[str, str]] | None = None
         self.split: Split | None = None
         self.data_root: Path | None = None  # the resolved root, after setup
+        self.found_layout: str | None = None  # the layout read, after setup (``auto`` resolved)
         self.mask_threshold = BYTE_THRESHOLD  # tumor = mask value above it; set for the dataset in setup
         self.datasets: dict[str, SliceDataset] = {}
+        self.cache_arrays: tuple[np.ndarray, np.ndarray] | None = None  # (N, C, S, S) images, masks; after setup
         self.trained_split: dict[str, Any] | None = None  # split record of a loaded checkpoint
 
     def prepare_data(self) -> None:
@@ -112,26 +145,32 @@ class BrainTumorDataModule(L.LightningDataModule):
             return
         if self.synthetic is not None:
             self.prepare_data()
+        if self.layout in CONTENTS and not self.root.expanduser().exists():  # nothing to download for these
+            raise DataError(f"Dataset root {self.root} does not exist. Put {CONTENTS[self.layout]} there, or set "
+                            "data.root=DIR to the folder holding them.")
         root = resolve_root(self.root, self.download)
-        self.pairs = find_pairs(root)
+        self.found_layout, self.pairs = find_slices(root, self.layout, self.mask_suffix, self.patient_pattern)
         stems = [pair.stem for pair in self.pairs]
-        self.metadata = read_metadata(root, stems)
+        self.metadata = slice_metadata(self.pairs)
         settings = (self.val_fold, self.test_fold, self.val_fraction, self.test_fraction, self.seed)
-        self.split = make_split(self.metadata, stems, *settings, split_by=self.split_by, source=str(root))
+        self.split = make_split(self.metadata, stems, *settings, split_by=self.split_by, source=str(root),
+                                num_folds=self.num_folds, origins=ORIGINS[self.found_layout])
         self.data_root = root.resolve()
-        scan = scan_pairs(self.pairs, self.image_size, keep=self.cache)
+        scan = scan_pairs(self.pairs, self.image_size, keep=self.cache, channels=self.channels)
         self.mask_threshold = mask_threshold(int(scan.mask_max.max()))
         self._check_training_masks(scan)
-        cache = None
         if scan.images is not None and scan.masks is not None:
-            cache = (scan.images, binarize_mask(scan.masks, self.mask_threshold))
+            self.cache_arrays = (scan.images, binarize_mask(scan.masks, self.mask_threshold))
         for name, indices in self._subsets().items():
-            transform = self.train_transform if name == "train" else None
-            self.datasets[name] = SliceDataset(
-                self.pairs, indices, self.image_size, transform, cache, self.mask_threshold
-            )
+            self.datasets[name] = self.make_dataset(indices, self.train_transform if name == "train" else None)
         sizes = ", ".join(f"{name} {len(indices)}" for name, indices in self._subsets().items())
-        log.info("Data %s: %d slices, split by %s (%s)", root, len(self.pairs), self.split.method, sizes)
+        log.info("Data %s (%s layout): %d slices, split by %s (%s)", root, self.found_layout, len(self.pairs),
+                 self.split.method, sizes)
+
+    def make_dataset(self, indices: Sequence[int], transform: A.Compose | None = None) -> SliceDataset:
+        """A :class:`SliceDataset` of slices ``indices`` with this module's size, channels, cache and mask rule."""
+        return SliceDataset(self.pairs, indices, self.image_size, transform, self.cache_arrays, self.mask_threshold,
+                            self.channels)
 
     def _subsets(self) -> dict[str, list[int]]:
         assert self.split is not None, "call setup() first"
@@ -145,25 +184,31 @@ class BrainTumorDataModule(L.LightningDataModule):
         largest = int(scan.mask_max.max())
         names = [self.pairs[i].mask.name for i in train]
         raise DataError(
-            f"All {len(train)} training masks in {self.data_root}/masks are empty ({format_names(names)}): "
+            f"All {len(train)} training masks in {self.data_root} are empty ({format_names(names)}): "
             f"the largest mask value is {largest}, and tumor is a value above {self.mask_threshold} "
             "(masks are 0/1, or 8-bit 0/255). If the masks hold class labels (0, 1, 2, ...), convert them to "
-            "0/255 tumor masks; otherwise put the tumor masks in masks/."
+            "0/255 tumor masks; otherwise put the tumor masks where the layout expects them."
         )
 
     def split_record(self) -> dict[str, Any]:
         """The split as plain JSON-able data (after :meth:`setup`), stored in checkpoints.
 
-        ``{"method", "leaky", "settings": {root, split_by, val_fold, test_fold, val_fraction,
-        test_fraction, seed}, "subsets": {name: {"n", "sha256", "ids"}}}``; ``ids`` are slice
-        stems in dataset order, ``sha256`` is :func:`slice_ids_digest` of them.
+        ``{"method", "leaky", "settings": {root, layout, channels, mask_suffix, patient_pattern,
+        split_by, val_fold, test_fold, num_folds, val_fraction, test_fraction, seed}, "subsets": {name:
+        {"n", "sha256", "ids"}}}``; ``layout`` is the one read (``auto`` resolved), ``ids`` are slice ids
+        in dataset order, ``sha256`` is :func:`slice_ids_digest` of them.
         """
         assert self.split is not None, "call setup() first"
         settings = {
             "root": str(self.data_root),
+            "layout": self.found_layout,
+            "channels": channels_setting(self.channels),
+            "mask_suffix": self.mask_suffix,
+            "patient_pattern": self.patient_pattern,
             "split_by": self.split_by,
             "val_fold": self.val_fold,
             "test_fold": self.test_fold,
+            "num_folds": self.num_folds,
             "val_fraction": self.val_fraction,
             "test_fraction": self.test_fraction,
             "seed": self.seed,

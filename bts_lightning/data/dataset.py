@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -11,35 +12,56 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from bts_lightning.data.channels import Channels
 from bts_lightning.data.discovery import SlicePair
+from bts_lightning.data.figshare_layout import MAT_SUFFIX, read_mat_slice
 from bts_lightning.data.io import (
     BYTE_THRESHOLD,
     GREY_LEVELS,
     GREY_LIMIT,
+    ChannelError,
     UnreadableImageError,
     binarize_mask,
     mask_problem,
+    read_channels,
     read_grayscale,
     resize,
+    to_channels,
 )
 from bts_lightning.errors import DataError, format_names
 
 
-def read_pair(pair: SlicePair) -> tuple[np.ndarray, np.ndarray]:
-    """Decode one slice and its mask at full size, raising ValueError when their sizes differ."""
-    image, mask = read_grayscale(pair.image), read_grayscale(pair.mask)
-    if image.shape != mask.shape:
+def read_pair(pair: SlicePair, channels: Channels = None) -> tuple[np.ndarray, np.ndarray]:
+    """Decode one slice as (C, H, W) uint8 ``channels`` and its (H, W) uint8 mask, at full size.
+
+    A Figshare ``.mat`` record is read from its file: the int16 image min-max scaled per slice (as any
+    non-8-bit image), the mask 0/1 (``cjdata.tumorMask`` nonzero = tumor, whatever its type). Raises :class:`UnreadableImageError`, :class:`ChannelError`, or ValueError when
+    the image and mask sizes differ.
+    """
+    if pair.image.suffix.lower() == MAT_SUFFIX:
+        raw, raw_mask = read_mat_slice(pair.image)
+        image, mask = to_channels(raw, channels), (raw_mask > 0).astype(np.uint8)
+    else:
+        image, mask = read_channels(pair.image, channels), read_grayscale(pair.mask)
+    if image.shape[1:] != mask.shape:
         raise ValueError(
-            f"{pair.image.name} is {image.shape[1]}x{image.shape[0]} but its mask "
+            f"{pair.image.name} is {image.shape[2]}x{image.shape[1]} but its mask "
             f"{pair.mask.name} is {mask.shape[1]}x{mask.shape[0]}"
         )
     return image, mask
 
 
-def load_pair(pair: SlicePair, size: int, threshold: int = BYTE_THRESHOLD) -> tuple[np.ndarray, np.ndarray]:
-    """Read one slice and its mask, resize both to ``size`` and binarize the mask at ``threshold``."""
-    image, mask = read_pair(pair)
-    return resize(image, size, is_mask=False), binarize_mask(resize(mask, size, is_mask=True), threshold)
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize each channel of a (C, H, W) image to ``size`` x ``size`` (area/linear interpolation)."""
+    return np.stack([resize(channel, size, is_mask=False) for channel in image])
+
+
+def load_pair(
+    pair: SlicePair, size: int, threshold: int = BYTE_THRESHOLD, channels: Channels = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read one slice (C, size, size) and its mask (size, size), binarized at ``threshold``."""
+    image, mask = read_pair(pair, channels)
+    return resize_image(image, size), binarize_mask(resize(mask, size, is_mask=True), threshold)
 
 
 @dataclass
@@ -51,7 +73,7 @@ class Scan:
     """
 
     mask_max: np.ndarray  # (N,) uint8
-    images: np.ndarray | None  # (N, size, size) uint8
+    images: np.ndarray | None  # (N, C, size, size) uint8
     masks: np.ndarray | None  # (N, size, size) uint8, not yet binarized
 
 
@@ -64,24 +86,30 @@ MASK_PROBLEMS = {
 }
 
 
-def scan_pairs(pairs: Sequence[SlicePair], size: int, keep: bool) -> Scan:
+def scan_pairs(pairs: Sequence[SlicePair], size: int, keep: bool, channels: Channels = None) -> Scan:
     """Decode every pair once (threads), raising one :class:`DataError` listing all bad files.
 
-    Bad files: unreadable, image/mask size mismatch, or a mask that is no tumor mask (:func:`mask_problem`).
-    With ``keep`` the returned scan holds the resized slices for the in-memory cache.
+    Bad files: unreadable, lacking a channel of ``channels``, image/mask size mismatch, or a mask that
+    is no tumor mask (:func:`mask_problem`). With ``keep`` the returned scan holds the resized slices
+    for the in-memory cache.
     """
+    count = 1 if channels is None else len(channels)
     mask_max = np.zeros(len(pairs), np.uint8)
-    images = np.empty((len(pairs), size, size), np.uint8) if keep else None
+    images = np.empty((len(pairs), count, size, size), np.uint8) if keep else None
     masks = np.empty((len(pairs), size, size), np.uint8) if keep else None
     unreadable: list[str] = []
+    lacking: dict[int, list[str]] = defaultdict(list)  # channel count -> image names
     mismatched: list[str] = []
     bad_masks: dict[str, list[str]] = {problem: [] for problem in MASK_PROBLEMS}
 
     def scan(index: int) -> None:
         try:
-            image, mask = read_pair(pairs[index])
+            image, mask = read_pair(pairs[index], channels)
         except UnreadableImageError as error:
-            unreadable.append(str(error).split(":")[0])
+            unreadable.append(str(error).split(": ")[0])
+            return
+        except ChannelError as error:
+            lacking[error.count].append(pairs[index].image.name)
             return
         except ValueError as error:
             mismatched.append(str(error))
@@ -90,13 +118,20 @@ def scan_pairs(pairs: Sequence[SlicePair], size: int, keep: bool) -> Scan:
             bad_masks[problem].append(str(pairs[index].mask))
         mask_max[index] = mask.max()
         if keep:
-            images[index], masks[index] = resize(image, size, is_mask=False), resize(mask, size, is_mask=True)
+            images[index], masks[index] = resize_image(image, size), resize(mask, size, is_mask=True)
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         list(pool.map(scan, range(len(pairs))))
     problems = []
     if unreadable:
         problems.append(f"{len(unreadable)} unreadable or corrupt file(s): {format_names(sorted(unreadable))}")
+    if lacking:
+        names = sorted(name for group in lacking.values() for name in group)
+        counts = " or ".join(map(str, sorted(lacking)))
+        problems.append(
+            f"{len(names)} image(s) with {counts} channel(s), fewer than data.channels={list(channels or ())} needs "
+            f"(choose indices below {min(lacking)}, or gray): {format_names(names)}"
+        )
     if mismatched:
         problems.append(f"{len(mismatched)} image/mask size mismatch(es): {format_names(sorted(mismatched))}")
     for problem, names in bad_masks.items():
@@ -107,12 +142,22 @@ def scan_pairs(pairs: Sequence[SlicePair], size: int, keep: bool) -> Scan:
     return Scan(mask_max, images, masks)
 
 
-class SliceDataset(Dataset):
-    """Slices ``indices`` of ``pairs`` as ``{"image": uint8 (1,H,W), "mask": uint8 (H,W), "index": int}``.
+def _to_albumentations(image: np.ndarray) -> np.ndarray:
+    """(C, H, W) -> what albumentations takes: (H, W) for one channel, else (H, W, C)."""
+    return image[0] if len(image) == 1 else np.moveaxis(image, 0, -1)
 
-    Images stay uint8 until they reach the model's device, where they are normalised. ``cache`` holds
-    binarized masks; without it masks are read from disk and binarized at ``threshold``
-    (the dataset's :func:`~bts_lightning.data.io.mask_threshold`).
+
+def _from_albumentations(image: np.ndarray) -> np.ndarray:
+    return image[None] if image.ndim == 2 else np.moveaxis(image, -1, 0)
+
+
+class SliceDataset(Dataset):
+    """Slices ``indices`` of ``pairs`` as ``{"image": uint8 (C,H,W), "mask": uint8 (H,W), "index": int}``.
+
+    ``C`` is 1 for grayscale ``channels`` (``None``), else ``len(channels)``. Images stay uint8 until
+    they reach the model's device, where they are normalised. ``cache`` holds (N, C, H, W) images and
+    binarized masks; without it slices are read from disk and masks binarized at ``threshold`` (the
+    dataset's :func:`~bts_lightning.data.io.mask_threshold`).
     """
 
     def __init__(
@@ -123,6 +168,7 @@ class SliceDataset(Dataset):
         transform: Callable[..., dict] | None = None,
         cache: tuple[np.ndarray, np.ndarray] | None = None,
         threshold: int = BYTE_THRESHOLD,
+        channels: Channels = None,
     ) -> None:
         self.pairs = pairs
         self.indices = list(indices)
@@ -130,28 +176,29 @@ class SliceDataset(Dataset):
         self.transform = transform
         self.cache = cache
         self.threshold = threshold
+        self.channels = channels
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def load(self, position: int) -> tuple[np.ndarray, np.ndarray]:
-        """Decoded, resized (image, mask) of the ``position``-th slice, before augmentation."""
+        """Decoded, resized ((C, H, W) image, (H, W) mask) of the ``position``-th slice, before augmentation."""
         index = self.indices[position]
         if self.cache is not None:
             return self.cache[0][index], self.cache[1][index]
-        return load_pair(self.pairs[index], self.image_size, self.threshold)
+        return load_pair(self.pairs[index], self.image_size, self.threshold, self.channels)
 
     def stem(self, position: int) -> str:
-        """File stem of the ``position``-th slice."""
+        """Slice id of the ``position``-th slice."""
         return self.pairs[self.indices[position]].stem
 
     def __getitem__(self, position: int) -> dict[str, torch.Tensor | int]:
         image, mask = self.load(position)
         if self.transform is not None:
-            augmented = self.transform(image=image, mask=mask)
-            image, mask = augmented["image"], augmented["mask"]
+            augmented = self.transform(image=_to_albumentations(image), mask=mask)
+            image, mask = _from_albumentations(augmented["image"]), augmented["mask"]
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(image)).unsqueeze(0),
+            "image": torch.from_numpy(np.ascontiguousarray(image)),
             "mask": torch.from_numpy(np.ascontiguousarray(mask)),
             "index": self.indices[position],
         }

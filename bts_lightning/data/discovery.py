@@ -1,4 +1,4 @@
-"""Find image/mask pairs in a Kaggle-layout root and read its metadata."""
+"""The slice record every layout yields, and the Kaggle layout: ``images/`` + ``masks/`` paired by stem, ``metadata.csv``."""
 
 from __future__ import annotations
 
@@ -16,11 +16,20 @@ METADATA_FILE = "metadata.csv"
 
 @dataclass(frozen=True)
 class SlicePair:
-    """One slice: its identifier (file stem) and image and mask files."""
+    """One slice record, the same for every layout (:mod:`bts_lightning.data.layouts`).
+
+    ``stem`` is the slice id, unique in the dataset (Kaggle: the file stem; suffix layout: the image's
+    path relative to the root, without extension; Figshare: the slice number). ``image`` and ``mask``
+    are image files, or both the same Figshare ``.mat`` file (``cjdata.image``, ``cjdata.tumorMask``).
+    ``pid`` (patient id), ``label`` and ``fold`` are ``None`` where the layout has none.
+    """
 
     stem: str
     image: Path
     mask: Path
+    pid: str | None = None
+    label: str | None = None
+    fold: str | None = None
 
 
 def _files_by_stem(folder: Path) -> dict[str, Path]:

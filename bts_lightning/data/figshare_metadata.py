@@ -51,7 +51,7 @@ RELEASE_PATIENTS = 233
 RELEASE_LABEL_COUNTS = {1: 708, 2: 1426, 3: 930}
 RELEASE_FOLD_COUNTS = {1: 570, 2: 655, 3: 562, 4: 613, 5: 664}
 
-_SLICE_NAME = re.compile(r"^(\d+)\.mat$", re.IGNORECASE)
+SLICE_NAME = re.compile(r"^(\d+)\.mat$", re.IGNORECASE)
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _HDF5_OFFSETS = (0, 512, 1024, 2048)  # MATLAB v7.3 files put a 512-byte header (user block) first
 
@@ -66,7 +66,7 @@ class SliceRecord:
     fold: int
 
 
-def _is_hdf5(path: Path) -> bool:
+def is_hdf5(path: Path) -> bool:
     """True if ``path`` carries the HDF5 signature where HDF5 allows it (offset 0 or a user block)."""
     with path.open("rb") as handle:
         for offset in _HDF5_OFFSETS:
@@ -77,7 +77,7 @@ def _is_hdf5(path: Path) -> bool:
 
 
 @contextmanager
-def _open_hdf5(path: Path) -> Iterator[tuple[Any, Any]]:
+def open_hdf5(path: Path) -> Iterator[tuple[Any, Any]]:
     """``(h5py, open file)`` of a MATLAB v7.3 file; an OSError while reading it becomes a DataError naming it."""
     try:
         import h5py
@@ -90,7 +90,7 @@ def _open_hdf5(path: Path) -> Iterator[tuple[Any, Any]]:
         raise DataError(f"{path}: unreadable HDF5 (MATLAB v7.3) file: {exc}") from exc
 
 
-def _load_v5(path: Path, variable: str) -> object:
+def load_v5(path: Path, variable: str) -> object:
     """Variable ``variable`` of a MATLAB v4/v5/v7 file via SciPy (structs as attribute objects)."""
     try:
         from scipy.io import loadmat
@@ -140,7 +140,7 @@ def _pid_text(path: Path, key: str, value: object, is_char: bool) -> str:
 
 
 def _read_hdf5_slice(path: Path) -> tuple[int, str]:
-    with _open_hdf5(path) as (h5py, handle):
+    with open_hdf5(path) as (h5py, handle):
         group = handle.get("cjdata")
         if not isinstance(group, h5py.Group):
             raise DataError(f"{path}: no 'cjdata' struct (expected cjdata/label and cjdata/PID).")
@@ -164,7 +164,7 @@ def _read_hdf5_slice(path: Path) -> tuple[int, str]:
 
 
 def _read_v5_slice(path: Path) -> tuple[int, str]:
-    cjdata = _load_v5(path, "cjdata")
+    cjdata = load_v5(path, "cjdata")
     values = {}
     for key in ("label", "PID"):
         if not hasattr(cjdata, key):
@@ -179,7 +179,7 @@ def _read_v5_slice(path: Path) -> tuple[int, str]:
 def read_slice(path: str | Path) -> tuple[int, str]:
     """``(label, patient id)`` of one slice file; reads only ``cjdata.label`` and ``cjdata.PID`` of v7.3 files."""
     path = Path(path)
-    if _is_hdf5(path):
+    if is_hdf5(path):
         return _read_hdf5_slice(path)
     return _read_v5_slice(path)
 
@@ -187,14 +187,14 @@ def read_slice(path: str | Path) -> tuple[int, str]:
 def read_cvind(path: str | Path) -> list[int]:
     """The fold (1-based) of every slice, in index order, from ``cvind.mat`` (v7.3 or v5)."""
     path = Path(path)
-    if _is_hdf5(path):
-        with _open_hdf5(path) as (h5py, handle):
+    if is_hdf5(path):
+        with open_hdf5(path) as (h5py, handle):
             dataset = handle.get("cvind")
             if not isinstance(dataset, h5py.Dataset):
                 raise DataError(f"{path}: missing key 'cvind' (expected a 1 x N array of fold numbers).")
             values = np.asarray(dataset[()])
     else:
-        values = np.asarray(_load_v5(path, "cvind"))
+        values = np.asarray(load_v5(path, "cvind"))
     if values.ndim > 2 or (values.ndim == 2 and min(values.shape) != 1) or values.dtype.kind not in "biuf":
         raise DataError(f"{path}: 'cvind' must be a 1 x N vector of fold numbers, got {values.dtype} {values.shape}.")
     folds = values.reshape(-1).astype(float)
@@ -215,7 +215,7 @@ def find_slice_files(mat_dir: str | Path) -> dict[int, Path]:
         )
     found: dict[int, list[Path]] = defaultdict(list)
     for path in sorted(mat_dir.glob("*")) + sorted(mat_dir.glob("*/*")):
-        match = _SLICE_NAME.match(path.name)
+        match = SLICE_NAME.match(path.name)
         if match and path.is_file():
             found[int(match.group(1))].append(path)
     if not found:
@@ -226,7 +226,12 @@ def find_slice_files(mat_dir: str | Path) -> dict[int, Path]:
     return {index: paths[0] for index, paths in sorted(found.items())}
 
 
-def _folds_from_cvind(cvind_path: Path, slices: dict[int, tuple[int, str]]) -> dict[int, int]:
+def folds_from_cvind(cvind_path: Path, slices: dict[int, tuple[int, str]]) -> dict[int, int]:
+    """The author's fold of every slice (``{index: (label, pid)}``) from ``cvind_path``.
+
+    Raises :class:`DataError` when it has fewer entries than the slices need; warns when it lists more
+    slices than are present, or splits a patient over folds.
+    """
     cvind = read_cvind(cvind_path)
     beyond = [index for index in slices if index > len(cvind)]
     if beyond:
@@ -306,7 +311,7 @@ def collect_records(mat_dir: str | Path, cvind: str | Path | None = None) -> lis
     slices = {index: read_slice(path) for index, path in files.items()}
     cvind_path = Path(cvind) if cvind is not None else mat_dir / CVIND_FILE
     if cvind_path.is_file():
-        folds = _folds_from_cvind(cvind_path, slices)
+        folds = folds_from_cvind(cvind_path, slices)
     elif cvind is not None:
         raise DataError(f"cvind={cvind}: no such file (the release's cvind.mat with the 5-fold assignment).")
     else:

@@ -1,4 +1,4 @@
-"""Read slices and masks from disk as 8-bit grayscale arrays."""
+"""Read slices (as uint8 channels) and masks (as 8-bit grayscale) from disk."""
 
 from __future__ import annotations
 
@@ -7,16 +7,64 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from bts_lightning.data.channels import Channels
 from bts_lightning.visualize import to_uint8
 
 BINARY_THRESHOLD = 0  # masks with values in {0, 1}: tumor = 1
 BYTE_THRESHOLD = 127  # 8-bit 0-255 masks (other depths are min-max scaled to 0-255 on reading)
 GREY_LEVELS, GREY_LIMIT = (32, 223), 0.05  # a mask with over 5 % of pixels strictly in between is not binary
 MIN_IMAGE_SIZE = 32  # smallest side slices are resized to for a network (data.image_size, predict image_size)
+_FILE_ORDER = {3: [2, 1, 0], 4: [2, 1, 0, 3]}  # OpenCV's BGR(A) -> the file's RGB(A)
+_TO_GRAY = {3: cv2.COLOR_RGB2GRAY, 4: cv2.COLOR_RGBA2GRAY}
 
 
 class UnreadableImageError(ValueError):
     """A file could not be decoded as an image."""
+
+
+class ChannelError(ValueError):
+    """An image lacks a channel that ``data.channels`` asks for; ``count`` is how many channels it has."""
+
+    def __init__(self, count: int, channels: tuple[int, ...]) -> None:
+        super().__init__(f"has {count} channel(s), data.channels={list(channels)} needs {max(channels) + 1}")
+        self.count = count
+
+
+def decode(path: str | Path) -> np.ndarray:
+    """Decode any common format (8/16-bit, float, gray/RGB/RGBA) as stored: 2-D, or (H, W, C) in file (RGB) order."""
+    data = np.fromfile(str(path), dtype=np.uint8)
+    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if image is None:
+        raise UnreadableImageError(f"{path}: not a readable image (corrupt or unsupported format)")
+    if image.ndim == 3 and image.shape[2] in _FILE_ORDER:
+        image = image[..., _FILE_ORDER[image.shape[2]]]
+    return image
+
+
+def to_channels(image: np.ndarray, channels: Channels) -> np.ndarray:
+    """(C, H, W) uint8 of a decoded 2-D or (H, W, C) file-order ``image``: grayscale (``None``) or ``channels``.
+
+    Grayscale converts RGB(A) with OpenCV's luma weights. Non-8-bit values (16-bit, int16, float) are
+    min-max scaled to 0-255 per slice, over the kept channels together (their relative scale is kept).
+    Raises :class:`ChannelError` when ``image`` lacks one of ``channels``.
+    """
+    if channels is None:
+        if image.ndim == 3 and image.shape[2] in _TO_GRAY:
+            image = cv2.cvtColor(np.ascontiguousarray(image), _TO_GRAY[image.shape[2]])
+        elif image.ndim == 3:
+            image = image.mean(axis=2).astype(image.dtype)  # 1, 2 or 5+ channels: no standard luma; their mean
+        planes = image[None]
+    else:
+        stack = image[None] if image.ndim == 2 else np.moveaxis(image, -1, 0)
+        if max(channels) >= len(stack):
+            raise ChannelError(len(stack), channels)
+        planes = stack[list(channels)]
+    return np.ascontiguousarray(planes if planes.dtype == np.uint8 else to_uint8(planes))
+
+
+def read_channels(path: str | Path, channels: Channels) -> np.ndarray:
+    """Decode an image file into (C, H, W) uint8: see :func:`to_channels`."""
+    return to_channels(decode(path), channels)
 
 
 def read_grayscale(path: str | Path) -> np.ndarray:
@@ -24,14 +72,7 @@ def read_grayscale(path: str | Path) -> np.ndarray:
 
     Non-8-bit images are min-max scaled to 0-255.
     """
-    data = np.fromfile(str(path), dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
-    if image is None:
-        raise UnreadableImageError(f"{path}: not a readable image (corrupt or unsupported format)")
-    if image.ndim == 3:
-        code = cv2.COLOR_BGRA2GRAY if image.shape[2] == 4 else cv2.COLOR_BGR2GRAY
-        image = cv2.cvtColor(image, code)
-    return image if image.dtype == np.uint8 else to_uint8(image)
+    return read_channels(path, None)[0]
 
 
 def mask_threshold(largest_value: int) -> int:
@@ -48,14 +89,14 @@ def binarize_mask(mask: np.ndarray, threshold: int) -> np.ndarray:
 
 
 def mask_problem(mask: np.ndarray, image: np.ndarray) -> str | None:
-    """Why decoded ``mask`` cannot be the tumor mask of ``image`` ("copy" or "grey"), else ``None``.
+    """Why decoded ``mask`` cannot be the tumor mask of (C, H, W) ``image`` ("copy" or "grey"), else ``None``.
 
-    "copy": the mask equals its (non-constant) image. "grey": over 5 % of its pixels lie strictly
+    "copy": the mask equals (a channel of) its image and is not constant. "grey": over 5 % of its pixels lie strictly
     between 32 and 223. JPEG-compressed binary masks stay below that (edge ringing: under 1 % at
     quality 50 from 64x64 up, 4.2 % at worst for a 32x32 mask at quality 10); MRI slices are far
     above it (20 % or more of the real slices).
     """
-    if np.array_equal(mask, image) and mask.min() != mask.max():
+    if mask.min() != mask.max() and any(np.array_equal(mask, channel) for channel in image):
         return "copy"
     grey = np.count_nonzero((mask > GREY_LEVELS[0]) & (mask < GREY_LEVELS[1]))
     return "grey" if grey > GREY_LIMIT * mask.size else None

@@ -1,11 +1,12 @@
-"""Train/val/test splits: patient-wise folds, patient groups, or (explicitly) random slices."""
+"""Train/val/test splits: whole folds (the data's own, or made per patient), patient groups, or (explicitly) random slices."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from collections import Counter, defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -20,8 +21,9 @@ SPLIT_BY = ("auto", "fold", "patient", "slice")
 class Split:
     """Indices (into the sorted slice list) of each subset, and how they were chosen.
 
-    ``method`` is "folds", "patients" or "slices"; only slice-level splits are ``leaky`` (slices of one
-    patient may be in several subsets, so validation scores are optimistic).
+    ``method`` is "folds" (the data's own), "patient_folds" (made from patient ids), "patients" or
+    "slices"; only slice-level splits are ``leaky`` (slices of one patient may be in several subsets,
+    so validation scores are optimistic).
     """
 
     train: list[int]
@@ -45,7 +47,7 @@ def split_by_folds(folds: list[str], val_fold: int | str, test_fold: int | str |
     chosen = {"data.val_fold": val_fold, "data.test_fold": test_fold}
     for key, fold in chosen.items():
         if fold is not None and str(fold) not in available:
-            raise ConfigError(f"{key}={fold} is not a fold in metadata.csv; available folds: {', '.join(available)}.")
+            raise ConfigError(f"{key}={fold} is not one of the data's folds; available folds: {', '.join(available)}.")
     if test_fold is not None and str(test_fold) == str(val_fold):
         raise ConfigError(f"data.val_fold and data.test_fold are both {val_fold}; choose different folds.")
     val = [i for i, f in enumerate(folds) if f == str(val_fold)]
@@ -74,7 +76,7 @@ def split_by_groups(groups: list[str], val_fraction: float, test_fraction: float
     check_fractions(val_fraction, test_fraction)
     unique = sorted(set(groups))
     if len(unique) < 2 + (test_fraction > 0):
-        raise DataError(f"Only {len(unique)} patient id(s) in metadata.csv; a group-aware split needs more.")
+        raise DataError(f"Only {len(unique)} patient id(s) in the data; a group-aware split needs more.")
     order = np.random.default_rng(seed).permutation(len(unique))
     sizes = {g: groups.count(g) for g in unique}
     targets = {"val": val_fraction * len(groups), "test": test_fraction * len(groups)}
@@ -108,6 +110,40 @@ def split_randomly(count: int, val_fraction: float, test_fraction: float, seed: 
     return Split(sorted(train), sorted(val), sorted(test), "slices")
 
 
+def make_patient_folds(pids: list[str], labels: list[str] | None, num_folds: int, seed: int) -> list[str]:
+    """The fold ("1" ... ``num_folds``) of every slice: whole patients, dealt out in a ``seed``-shuffled order.
+
+    With ``labels`` the deal is stratified: patients are dealt label by label (a patient's label is its
+    most common one), continuing round the folds, so every fold gets about as many patients of each label.
+    """
+    patients = sorted(set(pids))
+    if len(patients) < num_folds:
+        raise DataError(
+            f"Only {len(patients)} patient id(s): data.num_folds={num_folds} patient-wise folds need at least "
+            f"{num_folds} patients; lower data.num_folds."
+        )
+    counts: dict[str, Counter[str]] = defaultdict(Counter)
+    for pid, label in zip(pids, labels or [""] * len(pids)):
+        counts[pid][label] += 1
+    label_of = {pid: min(c.items(), key=lambda item: (-item[1], item[0]))[0] for pid, c in counts.items()}
+    shuffled = [patients[i] for i in np.random.default_rng(seed).permutation(len(patients))]
+    dealt = sorted(shuffled, key=lambda pid: label_of[pid])  # stable: shuffled order within each label
+    fold_of = {pid: str(position % num_folds + 1) for position, pid in enumerate(dealt)}
+    return [fold_of[pid] for pid in pids]
+
+
+@dataclass(frozen=True)
+class Origins:
+    """Where a layout's folds and patient ids come from, for error messages: what is missing, and the fix."""
+
+    no_folds: str = "no metadata.csv with a 'fold' column"
+    no_pids: str = "no metadata.csv with a 'pid' column"
+    remedy: str = "Add a metadata.csv with a 'fold' or 'pid' column (index,label,fold[,pid])"
+
+
+METADATA_ORIGINS = Origins()  # the kaggle layout's: folds and patient ids come from metadata.csv
+
+
 def make_split(
     metadata: dict[str, dict[str, str]] | None,
     stems: list[str],
@@ -118,41 +154,52 @@ def make_split(
     seed: int,
     split_by: str = "auto",
     source: str = "the dataset",
+    num_folds: int | None = None,
+    origins: Origins = METADATA_ORIGINS,
 ) -> Split:
     """Split by ``split_by``: "fold", "patient", "slice", or "auto" (folds, else patient ids, else an error).
 
-    ``source`` (the dataset root) names the data in error messages. A slice-level split is only made
-    when asked for, since it leaks patients between subsets.
+    Folds are the data's own (a ``fold`` column), else, when the data has patient ids and ``num_folds``
+    is set, ``num_folds`` patient-wise folds made by :func:`make_patient_folds` (stratified by label).
+    "auto" takes folds when there are (or can be made) and ``val_fold`` is set, else patient groups by
+    the fractions. ``source`` (the dataset root) and ``origins`` name the data in error messages. A
+    slice-level split is only made when asked for, since it leaks patients between subsets.
     """
     if split_by not in SPLIT_BY:
         raise ConfigError(f"data.split_by={split_by!r} is not one of {', '.join(SPLIT_BY)}.")
     columns = set(next(iter(metadata.values()))) if metadata else set()
+    has_folds = "fold" in columns
+    can_make_folds = not has_folds and "pid" in columns and num_folds is not None
     if split_by == "auto":
-        if "fold" in columns and val_fold is not None:
+        if (has_folds or can_make_folds) and val_fold is not None:
             split_by = "fold"
         elif "pid" in columns:
             split_by = "patient"
         else:
-            hint = " (its fold column needs data.val_fold=K)" if "fold" in columns else ""
+            hint = " (its folds need data.val_fold=K)" if has_folds else ""
             raise DataError(
-                f"{source} has no folds or patient ids to split by{hint}. Add a metadata.csv with a 'fold' or "
-                "'pid' column (index,label,fold[,pid]), or pass data.split_by=slice to accept a slice-level split "
-                "whose validation scores are optimistic (one patient's slices can be in train and validation)."
+                f"{source} has no folds or patient ids to split by{hint}. {origins.remedy}, or pass "
+                "data.split_by=slice to accept a slice-level split whose validation scores are optimistic "
+                "(one patient's slices can be in train and validation)."
             )
     if split_by == "fold":
-        if "fold" not in columns:
-            raise DataError(
-                f"data.split_by=fold, but {source} has no metadata.csv with a 'fold' column. Add one "
-                "(index,label,fold[,pid]) or choose data.split_by=auto, patient or slice."
-            )
+        if not (has_folds or can_make_folds):
+            fix = ("Set data.num_folds=K to make K patient-wise folds from its patient ids, or choose data.split_by="
+                   "auto, patient or slice" if "pid" in columns else f"{origins.remedy}, or choose data.split_by=slice")
+            raise DataError(f"data.split_by=fold, but {source} has {origins.no_folds}. {fix}.")
         if val_fold is None:
             raise ConfigError("data.split_by=fold needs data.val_fold=K (the fold to validate on).")
-        return split_by_folds([metadata[s]["fold"] for s in stems], val_fold, test_fold)
+        if has_folds:
+            return split_by_folds([metadata[s]["fold"] for s in stems], val_fold, test_fold)
+        pids = [metadata[s]["pid"] for s in stems]
+        labels = [metadata[s]["label"] for s in stems] if "label" in columns else None
+        folds = make_patient_folds(pids, labels, num_folds, seed)
+        return replace(split_by_folds(folds, val_fold, test_fold), method="patient_folds")
     if split_by == "patient":
         if "pid" not in columns:
             raise DataError(
-                f"data.split_by=patient, but {source} has no metadata.csv with a 'pid' column. Add one "
-                "(index,label,fold,pid) or choose data.split_by=auto, fold or slice."
+                f"data.split_by=patient, but {source} has {origins.no_pids}. {origins.remedy}, "
+                "or choose data.split_by=auto, fold or slice."
             )
         return split_by_groups([metadata[s]["pid"] for s in stems], val_fraction, test_fraction, seed)
     return split_randomly(len(stems), val_fraction, test_fraction, seed)
