@@ -50,7 +50,8 @@ class BrainTumorDataModule(L.LightningDataModule):
     ``split_by="slice"``. Every file is decoded once in :meth:`setup`, so bad input fails before
     training starts; with ``cache`` the decoded slices are kept in RAM. Masks are binarized by one
     rule for the whole dataset (:func:`mask_threshold`). :meth:`state_dict` puts the split
-    (:meth:`split_record`) into every checkpoint.
+    (:meth:`split_record`) into every checkpoint. :attr:`distance_maps` adds every mask's signed
+    distance map to its sample (:class:`SliceDataset`).
     """
 
     def __init__(
@@ -69,6 +70,7 @@ class BrainTumorDataModule(L.LightningDataModule):
         augmentations: Sequence[A.BasicTransform] | None = None,
         synthetic: dict[str, Any] | None = None,
         download: bool = True,
+        distance_maps: bool | None = None,
     ) -> None:
         super().__init__()
         _check_int("image_size", image_size, MIN_IMAGE_SIZE)
@@ -96,7 +98,24 @@ class BrainTumorDataModule(L.LightningDataModule):
         self.data_root: Path | None = None  # the resolved root, after setup
         self.mask_threshold = BYTE_THRESHOLD  # tumor = mask value above it; set for the dataset in setup
         self.datasets: dict[str, SliceDataset] = {}
+        self.distance_maps = distance_maps
         self.trained_split: dict[str, Any] | None = None  # split record of a loaded checkpoint
+
+    @property
+    def distance_maps(self) -> bool | None:
+        """Whether samples hold ``"distance"`` maps; settable before or after :meth:`setup`.
+
+        None (``data.distance_maps: null``) is off until the train app sets it from the loss.
+        """
+        return self._distance_maps
+
+    @distance_maps.setter
+    def distance_maps(self, enabled: bool | None) -> None:
+        if enabled is not None and not isinstance(enabled, bool):
+            raise ConfigError(f"data.distance_maps={enabled!r} is invalid: it must be true, false or null (auto).")
+        self._distance_maps = enabled
+        for dataset in self.datasets.values():
+            dataset.distance_maps = bool(enabled)
 
     def prepare_data(self) -> None:
         """Generate the synthetic dataset on first use (atomic, so concurrent jobs are safe)."""
@@ -128,7 +147,7 @@ class BrainTumorDataModule(L.LightningDataModule):
         for name, indices in self._subsets().items():
             transform = self.train_transform if name == "train" else None
             self.datasets[name] = SliceDataset(
-                self.pairs, indices, self.image_size, transform, cache, self.mask_threshold
+                self.pairs, indices, self.image_size, transform, cache, self.mask_threshold, bool(self.distance_maps)
             )
         sizes = ", ".join(f"{name} {len(indices)}" for name, indices in self._subsets().items())
         log.info("Data %s: %d slices, split by %s (%s)", root, len(self.pairs), self.split.method, sizes)

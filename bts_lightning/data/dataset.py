@@ -22,6 +22,7 @@ from bts_lightning.data.io import (
     read_grayscale,
     resize,
 )
+from bts_lightning.distance_maps import signed_distance_map
 from bts_lightning.errors import DataError, format_names
 
 
@@ -112,7 +113,9 @@ class SliceDataset(Dataset):
 
     Images stay uint8 until they reach the model's device, where they are normalised. ``cache`` holds
     binarized masks; without it masks are read from disk and binarized at ``threshold``
-    (the dataset's :func:`~bts_lightning.data.io.mask_threshold`).
+    (the dataset's :func:`~bts_lightning.data.io.mask_threshold`). With ``distance_maps`` samples also hold
+    ``"distance"``: float32 (1,H,W), the :func:`~bts_lightning.distance_maps.signed_distance_map` of the
+    (augmented) mask, for the boundary loss (computed here, in the loader workers).
     """
 
     def __init__(
@@ -123,6 +126,7 @@ class SliceDataset(Dataset):
         transform: Callable[..., dict] | None = None,
         cache: tuple[np.ndarray, np.ndarray] | None = None,
         threshold: int = BYTE_THRESHOLD,
+        distance_maps: bool = False,
     ) -> None:
         self.pairs = pairs
         self.indices = list(indices)
@@ -130,6 +134,7 @@ class SliceDataset(Dataset):
         self.transform = transform
         self.cache = cache
         self.threshold = threshold
+        self.distance_maps = distance_maps
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -150,8 +155,11 @@ class SliceDataset(Dataset):
         if self.transform is not None:
             augmented = self.transform(image=image, mask=mask)
             image, mask = augmented["image"], augmented["mask"]
-        return {
+        sample = {
             "image": torch.from_numpy(np.ascontiguousarray(image)).unsqueeze(0),
             "mask": torch.from_numpy(np.ascontiguousarray(mask)),
             "index": self.indices[position],
         }
+        if self.distance_maps:
+            sample["distance"] = torch.from_numpy(signed_distance_map(mask)).unsqueeze(0)
+        return sample
