@@ -3,7 +3,10 @@
 The exported model is self-contained: it takes a float32 (N, 1, H, W) batch of slices of any
 intensity scale (the per-image standardization is part of the graph) and returns tumor
 probabilities (N, H, W) (softmax channel 1). Batch size, height and width are dynamic (U-Net
-needs H and W divisible by the product of its strides, 16 by default). Auxiliary heads are left out.
+needs H and W divisible by the product of its strides, 16 by default), except for networks marked
+``dynamic_size = False`` (SwinUNETR): those are exported at ``image_size`` only, which the contract
+records (``fixed_size``), and :class:`~bts_lightning.inference.ExportedModel` resizes slices to it.
+Auxiliary heads are left out.
 
 The file carries its preprocessing contract (:class:`bts_lightning.inference.ModelContract`: the
 training ``image_size``, channels, normalization, model name) as JSON: in the ONNX model's
@@ -23,6 +26,7 @@ import logging
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +55,7 @@ log = logging.getLogger(__name__)
 # format -> file suffixes it is written with (the first is the default).
 FORMATS = EXPORT_FORMATS
 DYNAMIC_AXES = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: {0: "batch", 1: "height", 2: "width"}}
+BATCH_AXES = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}  # fixed-size networks
 ONNX_EXPORTERS = ("legacy", "dynamo")
 # Largest |exported - PyTorch| probability accepted by the check after export.
 VERIFY_TOLERANCE = 1e-3
@@ -114,14 +119,18 @@ def resolve_format(format: str | None, output: str | Path | None) -> str:
     return format
 
 
-def _onnx_bytes(model: nn.Module, example: torch.Tensor, opset: int, exporter: str) -> tuple[bytes, str, int]:
-    """ONNX with dynamic batch, height and width, in memory; returns it, the exporter and the opset used."""
+def _onnx_bytes(
+    model: nn.Module, example: torch.Tensor, opset: int, exporter: str, dynamic_size: bool = True
+) -> tuple[bytes, str, int]:
+    """ONNX with dynamic batch (and height and width with ``dynamic_size``), in memory; returns it, the
+    exporter and the opset used."""
     if exporter == "legacy":
         try:
             onnx_file = io.BytesIO()
             torch.onnx.export(
                 model, (example,), onnx_file, dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME], dynamic_axes=DYNAMIC_AXES, do_constant_folding=True,
+                output_names=[OUTPUT_NAME], dynamic_axes=DYNAMIC_AXES if dynamic_size else BATCH_AXES,
+                do_constant_folding=True,
             )
             return onnx_file.getvalue(), "legacy", opset
         except (TypeError, NotImplementedError, AttributeError) as error:  # removed from a future PyTorch
@@ -135,13 +144,29 @@ def _onnx_bytes(model: nn.Module, example: torch.Tensor, opset: int, exporter: s
     try:
         program = torch.onnx.export(
             model, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME], dynamic_shapes={INPUT_NAME: {0: dynamic, 2: dynamic, 3: dynamic}},
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes={INPUT_NAME: {0: dynamic, 2: dynamic, 3: dynamic} if dynamic_size else {0: dynamic}},
             verbose=False,
         )
     finally:
         for logger, level in zip(chatty, levels):
             logger.setLevel(level)
     return program.model_proto.SerializeToString(), "dynamo", opset
+
+
+def exported_contract(module: nn.Module, image_size: int, contract: ModelContract | None = None) -> ModelContract:
+    """The contract written with ``module`` exported at ``image_size`` (``contract``: its training contract).
+
+    A fixed-size network (``module.net.dynamic_size`` false) records ``image_size`` and ``fixed_size``,
+    with a warning when it differs from the training size.
+    """
+    contract = contract or ModelContract.from_module(module)
+    if getattr(module.net, "dynamic_size", True):
+        return contract
+    if contract.image_size not in (None, image_size):
+        log.warning("Exporting at image_size=%d, but the model was trained at %d px; this fixed-size model runs "
+                    "at %d px only (other slices are resized to it).", image_size, contract.image_size, image_size)
+    return replace(contract, image_size=image_size, fixed_size=True)
 
 
 def export_model(
@@ -163,11 +188,13 @@ def export_model(
         module: the trained module (any device; it is copied to CPU, the original is untouched).
         output: file to write: ``.onnx`` for ONNX, ``.pt``/``.ts`` for TorchScript.
         format: ``onnx`` or ``torchscript``; None infers it from ``output``'s suffix.
-        image_size: side of the square example input used for tracing (any size works afterwards).
+        image_size: side of the square example input used for tracing (any size works afterwards), and
+            the only size of a fixed-size network (``net.dynamic_size = False``), recorded in its contract.
         opset: ONNX opset (>= 17).
         onnx_exporter: ``legacy`` (TorchScript-based, fast) or ``dynamo`` (``torch.export``-based).
-        contract: the preprocessing contract written into the file; None = the module's network facts
-            with an unknown training ``image_size`` (the export app passes the checkpoint's, size included).
+        contract: the preprocessing contract written into the file (see :func:`exported_contract`); None =
+            the module's network facts with an unknown training ``image_size`` (the export app passes the
+            checkpoint's, size included).
     """
     output = Path(output)
     format = resolve_format(format, output)
@@ -176,7 +203,7 @@ def export_model(
     if int(opset) < 17:
         raise ConfigError(f"opset={opset} is too old; use 17 or newer.")
     make_directory(output.parent, "output")
-    contract = contract or ModelContract.from_module(module)
+    contract = exported_contract(module, int(image_size), contract)
     model = probability_model(module)
     example = _example_input(model, int(image_size))
     with _quiet_tracing(), torch.no_grad():
@@ -185,7 +212,7 @@ def export_model(
                 import onnx  # noqa: F401  (torch.onnx.export needs it)
             except ImportError:
                 raise BtsError(f"ONNX export needs the onnx package: {INSTALL_HINT}") from None
-            data, used, used_opset = _onnx_bytes(model, example, int(opset), onnx_exporter)
+            data, used, used_opset = _onnx_bytes(model, example, int(opset), onnx_exporter, not contract.fixed_size)
             data = _with_onnx_metadata(data, {ONNX_CONTRACT_KEY: contract.to_json()})
             log.info("Exported with the %s ONNX exporter (opset %s)", used, used_opset)
         else:
@@ -253,6 +280,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     module, contract = predictor.module, predictor.contract
     image_size = cfg.get("image_size")
     image_size = int(image_size) if image_size is not None else contract.image_size or DEFAULT_IMAGE_SIZE
+    contract = exported_contract(module, image_size, contract)
     export_model(module, output, format, image_size, int(cfg.get("opset", 17)), str(cfg.get("onnx_exporter", "legacy")),
                  contract)
     summary: dict[str, Any] = {"output": str(output), "format": format, "model": contract.model,

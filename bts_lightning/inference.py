@@ -33,6 +33,7 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
+from torch import nn
 
 from bts_lightning.checkpoint import CheckpointError, load_module, training_image_size
 from bts_lightning.data.io import MIN_IMAGE_SIZE
@@ -92,6 +93,9 @@ class ModelContract:
         normalization: how slices are normalized (inside the model: callers pass raw intensities).
         input: dtype, shape and intensity-scale note of the input.
         model: registry name of the network (``unet``, ``deeplabv3``, ...), ``None`` when unknown.
+        fixed_size: the exported graph runs at ``image_size`` x ``image_size`` only (SwinUNETR: its
+            attention masks are fixed at export); :class:`ExportedModel` resizes other slices to it
+            and the probabilities back. Absent from older contracts: ``False``.
         format_version: version of this record.
     """
 
@@ -102,6 +106,7 @@ class ModelContract:
     normalization: str = NORMALIZATION
     input: str = INPUT_NOTE
     model: str | None = None
+    fixed_size: bool = False
     format_version: int = CONTRACT_VERSION
 
     def __post_init__(self) -> None:
@@ -114,6 +119,8 @@ class ModelContract:
             raise ValueError(f"tumor_class={self.tumor_class} must be below num_classes={self.num_classes}")
         if self.model is not None and not isinstance(self.model, str):
             raise ValueError(f"model={self.model!r} must be a name or None")
+        if not isinstance(self.fixed_size, bool) or (self.fixed_size and self.image_size is None):
+            raise ValueError(f"fixed_size={self.fixed_size!r} must be true or false, and true only with an image_size")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -192,6 +199,8 @@ class ModulePredictor:
 class ExportedModel:
     """Predictor over an exported file: float (N, 1, H, W) images -> tumor probabilities (N, H, W).
 
+    A fixed-size file (``contract.fixed_size``) gets the images resized (bilinear) to its
+    ``contract.image_size`` and returns probabilities resized back, so it takes any H and W.
     ``.onnx`` runs in onnxruntime (its CUDA provider when ``device`` is CUDA and it is installed,
     else CPU), ``.pt``/``.ts`` through ``torch.jit.load`` on ``device``. Returns a float32 tensor on
     the input's device. ``contract`` is the :class:`ModelContract` embedded by the exporter (an
@@ -235,6 +244,13 @@ class ExportedModel:
         images = torch.as_tensor(images)
         if images.ndim != 4 or images.shape[1] != 1:
             raise ValueError(f"expected an (N, 1, H, W) batch, got shape {tuple(images.shape)}")
+        size, shape = self.contract.image_size, images.shape[-2:]
+        if self.contract.fixed_size and tuple(shape) != (size, size):
+            resized = nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear")
+            return nn.functional.interpolate(self._run(resized)[:, None], size=shape, mode="bilinear")[:, 0]
+        return self._run(images)
+
+    def _run(self, images: torch.Tensor) -> torch.Tensor:
         if self.format == "onnx":
             array = images.detach().to("cpu", torch.float32).contiguous().numpy()
             (probabilities,) = self._session.run([OUTPUT_NAME], {self._input_name: array})

@@ -1,29 +1,125 @@
-"""Loss combinations built from MONAI losses in YAML (``loss=dice_focal``)."""
+"""Loss combinations built from MONAI losses in YAML (``loss=dice_focal``, ``loss=dice_boundary``)."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
+from monai.losses import BoundaryLoss
 from torch import nn
+
+from bts_lightning.distance_maps import signed_distance_maps
+
+
+class PrecomputedBoundaryLoss(BoundaryLoss):
+    """MONAI's ``BoundaryLoss`` that can take the tumor's distance maps from the batch (``data.distance_maps``).
+
+    ``forward(input, target, distance)``: ``distance`` (N, 1, *spatial), the
+    :func:`~bts_lightning.distance_maps.signed_distance_map` of each label mask, replaces the map of the
+    last (tumor) channel; 1- or 2-channel logits only. Other channels' maps, and all of them without
+    ``distance``, are computed here by that same function, so the loss is identical either way.
+    """
+
+    _distance: torch.Tensor | None = None  # the forward's ``distance``, for compute_distance_map
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor, distance: torch.Tensor | None = None) -> torch.Tensor:
+        if distance is not None and input.shape[1] > 2:
+            raise ValueError(f"precomputed distance maps are of a binary mask; the logits have {input.shape[1]} channels")
+        self._distance = distance
+        try:
+            return super().forward(input, target)
+        finally:
+            self._distance = None
+
+    @torch.no_grad()
+    def compute_distance_map(self, target: torch.Tensor) -> torch.Tensor:
+        """Signed maps of the one-hot ``target`` (N, C, *spatial) as MONAI's, the last channel's from ``distance``."""
+        given = self._distance
+        if given is None:
+            return signed_distance_maps(target)
+        if given.shape != target[:, -1:].shape:
+            raise ValueError(f"distance maps {tuple(given.shape)} do not match the labels {tuple(target[:, -1:].shape)}")
+        return torch.cat([signed_distance_maps(target[:, :-1]), given.to(target.device, torch.float32)], dim=1)
+
+
+def uses_distance_maps(loss: nn.Module) -> bool:
+    """Whether ``loss`` takes precomputed distance maps: its forward has a ``distance`` argument
+    (for a :class:`WeightedLossSum`, one of its terms' has)."""
+    if isinstance(loss, WeightedLossSum):
+        return any(uses_distance_maps(term) for term in loss.terms.values())
+    return "distance" in inspect.signature(loss.forward).parameters
+
+
+@dataclass(frozen=True)
+class LinearRamp:
+    """A weight ``start + step * epoch``, clipped to ``[min, max]`` (either bound may be None)."""
+
+    start: float
+    step: float
+    min: float | None = None
+    max: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"schedule min={self.min} is above max={self.max}")
+
+    def __call__(self, epoch: int) -> float:
+        weight = self.start + self.step * epoch
+        if self.min is not None:
+            weight = max(weight, self.min)
+        if self.max is not None:
+            weight = min(weight, self.max)
+        return float(weight)
 
 
 class WeightedLossSum(nn.Module):
     """``sum(weights[name] * terms[name](input, target))`` over named loss terms.
 
     Every term receives the same (N, C, H, W) logits and (N, 1, H, W) labels, so each term's own
-    activation and background options decide what it sees. Weights default to 1.
+    activation and background options decide what it sees; ``distance`` maps, when given, go to the
+    terms that take them (:func:`uses_distance_maps`). Weights default to 1; terms weighted 0 are not
+    computed (a boundary term's distance maps cost CPU time).
+
+    ``schedule`` gives some terms a weight that changes with the training epoch instead:
+    ``{name: {start, step, min, max}}`` (a :class:`LinearRamp`). Such terms take their epoch-0
+    weight at construction; :meth:`set_epoch` moves them to another epoch (``SegmentationModule``
+    calls it at the start of every training epoch, so validation uses the current weights).
     """
 
-    def __init__(self, terms: Mapping[str, nn.Module], weights: Mapping[str, float] | None = None) -> None:
+    def __init__(
+        self,
+        terms: Mapping[str, nn.Module],
+        weights: Mapping[str, float] | None = None,
+        schedule: Mapping[str, Mapping[str, float | None]] | None = None,
+    ) -> None:
         super().__init__()
         if not terms:
             raise ValueError("WeightedLossSum needs at least one loss term")
         self.terms = nn.ModuleDict(dict(terms))
         weights = dict(weights or {})
-        if unknown := sorted(set(weights) - set(terms)):
-            raise ValueError(f"weights name unknown loss terms {unknown}; terms are {sorted(terms)}")
+        schedule = dict(schedule or {})
+        for option, names in (("weights", weights), ("schedule", schedule)):
+            if unknown := sorted(set(names) - set(terms)):
+                raise ValueError(f"{option} name unknown loss terms {unknown}; terms are {sorted(terms)}")
+        if both := sorted(set(weights) & set(schedule)):
+            raise ValueError(f"loss terms {both} have both a fixed weight and a schedule; give one")
+        self.schedule = {name: LinearRamp(**spec) for name, spec in schedule.items()}
         self.weights = {name: float(weights.get(name, 1.0)) for name in terms}
+        self._distance_terms = {name for name, term in terms.items() if uses_distance_maps(term)}
+        self.set_epoch(0)
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return sum(self.weights[name] * term(input, target) for name, term in self.terms.items())
+    def set_epoch(self, epoch: int) -> dict[str, float]:
+        """Set the scheduled weights to those of ``epoch`` (0-based); returns them (empty without a schedule)."""
+        scheduled = {name: ramp(epoch) for name, ramp in self.schedule.items()}
+        self.weights.update(scheduled)
+        return scheduled
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor, distance: torch.Tensor | None = None) -> torch.Tensor:
+        total = input.new_zeros(())
+        for name, term in self.terms.items():
+            if self.weights[name]:
+                extras = {"distance": distance} if name in self._distance_terms and distance is not None else {}
+                total = total + self.weights[name] * term(input, target, **extras)
+        return total

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from bts_lightning.errors import ConfigError
+from bts_lightning.losses import uses_distance_maps
 from bts_lightning.metrics import overlap_metrics
 from bts_lightning.preprocessing import standardize
 
@@ -37,14 +38,16 @@ class SegmentationModule(L.LightningModule):
 
     Args:
         net: ``_target_`` config of the network (``bts_lightning.models.build_model`` with a
-            registry ``name`` and its options); ``forward`` returns ``{"out": logits[, "aux": logits]}``.
+            registry ``name`` and its options); ``forward`` returns ``{"out": logits[, "aux": logits or a
+            list of logits]}`` (``aux``: auxiliary heads / deep supervision, for the training loss only).
         loss: ``_target_`` config of a loss taking (N, C, H, W) logits and (N, 1, H, W) labels.
         optimizer: ``_partial_`` optimizer config, called with the parameters.
         scheduler: ``{"scheduler": _partial_ config or None, **lightning_keys}`` (monitor, interval), or None.
         compile: compile the network in place (``nn.Module.compile``; parameter names are kept).
         freeze_backbone_epochs: epochs the :class:`~bts_lightning.callbacks.BackboneFreeze` callback
             keeps a pretrained backbone frozen.
-        aux_loss_weight: weight of the loss on the auxiliary head, for networks that have one.
+        aux_loss_weight: total weight of the loss on the auxiliary outputs, for networks that have them
+            (see :meth:`compute_loss`).
     """
 
     def __init__(
@@ -79,7 +82,7 @@ class SegmentationModule(L.LightningModule):
             self.net.compile()
 
     def configure_losses(self) -> None:
-        """Instantiate the loss; auxiliary heads add ``aux_loss_weight`` times the same loss."""
+        """Instantiate the loss; auxiliary outputs add ``aux_loss_weight`` times it (:meth:`compute_loss`)."""
         self.criterion = instantiate(self.hparams.loss)
         self.aux_loss_weight = self.hparams.aux_loss_weight
 
@@ -93,8 +96,8 @@ class SegmentationModule(L.LightningModule):
         """Whether the network started from pretrained weights."""
         return self.hparams.net.get("weights") is not None
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Logits dict (``out`` and, for some models, ``aux``) for an (N, 1, H, W) batch of any scale."""
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+        """Logits dict (``out`` and, for some models, ``aux``) for an (N, C, H, W) batch of any scale."""
         return self.net(standardize(images))
 
     @torch.no_grad()
@@ -102,24 +105,46 @@ class SegmentationModule(L.LightningModule):
         """Tumor probability (N, H, W) for an (N, 1, H, W) batch."""
         return self(images)["out"].float().softmax(dim=1)[:, 1]
 
-    def compute_loss(self, outputs: dict[str, torch.Tensor], masks: torch.Tensor) -> torch.Tensor:
-        """Loss in float32 even under mixed precision (fp16 Dice sums overflow on large masks)."""
+    def compute_loss(
+        self,
+        outputs: Mapping[str, torch.Tensor | Sequence[torch.Tensor]],
+        masks: torch.Tensor,
+        distance: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Loss of ``out`` plus ``aux_loss_weight`` times the mean loss of the auxiliary outputs.
+
+        ``outputs["aux"]`` (optional) is one logits tensor or a list of them (deep supervision): a list
+        shares the weight evenly, so the auxiliary outputs weigh ``aux_loss_weight`` in total whatever
+        their number. Computed in float32 even under mixed precision (fp16 Dice sums overflow on large masks).
+        ``distance``: the masks' (N, 1, H, W) signed distance maps, passed on (for every output: all are at
+        the masks' resolution) when the loss takes them (:func:`~bts_lightning.losses.uses_distance_maps`).
+        """
         target = masks.unsqueeze(1).float()
+        extras = {"distance": distance.float()} if distance is not None and uses_distance_maps(self.criterion) else {}
+        aux = outputs.get("aux")
+        heads = [] if aux is None else [aux] if isinstance(aux, torch.Tensor) else list(aux)
         with torch.autocast(device_type=self.device.type, enabled=False):
-            loss = self.criterion(outputs["out"].float(), target)
-            if "aux" in outputs:
-                loss = loss + self.aux_loss_weight * self.criterion(outputs["aux"].float(), target)
+            loss = self.criterion(outputs["out"].float(), target, **extras)
+            for head in heads:
+                loss = loss + self.aux_loss_weight / len(heads) * self.criterion(head.float(), target, **extras)
         return loss
 
+    def on_train_epoch_start(self) -> None:
+        """Move epoch-scheduled loss weights (``WeightedLossSum.set_epoch``) to this epoch, also on resume; logs them."""
+        if callable(set_epoch := getattr(self.criterion, "set_epoch", None)):
+            for name, weight in set_epoch(self.current_epoch).items():
+                self.log(f"train/loss_weight/{name}", weight)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.compute_loss(self(batch["image"]), batch["mask"])
+        loss = self.compute_loss(self(batch["image"]), batch["mask"], batch.get("distance"))
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["mask"]))
         return loss
 
     def _evaluate(self, batch: dict[str, torch.Tensor], stage: str) -> None:
         outputs = self(batch["image"])
         masks = batch["mask"]
-        self.log(f"{stage}/loss", self.compute_loss(outputs, masks), sync_dist=True, batch_size=len(masks))
+        loss = self.compute_loss({"out": outputs["out"]}, masks, batch.get("distance"))  # auxiliary outputs only train
+        self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=len(masks))
         metrics = self.val_metrics if stage == "val" else self.test_metrics
         metrics.update(outputs["out"].argmax(dim=1), masks)
         self.log_dict(metrics, prog_bar=stage == "val")

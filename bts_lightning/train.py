@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from bts_lightning.callbacks import MetricHistory
 from bts_lightning.checkpoint import resolve_resume
 from bts_lightning.errors import ConfigError
+from bts_lightning.losses import uses_distance_maps
 from bts_lightning.metrics import VAL_DICE, VAL_IOU
 from bts_lightning.models import check_input_size
 from bts_lightning.runtime import hydra_app, user_error_of, write_json_atomic
@@ -94,6 +95,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.setup("fit")  # validates every file before anything heavy starts
     module = build_module(cfg)
     check_input_size(module.net, datamodule.image_size, "data.image_size")
+    if datamodule.distance_maps is None:  # data.distance_maps: null = when the loss takes them
+        datamodule.distance_maps = uses_distance_maps(module.criterion)
+    if datamodule.distance_maps:
+        log.info("Loader workers compute the masks' distance maps for the loss (data.distance_maps)")
     callbacks = _instantiate_all(cfg.get("callbacks"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=_instantiate_all(cfg.get("logger")) or False)
     started = time.perf_counter()

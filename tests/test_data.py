@@ -139,6 +139,28 @@ def test_datamodule_batches_resized_uint8_and_no_augmentation_on_validation(synt
     assert dm.has_test and dm.label_of(dm.split.val[0]) in {"1", "2", "3"}
 
 
+def test_distance_maps_are_those_of_the_augmented_masks(synthetic_root):
+    import albumentations as A
+
+    from bts_lightning.distance_maps import signed_distance_map
+
+    augmentations = [A.HorizontalFlip(p=1.0), A.Affine(rotate=(20, 30), translate_percent=(0.1, 0.2), p=1.0)]
+    dm = datamodule(synthetic_root, image_size=48, val_fold=1, test_fold=2, augmentations=augmentations, num_workers=1)
+    dm.setup("fit")
+    assert dm.distance_maps is None and "distance" not in dm.datasets["train"][0]  # off unless the train app sets it
+    dm.distance_maps = True  # as the train app does for loss=dice_boundary, after setup
+    for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()):
+        batch = next(iter(loader))
+        maps = torch.stack([torch.from_numpy(signed_distance_map(mask)) for mask in batch["mask"].numpy()])
+        assert batch["distance"].dtype == torch.float32 and torch.equal(batch["distance"], maps[:, None])
+        assert (batch["distance"] < 0).any() and (batch["distance"] > 0).any()
+    train = dm.datasets["train"]
+    sample, (_, unaugmented) = train[0], train.load(0)
+    assert not np.array_equal(sample["mask"].numpy(), unaugmented)  # so the map follows the augmented mask
+    with pytest.raises(ConfigError, match=r"data.distance_maps='auto' is invalid"):
+        datamodule(synthetic_root, distance_maps="auto")
+
+
 def test_cache_gives_the_same_slices_as_reading_from_disk(synthetic_root):
     cached, uncached = datamodule(synthetic_root, cache=True), datamodule(synthetic_root, cache=False)
     cached.setup("fit")

@@ -58,8 +58,8 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_best_checkpoint(tm
     cfg = compose_train([*QUICK, "trainer.max_epochs=3", f"paths.data_dir={tmp_path / 'data'}"], tmp_path / "run")
     original = SegmentationModule.compute_loss
 
-    def diverge_in_epoch_two(self, outputs, masks):
-        loss = original(self, outputs, masks)
+    def diverge_in_epoch_two(self, outputs, masks, distance=None):
+        loss = original(self, outputs, masks, distance)
         return loss * float("nan") if self.current_epoch == 1 and self.training else loss
 
     with pytest.MonkeyPatch.context() as patch:

@@ -219,6 +219,29 @@ def test_exported_files_carry_the_contract(suffix, tmp_path):
     assert json.loads(stored)["normalization"].startswith("per-image z-score")
 
 
+@pytest.mark.parametrize("suffix", [".onnx", ".pt"])
+def test_fixed_size_networks_export_at_one_size_and_resize_other_slices(suffix, tmp_path, caplog):
+    """A network with ``dynamic_size = False`` (SwinUNETR) is exported at ``image_size`` only, which the contract
+    records; its predictor resizes other slices to that size and the probabilities back."""
+    module = load_module(_write_checkpoint("unet", tmp_path))
+    module.net.dynamic_size = False
+    with caplog.at_level(logging.WARNING, logger="bts_lightning.export"):
+        path = export_model(module, tmp_path / f"model{suffix}", image_size=32, contract=ModelContract(image_size=48))
+    assert "Exporting at image_size=32, but the model was trained at 48 px" in caplog.text
+    predictor = load_predictor(path, "cpu")
+    assert predictor.contract == ModelContract(image_size=32, fixed_size=True)
+    if suffix == ".onnx":
+        import onnx
+
+        dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
+        assert [dim.dim_param or dim.dim_value for dim in dims] == ["batch", 1, 32, 32]
+    _assert_parity(module, predictor, [(3, 32, 32)])
+    images = _images(2, 48, 40)
+    resized = module.predict_probabilities(torch.nn.functional.interpolate(images, size=(32, 32), mode="bilinear"))
+    expected = torch.nn.functional.interpolate(resized[:, None], size=(48, 40), mode="bilinear")[:, 0]
+    assert torch.allclose(predictor(images), expected, atol=TOLERANCE, rtol=0)
+
+
 def test_old_exports_without_a_contract_still_load(tmp_path, caplog):
     import onnx
 
@@ -253,6 +276,7 @@ def test_contract_json_round_trip_and_checks():
     assert ModelContract.from_json(b'{"image_size": 96, "future_key": 1}') == ModelContract(image_size=96)
     with pytest.raises(ValueError, match="newer than this bts_lightning reads"):
         ModelContract.from_json(json.dumps({**contract.to_dict(), "format_version": 99}))
-    for bad in ('[1, 2]', '{"image_size": -3}', '{"image_size": true}', '{"tumor_class": 2}'):
+    assert not ModelContract.from_json(b'{"image_size": 96}').fixed_size  # contracts from before fixed_size
+    for bad in ('[1, 2]', '{"image_size": -3}', '{"image_size": true}', '{"tumor_class": 2}', '{"fixed_size": true}'):
         with pytest.raises(ValueError):
             ModelContract.from_json(bad)

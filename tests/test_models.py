@@ -17,7 +17,8 @@ from torchvision.models import WeightsEnum
 from torchvision.models import segmentation as tvseg
 
 from bts_lightning.errors import ConfigError, WeightsUnavailableError
-from bts_lightning.models import MODELS, available_models, backbone_of, build_model
+from bts_lightning.models import MODELS, available_models, backbone_of, build_model, check_input_size
+from bts_lightning.segmentation_module import SegmentationModule
 
 if TYPE_CHECKING:
     from typing import Self  # Python 3.11+; annotations are not evaluated at run time
@@ -46,8 +47,10 @@ def _cache(checkpoints: Path, weights: WeightsEnum, state: dict) -> Path:
 
 
 def test_registry_lists_models() -> None:
-    assert available_models() == ["deeplabv3", "fcn", "lraspp", "unet"]
-    assert set(MODELS) == set(available_models())
+    assert {"attention_unet", "deeplabv3", "fcn", "lraspp", "segresnet", "swin_unetr", "unet", "unetpp"} <= set(
+        available_models()
+    )
+    assert available_models() == sorted(MODELS)
 
 
 @pytest.mark.parametrize("name", ["unet", "deeplabv3", "fcn", "lraspp"])
@@ -77,7 +80,7 @@ def test_torchvision_backbone_exposed_and_in_channels() -> None:
 
 
 def test_unknown_model_lists_available() -> None:
-    with pytest.raises(ConfigError, match="'segformer'.*deeplabv3, fcn, lraspp, unet"):
+    with pytest.raises(ConfigError, match="'segformer'.*attention_unet, deeplabv3, fcn, lraspp"):
         build_model("segformer")
 
 
@@ -86,9 +89,68 @@ def test_unknown_option_is_config_error() -> None:
         build_model("lraspp", channels=(8, 16))
 
 
-def test_unet_rejects_weights() -> None:
-    with pytest.raises(ConfigError, match="only for the torchvision models"):
-        build_model("unet", weights="DEFAULT")
+@pytest.mark.parametrize("name", ["unet", "attention_unet", "unetpp", "swin_unetr", "segresnet"])
+def test_models_without_pretrained_weights_reject_weights(name: str) -> None:
+    with pytest.raises(ConfigError, match=r"exist only for deeplabv3, fcn, lraspp\b") as info:
+        build_model(name, weights="DEFAULT")
+    assert f"Model {name!r} has no pretrained weights" in str(info.value)
+    listed = str(info.value).split("exist only for ")[1].split(". Use")[0].split(", ")
+    assert name not in listed
+
+
+def test_unetpp_deep_supervision_is_auxiliary_in_training_only() -> None:
+    model = build_model("unetpp", features=(4, 4, 8, 8, 16, 4))
+    out = model(torch.randn(2, 1, 32, 48))
+    assert len(out["aux"]) == 3 and all(aux.shape == (2, 2, 32, 48) for aux in out["aux"])
+    with torch.no_grad():
+        assert set(model.eval()(torch.randn(2, 1, 32, 48))) == {"out"}
+    plain = build_model("unetpp", features=(4, 4, 8, 8, 16, 4), deep_supervision=False)
+    assert set(plain(torch.randn(1, 1, 32, 32))) == {"out"}
+    assert sum(p.numel() for p in plain.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "multiple"),
+    [("attention_unet", {"channels": (4, 8, 16), "strides": (2, 2)}, 4), ("swin_unetr", {"feature_size": 12}, 32),
+     ("segresnet", {"init_filters": 8, "blocks_down": (1, 1, 1), "blocks_up": (1, 1)}, 4)],
+)
+def test_input_size_rules(name: str, options: dict, multiple: int) -> None:
+    model = build_model(name, **options)
+    assert model.size_multiple == multiple
+    check_input_size(model, 4 * multiple, "data.image_size")
+    with pytest.raises(ConfigError, match=rf"data.image_size={5 * multiple + 2} is not a multiple of {multiple}"):
+        check_input_size(model, 5 * multiple + 2, "data.image_size")
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 1, multiple, 2 * multiple))["out"].shape == (1, 2, multiple, 2 * multiple)
+
+
+def test_monai_option_errors_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="model.net.feature_size=16 must be a multiple of 12"):
+        build_model("swin_unetr", feature_size=16)
+    with pytest.raises(ConfigError, match=r"model.net.blocks_up=\[1\] needs one entry fewer"):
+        build_model("segresnet", blocks_down=(1, 2, 2), blocks_up=(1,))
+
+
+def test_auxiliary_outputs_share_the_auxiliary_weight() -> None:
+    """A tensor ``aux`` adds ``aux_loss_weight`` times its loss; a list shares that weight evenly."""
+    module = SegmentationModule(
+        net={"_target_": "bts_lightning.models.build_model", "name": "unet", "channels": [4, 8], "strides": [2]},
+        loss={"_target_": "torch.nn.L1Loss"}, optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1},
+        aux_loss_weight=0.5,
+    )
+    module.criterion = _MeanLogit()
+    masks = torch.zeros(1, 4, 4, dtype=torch.uint8)
+    out, aux = torch.full((1, 2, 4, 4), 1.0), [torch.full((1, 2, 4, 4), value) for value in (2.0, 4.0)]
+    assert float(module.compute_loss({"out": out}, masks)) == 1.0
+    assert float(module.compute_loss({"out": out, "aux": aux[0]}, masks)) == 1.0 + 0.5 * 2.0
+    assert float(module.compute_loss({"out": out, "aux": aux}, masks)) == 1.0 + 0.25 * 2.0 + 0.25 * 4.0
+
+
+class _MeanLogit(torch.nn.Module):
+    """A stand-in loss: the mean logit, so each output's share of the total is visible."""
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return logits.mean()
 
 
 def test_unknown_weights_name_lists_valid() -> None:

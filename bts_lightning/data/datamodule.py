@@ -67,7 +67,8 @@ class BrainTumorDataModule(L.LightningDataModule):
     groups by the fractions; random slices only with ``split_by="slice"``. Every file is decoded once
     in :meth:`setup`, so bad input fails before training starts; with ``cache`` the decoded slices are
     kept in RAM. Masks are binarized by one rule for the whole dataset (:func:`mask_threshold`).
-    :meth:`state_dict` puts the split (:meth:`split_record`) into every checkpoint.
+    :meth:`state_dict` puts the split (:meth:`split_record`) into every checkpoint. :attr:`distance_maps` adds
+    every mask's signed distance map to its sample (:class:`SliceDataset`).
     """
 
     def __init__(
@@ -91,6 +92,7 @@ class BrainTumorDataModule(L.LightningDataModule):
         mask_suffix: str = "_mask",
         patient_pattern: str | None = None,
         num_folds: int | None = None,
+        distance_maps: bool | None = None,
     ) -> None:
         super().__init__()
         _check_int("image_size", image_size, MIN_IMAGE_SIZE)
@@ -129,7 +131,24 @@ class BrainTumorDataModule(L.LightningDataModule):
         self.mask_threshold = BYTE_THRESHOLD  # tumor = mask value above it; set for the dataset in setup
         self.datasets: dict[str, SliceDataset] = {}
         self.cache_arrays: tuple[np.ndarray, np.ndarray] | None = None  # (N, C, S, S) images, masks; after setup
+        self.distance_maps = distance_maps
         self.trained_split: dict[str, Any] | None = None  # split record of a loaded checkpoint
+
+    @property
+    def distance_maps(self) -> bool | None:
+        """Whether samples hold ``"distance"`` maps; settable before or after :meth:`setup`.
+
+        None (``data.distance_maps: null``) is off until the train app sets it from the loss.
+        """
+        return self._distance_maps
+
+    @distance_maps.setter
+    def distance_maps(self, enabled: bool | None) -> None:
+        if enabled is not None and not isinstance(enabled, bool):
+            raise ConfigError(f"data.distance_maps={enabled!r} is invalid: it must be true, false or null (auto).")
+        self._distance_maps = enabled
+        for dataset in self.datasets.values():
+            dataset.distance_maps = bool(enabled)
 
     def prepare_data(self) -> None:
         """Generate the synthetic dataset on first use (atomic, so concurrent jobs are safe)."""
@@ -170,7 +189,7 @@ class BrainTumorDataModule(L.LightningDataModule):
     def make_dataset(self, indices: Sequence[int], transform: A.Compose | None = None) -> SliceDataset:
         """A :class:`SliceDataset` of slices ``indices`` with this module's size, channels, cache and mask rule."""
         return SliceDataset(self.pairs, indices, self.image_size, transform, self.cache_arrays, self.mask_threshold,
-                            self.channels)
+                            self.channels, bool(self.distance_maps))
 
     def _subsets(self) -> dict[str, list[int]]:
         assert self.split is not None, "call setup() first"

@@ -28,6 +28,7 @@ from bts_lightning.data.io import (
     resize,
     to_channels,
 )
+from bts_lightning.distance_maps import signed_distance_map
 from bts_lightning.errors import DataError, format_names
 
 
@@ -157,7 +158,9 @@ class SliceDataset(Dataset):
     ``C`` is 1 for grayscale ``channels`` (``None``), else ``len(channels)``. Images stay uint8 until
     they reach the model's device, where they are normalised. ``cache`` holds (N, C, H, W) images and
     binarized masks; without it slices are read from disk and masks binarized at ``threshold`` (the
-    dataset's :func:`~bts_lightning.data.io.mask_threshold`).
+    dataset's :func:`~bts_lightning.data.io.mask_threshold`). With ``distance_maps`` samples also hold
+    ``"distance"``: float32 (1,H,W), the :func:`~bts_lightning.distance_maps.signed_distance_map` of the
+    (augmented) mask, for the boundary loss (computed here, in the loader workers).
     """
 
     def __init__(
@@ -169,6 +172,7 @@ class SliceDataset(Dataset):
         cache: tuple[np.ndarray, np.ndarray] | None = None,
         threshold: int = BYTE_THRESHOLD,
         channels: Channels = None,
+        distance_maps: bool = False,
     ) -> None:
         self.pairs = pairs
         self.indices = list(indices)
@@ -177,6 +181,7 @@ class SliceDataset(Dataset):
         self.cache = cache
         self.threshold = threshold
         self.channels = channels
+        self.distance_maps = distance_maps
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -197,8 +202,11 @@ class SliceDataset(Dataset):
         if self.transform is not None:
             augmented = self.transform(image=_to_albumentations(image), mask=mask)
             image, mask = _from_albumentations(augmented["image"]), augmented["mask"]
-        return {
+        sample = {
             "image": torch.from_numpy(np.ascontiguousarray(image)),
             "mask": torch.from_numpy(np.ascontiguousarray(mask)),
             "index": self.indices[position],
         }
+        if self.distance_maps:
+            sample["distance"] = torch.from_numpy(signed_distance_map(mask)).unsqueeze(0)
+        return sample

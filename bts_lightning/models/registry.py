@@ -12,15 +12,22 @@ from bts_lightning.errors import ConfigError
 ModelBuilder = Callable[..., nn.Module]
 
 MODELS: dict[str, ModelBuilder] = {}
+# Names of the registered models that have no pretrained weights.
+NOT_PRETRAINED: set[str] = set()
 
 
-def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
-    """Register a builder ``f(in_channels, num_classes, weights, **kwargs)`` under ``name``."""
+def register_model(name: str, pretrained: bool = True) -> Callable[[ModelBuilder], ModelBuilder]:
+    """Register a builder ``f(in_channels, num_classes, weights, **kwargs)`` under ``name``.
+
+    ``pretrained=False``: the model has no pretrained weights; its builder calls :func:`reject_weights`.
+    """
 
     def decorator(builder: ModelBuilder) -> ModelBuilder:
         if name in MODELS:
             raise ValueError(f"model {name!r} is already registered")
         MODELS[name] = builder
+        if not pretrained:
+            NOT_PRETRAINED.add(name)
         return builder
 
     return decorator
@@ -31,6 +38,15 @@ def available_models() -> list[str]:
     return sorted(MODELS)
 
 
+def reject_weights(name: str, weights: str | None) -> None:
+    """Raise ``ConfigError`` unless ``weights`` is None: model ``name`` has no pretrained weights."""
+    if weights is not None:
+        raise ConfigError(
+            f"Model {name!r} has no pretrained weights (got model.net.weights={weights!r}); pretrained weights "
+            f"exist only for {', '.join(sorted(set(MODELS) - NOT_PRETRAINED))}. Use model.net.weights=null."
+        )
+
+
 def build_model(
     name: str,
     in_channels: int = 1,
@@ -38,7 +54,10 @@ def build_model(
     weights: str | None = None,
     **kwargs: object,
 ) -> nn.Module:
-    """Build model ``name``; its ``forward(x)`` returns ``{"out": logits[, "aux": logits]}``.
+    """Build model ``name``; its ``forward(x)`` returns ``{"out": logits[, "aux": logits or [logits, ...]]}``.
+
+    ``aux`` (auxiliary heads, deep supervision) is for the training loss only; a network may leave it
+    out in eval mode. Every logits tensor is (N, num_classes, H, W) at input resolution.
 
     Raises ``ConfigError`` for an unknown name, bad sizes or options the builder does not take.
     """
@@ -62,16 +81,16 @@ def check_input_size(model: nn.Module, size: int, key: str) -> None:
     """Raise ``ConfigError`` naming ``key`` when ``model`` cannot take ``size`` x ``size`` inputs.
 
     A network that needs H and W divisible by some number says so with a ``size_multiple``
-    attribute (U-Net: the product of its strides); other networks take any size.
+    attribute (U-Net: the product of its strides) and explains it with ``size_rule`` (naming the
+    options that set it); other networks take any size.
     """
     multiple = int(getattr(model, "size_multiple", 1))
     if size % multiple:
         lower, upper = size // multiple * multiple, (size // multiple + 1) * multiple
         choices = f"{lower} or {upper}" if lower > 0 else str(upper)
-        raise ConfigError(
-            f"{key}={size} is not a multiple of {multiple}, which this network needs (U-Net: the product of "
-            f"model.net.strides); use {key}={choices}, or change model.net.strides."
-        )
+        rule = getattr(model, "size_rule", f"H and W divisible by {multiple}")
+        raise ConfigError(f"{key}={size} is not a multiple of {multiple}, which this network needs ({rule}); "
+                          f"use {key}={choices}.")
 
 
 def backbone_of(model: nn.Module) -> nn.Module | None:

@@ -9,8 +9,7 @@ import torch
 from monai.networks.nets import UNet
 from torch import nn
 
-from bts_lightning.errors import ConfigError
-from bts_lightning.models.registry import register_model
+from bts_lightning.models.registry import register_model, reject_weights
 
 
 class MonaiUNet(nn.Module):
@@ -27,6 +26,7 @@ class MonaiUNet(nn.Module):
     ) -> None:
         super().__init__()
         self.size_multiple = math.prod(strides)
+        self.size_rule = "the product of model.net.strides, which can be changed"
         self.net = UNet(
             spatial_dims=2,
             in_channels=in_channels,
@@ -41,7 +41,7 @@ class MonaiUNet(nn.Module):
         return {"out": self.net(x)}
 
 
-@register_model("unet")
+@register_model("unet", pretrained=False)
 def unet(
     in_channels: int,
     num_classes: int,
@@ -52,10 +52,5 @@ def unet(
     dropout: float = 0.0,
 ) -> nn.Module:
     """Randomly initialised MONAI UNet (no pretrained weights exist for it)."""
-    if weights is not None:
-        raise ConfigError(
-            f"Model 'unet' has no pretrained weights (got weights={weights!r}); pretrained "
-            "weights exist only for the torchvision models (deeplabv3, fcn, lraspp). "
-            "Use model.net.weights=null."
-        )
+    reject_weights("unet", weights)
     return MonaiUNet(in_channels, num_classes, channels, strides, num_res_units, dropout)
