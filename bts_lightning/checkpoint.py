@@ -133,6 +133,10 @@ def resolve_resume(ckpt_path: str | Path | None, run_dir: str | Path, net: Mappi
     return path
 
 
+# Lightning saves the data module's state (BrainTumorDataModule.state_dict: {"split": split record}) under its class name.
+DATAMODULE_STATE_KEY = "BrainTumorDataModule"
+
+
 def training_image_size(ckpt_path: str | Path) -> int | None:
     """``data.image_size`` the checkpoint was trained at, or ``None`` when it cannot be told.
 
@@ -141,24 +145,41 @@ def training_image_size(ckpt_path: str | Path) -> int | None:
     is read instead.
     """
     path = Path(ckpt_path).resolve()
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        size = checkpoint.get("datamodule_hyper_parameters", {}).get("image_size")
-    except Exception:  # noqa: BLE001 - not a readable checkpoint: loading it reports that properly
-        size = None
+    size = _stored(path).get("datamodule_hyper_parameters", {}).get("image_size")
     if size is None:
-        size = _image_size_from_run_config(path)
+        size = _from_run_config(path, "data.image_size")
     return int(size) if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
 
 
-def _image_size_from_run_config(path: Path) -> Any:
+def training_channels(ckpt_path: str | Path) -> Any:
+    """``data.channels`` the checkpoint was trained with (``"gray"`` or a list, unchecked), or ``None`` when unknown.
+
+    Read from the split record the checkpoint holds, else from its run's ``.hydra/config.yaml``;
+    checkpoints from before ``data.channels`` have neither (they were trained on gray slices).
+    """
+    path = Path(ckpt_path).resolve()
+    record = (_stored(path).get(DATAMODULE_STATE_KEY) or {}).get("split") or {}
+    channels = record.get("settings", {}).get("channels") if isinstance(record, dict) else None
+    return channels if channels is not None else _from_run_config(path, "data.channels")
+
+
+def _stored(path: Path) -> dict[str, Any]:
+    """The checkpoint dict (memory-mapped), or ``{}`` when unreadable: loading it reports that properly."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - not a readable checkpoint
+        return {}
+    return checkpoint if isinstance(checkpoint, dict) else {}
+
+
+def _from_run_config(path: Path, key: str) -> Any:
     for run_dir in (path.parent.parent, path.parent):
         config_file = run_dir / ".hydra" / "config.yaml"
         if not config_file.is_file():
             continue
         try:
-            return OmegaConf.select(OmegaConf.load(config_file), "data.image_size", default=None,
-                                    throw_on_resolution_failure=False)
+            value = OmegaConf.select(OmegaConf.load(config_file), key, default=None, throw_on_resolution_failure=False)
         except Exception:  # noqa: BLE001 - unreadable or unresolvable config: no hint, not an error
             return None
+        return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
     return None

@@ -4,14 +4,19 @@ Loads a checkpoint (or an exported model) without its training config, predicts 
 the chosen split (``all`` = every slice, training slices included) at ``data.image_size``, and
 writes into the run directory (``logs/evaluate/runs/<time>/``). The data root and split settings
 come from the checkpoint unless overridden, and the scored slices are checked against the trained
-split (:mod:`bts_lightning.trained_split`). ``data.image_size`` defaults to the size the model was
-trained at, from the model file's contract (:class:`bts_lightning.inference.ModelContract`; exported
-files embed it), and an explicit one that differs is warned about. Files written:
+split (:mod:`bts_lightning.trained_split`); a data group naming another dataset (``data=lgg split=all``
+for a model trained on ``brain_tumor``) is read with its own settings, its ``data.channels`` checked
+against the model's input channels (the log says which channels feed it). ``data.image_size``
+defaults to the size the model was trained at, from the model file's contract
+(:class:`bts_lightning.inference.ModelContract`; exported files embed it), and an explicit one that
+differs is warned about. Files written:
 
-- ``per_image.csv``: stem, label, tumor_type, dice, iou, precision, recall, hd95, area_true, area_pred;
-- ``metrics.json``: mean, std (population) and median of every column over all images, the same
-  per tumor type when ``metadata.csv`` has labels (1 meningioma, 2 glioma, 3 pituitary), counts
-  of the empty cases, and the worst slices;
+- ``per_image.csv``: dataset, stem, label, tumor_type, dice, iou, precision, recall, hd95, area_true, area_pred;
+- ``metrics.json``: the dataset name, mean, std (population) and median of every column over all
+  images, the same per tumor type when ``metadata.csv`` has labels (1 meningioma, 2 glioma, 3
+  pituitary), tumor slices and empty slices apart (``tumor_slices``: Dice, IoU, slice-level
+  sensitivity; ``empty_slices``: false-alarm rate; :func:`bts_lightning.metrics.summarize_by_truth`),
+  counts of the empty cases, and the worst slices;
 - ``worst_slices.png``: image | truth | prediction | overlay panels of the ``worst_k`` lowest-Dice
   slices (ties: larger HD95 first).
 
@@ -43,9 +48,10 @@ from tqdm.auto import tqdm
 from bts_lightning.data.dataset import SliceDataset
 from bts_lightning.errors import ConfigError
 from bts_lightning.inference import InferenceOptions, check_input_size, contract_of, load_predictor, resolve_device
-from bts_lightning.metrics import image_metrics
+from bts_lightning.metrics import AREAS, METRICS, count_cases, image_metrics, summarize, summarize_by_truth
 from bts_lightning.runtime import atomic_path, hydra_app, make_directory, write_json_atomic
 from bts_lightning.trained_split import (
+    channel_mapping,
     check_scored_slices,
     data_config,
     describe_scored,
@@ -57,9 +63,7 @@ from bts_lightning.visualize import captioned, panel, panel_grid, write_png
 
 log = logging.getLogger(__name__)
 
-METRICS = ("dice", "iou", "precision", "recall", "hd95")
-AREAS = ("area_true", "area_pred")
-COLUMNS = ("stem", "label", "tumor_type", *METRICS, *AREAS)
+COLUMNS = ("dataset", "stem", "label", "tumor_type", *METRICS, *AREAS)
 LABEL_NAMES = {"1": "meningioma", "2": "glioma", "3": "pituitary"}
 SPLITS = ("test", "val", "all")
 UNLABELLED = "unlabelled"
@@ -73,17 +77,6 @@ def tumor_type(label: str | int | None) -> str | None:
     return LABEL_NAMES.get(text, text)
 
 
-def describe(values: list[float]) -> dict[str, float]:
-    """Mean, population standard deviation and median."""
-    array = np.asarray(values, dtype=np.float64)
-    return {"mean": float(array.mean()), "std": float(array.std()), "median": float(np.median(array))}
-
-
-def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """:func:`describe` of every metric and area column over ``rows``."""
-    return {column: describe([row[column] for row in rows]) for column in (*METRICS, *AREAS)}
-
-
 def summarize_by_type(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]] | None:
     """Per tumor type ``{"n": count, column: describe(...)}``; ``None`` when no slice has a label."""
     if all(row["tumor_type"] is None for row in rows):
@@ -92,19 +85,6 @@ def summarize_by_type(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]] |
     for row in rows:
         groups[row["tumor_type"] or UNLABELLED].append(row)
     return {name: {"n": len(group), **summarize(group)} for name, group in sorted(groups.items())}
-
-
-def count_cases(rows: list[dict[str, Any]]) -> dict[str, int]:
-    """How many images fall in each empty case (see the module docstring)."""
-    present = [row for row in rows if row["area_true"] > 0]
-    absent = [row for row in rows if row["area_true"] == 0]
-    return {
-        "tumor_present": len(present),
-        "tumor_absent": len(absent),
-        "missed_tumor": sum(row["area_pred"] == 0 for row in present),
-        "false_alarm": sum(row["area_pred"] > 0 for row in absent),
-        "both_empty": sum(row["area_pred"] == 0 for row in absent),
-    }
 
 
 def worst_positions(rows: list[dict[str, Any]], k: int) -> list[int]:
@@ -142,9 +122,10 @@ def write_per_image_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 def format_table(metrics: dict[str, Any]) -> str:
     """A short plain-text summary table."""
     lines = [
-        (f"Evaluated {metrics['n_images']} slice(s), split {metrics['split']}, at {metrics['image_size']} px "
-        f"({metrics['checkpoint']})"),
+        (f"Evaluated {metrics['n_images']} slice(s) of {metrics['dataset']}, split {metrics['split']}, at "
+         f"{metrics['image_size']} px ({metrics['checkpoint']})"),
         describe_scored(metrics["slices"]),
+        f"Channels: {metrics['channels']}",
         f"{'metric':<16}{'mean':>10}   {'std':<10}{'median':>10}",
     ]
     for column in (*METRICS, *AREAS):
@@ -160,7 +141,26 @@ def format_table(metrics: dict[str, Any]) -> str:
         f"Empty cases: {cases['missed_tumor']} missed tumor(s), {cases['false_alarm']} false alarm(s), "
         f"{cases['both_empty']} correctly empty"
     )
-    return "\n".join(lines)
+    return "\n".join([*lines, *by_truth_lines(metrics)])
+
+
+def by_truth_lines(metrics: dict[str, Any]) -> list[str]:
+    """Tumor slices, empty slices and all slices, one line each (``metrics.json``'s ``tumor_slices`` etc.)."""
+    tumor, empty = metrics["tumor_slices"], metrics["empty_slices"]
+    if tumor["n"]:
+        tumor_line = (f"Tumor slices: {tumor['n']}, Dice {tumor['dice']['mean']:.4f} mean, {tumor['dice']['median']:.4f}"
+                      f" median; IoU {tumor['iou']['mean']:.4f} mean, {tumor['iou']['median']:.4f} median; "
+                      f"{tumor['detected']} detected (slice-level sensitivity {tumor['sensitivity']:.4f})")
+    else:
+        tumor_line = f"Tumor slices: 0 ({tumor['note']})"
+    if empty["n"]:
+        empty_line = (f"Empty slices: {empty['n']}, {empty['false_alarms']} false alarm(s) "
+                      f"(false-alarm rate {empty['false_alarm_rate']:.4f})")
+    else:
+        empty_line = f"Empty slices: 0 ({empty['note']})"
+    dice = metrics["summary"]["dice"]["mean"]
+    all_line = f"All slices: {metrics['n_images']}, Dice {dice:.4f} mean (empty slices left empty score 1, false alarms 0)"
+    return [tumor_line, empty_line, all_line]
 
 
 def evaluate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, Any]:
@@ -183,13 +183,18 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[st
     device = resolve_device(cfg.get("device", "auto"))
     predictor = load_predictor(ckpt_path, device)  # before the data: a bad checkpoint fails fast
 
-    record, trained_at = stored_split(ckpt_path), contract_of(predictor).image_size
+    contract = contract_of(predictor)
+    record, trained_at = stored_split(ckpt_path), contract.image_size
     if overrides is None:  # a config built in Python: its data settings are all deliberate
         keys, data = {"data"}, cfg.data
     else:
         keys = override_keys(overrides)
         data = data_config(cfg.data, record, keys, trained_at)
     datamodule = instantiate(data, augmentations=None)
+    # What the model was trained on: the dataset its checkpoint's split record names; the channels its contract holds.
+    trained = {"name": (record or {}).get("settings", {}).get("name"), "channels": contract.channels}
+    channels = channel_mapping(contract.in_channels, trained, datamodule.channels, datamodule.name)
+    log.info("Channels: %s", channels)
     check_input_size(predictor, datamodule.image_size, "data.image_size")
     datamodule.setup("test")
     dataset = select_split(datamodule, split)
@@ -209,15 +214,17 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[st
             predictions = options.predict_masks(predictor, np.stack(images))
             for position, prediction, truth in zip(positions, predictions, truths):
                 label = datamodule.label_of(dataset.indices[position])
-                rows.append({"stem": dataset.stem(position), "label": label, "tumor_type": tumor_type(label),
-                             **image_metrics(prediction, truth)})
+                rows.append({"dataset": datamodule.name, "stem": dataset.stem(position), "label": label,
+                             "tumor_type": tumor_type(label), **image_metrics(prediction, truth)})
             bar.update(len(positions))
     eval_time = time.perf_counter() - started
 
     worst = worst_positions(rows, worst_k)
     metrics: dict[str, Any] = {
         "checkpoint": str(ckpt_path.resolve()),
+        "dataset": datamodule.name,
         "data_root": str(datamodule.root),
+        "channels": channels,
         "split": split,
         "slices": scored,
         "image_size": datamodule.image_size,
@@ -227,6 +234,7 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[st
         "summary": summarize(rows),
         "by_label": summarize_by_type(rows),
         "cases": count_cases(rows),
+        **summarize_by_truth(rows),
         "worst": [{"stem": rows[i]["stem"], "dice": rows[i]["dice"], "hd95": rows[i]["hd95"]} for i in worst],
         "eval_time_s": round(eval_time, 2),
     }
@@ -243,6 +251,7 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[st
         write_png(output_dir / "worst_slices.png", cv2.cvtColor(panel_grid(panels), cv2.COLOR_RGB2BGR))
     write_json_atomic(output_dir / "metrics.json", metrics)
     print(format_table(metrics), flush=True)
+    log.info("%s: %s", datamodule.name, "; ".join(by_truth_lines(metrics)))
     log.info("Wrote metrics.json, per_image.csv and worst_slices.png to %s", output_dir)
     return metrics
 

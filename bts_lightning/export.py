@@ -1,7 +1,7 @@
 """Hydra app: ``python -m bts_lightning.export ckpt_path=PATH [format=onnx|torchscript] [output=FILE]``.
 
-The exported model is self-contained: it takes a float32 (N, 1, H, W) batch of slices of any
-intensity scale (the per-image standardization is part of the graph) and returns tumor
+The exported model is self-contained: it takes a float32 (N, C, H, W) batch of slices (C = the
+network's ``in_channels``: the file channels its contract names) of any intensity scale (the per-image standardization is part of the graph) and returns tumor
 probabilities (N, H, W) (softmax channel 1). Batch size, height and width are dynamic (U-Net
 needs H and W divisible by the product of its strides, 16 by default), except for networks marked
 ``dynamic_size = False`` (SwinUNETR): those are exported at ``image_size`` only, which the contract
@@ -9,10 +9,10 @@ records (``fixed_size``), and :class:`~bts_lightning.inference.ExportedModel` re
 Auxiliary heads are left out.
 
 The file carries its preprocessing contract (:class:`bts_lightning.inference.ModelContract`: the
-training ``image_size``, channels, normalization, model name) as JSON: in the ONNX model's
+training ``image_size``, ``in_channels`` and which file channels they are, normalization, model name) as JSON: in the ONNX model's
 ``metadata_props`` (key ``bts_lightning.contract``) or as the TorchScript extra file
-``bts_lightning_contract.json``. So ``predict``/``evaluate`` on a copied ``model.onnx`` use the size it
-was trained at.
+``bts_lightning_contract.json``. So ``predict``/``evaluate`` on a copied ``model.onnx`` use the size and
+channels it was trained on.
 
 This module only writes files; :func:`bts_lightning.inference.load_predictor` loads them (ONNX through
 onnxruntime, TorchScript through ``torch.jit.load``), also for the check against PyTorch after export.
@@ -44,7 +44,9 @@ from bts_lightning.inference import (
     TORCHSCRIPT_CONTRACT_FILE,
     ModelContract,
     ModulePredictor,
+    contract_of,
     load_predictor,
+    network_config,
 )
 from bts_lightning.preprocessing import standardize
 from bts_lightning.runtime import hydra_app, make_directory, write_bytes_atomic
@@ -64,7 +66,7 @@ DEFAULT_IMAGE_SIZE = 256
 
 
 class ProbabilityModel(nn.Module):
-    """Standardize, run the network, keep the tumor-class softmax: (N, 1, H, W) -> (N, H, W)."""
+    """Standardize, run the network, keep the tumor-class softmax: (N, C, H, W) -> (N, H, W)."""
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
@@ -158,9 +160,14 @@ def exported_contract(module: nn.Module, image_size: int, contract: ModelContrac
     """The contract written with ``module`` exported at ``image_size`` (``contract``: its training contract).
 
     A fixed-size network (``module.net.dynamic_size`` false) records ``image_size`` and ``fixed_size``,
-    with a warning when it differs from the training size.
+    with a warning when it differs from the training size. Raises ``ConfigError`` when ``contract``'s
+    ``in_channels`` are not the network's.
     """
     contract = contract or ModelContract.from_module(module)
+    in_channels = int(network_config(module).get("in_channels", 1))
+    if contract.in_channels != in_channels:
+        raise ConfigError(f"The contract to export says in_channels={contract.in_channels} "
+                          f"({contract.describe_channels()}), but the network takes {in_channels} channel(s).")
     if getattr(module.net, "dynamic_size", True):
         return contract
     if contract.image_size not in (None, image_size):
@@ -193,8 +200,8 @@ def export_model(
         opset: ONNX opset (>= 17).
         onnx_exporter: ``legacy`` (TorchScript-based, fast) or ``dynamo`` (``torch.export``-based).
         contract: the preprocessing contract written into the file (see :func:`exported_contract`); None =
-            the module's network facts with an unknown training ``image_size`` (the export app passes the
-            checkpoint's, size included).
+            the module's network facts with an unknown training ``image_size`` and the first ``in_channels``
+            file channels (gray for one; the export app passes the checkpoint's, size and channels included).
     """
     output = Path(output)
     format = resolve_format(format, output)
@@ -205,7 +212,7 @@ def export_model(
     make_directory(output.parent, "output")
     contract = exported_contract(module, int(image_size), contract)
     model = probability_model(module)
-    example = _example_input(model, int(image_size))
+    example = _example_input(model, int(image_size), contract.in_channels)
     with _quiet_tracing(), torch.no_grad():
         if format == "onnx":
             try:
@@ -237,12 +244,12 @@ def _with_onnx_metadata(data: bytes, metadata: dict[str, str]) -> bytes:
     return proto.SerializeToString()
 
 
-def _example_input(model: nn.Module, image_size: int) -> torch.Tensor:
-    """A random uint8-range batch of two slices, checked to run through ``model``."""
+def _example_input(model: nn.Module, image_size: int, channels: int) -> torch.Tensor:
+    """A random uint8-range batch of two ``channels``-channel slices, checked to run through ``model``."""
     if image_size < 1:
         raise ConfigError(f"image_size={image_size} must be a positive number of pixels.")
     generator = torch.Generator().manual_seed(0)
-    example = torch.rand(2, 1, image_size, image_size, generator=generator) * 255
+    example = torch.rand(2, channels, image_size, image_size, generator=generator) * 255
     try:
         with torch.no_grad():
             model(example)
@@ -256,9 +263,11 @@ def _example_input(model: nn.Module, image_size: int) -> torch.Tensor:
 
 
 def max_difference(module: nn.Module, exported: Any, image_size: int, batch_size: int = 2) -> float:
-    """Largest |exported - PyTorch| tumor probability on a random batch of ``batch_size`` slices."""
+    """Largest |exported - PyTorch| tumor probability on a random batch of ``batch_size`` slices
+    (with the channel count of ``exported``'s contract)."""
     generator = torch.Generator().manual_seed(1)
-    images = torch.rand(batch_size, 1, image_size, image_size, generator=generator) * 255
+    channels = contract_of(exported).in_channels
+    images = torch.rand(batch_size, channels, image_size, image_size, generator=generator) * 255
     expected = probability_model(module)(images)
     return float((exported(images).cpu() - expected).abs().max())
 

@@ -1,7 +1,8 @@
 """The one inference boundary: model files -> tumor probabilities -> masks.
 
-A *predictor* is any callable taking a float (N, 1, H, W) batch of slices (any intensity scale;
-CPU tensor) and returning tumor probabilities (N, H, W) (tensor on any device, or array).
+A *predictor* is any callable taking a float (N, C, H, W) batch of slices (any intensity scale;
+CPU tensor; C = its contract's ``in_channels``) and returning tumor probabilities (N, H, W) (tensor
+on any device, or array).
 :func:`load_predictor` gives one for every model file, picking the runtime by suffix:
 
 - ``.ckpt``: a training checkpoint, rebuilt as a :class:`ModulePredictor`;
@@ -9,11 +10,12 @@ CPU tensor) and returning tumor probabilities (N, H, W) (tensor on any device, o
 - ``.pt`` / ``.ts``: an exported TorchScript model, run by ``torch.jit.load`` (:class:`ExportedModel`).
 
 Every loaded predictor has a ``contract`` (:class:`ModelContract`): the preprocessing it expects
-(training ``image_size``, channels, per-image z-score normalization) and what it returns. A
-checkpoint's is read from the checkpoint (and its run's ``.hydra/config.yaml`` for older ones);
+(training ``image_size``, which channels of each file, per-image z-score normalization) and what it
+returns. A checkpoint's is read from the checkpoint (its data settings and split record, and its
+run's ``.hydra/config.yaml`` for older ones);
 ``bts_lightning.export`` embeds it in exported files (ONNX ``metadata_props`` key
 :data:`ONNX_CONTRACT_KEY`, TorchScript extra file :data:`TORCHSCRIPT_CONTRACT_FILE`), so a model
-file copied away from its run still tells ``predict``/``evaluate`` the size it was trained at.
+file copied away from its run still tells ``predict``/``evaluate`` the size and channels it was trained on.
 
 Also here: the one device choice (:func:`resolve_device`), flip test-time augmentation
 (:func:`predict_probabilities`), thresholds and postprocessing (:class:`InferenceOptions`,
@@ -35,7 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from bts_lightning.checkpoint import CheckpointError, load_module, training_image_size
+from bts_lightning.checkpoint import CheckpointError, load_module, training_channels, training_image_size
+from bts_lightning.data.channels import GRAY, Channels, channels_setting, describe_channels, parse_channels
 from bts_lightning.data.io import MIN_IMAGE_SIZE
 from bts_lightning.errors import BtsError, ConfigError, first_line
 from bts_lightning.models import check_input_size as check_network_input_size
@@ -58,7 +61,8 @@ ONNX_CONTRACT_KEY = "bts_lightning.contract"
 TORCHSCRIPT_CONTRACT_FILE = "bts_lightning_contract.json"
 CONTRACT_VERSION = 1
 NORMALIZATION = "per-image z-score (bts_lightning.preprocessing.standardize)"
-INPUT_NOTE = "float32 (N, 1, H, W) slices of any intensity scale (uint8, uint16 or [0, 1] give the same result)"
+INPUT_NOTE = ("float32 (N, C, H, W) slices, C = in_channels (the file channels in channels), of any intensity scale "
+              "(uint8, uint16 or [0, 1] give the same result)")
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -88,7 +92,11 @@ class ModelContract:
     Attributes:
         image_size: side of the square slices it was trained at (the training ``data.image_size``);
             ``None`` when unknown (exported files older than the contract).
-        in_channels, num_classes: of the network (the model files themselves take 1-channel slices).
+        in_channels, num_classes: of the network; model files take (N, in_channels, H, W) batches.
+        channels: which channels of each image file make those inputs: ``"gray"`` (one grayscale
+            channel) or a tuple of channel indices in file order (``(1,)``: FLAIR of an LGG TIFF), as
+            ``data.channels`` (:mod:`bts_lightning.data.channels`). Its count must equal ``in_channels``.
+            Absent from older contracts: ``"gray"`` for a 1-channel model, else the first ``in_channels``.
         tumor_class: the softmax channel returned as tumor probability.
         normalization: how slices are normalized (inside the model: callers pass raw intensities).
         input: dtype, shape and intensity-scale note of the input.
@@ -107,6 +115,7 @@ class ModelContract:
     input: str = INPUT_NOTE
     model: str | None = None
     fixed_size: bool = False
+    channels: str | tuple[int, ...] = GRAY
     format_version: int = CONTRACT_VERSION
 
     def __post_init__(self) -> None:
@@ -121,9 +130,26 @@ class ModelContract:
             raise ValueError(f"model={self.model!r} must be a name or None")
         if not isinstance(self.fixed_size, bool) or (self.fixed_size and self.image_size is None):
             raise ValueError(f"fixed_size={self.fixed_size!r} must be true or false, and true only with an image_size")
+        try:
+            indices = parse_channels(self.channels, "channels")
+        except ConfigError as error:
+            raise ValueError(str(error)) from None
+        object.__setattr__(self, "channels", GRAY if indices is None else indices)
+        if (1 if indices is None else len(indices)) != self.in_channels:
+            raise ValueError(f"channels={channels_setting(indices)} give {1 if indices is None else len(indices)} "
+                             f"channel(s) but in_channels={self.in_channels}")
+
+    @property
+    def channel_indices(self) -> Channels:
+        """``channels`` as :func:`~bts_lightning.data.io.read_channels` takes them: ``None`` = gray."""
+        return None if self.channels == GRAY else self.channels
+
+    def describe_channels(self) -> str:
+        """What the model takes of each file, e.g. ``channel [1] of each file (file order)``."""
+        return describe_channels(self.channel_indices)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "channels": channels_setting(self.channel_indices)}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -142,20 +168,43 @@ class ModelContract:
             raise ValueError(f"contract format_version {version} is newer than this bts_lightning reads "
                              f"({CONTRACT_VERSION}); upgrade bts_lightning")
         known = {field.name for field in fields(cls)}
+        values = {key: value for key, value in data.items() if key in known}
+        if "channels" not in values and _is_count(values.get("in_channels"), 1):  # a contract from before channels
+            values["channels"] = default_channels(values["in_channels"])
         try:
-            return cls(**{key: value for key, value in data.items() if key in known})
+            return cls(**values)
         except TypeError as error:
             raise ValueError(str(error)) from None
 
     @classmethod
-    def from_module(cls, module: Any, image_size: int | None = None) -> ModelContract:
-        """The contract of a :class:`SegmentationModule` trained at ``image_size`` (``None``: unknown)."""
+    def from_module(cls, module: Any, image_size: int | None = None, channels: Any = None) -> ModelContract:
+        """The contract of a :class:`SegmentationModule` trained at ``image_size`` on ``channels`` (a
+        ``data.channels`` value; ``None``: unknown, see :func:`default_channels`).
+
+        Raises ``ValueError`` when ``channels`` are invalid or their count is not the network's ``in_channels``.
+        """
         config = network_config(module)
+        in_channels = int(config.get("in_channels", 1))
         return cls(
             image_size=image_size,
-            in_channels=int(config.get("in_channels", 1)),
+            in_channels=in_channels,
             num_classes=int(config.get("num_classes", 2)),
             model=None if config.get("name") is None else str(config["name"]),
+            channels=default_channels(in_channels) if channels is None else channels,
+        )
+
+
+def default_channels(in_channels: int) -> str | tuple[int, ...]:
+    """The channels assumed when a model file does not record them: gray for 1, else the first ``in_channels``."""
+    return GRAY if in_channels == 1 else tuple(range(in_channels))
+
+
+def check_batch(images: torch.Tensor, contract: ModelContract) -> None:
+    """Raise ``ValueError`` naming the expected channels unless ``images`` is (N, ``contract.in_channels``, H, W)."""
+    if images.ndim != 4 or images.shape[1] != contract.in_channels:
+        raise ValueError(
+            f"expected an (N, {contract.in_channels}, H, W) batch ({contract.describe_channels()}), "
+            f"got shape {tuple(images.shape)}"
         )
 
 
@@ -193,11 +242,15 @@ class ModulePredictor:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        images = torch.as_tensor(images)
+        check_batch(images, self.contract)
         return self.module.predict_probabilities(images.to(self.device))
 
 
 class ExportedModel:
-    """Predictor over an exported file: float (N, 1, H, W) images -> tumor probabilities (N, H, W).
+    """Predictor over an exported file: float (N, C, H, W) images -> tumor probabilities (N, H, W).
+
+    C is ``contract.in_channels`` (other batches raise ``ValueError`` naming the channels).
 
     A fixed-size file (``contract.fixed_size``) gets the images resized (bilinear) to its
     ``contract.image_size`` and returns probabilities resized back, so it takes any H and W.
@@ -242,8 +295,7 @@ class ExportedModel:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         images = torch.as_tensor(images)
-        if images.ndim != 4 or images.shape[1] != 1:
-            raise ValueError(f"expected an (N, 1, H, W) batch, got shape {tuple(images.shape)}")
+        check_batch(images, self.contract)
         size, shape = self.contract.image_size, images.shape[-2:]
         if self.contract.fixed_size and tuple(shape) != (size, size):
             resized = nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear")
@@ -312,13 +364,26 @@ def load_predictor(path: str | Path, device: str | torch.device | None = "auto")
     if suffix in CHECKPOINT_SUFFIXES:
         resolved = resolve_device(device)
         module = load_module(path, map_location=resolved)
-        return ModulePredictor(module, resolved, ModelContract.from_module(module, training_image_size(path)))
+        return ModulePredictor(module, resolved, _checkpoint_contract(path, module))
     if suffix in EXPORTED_SUFFIXES:
         return ExportedModel(path, device)
     supported = ", ".join(CHECKPOINT_SUFFIXES + EXPORTED_SUFFIXES)
     raise ConfigError(
         f"ckpt_path={path}: unsupported model file type {suffix or '(no suffix)'!r}; expected {supported}."
     )
+
+
+def _checkpoint_contract(path: Path, module: SegmentationModule) -> ModelContract:
+    """The contract of checkpoint ``path`` holding ``module``: its training size and channels."""
+    channels = training_channels(path)
+    try:
+        contract = ModelContract.from_module(module, training_image_size(path), channels)
+    except ValueError as error:
+        raise CheckpointError(f"Checkpoint {path}: its data.channels do not match its network ({error}).") from None
+    if channels is None and contract.in_channels > 1:
+        log.warning("Checkpoint %s records no data.channels; assuming its %d-channel network takes %s.",
+                    path, contract.in_channels, contract.describe_channels())
+    return contract
 
 
 def check_input_size(predictor: Predictor, size: int, key: str) -> None:
@@ -333,7 +398,7 @@ def check_input_size(predictor: Predictor, size: int, key: str) -> None:
         check_network_input_size(predictor.module.net, size, key)
         return
     try:
-        _call(predictor, torch.zeros(1, 1, size, size))
+        _call(predictor, torch.zeros(1, contract_of(predictor).in_channels, size, size))
     except Exception as error:  # noqa: BLE001  (whatever the runtime raises for a shape it cannot take)
         raise ConfigError(
             f"{key}={size}: the model cannot run on {size}x{size} slices ({type(error).__name__}: "
@@ -356,16 +421,17 @@ def _call(predictor: Predictor, images: torch.Tensor) -> torch.Tensor:
 
 
 def predict_probabilities(predictor: Predictor, images: torch.Tensor | np.ndarray, tta: bool = False) -> torch.Tensor:
-    """Tumor probabilities (N, H, W), float32 on CPU, for a batch (N, 1, H, W) or (N, H, W).
+    """Tumor probabilities (N, H, W), float32 on CPU, for a batch (N, C, H, W) (or (N, H, W) for C = 1).
 
-    With ``tta`` the probabilities of the identity, horizontally flipped and vertically flipped
-    inputs (each flipped back) are averaged.
+    C is the predictor's ``contract.in_channels`` (1 for a bare callable); another shape raises
+    ``ValueError`` naming the channels expected. With ``tta`` the probabilities of the identity,
+    horizontally flipped and vertically flipped inputs (each flipped back) are averaged.
     """
     batch = torch.as_tensor(images)
-    if batch.ndim == 3:
+    contract = contract_of(predictor)
+    if batch.ndim == 3 and contract.in_channels == 1:
         batch = batch.unsqueeze(1)
-    if batch.ndim != 4 or batch.shape[1] != 1:
-        raise ValueError(f"expected an (N, 1, H, W) or (N, H, W) batch, got shape {tuple(batch.shape)}")
+    check_batch(batch, contract)
     batch = batch.float()
     probabilities = _call(predictor, batch)
     if tta:

@@ -3,6 +3,8 @@
 Training logs :class:`MeanPerImageOverlap` (``val/dice``, ``test/dice``, ...); ``evaluate`` scores
 each slice with :func:`image_metrics`. Both take Dice and IoU from :func:`per_image_overlap` (MONAI
 maths), so a checkpoint's ``test/dice`` equals the mean Dice ``evaluate`` reports on the same masks.
+The per-image rows become summaries here too: :func:`summarize` (every slice), :func:`count_cases`
+and :func:`summarize_by_truth` (tumor slices and empty slices apart).
 
 Metrics are per image, for the tumor class, on binary masks; HD95 (MONAI
 ``compute_hausdorff_distance``, percentile 95, symmetric, between mask edges) and areas are in pixels.
@@ -23,7 +25,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -34,6 +37,11 @@ from torchmetrics import Metric, MetricCollection
 _SCORES = {"dice": compute_dice, "iou": compute_iou}
 # Names under which the module logs its validation metrics (``overlap_metrics("val/")``).
 VAL_DICE, VAL_IOU = "val/dice", "val/iou"
+# Columns of :func:`image_metrics`: the scores, then the areas (pixels).
+METRICS = ("dice", "iou", "precision", "recall", "hd95")
+AREAS = ("area_true", "area_pred")
+
+Row = Mapping[str, Any]  # one image's scores: image_metrics() output, possibly with more keys
 
 
 def per_image_overlap(preds: torch.Tensor, target: torch.Tensor, kind: Literal["dice", "iou"]) -> torch.Tensor:
@@ -110,3 +118,65 @@ def image_metrics(prediction: np.ndarray, truth: np.ndarray) -> dict[str, float 
         overlap = int(np.logical_and(predicted, true).sum())
         scores.update(precision=overlap / area_pred, recall=overlap / area_true, hd95=hausdorff95(predicted, true))
     return {**scores, "area_true": area_true, "area_pred": area_pred}
+
+
+# ------------------------------------------------------------------------------------ summaries of per-image rows
+
+
+def describe(values: Sequence[float]) -> dict[str, float]:
+    """Mean, population standard deviation and median of a non-empty sequence."""
+    array = np.asarray(values, dtype=np.float64)
+    return {"mean": float(array.mean()), "std": float(array.std()), "median": float(np.median(array))}
+
+
+def summarize(rows: Sequence[Row]) -> dict[str, dict[str, float]]:
+    """:func:`describe` of every metric and area column over ``rows`` (every image, empty ones included)."""
+    return {column: describe([row[column] for row in rows]) for column in (*METRICS, *AREAS)}
+
+
+def count_cases(rows: Sequence[Row]) -> dict[str, int]:
+    """How many images fall in each case of the empty-case policy (see the module docstring)."""
+    present = [row for row in rows if row["area_true"] > 0]
+    absent = [row for row in rows if row["area_true"] == 0]
+    return {
+        "tumor_present": len(present),
+        "tumor_absent": len(absent),
+        "missed_tumor": sum(row["area_pred"] == 0 for row in present),
+        "false_alarm": sum(row["area_pred"] > 0 for row in absent),
+        "both_empty": sum(row["area_pred"] == 0 for row in absent),
+    }
+
+
+def summarize_by_truth(rows: Sequence[Row]) -> dict[str, dict[str, Any]]:
+    """Tumor slices and empty slices scored apart, beside the all-slice means of :func:`summarize`.
+
+    On data where most slices have no tumor (LGG: about two thirds), the all-slice mean Dice is mostly
+    the share of empty slices left empty; these say how tumors are outlined and how often empty slices
+    get a false alarm:
+
+    - ``tumor_slices`` (truth has a tumor pixel): ``n``; ``dice`` and ``iou`` (:func:`describe`);
+      ``detected``, those with any predicted tumor pixel, and ``sensitivity`` = detected / n (slice level);
+    - ``empty_slices`` (empty truth): ``n``; ``false_alarms``, those with any predicted tumor pixel
+      (after threshold and post-processing: the masks scored), and ``false_alarm_rate`` = false_alarms / n.
+
+    A group without slices has ``None`` for its scores and rates, and a ``note`` saying so (else ``None``).
+    """
+    cases = count_cases(rows)
+    tumor = [row for row in rows if row["area_true"] > 0]
+    n_tumor, n_empty = cases["tumor_present"], cases["tumor_absent"]
+    detected = n_tumor - cases["missed_tumor"]
+    tumor_slices: dict[str, Any] = {
+        "n": n_tumor,
+        "dice": describe([row["dice"] for row in tumor]) if tumor else None,
+        "iou": describe([row["iou"] for row in tumor]) if tumor else None,
+        "detected": detected,
+        "sensitivity": detected / n_tumor if n_tumor else None,
+        "note": None if n_tumor else "no slice has a tumor: no tumor-slice Dice or sensitivity",
+    }
+    empty_slices: dict[str, Any] = {
+        "n": n_empty,
+        "false_alarms": cases["false_alarm"],
+        "false_alarm_rate": cases["false_alarm"] / n_empty if n_empty else None,
+        "note": None if n_empty else "no slice has an empty mask (every slice shows a tumor): no false-alarm rate",
+    }
+    return {"tumor_slices": tumor_slices, "empty_slices": empty_slices}

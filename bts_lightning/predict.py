@@ -4,12 +4,16 @@ Every image in ``input`` (a file, or the image files directly inside a folder: P
 BMP; 8/16-bit, gray or colour, any size) gets ``<stem>_mask.png`` (0/255, at the image's original
 resolution) and ``<stem>_overlay.png`` (prediction tinted and outlined in red) in ``output``.
 
-Each slice is read as grayscale, resized to ``image_size`` x ``image_size`` for the network (as in
-training), and its tumor probabilities are resized back to the original size (bilinear) before
-thresholding and postprocessing, so ``postprocess.min_size`` counts original pixels. Options:
-``tta=true`` (flip averaging), ``threshold=0.5``, ``postprocess.largest_component=true``,
-``postprocess.min_size=N``. ``ckpt_path`` may be a training checkpoint (``.ckpt``) or an exported
-model (``.onnx``, ``.pt``, ``.ts``), loaded by :func:`bts_lightning.inference.load_predictor`.
+Each slice is read with the channels the model was trained on (its contract's ``channels``, as
+``data.channels``: grayscale, or channel indices in file order such as ``[1]``, FLAIR of an LGG
+TIFF), each channel resized to ``image_size`` x ``image_size`` for the network (as in training), and
+its tumor probabilities are resized back to the original size (bilinear) before thresholding and
+postprocessing, so ``postprocess.min_size`` counts original pixels. Overlays are drawn on the first
+channel read. Options: ``tta=true`` (flip averaging), ``threshold=0.5``,
+``postprocess.largest_component=true``, ``postprocess.min_size=N``, ``channels=[2]`` (other file
+channels than the model's, as many as it takes; with a warning). ``ckpt_path`` may be a training
+checkpoint (``.ckpt``) or an exported model (``.onnx``, ``.pt``, ``.ts``), loaded by
+:func:`bts_lightning.inference.load_predictor`.
 
 ``image_size`` defaults to the size the model was trained at, from the model file's contract
 (:class:`bts_lightning.inference.ModelContract`: the checkpoint's data settings, or the contract
@@ -17,7 +21,8 @@ embedded in an exported file, so a ``model.onnx`` copied anywhere keeps it); 256
 not record it (exports older than the contract). An explicit ``image_size`` wins, with a warning
 when it differs from the trained size.
 
-Unreadable files get one warning each and a summary, and are skipped; the exit status is 0 when
+Unreadable files, and files lacking a channel the model takes (a grayscale file for a 3-channel
+model), get one warning each and a summary, and are skipped; the exit status is 0 when
 at least one image was written, 2 (one ``error:`` line) when the input is missing, holds no
 image files, or nothing could be read. Files in ``input`` are only read, never written.
 """
@@ -31,14 +36,17 @@ from typing import Any
 
 import cv2
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from bts_lightning.data.channels import Channels, channels_setting, describe_channels, parse_channels
+from bts_lightning.data.dataset import resize_image
 from bts_lightning.data.discovery import IMAGE_SUFFIXES, natural_key
-from bts_lightning.data.io import UnreadableImageError, read_grayscale, resize
+from bts_lightning.data.io import ChannelError, UnreadableImageError, read_channels
 from bts_lightning.errors import ConfigError, DataError, format_names
 from bts_lightning.inference import (
     InferenceOptions,
+    ModelContract,
     Predictor,
     check_input_size,
     contract_of,
@@ -78,6 +86,33 @@ def output_names(files: list[Path]) -> dict[Path, str]:
             for path in files}
 
 
+def input_channels(setting: Any, contract: ModelContract) -> Channels:
+    """The channels to read of each file: the model's (``setting`` null) or ``setting`` (the ``channels`` option).
+
+    Logs which ones once, with a warning when they are not the model's. Raises ``ConfigError`` naming
+    ``channels`` when ``setting`` is invalid or gives another count than the model's ``in_channels``.
+    """
+    model = contract.channel_indices
+    if setting is None:
+        channels = model
+    else:
+        channels = parse_channels(OmegaConf.to_container(setting) if OmegaConf.is_config(setting) else setting,
+                                  "channels")
+        count = 1 if channels is None else len(channels)
+        if count != contract.in_channels:
+            raise ConfigError(
+                f"channels={channels_setting(channels)} gives {count} channel(s), but the model takes "
+                f"{contract.in_channels} ({contract.describe_channels()}); give {contract.in_channels} channel(s) "
+                "(gray counts as one), or channels=null for the model's own."
+            )
+    if channels == model:
+        log.info("The model takes %s", contract.describe_channels())
+    else:
+        log.warning("Reading %s (channels=%s), but the model was trained on %s.", describe_channels(channels),
+                    channels_setting(channels), contract.describe_channels())
+    return channels
+
+
 def predict_files(
     predictor: Predictor,
     files: list[Path],
@@ -85,8 +120,13 @@ def predict_files(
     image_size: int,
     options: InferenceOptions,
     batch_size: int = 16,
+    channels: Channels = None,
 ) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Write mask and overlay of every readable file; returns (written masks, (skipped file, reason))."""
+    """Write mask and overlay of every readable file; returns (written masks, (skipped file, reason)).
+
+    ``channels``: which channels of each file the predictor takes (``None`` = grayscale); a file
+    lacking one of them is skipped with its reason.
+    """
     names = output_names(files)
     written: list[Path] = []
     skipped: list[tuple[Path, str]] = []
@@ -95,26 +135,33 @@ def predict_files(
             loaded: list[tuple[Path, np.ndarray]] = []
             for path in files[start : start + batch_size]:
                 try:
-                    loaded.append((path, read_grayscale(path)))
-                except (UnreadableImageError, OSError) as error:
-                    reason = "not a readable image" if isinstance(error, UnreadableImageError) else str(error)
+                    loaded.append((path, read_channels(path, channels)))
+                except (UnreadableImageError, ChannelError, OSError) as error:
+                    reason = _reason(error, channels)
                     log.warning("Skipping %s: %s", path.name, reason)
                     skipped.append((path, reason))
             if loaded:
-                batch = np.stack([resize(image, image_size, is_mask=False) for _, image in loaded])[:, None]
+                batch = np.stack([resize_image(image, image_size) for _, image in loaded])
                 probabilities = predict_probabilities(predictor, batch, options.tta).numpy()
                 for (path, image), probability in zip(loaded, probabilities):
-                    height, width = image.shape
+                    height, width = image.shape[-2:]
                     if probability.shape != (height, width):
                         probability = cv2.resize(probability, (width, height), interpolation=cv2.INTER_LINEAR)
                     mask = options.mask(probability)
                     mask_path = output_dir / f"{names[path]}_mask.png"
                     write_png(mask_path, mask * 255)
                     write_png(output_dir / f"{names[path]}_overlay.png",
-                              cv2.cvtColor(overlay(image, mask), cv2.COLOR_RGB2BGR))
+                              cv2.cvtColor(overlay(image[0], mask), cv2.COLOR_RGB2BGR))
                     written.append(mask_path)
             bar.update(min(batch_size, len(files) - start))
     return written, skipped
+
+
+def _reason(error: Exception, channels: Channels) -> str:
+    """Why a file was skipped, in one phrase."""
+    if isinstance(error, ChannelError):
+        return f"has {error.count} channel(s), but the model takes {describe_channels(channels)}"
+    return "not a readable image" if isinstance(error, UnreadableImageError) else str(error)
 
 
 def predict(cfg: DictConfig) -> dict[str, Any]:
@@ -143,19 +190,19 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         log.warning("The model was trained at %d px but image_size=%s; pass image_size=%d to match.",
                     trained_at, image_size, trained_at)
     check_input_size(predictor, image_size, "image_size")
+    channels = input_channels(cfg.get("channels"), contract_of(predictor))
     make_directory(output_dir, "output")
 
-    written, skipped = predict_files(predictor, files, output_dir, image_size, options, batch_size)
+    written, skipped = predict_files(predictor, files, output_dir, image_size, options, batch_size, channels)
     skipped_names = [path.name for path, _ in skipped]
     if not written:
-        raise DataError(
-            f"None of the {len(files)} input file(s) could be read as an image: {format_names(skipped_names)}."
-        )
+        raise DataError(f"None of the {len(files)} input file(s) could be read as the model's input: "
+                        f"{format_names([f'{path.name} ({reason})' for path, reason in skipped])}.")
     if skipped:
         log.warning("Skipped %d unreadable file(s) of %d: %s", len(skipped), len(files), format_names(skipped_names))
     log.info("Wrote %d mask(s) and overlay(s) to %s", len(written), output_dir)
     return {"written": [str(p) for p in written], "skipped": skipped_names, "output": str(output_dir),
-            "image_size": image_size}
+            "image_size": image_size, "channels": channels_setting(channels)}
 
 
 main = hydra_app("predict", predict)  # entry point: bts-predict

@@ -7,7 +7,9 @@ directories, groups runs that share a configuration (everything except the seeds
 and test folds and where files live), and writes ``report.md``, ``report.csv`` and ``report.png``:
 one row per configuration, mean ± sample std over its runs, ranked by the held-out test Dice when
 every run has one (else by the last-epoch validation Dice): the best validation Dice is picked on
-the split it is measured on, so it is shown but never ranks.
+the split it is measured on, so it is shown but never ranks. Runs of ``experiment=cross_dataset``
+add a second table (and ``cross_dataset.csv``): per configuration, the in-domain and the
+cross-dataset evaluation side by side, with tumor-slice Dice, false-alarm rate and all-slice Dice.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ IGNORED_KEYS = (
 _IGNORED_OVERRIDE_PREFIXES = ("hydra.",)
 
 REPORT_FILES = ("report.md", "report.csv", "report.png")
+CROSS_FILE = "cross_dataset.csv"
 
 CSV_COLUMNS = (
     "rank",
@@ -63,6 +66,7 @@ CSV_COLUMNS = (
     "image_size",
     "precision",
     "num_params",
+    "dataset",
     "runs",
     "epochs_mean",
     "epochs_std",
@@ -90,6 +94,34 @@ DICE_COLUMNS = {
     "so an optimistic score",
 }
 SHORT_NAMES = {"test/dice": "test Dice", "last_val_dice": "last val Dice", "best_val_dice": "best val Dice"}
+
+# The cross-dataset table (experiment=cross_dataset): one row per configuration and evaluation.
+CROSS_COLUMNS = (
+    "config",
+    "trained_on",
+    "role",
+    "dataset",
+    "split",
+    "chose_checkpoint",
+    "runs",
+    "tumor_slices",
+    "empty_slices",
+    "tumor_dice_mean",
+    "tumor_dice_std",
+    "sensitivity_mean",
+    "sensitivity_std",
+    "false_alarm_rate_mean",
+    "false_alarm_rate_std",
+    "all_slices_dice_mean",
+    "all_slices_dice_std",
+)
+# Where each score of an evaluation row (metrics.json ``cross_dataset.evaluations``) is.
+CROSS_SCORES = {
+    "tumor_dice": ("tumor_slices", "dice", "mean"),
+    "sensitivity": ("tumor_slices", "sensitivity"),
+    "false_alarm_rate": ("empty_slices", "false_alarm_rate"),
+    "all_slices_dice": ("all_slices_dice",),
+}
 
 
 @dataclass
@@ -156,11 +188,12 @@ class ConfigurationRow:
 
     def mean_std(self, metric: str) -> tuple[float | None, float | None]:
         """Mean and sample standard deviation (None with fewer than two values)."""
-        values = self.values(metric)
-        if not values:
-            return None, None
-        mean = values[0] if len(values) == 1 else statistics.fmean(values)
-        return mean, statistics.stdev(values) if len(values) > 1 else None
+        return _aggregate(self.values(metric))
+
+    def dataset(self) -> str | None:
+        """The training dataset's name(s): metrics.json's ``dataset``, else the config's ``data.name``."""
+        names = {run.metrics.get("dataset") or run.get("data.name") for run in self.runs}
+        return ", ".join(sorted(str(name) for name in names if name)) or None
 
     def split(self) -> str | None:
         """How the runs split their data (``folds``, ``patients``, ``slices (leaky)``), from metrics.json."""
@@ -187,6 +220,7 @@ class ConfigurationRow:
             "image_size": run.get("data.image_size"),
             "precision": run.get("trainer.precision"),
             "num_params": run.metrics.get("num_params"),
+            "dataset": self.dataset(),
             "runs": len(self.runs),
             "split": self.split(),
             "test_runs": len(self.values("test/dice")),
@@ -202,6 +236,14 @@ class ConfigurationRow:
         ):
             row[f"{column}_mean"], row[f"{column}_std"] = self.mean_std(metric)
         return row
+
+
+def _aggregate(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean (None without values) and sample standard deviation (None with fewer than two values)."""
+    if not values:
+        return None, None
+    mean = values[0] if len(values) == 1 else statistics.fmean(values)
+    return mean, statistics.stdev(values) if len(values) > 1 else None
 
 
 def find_runs(directories: Sequence[str | Path]) -> list[Run]:
@@ -329,6 +371,51 @@ def _label(rows: list[ConfigurationRow]) -> None:
             row.label = f"{row.label} #{numbered[row.label]}"
 
 
+def _score(evaluation: dict[str, Any], path: Sequence[str]) -> float | None:
+    """The finite number at ``path`` in an evaluation row, else None (e.g. no false-alarm rate without empty slices)."""
+    value: Any = evaluation
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return value if finite else None
+
+
+def _count(evaluations: Sequence[dict[str, Any]], group: str) -> int | str | None:
+    """The slice count of ``group`` (``tumor_slices``/``empty_slices``): one number, or ``low-high`` across runs."""
+    counts = sorted({n for e in evaluations if isinstance(n := _score(e, (group, "n")), int)})
+    if not counts:
+        return None
+    return counts[0] if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+
+
+def cross_dataset_rows(rows: Sequence[ConfigurationRow]) -> list[dict[str, Any]]:
+    """The cross-dataset table (:data:`CROSS_COLUMNS`): per configuration (in ``rows``' order), one row per
+    evaluation of its ``experiment=cross_dataset`` runs (metrics.json ``cross_dataset.evaluations``: in domain,
+    then cross-dataset), each score's mean and sample std over the runs; empty when no run has them."""
+    table = []
+    for row in rows:
+        groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+        trained_on: set[str] = set()
+        for run in row.runs:
+            cross = run.metrics.get("cross_dataset")
+            evaluations = cross.get("evaluations") if isinstance(cross, dict) else None
+            for evaluation in evaluations if isinstance(evaluations, list) else []:
+                if isinstance(evaluation, dict):
+                    key = tuple(evaluation.get(k) for k in ("role", "dataset", "split", "chose_checkpoint"))
+                    groups.setdefault(key, []).append(evaluation)
+                    trained_on.add(str(cross.get("trained_on")))
+        for (role, dataset, split, chose), evaluations in groups.items():
+            entry = {"config": row.label, "trained_on": ", ".join(sorted(trained_on)), "role": role,
+                     "dataset": dataset, "split": split, "chose_checkpoint": bool(chose), "runs": len(evaluations),
+                     "tumor_slices": _count(evaluations, "tumor_slices"),
+                     "empty_slices": _count(evaluations, "empty_slices")}
+            for name, path in CROSS_SCORES.items():
+                scores = [score for e in evaluations if (score := _score(e, path)) is not None]
+                entry[f"{name}_mean"], entry[f"{name}_std"] = _aggregate(scores)
+            table.append(entry)
+    return table
+
+
 # ---------------------------------------------------------------------------------------- writing
 
 
@@ -402,7 +489,7 @@ def render_markdown(rows: Sequence[ConfigurationRow], directories: Sequence[str 
             "numbers are mean ± sample standard deviation over them."
         )
     header = ["#", "configuration", "model", "loss", "optimizer", "lr", "image size", "precision", "params",
-              "split", "runs", "epochs", "training time", "best val Dice", "last val Dice", "test Dice"]
+              "dataset", "split", "runs", "epochs", "training time", "best val Dice", "last val Dice", "test Dice"]
     lines += ["", "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     ranked_by = ranking_metric(rows)
     for rank, row in enumerate(rows, start=1):
@@ -424,6 +511,7 @@ def render_markdown(rows: Sequence[ConfigurationRow], directories: Sequence[str 
             _number(f["image_size"]),
             _number(f["precision"]),
             _params(f["num_params"]),
+            _number(f["dataset"]),
             _number(f["split"]),
             str(f["runs"]),
             _mean_std(f["epochs_mean"], f["epochs_std"], 1) if f["epochs_std"] else _number(f["epochs_mean"], 0),
@@ -435,11 +523,48 @@ def render_markdown(rows: Sequence[ConfigurationRow], directories: Sequence[str 
         lines.append("| " + " | ".join(cells) + " |")
     if chart:
         lines += ["", f"![Dice per configuration]({chart})"]
+    lines += cross_dataset_markdown(cross_dataset_rows(rows))
     lines += ["", "## Runs", ""]
     for rank, row in enumerate(rows, start=1):
         dirs = ", ".join(f"`{r.directory}`" for r in row.runs)
         lines.append(f"{rank}. {row.label}: {dirs}")
     return "\n".join(lines) + "\n"
+
+
+def _slices(entry: dict[str, Any]) -> str:
+    return f"{_number(entry['tumor_slices'])} / {_number(entry['empty_slices'])}"
+
+
+def cross_dataset_markdown(table: Sequence[dict[str, Any]]) -> list[str]:
+    """The ``In-domain and cross-dataset`` section of report.md (no lines for an empty table)."""
+    if not table:
+        return []
+    intro = ("Runs of `experiment=cross_dataset`: the model scored in domain (its training data's test split, else "
+             "val) and on every slice of a second dataset, by the evaluate app. **Tumor-slice Dice**: mean over slices "
+             "whose truth has a tumor; **sensitivity**: share of them with any predicted tumor pixel; **false-alarm "
+             "rate**: share of empty-truth slices with any predicted tumor pixel (– without empty slices); **all-slice "
+             "Dice**: mean over every slice, an empty slice left empty scoring 1. Mean ± sample std over a "
+             "configuration's runs.")
+    header = ["configuration", "trained on", "evaluated on", "split", "role", "slices (tumor / empty)",
+              "tumor-slice Dice", "sensitivity", "false-alarm rate", "all-slice Dice"]
+    lines = ["", "## In-domain and cross-dataset", "", intro, "", "| " + " | ".join(header) + " |",
+             "|" + "|".join(["---"] * len(header)) + "|"]
+    for entry in table:
+        split = f"{entry['split']} (chose the checkpoint: optimistic)" if entry["chose_checkpoint"] else entry["split"]
+        scores = [_mean_std(entry[f"{name}_mean"], entry[f"{name}_std"]) for name in CROSS_SCORES]
+        cells = [str(entry["config"]).replace("|", "\\|"), _number(entry["trained_on"]), _number(entry["dataset"]),
+                 _number(split), _number(entry["role"]), _slices(entry), *scores]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_cross_csv(table: Sequence[dict[str, Any]], path: Path) -> None:
+    """The cross-dataset table with full-precision numbers (:data:`CROSS_COLUMNS`); all or nothing."""
+    with atomic_path(path) as temporary, temporary.open("w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=CROSS_COLUMNS)
+        writer.writeheader()
+        for entry in table:
+            writer.writerow({k: "" if entry.get(k) is None else entry[k] for k in CROSS_COLUMNS})
 
 
 def _bars(rows: Sequence[ConfigurationRow], metric: str, name: str, color: str) -> BarSeries:
@@ -477,7 +602,8 @@ def plot(rows: Sequence[ConfigurationRow], path: Path) -> bool:
 
 
 def report(directories: Sequence[str | Path], out: str | Path | None = None) -> list[ConfigurationRow]:
-    """Find, group and write ``report.md``, ``report.csv`` and ``report.png``; returns the rows.
+    """Find, group and write ``report.md``, ``report.csv``, ``report.png`` (and ``cross_dataset.csv`` when runs
+    of ``experiment=cross_dataset`` are among them); returns the rows.
 
     Each file is replaced all or nothing; an unwritable ``out`` or a full disk raises
     :class:`~bts_lightning.errors.OutputError`.
@@ -486,6 +612,9 @@ def report(directories: Sequence[str | Path], out: str | Path | None = None) -> 
     out_dir = Path(out) if out is not None else Path(directories[0])
     make_directory(out_dir, "out")
     write_csv(rows, out_dir / "report.csv")
+    cross = cross_dataset_rows(rows)
+    if cross:
+        write_cross_csv(cross, out_dir / CROSS_FILE)
     chart = "report.png" if plot(rows, out_dir / "report.png") else None
     write_bytes_atomic(out_dir / "report.md", render_markdown(rows, directories, chart).encode())
     return rows
@@ -511,7 +640,15 @@ def report_app(cfg: DictConfig) -> list[ConfigurationRow]:
     for rank, row in enumerate(rows, start=1):
         mean, std = row.mean_std(ranked_by)
         print(f"{rank:>3}. {_mean_std(mean, std)}  {row.label}  ({len(row.runs)} run{'s' * (len(row.runs) != 1)})")
-    written = [name for name in REPORT_FILES if (out_dir / name).is_file()]
+    cross = cross_dataset_rows(rows)
+    if cross:
+        print("In-domain and cross-dataset: tumor-slice Dice / false-alarm rate / all-slice Dice")
+        for entry in cross:
+            scores = " / ".join(_number(entry[f"{name}_mean"]) for name in ("tumor_dice", "false_alarm_rate",
+                                                                              "all_slices_dice"))
+            print(f"  {entry['config']}: {entry['trained_on']} -> {entry['dataset']} {entry['split']} "
+                  f"({entry['role']}): {scores}")
+    written = [name for name in REPORT_FILES if (out_dir / name).is_file()] + ([CROSS_FILE] if cross else [])
     print(f"Wrote {', '.join(str(out_dir / name) for name in written)}")
     return rows
 

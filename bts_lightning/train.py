@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bts_lightning.callbacks import MetricHistory
 from bts_lightning.checkpoint import resolve_resume
+from bts_lightning.cross_dataset import check_cross_data, checkpoint_to_score, evaluate_across
 from bts_lightning.errors import ConfigError
 from bts_lightning.losses import uses_distance_maps
 from bts_lightning.metrics import VAL_DICE, VAL_IOU
@@ -81,13 +82,17 @@ def split_summary(datamodule: Any) -> dict[str, Any]:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, test the best checkpoint when a test split exists, and write ``metrics.json``.
 
-    ``metrics.json`` reports the best validation epoch (the epoch that chose ``best.ckpt``, so an
-    optimistic score of the validation split), the last validation epoch, and the test scores of
-    ``best.ckpt`` on the held-out test split when one exists.
+    ``metrics.json`` reports the dataset's name, the best validation epoch (the epoch that chose
+    ``best.ckpt``, so an optimistic score of the validation split), the last validation epoch, and the
+    test scores of ``best.ckpt`` on the held-out test split when one exists. With a ``cross_data`` node
+    (``experiment=cross_dataset``) the model is then scored in domain and on that second dataset
+    (:mod:`bts_lightning.cross_dataset`), summarized under ``cross_dataset``.
     """
     output_dir = Path(cfg.paths.output_dir)
     check_epochs(cfg.trainer)
     monitor, mode = check_monitor(cfg.get("monitor"))
+    if cfg.get("cross_data") is not None:
+        log.info("Cross-dataset channels: %s", check_cross_data(cfg, int(cfg.model.net.get("in_channels", 1))))
     network = OmegaConf.to_container(cfg.model.net, resolve=True)
     resume_from = resolve_resume(cfg.get("ckpt_path"), output_dir, network)
     L.seed_everything(cfg.seed, workers=True)
@@ -114,6 +119,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     scored = "best.ckpt" if best_path else "the final weights (no checkpoint callback chose a best epoch)"
     metrics: dict[str, Any] = {
         "model": cfg.model.net.name,
+        "dataset": datamodule.name,
         "num_params": sum(p.numel() for p in module.parameters()),
         "epochs_trained": trainer.current_epoch,
         "train_time_s": round(train_time, 2),
@@ -138,6 +144,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if tested:
         results = trainer.test(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)
         metrics["test"] = {key: float(value) for key, value in results[0].items()}
+    if cfg.get("cross_data") is not None:
+        ckpt = checkpoint_to_score(trainer, best_path, output_dir)
+        if trainer.is_global_zero:
+            split = "test" if datamodule.has_test else "val"
+            metrics["cross_dataset"] = evaluate_across(cfg, ckpt, split, metrics["selection"]["chosen_on"])
     if trainer.is_global_zero:
         write_json_atomic(output_dir / "metrics.json", metrics)
         log.info("Best %s %s at epoch %s; metrics in %s", VAL_DICE, metrics["best_val_dice"], metrics["best_epoch"],

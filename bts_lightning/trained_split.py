@@ -1,10 +1,12 @@
 """Which slices ``evaluate`` scores, checked against the split a checkpoint was trained with.
 
 Training checkpoints hold the data module's split record (``BrainTumorDataModule.split_record``:
-data root, split settings, and the slice ids of every subset). By default ``evaluate`` rebuilds the
-data exactly as in training from it; a ``val``/``test`` split whose slices differ from the trained
-one is refused unless the user asked for other data on purpose (explicit ``data...`` overrides) or
-for ``split=all``.
+dataset name, data root, split settings, and the slice ids of every subset). By default ``evaluate``
+rebuilds the data exactly as in training from it; a ``val``/``test`` split whose slices differ from
+the trained one is refused unless the user asked for other data on purpose (explicit ``data...``
+overrides) or for ``split=all``. A data group naming another dataset (``data=lgg`` for a model
+trained on ``brain_tumor``) takes nothing from the record: that config's root, layout, channels and
+split apply, and :func:`channel_mapping` checks and says which of its channels feed the model.
 """
 
 from __future__ import annotations
@@ -18,17 +20,23 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from bts_lightning.data.channels import Channels, channel_count, channels_setting
 from bts_lightning.data.datamodule import BrainTumorDataModule
 from bts_lightning.data.splits import slice_ids_digest
 from bts_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-# data.* keys that define the slices and split; each comes from the checkpoint unless overridden.
-SPLIT_KEYS = ("layout", "channels", "mask_suffix", "patient_pattern", "split_by", "val_fold", "test_fold", "num_folds",
-              "val_fraction", "test_fraction", "seed")
-# Overrides that choose the data folder: with none of them (nor BTS_DATA_ROOT), the training root is used.
-_ROOT_KEYS = ("data", "data.root", "data.synthetic", "paths.data_dir", "paths")
+# data.* keys that define the dataset, its slices and split; each comes from the checkpoint unless overridden.
+SPLIT_KEYS = ("name", "layout", "channels", "mask_suffix", "patient_pattern", "split_by", "val_fold", "test_fold",
+              "num_folds", "val_fraction", "test_fraction", "seed")
+# Overrides that choose the data folder: a group choice (data=lgg, paths=...), or these keys and their sub-keys.
+# With none of them (nor BTS_DATA_ROOT), the training root is used.
+_ROOT_GROUPS = ("data", "paths")
+_ROOT_KEYS = ("data.root", "data.synthetic", "paths.data_dir")
+# data.* settings that change neither which slices there are nor how they are split.
+_NEUTRAL_KEYS = ("data.num_workers", "data.batch_size", "data.cache", "data.download", "data.image_size",
+                 "data.augmentations", "data.distance_maps")
 
 
 def stored_split(ckpt_path: str | Path) -> dict[str, Any] | None:
@@ -50,28 +58,41 @@ def _given(keys: set[str], *names: str) -> bool:
     return any(key == name or key.startswith(f"{name}.") for key in keys for name in names)
 
 
+def _chooses_root(keys: set[str]) -> bool:
+    return bool(keys & set(_ROOT_GROUPS)) or _given(keys, *_ROOT_KEYS) or bool(os.environ.get("BTS_DATA_ROOT"))
+
+
 def explicit_data(keys: set[str]) -> bool:
-    """Whether the user chose data on the command line (any ``data``, ``seed`` or ``paths.data_dir`` override)."""
-    return _given(keys, "data", "seed", "paths.data_dir") or bool(os.environ.get("BTS_DATA_ROOT"))
+    """Whether the user chose data on the command line: a ``data`` group or a ``data.*`` setting that picks
+    slices (not ``data.num_workers``, ``data.batch_size``, ...), ``seed``, ``paths.data_dir``, or BTS_DATA_ROOT."""
+    chosen = {key for key in keys if not _given({key}, *_NEUTRAL_KEYS)}
+    return _given(chosen, "data", "seed", "paths.data_dir") or bool(os.environ.get("BTS_DATA_ROOT"))
+
+
+def other_dataset(data: DictConfig, record: dict[str, Any] | None, keys: set[str]) -> bool:
+    """Whether a ``data=<group>`` override chose another dataset (``data.name``) than the checkpoint's record names."""
+    trained = ((record or {}).get("settings") or {}).get("name")
+    return "data" in keys and trained is not None and data.get("name") != trained
 
 
 def data_config(data: DictConfig, record: dict[str, Any] | None, keys: set[str], image_size: int | None) -> DictConfig:
     """``data`` with the training root, split settings and image size for every key not overridden.
 
     ``record`` is the checkpoint's split record (``None``: ``data`` as given); ``image_size`` the
-    checkpoint's training size (``None``: unknown).
+    checkpoint's training size (``None``: unknown). Another dataset (:func:`other_dataset`) keeps
+    its own settings: only the image size comes from the model.
     """
     data = OmegaConf.create(OmegaConf.to_container(data, resolve=True))
     with open_dict(data):
         if image_size is not None and not _given(keys, "data.image_size"):
             data.image_size = image_size
-        if record is None:
+        if record is None or other_dataset(data, record, keys):
             return data
         settings = record["settings"]
         for key in SPLIT_KEYS:
             if key in settings and not _given(keys, f"data.{key}") and not (key == "seed" and _given(keys, "seed")):
                 data[key] = settings[key]
-        if not _given(keys, *_ROOT_KEYS) and not os.environ.get("BTS_DATA_ROOT"):
+        if not _chooses_root(keys):
             if not Path(settings["root"]).is_dir():
                 raise ConfigError(
                     f"The checkpoint was trained on {settings['root']}, which is not here; pass data.root=DIR "
@@ -93,7 +114,8 @@ def describe_settings(settings: dict[str, Any], method: str) -> str:
 def describe_scored(scored: dict[str, Any]) -> str:
     """One line saying which slices were scored and how they relate to the trained split."""
     settings = scored["settings"]
-    where = f"{scored['n']} slices of {settings['root']}, {describe_settings(settings, scored['method'])}"
+    where = f"{scored['n']} slices of {settings['name']} ({settings['root']}), " \
+            f"{describe_settings(settings, scored['method'])}"
     leaky = "; slice-level split: patients may span train and evaluation (optimistic)" if scored["leaky"] else ""
     if scored["matches_trained_split"] is None:
         relation = "no training split recorded to compare with" if scored["training_slices_scored"] is None else \
@@ -143,3 +165,38 @@ def check_scored_slices(
     elif overlap:
         log.warning("%d of the %d scored slices were training slices.", overlap, len(ids))
     return {**scored, "matches_trained_split": matches, "training_slices_scored": overlap}
+
+
+def _channels_text(setting: Any) -> str:
+    return "gray" if setting == "gray" else f"[{', '.join(str(index) for index in setting)}]"
+
+
+def channel_mapping(in_channels: int, trained: dict[str, Any], channels: Channels, dataset: str,
+                    key: str = "data.channels") -> str:
+    """One line saying which of ``dataset``'s channels feed the model, checked against its input channels.
+
+    ``trained``: what the model was trained on (``name`` and ``channels`` of its split record, either may
+    be missing); ``channels``: the parsed setting ``key`` of the data scored.
+
+    Raises:
+        ConfigError: ``key`` gives another number of channels than ``in_channels``, naming it.
+    """
+    setting = channels_setting(channels)
+    trained_setting = trained.get("channels")
+    trained_as = f"trained on {trained.get('name') or 'unknown data'}" + (
+        f": {_channels_text(trained_setting)}" if trained_setting is not None else "")
+    model = f"model ({in_channels} channel{'s' * (in_channels != 1)}, {trained_as})"
+    count = channel_count(setting)
+    if count != in_channels:
+        if trained_setting is not None and channel_count(trained_setting) == in_channels:
+            example = _channels_text(trained_setting).replace(" ", "")
+        else:
+            example = "[1]" if in_channels == 1 else f"[{','.join(str(i) for i in range(in_channels))}]"
+        raise ConfigError(
+            f"{key}={_channels_text(setting).replace(' ', '')} gives {count} channel(s) of {dataset}, but the "
+            f"{model} takes {in_channels}: pass {key} with {in_channels} channel index(es) in {dataset}'s file "
+            f"order{' (or gray)' if in_channels == 1 else ''}, e.g. {key}={example}."
+        )
+    if setting == "gray":
+        return f"{model} reads {dataset} as gray (each image converted to one grayscale channel)"
+    return f"{model} reads channel{'s' * (count != 1)} {_channels_text(setting)} of {dataset} (file order)"

@@ -211,10 +211,10 @@ def test_split_record_round_trips_through_state_dict(synthetic_root, caplog):
     record = dm.split_record()
     assert json.loads(json.dumps(record)) == record  # plain JSON-able data
     assert (record["method"], record["leaky"]) == ("folds", False)
-    assert record["settings"] == {"root": str(synthetic_root.resolve()), "layout": "kaggle", "channels": "gray",
-                                  "mask_suffix": "_mask", "patient_pattern": None, "split_by": "auto", "val_fold": 1,
-                                  "test_fold": 2, "num_folds": None, "val_fraction": 0.2, "test_fraction": 0.0,
-                                  "seed": 42}
+    assert record["settings"] == {"name": "data", "root": str(synthetic_root.resolve()), "layout": "kaggle",
+                                  "channels": "gray", "mask_suffix": "_mask", "patient_pattern": None,
+                                  "split_by": "auto", "val_fold": 1, "test_fold": 2, "num_folds": None,
+                                  "val_fraction": 0.2, "test_fraction": 0.0, "seed": 42}
     for name, dataset in dm.datasets.items():
         ids = [dataset.stem(i) for i in range(len(dataset))]
         assert record["subsets"][name] == {"n": len(ids), "sha256": slice_ids_digest(ids), "ids": ids}
@@ -449,6 +449,7 @@ def test_metadata_with_excel_bom_is_read(make_dataset):
         ({"mask_suffix": ""}, "data.mask_suffix=''"),
         ({"patient_pattern": "(unclosed"}, "data.patient_pattern='(unclosed' is not a regular expression"),
         ({"channels": "rgb"}, "data.channels='rgb' is invalid"),
+        ({"name": "my data/v2"}, "data.name='my data/v2' is invalid"),
     ],
 )
 def test_bad_data_config_values_are_named(tmp_path, kwargs, key):

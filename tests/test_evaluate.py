@@ -15,16 +15,15 @@ import torch
 
 from bts_lightning.checkpoint import CheckpointError, load_module, training_image_size
 from bts_lightning.errors import ConfigError
-from bts_lightning.evaluate import (
+from bts_lightning.evaluate import evaluate, summarize_by_type, tumor_type, worst_positions
+from bts_lightning.metrics import (
     METRICS,
     count_cases,
-    evaluate,
+    image_metrics,
+    per_image_overlap,
     summarize,
-    summarize_by_type,
-    tumor_type,
-    worst_positions,
+    summarize_by_truth,
 )
-from bts_lightning.metrics import image_metrics, per_image_overlap
 from bts_lightning.runtime import run_app
 from tests import fixtures_checkpoint
 from tests.conftest import run_cli
@@ -118,6 +117,30 @@ def test_summaries_keep_every_image_and_group_by_tumor_type():
     assert [rows[i]["stem"] for i in worst_positions(rows, 3)] == ["b", "d", "a"]
     assert [tumor_type(x) for x in ("1", 2, "3", "7", "", None)] == ["meningioma", "glioma", "pituitary", "7", None,
                                                                        None]
+
+
+def test_tumor_and_empty_slices_are_scored_apart():
+    half = np.zeros((10, 10), np.uint8)
+    half[0:2, 0:4] = 1  # 8 of the 16 truth pixels: Dice 2/3
+    tumor, empty = square(0, 0, 4), np.zeros((10, 10), np.uint8)
+    rows = [image_metrics(prediction, truth) for prediction, truth in [
+        (tumor, tumor), (half, tumor), (empty, tumor),  # tumor slices: perfect, partial, missed
+        (empty, empty), (square(5, 5, 2), empty), (empty, empty), (square(0, 0, 1), empty),  # 2 false alarms
+    ]]
+    groups = summarize_by_truth(rows)
+    tumor_slices, empty_slices = groups["tumor_slices"], groups["empty_slices"]
+    assert (tumor_slices["n"], tumor_slices["detected"]) == (3, 2)
+    assert tumor_slices["sensitivity"] == pytest.approx(2 / 3)
+    assert tumor_slices["dice"]["mean"] == pytest.approx((1 + 2 / 3 + 0) / 3)
+    assert tumor_slices["dice"]["median"] == pytest.approx(2 / 3)
+    assert tumor_slices["iou"]["mean"] == pytest.approx((1 + 0.5 + 0) / 3)
+    assert empty_slices == {"n": 4, "false_alarms": 2, "false_alarm_rate": 0.5, "note": None}
+    assert summarize(rows)["dice"]["mean"] == pytest.approx((1 + 2 / 3 + 0 + 1 + 0 + 1 + 0) / 7)  # all slices
+    # Every slice has a tumor (the brain_tumor set): no false-alarm rate, and a note saying why.
+    no_empty = summarize_by_truth(rows[:3])["empty_slices"]
+    assert no_empty["n"] == 0 and no_empty["false_alarm_rate"] is None and "no slice has an empty mask" in no_empty["note"]
+    no_tumor = summarize_by_truth(rows[3:])["tumor_slices"]
+    assert (no_tumor["dice"], no_tumor["sensitivity"]) == (None, None) and "no slice has a tumor" in no_tumor["note"]
 
 
 # ---------------------------------------------------------------- checkpoint loading
@@ -245,6 +268,51 @@ def test_evaluate_an_export_away_from_its_run_at_the_size_it_was_trained_at(tiny
     with caplog.at_level(logging.WARNING, logger="bts_lightning.evaluate"):
         assert run("data.image_size=32")["image_size"] == 32  # an explicit size still wins, with a warning
     assert "trained at 64 px but data.image_size=32" in caplog.text
+
+
+def write_handmade_set(root: Path) -> Path:
+    """Six 32x32 Kaggle-layout slices for a model that marks tumor where the image is brighter than 127:
+    three tumor slices (found, half found, missed) and three empty ones (one false alarm)."""
+    tumor = (slice(8, 16), slice(8, 16))  # 64 px
+    cases = {"found": (tumor, tumor), "half": (tumor, (slice(8, 12), slice(8, 16))), "missed": (tumor, None),
+             "empty1": (None, None), "empty2": (None, None), "alarm": (None, (slice(20, 24), slice(20, 24)))}
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for stem, (truth, bright) in cases.items():
+        image, mask = rng.integers(0, 100, (32, 32), dtype=np.uint8), np.zeros((32, 32), np.uint8)
+        if bright:
+            image[bright] = 220
+        if truth:
+            mask[truth] = 255
+        cv2.imwrite(str(root / "images" / f"{stem}.png"), image)
+        cv2.imwrite(str(root / "masks" / f"{stem}.png"), mask)
+    return root
+
+
+def test_evaluate_scores_tumor_and_empty_slices_apart_exactly(tmp_path, monkeypatch):
+    """A stand-in model (tumor = pixels brighter than 127) on hand-made slices: every count and rate is known."""
+    monkeypatch.setattr("bts_lightning.evaluate.load_predictor", lambda path, device: lambda x: (x[:, 0] > 127).float())
+    root = write_handmade_set(tmp_path / "handmade")
+    overrides = ["ckpt_path=bright.onnx", f"data.root={root}", "data.name=handmade", "data.image_size=32",
+                 "data.num_workers=0", "data.split_by=slice", "split=all", "worst_k=2", "device=cpu"]
+    metrics = evaluate(compose_app("evaluate", overrides, tmp_path / "run"), overrides)
+    assert metrics["dataset"] == "handmade" and metrics["n_images"] == 6
+    assert "reads handmade as gray" in metrics["channels"]
+    tumor, empty = metrics["tumor_slices"], metrics["empty_slices"]
+    assert (tumor["n"], tumor["detected"], empty["n"], empty["false_alarms"]) == (3, 2, 3, 1)
+    assert tumor["sensitivity"] == pytest.approx(2 / 3) and empty["false_alarm_rate"] == pytest.approx(1 / 3)
+    assert tumor["dice"]["mean"] == pytest.approx((1 + 2 * 32 / (32 + 64)) / 3)  # found, half, missed
+    assert metrics["summary"]["dice"]["mean"] == pytest.approx((1 + 2 / 3 + 0 + 1 + 1 + 0) / 6)
+    rows = {row["stem"]: row for row in read_rows(tmp_path / "run" / "per_image.csv")}
+    assert {row["dataset"] for row in rows.values()} == {"handmade"}
+    assert (float(rows["half"]["dice"]), float(rows["alarm"]["dice"]), rows["alarm"]["area_pred"]) == \
+        (pytest.approx(2 / 3), 0.0, "16")
+    # A 3-channel setting for this 1-channel model: refused before any file is read, naming data.channels.
+    with pytest.raises(ConfigError, match=r"data.channels=\[0,1,2\] gives 3 channel\(s\) of handmade, but the model "
+                                          r"\(1 channel, trained on unknown data.*takes 1"):
+        evaluate(compose_app("evaluate", [*overrides, "data.channels=[0,1,2]"], tmp_path / "bad"),
+                 [*overrides, "data.channels=[0,1,2]"])
 
 
 # ---------------------------------------------------------------- which slices are scored

@@ -241,3 +241,46 @@ def test_ranking_never_uses_the_split_that_chose_the_checkpoint(tmp_path):
     _report([f"dirs={cross_validation}"], tmp_path / "run")
     assert {row["ranked_by"] for row in _read_csv(cross_validation / "report.csv")} == {"last_val_dice"}
     assert "Ranked by last val Dice: the final epoch" in (cross_validation / "report.md").read_text()
+
+
+def _evaluation(role: str, dataset: str, split: str, tumor: tuple[int, float], empty: tuple[int, int | None],
+                all_dice: float) -> dict:
+    """One ``cross_dataset.evaluations`` row of a training run's metrics.json."""
+    (n_tumor, dice), (n_empty, alarms) = tumor, empty
+    return {"role": role, "dataset": dataset, "split": split, "chose_checkpoint": split == "val",
+            "n_images": n_tumor + n_empty, "all_slices_dice": all_dice,
+            "tumor_slices": {"n": n_tumor, "dice": {"mean": dice, "std": 0.1, "median": dice}, "sensitivity": 1.0},
+            "empty_slices": {"n": n_empty, "false_alarms": alarms,
+                             "false_alarm_rate": None if not n_empty else alarms / n_empty}}
+
+
+def test_cross_dataset_rows_side_by_side_with_mean_and_std_over_repeats(tmp_path, capsys):
+    root = tmp_path / "runs"
+    for seed, (dice, alarms, n_empty) in enumerate([(0.6, 30, 60), (0.8, 12, 40)], start=1):
+        run = root / f"seed{seed}"
+        _write_run(run, "unet", seed=seed, val_fold=1, val_dice=0.7, test_dice=0.7, net_layout=True)
+        metrics = json.loads((run / "metrics.json").read_text())
+        metrics["dataset"] = "brain_tumor"
+        metrics["cross_dataset"] = {"trained_on": "brain_tumor", "evaluations": [
+            _evaluation("in-domain", "brain_tumor", "test", (50, 0.7), (0, None), 0.7),
+            _evaluation("cross-dataset", "lgg", "all", (30, dice), (n_empty, alarms), 0.3),
+        ]}
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    _report([f"dirs={root}"], tmp_path / "run")
+    printed = capsys.readouterr().out
+    assert "  unet: brain_tumor -> lgg all (cross-dataset): 0.7000 / 0.4000 / 0.3000\n" in printed
+    table = _read_csv(root / "cross_dataset.csv")
+    assert [(row["role"], row["dataset"], row["runs"]) for row in table] == [("in-domain", "brain_tumor", "2"),
+                                                                              ("cross-dataset", "lgg", "2")]
+    in_domain, lgg = table
+    assert (in_domain["empty_slices"], in_domain["false_alarm_rate_mean"]) == ("0", "")  # no empty slices: no rate
+    assert (lgg["tumor_slices"], lgg["empty_slices"]) == ("30", "40-60")
+    assert float(lgg["tumor_dice_mean"]) == pytest.approx(0.7)
+    assert float(lgg["tumor_dice_std"]) == pytest.approx(statistics.stdev([0.6, 0.8]))
+    assert float(lgg["false_alarm_rate_mean"]) == pytest.approx(0.4)  # 30/60 and 12/40
+    markdown = (root / "report.md").read_text()
+    assert "| unet | brain_tumor | lgg | all | cross-dataset | 30 / 40-60 | 0.7000 ± 0.1414 | 1.0000 ± 0.0000 | " \
+           "0.4000 ± 0.1414 | 0.3000 ± 0.0000 |" in markdown
+    assert "| unet | brain_tumor | brain_tumor | test | in-domain | 50 / 0 | 0.7000 ± 0.0000 | 1.0000 ± 0.0000 | – |" \
+        in markdown
+    assert "| 1.0 k | brain_tumor | – | 2 |" in markdown  # params, the training dataset, split, runs

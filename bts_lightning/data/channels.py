@@ -17,21 +17,21 @@ GRAY = "gray"
 Channels = tuple[int, ...] | None  # parsed data.channels: None = gray
 
 
-def parse_channels(value: Any) -> Channels:
+def parse_channels(value: Any, key: str = "data.channels") -> Channels:
     """``None`` for ``"gray"``, else the tuple of distinct non-negative channel indices of list ``value``.
 
     Raises:
-        ConfigError: anything else (an empty list, a bare number, repeated or negative indices), naming ``data.channels``.
+        ConfigError: anything else (an empty list, a bare number, repeated or negative indices), naming ``key``.
     """
     if value == GRAY:
         return None
     usage = "it must be gray or a list of channel indices in file order, e.g. [1] or [0,1,2]"
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) == 0:
         hint = f" (for channel {value} alone write [{value}])" if isinstance(value, int) else ""
-        raise ConfigError(f"data.channels={value!r} is invalid: {usage}{hint}.")
+        raise ConfigError(f"{key}={value!r} is invalid: {usage}{hint}.")
     indices = list(value)
     if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in indices) or len(set(indices)) < len(indices):
-        raise ConfigError(f"data.channels={indices!r} is invalid: {usage}, each index a whole number >= 0 at most once.")
+        raise ConfigError(f"{key}={indices!r} is invalid: {usage}, each index a whole number >= 0 at most once.")
     return tuple(indices)
 
 
@@ -48,3 +48,10 @@ def channel_count(value: Any) -> int:
 def channels_setting(channels: Channels) -> str | list[int]:
     """The parsed ``channels`` as the config value that gives them (``"gray"`` or a list)."""
     return GRAY if channels is None else list(channels)
+
+
+def describe_channels(channels: Channels) -> str:
+    """What a network sees of each file, for messages: ``channel [1] of each file (file order)``."""
+    if channels is None:
+        return "each file converted to grayscale"
+    return f"channel{'s' if len(channels) > 1 else ''} {list(channels)} of each file (file order)"

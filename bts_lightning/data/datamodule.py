@@ -30,6 +30,8 @@ from bts_lightning.errors import ConfigError, DataError, format_names
 
 log = logging.getLogger(__name__)
 
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
 
 def default_num_workers() -> int:
     """One loader worker per spare core (at most 12): the main process drives the accelerator."""
@@ -46,6 +48,15 @@ def _check_int(key: str, value: Any, minimum: int, optional: bool = False) -> No
         raise ConfigError(f"data.{key}={value!r} is invalid: it must be {allowed}.")
 
 
+def _check_name(name: Any) -> None:
+    """Raise :class:`ConfigError` unless ``name`` (``data.name``) is null or a short name usable as a folder name."""
+    if name is None:
+        return
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ConfigError(f"data.name={name!r} is invalid: it must be a name of letters, digits, '_', '-' or '.', "
+                          "such as lgg (it names output folders).")
+
+
 def _check_pattern(pattern: Any) -> None:
     """Raise :class:`ConfigError` unless ``pattern`` (``data.patient_pattern``) is null or a valid regular expression."""
     if pattern is None:
@@ -59,6 +70,7 @@ def _check_pattern(pattern: Any) -> None:
 class BrainTumorDataModule(L.LightningDataModule):
     """Finds (``layout``), validates, splits, caches and augments 2-D tumor slices.
 
+    ``name`` names the dataset in outputs and the split record (default: the root folder's name).
     ``layout`` is ``auto``, ``kaggle``, ``suffix`` (with ``mask_suffix`` and ``patient_pattern``) or
     ``figshare_mat`` (:func:`~bts_lightning.data.layouts.find_slices`). ``channels`` is ``gray`` or
     a list of channel indices in file order (:mod:`bts_lightning.data.channels`); batches hold
@@ -93,6 +105,7 @@ class BrainTumorDataModule(L.LightningDataModule):
         patient_pattern: str | None = None,
         num_folds: int | None = None,
         distance_maps: bool | None = None,
+        name: str | None = None,
     ) -> None:
         super().__init__()
         _check_int("image_size", image_size, MIN_IMAGE_SIZE)
@@ -106,10 +119,12 @@ class BrainTumorDataModule(L.LightningDataModule):
         if not isinstance(mask_suffix, str) or not mask_suffix:
             raise ConfigError(f"data.mask_suffix={mask_suffix!r} must be a non-empty string such as _mask.")
         _check_pattern(patient_pattern)
+        _check_name(name)
         check_fractions(val_fraction, test_fraction)
         self.channels = parse_channels(channels)
         self.save_hyperparameters("image_size")  # stored in checkpoints: inference resizes to it
         self.root = Path(root)
+        self.name = name or self.root.name
         self.layout, self.mask_suffix, self.patient_pattern = layout, mask_suffix, patient_pattern
         self.num_folds = num_folds
         self.image_size = image_size
@@ -212,13 +227,14 @@ class BrainTumorDataModule(L.LightningDataModule):
     def split_record(self) -> dict[str, Any]:
         """The split as plain JSON-able data (after :meth:`setup`), stored in checkpoints.
 
-        ``{"method", "leaky", "settings": {root, layout, channels, mask_suffix, patient_pattern,
+        ``{"method", "leaky", "settings": {name, root, layout, channels, mask_suffix, patient_pattern,
         split_by, val_fold, test_fold, num_folds, val_fraction, test_fraction, seed}, "subsets": {name:
         {"n", "sha256", "ids"}}}``; ``layout`` is the one read (``auto`` resolved), ``ids`` are slice ids
         in dataset order, ``sha256`` is :func:`slice_ids_digest` of them.
         """
         assert self.split is not None, "call setup() first"
         settings = {
+            "name": self.name,
             "root": str(self.data_root),
             "layout": self.found_layout,
             "channels": channels_setting(self.channels),
