@@ -1,4 +1,10 @@
-"""Hydra app: ``python -m bts_lightning.export ckpt_path=PATH [format=onnx|torchscript] [output=FILE]``.
+"""Hydra app: ``python -m bts_lightning.export ckpt_path=PATH [format=onnx|torchscript|hub|space] [output=FILE]``.
+
+``format=hub`` writes a hub-style model folder instead (``output=DIR``: ``config.json``,
+``model.safetensors``, ``README.md`` model card; :mod:`bts_lightning.hub`), which ``predict``,
+``evaluate`` and the demo take as ``ckpt_path=DIR``. ``format=space`` writes a Hugging Face Space bundle
+(``output=DIR``: ``app.py``, ``requirements.txt`` without PyTorch, ``README.md``, ``model.onnx``, examples;
+:mod:`bts_lightning.space`).
 
 The exported model is self-contained: it takes a float32 (N, C, H, W) batch of slices (C = the
 network's ``in_channels``: the file channels its contract names) of any intensity scale (the per-image standardization is part of the graph) and returns tumor
@@ -35,6 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from bts_lightning.errors import BtsError, ConfigError, first_line
+from bts_lightning.hub import run_metrics, save_pretrained
 from bts_lightning.inference import (
     EXPORT_FORMATS,
     INPUT_NAME,
@@ -56,6 +63,9 @@ log = logging.getLogger(__name__)
 
 # format -> file suffixes it is written with (the first is the default).
 FORMATS = EXPORT_FORMATS
+HUB_FORMAT = "hub"  # a folder: config.json, model.safetensors, README.md (bts_lightning.hub)
+SPACE_FORMAT = "space"  # a folder: Gradio Space over model.onnx, without PyTorch (bts_lightning.space)
+FOLDER_FORMATS = (HUB_FORMAT, SPACE_FORMAT)
 DYNAMIC_AXES = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: {0: "batch", 1: "height", 2: "width"}}
 BATCH_AXES = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}  # fixed-size networks
 ONNX_EXPORTERS = ("legacy", "dynamo")
@@ -107,12 +117,14 @@ def _quiet_tracing() -> Iterator[None]:
 
 
 def resolve_format(format: str | None, output: str | Path | None) -> str:
-    """``format`` checked, or inferred from ``output``'s suffix (else ``onnx``)."""
+    """``format`` checked, or inferred from ``output``'s suffix (else ``onnx``); ``hub``, ``space``: output is a folder."""
+    if format in FOLDER_FORMATS:
+        return format
     if format is None:
         suffix = Path(output).suffix.lower() if output else ""
         format = next((name for name, suffixes in FORMATS.items() if suffix in suffixes), "onnx")
     if format not in FORMATS:
-        raise ConfigError(f"format={format!r} is not supported; use {' or '.join(FORMATS)}.")
+        raise ConfigError(f"format={format!r} is not supported; use {', '.join((*FORMATS, *FOLDER_FORMATS))}.")
     if output is not None and Path(output).suffix.lower() not in FORMATS[format]:
         raise ConfigError(
             f"output={output} does not end in {' or '.join(FORMATS[format])} for format={format} "
@@ -281,7 +293,8 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError("ckpt_path is required: python -m bts_lightning.export ckpt_path=RUN/checkpoints/best.ckpt")
     output = cfg.get("output")
     format = resolve_format(cfg.get("format"), output)
-    output = Path(str(output)) if output else Path(cfg.paths.output_dir) / f"model{FORMATS[format][0]}"
+    default_name = format if format in FOLDER_FORMATS else f"model{FORMATS[format][0]}"
+    output = Path(str(output)) if output else Path(cfg.paths.output_dir) / default_name
     predictor = load_predictor(str(cfg.ckpt_path), device="cpu")
     if not isinstance(predictor, ModulePredictor):
         raise ConfigError(f"ckpt_path={cfg.ckpt_path} is an exported model already; export the training checkpoint "
@@ -290,19 +303,27 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     image_size = cfg.get("image_size")
     image_size = int(image_size) if image_size is not None else contract.image_size or DEFAULT_IMAGE_SIZE
     contract = exported_contract(module, image_size, contract)
-    export_model(module, output, format, image_size, int(cfg.get("opset", 17)), str(cfg.get("onnx_exporter", "legacy")),
-                 contract)
+    onnx = {"opset": int(cfg.get("opset", 17)), "onnx_exporter": str(cfg.get("onnx_exporter", "legacy"))}
+    if format == HUB_FORMAT:
+        save_pretrained(module, output, contract, run_metrics(Path(str(cfg.ckpt_path))))
+    elif format == SPACE_FORMAT:
+        from bts_lightning.space import write_space  # space builds on export_model
+
+        write_space(module, output, contract, image_size, run_metrics(Path(str(cfg.ckpt_path))), **onnx)
+    else:
+        export_model(module, output, format, image_size, contract=contract, **onnx)
     summary: dict[str, Any] = {"output": str(output), "format": format, "model": contract.model,
                                "contract": contract.to_dict()}
     if cfg.get("verify", True):
-        difference = max_difference(module, load_predictor(output, device="cpu"), image_size)
+        exported = output / "model.onnx" if format == SPACE_FORMAT else output
+        difference = max_difference(module, load_predictor(exported, device="cpu"), image_size)
         summary["max_abs_difference"] = difference
         if not difference <= VERIFY_TOLERANCE:
             raise BtsError(
                 f"Exported model {output} disagrees with PyTorch (max probability difference {difference:.3g} > "
                 f"{VERIFY_TOLERANCE}); try onnx_exporter=dynamo or format=torchscript."
             )
-    size_mb = output.stat().st_size / 2**20
+    size_mb = sum(path.stat().st_size for path in (output.rglob("*") if output.is_dir() else [output])) / 2**20
     log.info(
         "Exported %s (%s) from %s to %s (%.1f MiB)%s", summary["model"], format, cfg.ckpt_path, output, size_mb,
         f"; max |difference| vs PyTorch {summary['max_abs_difference']:.2g}" if "max_abs_difference" in summary else "",

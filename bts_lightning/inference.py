@@ -7,7 +7,8 @@ on any device, or array).
 
 - ``.ckpt``: a training checkpoint, rebuilt as a :class:`ModulePredictor`;
 - ``.onnx``: an exported ONNX model, run by onnxruntime (:class:`ExportedModel`);
-- ``.pt`` / ``.ts``: an exported TorchScript model, run by ``torch.jit.load`` (:class:`ExportedModel`).
+- ``.pt`` / ``.ts``: an exported TorchScript model, run by ``torch.jit.load`` (:class:`ExportedModel`);
+- a folder: a hub model folder (``config.json`` + ``model.safetensors``, :mod:`bts_lightning.hub`).
 
 Every loaded predictor has a ``contract`` (:class:`ModelContract`): the preprocessing it expects
 (training ``image_size``, which channels of each file, per-image z-score normalization) and what it
@@ -349,7 +350,8 @@ def _read_contract(path: Path, text: str | bytes | None) -> ModelContract:
 
 
 def load_predictor(path: str | Path, device: str | torch.device | None = "auto") -> ModulePredictor | ExportedModel:
-    """The predictor of a model file, by suffix: ``.ckpt`` (training checkpoint) or ``.onnx``/``.pt``/``.ts``.
+    """The predictor of a model file, by suffix: ``.ckpt`` (training checkpoint) or ``.onnx``/``.pt``/``.ts``;
+    or of a hub model folder (``config.json`` + ``model.safetensors``, :mod:`bts_lightning.hub`).
 
     ``device``: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``. The
     predictor's ``contract`` says how it was trained (see :class:`ModelContract`).
@@ -361,6 +363,10 @@ def load_predictor(path: str | Path, device: str | torch.device | None = "auto")
     """
     path = Path(path)
     suffix = path.suffix.lower()
+    if path.is_dir():
+        from bts_lightning.hub import load_folder  # hub builds on this module
+
+        return load_folder(path, device)
     if suffix in CHECKPOINT_SUFFIXES:
         resolved = resolve_device(device)
         module = load_module(path, map_location=resolved)
@@ -368,8 +374,11 @@ def load_predictor(path: str | Path, device: str | torch.device | None = "auto")
     if suffix in EXPORTED_SUFFIXES:
         return ExportedModel(path, device)
     supported = ", ".join(CHECKPOINT_SUFFIXES + EXPORTED_SUFFIXES)
+    if not suffix and not path.exists():
+        raise CheckpointError(f"ckpt_path={path} does not exist; pass a model file ({supported}) or a hub model folder.")
     raise ConfigError(
-        f"ckpt_path={path}: unsupported model file type {suffix or '(no suffix)'!r}; expected {supported}."
+        f"ckpt_path={path}: unsupported model file type {suffix or '(no suffix)'!r}; expected {supported}, "
+        "or a hub model folder."
     )
 
 

@@ -113,6 +113,27 @@ def input_channels(setting: Any, contract: ModelContract) -> Channels:
     return channels
 
 
+def segment(
+    predictor: Predictor, images: list[np.ndarray], image_size: int, options: InferenceOptions
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(probabilities, mask) of each (C, H, W) image, at its own resolution: the one per-image path of
+    ``predict`` and the demo.
+
+    Each image is resized to ``image_size`` for the network; its float32 probabilities are resized back
+    (bilinear), then thresholded and postprocessed by ``options`` into a uint8 {0, 1} mask.
+    """
+    if not images:
+        return []
+    batch = np.stack([resize_image(image, image_size) for image in images])
+    results = []
+    for image, probability in zip(images, predict_probabilities(predictor, batch, options.tta).numpy()):
+        height, width = image.shape[-2:]
+        if probability.shape != (height, width):
+            probability = cv2.resize(probability, (width, height), interpolation=cv2.INTER_LINEAR)
+        results.append((probability, options.mask(probability)))
+    return results
+
+
 def predict_files(
     predictor: Predictor,
     files: list[Path],
@@ -141,13 +162,8 @@ def predict_files(
                     log.warning("Skipping %s: %s", path.name, reason)
                     skipped.append((path, reason))
             if loaded:
-                batch = np.stack([resize_image(image, image_size) for _, image in loaded])
-                probabilities = predict_probabilities(predictor, batch, options.tta).numpy()
-                for (path, image), probability in zip(loaded, probabilities):
-                    height, width = image.shape[-2:]
-                    if probability.shape != (height, width):
-                        probability = cv2.resize(probability, (width, height), interpolation=cv2.INTER_LINEAR)
-                    mask = options.mask(probability)
+                results = segment(predictor, [image for _, image in loaded], image_size, options)
+                for (path, image), (_, mask) in zip(loaded, results):
                     mask_path = output_dir / f"{names[path]}_mask.png"
                     write_png(mask_path, mask * 255)
                     write_png(output_dir / f"{names[path]}_overlay.png",

@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 
-APPS = ("bts-train", "bts-evaluate", "bts-predict", "bts-export", "bts-report", "bts-synthetic",
+APPS = ("bts-train", "bts-evaluate", "bts-predict", "bts-export", "bts-demo", "bts-report", "bts-synthetic",
         "bts-figshare-metadata")
 
 

@@ -1,0 +1,168 @@
+"""Hydra app: ``python -m bts_lightning.demo ckpt_path=MODEL`` serves a Gradio page on ``host:port``.
+
+``ckpt_path`` is anything :func:`bts_lightning.inference.load_predictor` takes (``.ckpt``, ``.onnx``,
+``.pt``/``.ts``, a hub folder). The page takes one slice (PNG, JPEG, TIFF, BMP; any size, 8/16-bit,
+gray or colour, read with the model's channels) and shows the overlay, the probability map, the
+tumor area (pixels and % of the slice) and a mask PNG to download. Threshold, TTA and postprocessing
+controls start at the config's values; each request runs :func:`bts_lightning.predict.segment`, the
+same code as ``predict``. A few synthetic example slices are written to the run folder at start-up.
+Bad uploads (not an image, empty, too large) show one message in the page. Needs the ``demo`` extra.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from omegaconf import DictConfig
+
+from bts_lightning.data.io import ChannelError, UnreadableImageError, read_channels
+from bts_lightning.data.synthetic import generate_dataset
+from bts_lightning.errors import ConfigError
+from bts_lightning.inference import InferenceOptions, Predictor, contract_of, load_predictor, resolve_device
+from bts_lightning.predict import DEFAULT_IMAGE_SIZE, segment
+from bts_lightning.runtime import hydra_app, path_setting
+from bts_lightning.visualize import overlay, to_uint8, write_png
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'bts_lightning[demo]'"
+MAX_UPLOAD_BYTES = 50 * 2**20
+MAX_PIXELS = 4096 * 4096
+
+
+@dataclass(frozen=True)
+class Result:
+    """What the page shows for one slice: RGB overlay and probability map, mask (uint8 {0, 1}), area text."""
+
+    overlay: np.ndarray
+    probability: np.ndarray
+    mask: np.ndarray
+    area: str
+
+
+def area_text(mask: np.ndarray) -> str:
+    """Tumor area of a {0, 1} mask, e.g. ``Tumor area: 120 px (2.93 % of the slice)``."""
+    pixels = int(np.count_nonzero(mask))
+    return f"Tumor area: {pixels} px ({100.0 * pixels / mask.size:.2f} % of the slice)"
+
+
+def check_upload(path: str | Path | None) -> Path:
+    """``path`` when it is a non-empty file under :data:`MAX_UPLOAD_BYTES`; ``ValueError`` with the reason otherwise."""
+    if not path:
+        raise ValueError("No file: upload a slice (PNG, JPEG, TIFF or BMP) or pick an example.")
+    path = Path(path)
+    size = path.stat().st_size if path.is_file() else 0
+    if size == 0:
+        raise ValueError(f"{path.name} is empty: upload an image file.")
+    if size > MAX_UPLOAD_BYTES:
+        raise ValueError(f"{path.name} is {size / 2**20:.0f} MiB; the demo takes slices up to "
+                         f"{MAX_UPLOAD_BYTES // 2**20} MiB.")
+    return path
+
+
+def analyze(predictor: Predictor, path: str | Path | None, options: InferenceOptions,
+            image_size: int | None = None) -> Result:
+    """Segment the slice file ``path`` as ``predict`` does; ``ValueError`` with a message for bad uploads."""
+    contract = contract_of(predictor)
+    file = check_upload(path)
+    try:
+        image = read_channels(file, contract.channel_indices)
+    except UnreadableImageError:
+        raise ValueError(f"{file.name} is not a readable image (PNG, JPEG, TIFF or BMP).") from None
+    except ChannelError as error:
+        raise ValueError(f"{file.name} has {error.count} channel(s), but the model takes "
+                         f"{contract.describe_channels()}.") from None
+    if image.shape[-2] * image.shape[-1] > MAX_PIXELS:
+        raise ValueError(f"{file.name} is {image.shape[-1]}x{image.shape[-2]} px; the demo takes up to "
+                         f"{MAX_PIXELS} pixels.")
+    size = image_size or contract.image_size or DEFAULT_IMAGE_SIZE
+    ((probability, mask),) = segment(predictor, [image], size, options)
+    heat = cv2.cvtColor(cv2.applyColorMap(to_uint8(np.clip(probability, 0, 1) * 255), cv2.COLORMAP_INFERNO),
+                        cv2.COLOR_BGR2RGB)
+    return Result(overlay(image[0], mask), heat, mask, area_text(mask))
+
+
+def example_slices(folder: Path, count: int = 3) -> list[Path]:
+    """Write ``count`` synthetic slices (128 px, with tumors where the generator put them) under ``folder``."""
+    root = generate_dataset(folder / "synthetic", n=max(count, 5), size=128, seed=0, slices_per_patient=1)
+    images = sorted((root / "images").iterdir())
+    return images[:count]
+
+
+def build_demo(predictor: Predictor, options: InferenceOptions, examples: list[Path] | None = None,
+               image_size: int | None = None) -> Any:
+    """The Gradio ``Blocks`` page over ``predictor``, its controls starting at ``options``.
+
+    API: ``/segment`` (file, threshold, tta, largest_component, min_size) -> (overlay, probability map,
+    area text, mask PNG file). Bad uploads raise ``gr.Error`` with one message.
+    """
+    gr = require_gradio()
+    output_dir = Path(tempfile.mkdtemp(prefix="bts_demo_"))
+
+    def run(file: str | None, threshold: float, tta: bool, largest: bool, min_size: float) -> tuple[Any, ...]:
+        try:
+            chosen = replace(options, threshold=float(threshold), tta=bool(tta), largest_component=bool(largest),
+                             min_size=int(min_size or 0))
+            result = analyze(predictor, file, chosen, image_size)
+        except (ValueError, ConfigError) as error:
+            raise gr.Error(str(error)) from None
+        mask_path = Path(tempfile.mkdtemp(dir=output_dir)) / f"{Path(str(file)).stem}_mask.png"
+        write_png(mask_path, result.mask * 255)
+        return result.overlay, result.probability, result.area, str(mask_path)
+
+    with gr.Blocks(title="Brain tumor segmentation") as page:
+        gr.Markdown("# Brain tumor segmentation\nResearch demo: **not for diagnosis.** Upload one MRI slice.")
+        with gr.Row():
+            with gr.Column():
+                file = gr.File(label="Slice (PNG, JPEG, TIFF, BMP)", file_types=["image", ".tif", ".tiff"],
+                               type="filepath")
+                threshold = gr.Slider(0.0, 0.99, value=options.threshold, step=0.01, label="Threshold")
+                tta = gr.Checkbox(value=options.tta, label="Flip test-time augmentation")
+                largest = gr.Checkbox(value=options.largest_component, label="Keep largest component only")
+                min_size = gr.Number(value=options.min_size, precision=0, minimum=0, label="Minimum component (px)")
+                button = gr.Button("Segment", variant="primary")
+            with gr.Column():
+                shown = gr.Image(label="Overlay (prediction in red)", type="numpy")
+                heat = gr.Image(label="Tumor probability", type="numpy")
+                area = gr.Textbox(label="Area")
+                mask = gr.File(label="Mask PNG (0/255)")
+        inputs, outputs = [file, threshold, tta, largest, min_size], [shown, heat, area, mask]
+        if examples:
+            gr.Examples([[str(path)] for path in examples], inputs=[file])
+        button.click(run, inputs, outputs, api_name="segment")
+    return page
+
+
+def require_gradio() -> Any:
+    """The gradio module; ``ConfigError`` with the install command when it is missing."""
+    try:
+        import gradio
+    except ImportError:
+        raise ConfigError(f"The demo needs gradio: {INSTALL_HINT}") from None
+    return gradio
+
+
+def demo(cfg: DictConfig) -> None:
+    """Load ``cfg.ckpt_path`` and serve the page until interrupted."""
+    require_gradio()  # before loading the model: fail fast
+    ckpt_path = path_setting(cfg, "ckpt_path", "python -m bts_lightning.demo ckpt_path=MODEL")
+    options = InferenceOptions.from_config(cfg)
+    predictor = load_predictor(ckpt_path, resolve_device(cfg.get("device", "auto")))
+    examples = example_slices(Path(cfg.paths.output_dir) / "examples", int(cfg.get("examples", 3)))
+    page = build_demo(predictor, options, examples, cfg.get("image_size"))
+    page.launch(server_name=str(cfg.host), server_port=int(cfg.port), share=bool(cfg.share),
+                max_file_size=MAX_UPLOAD_BYTES, allowed_paths=[str(examples[0].parent)] if examples else None)
+    log.info("Demo stopped")
+
+
+main = hydra_app("demo", demo)  # entry point: bts-demo
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""Hub-style model folders, following huggingface_hub's ``PyTorchModelHubMixin`` file names.
+
+:func:`save_pretrained` writes a folder with
+
+- ``config.json``: the :class:`~bts_lightning.inference.ModelContract` fields (image_size, channels,
+  in_channels, ...) at the top level, plus ``net`` (the checkpoint's ``model.net`` config, ``weights``
+  cleared) and ``module`` (the module's other hyperparameters: loss, optimizer, ...), so the folder alone
+  rebuilds the :class:`~bts_lightning.segmentation_module.SegmentationModule`;
+- ``model.safetensors``: the network's state dict (``module.net``);
+- ``README.md``: a model card (architecture, training data, preprocessing, metrics, intended use).
+
+:func:`from_pretrained` rebuilds the module from such a local folder, offline (only ``safetensors`` is
+needed; huggingface_hub never is), and :func:`load_folder` gives its predictor, which
+:func:`bts_lightning.inference.load_predictor` returns for a folder ``ckpt_path``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from bts_lightning.checkpoint import CheckpointError
+from bts_lightning.errors import BtsError, first_line
+from bts_lightning.inference import ModelContract, ModulePredictor, load_predictor, resolve_device
+from bts_lightning.runtime import make_directory, write_bytes_atomic, write_json_atomic
+from bts_lightning.segmentation_module import SegmentationModule
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = "config.json", "model.safetensors", "README.md"
+HUB_FORMAT_VERSION = 1
+INSTALL_HINT = "pip install safetensors"
+
+
+def _safetensors() -> Any:
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise BtsError(f"Hub model folders need the safetensors package: {INSTALL_HINT}") from None
+    return safetensors.torch
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as plain JSON-ready containers (OmegaConf configs and tuples unwrapped)."""
+    if OmegaConf.is_config(value):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, Mapping):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+def hub_config(module: SegmentationModule, contract: ModelContract) -> dict[str, Any]:
+    """The ``config.json`` content of ``module`` trained under ``contract``."""
+    hparams = _plain(dict(module.hparams))
+    net = dict(hparams.pop("net"))
+    net["weights"] = None  # the trained weights are in model.safetensors
+    hparams["compile"] = False
+    return {**contract.to_dict(), "net": net, "module": hparams, "library_name": "bts_lightning",
+            "hub_format_version": HUB_FORMAT_VERSION}
+
+
+def save_pretrained(
+    source: SegmentationModule | str | Path,
+    directory: str | Path,
+    contract: ModelContract | None = None,
+    metrics: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``config.json``, ``model.safetensors`` and ``README.md`` of ``source`` into ``directory``; returns it.
+
+    ``source`` is a training checkpoint (its contract and its run's ``metrics.json``, when present, are
+    used) or a module (``contract`` defaults to its network facts). Each file is written atomically.
+    """
+    if isinstance(source, (str, Path)):
+        predictor = load_predictor(source, device="cpu")
+        if not isinstance(predictor, ModulePredictor):
+            raise BtsError(f"{source} is not a training checkpoint; save_pretrained needs a .ckpt or a module.")
+        module, contract = predictor.module, contract or predictor.contract
+        metrics = metrics if metrics is not None else run_metrics(Path(source))
+    else:
+        module, contract = source, contract or ModelContract.from_module(source)
+    directory = make_directory(directory, "output")
+    config = hub_config(module, contract)
+    state = {key: tensor.detach().cpu().contiguous().clone() for key, tensor in module.net.state_dict().items()}
+    write_bytes_atomic(directory / WEIGHTS_NAME, _safetensors().save(state, metadata={"format": "pt"}))
+    write_json_atomic(directory / CONFIG_NAME, config)
+    write_bytes_atomic(directory / CARD_NAME, model_card(config, metrics).encode())
+    return directory
+
+
+def run_metrics(ckpt_path: Path) -> dict[str, Any] | None:
+    """The ``metrics.json`` of the checkpoint's run (``RUN/checkpoints/x.ckpt`` -> ``RUN/metrics.json``), if readable."""
+    path = ckpt_path.resolve().parent.parent / "metrics.json"
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return metrics if isinstance(metrics, dict) else None
+
+
+def _metric_lines(metrics: Mapping[str, Any] | None) -> list[str]:
+    """Markdown bullet lines of the numbers in ``metrics`` (a training run's ``metrics.json``): its top-level
+    ones and its ``test`` scores; other nested records are left out."""
+    if not metrics:
+        return ["- No metrics recorded with this checkpoint (see `python -m bts_lightning.evaluate`)."]
+    test = metrics.get("test") if isinstance(metrics.get("test"), Mapping) else {}
+    numbers = {**metrics, **{f"test {key}": value for key, value in test.items()}}
+    lines = [f"- {key}: {value}" if isinstance(value, int) else f"- {key}: {value:.4g}"
+             for key, value in numbers.items() if isinstance(value, (int, float)) and not isinstance(value, bool)]
+    note = (metrics.get("selection") or {}).get("note") if isinstance(metrics.get("selection"), Mapping) else None
+    return (lines or ["- The run's metrics.json holds no numbers."]) + ([f"\n{note}"] if note else [])
+
+
+CARD_FRONT_MATTER = ("library_name: bts_lightning", "tags:", "- image-segmentation", "- medical-imaging",
+                     "- brain-tumor")
+
+
+def model_card(config: Mapping[str, Any], metrics: Mapping[str, Any] | None = None,
+               front_matter: tuple[str, ...] = CARD_FRONT_MATTER) -> str:
+    """The ``README.md`` model card of a folder with ``config`` (and the training run's ``metrics``),
+    headed by the YAML ``front_matter`` lines."""
+    net = config.get("net", {})
+    data = (metrics or {}).get("dataset") or "not recorded"
+    settings = ", ".join(f"{key}={value}" for key, value in net.items() if key not in ("_target_", "weights"))
+    return "\n".join([
+        "---", *front_matter, "---", "",
+        f"# Brain tumor segmentation: {config.get('model') or 'network'}", "",
+        "2-D tumor segmentation of single MRI slices, trained with bts_lightning (PyTorch Lightning + Hydra).", "",
+        "## Architecture", "", f"`{net.get('name', config.get('model'))}`: {settings}.", "",
+        "## Training data", "", f"Dataset: {data}.", "",
+        "## Preprocessing", "",
+        f"- Input: {config.get('input')}.",
+        (f"- Channels: {config.get('channels')} ({config.get('in_channels')} channel(s)); "
+         f"trained at {config.get('image_size') or 'an unrecorded size'} px square slices."),
+        f"- Normalization: {config.get('normalization')} (inside the model).",
+        (f"- Output: tumor probability per pixel (softmax channel {config.get('tumor_class')}); "
+         "tumor where probability > threshold (0.5 by default)."), "",
+        "## Metrics", "", *_metric_lines(metrics), "",
+        "## Intended use", "",
+        "Research and teaching only. **Not a medical device: not for diagnosis, treatment or any clinical decision.**",
+        "",
+        "## Usage", "",
+        "```bash",
+        "python -m bts_lightning.predict ckpt_path=THIS_FOLDER input=SLICES output=OUT",
+        "python -m bts_lightning.demo ckpt_path=THIS_FOLDER",
+        "```", "",
+    ])
+
+
+def _required(directory: Path, name: str) -> Path:
+    path = directory / name
+    if not path.is_file():
+        raise CheckpointError(f"Model folder {directory} has no {name}; a hub model folder holds {CONFIG_NAME} and "
+                              f"{WEIGHTS_NAME} (python -m bts_lightning.export ckpt_path=CKPT format=hub output=DIR).")
+    return path
+
+
+def read_config(directory: str | Path) -> dict[str, Any]:
+    """The checked ``config.json`` of model folder ``directory``; ``CheckpointError`` naming the file otherwise."""
+    path = _required(Path(directory), CONFIG_NAME)
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{path} is not readable JSON: {first_line(error)}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("net"), dict) or not isinstance(
+        config.get("module"), dict
+    ):
+        raise CheckpointError(f"{path} is not a bts_lightning model config (expected 'net' and 'module' objects).")
+    return config
+
+
+def from_pretrained(directory: str | Path, device: str | torch.device | None = "cpu") -> SegmentationModule:
+    """Rebuild the eval-mode module of hub folder ``directory`` on ``device``, offline.
+
+    Raises ``CheckpointError`` naming the file when ``config.json`` or ``model.safetensors`` is missing,
+    unreadable, or they do not match.
+    """
+    directory = Path(directory)
+    config = read_config(directory)
+    weights = _required(directory, WEIGHTS_NAME)
+    hparams = copy.deepcopy(config["module"])
+    hparams["net"] = config["net"]
+    try:
+        state = _safetensors().load_file(str(weights))
+    except Exception as error:  # noqa: BLE001 - truncated or foreign file
+        raise CheckpointError(f"{weights} could not be read as safetensors: {first_line(error)}") from None
+    module = load_module_from(hparams, state, weights)
+    return module.to(resolve_device(device)).eval()
+
+
+def load_module_from(hparams: dict[str, Any], state: Mapping[str, torch.Tensor], source: Path) -> SegmentationModule:
+    """A :class:`SegmentationModule` of ``hparams`` with network weights ``state`` (read from ``source``)."""
+    try:
+        module = SegmentationModule(**hparams)
+        module.net.load_state_dict(state)
+    except Exception as error:  # noqa: BLE001 - whatever fails, the folder does not rebuild its module
+        raise CheckpointError(
+            f"{source} does not match {source.parent / CONFIG_NAME} ({type(error).__name__}): {first_line(error)}"
+        ) from None
+    return module
+
+
+def load_folder(directory: str | Path, device: str | torch.device | None = "auto") -> ModulePredictor:
+    """The predictor of hub folder ``directory``, with the contract its ``config.json`` records."""
+    resolved = resolve_device(device)
+    config = read_config(directory)
+    try:
+        contract = ModelContract.from_json(json.dumps(config))
+    except ValueError as error:
+        raise CheckpointError(f"{Path(directory) / CONFIG_NAME}: invalid model contract ({error}).") from None
+    return ModulePredictor(from_pretrained(directory, resolved), resolved, contract)
+

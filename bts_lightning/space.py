@@ -1,0 +1,58 @@
+"""The Hugging Face Space bundle of a model: ``python -m bts_lightning.export ckpt_path=CKPT format=space output=DIR``.
+
+``DIR`` gets ``app.py`` (:mod:`bts_lightning.space_app`: Gradio + onnxruntime, no PyTorch),
+``requirements.txt`` (onnxruntime, gradio, opencv, numpy; no torch), ``README.md`` (the Space front
+matter ``sdk: gradio``, ``sdk_version``, ``app_file`` over the model card), ``model.onnx`` (with its
+contract) and ``examples/`` (synthetic gray slices). Upload the folder as a Space to serve the page.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.resources
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from bts_lightning.data.synthetic import generate_dataset
+from bts_lightning.errors import ConfigError
+from bts_lightning.export import export_model
+from bts_lightning.hub import hub_config, model_card
+from bts_lightning.inference import ModelContract
+from bts_lightning.runtime import make_directory, write_bytes_atomic
+
+REQUIREMENTS = ("onnxruntime>=1.18", "opencv-python-headless>=4.8", "numpy>=1.24")
+
+
+def gradio_version() -> str:
+    """The installed gradio's version (the Space's ``sdk_version``); ConfigError with the install hint without it."""
+    try:
+        return importlib.metadata.version("gradio")
+    except importlib.metadata.PackageNotFoundError:
+        raise ConfigError("The Space bundle pins the installed gradio: pip install 'bts_lightning[demo]'") from None
+
+
+def write_space(module: nn.Module, output: str | Path, contract: ModelContract, image_size: int,
+                metrics: Mapping[str, Any] | None = None, **onnx: Any) -> Path:
+    """Write the Space bundle of ``module`` (trained under ``contract``) into folder ``output``; returns it.
+
+    ``onnx``: ``opset`` and ``onnx_exporter`` for :func:`~bts_lightning.export.export_model`.
+    """
+    version = gradio_version()
+    output = make_directory(output, "output")
+    export_model(module, output / "model.onnx", "onnx", image_size, contract=contract, **onnx)
+    app = importlib.resources.files("bts_lightning").joinpath("space_app.py").read_bytes()
+    write_bytes_atomic(output / "app.py", app)
+    write_bytes_atomic(output / "requirements.txt", "\n".join([*REQUIREMENTS, f"gradio=={version}", ""]).encode())
+    front = ("title: Brain tumor segmentation", "sdk: gradio", f"sdk_version: {version}", "app_file: app.py",
+             "pinned: false", "tags:", "- image-segmentation", "- medical-imaging")
+    card = model_card(hub_config(module, contract), metrics, front)
+    write_bytes_atomic(output / "README.md", card.replace("ckpt_path=THIS_FOLDER", "ckpt_path=model.onnx").encode())
+    with tempfile.TemporaryDirectory() as scratch:
+        slices = generate_dataset(Path(scratch) / "synthetic", n=5, size=128, seed=0, slices_per_patient=1)
+        for path in sorted((slices / "images").iterdir())[:3]:
+            write_bytes_atomic(output / "examples" / path.name, path.read_bytes())
+    return output

@@ -1,0 +1,151 @@
+"""Gradio Space: tumor segmentation of one MRI slice with ``model.onnx``, without PyTorch or bts_lightning.
+
+Copied as ``app.py`` into the Space bundle by ``python -m bts_lightning.export format=space``. It needs only
+onnxruntime, OpenCV, NumPy and Gradio, and repeats bts_lightning's predict path in NumPy (read the
+model's channels, resize each to the trained size with area/linear interpolation, flip TTA, resize the
+probabilities back bilinearly, threshold, drop small components / keep the largest); the bundle's test
+checks its masks equal ``predict``'s. Research demo only: not for diagnosis.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import onnxruntime
+
+HERE = Path(__file__).resolve().parent
+CONTRACT_KEY = "bts_lightning.contract"
+MAX_PIXELS = 4096 * 4096
+_TO_GRAY = {3: cv2.COLOR_RGB2GRAY, 4: cv2.COLOR_RGBA2GRAY}
+
+
+@dataclass(frozen=True)
+class Model:
+    """An onnxruntime session and its bts_lightning contract (image_size, channels)."""
+
+    session: Any
+    image_size: int
+    channels: list[int] | None  # None = gray
+
+    @classmethod
+    def load(cls, path: str | Path = HERE / "model.onnx") -> Model:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        contract = json.loads(session.get_modelmeta().custom_metadata_map.get(CONTRACT_KEY) or "{}")
+        channels = contract.get("channels", "gray")
+        return cls(session, int(contract.get("image_size") or 256), None if channels == "gray" else list(channels))
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.session.get_inputs()[0].name: batch.astype(np.float32)})[0]
+
+
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    image = image.astype(np.float32)
+    low, high = float(image.min()), float(image.max())
+    if high <= low:
+        return np.zeros(image.shape, np.uint8)
+    return np.round((image - low) * (255.0 / (high - low))).astype(np.uint8)
+
+
+def read_slice(path: str | Path, channels: list[int] | None) -> np.ndarray:
+    """(C, H, W) uint8 of an image file: gray, or the file-order ``channels``; ValueError with the reason."""
+    data = np.fromfile(str(path), dtype=np.uint8)
+    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if image is None:
+        raise ValueError(f"{Path(path).name} is not a readable image (PNG, JPEG, TIFF or BMP).")
+    if image.ndim == 3 and image.shape[2] in (3, 4):
+        image = image[..., [2, 1, 0, 3][: image.shape[2]]]  # OpenCV BGR(A) -> file RGB(A)
+    if channels is None:
+        if image.ndim == 3 and image.shape[2] in _TO_GRAY:
+            image = cv2.cvtColor(np.ascontiguousarray(image), _TO_GRAY[image.shape[2]])
+        elif image.ndim == 3:
+            image = image.mean(axis=2).astype(image.dtype)
+        planes = image[None]
+    else:
+        stack = image[None] if image.ndim == 2 else np.moveaxis(image, -1, 0)
+        if max(channels) >= len(stack):
+            raise ValueError(f"{Path(path).name} has {len(stack)} channel(s); the model takes channels {channels}.")
+        planes = stack[channels]
+    if planes.shape[-2] * planes.shape[-1] > MAX_PIXELS:
+        raise ValueError(f"{Path(path).name} is too large (up to {MAX_PIXELS} pixels).")
+    return np.ascontiguousarray(planes if planes.dtype == np.uint8 else _to_uint8(planes))
+
+
+def probabilities(model: Model, image: np.ndarray, tta: bool) -> np.ndarray:
+    """Tumor probabilities (H, W) of a (C, H, W) slice, at its own size."""
+    size, (height, width) = model.image_size, image.shape[-2:]
+    interpolation = cv2.INTER_AREA if height > size else cv2.INTER_LINEAR
+    resized = np.stack([c if c.shape == (size, size) else cv2.resize(c, (size, size), interpolation=interpolation)
+                        for c in image])[None].astype(np.float32)
+    result = model(resized)
+    if tta:
+        result = result + model(resized[..., ::-1])[..., ::-1]
+        result = result + model(resized[..., ::-1, :])[..., ::-1, :]
+        result = result / 3
+    probability = np.ascontiguousarray(result[0], dtype=np.float32)
+    if probability.shape != (height, width):
+        probability = cv2.resize(probability, (width, height), interpolation=cv2.INTER_LINEAR)
+    return probability
+
+
+def clean(mask: np.ndarray, largest_component: bool, min_size: int) -> np.ndarray:
+    """Drop 8-connected components under ``min_size`` px, then keep the largest (as bts_lightning.postprocess)."""
+    if not largest_component and min_size <= 1:
+        return mask
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    if count <= 1:
+        return mask
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    keep = areas >= min_size
+    if largest_component and keep.any():
+        largest = int(np.argmax(np.where(keep, areas, -1)))
+        keep = np.zeros_like(keep)
+        keep[largest] = True
+    return np.concatenate([[0], keep]).astype(np.uint8)[labels]
+
+
+def segment(model: Model, path: str | Path, threshold: float = 0.5, tta: bool = False,
+            largest_component: bool = False, min_size: int = 0) -> tuple[np.ndarray, np.ndarray, str]:
+    """(RGB overlay, mask 0/255, area text) of the slice file ``path``; ValueError for bad files."""
+    image = read_slice(path, model.channels)
+    mask = clean((probabilities(model, image, tta) > threshold).astype(np.uint8), largest_component, int(min_size))
+    rgb = cv2.cvtColor(_to_uint8(image[0]), cv2.COLOR_GRAY2RGB)
+    rgb[mask > 0] = (0.65 * rgb[mask > 0] + 0.35 * np.array([255, 0, 0], np.float32)).astype(np.uint8)
+    pixels = int(mask.sum())
+    return rgb, mask * 255, f"Tumor area: {pixels} px ({100.0 * pixels / mask.size:.2f} % of the slice)"
+
+
+def build(model: Model) -> Any:
+    """The Gradio page over ``model``; bad uploads show one message."""
+    import gradio as gr
+
+    def run(file: str | None, threshold: float, tta: bool, largest: bool, min_size: float) -> tuple[Any, ...]:
+        if not file or not Path(file).is_file() or Path(file).stat().st_size == 0:
+            raise gr.Error("Upload a non-empty slice (PNG, JPEG, TIFF or BMP).")
+        try:
+            overlay, mask, area = segment(model, file, threshold, tta, largest, int(min_size or 0))
+        except ValueError as error:
+            raise gr.Error(str(error)) from None
+        mask_path = Path(file).with_name(f"{Path(file).stem}_mask.png")
+        cv2.imwrite(str(mask_path), mask)
+        return overlay, area, str(mask_path)
+
+    with gr.Blocks(title="Brain tumor segmentation") as page:
+        gr.Markdown("# Brain tumor segmentation\nResearch demo: **not for diagnosis.**")
+        file = gr.File(label="Slice", file_types=["image", ".tif", ".tiff"], type="filepath")
+        controls = [gr.Slider(0.0, 0.99, value=0.5, step=0.01, label="Threshold"), gr.Checkbox(label="Flip TTA"),
+                    gr.Checkbox(label="Largest component only"), gr.Number(0, precision=0, label="Minimum component (px)")]
+        outputs = [gr.Image(label="Overlay"), gr.Textbox(label="Area"), gr.File(label="Mask PNG")]
+        examples = sorted((HERE / "examples").glob("*.png"))
+        if examples:
+            gr.Examples([[str(path)] for path in examples], inputs=[file])
+        gr.Button("Segment", variant="primary").click(run, [file, *controls], outputs, api_name="segment")
+    return page
+
+
+if __name__ == "__main__":
+    build(Model.load()).launch()

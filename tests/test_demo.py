@@ -1,0 +1,94 @@
+"""The Gradio demo, driven through its API in-process: same masks as predict, clear messages for bad uploads."""
+
+from __future__ import annotations
+
+import socket
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from bts_lightning.data.io import read_channels
+from bts_lightning.demo import area_text, build_demo, demo, example_slices
+from bts_lightning.errors import ConfigError
+from bts_lightning.inference import InferenceOptions, load_predictor
+from bts_lightning.predict import predict, segment
+from tests import fixtures_checkpoint
+from tests.fixtures_checkpoint import compose_app
+
+tiny_checkpoint = fixtures_checkpoint.tiny_checkpoint  # the pytest fixture, requested by name below
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def gradio_client():
+    pytest.importorskip("gradio")
+    return pytest.importorskip("gradio_client")
+
+
+@pytest.fixture(scope="module")
+def client(tiny_checkpoint, tmp_path_factory, gradio_client):
+    examples = example_slices(tmp_path_factory.mktemp("examples"))
+    page = build_demo(load_predictor(tiny_checkpoint.path, "cpu"), InferenceOptions(), examples)
+    page.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        yield gradio_client.Client(page.local_url, verbose=False)
+    finally:
+        page.close()
+
+
+def slice_file(tiny_checkpoint, folder, size=(90, 70), depth=np.uint16):
+    """A 16-bit slice of the training data, at another size than the network's."""
+    image = cv2.imread(str(min(tiny_checkpoint.data_dir.rglob("images/*.png"))), cv2.IMREAD_GRAYSCALE)
+    path = folder / "slice.png"
+    cv2.imwrite(str(path), cv2.resize(image, size).astype(depth) * 257)
+    return path
+
+
+def test_the_page_returns_predicts_mask_and_area(client, gradio_client, tiny_checkpoint, tmp_path):
+    image = slice_file(tiny_checkpoint, tmp_path)
+    ((probability, _),) = segment(load_predictor(tiny_checkpoint.path, "cpu"), [read_channels(image, None)], 64,
+                                  InferenceOptions(tta=True))
+    threshold = round(float(np.median(probability)), 4)  # a partial mask, whatever the 1-epoch model learnt
+    options = [f"threshold={threshold}", "tta=true", "postprocess.min_size=3"]
+    predict(compose_app("predict", [f"ckpt_path={tiny_checkpoint.path}", f"input={image}",
+                                    f"output={tmp_path / 'out'}", *options], tmp_path / "run"))
+    expected = cv2.imread(str(tmp_path / "out" / "slice_mask.png"), cv2.IMREAD_UNCHANGED)
+    overlay, probability, area, mask_file = client.predict(
+        gradio_client.handle_file(str(image)), threshold, True, False, 3, api_name="/segment")
+    mask = cv2.imread(mask_file, cv2.IMREAD_UNCHANGED)
+    assert mask.shape == expected.shape == (70, 90) and np.array_equal(mask, expected)
+    assert 0 < np.count_nonzero(mask) < mask.size
+    assert area == area_text(expected > 0)
+    assert cv2.imread(overlay).shape[:2] == cv2.imread(probability).shape[:2] == (70, 90)
+
+
+@pytest.mark.parametrize(("content", "message"), [(b"not an image", "not a readable image"), (b"", "is empty")])
+def test_bad_uploads_get_one_message(client, gradio_client, tmp_path, content, message):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(content)
+    with pytest.raises(gradio_client.exceptions.AppError, match=message):
+        client.predict(gradio_client.handle_file(str(bad)), 0.5, False, False, 0, api_name="/segment")
+
+
+def test_area_text_counts_pixels_and_percent():
+    mask = np.zeros((10, 20), np.uint8)
+    mask[:2, :5] = 1
+    assert area_text(mask) == "Tumor area: 10 px (5.00 % of the slice)"
+
+
+def test_missing_gradio_and_missing_model_are_config_errors(monkeypatch, tmp_path):
+    cfg = compose_app("demo", [], tmp_path)
+    monkeypatch.setitem(sys.modules, "gradio", None)
+    with pytest.raises(ConfigError, match=r"pip install 'bts_lightning\[demo\]'"):
+        demo(cfg)
+    monkeypatch.undo()
+    pytest.importorskip("gradio")
+    with pytest.raises(ConfigError, match="ckpt_path is required"):
+        demo(cfg)

@@ -1,0 +1,86 @@
+"""Hub-style model folders: save_pretrained / from_pretrained round trip, predict on a folder, missing files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from bts_lightning.checkpoint import CheckpointError
+from bts_lightning.hub import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, from_pretrained, save_pretrained
+from bts_lightning.inference import load_predictor, predict_probabilities
+from bts_lightning.predict import predict
+from tests import fixtures_checkpoint
+from tests.fixtures_checkpoint import compose_app
+
+pytest.importorskip("safetensors")
+tiny_checkpoint = fixtures_checkpoint.tiny_checkpoint  # the pytest fixture, requested by name below
+
+
+@pytest.fixture(scope="module")
+def hub_folder(tiny_checkpoint, tmp_path_factory):
+    return save_pretrained(tiny_checkpoint.path, tmp_path_factory.mktemp("hub") / "model")
+
+
+def test_round_trip_gives_the_same_probabilities_and_contract(tiny_checkpoint, hub_folder):
+    assert {path.name for path in hub_folder.iterdir()} == {CONFIG_NAME, WEIGHTS_NAME, CARD_NAME}
+    config = json.loads((hub_folder / CONFIG_NAME).read_text())
+    original, folder = load_predictor(tiny_checkpoint.path, "cpu"), load_predictor(hub_folder, "cpu")
+    assert config["image_size"] == 64 and config["net"]["channels"] == [8, 16, 32, 64]
+    assert folder.contract == original.contract
+    images = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(0)) * 255
+    assert torch.equal(predict_probabilities(folder, images, tta=True), predict_probabilities(original, images, tta=True))
+    assert isinstance(from_pretrained(hub_folder).net, torch.nn.Module)
+    card = (hub_folder / CARD_NAME).read_text()
+    assert "library_name: bts_lightning" in card and "not for diagnosis" in card
+    assert "Dataset: synthetic." in card and "- best_val_dice: " in card  # from the run's metrics.json
+
+
+def test_predict_on_a_folder_equals_predict_on_the_checkpoint(tiny_checkpoint, hub_folder, tmp_path):
+    image = tmp_path / "slice.png"  # another size than the network's, to check the resizing too
+    cv2.imwrite(str(image), cv2.resize(cv2.imread(str(min(tiny_checkpoint.data_dir.rglob("images/*.png")))),
+                                       (90, 70)))
+    masks = {}
+    for name, model in (("ckpt", tiny_checkpoint.path), ("hub", hub_folder)):
+        cfg = compose_app("predict", [f"ckpt_path={model}", f"input={image}", f"output={tmp_path / name}",
+                                      "tta=true"], tmp_path / f"run_{name}")
+        predict(cfg)
+        masks[name] = cv2.imread(str(tmp_path / name / f"{image.stem}_mask.png"), cv2.IMREAD_UNCHANGED)
+    assert masks["ckpt"] is not None and np.array_equal(masks["ckpt"], masks["hub"])
+
+
+@pytest.mark.parametrize("missing", [CONFIG_NAME, WEIGHTS_NAME])
+def test_a_folder_missing_a_file_is_a_clear_error(hub_folder, tmp_path, missing):
+    broken = shutil.copytree(hub_folder, tmp_path / "broken")
+    (broken / missing).unlink()
+    with pytest.raises(CheckpointError, match=f"has no {missing}"):
+        load_predictor(broken, "cpu")
+
+
+def test_export_app_writes_a_hub_folder(tiny_checkpoint, tmp_path):
+    from bts_lightning.export import export
+
+    output = tmp_path / "exported"
+    cfg = compose_app("export", [f"ckpt_path={tiny_checkpoint.path}", "format=hub", f"output={output}"], tmp_path)
+    summary = export(cfg)
+    assert summary["format"] == "hub" and summary["max_abs_difference"] == 0.0
+    assert (output / WEIGHTS_NAME).is_file()
+
+
+def test_evaluate_on_a_folder_scores_as_the_checkpoint(tiny_checkpoint, hub_folder, tmp_path):
+    from bts_lightning.evaluate import evaluate
+
+    summaries = {}
+    for name, model in (("ckpt", tiny_checkpoint.path), ("hub", hub_folder)):
+        overrides = [f"ckpt_path={model}", *tiny_checkpoint.data_overrides, "split=all", "worst_k=0", "device=cpu"]
+        summaries[name] = evaluate(compose_app("evaluate", overrides, tmp_path / name))["summary"]
+    assert summaries["hub"] == summaries["ckpt"]
+
+
+def test_a_missing_folder_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_predictor(tmp_path / "no_such_model", "cpu")

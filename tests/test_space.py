@@ -1,0 +1,64 @@
+"""The Space bundle: its app.py runs without PyTorch and gives predict's masks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from bts_lightning.export import export
+from bts_lightning.predict import predict
+from tests import fixtures_checkpoint
+from tests.fixtures_checkpoint import compose_app
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("gradio")
+tiny_checkpoint = fixtures_checkpoint.tiny_checkpoint  # the pytest fixture, requested by name below
+
+# Runs app.py's segment on argv[2] with argv[3] = JSON options, writes the mask to argv[4], prints the area.
+SCRIPT = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import cv2, app
+model = app.Model.load()
+overlay, mask, area = app.segment(model, sys.argv[2], **json.loads(sys.argv[3]))
+cv2.imwrite(sys.argv[4], mask)
+app.build(model)  # the page builds too
+open(sys.argv[4] + ".txt", "w").write("not an image")
+try:
+    app.segment(model, sys.argv[4] + ".txt")
+    raise SystemExit("a text file was segmented")
+except ValueError as error:
+    assert "not a readable image" in str(error), error
+assert "torch" not in sys.modules and "bts_lightning" not in sys.modules, sorted(sys.modules)
+print(area)
+"""
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_space_app_gives_predicts_mask_without_torch(tiny_checkpoint, tmp_path, tta):
+    bundle = tmp_path / "space"
+    export(compose_app("export", [f"ckpt_path={tiny_checkpoint.path}", "format=space", f"output={bundle}"],
+                       tmp_path / "export_run"))
+    assert {p.name for p in bundle.iterdir()} >= {"app.py", "requirements.txt", "README.md", "model.onnx", "examples"}
+    requirements = (bundle / "requirements.txt").read_text()
+    assert "torch" not in requirements and "onnxruntime" in requirements and "gradio==" in requirements
+    readme = (bundle / "README.md").read_text()
+    assert readme.startswith("---\n") and "sdk: gradio\n" in readme and "app_file: app.py\n" in readme
+
+    image = min((bundle / "examples").glob("*.png"))
+    threshold = 0.5
+    predict(compose_app("predict", [f"ckpt_path={bundle / 'model.onnx'}", f"input={image}", f"output={tmp_path / 'p'}",
+                                    f"tta={str(tta).lower()}", "postprocess.min_size=3"], tmp_path / "run"))
+    expected = cv2.imread(str(tmp_path / "p" / f"{image.stem}_mask.png"), cv2.IMREAD_UNCHANGED)
+    options = json.dumps({"threshold": threshold, "tta": tta, "min_size": 3})
+    result = subprocess.run([sys.executable, "-c", SCRIPT, str(bundle), str(image), options, str(tmp_path / "m.png")],
+                            capture_output=True, text=True, timeout=120, check=False, env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    mask = cv2.imread(str(tmp_path / "m.png"), cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(mask, expected) and 0 < np.count_nonzero(mask) < mask.size
+    assert f"Tumor area: {np.count_nonzero(expected)} px" in result.stdout
