@@ -52,9 +52,11 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from bts_lightning.models import available_models
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA_ROOT = REPO_ROOT.parent / "shared" / "data" / "brain-tumor"
-ALL_MODELS = ("unet", "deeplabv3", "fcn", "lraspp")
+ALL_MODELS = tuple(available_models())  # every registered architecture (smp_*: needs the smp extra)
 
 # Targets (see benchmarks/README.md); only judged for full-size runs on CUDA.
 TARGET_RATIO = 0.95  # (2)/(1) at bf16-mixed, every architecture
@@ -268,6 +270,16 @@ def _conv_backward_flops(grad_out_shape: Any, x_shape: Any, w_shape: Any, _bias:
     return forward * (bool(output_mask[0]) + bool(output_mask[1]))
 
 
+def training_loss(criterion: Any, outputs: dict[str, Any], target: torch.Tensor, aux_weight: float) -> torch.Tensor:
+    """``SegmentationModule.compute_loss``'s rule: ``out``'s loss plus ``aux_weight`` shared by the auxiliary heads."""
+    aux = outputs.get("aux")
+    heads = [] if aux is None else [aux] if isinstance(aux, torch.Tensor) else list(aux)
+    loss = criterion(outputs["out"].float(), target)
+    for head in heads:
+        loss = loss + aux_weight / len(heads) * criterion(head.float(), target)
+    return loss
+
+
 def count_flops(cfg: Any, device: torch.device, batch_size: int, image_size: int) -> dict[str, Any]:
     """FLOPs per image of one training forward (train mode, aux head included) and forward+backward."""
     from hydra.utils import instantiate
@@ -282,9 +294,7 @@ def count_flops(cfg: Any, device: torch.device, batch_size: int, image_size: int
     target = (torch.rand(batch_size, 1, image_size, image_size, device=device) > 0.9).float()
     with FlopCounterMode(display=False) as forward_counter:
         outputs = net(standardize(images))
-    loss = criterion(outputs["out"].float(), target)
-    if "aux" in outputs:
-        loss = loss + aux_weight * criterion(outputs["aux"].float(), target)
+    loss = training_loss(criterion, outputs, target, aux_weight)
     mapping = {torch.ops.aten.convolution_backward: _conv_backward_flops}
     with FlopCounterMode(display=False, custom_mapping=mapping) as backward_counter:
         loss.backward()
@@ -324,9 +334,7 @@ def bench_bare(cfg: Any, precision: str, args: argparse.Namespace) -> dict[str, 
             outputs = net(standardize(images))
         target = masks.unsqueeze(1).float()
         with torch.autocast(device_type=device.type, enabled=False):  # float32 loss, as compute_loss
-            loss = criterion(outputs["out"].float(), target)
-            if "aux" in outputs:
-                loss = loss + aux_weight * criterion(outputs["aux"].float(), target)
+            loss = training_loss(criterion, outputs, target, aux_weight)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()

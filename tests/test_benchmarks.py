@@ -106,3 +106,19 @@ def test_targets_are_judged_from_the_rows():
     assert targets["data_ge_2x_fastest_bare"] is True and targets["data_over_fastest_bare"] == 2.5
     assert targets["peak_memory_lt_40gb"] is False and targets["max_peak_memory_gb"] == 41.0
     assert benchmark.judge_targets(rows, 2500.0, judged=False)["judged"] is False
+
+
+def test_bare_loop_loss_follows_the_module_rule_for_deep_supervision(tmp_path):
+    """The bare loop's loss equals SegmentationModule.compute_loss, also for UNet++'s list of auxiliary heads."""
+    from bts_lightning.train import build_module
+    from tests.conftest import compose_train
+
+    torch.manual_seed(0)
+    module = build_module(compose_train(["model=unetpp", "model.net.features=[4,4,8,8,8,4]"], tmp_path)).train()
+    outputs = module(torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8))
+    assert isinstance(outputs["aux"], list) and len(outputs["aux"]) == 3
+    masks = torch.zeros(2, 32, 32, dtype=torch.uint8)
+    masks[:, 8:20, 8:20] = 1
+    expected = module.compute_loss(outputs, masks)
+    actual = benchmark.training_loss(module.criterion, outputs, masks.unsqueeze(1).float(), module.aux_loss_weight)
+    assert torch.allclose(actual, expected)
