@@ -74,9 +74,11 @@ def build_module(cfg: DictConfig) -> SegmentationModule:
 
 
 def split_summary(datamodule: Any) -> dict[str, Any]:
-    """How the slices were split: method, whether patients may leak between subsets, subset sizes."""
+    """How the slices were split: method, whether patients may leak between subsets, subset sizes, and
+    ``n_negatives``, the ``data.negatives`` slices trained on besides ``n_train``."""
     sizes = {f"n_{name}": len(dataset) for name, dataset in datamodule.datasets.items()}
-    return {"method": datamodule.split.method, "leaky": datamodule.split.leaky, **sizes}
+    return {"method": datamodule.split.method, "leaky": datamodule.split.leaky, **sizes,
+            "n_negatives": datamodule.n_negatives}
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:

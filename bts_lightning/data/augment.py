@@ -1,4 +1,5 @@
-"""Augmentations that albumentations lacks: a smooth multiplicative bias field (MRI intensity inhomogeneity)."""
+"""Augmentations that albumentations lacks: a smooth multiplicative bias field (MRI intensity inhomogeneity) and
+tumor-free crops (negatives cut from tumor slices)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import albumentations as A
+import cv2
 import numpy as np
 
 
@@ -76,3 +78,79 @@ class RandomBiasField(A.ImageOnlyTransform):
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
         return ("degree", "strength")
+
+
+def tumor_free_corners(tumor: np.ndarray, side: int) -> np.ndarray:
+    """(row, column) of every top-left corner whose ``side`` x ``side`` box holds no pixel of ``tumor`` (bool)."""
+    height, width = tumor.shape
+    if not tumor.any():
+        rows, columns = np.mgrid[: height - side + 1, : width - side + 1]
+        return np.stack([rows.ravel(), columns.ravel()], axis=1)
+    table = cv2.integral(tumor.astype(np.uint8))  # (H+1, W+1) sums of the pixels above and left
+    sums = table[side:, side:] - table[:-side, side:] - table[side:, :-side] + table[:-side, :-side]
+    return np.argwhere(sums == 0)
+
+
+class TumorFreeCrop(A.DualTransform):
+    """Replace the slice by a square crop that holds no tumor, resized back to the full size: a genuine negative.
+
+    The crop's side is ``min_scale``..``max_scale`` of the shorter image side; it keeps ``margin`` pixels away
+    from every tumor pixel (mask > 0). Up to ``attempts`` sides are drawn; for each, a corner is drawn among
+    all tumor-free positions. When none exists (the tumor is too large) the sample is left unchanged. The
+    image is resized linearly, the mask becomes all zeros. An empty mask allows any crop. Works on (H, W) and
+    (H, W, C) images and needs the ``mask`` target. Draws come from the transform's own generators, so
+    ``A.Compose(seed=...)`` makes them reproducible. Put it first in the list, so the usual augmentations
+    also alter the negatives.
+    """
+
+    def __init__(self, min_scale: float = 0.3, max_scale: float = 0.6, margin: int = 4, attempts: int = 5,
+                 p: float = 0.5) -> None:
+        super().__init__(p=p)
+        low, high = float(min_scale), float(max_scale)
+        if not 0 < low <= high < 1:
+            raise ValueError(f"TumorFreeCrop min_scale={min_scale!r}, max_scale={max_scale!r} must satisfy "
+                             "0 < min_scale <= max_scale < 1")
+        for name, value, minimum in (("margin", margin, 0), ("attempts", attempts, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"TumorFreeCrop {name}={value!r} must be an integer >= {minimum}")
+        self.min_scale, self.max_scale = low, high
+        self.margin, self.attempts = margin, attempts
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        """``crop_coords`` (x_min, y_min, x_max, y_max) of a tumor-free box, or None when none was found."""
+        if "mask" not in data:
+            raise ValueError("TumorFreeCrop needs the mask target (call it with image= and mask=)")
+        tumor = np.asarray(data["mask"]) > 0
+        if tumor.ndim == 3:
+            tumor = tumor.any(axis=-1)
+        if self.margin and tumor.any():
+            disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * self.margin + 1,) * 2)
+            tumor = cv2.dilate(tumor.astype(np.uint8), disk).astype(bool)
+        shorter = min(tumor.shape)
+        for _ in range(self.attempts):
+            side = max(1, round(self.py_random.uniform(self.min_scale, self.max_scale) * shorter))
+            corners = tumor_free_corners(tumor, side)
+            if len(corners):
+                row, column = (int(value) for value in corners[self.py_random.randrange(len(corners))])
+                return {"crop_coords": (column, row, column + side, row + side)}
+        return {"crop_coords": None}
+
+    def apply(self, img: np.ndarray, crop_coords: tuple[int, int, int, int] | None, **params: Any) -> np.ndarray:
+        """The crop of ``img`` resized (linearly) to ``img``'s size; ``img`` itself without a crop."""
+        if crop_coords is None:
+            return img
+        x_min, y_min, x_max, y_max = crop_coords
+        resized = cv2.resize(img[y_min:y_max, x_min:x_max], img.shape[1::-1], interpolation=cv2.INTER_LINEAR)
+        return resized.reshape(img.shape)  # cv2 drops a trailing channel axis of size 1
+
+    def apply_to_mask(self, mask: np.ndarray, crop_coords: tuple[int, int, int, int] | None,
+                      **params: Any) -> np.ndarray:
+        """All zeros (the crop avoided every tumor pixel); ``mask`` itself without a crop."""
+        if crop_coords is None:
+            return mask
+        x_min, y_min, x_max, y_max = crop_coords
+        assert not mask[y_min:y_max, x_min:x_max].any(), "TumorFreeCrop chose a box with tumor in it"
+        return np.zeros_like(mask)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("min_scale", "max_scale", "margin", "attempts")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,16 +15,16 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from bts_lightning.callbacks.reproducibility import seed_worker_transform
-from bts_lightning.data.channels import channels_setting, parse_channels
-from bts_lightning.data.dataset import Scan, SliceDataset, scan_pairs
+from bts_lightning.data.channels import Channels, channel_count, channels_setting, parse_channels
+from bts_lightning.data.dataset import CombinedSlices, Scan, SliceDataset, scan_pairs
 from bts_lightning.data.discovery import SlicePair
 from bts_lightning.data.download import resolve_root
 from bts_lightning.data.io import BYTE_THRESHOLD, MIN_IMAGE_SIZE, binarize_mask, mask_threshold
 from bts_lightning.data.layouts import CONTENTS, LAYOUTS, ORIGINS, find_slices, slice_metadata
-from bts_lightning.data.sampling import EpochShuffleSampler
+from bts_lightning.data.sampling import EmptyFractionSampler, EpochShuffleSampler
 from bts_lightning.data.splits import SPLIT_BY, Split, check_fractions, make_split, slice_ids_digest
 from bts_lightning.data.synthetic import ensure_dataset
 from bts_lightning.errors import ConfigError, DataError, format_names
@@ -57,14 +58,76 @@ def _check_name(name: Any) -> None:
                           "such as lgg (it names output folders).")
 
 
-def _check_pattern(pattern: Any) -> None:
-    """Raise :class:`ConfigError` unless ``pattern`` (``data.patient_pattern``) is null or a valid regular expression."""
+def _check_pattern(pattern: Any, key: str = "data.patient_pattern") -> None:
+    """Raise :class:`ConfigError` unless ``pattern`` (setting ``key``) is null or a valid regular expression."""
     if pattern is None:
         return
     try:
         re.compile(pattern)
     except (re.error, TypeError) as error:
-        raise ConfigError(f"data.patient_pattern={pattern!r} is not a regular expression ({error}).") from None
+        raise ConfigError(f"{key}={pattern!r} is not a regular expression ({error}).") from None
+
+
+def _check_empty_fraction(value: Any) -> None:
+    """Raise :class:`ConfigError` unless ``value`` (``data.empty_fraction``) is null or a number in [0, 1)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ConfigError(f"data.empty_fraction={value!r} is invalid: it must be null (sample as the data comes) "
+                          "or a number in [0, 1), the share of tumor-free slices drawn for training.")
+
+
+@dataclass(frozen=True)
+class Negatives:
+    """``data.negatives``: a second dataset whose tumor-free slices join the training set."""
+
+    root: Path
+    layout: str
+    channels: Channels
+    mask_suffix: str
+    patient_pattern: str | None
+    max_slices: int | None
+
+
+NEGATIVES_KEYS = ("root", "layout", "channels", "mask_suffix", "patient_pattern", "max_slices")
+
+
+def parse_negatives(value: Mapping[str, Any] | None, channels: Channels) -> Negatives | None:
+    """The checked ``data.negatives`` mapping (None: off); ``channels`` (``data.channels``) is its default.
+
+    Raises :class:`ConfigError` for unknown keys, a missing root, bad values, or channels whose count
+    differs from ``data.channels``' (the network takes one channel count).
+    """
+    if value is None:
+        return None
+    usage = "set data.negatives={root: DIR} (optional: layout, channels, mask_suffix, patient_pattern, max_slices)"
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"data.negatives={value!r} is invalid: {usage}, or null.")
+    unknown = sorted(set(value) - set(NEGATIVES_KEYS))
+    if unknown:
+        raise ConfigError(f"data.negatives has unknown key(s) {', '.join(unknown)}: {usage}.")
+    root = value.get("root")
+    if not isinstance(root, (str, Path)) or not str(root):
+        raise ConfigError(f"data.negatives.root={root!r} is invalid: {usage}.")
+    layout = value.get("layout", "auto")
+    if layout not in LAYOUTS:
+        raise ConfigError(f"data.negatives.layout={layout!r} is not one of {', '.join(LAYOUTS)}.")
+    mask_suffix = value.get("mask_suffix", "_mask")
+    if not isinstance(mask_suffix, str) or not mask_suffix:
+        raise ConfigError(f"data.negatives.mask_suffix={mask_suffix!r} must be a non-empty string such as _mask.")
+    _check_pattern(value.get("patient_pattern"), "data.negatives.patient_pattern")
+    _check_int("negatives.max_slices", value.get("max_slices"), 1, optional=True)
+    given = value.get("channels")
+    own = channels if given is None else parse_channels(given, "data.negatives.channels")
+    if channel_count(channels_setting(own)) != channel_count(channels_setting(channels)):
+        raise ConfigError(
+            f"data.negatives.channels={channels_setting(own)} gives {channel_count(channels_setting(own))} "
+            f"channel(s) but data.channels={channels_setting(channels)} gives "
+            f"{channel_count(channels_setting(channels))}: choose as many channels of the negatives as the network "
+            "takes."
+        )
+    return Negatives(Path(str(root)), layout, own, mask_suffix, value.get("patient_pattern"),
+                     value.get("max_slices"))
 
 
 class BrainTumorDataModule(L.LightningDataModule):
@@ -81,6 +144,11 @@ class BrainTumorDataModule(L.LightningDataModule):
     kept in RAM. Masks are binarized by one rule for the whole dataset (:func:`mask_threshold`).
     :meth:`state_dict` puts the split (:meth:`split_record`) into every checkpoint. :attr:`distance_maps` adds
     every mask's signed distance map to its sample (:class:`SliceDataset`).
+
+    Tumor-free training input: ``extra_augmentations`` run before ``augmentations`` (e.g.
+    :class:`~bts_lightning.data.augment.TumorFreeCrop`); ``negatives`` (:func:`parse_negatives`) adds the
+    empty slices of another dataset to the training set (read in ``setup("fit")``); ``empty_fraction`` draws
+    that share of tumor-free slices per epoch (:class:`EmptyFractionSampler`).
     """
 
     def __init__(
@@ -106,6 +174,9 @@ class BrainTumorDataModule(L.LightningDataModule):
         num_folds: int | None = None,
         distance_maps: bool | None = None,
         name: str | None = None,
+        extra_augmentations: Sequence[A.BasicTransform] | None = None,
+        negatives: Mapping[str, Any] | None = None,
+        empty_fraction: float | None = None,
     ) -> None:
         super().__init__()
         _check_int("image_size", image_size, MIN_IMAGE_SIZE)
@@ -121,7 +192,10 @@ class BrainTumorDataModule(L.LightningDataModule):
         _check_pattern(patient_pattern)
         _check_name(name)
         check_fractions(val_fraction, test_fraction)
+        _check_empty_fraction(empty_fraction)
         self.channels = parse_channels(channels)
+        self.negatives = parse_negatives(negatives, self.channels)
+        self.empty_fraction = empty_fraction
         self.save_hyperparameters("image_size")  # stored in checkpoints: inference resizes to it
         self.root = Path(root)
         self.name = name or self.root.name
@@ -135,7 +209,8 @@ class BrainTumorDataModule(L.LightningDataModule):
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.seed = seed
         self.cache = cache
-        self.train_transform = A.Compose(list(augmentations), seed=seed) if augmentations else None
+        transforms = [*(extra_augmentations or ()), *(augmentations or ())]
+        self.train_transform = A.Compose(transforms, seed=seed) if transforms else None
         self.synthetic = dict(synthetic) if synthetic else None
         self.download = download
         self.pairs: list[SlicePair] = []
@@ -146,6 +221,9 @@ class BrainTumorDataModule(L.LightningDataModule):
         self.mask_threshold = BYTE_THRESHOLD  # tumor = mask value above it; set for the dataset in setup
         self.datasets: dict[str, SliceDataset] = {}
         self.cache_arrays: tuple[np.ndarray, np.ndarray] | None = None  # (N, C, S, S) images, masks; after setup
+        self.negatives_dataset: SliceDataset | None = None  # data.negatives' empty slices, after setup("fit")
+        self.negatives_root: Path | None = None  # data.negatives' resolved root, after setup("fit")
+        self.train_empty: np.ndarray | None = None  # (len(training_set),) bool: tumor-free mask, after setup("fit")
         self.distance_maps = distance_maps
         self.trained_split: dict[str, Any] | None = None  # split record of a loaded checkpoint
 
@@ -162,7 +240,7 @@ class BrainTumorDataModule(L.LightningDataModule):
         if enabled is not None and not isinstance(enabled, bool):
             raise ConfigError(f"data.distance_maps={enabled!r} is invalid: it must be true, false or null (auto).")
         self._distance_maps = enabled
-        for dataset in self.datasets.values():
+        for dataset in [*self.datasets.values(), *([self.negatives_dataset] if self.negatives_dataset else [])]:
             dataset.distance_maps = bool(enabled)
 
     def prepare_data(self) -> None:
@@ -200,6 +278,64 @@ class BrainTumorDataModule(L.LightningDataModule):
         sizes = ", ".join(f"{name} {len(indices)}" for name, indices in self._subsets().items())
         log.info("Data %s (%s layout): %d slices, split by %s (%s)", root, self.found_layout, len(self.pairs),
                  self.split.method, sizes)
+        if stage in (None, "fit"):
+            self._setup_training_negatives(scan)
+
+    def _setup_training_negatives(self, scan: Scan) -> None:
+        """Read ``data.negatives``, note which training samples are tumor-free and check ``data.empty_fraction``."""
+        if self.negatives is not None:
+            self.negatives_dataset = self._load_negatives(self.negatives)
+            log.info("Added %d tumor-free slices of %s to the training set (data.negatives)",
+                     len(self.negatives_dataset), self.negatives_root)
+        in_domain = scan.mask_max[self._subsets()["train"]] <= self.mask_threshold
+        self.train_empty = np.concatenate([in_domain, np.ones(self.n_negatives, bool)])
+        empty, total = int(self.train_empty.sum()), len(self.train_empty)
+        target = "as they come" if self.empty_fraction is None else f"drawn to {self.empty_fraction:.0%} per epoch"
+        log.info("Training set: %d of %d slices tumor-free (%.1f%%), %s (data.empty_fraction)",
+                 empty, total, 100 * empty / total, target)
+        if self.empty_fraction and not empty:
+            raise ConfigError(
+                f"data.empty_fraction={self.empty_fraction} needs tumor-free training slices, but all {total} training "
+                f"slices of {self.data_root} have a tumor. Add data.negatives={{root: DIR}} (a dataset with empty "
+                "slices), use data=synthetic_empty, or train on a dataset with empty slices; TumorFreeCrop "
+                "negatives are made on the fly and do not count."
+            )
+
+    def _load_negatives(self, negatives: Negatives) -> SliceDataset:
+        """The tumor-free slices (by their dataset's own mask rule) of ``negatives``, up to ``max_slices`` (seeded)."""
+        root = negatives.root.expanduser()
+        if not root.exists():
+            raise DataError(f"data.negatives.root={root} does not exist: point it at a dataset folder with "
+                            "tumor-free slices, or set data.negatives=null.")
+        layout, pairs = find_slices(root, negatives.layout, negatives.mask_suffix, negatives.patient_pattern)
+        scan = scan_pairs(pairs, self.image_size, keep=self.cache, channels=negatives.channels)
+        threshold = mask_threshold(int(scan.mask_max.max()))
+        empty = np.flatnonzero(scan.mask_max <= threshold)
+        if not len(empty):
+            raise DataError(f"data.negatives.root={root} has no tumor-free slice: all {len(pairs)} masks ({layout} "
+                            "layout) have tumor pixels. Choose a dataset with empty masks, or set data.negatives=null.")
+        if negatives.max_slices is not None and len(empty) > negatives.max_slices:
+            empty = np.sort(np.random.default_rng(self.seed).choice(empty, negatives.max_slices, replace=False))
+        cache = None
+        if scan.images is not None and scan.masks is not None:
+            cache = (scan.images[empty], binarize_mask(scan.masks[empty], threshold))
+        self.negatives_root = root.resolve()
+        return SliceDataset([pairs[i] for i in empty], range(len(empty)), self.image_size, self.train_transform,
+                            cache, threshold, negatives.channels, bool(self.distance_maps))
+
+    @property
+    def n_negatives(self) -> int:
+        """How many ``data.negatives`` slices the training set holds (0 without them, or before setup)."""
+        return len(self.negatives_dataset) if self.negatives_dataset is not None else 0
+
+    @property
+    def training_set(self) -> Dataset:
+        """What the training loader draws from: the train split, then the ``data.negatives`` slices (if any).
+
+        ``"index"`` of a negative's sample is its position among the negatives, not a slice of this dataset.
+        """
+        train = self.datasets["train"]
+        return CombinedSlices([train, self.negatives_dataset]) if self.negatives_dataset is not None else train
 
     def make_dataset(self, indices: Sequence[int], transform: A.Compose | None = None) -> SliceDataset:
         """A :class:`SliceDataset` of slices ``indices`` with this module's size, channels, cache and mask rule."""
@@ -228,9 +364,10 @@ class BrainTumorDataModule(L.LightningDataModule):
         """The split as plain JSON-able data (after :meth:`setup`), stored in checkpoints.
 
         ``{"method", "leaky", "settings": {name, root, layout, channels, mask_suffix, patient_pattern,
-        split_by, val_fold, test_fold, num_folds, val_fraction, test_fraction, seed}, "subsets": {name:
-        {"n", "sha256", "ids"}}}``; ``layout`` is the one read (``auto`` resolved), ``ids`` are slice ids
-        in dataset order, ``sha256`` is :func:`slice_ids_digest` of them.
+        split_by, val_fold, test_fold, num_folds, val_fraction, test_fraction, seed[, negatives]}, "subsets":
+        {name: {"n", "sha256", "ids"}}}``; ``layout`` is the one read (``auto`` resolved), ``ids`` are slice
+        ids in dataset order, ``sha256`` is :func:`slice_ids_digest` of them. ``negatives``, only when
+        ``data.negatives`` added slices to training (they are in no subset), is ``{"root", "n"}``.
         """
         assert self.split is not None, "call setup() first"
         settings = {
@@ -248,6 +385,8 @@ class BrainTumorDataModule(L.LightningDataModule):
             "test_fraction": self.test_fraction,
             "seed": self.seed,
         }
+        if self.n_negatives:
+            settings["negatives"] = {"root": str(self.negatives_root), "n": self.n_negatives}
         subsets = {}
         for name, indices in self._subsets().items():
             ids = [self.pairs[i].stem for i in indices]
@@ -297,12 +436,19 @@ class BrainTumorDataModule(L.LightningDataModule):
             dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
         )
 
+    def _train_sampler(self) -> Sampler[int]:
+        """Each epoch's order from (seed, epoch); with ``data.empty_fraction`` that share drawn tumor-free."""
+        if self.empty_fraction is None:
+            return EpochShuffleSampler(len(self.training_set), self.seed)
+        assert self.train_empty is not None, "call setup('fit') first"
+        return EmptyFractionSampler(self.train_empty.tolist(), self.empty_fraction, self.seed)
+
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        dataset = self.datasets[name]
+        dataset = self.training_set if name == "train" else self.datasets[name]
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=EpochShuffleSampler(len(dataset), self.seed) if shuffle else self._eval_sampler(dataset),
+            sampler=self._train_sampler() if shuffle else self._eval_sampler(dataset),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),

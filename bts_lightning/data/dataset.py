@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
 from bts_lightning.data.channels import Channels
 from bts_lightning.data.discovery import SlicePair
@@ -210,3 +210,17 @@ class SliceDataset(Dataset):
         if self.distance_maps:
             sample["distance"] = torch.from_numpy(signed_distance_map(mask)).unsqueeze(0)
         return sample
+
+
+class CombinedSlices(ConcatDataset):
+    """Several :class:`SliceDataset` as one (the train split plus ``data.negatives``), sharing one pipeline.
+
+    :attr:`transform` is the first dataset's, which the others share, so loader workers can seed it
+    (:func:`~bts_lightning.callbacks.reproducibility.seed_worker_transform`).
+    """
+
+    datasets: list[SliceDataset]
+
+    @property
+    def transform(self) -> Callable[..., dict] | None:
+        return self.datasets[0].transform

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import Sampler
@@ -30,3 +30,38 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.length
+
+
+def _draw(group: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` members of ``group``: a random subset, or whole permutations and a partial one when it is smaller."""
+    if count == 0:
+        return group[:0]
+    rounds = [group[torch.randperm(len(group), generator=generator)] for _ in range(-(-count // len(group)))]
+    return torch.cat(rounds)[:count]
+
+
+class EmptyFractionSampler(EpochShuffleSampler):
+    """``len(empty)`` draws per epoch, ``round(fraction * len(empty))`` of them from the samples whose mask is empty.
+
+    ``empty[i]`` says whether sample ``i`` has an all-zero mask. Each group is drawn uniformly, without
+    replacement while it lasts (whole permutations, then part of one), and the draws are shuffled together;
+    like :class:`EpochShuffleSampler` they depend only on ``seed + epoch``. ``fraction`` 0 draws tumor slices
+    only. Negatives made on the fly (``TumorFreeCrop``) are not known here and do not count. Under DDP
+    Lightning wraps this sampler (``DistributedSamplerWrapper``): ranks split one epoch-0 draw, reshuffled
+    every epoch, so the empty share holds but the drawn multiset does not change between epochs.
+    """
+
+    def __init__(self, empty: Sequence[bool], fraction: float, seed: int) -> None:
+        super().__init__(len(empty), seed)
+        flags = torch.as_tensor(list(empty), dtype=torch.bool)
+        self.empty, self.tumor = flags.nonzero().flatten(), (~flags).nonzero().flatten()
+        self.empty_count = round(fraction * self.length)
+        if (self.empty_count and not len(self.empty)) or (self.empty_count < self.length and not len(self.tumor)):
+            raise ValueError(f"cannot draw an empty share of {fraction} from {len(self.empty)} empty and "
+                             f"{len(self.tumor)} tumor samples")
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        draws = torch.cat([_draw(self.empty, self.empty_count, generator),
+                           _draw(self.tumor, self.length - self.empty_count, generator)])
+        return iter(draws[torch.randperm(self.length, generator=generator)].tolist())

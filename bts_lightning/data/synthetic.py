@@ -4,11 +4,12 @@
 ``OUT/metadata.csv`` (``index,label,fold,pid``; label 1 meningioma, 2 glioma, 3 pituitary; folds are
 assigned per patient) and ``OUT/synthetic.json`` (the generator arguments, checked on reuse). Every
 slice is drawn from its own seeded generator, so the output is byte-identical for the same arguments
-and independent of generation order.
+and independent of generation order. With ``empty_fraction`` > 0 that share of each patient's slices has
+no tumor (all-zero masks), for training and measuring on tumor-free slices.
 
 CLI (a Hydra app, ``conf/synthetic.yaml``): ``python -m bts_lightning.data.synthetic out=DIR [n=400]
-[size=128] [seed=0] [slices_per_patient=4] [num_folds=5]`` (or ``bts-synthetic ...``) prints the
-folder; reusing ``out`` generated with other arguments is an error.
+[size=128] [seed=0] [slices_per_patient=4] [num_folds=5] [empty_fraction=0.0]`` (or ``bts-synthetic ...``)
+prints the folder; reusing ``out`` generated with other arguments is an error.
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ BRAIN_RHO = 0.84  # head-normalised radius of the brain surface (1.0 = outer sca
 # Tags keep the seed sequences of folds, patients and slices apart.
 _FOLD_TAG, _PATIENT_TAG, _SLICE_TAG = 0, 1, 2
 
-CLI_KEYS = ("out", "n", "size", "seed", "slices_per_patient", "num_folds")
-USAGE = "python -m bts_lightning.data.synthetic out=DIR [n=400] [size=128] [seed=0] [slices_per_patient=4] [num_folds=5]"
+CLI_KEYS = ("out", "n", "size", "seed", "slices_per_patient", "num_folds", "empty_fraction")
+USAGE = ("python -m bts_lightning.data.synthetic out=DIR [n=400] [size=128] [seed=0] [slices_per_patient=4] "
+         "[num_folds=5] [empty_fraction=0.0]")
 MANIFEST = "synthetic.json"
 
 
@@ -189,9 +191,13 @@ def _make_patient(seed: int, patient: int) -> _Patient:
 
 
 def _render_slice(
-    patient: _Patient, seed: int, patient_id: int, slice_id: int, size: int
+    patient: _Patient, seed: int, patient_id: int, slice_id: int, size: int, tumor: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Render one slice of ``patient``: (uint8 image min-max scaled to 0..255, uint8 mask in {0, 255})."""
+    """Render one slice of ``patient``: (uint8 image min-max scaled to 0..255, uint8 mask in {0, 255}).
+
+    Without ``tumor`` the same slice is rendered without its lesion (an all-zero mask): every random draw
+    is made as with it, so anatomy, pose, distractors and noise are those of the tumor slice.
+    """
     rng = np.random.default_rng([seed, _SLICE_TAG, patient_id, slice_id])
     f32 = np.float32
 
@@ -279,7 +285,10 @@ def _render_slice(
     if patient.edema:
         halo = _smoothstep(-patient.edema, -0.3 * patient.edema, field) * (1 - inner)
         lesion -= f32(patient.edema_drop) * halo * (0.7 + 0.3 * texture)
-    tissue[crop] += lesion
+    if tumor:
+        tissue[crop] += lesion
+    else:
+        mask[:] = False
 
     # Distractors: bright vessels and spots in the brain, drawn in pixels and blurred, some elongated.
     vessels = np.zeros_like(u)
@@ -311,7 +320,15 @@ def _render_slice(
 def _validate(params: dict[str, Any]) -> None:
     """Raise TypeError or ValueError, naming the argument and its value, for :func:`generate_dataset`
     arguments (``params``: all of them) that cannot produce a dataset."""
+    empty = params.get("empty_fraction", 0.0)
+    if isinstance(empty, bool) or not isinstance(empty, numbers.Real):
+        raise TypeError(f"empty_fraction must be a number in [0, 1), got {empty!r}.")
+    if not 0 <= empty < 1:
+        raise ValueError(f"empty_fraction must be in [0, 1) (the share of each patient's slices without tumor), "
+                         f"got {empty}.")
     for key, value in params.items():
+        if key == "empty_fraction":
+            continue
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise TypeError(f"{key} must be a whole number, got {value!r}.")
     n, size, seed = params["n"], params["size"], params["seed"]
@@ -349,6 +366,11 @@ def _assign_folds(labels: list[int], num_folds: int, seed: int) -> list[int]:
     return folds
 
 
+def _tumor_slices(count: int, empty_fraction: float) -> int:
+    """How many of a patient's ``count`` slices keep their tumor: all but ``empty_fraction`` of them, rounded."""
+    return count - math.floor(empty_fraction * count + 0.5)
+
+
 def generate_dataset(
     out: str | Path,
     n: int = 400,
@@ -356,6 +378,7 @@ def generate_dataset(
     seed: int = 0,
     slices_per_patient: int = 4,
     num_folds: int = 5,
+    empty_fraction: float = 0.0,
 ) -> Path:
     """Write ``n`` synthetic slices (``size`` x ``size``) to ``out`` atomically and return ``out``.
 
@@ -363,10 +386,16 @@ def generate_dataset(
     never half-written. If ``out`` already holds a complete dataset by then (e.g. a concurrent
     process won), the new copy is discarded and the existing one kept. Slices are grouped into
     patients of ``slices_per_patient`` (fewer when needed to fill every fold); folds are
-    assigned per patient, stratified by label.
+    assigned per patient, stratified by label. The last ``empty_fraction`` of each patient's slices
+    (rounded half up) are rendered without the tumor (all-zero masks; metadata keeps the patient's label).
+    :data:`MANIFEST` records ``empty_fraction`` only when it is not 0, so those datasets stay byte-identical
+    to ones generated before the argument existed.
     """
-    params = {"n": n, "size": size, "seed": seed, "slices_per_patient": slices_per_patient, "num_folds": num_folds}
+    params = {"n": n, "size": size, "seed": seed, "slices_per_patient": slices_per_patient, "num_folds": num_folds,
+              "empty_fraction": empty_fraction}
     _validate(params)
+    if not empty_fraction:
+        del params["empty_fraction"]
     out = Path(out)
     make_directory(out.parent)
     per_patient = _effective_slices_per_patient(n, slices_per_patient, num_folds)
@@ -381,7 +410,8 @@ def generate_dataset(
         rows = []
         for i in range(n):
             p, s = divmod(i, per_patient)
-            image, mask = _render_slice(patients[p], seed, p, s, size)
+            tumor = s < _tumor_slices(min(per_patient, n - p * per_patient), empty_fraction)
+            image, mask = _render_slice(patients[p], seed, p, s, size, tumor)
             (tmp / "images" / f"{i + 1}.png").write_bytes(encode_png(image))
             (tmp / "masks" / f"{i + 1}.png").write_bytes(encode_png(mask))
             rows.append((i + 1, patients[p].label, folds[p], p + 1))
@@ -406,7 +436,7 @@ def generate_dataset(
     return out
 
 
-def _with_defaults(params: dict[str, int]) -> dict[str, int]:
+def _with_defaults(params: dict[str, Any]) -> dict[str, Any]:
     """:func:`generate_dataset`'s keyword arguments: ``params`` and the defaults of those left out (TypeError
     for unknown ones), in the order stored in :data:`MANIFEST`."""
     bound = inspect.signature(generate_dataset).bind(None, **params)
@@ -418,8 +448,11 @@ def _describe(params: dict[str, object]) -> str:
     return ", ".join(f"{key}={value}" for key, value in params.items())
 
 
-def _check_manifest(out: Path, params: dict[str, int]) -> None:
-    """Raise :class:`DataError` unless ``out`` holds a synthetic dataset generated with ``params``."""
+def _check_manifest(out: Path, params: dict[str, Any]) -> None:
+    """Raise :class:`DataError` unless ``out`` holds a synthetic dataset generated with ``params``.
+
+    A manifest without ``empty_fraction`` (written before it existed, or for 0) means 0.
+    """
     what_to_do = f"Choose another folder (out= / data.root=) or delete {out} to generate it again."
     try:
         stored = json.loads((out / MANIFEST).read_text())
@@ -427,6 +460,8 @@ def _check_manifest(out: Path, params: dict[str, int]) -> None:
         raise DataError(
             f"{out} holds no readable {MANIFEST}, so it is not a synthetic dataset. {what_to_do}"
         ) from error
+    if isinstance(stored, dict):
+        stored.setdefault("empty_fraction", 0.0)
     if stored != params:
         raise DataError(
             f"{out} holds a synthetic dataset generated with {_describe(stored)}, "
@@ -434,11 +469,11 @@ def _check_manifest(out: Path, params: dict[str, int]) -> None:
         )
 
 
-def ensure_dataset(out: str | Path, **params: int) -> Path:
+def ensure_dataset(out: str | Path, **params: Any) -> Path:
     """Return ``out`` if it holds the dataset ``params`` generate, generating it there if ``out`` is empty.
 
     ``params`` are :func:`generate_dataset`'s keyword arguments (``n``, ``size``, ``seed``,
-    ``slices_per_patient``, ``num_folds``), its defaults for those left out.
+    ``slices_per_patient``, ``num_folds``, ``empty_fraction``), its defaults for those left out.
 
     Raises :class:`DataError` when ``out`` holds a dataset of other arguments, or files that are no
     complete synthetic dataset (no ``metadata.csv``/:data:`MANIFEST`), and TypeError or ValueError for
