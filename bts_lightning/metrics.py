@@ -1,7 +1,8 @@
 """Per-image tumor-class metrics, one definition for training, ``evaluate`` and the benchmark.
 
-Training logs :class:`MeanPerImageOverlap` (``val/dice``, ``test/dice``, ...); ``evaluate`` scores
-each slice with :func:`image_metrics`. Both take Dice and IoU from :func:`per_image_overlap` (MONAI
+Training logs :class:`MeanPerImageOverlap` (``val/dice``, ``test/dice``, ...) and :class:`SliceDetection`
+(``val/dice_tumor``, ``val/sensitivity``, ``val/false_alarm_rate``); ``evaluate`` scores each slice with
+:func:`image_metrics`. Both take Dice and IoU from :func:`per_image_overlap` (MONAI
 maths), so a checkpoint's ``test/dice`` equals the mean Dice ``evaluate`` reports on the same masks.
 The per-image rows become summaries here too: :func:`summarize` (every slice), :func:`count_cases`
 and :func:`summarize_by_truth` (tumor slices and empty slices apart).
@@ -37,6 +38,8 @@ from torchmetrics import Metric, MetricCollection
 _SCORES = {"dice": compute_dice, "iou": compute_iou}
 # Names under which the module logs its validation metrics (``overlap_metrics("val/")``).
 VAL_DICE, VAL_IOU = "val/dice", "val/iou"
+# Scores of :class:`SliceDetection`, logged as ``val/<name>`` and ``test/<name>`` when measurable.
+SLICE_SCORES = ("dice_tumor", "sensitivity", "false_alarm_rate")
 # Columns of :func:`image_metrics`: the scores, then the areas (pixels).
 METRICS = ("dice", "iou", "precision", "recall", "hd95")
 AREAS = ("area_true", "area_pred")
@@ -75,6 +78,45 @@ class MeanPerImageOverlap(Metric):
 
     def compute(self) -> torch.Tensor:
         return (self.total / self.count.clamp_min(1)).float()
+
+
+class SliceDetection(Metric):
+    """Tumor slices and empty slices scored apart, as :func:`summarize_by_truth` scores ``evaluate``'s rows.
+
+    ``update(preds, target)`` takes binary (N, H, W) masks; a slice is a tumor slice when its truth has a
+    tumor pixel, detected (or, when empty, a false alarm) when its prediction has one. ``compute()`` returns
+    0-d tensors: the counts ``tumor_slices`` and ``empty_slices``; ``dice_tumor`` (mean
+    :func:`per_image_overlap` Dice over tumor slices) and ``sensitivity`` (detected / tumor slices) only when
+    there is a tumor slice; ``false_alarm_rate`` (false alarms / empty slices) only when there is an empty
+    slice. States live on the device, summed across ranks.
+    """
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name in ("tumor_slices", "detected", "empty_slices", "false_alarms"):
+            self.add_state(name, torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("dice_tumor_total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        has_tumor = (target > 0).flatten(1).any(dim=1)
+        predicted = (preds > 0).flatten(1).any(dim=1)
+        dice = per_image_overlap(preds, target, "dice")
+        self.tumor_slices += has_tumor.sum()
+        self.detected += (has_tumor & predicted).sum()
+        self.dice_tumor_total += dice[has_tumor].sum(dtype=torch.float64)
+        self.empty_slices += (~has_tumor).sum()
+        self.false_alarms += (~has_tumor & predicted).sum()
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        values = {"tumor_slices": self.tumor_slices, "empty_slices": self.empty_slices}
+        if self.tumor_slices > 0:
+            values["dice_tumor"] = (self.dice_tumor_total / self.tumor_slices).float()
+            values["sensitivity"] = self.detected.float() / self.tumor_slices
+        if self.empty_slices > 0:
+            values["false_alarm_rate"] = self.false_alarms.float() / self.empty_slices
+        return values
 
 
 def overlap_metrics(prefix: str) -> MetricCollection:

@@ -7,7 +7,9 @@ directories, groups runs that share a configuration (everything except the seeds
 and test folds and where files live), and writes ``report.md``, ``report.csv`` and ``report.png``:
 one row per configuration, mean ± sample std over its runs, ranked by the held-out test Dice when
 every run has one (else by the last-epoch validation Dice): the best validation Dice is picked on
-the split it is measured on, so it is shown but never ranks. Runs of ``experiment=cross_dataset``
+the split it is measured on, so it is shown but never ranks. Beside the all-slice Dice, the last validation
+epoch's tumor-slice Dice, sensitivity and false-alarm rate (tumor slices and empty slices scored apart;
+``n/a (no empty slices)`` when the validation split has none); the CSV also has the test split's. Runs of ``experiment=cross_dataset``
 add a second table (and ``cross_dataset.csv``): per configuration, the in-domain and the
 cross-dataset evaluation side by side, with tumor-slice Dice, false-alarm rate and all-slice Dice.
 """
@@ -76,12 +78,28 @@ CSV_COLUMNS = (
     "best_val_dice_std",
     "last_val_dice_mean",
     "last_val_dice_std",
+    "val_tumor_slices",
+    "val_empty_slices",
+    "last_val_dice_tumor_mean",
+    "last_val_dice_tumor_std",
+    "last_val_sensitivity_mean",
+    "last_val_sensitivity_std",
+    "last_val_false_alarm_rate_mean",
+    "last_val_false_alarm_rate_std",
     "split",
     "test_runs",
     "test_dice_mean",
     "test_dice_std",
     "test_iou_mean",
     "test_iou_std",
+    "test_tumor_slices",
+    "test_empty_slices",
+    "test_dice_tumor_mean",
+    "test_dice_tumor_std",
+    "test_sensitivity_mean",
+    "test_sensitivity_std",
+    "test_false_alarm_rate_mean",
+    "test_false_alarm_rate_std",
     "ranked_by",
     "run_dirs",
 )
@@ -94,6 +112,9 @@ DICE_COLUMNS = {
     "so an optimistic score",
 }
 SHORT_NAMES = {"test/dice": "test Dice", "last_val_dice": "last val Dice", "best_val_dice": "best val Dice"}
+# Slice-level scores of training runs (metrics.json of train): column stem -> (key, slice group it needs).
+SLICE_GROUPS = {"dice_tumor": "tumor_slices", "sensitivity": "tumor_slices", "false_alarm_rate": "empty_slices"}
+SLICE_NOTES = {"tumor_slices": "n/a (no tumor slices)", "empty_slices": "n/a (no empty slices)"}
 
 # The cross-dataset table (experiment=cross_dataset): one row per configuration and evaluation.
 CROSS_COLUMNS = (
@@ -226,6 +247,13 @@ class ConfigurationRow:
             "test_runs": len(self.values("test/dice")),
             "run_dirs": " ".join(str(r.directory) for r in self.runs),
         }
+        sources = [run.metrics for run in self.runs]
+        for split in ("val", "test"):
+            for group in ("tumor_slices", "empty_slices"):
+                row[f"{split}_{group}"] = _count(sources, (f"{split}_slices", group))
+        for name in SLICE_GROUPS:
+            row[f"last_val_{name}_mean"], row[f"last_val_{name}_std"] = self.mean_std(f"last_val_{name}")
+            row[f"test_{name}_mean"], row[f"test_{name}_std"] = self.mean_std(f"test/{name}")
         for column, metric in (
             ("epochs", "epochs_trained"),
             ("train_time_s", "train_time_s"),
@@ -380,9 +408,9 @@ def _score(evaluation: dict[str, Any], path: Sequence[str]) -> float | None:
     return value if finite else None
 
 
-def _count(evaluations: Sequence[dict[str, Any]], group: str) -> int | str | None:
-    """The slice count of ``group`` (``tumor_slices``/``empty_slices``): one number, or ``low-high`` across runs."""
-    counts = sorted({n for e in evaluations if isinstance(n := _score(e, (group, "n")), int)})
+def _count(sources: Sequence[dict[str, Any]], path: Sequence[str]) -> int | str | None:
+    """The slice count at ``path`` (e.g. ``("tumor_slices", "n")``): one number, or ``low-high`` across runs."""
+    counts = sorted({n for source in sources if isinstance(n := _score(source, path), int)})
     if not counts:
         return None
     return counts[0] if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
@@ -407,8 +435,8 @@ def cross_dataset_rows(rows: Sequence[ConfigurationRow]) -> list[dict[str, Any]]
         for (role, dataset, split, chose), evaluations in groups.items():
             entry = {"config": row.label, "trained_on": ", ".join(sorted(trained_on)), "role": role,
                      "dataset": dataset, "split": split, "chose_checkpoint": bool(chose), "runs": len(evaluations),
-                     "tumor_slices": _count(evaluations, "tumor_slices"),
-                     "empty_slices": _count(evaluations, "empty_slices")}
+                     "tumor_slices": _count(evaluations, ("tumor_slices", "n")),
+                     "empty_slices": _count(evaluations, ("empty_slices", "n"))}
             for name, path in CROSS_SCORES.items():
                 scores = [score for e in evaluations if (score := _score(e, path)) is not None]
                 entry[f"{name}_mean"], entry[f"{name}_std"] = _aggregate(scores)
@@ -453,6 +481,15 @@ def _duration(seconds: float | None, std: float | None) -> str:
     return f"{one(seconds)} ± {one(std)}" if std is not None else one(seconds)
 
 
+def _slice_score(fields: dict[str, Any], name: str) -> str:
+    """The last validation epoch's ``name`` (:data:`SLICE_GROUPS`) as mean ± std; ``n/a (...)`` when the
+    validation split of every run had no slice of the group it needs, ``–`` when unknown (older runs)."""
+    mean = fields[f"last_val_{name}_mean"]
+    if mean is None and fields[f"val_{SLICE_GROUPS[name]}"] == 0:
+        return SLICE_NOTES[SLICE_GROUPS[name]]
+    return _mean_std(mean, fields[f"last_val_{name}_std"])
+
+
 def write_csv(rows: Sequence[ConfigurationRow], path: Path) -> None:
     """Full-precision numbers (a single run's values exactly as in its metrics.json); all or nothing."""
     with atomic_path(path) as temporary, temporary.open("w", newline="") as stream:
@@ -477,6 +514,9 @@ def render_markdown(rows: Sequence[ConfigurationRow], directories: Sequence[str 
         "",
         "Which split chose and which split scored:",
         *(f"- {text}." for text in DICE_COLUMNS.values()),
+        ("- val tumor-slice Dice, val sensitivity, val false-alarm rate: the last epoch on the validation split, "
+         "Dice over slices with a tumor, share of them with any predicted tumor pixel, share of empty slices with one "
+         "(n/a without such slices)."),
     ]
     leaky = [row.label for row in rows if "leaky" in (row.split() or "")]
     if leaky:
@@ -489,7 +529,8 @@ def render_markdown(rows: Sequence[ConfigurationRow], directories: Sequence[str 
             "numbers are mean ± sample standard deviation over them."
         )
     header = ["#", "configuration", "model", "loss", "optimizer", "lr", "image size", "precision", "params",
-              "dataset", "split", "runs", "epochs", "training time", "best val Dice", "last val Dice", "test Dice"]
+              "dataset", "split", "runs", "epochs", "training time", "best val Dice", "last val Dice", "val tumor-slice Dice", "val sensitivity",
+              "val false-alarm rate", "test Dice"]
     lines += ["", "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     ranked_by = ranking_metric(rows)
     for rank, row in enumerate(rows, start=1):
@@ -518,6 +559,7 @@ def render_markdown(rows: Sequence[ConfigurationRow], directories: Sequence[str 
             _duration(f["train_time_s_mean"], f["train_time_s_std"]),
             dice["best_val_dice"],
             dice["last_val_dice"],
+            *(_slice_score(f, name) for name in SLICE_GROUPS),
             test,
         ]
         lines.append("| " + " | ".join(cells) + " |")

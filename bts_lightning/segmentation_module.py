@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -12,8 +13,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from bts_lightning.errors import ConfigError
 from bts_lightning.losses import uses_distance_maps
-from bts_lightning.metrics import overlap_metrics
+from bts_lightning.metrics import SLICE_SCORES, SliceDetection, overlap_metrics
 from bts_lightning.preprocessing import standardize
+
+log = logging.getLogger(__name__)
 
 
 def _plain(config: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -87,9 +90,15 @@ class SegmentationModule(L.LightningModule):
         self.aux_loss_weight = self.hparams.aux_loss_weight
 
     def configure_metrics(self) -> None:
-        """Per-image tumor Dice and IoU for validation and test."""
+        """Per-image tumor Dice and IoU, and the slice-level scores (:class:`SliceDetection`), for validation and test.
+
+        ``slice_counts[stage]``: ``{"tumor_slices": n, "empty_slices": m}`` of the last (non-sanity) epoch scored.
+        """
         self.val_metrics = overlap_metrics("val/")
         self.test_metrics = overlap_metrics("test/")
+        self.val_detection = SliceDetection()
+        self.test_detection = SliceDetection()
+        self.slice_counts: dict[str, dict[str, int]] = {}
 
     @property
     def pretrained(self) -> bool:
@@ -146,8 +155,55 @@ class SegmentationModule(L.LightningModule):
         loss = self.compute_loss({"out": outputs["out"]}, masks, batch.get("distance"))  # auxiliary outputs only train
         self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=len(masks))
         metrics = self.val_metrics if stage == "val" else self.test_metrics
-        metrics.update(outputs["out"].argmax(dim=1), masks)
+        preds = outputs["out"].argmax(dim=1)
+        metrics.update(preds, masks)
         self.log_dict(metrics, prog_bar=stage == "val")
+        (self.val_detection if stage == "val" else self.test_detection).update(preds, masks)
+
+    def _log_detection(self, stage: str) -> None:
+        """Log ``{stage}/dice_tumor``, ``/sensitivity`` and ``/false_alarm_rate`` (each when measurable) and reset.
+
+        Without empty slices there is no false-alarm rate: said once per fit (validation) or test run. A callback
+        or the scheduler monitoring a score never logged (no slice of the group it needs) is a ``ConfigError``.
+        The values are already reduced across ranks by :meth:`SliceDetection.compute`.
+        """
+        metric = self.val_detection if stage == "val" else self.test_detection
+        if not metric.update_called:
+            return
+        values = metric.compute()
+        metric.reset()
+        counts = {name: int(values.pop(name)) for name in ("tumor_slices", "empty_slices")}
+        for name, value in values.items():
+            self.log(f"{stage}/{name}", value)
+        if self.trainer.sanity_checking:
+            return
+        first = stage not in self.slice_counts
+        self.slice_counts[stage] = counts
+        self._check_monitors(stage, [name for name in SLICE_SCORES if name not in values])
+        if counts["empty_slices"] == 0 and first and self.trainer.is_global_zero:
+            log.info("%s split has no empty slice: no false-alarm rate (every slice shows a tumor)", stage)
+
+    def _check_monitors(self, stage: str, missing: Sequence[str]) -> None:
+        """Raise ``ConfigError`` when a callback or the learning-rate scheduler monitors a ``missing`` score."""
+        monitors = [getattr(callback, "monitor", None) for callback in self.trainer.callbacks]
+        monitors += [config.monitor for config in self.trainer.lr_scheduler_configs]
+        for name in missing:
+            if f"{stage}/{name}" in monitors:
+                lacking = "empty slice (every slice shows a tumor)" if name == "false_alarm_rate" else "tumor slice"
+                raise ConfigError(f"monitor.metric={stage}/{name} is never logged: the {stage} split has no {lacking}. "
+                                  "Monitor val/dice or val/loss instead.")
+
+    def on_fit_start(self) -> None:
+        self.slice_counts.pop("val", None)
+
+    def on_test_start(self) -> None:
+        self.slice_counts.pop("test", None)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_detection("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_detection("test")
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val")

@@ -16,7 +16,7 @@ from bts_lightning.checkpoint import resolve_resume
 from bts_lightning.cross_dataset import check_cross_data, checkpoint_to_score, evaluate_across
 from bts_lightning.errors import ConfigError
 from bts_lightning.losses import uses_distance_maps
-from bts_lightning.metrics import VAL_DICE, VAL_IOU
+from bts_lightning.metrics import SLICE_SCORES, VAL_DICE, VAL_IOU
 from bts_lightning.models import check_input_size
 from bts_lightning.runtime import hydra_app, user_error_of, write_json_atomic
 from bts_lightning.segmentation_module import SegmentationModule
@@ -49,9 +49,13 @@ def check_monitor(monitor: DictConfig | None) -> tuple[str, str]:
     metric = (monitor or {}).get("metric")
     mode = (monitor or {}).get("mode")
     if not isinstance(metric, str) or not metric.startswith("val/"):
-        raise ConfigError(f"monitor.metric={metric} must name a validation metric: val/dice, val/iou or val/loss.")
+        raise ConfigError(
+            f"monitor.metric={metric} must name a validation metric: val/dice, val/iou, val/dice_tumor, "
+            "val/sensitivity, val/false_alarm_rate (only when the validation split has empty slices) or val/loss."
+        )
     if mode not in MONITOR_MODES:
-        raise ConfigError(f"monitor.mode={mode} must be max (val/dice, val/iou) or min (val/loss).")
+        raise ConfigError(f"monitor.mode={mode} must be max (val/dice, val/iou, val/dice_tumor, val/sensitivity) "
+                          "or min (val/loss, val/false_alarm_rate).")
     return metric, mode
 
 
@@ -81,12 +85,21 @@ def split_summary(datamodule: Any) -> dict[str, Any]:
             "n_negatives": datamodule.n_negatives}
 
 
+def slice_scores(prefix: str, row: dict[str, float] | None) -> dict[str, float | None]:
+    """``{prefix}dice_tumor``, ``{prefix}sensitivity``, ``{prefix}false_alarm_rate`` of a history row (None when
+    the row lacks them: no such row, or no tumor / no empty slice in the validation split)."""
+    return {f"{prefix}{name}": (row or {}).get(f"val/{name}") for name in SLICE_SCORES}
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, test the best checkpoint when a test split exists, and write ``metrics.json``.
 
     ``metrics.json`` reports the dataset's name, the best validation epoch (the epoch that chose
-    ``best.ckpt``, so an optimistic score of the validation split), the last validation epoch, and the
-    test scores of ``best.ckpt`` on the held-out test split when one exists. With a ``cross_data`` node
+    ``best.ckpt``, so an optimistic score of the validation split), the last validation epoch, each with
+    its slice-level scores (``best_val_``/``last_val_`` ``dice_tumor``, ``sensitivity``, ``false_alarm_rate``:
+    None when not measurable), and the test scores of ``best.ckpt`` on the held-out test split when one
+    exists (``test``: every ``test/`` key logged). ``val_slices`` and ``test_slices`` count the tumor and
+    empty slices scored (no empty slice: no false-alarm rate). With a ``cross_data`` node
     (``experiment=cross_dataset``) the model is then scored in domain and on that second dataset
     (:mod:`bts_lightning.cross_dataset`), summarized under ``cross_dataset``.
     """
@@ -136,9 +149,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                                            else "there is no test split."),
         },
         "best_val_dice": best.get(VAL_DICE) if best else None,
+        **slice_scores("best_val_", best),
         "best_epoch": best["epoch"] if best else None,
         "last_val_dice": last.get(VAL_DICE) if last else None,
         "last_val_iou": last.get(VAL_IOU) if last else None,
+        **slice_scores("last_val_", last),
+        "val_slices": module.slice_counts.get("val"),
         "last_epoch": last["epoch"] if last else None,
         "best_checkpoint": best_path,
         "val_history": history.history if history else [],
@@ -146,6 +162,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if tested:
         results = trainer.test(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)
         metrics["test"] = {key: float(value) for key, value in results[0].items()}
+        metrics["test_slices"] = module.slice_counts.get("test")
     if cfg.get("cross_data") is not None:
         ckpt = checkpoint_to_score(trainer, best_path, output_dir)
         if trainer.is_global_zero:

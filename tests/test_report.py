@@ -284,3 +284,43 @@ def test_cross_dataset_rows_side_by_side_with_mean_and_std_over_repeats(tmp_path
     assert "| unet | brain_tumor | brain_tumor | test | in-domain | 50 / 0 | 0.7000 ± 0.0000 | 1.0000 ± 0.0000 | – |" \
         in markdown
     assert "| 1.0 k | brain_tumor | – | 2 |" in markdown  # params, the training dataset, split, runs
+
+
+def _add_slice_scores(run: Path, tumor: tuple[int, float, float], empty: tuple[int, float | None]) -> None:
+    """Give a run's metrics.json the slice-level scores training writes (last validation epoch and test)."""
+    (n_tumor, dice, sensitivity), (n_empty, rate) = tumor, empty
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics.update(last_val_dice_tumor=dice, last_val_sensitivity=sensitivity, last_val_false_alarm_rate=rate,
+                   val_slices={"tumor_slices": n_tumor, "empty_slices": n_empty},
+                   test_slices={"tumor_slices": n_tumor, "empty_slices": n_empty})
+    metrics["test"].update({"test/dice_tumor": dice - 0.1, "test/sensitivity": sensitivity})
+    if rate is not None:
+        metrics["test"]["test/false_alarm_rate"] = rate / 2
+    (run / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_training_runs_show_slice_level_validation_scores(tmp_path):
+    root = tmp_path / "runs"
+    for seed, rate in ((1, 0.2), (2, 0.4)):  # LGG-like: validation split with empty slices
+        _write_run(root / f"lgg{seed}", "unet", seed, seed, val_dice=0.8, test_dice=0.7, net_layout=True)
+        _add_slice_scores(root / f"lgg{seed}", (30, 0.6, 0.9), (60 + seed, rate))
+    _write_run(root / "kaggle", "lraspp", 1, 1, val_dice=0.7, test_dice=0.6, net_layout=True)
+    _add_slice_scores(root / "kaggle", (50, 0.65, 1.0), (0, None))  # every slice shows a tumor
+    _write_run(root / "old", "fcn", 1, 1, val_dice=0.6, test_dice=0.5, net_layout=True)  # made before these scores
+    _report([f"dirs={root}"], tmp_path / "run")
+    table = {row["model"]: row for row in _read_csv(root / "report.csv")}
+    lgg, kaggle, old = table["unet"], table["lraspp"], table["fcn"]
+    assert (lgg["val_tumor_slices"], lgg["val_empty_slices"], lgg["test_empty_slices"]) == ("30", "61-62", "61-62")
+    assert float(lgg["last_val_false_alarm_rate_mean"]) == pytest.approx(0.3)
+    assert float(lgg["last_val_false_alarm_rate_std"]) == pytest.approx(statistics.stdev([0.2, 0.4]))
+    assert float(lgg["test_false_alarm_rate_mean"]) == pytest.approx(0.15)
+    assert float(lgg["last_val_dice_tumor_mean"]) == pytest.approx(0.6)
+    assert float(lgg["test_dice_tumor_mean"]) == pytest.approx(0.5)
+    assert (kaggle["val_empty_slices"], kaggle["last_val_false_alarm_rate_mean"]) == ("0", "")
+    assert float(kaggle["last_val_sensitivity_mean"]) == 1.0 and kaggle["test_false_alarm_rate_mean"] == ""
+    assert all(old[column] == "" for column in ("val_tumor_slices", "last_val_dice_tumor_mean", "test_sensitivity_mean"))
+    markdown = (root / "report.md").read_text()
+    assert "| val tumor-slice Dice | val sensitivity | val false-alarm rate | test Dice |" in markdown
+    assert "| 0.6000 ± 0.0000 | 0.9000 ± 0.0000 | 0.3000 ± 0.1414 | **0.7000 ± 0.0000** |" in markdown
+    assert "| 0.6500 | 1.0000 | n/a (no empty slices) | **0.6000** |" in markdown
+    assert "| – | – | – | **0.5000** |" in markdown

@@ -30,7 +30,7 @@ def test_short_run_writes_checkpoints_tensorboard_and_metrics(tmp_path):
     assert saved["model"] == "unet" and saved["epochs_trained"] == 2 and saved["best_epoch"] in (0, 1)
     assert 0.0 <= saved["best_val_dice"] <= 1.0
     assert saved["best_val_dice"] == max(row["val/dice"] for row in saved["val_history"])
-    assert set(saved["test"]) == {"test/dice", "test/iou", "test/loss"}
+    assert set(saved["test"]) == {"test/dice", "test/iou", "test/loss", "test/dice_tumor", "test/sensitivity"}
     assert metrics["best_val_dice"] == saved["best_val_dice"]
     checkpoint = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["epoch"] == saved["best_epoch"]
@@ -226,7 +226,7 @@ def test_callbacks_none_means_no_callbacks(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
     assert saved["best_checkpoint"] is None and saved["val_history"] == [] and saved["best_val_dice"] is None
     assert saved["selection"]["chosen_on"] is None and "final weights" in saved["selection"]["note"]
-    assert set(saved["test"]) == {"test/dice", "test/iou", "test/loss"}
+    assert set(saved["test"]) == {"test/dice", "test/iou", "test/loss", "test/dice_tumor", "test/sensitivity"}
 
 
 def test_one_monitor_key_drives_checkpoint_early_stopping_and_scheduler(tmp_path):

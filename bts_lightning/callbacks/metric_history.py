@@ -9,13 +9,17 @@ from lightning.pytorch.callbacks import Callback
 
 
 class MetricHistory(Callback):
-    """Append ``{"epoch": e, "val/dice": ..., ...}`` after every (non-sanity) validation epoch."""
+    """Append ``{"epoch": e, "val/dice": ..., ...}`` after every (non-sanity) validation run.
+
+    Read at ``on_validation_end``, after the module's ``on_validation_epoch_end`` logged its epoch-level
+    scores (``val/dice_tumor``, ...), and before the checkpoint callbacks save this history.
+    """
 
     def __init__(self, prefix: str = "val/") -> None:
         self.prefix = prefix
         self.history: list[dict[str, float]] = []
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
         values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(self.prefix)}
