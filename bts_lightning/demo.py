@@ -128,8 +128,8 @@ def build_demo(predictor: Predictor, options: InferenceOptions, examples: list[P
                 min_size = gr.Number(value=options.min_size, precision=0, minimum=0, label="Minimum component (px)")
                 button = gr.Button("Segment", variant="primary")
             with gr.Column():
-                shown = gr.Image(label="Overlay (prediction in red)", type="numpy")
-                heat = gr.Image(label="Tumor probability", type="numpy")
+                shown = gr.Image(label="Overlay (prediction in red)", type="numpy", height=320)
+                heat = gr.Image(label="Tumor probability", type="numpy", height=320)
                 area = gr.Textbox(label="Area")
                 mask = gr.File(label="Mask PNG (0/255)")
         inputs, outputs = [file, threshold, tta, largest, min_size], [shown, heat, area, mask]

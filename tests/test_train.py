@@ -15,7 +15,10 @@ from bts_lightning.checkpoint import CheckpointError
 from bts_lightning.errors import ConfigError
 from bts_lightning.preprocessing import standardize
 from bts_lightning.train import train
+from tests import fixtures_demo
 from tests.conftest import REAL_DATA, compose_train, run_cli
+
+readme_demo = fixtures_demo.readme_demo  # the pytest fixture, requested by name below
 
 SMALL_SYNTHETIC = ["data=synthetic", "data.synthetic.n=40", "data.synthetic.size=64", "data.batch_size=8"]
 
@@ -153,15 +156,10 @@ def test_real_data_deeplabv3_mixed_precision_with_limits(tmp_path):
 
 
 @pytest.mark.slow
-def test_readme_demo_reaches_dice_0_7(tmp_path):
+def test_readme_demo_reaches_dice_0_7(readme_demo):
     """The README's offline demo, exactly as written (plus where to put its files); its time is in the README."""
-    result = run_cli(
-        ["bts_lightning.train", "experiment=demo", f"paths.data_dir={tmp_path / 'data'}",
-         f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert readme_demo.result.returncode == 0, readme_demo.result.stderr[-3000:]
+    saved = json.loads((readme_demo.run_dir / "metrics.json").read_text())
     assert saved["best_val_dice"] >= 0.7
 
 
