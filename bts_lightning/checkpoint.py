@@ -18,7 +18,7 @@ import torch
 from omegaconf import OmegaConf
 
 from bts_lightning.errors import BtsError, first_line
-from bts_lightning.runtime import user_error_of
+from bts_lightning.runtime import atomic_path, user_error_of
 from bts_lightning.segmentation_module import SegmentationModule
 
 _REQUIRED_HPARAMS = ("net", "loss", "optimizer")
@@ -183,3 +183,26 @@ def _from_run_config(path: Path, key: str) -> Any:
             return None
         return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
     return None
+
+
+# Top-level checkpoint key holding the calibrated slice decision (``SliceDecision.to_dict()``).
+DECISION_KEY = "bts_decision"
+
+
+def stored_decision(ckpt_path: str | Path) -> dict[str, Any] | None:
+    """The slice decision record a checkpoint holds (unchecked), or ``None`` (never calibrated, or unreadable)."""
+    decision = _stored(Path(ckpt_path)).get(DECISION_KEY)
+    return decision if isinstance(decision, dict) else None
+
+
+def write_decision(ckpt_path: str | Path, decision: Mapping[str, Any]) -> None:
+    """Store ``decision`` (a ``SliceDecision.to_dict()``) in checkpoint ``ckpt_path``, replacing any earlier one.
+
+    The file is rewritten atomically (temporary file beside it, then renamed): it always holds the old or
+    the new checkpoint. Raises :class:`CheckpointError` when it is not a readable bts_lightning checkpoint,
+    :class:`~bts_lightning.errors.OutputError` when it cannot be written.
+    """
+    checkpoint = read_checkpoint(ckpt_path)
+    checkpoint[DECISION_KEY] = dict(decision)
+    with atomic_path(ckpt_path) as temporary, temporary.open("wb") as stream:
+        torch.save(checkpoint, stream)

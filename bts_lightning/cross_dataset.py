@@ -30,7 +30,7 @@ from bts_lightning.trained_split import channel_mapping
 log = logging.getLogger(__name__)
 
 # Settings of the evaluate app (conf/evaluate.yaml) that ``cross_evaluate`` may set.
-EVALUATE_KEYS = ("device", "threshold", "tta", "postprocess", "worst_k")
+EVALUATE_KEYS = ("device", "threshold", "tta", "postprocess", "slice_decision", "worst_k")
 FOLDER = "cross_dataset"
 IN_DOMAIN = "in_domain"
 

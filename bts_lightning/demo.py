@@ -3,7 +3,8 @@
 ``ckpt_path`` is anything :func:`bts_lightning.inference.load_predictor` takes (``.ckpt``, ``.onnx``,
 ``.pt``/``.ts``, a hub folder). The page takes one slice (PNG, JPEG, TIFF, BMP; any size, 8/16-bit,
 gray or colour, read with the model's channels) and shows the overlay, the probability map, the
-tumor area (pixels and % of the slice) and a mask PNG to download. Threshold, TTA and postprocessing
+tumor area (pixels and % of the slice; "No tumor detected" with the slice score when the model's
+calibrated slice decision rejects the slice, ``slice_decision=auto``) and a mask PNG to download. Threshold, TTA and postprocessing
 controls start at the config's values; each request runs :func:`bts_lightning.predict.segment`, the
 same code as ``predict``. A few synthetic example slices are written to the run folder at start-up.
 Bad uploads (not an image, empty, too large) show one message in the page. Needs the ``demo`` extra.
@@ -24,7 +25,14 @@ from omegaconf import DictConfig
 from bts_lightning.data.io import ChannelError, UnreadableImageError, read_channels
 from bts_lightning.data.synthetic import generate_dataset
 from bts_lightning.errors import ConfigError
-from bts_lightning.inference import InferenceOptions, Predictor, contract_of, load_predictor, resolve_device
+from bts_lightning.inference import (
+    InferenceOptions,
+    Predictor,
+    contract_of,
+    load_predictor,
+    resolve_device,
+    with_model_decision,
+)
 from bts_lightning.predict import DEFAULT_IMAGE_SIZE, segment
 from bts_lightning.runtime import hydra_app, path_setting
 from bts_lightning.visualize import overlay, to_uint8, write_png
@@ -85,7 +93,18 @@ def analyze(predictor: Predictor, path: str | Path | None, options: InferenceOpt
     ((probability, mask),) = segment(predictor, [image], size, options)
     heat = cv2.cvtColor(cv2.applyColorMap(to_uint8(np.clip(probability, 0, 1) * 255), cv2.COLORMAP_INFERNO),
                         cv2.COLOR_BGR2RGB)
-    return Result(overlay(image[0], mask), heat, mask, area_text(mask))
+    return Result(overlay(image[0], mask), heat, mask, decision_text(options, probability) or area_text(mask))
+
+
+def decision_text(options: InferenceOptions, probability: np.ndarray) -> str | None:
+    """``No tumor detected (slice score S <= threshold T)`` when ``options.decision`` rejects the slice, else None."""
+    decision = options.decision
+    if decision is None:
+        return None
+    score = decision.score(probability)
+    if decision.tumor_present(score):
+        return None
+    return f"No tumor detected (slice score {score:.4g} <= threshold {decision.threshold:.4g})"
 
 
 def example_slices(folder: Path, count: int = 3) -> list[Path]:
@@ -154,6 +173,7 @@ def demo(cfg: DictConfig) -> None:
     ckpt_path = path_setting(cfg, "ckpt_path", "python -m bts_lightning.demo ckpt_path=MODEL")
     options = InferenceOptions.from_config(cfg)
     predictor = load_predictor(ckpt_path, resolve_device(cfg.get("device", "auto")))
+    options = with_model_decision(options, cfg, contract_of(predictor))
     examples = example_slices(Path(cfg.paths.output_dir) / "examples", int(cfg.get("examples", 3)))
     page = build_demo(predictor, options, examples, cfg.get("image_size"))
     page.launch(server_name=str(cfg.host), server_port=int(cfg.port), share=bool(cfg.share),

@@ -27,6 +27,11 @@ in pixels of that size.
 The empty-case policy (both empty: ratios 1, HD95 0; a missed tumor or a false alarm: ratios 0,
 HD95 = image diagonal; no image dropped, nothing NaN) is described in :mod:`bts_lightning.metrics`;
 ``metrics.json["cases"]`` counts each case.
+
+A model with a calibrated slice decision (``python -m bts_lightning.calibrate``; :mod:`bts_lightning.decision`)
+has it applied (``slice_decision=auto``; ``off`` to score the raw masks): slices it judges tumor-free
+are scored with empty masks. ``metrics.json`` records it under ``inference.decision``, and
+``decision_note`` says whether it was chosen on the scored split (optimistic) or that split is held out.
 """
 
 from __future__ import annotations
@@ -36,18 +41,29 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from bts_lightning.data.dataset import SliceDataset
+from bts_lightning.decision import SliceDecision
 from bts_lightning.errors import ConfigError
-from bts_lightning.inference import InferenceOptions, check_input_size, contract_of, load_predictor, resolve_device
+from bts_lightning.inference import (
+    InferenceOptions,
+    Predictor,
+    check_input_size,
+    contract_of,
+    load_predictor,
+    resolve_device,
+    with_model_decision,
+)
 from bts_lightning.metrics import AREAS, METRICS, count_cases, image_metrics, summarize, summarize_by_truth
 from bts_lightning.runtime import atomic_path, hydra_app, make_directory, write_json_atomic
 from bts_lightning.trained_split import (
@@ -141,6 +157,9 @@ def format_table(metrics: dict[str, Any]) -> str:
         f"Empty cases: {cases['missed_tumor']} missed tumor(s), {cases['false_alarm']} false alarm(s), "
         f"{cases['both_empty']} correctly empty"
     )
+    decision = metrics["inference"].get("decision")
+    if decision is not None:
+        lines.append(f"Slice decision: {SliceDecision.from_dict(decision).describe()}; {metrics['decision_note']}")
     return "\n".join([*lines, *by_truth_lines(metrics)])
 
 
@@ -163,23 +182,31 @@ def by_truth_lines(metrics: dict[str, Any]) -> list[str]:
     return [tumor_line, empty_line, all_line]
 
 
-def evaluate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, Any]:
-    """Predict the split, score every image, and write the three output files; returns metrics.json.
+@dataclass(frozen=True)
+class SplitToScore:
+    """A loaded model and the slices of one split to score with it (:func:`load_split`)."""
 
-    ``overrides`` are the user's command-line overrides (the app passes Hydra's): ``data`` settings
-    not among them (root, split settings, image size) come from the checkpoint, and the scored
-    slices are checked against its split (see :mod:`bts_lightning.trained_split`). ``None`` (calls
-    from Python) uses ``cfg.data`` as given, warning when its split is not the trained one.
+    ckpt_path: Path
+    device: torch.device
+    predictor: Predictor
+    datamodule: Any
+    dataset: SliceDataset
+    channels: str  # which channels of the data feed the model, in words
+    scored: dict[str, Any]  # which slices, checked against the trained split (metrics.json's "slices")
+
+
+def load_split(cfg: DictConfig, overrides: Sequence[str] | None, split: str, app: str) -> SplitToScore:
+    """Load ``cfg.ckpt_path`` and the ``split`` slices of its data, as ``evaluate`` scores them.
+
+    ``overrides``: the user's command-line overrides (see :func:`evaluate`); ``app`` names the app in
+    the "required" message. Raises ``ConfigError`` for a missing ``ckpt_path``, an unknown or empty
+    split, slices that are not the trained split, or channels the model does not take.
     """
     if not cfg.get("ckpt_path"):
-        raise ConfigError("ckpt_path is required: python -m bts_lightning.evaluate ckpt_path=RUN/checkpoints/best.ckpt")
+        raise ConfigError(f"ckpt_path is required: python -m bts_lightning.{app} ckpt_path=RUN/checkpoints/best.ckpt")
     ckpt_path = Path(str(cfg.ckpt_path))
-    split = str(cfg.get("split", "test"))
     if split not in SPLITS:
         raise ConfigError(f"split={split} is not one of {', '.join(SPLITS)}.")
-    options = InferenceOptions.from_config(cfg)
-    worst_k = int(cfg.get("worst_k", 8))
-    output_dir = Path(cfg.paths.output_dir)
     device = resolve_device(cfg.get("device", "auto"))
     predictor = load_predictor(ckpt_path, device)  # before the data: a bad checkpoint fails fast
 
@@ -203,6 +230,37 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[st
                     trained_at, datamodule.image_size, trained_at)
     ids = [dataset.stem(position) for position in range(len(dataset))]
     scored = check_scored_slices(split, ids, record, explicit_data(keys), datamodule.split_record())
+    return SplitToScore(ckpt_path, device, predictor, datamodule, dataset, channels, scored)
+
+
+def decision_note(decision: SliceDecision | None, split: str, dataset: str) -> str | None:
+    """What the slice decision's numbers mean on ``split`` of ``dataset``: chosen on it (optimistic) or held out."""
+    if decision is None:
+        return None
+    chosen_on, chosen_data = decision.calibration.get("split"), decision.calibration.get("dataset")
+    if chosen_data != dataset:
+        return f"slice decision calibrated on the {chosen_on} split of {chosen_data}, not this dataset."
+    if chosen_on == split or split == "all":
+        return (f"slice decision calibrated on the {chosen_on} split scored here: its false-alarm rate was chosen "
+                "on these slices (optimistic).")
+    return f"slice decision calibrated on the {chosen_on} split; this {split} split is held out."
+
+
+def evaluate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, Any]:
+    """Predict the split, score every image, and write the three output files; returns metrics.json.
+
+    ``overrides`` are the user's command-line overrides (the app passes Hydra's): ``data`` settings
+    not among them (root, split settings, image size) come from the checkpoint, and the scored
+    slices are checked against its split (see :mod:`bts_lightning.trained_split`). ``None`` (calls
+    from Python) uses ``cfg.data`` as given, warning when its split is not the trained one.
+    """
+    split = str(cfg.get("split", "test"))
+    options = InferenceOptions.from_config(cfg)
+    worst_k = int(cfg.get("worst_k", 8))
+    output_dir = Path(cfg.paths.output_dir)
+    scoring = load_split(cfg, overrides, split, "evaluate")
+    predictor, datamodule, dataset, ckpt_path = scoring.predictor, scoring.datamodule, scoring.dataset, scoring.ckpt_path
+    options = with_model_decision(options, cfg, contract_of(predictor))
 
     started = time.perf_counter()
     batch_size = max(1, int(cfg.data.get("batch_size") or 16))
@@ -224,13 +282,14 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[st
         "checkpoint": str(ckpt_path.resolve()),
         "dataset": datamodule.name,
         "data_root": str(datamodule.root),
-        "channels": channels,
+        "channels": scoring.channels,
         "split": split,
-        "slices": scored,
+        "slices": scoring.scored,
         "image_size": datamodule.image_size,
         "n_images": len(rows),
-        "device": str(device),
+        "device": str(scoring.device),
         "inference": options.to_dict(),
+        "decision_note": decision_note(options.decision, split, datamodule.name),
         "summary": summarize(rows),
         "by_label": summarize_by_type(rows),
         "cases": count_cases(rows),

@@ -19,8 +19,8 @@ run's ``.hydra/config.yaml`` for older ones);
 file copied away from its run still tells ``predict``/``evaluate`` the size and channels it was trained on.
 
 Also here: the one device choice (:func:`resolve_device`), flip test-time augmentation
-(:func:`predict_probabilities`), thresholds and postprocessing (:class:`InferenceOptions`,
-:func:`postprocess`). This module only reads model files; ``bts_lightning.export`` writes them.
+(:func:`predict_probabilities`), thresholds, postprocessing and the slice decision (:class:`InferenceOptions`,
+:func:`postprocess`, :func:`with_model_decision`). This module only reads model files; ``bts_lightning.export`` writes them.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import json
 import logging
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +38,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from bts_lightning.checkpoint import CheckpointError, load_module, training_channels, training_image_size
+from bts_lightning.checkpoint import (
+    CheckpointError,
+    load_module,
+    stored_decision,
+    training_channels,
+    training_image_size,
+)
 from bts_lightning.data.channels import GRAY, Channels, channels_setting, describe_channels, parse_channels
 from bts_lightning.data.io import MIN_IMAGE_SIZE
+from bts_lightning.decision import SliceDecision
 from bts_lightning.errors import BtsError, ConfigError, first_line
 from bts_lightning.models import check_input_size as check_network_input_size
 from bts_lightning.segmentation_module import SegmentationModule
@@ -105,6 +112,8 @@ class ModelContract:
         fixed_size: the exported graph runs at ``image_size`` x ``image_size`` only (SwinUNETR: its
             attention masks are fixed at export); :class:`ExportedModel` resizes other slices to it
             and the probabilities back. Absent from older contracts: ``False``.
+        decision: the calibrated slice-level "tumor present" decision (:meth:`SliceDecision.to_dict`), ``None``
+            when the model has none (never calibrated; older contracts).
         format_version: version of this record.
     """
 
@@ -117,6 +126,7 @@ class ModelContract:
     model: str | None = None
     fixed_size: bool = False
     channels: str | tuple[int, ...] = GRAY
+    decision: dict[str, Any] | None = None
     format_version: int = CONTRACT_VERSION
 
     def __post_init__(self) -> None:
@@ -139,6 +149,13 @@ class ModelContract:
         if (1 if indices is None else len(indices)) != self.in_channels:
             raise ValueError(f"channels={channels_setting(indices)} give {1 if indices is None else len(indices)} "
                              f"channel(s) but in_channels={self.in_channels}")
+        if self.decision is not None:
+            object.__setattr__(self, "decision", SliceDecision.from_dict(self.decision).to_dict())
+
+    @property
+    def slice_decision(self) -> SliceDecision | None:
+        """``decision`` as a :class:`SliceDecision`, or ``None``."""
+        return None if self.decision is None else SliceDecision.from_dict(self.decision)
 
     @property
     def channel_indices(self) -> Channels:
@@ -383,12 +400,19 @@ def load_predictor(path: str | Path, device: str | torch.device | None = "auto")
 
 
 def _checkpoint_contract(path: Path, module: SegmentationModule) -> ModelContract:
-    """The contract of checkpoint ``path`` holding ``module``: its training size and channels."""
+    """The contract of checkpoint ``path`` holding ``module``: its training size, channels and slice decision."""
     channels = training_channels(path)
     try:
         contract = ModelContract.from_module(module, training_image_size(path), channels)
     except ValueError as error:
         raise CheckpointError(f"Checkpoint {path}: its data.channels do not match its network ({error}).") from None
+    decision = stored_decision(path)
+    if decision is not None:
+        try:
+            contract = replace(contract, decision=decision)
+        except ValueError as error:
+            raise CheckpointError(f"Checkpoint {path}: its stored slice decision is invalid ({error}); "
+                                  "calibrate it again with python -m bts_lightning.calibrate.") from None
     if channels is None and contract.in_channels > 1:
         log.warning("Checkpoint %s records no data.channels; assuming its %d-channel network takes %s.",
                     path, contract.in_channels, contract.describe_channels())
@@ -473,15 +497,20 @@ def postprocess(mask: np.ndarray, largest_component: bool = False, min_size: int
     return lookup[labels]
 
 
+DECISION_SETTINGS = ("auto", "off")
+
+
 @dataclass(frozen=True)
 class InferenceOptions:
     """How probabilities become masks: ``threshold`` (tumor where p > threshold), flip ``tta``,
-    and postprocessing (``largest_component``, ``min_size`` in pixels of the mask it is applied to)."""
+    postprocessing (``largest_component``, ``min_size`` in pixels of the mask it is applied to), and
+    the slice-level ``decision`` (an all-zero mask where it says "no tumor"; ``None`` = none)."""
 
     threshold: float = 0.5
     tta: bool = False
     largest_component: bool = False
     min_size: int = 0
+    decision: SliceDecision | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.threshold) < 1.0:
@@ -491,7 +520,9 @@ class InferenceOptions:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> InferenceOptions:
-        """From an app config with ``threshold``, ``tta`` and ``postprocess.{largest_component,min_size}``."""
+        """From an app config with ``threshold``, ``tta`` and ``postprocess.{largest_component,min_size}``
+        (no decision: see :func:`with_model_decision`); also checks its ``slice_decision`` setting."""
+        decision_setting(cfg)
         post = cfg.get("postprocess") or {}
         return cls(
             threshold=float(cfg.get("threshold", 0.5)),
@@ -501,11 +532,15 @@ class InferenceOptions:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "decision": None if self.decision is None else self.decision.to_dict()}
 
     def mask(self, probabilities: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Threshold and postprocess one (H, W) probability map into a uint8 {0, 1} mask."""
-        binary = (np.asarray(probabilities) > self.threshold).astype(np.uint8)
+        """Threshold and postprocess one (H, W) probability map into a uint8 {0, 1} mask; all zero when the
+        decision (scored on this map) says no tumor."""
+        probability = np.asarray(probabilities)
+        if self.decision is not None and not self.decision.tumor_present(self.decision.score(probability)):
+            return np.zeros(probability.shape, np.uint8)
+        binary = (probability > self.threshold).astype(np.uint8)
         return postprocess(binary, self.largest_component, self.min_size)
 
     def masks(self, probabilities: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -518,3 +553,32 @@ class InferenceOptions:
     def predict_masks(self, predictor: Predictor, images: torch.Tensor | np.ndarray) -> np.ndarray:
         """Masks (N, H, W) uint8 {0, 1} of a batch, at the batch's resolution."""
         return self.masks(predict_probabilities(predictor, images, self.tta).numpy())
+
+
+def decision_setting(cfg: Mapping[str, Any]) -> str:
+    """The app's ``slice_decision`` setting (``auto`` when absent), checked; YAML reads ``off`` as false."""
+    value = cfg.get("slice_decision", "auto")
+    setting = "off" if value is False else str(value)
+    if setting not in DECISION_SETTINGS:
+        raise ConfigError(f"slice_decision={setting} must be auto (the model's calibrated decision, when it has one) "
+                          "or off.")
+    return setting
+
+
+def with_model_decision(options: InferenceOptions, cfg: Mapping[str, Any], contract: ModelContract) -> InferenceOptions:
+    """``options`` with the model's slice decision when ``cfg.slice_decision`` is ``auto`` and ``contract`` has one.
+
+    Logs the decision applied; warns when a component rule was calibrated at another pixel threshold
+    than ``options.threshold``.
+    """
+    decision = contract.slice_decision if decision_setting(cfg) == "auto" else None
+    if decision is None:
+        if contract.decision is not None:
+            log.info("Slice decision off (slice_decision=off): every slice keeps its mask.")
+        return options
+    log.info("Slice decision: tumor present iff %s", decision.describe())
+    if decision.rule == "component_fraction" and decision.pixel_threshold != options.threshold:
+        log.warning("The slice decision was calibrated at threshold=%g but threshold=%g: its false-alarm rate no "
+                    "longer holds; pass threshold=%g, recalibrate, or slice_decision=off.",
+                    decision.pixel_threshold, options.threshold, decision.pixel_threshold)
+    return replace(options, decision=decision)

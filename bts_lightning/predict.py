@@ -11,7 +11,9 @@ its tumor probabilities are resized back to the original size (bilinear) before 
 postprocessing, so ``postprocess.min_size`` counts original pixels. Overlays are drawn on the first
 channel read. Options: ``tta=true`` (flip averaging), ``threshold=0.5``,
 ``postprocess.largest_component=true``, ``postprocess.min_size=N``, ``channels=[2]`` (other file
-channels than the model's, as many as it takes; with a warning). ``ckpt_path`` may be a training
+channels than the model's, as many as it takes; with a warning), ``slice_decision=auto|off`` (the
+model's calibrated slice decision, :mod:`bts_lightning.decision`: an empty mask for a slice it judges
+tumor-free; the returned summary lists each file's ``score`` and ``tumor_present``). ``ckpt_path`` may be a training
 checkpoint (``.ckpt``) or an exported model (``.onnx``, ``.pt``, ``.ts``), loaded by
 :func:`bts_lightning.inference.load_predictor`.
 
@@ -53,6 +55,7 @@ from bts_lightning.inference import (
     load_predictor,
     predict_probabilities,
     resolve_device,
+    with_model_decision,
 )
 from bts_lightning.runtime import hydra_app, make_directory
 from bts_lightning.visualize import overlay, write_png
@@ -142,11 +145,13 @@ def predict_files(
     options: InferenceOptions,
     batch_size: int = 16,
     channels: Channels = None,
+    decisions: list[dict[str, Any]] | None = None,
 ) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Write mask and overlay of every readable file; returns (written masks, (skipped file, reason)).
 
     ``channels``: which channels of each file the predictor takes (``None`` = grayscale); a file
-    lacking one of them is skipped with its reason.
+    lacking one of them is skipped with its reason. With ``options.decision``, ``decisions`` (when
+    given) gets ``{"file", "score", "tumor_present"}`` of each written file.
     """
     names = output_names(files)
     written: list[Path] = []
@@ -163,7 +168,11 @@ def predict_files(
                     skipped.append((path, reason))
             if loaded:
                 results = segment(predictor, [image for _, image in loaded], image_size, options)
-                for (path, image), (_, mask) in zip(loaded, results):
+                for (path, image), (probability, mask) in zip(loaded, results):
+                    if options.decision is not None and decisions is not None:
+                        score = options.decision.score(probability)
+                        decisions.append({"file": path.name, "score": score,
+                                          "tumor_present": options.decision.tumor_present(score)})
                     mask_path = output_dir / f"{names[path]}_mask.png"
                     write_png(mask_path, mask * 255)
                     write_png(output_dir / f"{names[path]}_overlay.png",
@@ -209,16 +218,24 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     channels = input_channels(cfg.get("channels"), contract_of(predictor))
     make_directory(output_dir, "output")
 
-    written, skipped = predict_files(predictor, files, output_dir, image_size, options, batch_size, channels)
+    options = with_model_decision(options, cfg, contract_of(predictor))
+    decisions: list[dict[str, Any]] = []
+    written, skipped = predict_files(predictor, files, output_dir, image_size, options, batch_size, channels,
+                                     decisions)
     skipped_names = [path.name for path, _ in skipped]
     if not written:
         raise DataError(f"None of the {len(files)} input file(s) could be read as the model's input: "
                         f"{format_names([f'{path.name} ({reason})' for path, reason in skipped])}.")
     if skipped:
         log.warning("Skipped %d unreadable file(s) of %d: %s", len(skipped), len(files), format_names(skipped_names))
+    if options.decision is not None:
+        rejected = sum(not entry["tumor_present"] for entry in decisions)
+        log.info("Slice decision: %d of %d slice(s) judged tumor-free (empty masks)", rejected, len(decisions))
     log.info("Wrote %d mask(s) and overlay(s) to %s", len(written), output_dir)
     return {"written": [str(p) for p in written], "skipped": skipped_names, "output": str(output_dir),
-            "image_size": image_size, "channels": channels_setting(channels)}
+            "image_size": image_size, "channels": channels_setting(channels),
+            "decision": None if options.decision is None else options.decision.to_dict(),
+            "slices": decisions}
 
 
 main = hydra_app("predict", predict)  # entry point: bts-predict

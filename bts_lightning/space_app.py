@@ -3,8 +3,9 @@
 Copied as ``app.py`` into the Space bundle by ``python -m bts_lightning.export format=space``. It needs only
 onnxruntime, OpenCV, NumPy and Gradio, and repeats bts_lightning's predict path in NumPy (read the
 model's channels, resize each to the trained size with area/linear interpolation, flip TTA, resize the
-probabilities back bilinearly, threshold, drop small components / keep the largest); the bundle's test
-checks its masks equal ``predict``'s. Research demo only: not for diagnosis.
+probabilities back bilinearly, threshold, drop small components / keep the largest, and the model's
+calibrated slice decision: an empty mask when the slice score is at most its threshold); the bundle's
+test checks its masks equal ``predict``'s. Research demo only: not for diagnosis.
 """
 
 from __future__ import annotations
@@ -26,18 +27,20 @@ _TO_GRAY = {3: cv2.COLOR_RGB2GRAY, 4: cv2.COLOR_RGBA2GRAY}
 
 @dataclass(frozen=True)
 class Model:
-    """An onnxruntime session and its bts_lightning contract (image_size, channels)."""
+    """An onnxruntime session and its bts_lightning contract (image_size, channels, slice decision)."""
 
     session: Any
     image_size: int
     channels: list[int] | None  # None = gray
+    decision: dict[str, Any] | None = None  # rule, threshold, pixel_threshold (bts_lightning.decision)
 
     @classmethod
     def load(cls, path: str | Path = HERE / "model.onnx") -> Model:
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         contract = json.loads(session.get_modelmeta().custom_metadata_map.get(CONTRACT_KEY) or "{}")
         channels = contract.get("channels", "gray")
-        return cls(session, int(contract.get("image_size") or 256), None if channels == "gray" else list(channels))
+        return cls(session, int(contract.get("image_size") or 256), None if channels == "gray" else list(channels),
+                   contract.get("decision"))
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.session.get_inputs()[0].name: batch.astype(np.float32)})[0]
@@ -108,15 +111,37 @@ def clean(mask: np.ndarray, largest_component: bool, min_size: int) -> np.ndarra
     return np.concatenate([[0], keep]).astype(np.uint8)[labels]
 
 
+def slice_score(probability: np.ndarray, rule: str, pixel_threshold: float) -> float:
+    """As bts_lightning.decision.slice_score: the largest 8-connected component of probability > pixel_threshold
+    as a fraction of the slice (``component_fraction``), or the largest probability (``max_probability``)."""
+    if probability.size == 0:
+        return 0.0
+    if rule == "max_probability":
+        return float(probability.max())
+    count, _, stats, _ = cv2.connectedComponentsWithStats((probability > pixel_threshold).astype(np.uint8),
+                                                          connectivity=8)
+    return (int(stats[1:, cv2.CC_STAT_AREA].max()) if count > 1 else 0) / probability.size
+
+
 def segment(model: Model, path: str | Path, threshold: float = 0.5, tta: bool = False,
             largest_component: bool = False, min_size: int = 0) -> tuple[np.ndarray, np.ndarray, str]:
-    """(RGB overlay, mask 0/255, area text) of the slice file ``path``; ValueError for bad files."""
+    """(RGB overlay, mask 0/255, area text) of the slice file ``path``; ValueError for bad files.
+
+    With the model's slice decision, a slice scoring at most its threshold gets an empty mask.
+    """
     image = read_slice(path, model.channels)
-    mask = clean((probabilities(model, image, tta) > threshold).astype(np.uint8), largest_component, int(min_size))
+    probability = probabilities(model, image, tta)
+    mask = clean((probability > threshold).astype(np.uint8), largest_component, int(min_size))
+    area = None
+    if model.decision is not None:
+        score = slice_score(probability, model.decision["rule"], model.decision["pixel_threshold"])
+        if score <= model.decision["threshold"]:
+            mask = np.zeros_like(mask)
+            area = f"No tumor detected (slice score {score:.4g} <= threshold {model.decision['threshold']:.4g})"
     rgb = cv2.cvtColor(_to_uint8(image[0]), cv2.COLOR_GRAY2RGB)
     rgb[mask > 0] = (0.65 * rgb[mask > 0] + 0.35 * np.array([255, 0, 0], np.float32)).astype(np.uint8)
     pixels = int(mask.sum())
-    return rgb, mask * 255, f"Tumor area: {pixels} px ({100.0 * pixels / mask.size:.2f} % of the slice)"
+    return rgb, mask * 255, area or f"Tumor area: {pixels} px ({100.0 * pixels / mask.size:.2f} % of the slice)"
 
 
 def build(model: Model) -> Any:

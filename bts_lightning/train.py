@@ -11,10 +11,12 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from bts_lightning.calibrate import calibrate_checkpoint, check_settings, no_empty_slices, reached_line
 from bts_lightning.callbacks import MetricHistory
 from bts_lightning.checkpoint import resolve_resume
 from bts_lightning.cross_dataset import check_cross_data, checkpoint_to_score, evaluate_across
 from bts_lightning.errors import ConfigError
+from bts_lightning.inference import load_predictor
 from bts_lightning.losses import uses_distance_maps
 from bts_lightning.metrics import SLICE_SCORES, VAL_DICE, VAL_IOU
 from bts_lightning.models import check_input_size
@@ -24,6 +26,8 @@ from bts_lightning.segmentation_module import SegmentationModule
 log = logging.getLogger(__name__)
 
 MONITOR_MODES = ("max", "min")
+# Pixel threshold the slice decision is calibrated at after training (the apps' default threshold).
+DECISION_PIXEL_THRESHOLD = 0.5
 
 
 def _instantiate_all(configs: DictConfig | None) -> list[Any]:
@@ -77,6 +81,42 @@ def build_module(cfg: DictConfig) -> SegmentationModule:
     return module
 
 
+def check_decision(decision: DictConfig | None, datamodule: Any) -> float | None:
+    """The ``decision.target_false_alarm_rate`` to calibrate after fitting (``None``: none), checked before training.
+
+    Raises ``ConfigError`` for a bad target or rule, or a validation split without empty slice.
+    """
+    target = (decision or {}).get("target_false_alarm_rate")
+    if target is None:
+        return None
+    target, _ = check_settings(target, (decision or {}).get("rule", "component_fraction"), "decision.")
+    if datamodule.empty_slices("val") == 0:
+        raise no_empty_slices("val", f"{datamodule.name} ({len(datamodule.datasets['val'])} slices)")
+    return target
+
+
+def calibrate_best(trainer: L.Trainer, best_path: str | None, datamodule: Any, target: float,
+                   rule: str) -> dict[str, Any] | None:
+    """Calibrate the slice decision of ``best_path`` on the val split and store it there (rank 0 only).
+
+    Returns the decision's record (``None`` on other ranks, or without a best checkpoint, with a warning).
+    """
+    if not best_path:
+        log.warning("decision.target_false_alarm_rate is set but no checkpoint callback chose a best.ckpt: "
+                    "nothing to calibrate; run python -m bts_lightning.calibrate on a checkpoint.")
+        return None
+    record = None
+    if trainer.is_global_zero:
+        predictor = load_predictor(best_path, trainer.strategy.root_device)
+        decision = calibrate_checkpoint(Path(best_path), predictor, datamodule.datasets["val"], target, rule,
+                                        DECISION_PIXEL_THRESHOLD, "val", datamodule.name,
+                                        batch_size=datamodule.batch_size)
+        log.info(reached_line(decision))
+        record = decision.to_dict()
+    trainer.strategy.barrier("slice decision")  # the other ranks test best.ckpt once it holds the decision
+    return record
+
+
 def split_summary(datamodule: Any) -> dict[str, Any]:
     """How the slices were split: method, whether patients may leak between subsets, subset sizes, and
     ``n_negatives``, the ``data.negatives`` slices trained on besides ``n_train``."""
@@ -113,6 +153,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")  # validates every file before anything heavy starts
+    decision_target = check_decision(cfg.get("decision"), datamodule)
     module = build_module(cfg)
     check_input_size(module.net, datamodule.image_size, "data.image_size")
     if datamodule.distance_maps is None:  # data.distance_maps: null = when the loss takes them
@@ -159,6 +200,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "best_checkpoint": best_path,
         "val_history": history.history if history else [],
     }
+    if decision_target is not None:
+        metrics["decision"] = calibrate_best(trainer, best_path, datamodule, decision_target,
+                                             str(cfg.decision.get("rule", "component_fraction")))
     if tested:
         results = trainer.test(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)
         metrics["test"] = {key: float(value) for key, value in results[0].items()}

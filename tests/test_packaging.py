@@ -15,8 +15,8 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 
-APPS = ("bts-train", "bts-evaluate", "bts-predict", "bts-export", "bts-demo", "bts-report", "bts-synthetic",
-        "bts-figshare-metadata")
+APPS = ("bts-train", "bts-evaluate", "bts-calibrate", "bts-predict", "bts-export", "bts-demo", "bts-report",
+        "bts-synthetic", "bts-figshare-metadata")
 
 
 def _build_wheel(tmp_path: Path) -> Path:

@@ -62,3 +62,36 @@ def test_space_app_gives_predicts_mask_without_torch(tiny_checkpoint, tmp_path, 
     mask = cv2.imread(str(tmp_path / "m.png"), cv2.IMREAD_UNCHANGED)
     assert np.array_equal(mask, expected) and 0 < np.count_nonzero(mask) < mask.size
     assert f"Tumor area: {np.count_nonzero(expected)} px" in result.stdout
+
+
+@pytest.mark.parametrize("rejected", [True, False])
+def test_space_app_applies_the_models_slice_decision_as_predict(tiny_checkpoint, tmp_path, rejected):
+    """The slice decision travels in the bundle's model.onnx; app.py scores the slice as predict does."""
+    from bts_lightning.checkpoint import write_decision
+    from bts_lightning.data.io import read_channels
+    from bts_lightning.decision import SliceDecision, slice_score
+    from bts_lightning.inference import InferenceOptions, load_predictor
+    from bts_lightning.predict import segment
+
+    ckpt = tmp_path / "best.ckpt"
+    ckpt.write_bytes(tiny_checkpoint.path.read_bytes())
+    plain = tmp_path / "plain"
+    export(compose_app("export", [f"ckpt_path={ckpt}", "format=space", f"output={plain}"], tmp_path / "plain_run"))
+    image = min((plain / "examples").glob("*.png"))
+    ((probability, mask),) = segment(load_predictor(plain / "model.onnx", "cpu"), [read_channels(image, None)], 64,
+                                     InferenceOptions())
+    score = slice_score(probability, "component_fraction", 0.5)  # the largest blob's share of the slice
+    assert 0 < score * mask.size <= np.count_nonzero(mask)
+    threshold = score if rejected else score - 0.5 / mask.size  # at the score: rejected; half a pixel below: kept
+    write_decision(ckpt, SliceDecision("component_fraction", threshold, 0.5, 0.05, {"split": "val"}).to_dict())
+    bundle = tmp_path / "space"
+    export(compose_app("export", [f"ckpt_path={ckpt}", "format=space", f"output={bundle}"], tmp_path / "export_run"))
+    predict(compose_app("predict", [f"ckpt_path={bundle / 'model.onnx'}", f"input={image}", f"output={tmp_path / 'p'}"],
+                        tmp_path / "run"))
+    expected = cv2.imread(str(tmp_path / "p" / f"{image.stem}_mask.png"), cv2.IMREAD_UNCHANGED)
+    result = subprocess.run([sys.executable, "-c", SCRIPT, str(bundle), str(image), "{}", str(tmp_path / "m.png")],
+                            capture_output=True, text=True, timeout=120, check=False, env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert np.array_equal(cv2.imread(str(tmp_path / "m.png"), cv2.IMREAD_UNCHANGED), expected)
+    assert (not expected.any()) == rejected
+    assert ("No tumor detected (slice score" in result.stdout) == rejected

@@ -226,6 +226,7 @@ class BrainTumorDataModule(L.LightningDataModule):
         self.train_empty: np.ndarray | None = None  # (len(training_set),) bool: tumor-free mask, after setup("fit")
         self.distance_maps = distance_maps
         self.trained_split: dict[str, Any] | None = None  # split record of a loaded checkpoint
+        self.mask_max: np.ndarray | None = None  # largest mask value of each slice (pairs order); after setup
 
     @property
     def distance_maps(self) -> bool | None:
@@ -270,6 +271,7 @@ class BrainTumorDataModule(L.LightningDataModule):
         self.data_root = root.resolve()
         scan = scan_pairs(self.pairs, self.image_size, keep=self.cache, channels=self.channels)
         self.mask_threshold = mask_threshold(int(scan.mask_max.max()))
+        self.mask_max = scan.mask_max
         self._check_training_masks(scan)
         if scan.images is not None and scan.masks is not None:
             self.cache_arrays = (scan.images, binarize_mask(scan.masks, self.mask_threshold))
@@ -336,6 +338,11 @@ class BrainTumorDataModule(L.LightningDataModule):
         """
         train = self.datasets["train"]
         return CombinedSlices([train, self.negatives_dataset]) if self.negatives_dataset is not None else train
+
+    def empty_slices(self, name: str) -> int:
+        """Number of slices of subset ``name`` (train, val, test) whose mask has no tumor pixel (after setup)."""
+        assert self.mask_max is not None, "call setup() first"
+        return int(np.sum(self.mask_max[self._subsets()[name]] <= self.mask_threshold))
 
     def make_dataset(self, indices: Sequence[int], transform: A.Compose | None = None) -> SliceDataset:
         """A :class:`SliceDataset` of slices ``indices`` with this module's size, channels, cache and mask rule."""

@@ -1,0 +1,134 @@
+"""Hydra app: ``python -m bts_lightning.calibrate ckpt_path=RUN/checkpoints/best.ckpt target_false_alarm_rate=0.05``.
+
+Chooses the slice-level "tumor present" decision (:mod:`bts_lightning.decision`) of a training
+checkpoint on one split of its data (``split=val`` by default; loaded exactly as ``evaluate`` loads
+it: the checkpoint's data root and split unless overridden): every slice is scored with ``rule``
+(``component_fraction`` or ``max_probability``, at pixel ``threshold``), and the threshold is the
+smallest one that marks at most ``target_false_alarm_rate`` of the split's empty slices. The decision
+is written into the checkpoint (atomically), so ``evaluate``, ``predict``, the demo and every file
+exported from it afterwards apply it; ``calibration.json`` in the run folder records it with the
+checkpoint and the slices used. The false-alarm rate and sensitivity it reaches on that split are printed.
+
+Exported files (``.onnx``, ``.pt``, hub folders) are not calibrated: calibrate their checkpoint, then export it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from bts_lightning.checkpoint import write_decision
+from bts_lightning.data.dataset import SliceDataset
+from bts_lightning.decision import SliceDecision, calibrated_decision, check_rule, check_target, slice_score
+from bts_lightning.errors import ConfigError
+from bts_lightning.evaluate import load_split
+from bts_lightning.inference import CHECKPOINT_SUFFIXES, Predictor, predict_probabilities
+from bts_lightning.runtime import hydra_app, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+NO_EMPTY_HINT = ("use a dataset with tumor-free slices (e.g. lgg), data=synthetic_empty, or add negatives "
+                 "to the data (data.negatives)")
+
+
+def check_settings(target: Any, rule: Any, key: str = "") -> tuple[float, str]:
+    """``(target, rule)`` checked; ``ConfigError`` naming the setting (``key`` prefixes the names, e.g. ``decision.``)."""
+    try:
+        return check_target(target, f"{key}target_false_alarm_rate"), check_rule(rule, f"{key}rule")
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def no_empty_slices(split: str, where: str) -> ConfigError:
+    """The error for a split without tumor-free slice: calibration needs some, and how to get them."""
+    return ConfigError(f"The {split} split of {where} has no empty slice (every mask has a tumor), and calibrating "
+                       f"the slice decision needs empty slices on that split: {NO_EMPTY_HINT}.")
+
+
+def slice_scores(predictor: Predictor, dataset: SliceDataset, decision_rule: str, pixel_threshold: float,
+                 tta: bool = False, batch_size: int = 16) -> tuple[list[float], list[bool]]:
+    """Score of every slice of ``dataset`` under ``decision_rule``, and whether its truth has a tumor."""
+    scores: list[float] = []
+    tumor: list[bool] = []
+    with tqdm(total=len(dataset), desc="calibrate", unit="slice", disable=None) as bar:
+        for start in range(0, len(dataset), batch_size):
+            positions = range(start, min(start + batch_size, len(dataset)))
+            images, truths = zip(*(dataset.load(position) for position in positions))
+            probabilities = predict_probabilities(predictor, np.stack(images), tta).numpy()
+            scores.extend(slice_score(probability, decision_rule, pixel_threshold) for probability in probabilities)
+            tumor.extend(bool(np.any(truth)) for truth in truths)
+            bar.update(len(positions))
+    return scores, tumor
+
+
+def calibrate_on(predictor: Predictor, dataset: SliceDataset, target: float, rule: str, pixel_threshold: float,
+                 split: str, dataset_name: str, tta: bool = False, batch_size: int = 16) -> SliceDecision:
+    """The decision calibrated on the empty slices of ``dataset`` (the ``split`` of ``dataset_name``).
+
+    Raises ``ConfigError`` when it has no empty slice.
+    """
+    scores, tumor = slice_scores(predictor, dataset, rule, pixel_threshold, tta, batch_size)
+    empty = [score for score, has_tumor in zip(scores, tumor) if not has_tumor]
+    if not empty:
+        raise no_empty_slices(split, dataset_name)
+    present = [score for score, has_tumor in zip(scores, tumor) if has_tumor]
+    return calibrated_decision(empty, present, target, rule, pixel_threshold, split, dataset_name)
+
+
+def calibrate_checkpoint(ckpt_path: Path, predictor: Predictor, dataset: SliceDataset, target: float, rule: str,
+                         pixel_threshold: float, split: str, dataset_name: str, tta: bool = False,
+                         batch_size: int = 16) -> SliceDecision:
+    """:func:`calibrate_on`, then write the decision into checkpoint ``ckpt_path`` (atomically)."""
+    decision = calibrate_on(predictor, dataset, target, rule, pixel_threshold, split, dataset_name, tta, batch_size)
+    write_decision(ckpt_path, decision.to_dict())
+    log.info("Calibrated the slice decision of %s: tumor present iff %s", ckpt_path, decision.describe())
+    return decision
+
+
+def reached_line(decision: SliceDecision) -> str:
+    """One line: the false-alarm rate and sensitivity the decision reaches on its calibration split."""
+    cal = decision.calibration
+    sensitivity = "n/a (no tumor slice)" if cal["sensitivity"] is None else f"{cal['sensitivity']:.4f}"
+    return (f"Slice decision {decision.describe()}: on the {cal['split']} split of {cal['dataset']}, false-alarm rate "
+            f"{cal['false_alarm_rate']:.4f} on {cal['n_empty']} empty slices (target "
+            f"{decision.target_false_alarm_rate:g}), sensitivity {sensitivity} on {cal['n_tumor']} tumor slices.")
+
+
+def calibrate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, Any]:
+    """Calibrate ``cfg.ckpt_path``'s slice decision on ``cfg.split``, store it there, write calibration.json.
+
+    ``overrides``: the user's command-line overrides, as for ``evaluate`` (which data and split).
+    Returns the calibration.json content.
+    """
+    target, rule = check_settings(cfg.get("target_false_alarm_rate"), cfg.get("rule", "component_fraction"))
+    threshold = float(cfg.get("threshold", 0.5))
+    if not 0.0 <= threshold < 1.0:
+        raise ConfigError(f"threshold={threshold} must be in [0, 1) (tumor where probability > threshold).")
+    ckpt = cfg.get("ckpt_path")
+    if ckpt and (Path(str(ckpt)).is_dir() or Path(str(ckpt)).suffix.lower() not in CHECKPOINT_SUFFIXES):
+        raise ConfigError(f"ckpt_path={ckpt} is not a training checkpoint (.ckpt): exported models and hub folders "
+                          "carry the decision of the checkpoint they were exported from; calibrate the checkpoint, "
+                          "then export it again.")
+    split = str(cfg.get("split", "val"))
+    scoring = load_split(cfg, overrides, split, "calibrate")
+    batch_size = max(1, int(cfg.data.get("batch_size") or 16))
+    decision = calibrate_checkpoint(scoring.ckpt_path, scoring.predictor, scoring.dataset, target, rule, threshold,
+                                    split, scoring.datamodule.name, bool(cfg.get("tta", False)), batch_size)
+    result = {"checkpoint": str(scoring.ckpt_path.resolve()), "data_root": str(scoring.datamodule.root),
+              "slices": scoring.scored, "tta": bool(cfg.get("tta", False)), "decision": decision.to_dict()}
+    write_json_atomic(Path(cfg.paths.output_dir) / "calibration.json", result)
+    print(reached_line(decision), flush=True)
+    return result
+
+
+main = hydra_app("calibrate", calibrate, pass_overrides=True)  # entry point: bts-calibrate
+
+
+if __name__ == "__main__":
+    main()

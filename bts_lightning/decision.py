@@ -1,0 +1,167 @@
+"""The slice-level "tumor present" decision: a score of the probability map against a calibrated threshold.
+
+A model trained on tumor slices marks something on nearly every tumor-free slice. A
+:class:`SliceDecision` says "no tumor" (an all-zero mask) when a slice's score is at most its
+``threshold``; the threshold is chosen by :func:`calibrate` on the empty slices of a split (the
+validation split) so that at most ``target_false_alarm_rate`` of them are marked. Scores (:func:`slice_score`):
+
+- ``component_fraction``: area of the largest 8-connected component of ``probability > pixel_threshold``
+  as a fraction of the slice area (so resolution independent);
+- ``max_probability``: the largest probability of the slice.
+
+The decision is stored in training checkpoints (``bts_lightning.checkpoint.write_decision``) and
+travels in the model contract of every exported file (``ModelContract.decision``).
+``bts_lightning/space_app.py`` repeats :func:`slice_score` in NumPy (parity-tested).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+
+RULES = ("component_fraction", "max_probability")
+CALIBRATION_KEYS = ("split", "dataset", "n_empty", "n_tumor", "false_alarm_rate", "sensitivity")
+
+
+def _is_fraction(value: Any, closed_top: bool = True) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    return 0.0 <= value <= 1.0 if closed_top else 0.0 <= value < 1.0
+
+
+def check_rule(rule: Any, key: str = "rule") -> str:
+    """``rule`` when it is one of :data:`RULES`; ``ValueError`` naming ``key`` otherwise."""
+    if rule not in RULES:
+        raise ValueError(f"{key}={rule!r} must be one of {', '.join(RULES)}")
+    return str(rule)
+
+
+def check_target(target: Any, key: str = "target_false_alarm_rate") -> float:
+    """``target`` as a float in [0, 1); ``ValueError`` naming ``key`` otherwise."""
+    if not _is_fraction(target, closed_top=False):
+        raise ValueError(f"{key}={target!r} must be a number in [0, 1) (the largest fraction of empty slices "
+                         "allowed a tumor, e.g. 0.05)")
+    return float(target)
+
+
+@dataclass(frozen=True)
+class SliceDecision:
+    """Tumor present on a slice iff ``slice_score(probability, rule, pixel_threshold) > threshold``.
+
+    ``calibration``: where the threshold was chosen: ``split``, ``dataset``, ``n_empty``, ``n_tumor``,
+    and the ``false_alarm_rate`` / ``sensitivity`` the decision reached there.
+    """
+
+    rule: str
+    threshold: float
+    pixel_threshold: float
+    target_false_alarm_rate: float
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_rule(self.rule)
+        if not _is_fraction(self.threshold):
+            raise ValueError(f"threshold={self.threshold!r} must be a number in [0, 1]")
+        if not _is_fraction(self.pixel_threshold, closed_top=False):
+            raise ValueError(f"pixel_threshold={self.pixel_threshold!r} must be a number in [0, 1)")
+        check_target(self.target_false_alarm_rate)
+        if not isinstance(self.calibration, Mapping):
+            raise ValueError(f"calibration={self.calibration!r} must be a mapping")  # noqa: TRY004 (one error type)
+        for key in ("n_empty", "n_tumor"):
+            value = self.calibration.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"calibration.{key}={value!r} must be a whole number >= 0")
+        for key in ("false_alarm_rate", "sensitivity"):
+            value = self.calibration.get(key)
+            if value is not None and not _is_fraction(value):
+                raise ValueError(f"calibration.{key}={value!r} must be a number in [0, 1] or null")
+        object.__setattr__(self, "calibration", dict(self.calibration))
+
+    def score(self, probability: np.ndarray) -> float:
+        """:func:`slice_score` of one (H, W) probability map under this decision's rule."""
+        return slice_score(probability, self.rule, self.pixel_threshold)
+
+    def tumor_present(self, score: float) -> bool:
+        """Whether a slice of ``score`` keeps its mask."""
+        return score > self.threshold
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> SliceDecision:
+        """Parse :meth:`to_dict` output (unknown keys ignored); ``ValueError`` naming the bad field."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"decision={data!r} must be a mapping")  # noqa: TRY004 (one error type)
+        missing = [key for key in ("rule", "threshold", "pixel_threshold", "target_false_alarm_rate") if key not in data]
+        if missing:
+            raise ValueError(f"decision lacks {', '.join(missing)}")
+        return cls(rule=data["rule"], threshold=data["threshold"], pixel_threshold=data["pixel_threshold"],
+                   target_false_alarm_rate=data["target_false_alarm_rate"],
+                   calibration=data.get("calibration") or {})
+
+    def describe(self) -> str:
+        """One line, e.g. ``component_fraction > 0.0123 (pixel threshold 0.5; 5.0 % false alarms on val of lgg)``."""
+        cal = self.calibration
+        reached = cal.get("false_alarm_rate")
+        where = f" on {cal.get('split')} of {cal.get('dataset')}" if cal.get("split") else ""
+        rate = f"{100 * reached:.1f} % false alarms{where}" if reached is not None else "uncalibrated"
+        return f"{self.rule} > {self.threshold:.6g} (pixel threshold {self.pixel_threshold:g}; {rate})"
+
+
+def slice_score(probability: np.ndarray, rule: str, pixel_threshold: float = 0.5) -> float:
+    """The slice's score under ``rule`` (see the module doc) for one (H, W) probability map; 0 for an empty map."""
+    array = np.asarray(probability, dtype=np.float32)
+    if array.ndim != 2:
+        raise ValueError(f"expected one (H, W) probability map, got shape {array.shape}")
+    if array.size == 0:
+        return 0.0
+    if check_rule(rule) == "max_probability":
+        return float(array.max())
+    binary = (array > pixel_threshold).astype(np.uint8)
+    count, _, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
+    largest = int(stats[1:, cv2.CC_STAT_AREA].max()) if count > 1 else 0
+    return largest / array.size
+
+
+def calibrate(scores_empty: Sequence[float], target: float) -> float:
+    """The smallest threshold with at most ``target`` of ``scores_empty`` strictly above it.
+
+    Exact on the given scores: with them sorted descending and ``k = floor(target * n)``, the k-th
+    (0-based) score. Raises ``ValueError`` when there are no empty-slice scores or ``target`` is outside [0, 1).
+    """
+    target = check_target(target)
+    ordered = sorted((float(score) for score in scores_empty), reverse=True)
+    if not ordered:
+        raise ValueError("calibration needs at least one empty slice (truth without tumor)")
+    k = math.floor(target * len(ordered) + 1e-9)  # 1e-9: 0.29 * 100 is 28.999999999999996
+    return ordered[k]
+
+
+def rate_above(scores: Sequence[float], threshold: float) -> float | None:
+    """Fraction of ``scores`` strictly above ``threshold``; ``None`` for no scores."""
+    values = np.asarray(scores, dtype=np.float64)
+    return float(np.mean(values > threshold)) if values.size else None
+
+
+def calibrated_decision(
+    scores_empty: Sequence[float],
+    scores_tumor: Sequence[float],
+    target: float,
+    rule: str,
+    pixel_threshold: float,
+    split: str,
+    dataset: str,
+) -> SliceDecision:
+    """The :class:`SliceDecision` calibrated by :func:`calibrate` on ``scores_empty``, recording the false-alarm
+    rate it reaches there and its sensitivity on ``scores_tumor`` (``None`` without tumor slices)."""
+    threshold = calibrate(scores_empty, target)
+    calibration = {"split": split, "dataset": dataset, "n_empty": len(scores_empty), "n_tumor": len(scores_tumor),
+                   "false_alarm_rate": rate_above(scores_empty, threshold),
+                   "sensitivity": rate_above(scores_tumor, threshold)}
+    return SliceDecision(rule, threshold, float(pixel_threshold), float(target), calibration)

@@ -1,0 +1,290 @@
+"""The slice-level "tumor present" decision: its maths by hand, calibration into checkpoints, and every app applying it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from bts_lightning.calibrate import calibrate
+from bts_lightning.checkpoint import DECISION_KEY, load_module, write_decision
+from bts_lightning.decision import SliceDecision, calibrated_decision, slice_score
+from bts_lightning.decision import calibrate as calibrate_threshold
+from bts_lightning.errors import ConfigError
+from bts_lightning.evaluate import decision_note, evaluate
+from bts_lightning.inference import InferenceOptions, ModelContract, load_predictor, with_model_decision
+from bts_lightning.predict import predict, predict_files
+from bts_lightning.runtime import run_app
+from tests import fixtures_checkpoint
+from tests.fixtures_checkpoint import compose_app
+
+tiny_checkpoint = fixtures_checkpoint.tiny_checkpoint  # the pytest fixture, requested by name below
+
+
+def decision(threshold: float = 0.05, rule: str = "component_fraction", **calibration) -> SliceDecision:
+    return SliceDecision(rule, threshold, 0.5, 0.05, {"split": "val", "dataset": "d", **calibration})
+
+
+def bright(images: torch.Tensor) -> torch.Tensor:
+    """A stand-in model: tumor probability 1 where a slice is brighter than its own mean, else 0."""
+    return (images[:, 0] > images[:, 0].mean(dim=(-2, -1), keepdim=True)).float()
+
+
+# ---------------------------------------------------------------- the maths, by hand
+
+
+def test_slice_scores_by_hand():
+    probability = np.zeros((10, 10), np.float32)
+    probability[0:2, 0:3] = 0.9  # 6 px
+    probability[2, 3] = 0.8  # touches the block diagonally: 8-connected, 7 px in all
+    probability[7:9, 7:9] = 0.6  # 4 px
+    probability[5, 5] = 0.5  # not above the pixel threshold
+    assert slice_score(probability, "component_fraction", 0.5) == pytest.approx(7 / 100)
+    assert slice_score(probability, "component_fraction", 0.85) == pytest.approx(6 / 100)
+    assert slice_score(probability, "max_probability") == pytest.approx(0.9)
+    assert slice_score(np.zeros((4, 4)), "component_fraction") == 0.0
+    # Resolution independent: the same picture at twice the size scores the same.
+    assert slice_score(np.kron(probability, np.ones((2, 2))), "component_fraction", 0.5) == pytest.approx(7 / 100)
+    with pytest.raises(ValueError, match="rule='area'"):
+        slice_score(probability, "area")
+
+
+def test_calibrate_keeps_at_most_the_target_fraction_of_empty_slices_above():
+    scores = [0.9, 0.1, 0.5, 0.3, 0.0]
+    assert calibrate_threshold(scores, 0.2) == 0.5  # k = 1: only 0.9 stays above
+    assert calibrate_threshold(scores, 0.0) == 0.9  # nothing above
+    assert calibrate_threshold(scores, 0.39) == 0.5  # floor(1.95) = 1
+    assert calibrate_threshold(scores, 0.4) == 0.3  # k = 2: 0.9 and 0.5 above
+    assert calibrate_threshold([0.5, 0.5, 0.5, 0.1], 0.25) == 0.5  # ties: none above, never more than the target
+    many = [i / 100 for i in range(100)]
+    threshold = calibrate_threshold(many, 0.29)  # 0.29 * 100 is 28.999999999999996 in floats
+    assert sum(score > threshold for score in many) == 29
+    with pytest.raises(ValueError, match="at least one empty slice"):
+        calibrate_threshold([], 0.1)
+    with pytest.raises(ValueError, match="target_false_alarm_rate=1.0"):
+        calibrate_threshold(scores, 1.0)
+
+
+def test_calibrated_decision_records_what_it_reaches():
+    made = calibrated_decision([0.0, 0.0, 0.02, 0.3], [0.01, 0.2, 0.5], 0.25, "component_fraction", 0.5, "val", "lgg")
+    assert made.threshold == 0.02
+    assert made.calibration == {"split": "val", "dataset": "lgg", "n_empty": 4, "n_tumor": 3,
+                                "false_alarm_rate": 0.25, "sensitivity": pytest.approx(2 / 3)}
+    assert SliceDecision.from_dict(json.loads(json.dumps(made.to_dict()))) == made
+    assert "component_fraction > 0.02" in made.describe() and "25.0 % false alarms on val of lgg" in made.describe()
+    assert calibrated_decision([0.1], [], 0.0, "max_probability", 0.5, "val", "x").calibration["sensitivity"] is None
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"rule": "area"}, "rule"), ({"threshold": 1.5}, "threshold"), ({"pixel_threshold": 1.0}, "pixel_threshold"),
+    ({"target_false_alarm_rate": -0.1}, "target_false_alarm_rate"),
+    ({"calibration": {"n_empty": -1}}, "calibration.n_empty"),
+    ({"calibration": {"sensitivity": 2}}, "calibration.sensitivity"),
+])
+def test_invalid_decision_records_name_the_field(change, field):
+    with pytest.raises(ValueError, match=field):
+        SliceDecision.from_dict({**decision().to_dict(), **change})
+    with pytest.raises(ValueError, match="lacks threshold"):
+        SliceDecision.from_dict({"rule": "max_probability", "pixel_threshold": 0.5, "target_false_alarm_rate": 0})
+
+
+def test_inference_options_empty_the_mask_of_a_rejected_slice():
+    probability = np.zeros((10, 10), np.float32)
+    probability[0:2, 0:2] = 0.9  # 4 % of the slice
+    kept = InferenceOptions(decision=decision(0.03)).mask(probability)
+    assert kept.sum() == 4
+    assert not InferenceOptions(decision=decision(0.04)).mask(probability).any()  # score 0.04 <= 0.04: rejected
+    assert not InferenceOptions(decision=decision(0.9, "max_probability")).mask(probability).any()
+    assert InferenceOptions().to_dict()["decision"] is None
+    assert InferenceOptions(decision=decision(0.03)).to_dict()["decision"]["threshold"] == 0.03
+
+
+def test_contract_carries_the_decision_and_options_take_it(caplog):
+    contract = ModelContract(image_size=64, decision=decision().to_dict())
+    assert ModelContract.from_json(contract.to_json()) == contract
+    assert ModelContract.from_json(ModelContract(image_size=64).to_json()).decision is None  # older contracts
+    with pytest.raises(ValueError, match="threshold"):
+        ModelContract(decision={**decision().to_dict(), "threshold": "high"})
+    options = InferenceOptions()
+    assert with_model_decision(options, {}, contract).decision == decision()  # slice_decision: auto by default
+    assert with_model_decision(options, {"slice_decision": False}, contract).decision is None  # YAML reads off as false
+    assert with_model_decision(options, {"slice_decision": "off"}, contract).decision is None
+    assert with_model_decision(options, {}, ModelContract()).decision is None
+    with caplog.at_level(logging.WARNING):
+        with_model_decision(InferenceOptions(threshold=0.3), {}, contract)
+    assert "calibrated at threshold=0.5 but threshold=0.3" in caplog.text
+    with pytest.raises(ConfigError, match="slice_decision=maybe"):
+        InferenceOptions.from_config({"slice_decision": "maybe"})
+
+
+def test_decision_note_says_where_it_was_chosen():
+    assert "optimistic" in decision_note(decision(), "val", "d")
+    assert "held out" in decision_note(decision(), "test", "d")
+    assert "not this dataset" in decision_note(decision(), "test", "other")
+    assert decision_note(None, "val", "d") is None
+
+
+# ---------------------------------------------------------------- calibration into a checkpoint and the apps
+
+
+def with_empty_slices(source: Path, root: Path) -> Path:
+    """A copy of the synthetic set ``source`` whose even-numbered slices have empty masks (same folds)."""
+    shutil.copytree(source, root, ignore=shutil.ignore_patterns("synthetic.json"))
+    for mask in (root / "masks").glob("*.png"):
+        if int(mask.stem) % 2 == 0:
+            cv2.imwrite(str(mask), np.zeros_like(cv2.imread(str(mask), cv2.IMREAD_UNCHANGED)))
+    return root
+
+
+@pytest.fixture
+def calibration_setup(tiny_checkpoint, tmp_path):
+    """A copy of the tiny checkpoint and the overrides of a dataset with empty slices in every split."""
+    source = next((tiny_checkpoint.data_dir / "synthetic").iterdir())
+    root = with_empty_slices(source, tmp_path / "with_empty")
+    ckpt = tmp_path / "model" / "best.ckpt"
+    ckpt.parent.mkdir()
+    shutil.copy(tiny_checkpoint.path, ckpt)
+    data = [f"data.root={root}", "data.name=with_empty", "data.num_workers=0", "data.val_fold=1", "data.test_fold=2",
+            "device=cpu"]
+    return ckpt, data
+
+
+def run_calibrate(ckpt: Path, data: list[str], out: Path, *extra: str) -> dict:
+    overrides = [f"ckpt_path={ckpt}", *data, *extra]
+    return calibrate(compose_app("calibrate", overrides, out), overrides)
+
+
+def test_calibrate_app_stores_the_decision_and_evaluate_applies_it(calibration_setup, tmp_path, capsys):
+    ckpt, data = calibration_setup
+    before = ckpt.stat().st_ino
+    result = run_calibrate(ckpt, data, tmp_path / "cal", "target_false_alarm_rate=0.25")
+    stored = result["decision"]
+    assert json.loads((tmp_path / "cal" / "calibration.json").read_text())["decision"] == stored
+    assert "false-alarm rate" in capsys.readouterr().out
+    # Written by replacing the file (a new inode), with nothing left beside it; the module still loads.
+    assert ckpt.stat().st_ino != before and sorted(p.name for p in ckpt.parent.iterdir()) == ["best.ckpt"]
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)[DECISION_KEY] == stored
+    load_module(ckpt)
+    assert load_predictor(ckpt, "cpu").contract.decision == stored
+    cal = stored["calibration"]
+    assert (cal["split"], cal["dataset"], cal["n_empty"] + cal["n_tumor"]) == ("val", "with_empty", 8)
+    assert cal["n_empty"] == 4 and cal["false_alarm_rate"] <= 0.25
+
+    def evaluated(*extra: str) -> dict:
+        overrides = [f"ckpt_path={ckpt}", *data, "split=val", "worst_k=0", *extra]
+        return evaluate(compose_app("evaluate", overrides, tmp_path / f"eval{len(extra)}"), overrides)
+
+    applied, off = evaluated(), evaluated("slice_decision=off")
+    assert applied["inference"]["decision"] == stored and "optimistic" in applied["decision_note"]
+    assert off["inference"]["decision"] is None and off["decision_note"] is None
+    # The false alarms on the calibration split are what the calibration says, fewer than without it (1 vs 4 here).
+    assert applied["empty_slices"]["false_alarms"] == round(cal["false_alarm_rate"] * cal["n_empty"])
+    assert applied["empty_slices"]["false_alarms"] < off["empty_slices"]["false_alarms"]
+    assert applied["tumor_slices"]["detected"] == round(cal["sensitivity"] * cal["n_tumor"])
+
+
+def test_calibration_errors_are_one_clear_line(calibration_setup, tiny_checkpoint, tmp_path, capsys):
+    ckpt, data = calibration_setup
+    # The tiny checkpoint's own data: every slice has a tumor, so its val split has no empty slice.
+    cfg = compose_app("calibrate", [f"ckpt_path={ckpt}", *tiny_checkpoint.data_overrides, "device=cpu"], tmp_path / "a")
+    with pytest.raises(SystemExit) as exit_info:
+        run_app(calibrate, cfg, [f"ckpt_path={ckpt}", *tiny_checkpoint.data_overrides])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: The val split of synthetic has no empty slice") and "data.negatives" in error
+    assert DECISION_KEY not in torch.load(ckpt, map_location="cpu", weights_only=True)  # left as it was
+    with pytest.raises(ConfigError, match=r"target_false_alarm_rate=1.0 must be a number in \[0, 1\)"):
+        run_calibrate(ckpt, data, tmp_path / "b", "target_false_alarm_rate=1.0")
+    with pytest.raises(ConfigError, match="not a training checkpoint .* calibrate the checkpoint, then export"):
+        run_calibrate(tmp_path / "model.onnx", data, tmp_path / "c")
+
+
+def test_predict_returns_an_empty_mask_for_a_rejected_slice(tmp_path):
+    source = tmp_path / "in"
+    source.mkdir()
+    for name, side in (("small", 2), ("large", 6)):
+        image = np.zeros((20, 20), np.uint8)
+        image[:side, :side] = 255
+        cv2.imwrite(str(source / f"{name}.png"), image)
+    options = InferenceOptions(decision=decision(0.05))  # small: 1 % of the slice, large: 9 %
+    decisions: list[dict] = []
+    written, _ = predict_files(bright, sorted(source.iterdir()), tmp_path / "out", 20, options, decisions=decisions)
+    masks = {path.name: cv2.imread(str(path), cv2.IMREAD_UNCHANGED) for path in written}
+    assert not masks["small_mask.png"].any() and np.count_nonzero(masks["large_mask.png"]) == 36
+    assert decisions == [{"file": "large.png", "score": pytest.approx(0.09), "tumor_present": True},
+                         {"file": "small.png", "score": pytest.approx(0.01), "tumor_present": False}]
+
+
+def test_every_exported_form_carries_and_applies_the_decision(tiny_checkpoint, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from bts_lightning.export import export
+
+    ckpt = tmp_path / "best.ckpt"
+    shutil.copy(tiny_checkpoint.path, ckpt)
+    stored = SliceDecision("max_probability", 1.0, 0.5, 0.05, {"split": "val", "dataset": "synthetic"}).to_dict()
+    write_decision(ckpt, stored)  # rejects every slice: its score (a probability) is never above 1
+    image = next((next((tiny_checkpoint.data_dir / "synthetic").iterdir()) / "images").iterdir())
+    for form, name in (("onnx", "model.onnx"), ("torchscript", "model.pt"), ("hub", "folder")):
+        output = tmp_path / name
+        export(compose_app("export", [f"ckpt_path={ckpt}", f"format={form}", f"output={output}"], tmp_path / form))
+        assert load_predictor(output, "cpu").contract.decision == stored, form
+        for setting, expect_empty in (("auto", True), ("off", False)):
+            out = tmp_path / f"{form}_{setting}"
+            summary = predict(compose_app("predict", [f"ckpt_path={output}", f"input={image}", f"output={out}",
+                                                      "threshold=0.0", f"slice_decision={setting}"], tmp_path / "p"))
+            mask = cv2.imread(summary["written"][0], cv2.IMREAD_UNCHANGED)
+            assert (not mask.any()) == expect_empty, (form, setting)
+
+
+def test_demo_says_no_tumor_detected_with_the_score(tmp_path):
+    from bts_lightning.demo import analyze
+
+    image = np.zeros((20, 20), np.uint8)
+    image[:2, :2] = 255  # 1 % of the slice
+    cv2.imwrite(str(tmp_path / "small.png"), image)
+    result = analyze(bright, tmp_path / "small.png", InferenceOptions(decision=decision(0.05)), 20)
+    assert result.area == "No tumor detected (slice score 0.01 <= threshold 0.05)" and not result.mask.any()
+    assert analyze(bright, tmp_path / "small.png", InferenceOptions(decision=decision(0.005)), 20).area.startswith(
+        "Tumor area: 4 px")
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_train_refuses_a_decision_target_without_empty_validation_slices(tiny_checkpoint, tmp_path, capsys):
+    from bts_lightning.train import train
+    from tests.conftest import compose_train
+    from tests.fixtures_checkpoint import SYNTHETIC, TINY_MODEL
+
+    overrides = [*SYNTHETIC, *TINY_MODEL, f"paths.data_dir={tiny_checkpoint.data_dir}", "trainer=cpu", "logger=csv",
+                 "trainer.max_epochs=1", "decision.target_false_alarm_rate=0.05"]
+    with pytest.raises(SystemExit) as exit_info:
+        run_app(train, compose_train(overrides, tmp_path / "run"))
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: The val split of synthetic (8 slices) has no empty slice")
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any training
+    with pytest.raises(ConfigError, match="decision.rule='area'"):
+        train(compose_train([*overrides, "decision.rule=area"], tmp_path / "run2"))
+
+
+def test_train_calibrates_best_checkpoint_on_val(tiny_checkpoint, tmp_path):
+    from bts_lightning.train import train
+    from tests.conftest import compose_train
+    from tests.fixtures_checkpoint import TINY_MODEL
+
+    root = with_empty_slices(next((tiny_checkpoint.data_dir / "synthetic").iterdir()), tmp_path / "with_empty")
+    overrides = [f"data.root={root}", "data.name=with_empty", "data.image_size=64", "data.num_workers=0",
+                 "data.val_fold=1", "data.test_fold=2", "data.download=false", *TINY_MODEL, "trainer=cpu",
+                 "logger=csv", "trainer.max_epochs=1", "decision.target_false_alarm_rate=0.25"]
+    metrics = train(compose_train(overrides, tmp_path / "run"))
+    stored = torch.load(metrics["best_checkpoint"], map_location="cpu", weights_only=True)[DECISION_KEY]
+    assert metrics["decision"] == stored and stored["calibration"]["split"] == "val"
+    assert stored["calibration"]["n_empty"] == 4 and stored["calibration"]["false_alarm_rate"] <= 0.25
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["decision"] == stored
