@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 INSTALL_HINT = "pip install 'bts_lightning[demo]'"
 MAX_UPLOAD_BYTES = 50 * 2**20
 MAX_PIXELS = 4096 * 4096
+# Slices of any size fill their image boxes, small ones scaled up with visible pixels (no smoothing).
+SLICE_VIEW = "slice-view"
+CSS = f".{SLICE_VIEW} img {{width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated;}}"
 
 
 @dataclass(frozen=True)
@@ -147,8 +150,9 @@ def build_demo(predictor: Predictor, options: InferenceOptions, examples: list[P
                 min_size = gr.Number(value=options.min_size, precision=0, minimum=0, label="Minimum component (px)")
                 button = gr.Button("Segment", variant="primary")
             with gr.Column():
-                shown = gr.Image(label="Overlay (prediction in red)", type="numpy", height=320)
-                heat = gr.Image(label="Tumor probability", type="numpy", height=320)
+                shown = gr.Image(label="Overlay (prediction in red)", type="numpy", height=320,
+                                 elem_classes=SLICE_VIEW)
+                heat = gr.Image(label="Tumor probability", type="numpy", height=320, elem_classes=SLICE_VIEW)
                 area = gr.Textbox(label="Area")
                 mask = gr.File(label="Mask PNG (0/255)")
         inputs, outputs = [file, threshold, tta, largest, min_size], [shown, heat, area, mask]
@@ -176,7 +180,7 @@ def demo(cfg: DictConfig) -> None:
     options = with_model_decision(options, cfg, contract_of(predictor))
     examples = example_slices(Path(cfg.paths.output_dir) / "examples", int(cfg.get("examples", 3)))
     page = build_demo(predictor, options, examples, cfg.get("image_size"))
-    page.launch(server_name=str(cfg.host), server_port=int(cfg.port), share=bool(cfg.share),
+    page.launch(server_name=str(cfg.host), server_port=int(cfg.port), share=bool(cfg.share), css=CSS,
                 max_file_size=MAX_UPLOAD_BYTES, allowed_paths=[str(examples[0].parent)] if examples else None)
     log.info("Demo stopped")
 
