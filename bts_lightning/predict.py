@@ -2,7 +2,8 @@
 
 Every image in ``input`` (a file, or the image files directly inside a folder: PNG, JPEG, TIFF,
 BMP; 8/16-bit, gray or colour, any size) gets ``<stem>_mask.png`` (0/255, at the image's original
-resolution) and ``<stem>_overlay.png`` (prediction tinted and outlined in red) in ``output``.
+resolution) and ``<stem>_overlay.png`` (prediction tinted and outlined in red) in ``output``, and
+``slices.csv`` one row per slice: file, mask, tumor_present, tumor_area_px, score (of the slice decision).
 
 Each slice is read with the channels the model was trained on (its contract's ``channels``, as
 ``data.channels``: grayscale, or channel indices in file order such as ``[1]``, FLAIR of an LGG
@@ -13,7 +14,7 @@ channel read. Options: ``tta=true`` (flip averaging), ``threshold=0.5``,
 ``postprocess.largest_component=true``, ``postprocess.min_size=N``, ``channels=[2]`` (other file
 channels than the model's, as many as it takes; with a warning), ``slice_decision=auto|off`` (the
 model's calibrated slice decision, :mod:`bts_lightning.decision`: an empty mask for a slice it judges
-tumor-free; the returned summary lists each file's ``score`` and ``tumor_present``). ``ckpt_path`` may be a training
+tumor-free; ``slices.csv`` has each slice's ``score``). ``ckpt_path`` may be a training
 checkpoint (``.ckpt``) or an exported model (``.onnx``, ``.pt``, ``.ts``), loaded by
 :func:`bts_lightning.inference.load_predictor`.
 
@@ -31,6 +32,8 @@ image files, or nothing could be read. Files in ``input`` are only read, never w
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 from collections import Counter
 from pathlib import Path
@@ -57,12 +60,14 @@ from bts_lightning.inference import (
     resolve_device,
     with_model_decision,
 )
-from bts_lightning.runtime import hydra_app, make_directory
+from bts_lightning.runtime import hydra_app, make_directory, write_bytes_atomic
 from bts_lightning.visualize import overlay, write_png
 
 log = logging.getLogger(__name__)
 
 DEFAULT_IMAGE_SIZE = 256
+SLICES_CSV = "slices.csv"
+SLICE_COLUMNS = ("file", "mask", "tumor_present", "tumor_area_px", "score")
 
 
 def list_inputs(source: str | Path) -> list[Path]:
@@ -150,8 +155,9 @@ def predict_files(
     """Write mask and overlay of every readable file; returns (written masks, (skipped file, reason)).
 
     ``channels``: which channels of each file the predictor takes (``None`` = grayscale); a file
-    lacking one of them is skipped with its reason. With ``options.decision``, ``decisions`` (when
-    given) gets ``{"file", "score", "tumor_present"}`` of each written file.
+    lacking one of them is skipped with its reason. ``decisions`` (when given) gets one row per written
+    file (:data:`SLICE_COLUMNS`): ``tumor_present`` = the final mask has a tumor pixel; ``score`` =
+    the slice decision's score (``None`` without ``options.decision``).
     """
     names = output_names(files)
     written: list[Path] = []
@@ -169,11 +175,12 @@ def predict_files(
             if loaded:
                 results = segment(predictor, [image for _, image in loaded], image_size, options)
                 for (path, image), (probability, mask) in zip(loaded, results):
-                    if options.decision is not None and decisions is not None:
-                        score = options.decision.score(probability)
-                        decisions.append({"file": path.name, "score": score,
-                                          "tumor_present": options.decision.tumor_present(score)})
                     mask_path = output_dir / f"{names[path]}_mask.png"
+                    if decisions is not None:
+                        score = None if options.decision is None else options.decision.score(probability)
+                        decisions.append({"file": path.name, "mask": mask_path.name,
+                                          "tumor_present": bool(mask.any()), "tumor_area_px": int(mask.sum()),
+                                          "score": score})
                     write_png(mask_path, mask * 255)
                     write_png(output_dir / f"{names[path]}_overlay.png",
                               cv2.cvtColor(overlay(image[0], mask), cv2.COLOR_RGB2BGR))
@@ -187,6 +194,15 @@ def _reason(error: Exception, channels: Channels) -> str:
     if isinstance(error, ChannelError):
         return f"has {error.count} channel(s), but the model takes {describe_channels(channels)}"
     return "not a readable image" if isinstance(error, UnreadableImageError) else str(error)
+
+
+def write_slices_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Write the per-slice rows of :func:`predict_files` (:data:`SLICE_COLUMNS`) to ``path`` atomically."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=SLICE_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({**row, "score": "" if row["score"] is None else f"{row['score']:.6g}"} for row in rows)
+    write_bytes_atomic(path, text.getvalue().encode())
 
 
 def predict(cfg: DictConfig) -> dict[str, Any]:
@@ -228,9 +244,10 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
                         f"{format_names([f'{path.name} ({reason})' for path, reason in skipped])}.")
     if skipped:
         log.warning("Skipped %d unreadable file(s) of %d: %s", len(skipped), len(files), format_names(skipped_names))
-    if options.decision is not None:
-        rejected = sum(not entry["tumor_present"] for entry in decisions)
-        log.info("Slice decision: %d of %d slice(s) judged tumor-free (empty masks)", rejected, len(decisions))
+    write_slices_csv(output_dir / SLICES_CSV, decisions)
+    empty = sum(not entry["tumor_present"] for entry in decisions)
+    how = f" (slice decision: {options.decision.describe()})" if options.decision is not None else ""
+    log.info("%d of %d slice(s) without tumor%s; per slice: %s", empty, len(decisions), how, SLICES_CSV)
     log.info("Wrote %d mask(s) and overlay(s) to %s", len(written), output_dir)
     return {"written": [str(p) for p in written], "skipped": skipped_names, "output": str(output_dir),
             "image_size": image_size, "channels": channels_setting(channels),

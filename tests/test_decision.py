@@ -217,8 +217,12 @@ def test_predict_returns_an_empty_mask_for_a_rejected_slice(tmp_path):
     written, _ = predict_files(bright, sorted(source.iterdir()), tmp_path / "out", 20, options, decisions=decisions)
     masks = {path.name: cv2.imread(str(path), cv2.IMREAD_UNCHANGED) for path in written}
     assert not masks["small_mask.png"].any() and np.count_nonzero(masks["large_mask.png"]) == 36
-    assert decisions == [{"file": "large.png", "score": pytest.approx(0.09), "tumor_present": True},
-                         {"file": "small.png", "score": pytest.approx(0.01), "tumor_present": False}]
+    assert decisions == [
+        {"file": "large.png", "mask": "large_mask.png", "tumor_present": True, "tumor_area_px": 36,
+         "score": pytest.approx(0.09)},
+        {"file": "small.png", "mask": "small_mask.png", "tumor_present": False, "tumor_area_px": 0,
+         "score": pytest.approx(0.01)},
+    ]
 
 
 def test_every_exported_form_carries_and_applies_the_decision(tiny_checkpoint, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import logging
 import shutil
@@ -172,13 +173,19 @@ def test_predict_app_keeps_sizes_skips_corrupt_files_and_leaves_input_alone(tiny
     assert "Skipping broken.png" in logs and "Skipped 1 unreadable file(s) of 4: broken.png" in logs
     assert folder_state(source) == before
     expected = {f"{stem}_{kind}.png" for stem in sizes for kind in ("mask", "overlay")}
-    assert {p.name for p in out.iterdir()} == expected
+    assert {p.name for p in out.iterdir()} == {*expected, "slices.csv"}
+    with open(out / "slices.csv", newline="") as handle:
+        slices = {row["mask"]: row for row in csv.DictReader(handle)}
+    assert set(slices) == {f"{stem}_mask.png" for stem in sizes}
     for stem, (height, width) in sizes.items():
         mask = cv2.imread(str(out / f"{stem}_mask.png"), cv2.IMREAD_UNCHANGED)
         assert mask.shape == (height, width) and mask.dtype == np.uint8
         assert set(np.unique(mask)) <= {0, 255}
         assert components(mask) <= 1  # largest_component
         assert cv2.imread(str(out / f"{stem}_overlay.png")).shape == (height, width, 3)
+        row = slices[f"{stem}_mask.png"]
+        assert int(row["tumor_area_px"]) == np.count_nonzero(mask)
+        assert row["tumor_present"] == str(bool(mask.any())) and row["score"] == ""  # no slice decision
 
 
 def test_exported_models_load_by_suffix_and_bring_their_trained_size(tmp_path, monkeypatch):

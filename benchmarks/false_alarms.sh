@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Issue 15's measurements: false alarms on held-out empty slices with and without tumor-free training input,
+# with and without the calibrated slice-level decision. CPU runs on the two sets that have empty slices:
+# synthetic (data=synthetic_empty) and the 10-patient LGG sample. Each configuration: train (val fold 1,
+# test fold 2, patient-wise), evaluate the test fold without the decision, calibrate it on the val fold
+# (target 5 % false alarms), evaluate the test fold with it. Tabulate with benchmarks/false_alarms_table.py.
+#   bash benchmarks/false_alarms.sh OUT [LGG_ROOT] [only-these-names...]
+set -euo pipefail
+out=${1:?usage: bash benchmarks/false_alarms.sh OUT [LGG_ROOT] [names...]}
+lgg=${2:-../shared/data/lgg-sample}
+shift $(( $# > 1 ? 2 : 1 ))
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+crop='data.extra_augmentations=[{_target_: bts_lightning.data.augment.TumorFreeCrop, p: 0.5}]'
+synthetic=(data=synthetic_empty data.synthetic.size=96 "paths.data_dir=$out/data" trainer=cpu trainer.max_epochs=20)
+lgg_data=(data=lgg "data.root=$lgg" data.image_size=128 data.test_fold=2 trainer=cpu trainer.max_epochs=15)
+declare -A runs=(
+  [synthetic_tumor_only]="data.empty_fraction=0"
+  [synthetic_empty_slices]=""
+  [synthetic_tumor_free_crops]="data.empty_fraction=0|$crop"
+  [lgg_tumor_only]="data.empty_fraction=0"
+  [lgg_empty_slices]=""
+  [lgg_empty_half]="data.empty_fraction=0.5"
+  [lgg_tumor_free_crops]="data.empty_fraction=0|$crop"
+)
+names=("$@")
+[ ${#names[@]} -gt 0 ] || names=(synthetic_tumor_only synthetic_empty_slices synthetic_tumor_free_crops
+                                 lgg_tumor_only lgg_empty_slices lgg_empty_half lgg_tumor_free_crops)
+for name in "${names[@]}"; do
+  IFS='|' read -r -a extra <<< "${runs[$name]}"
+  case $name in synthetic_*) base=("${synthetic[@]}") ;; *) base=("${lgg_data[@]}") ;; esac
+  run=$out/$name
+  python -m bts_lightning.train "${base[@]}" "${extra[@]}" "hydra.run.dir=$run/train"
+  ckpt=$run/train/checkpoints/best.ckpt
+  python -m bts_lightning.evaluate "ckpt_path=$ckpt" split=test "hydra.run.dir=$run/test_raw"
+  python -m bts_lightning.calibrate "ckpt_path=$ckpt" split=val target_false_alarm_rate=0.05 "hydra.run.dir=$run/calibrate"
+  python -m bts_lightning.evaluate "ckpt_path=$ckpt" split=test "hydra.run.dir=$run/test_decision"
+done

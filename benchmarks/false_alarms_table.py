@@ -1,0 +1,78 @@
+"""Tabulate ``benchmarks/false_alarms.sh OUT``: ``python -m benchmarks.false_alarms_table OUT [--out FILE]``.
+
+One row per configuration (a folder of OUT): how it was trained, then on the test fold (held out,
+patient-wise) tumor-slice Dice, slice sensitivity and false-alarm rate on empty slices, without and
+with the slice-level decision calibrated on the val fold (target 5 % false alarms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from bts_lightning.runtime import write_bytes_atomic
+
+COLUMNS = ("run", "training input", "empty share trained", "test slices (tumor/empty)",
+           "tumor-slice Dice", "sensitivity", "false-alarm rate",
+           "tumor-slice Dice (decision)", "sensitivity (decision)", "false-alarm rate (decision)",
+           "val false-alarm rate / sensitivity at calibration")
+
+
+def _read(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def training_input(config: Path) -> tuple[str, str]:
+    """(what the run trained on, the empty share it drew) from its ``.hydra/config.yaml``."""
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.load(config).data
+    crops = any("TumorFreeCrop" in str(t.get("_target_", "")) for t in data.get("extra_augmentations") or [])
+    share = data.get("empty_fraction")
+    parts = ["tumor slices only" if share == 0 else "all slices (empty ones included)"]
+    if crops:
+        parts.append("+ TumorFreeCrop p=0.5")
+    if data.get("negatives"):
+        parts.append(f"+ empty slices of {data.negatives.root}")
+    return " ".join(parts), "as the data comes" if share is None else f"{share:g}"
+
+
+def row(run: Path) -> list[str]:
+    raw, decided = _read(run / "test_raw" / "metrics.json"), _read(run / "test_decision" / "metrics.json")
+    calibration = _read(run / "calibrate" / "calibration.json")["decision"]["calibration"]
+    trained, share = training_input(run / "train" / ".hydra" / "config.yaml")
+    cells = [run.name, trained, share, f"{raw['tumor_slices']['n']}/{raw['empty_slices']['n']}"]
+    for metrics in (raw, decided):
+        dice = metrics["tumor_slices"]["dice"]
+        cells += [_fmt(dice["mean"] if dice else None), _fmt(metrics["tumor_slices"]["sensitivity"]),
+                  _fmt(metrics["empty_slices"]["false_alarm_rate"])]
+    cells.append(f"{_fmt(calibration['false_alarm_rate'])} / {_fmt(calibration['sensitivity'])}")
+    return cells
+
+
+def table(out: Path) -> str:
+    runs = sorted(path for path in out.iterdir() if (path / "test_decision" / "metrics.json").is_file())
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+    lines += ["| " + " | ".join(row(run)) + " |" for run in runs]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", type=Path, help="the OUT folder of benchmarks/false_alarms.sh")
+    parser.add_argument("--out", type=Path, help="also write the table to this Markdown file")
+    args = parser.parse_args()
+    text = table(args.runs)
+    print(text, end="")
+    if args.out:
+        write_bytes_atomic(args.out, text.encode())
+
+
+if __name__ == "__main__":
+    main()
