@@ -30,11 +30,21 @@ class DemoRun:
         return self.run_dir / "checkpoints" / "best.ckpt"
 
 
+_RUNS: dict[Path, DemoRun] = {}  # by session temp folder: every module importing the fixture shares one run
+
+
 @pytest.fixture(scope="session")
 def readme_demo(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
-    """``python -m bts_lightning.train experiment=demo`` (plus where to put its files), run once."""
-    root = tmp_path_factory.mktemp("readme_demo")
-    run_dir, data_dir = root / "run", root / "data"
-    result = run_cli(["bts_lightning.train", "experiment=demo", f"paths.data_dir={data_dir}",
-                      f"hydra.run.dir={run_dir}"], cwd=root)
-    return DemoRun(result, run_dir, data_dir)
+    """``python -m bts_lightning.train experiment=demo`` (plus where to put its files), run once per session.
+
+    Each test module importing this fixture gets its own session-scoped copy of it, so the run is kept
+    here rather than in pytest's fixture cache.
+    """
+    root = tmp_path_factory.getbasetemp() / "readme_demo"
+    if root not in _RUNS:
+        root.mkdir()
+        run_dir, data_dir = root / "run", root / "data"
+        result = run_cli(["bts_lightning.train", "experiment=demo", f"paths.data_dir={data_dir}",
+                          f"hydra.run.dir={run_dir}"], cwd=root)
+        _RUNS[root] = DemoRun(result, run_dir, data_dir)
+    return _RUNS[root]
