@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -66,6 +70,26 @@ def run_cli(args: Sequence[str | Path], cwd: Path, timeout: float = 600) -> subp
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "NO_ALBUMENTATIONS_UPDATE": "1"}
     return subprocess.run([sys.executable, "-m", *map(str, args)], check=False, cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a page a test serves)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_served(url: str, app: subprocess.Popen, log: Path, seconds: float = 180) -> None:
+    """Return once ``url`` answers; fail with the end of ``log`` when ``app`` exits first or ``seconds`` pass."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            assert app.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"{url} did not answer: {log.read_text()[-3000:]}"
+            time.sleep(0.5)
 
 
 def assert_one_error_line(result: subprocess.CompletedProcess, *fragments: str) -> str:

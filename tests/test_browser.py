@@ -13,9 +13,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,8 +23,7 @@ import pytest
 from bts_lightning.demo import area_text
 from bts_lightning.predict import predict
 from tests import fixtures_demo
-from tests.conftest import REPO_ROOT, compose_app
-from tests.test_demo import free_port
+from tests.conftest import REPO_ROOT, compose_app, free_port, wait_until_served
 
 readme_demo = fixtures_demo.readme_demo  # the pytest fixture, requested by name below
 pytest.importorskip("selenium", reason="selenium is not installed: pip install -e '.[dev]'")
@@ -56,15 +52,7 @@ def served_page(ckpt: Path, run_dir: Path) -> Iterator[str]:
                             f"hydra.run.dir={run_dir}"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=run_dir.parent)
     url = f"http://127.0.0.1:{port}/"
     try:
-        deadline = time.monotonic() + WAIT_S
-        while True:
-            try:
-                urllib.request.urlopen(url, timeout=2).close()
-                break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                assert app.poll() is None, (run_dir.parent / "demo_app.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "the demo page did not answer"
-                time.sleep(0.5)
+        wait_until_served(url, app, run_dir.parent / "demo_app.log", WAIT_S)
         yield url
     finally:
         app.terminate()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import sys
 
 import cv2
@@ -15,15 +14,10 @@ from bts_lightning.errors import ConfigError
 from bts_lightning.inference import InferenceOptions, load_predictor
 from bts_lightning.predict import predict, segment
 from tests import fixtures_checkpoint
+from tests.conftest import free_port
 from tests.fixtures_checkpoint import compose_app
 
 tiny_checkpoint = fixtures_checkpoint.tiny_checkpoint  # the pytest fixture, requested by name below
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

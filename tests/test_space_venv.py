@@ -10,9 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import cv2
@@ -22,8 +19,8 @@ import pytest
 from bts_lightning.export import export
 from bts_lightning.predict import predict
 from tests import fixtures_checkpoint
+from tests.conftest import free_port, wait_until_served
 from tests.fixtures_checkpoint import compose_app
-from tests.test_demo import free_port
 
 gradio_client = pytest.importorskip("gradio_client")
 pytest.importorskip("onnxruntime")
@@ -42,18 +39,6 @@ def fresh_venv(folder: Path, requirements: Path) -> Path:
         pytest.skip(f"pip cannot get the Space's requirements here: {pip.stderr.strip().splitlines()[-1]}")
     assert pip.returncode == 0, pip.stderr[-3000:]
     return python
-
-
-def wait_for(url: str, app: subprocess.Popen, log: Path, seconds: float = 180) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2).close()
-            return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            assert app.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, f"{url} did not answer: {log.read_text()[-3000:]}"
-            time.sleep(0.5)
 
 
 def test_space_runs_from_its_own_requirements_without_torch(tiny_checkpoint, tmp_path):
@@ -76,7 +61,7 @@ def test_space_runs_from_its_own_requirements_without_torch(tiny_checkpoint, tmp
     with log.open("w") as output:
         app = subprocess.Popen([str(python), "app.py"], cwd=bundle, env=env, stdout=output, stderr=subprocess.STDOUT)
     try:
-        wait_for(f"http://127.0.0.1:{port}/", app, log)
+        wait_until_served(f"http://127.0.0.1:{port}/", app, log)
         client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
         _, area, mask_file = client.predict(gradio_client.handle_file(str(image)), 0.5, False, False, 3,
                                             api_name="/segment")
