@@ -27,6 +27,7 @@ import torch
 from omegaconf import OmegaConf
 
 from bts_lightning.checkpoint import CheckpointError
+from bts_lightning.decision import SliceDecision
 from bts_lightning.errors import BtsError, first_line
 from bts_lightning.inference import ModelContract, ModulePredictor, load_predictor, resolve_device
 from bts_lightning.runtime import make_directory, write_bytes_atomic, write_json_atomic
@@ -142,7 +143,8 @@ def model_card(config: Mapping[str, Any], metrics: Mapping[str, Any] | None = No
          f"trained at {config.get('image_size') or 'an unrecorded size'} px square slices."),
         f"- Normalization: {config.get('normalization')} (inside the model).",
         (f"- Output: tumor probability per pixel (softmax channel {config.get('tumor_class')}); "
-         "tumor where probability > threshold (0.5 by default)."), "",
+         "tumor where probability > threshold (0.5 by default)."),
+        *_decision_lines(config.get("decision")), "",
         "## Metrics", "", *_metric_lines(metrics), "",
         "## Intended use", "",
         "Research and teaching only. **Not a medical device: not for diagnosis, treatment or any clinical decision.**",
@@ -153,6 +155,15 @@ def model_card(config: Mapping[str, Any], metrics: Mapping[str, Any] | None = No
         "python -m bts_lightning.demo ckpt_path=THIS_FOLDER",
         "```", "",
     ])
+
+
+def _decision_lines(decision: Mapping[str, Any] | None) -> list[str]:
+    """The model card's line on the stored slice-level decision (none without one)."""
+    if not decision:
+        return []
+    described = SliceDecision.from_dict(decision).describe()
+    return [(f"- Slice-level decision: tumor present when {described}; other slices get an empty mask "
+             "(`slice_decision=off` turns it off).")]
 
 
 def _required(directory: Path, name: str) -> Path:

@@ -238,6 +238,9 @@ def test_every_exported_form_carries_and_applies_the_decision(tiny_checkpoint, t
         output = tmp_path / name
         export(compose_app("export", [f"ckpt_path={ckpt}", f"format={form}", f"output={output}"], tmp_path / form))
         assert load_predictor(output, "cpu").contract.decision == stored, form
+        if form == "hub":
+            card = (output / "README.md").read_text()
+            assert "- Slice-level decision: tumor present when max_probability > 1 (pixel threshold 0.5;" in card
         for setting, expect_empty in (("auto", True), ("off", False)):
             out = tmp_path / f"{form}_{setting}"
             summary = predict(compose_app("predict", [f"ckpt_path={output}", f"input={image}", f"output={out}",
