@@ -4,6 +4,7 @@
 # synthetic (data=synthetic_empty) and the 10-patient LGG sample. Each configuration: train (val fold 1,
 # test fold 2, patient-wise), evaluate the test fold without the decision, calibrate it on the val fold
 # (target 5 % false alarms), evaluate the test fold with it. Tabulate with benchmarks/false_alarms_table.py.
+# The *1200_* and lgg60_* runs compare the slice-presence loss term (experiment=empty_slices) with tumor-only training.
 #   bash benchmarks/false_alarms.sh OUT [LGG_ROOT] [only-these-names...]
 set -euo pipefail
 out=${1:?usage: bash benchmarks/false_alarms.sh OUT [LGG_ROOT] [names...]}
@@ -14,6 +15,12 @@ out=$(cd "$out" && pwd)
 crop='data.extra_augmentations=[{_target_: bts_lightning.data.augment.TumorFreeCrop, p: 0.5}]'
 synthetic=(data=synthetic_empty data.synthetic.size=96 "paths.data_dir=$out/data" trainer=cpu trainer.max_epochs=20)
 lgg_data=(data=lgg "data.root=$lgg" data.image_size=128 data.test_fold=2 trainer=cpu trainer.max_epochs=15)
+# The slice-presence term against its baseline: 1,200 synthetic slices (120 tumor / 120 empty per held-out fold),
+# both runs chosen on val/dice_tumor with patience 15 (experiment=empty_slices sets these for its run).
+synthetic1200=(data=synthetic_empty data.synthetic.size=96 data.synthetic.n=1200 "paths.data_dir=$out/data" trainer=cpu
+               trainer.max_epochs=100)
+lgg60=(data=lgg "data.root=$lgg" data.image_size=128 data.test_fold=2 trainer=cpu trainer.max_epochs=60)
+baseline="data.empty_fraction=0|monitor.metric=val/dice_tumor|callbacks.early_stopping.patience=15"
 declare -A runs=(
   [synthetic_tumor_only]="data.empty_fraction=0"
   [synthetic_empty_slices]=""
@@ -22,17 +29,27 @@ declare -A runs=(
   [lgg_empty_slices]=""
   [lgg_empty_half]="data.empty_fraction=0.5"
   [lgg_tumor_free_crops]="data.empty_fraction=0|$crop"
+  [synthetic1200_tumor_only]="$baseline"
+  [synthetic1200_slice_term]="experiment=empty_slices"
+  [lgg60_tumor_only]="$baseline"
+  [lgg60_slice_term]="experiment=empty_slices"
 )
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(synthetic_tumor_only synthetic_empty_slices synthetic_tumor_free_crops
-                                 lgg_tumor_only lgg_empty_slices lgg_empty_half lgg_tumor_free_crops)
+                                 lgg_tumor_only lgg_empty_slices lgg_empty_half lgg_tumor_free_crops
+                                 synthetic1200_tumor_only synthetic1200_slice_term lgg60_tumor_only lgg60_slice_term)
 for name in "${names[@]}"; do
   IFS='|' read -r -a extra <<< "${runs[$name]}"
-  case $name in synthetic_*) base=("${synthetic[@]}") ;; *) base=("${lgg_data[@]}") ;; esac
+  case $name in
+    synthetic1200_*) base=("${synthetic1200[@]}") ;;
+    lgg60_*) base=("${lgg60[@]}") ;;
+    synthetic_*) base=("${synthetic[@]}") ;;
+    *) base=("${lgg_data[@]}") ;;
+  esac
   run=$out/$name
   python -m bts_lightning.train "${base[@]}" "${extra[@]}" "hydra.run.dir=$run/train"
   ckpt=$run/train/checkpoints/best.ckpt
-  python -m bts_lightning.evaluate "ckpt_path=$ckpt" split=test "hydra.run.dir=$run/test_raw"
+  python -m bts_lightning.evaluate "ckpt_path=$ckpt" split=test slice_decision=off "hydra.run.dir=$run/test_raw"
   python -m bts_lightning.calibrate "ckpt_path=$ckpt" split=val target_false_alarm_rate=0.05 "hydra.run.dir=$run/calibrate"
   python -m bts_lightning.evaluate "ckpt_path=$ckpt" split=test "hydra.run.dir=$run/test_decision"
 done

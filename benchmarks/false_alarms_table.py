@@ -32,7 +32,8 @@ def training_input(config: Path) -> tuple[str, str]:
     """(what the run trained on, the empty share it drew) from its ``.hydra/config.yaml``."""
     from omegaconf import OmegaConf
 
-    data = OmegaConf.load(config).data
+    cfg = OmegaConf.load(config)
+    data = cfg.data
     crops = any("TumorFreeCrop" in str(t.get("_target_", "")) for t in data.get("extra_augmentations") or [])
     share = data.get("empty_fraction")
     parts = ["tumor slices only" if share == 0 else "all slices (empty ones included)"]
@@ -40,11 +41,19 @@ def training_input(config: Path) -> tuple[str, str]:
         parts.append("+ TumorFreeCrop p=0.5")
     if data.get("negatives"):
         parts.append(f"+ empty slices of {data.negatives.root}")
+    terms = cfg.get("loss", {}).get("terms") or {}
+    if "slice" in terms:
+        pos_weight = terms.slice.get("pos_weight", 1.0)
+        extra = f", pos_weight {pos_weight:g}" if pos_weight != 1.0 else ""
+        parts.append(f"+ slice-presence loss (weight {cfg.loss.weights.get('slice', 1.0):g}{extra})")
     return " ".join(parts), "as the data comes" if share is None else f"{share:g}"
 
 
 def row(run: Path) -> list[str]:
     raw, decided = _read(run / "test_raw" / "metrics.json"), _read(run / "test_decision" / "metrics.json")
+    if raw.get("decision_note"):  # a checkpoint calibrated in training (decision.target_false_alarm_rate)
+        raise ValueError(f"{run / 'test_raw' / 'metrics.json'} was scored with the slice decision; evaluate it "
+                         "again with slice_decision=off")
     calibration = _read(run / "calibrate" / "calibration.json")["decision"]["calibration"]
     trained, share = training_input(run / "train" / ".hydra" / "config.yaml")
     cells = [run.name, trained, share, f"{raw['tumor_slices']['n']}/{raw['empty_slices']['n']}"]

@@ -44,6 +44,35 @@ class PrecomputedBoundaryLoss(BoundaryLoss):
         return torch.cat([signed_distance_maps(target[:, :-1]), given.to(target.device, torch.float32)], dim=1)
 
 
+class SlicePresenceLoss(nn.Module):
+    """Image-level "tumor present" loss on the segmentation itself: binary cross-entropy of each slice's
+    largest tumor log-odds against whether its mask has any tumor pixel.
+
+    ``forward(input, target)``: (N, C, H, W) logits of a softmax segmentation (C >= 2, class 0 background)
+    and (N, 1, H, W) labels; the mean over the N slices. A slice's logit is the largest, over its pixels, of
+    ``logsumexp(input[1:]) - input[0]`` (the log-odds of "not background" under the softmax), so it is the
+    logit of the slice's maximum tumor probability: the ``max_probability`` slice decision. Pixel-mean
+    losses barely feel a few stray tumor pixels on an empty slice; this term puts its whole weight on the
+    strongest of them, and on tumor slices on the strongest tumor pixel. ``pos_weight`` weighs the tumor
+    slices (as in ``BCEWithLogitsLoss``).
+    """
+
+    def __init__(self, pos_weight: float = 1.0) -> None:
+        super().__init__()
+        if not pos_weight > 0:
+            raise ValueError(f"pos_weight={pos_weight} must be > 0")
+        self.pos_weight = float(pos_weight)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if input.ndim < 3 or input.shape[1] < 2:
+            raise ValueError(f"expected (N, C >= 2, ...) softmax logits, got shape {tuple(input.shape)}")
+        log_odds = torch.logsumexp(input[:, 1:], dim=1) - input[:, 0]
+        slice_logits = log_odds.flatten(1).amax(dim=1)
+        present = (target.flatten(1) > 0).any(dim=1).to(slice_logits.dtype)
+        return nn.functional.binary_cross_entropy_with_logits(
+            slice_logits, present, pos_weight=slice_logits.new_tensor(self.pos_weight))
+
+
 def uses_distance_maps(loss: nn.Module) -> bool:
     """Whether ``loss`` takes precomputed distance maps: its forward has a ``distance`` argument
     (for a :class:`WeightedLossSum`, one of its terms' has)."""

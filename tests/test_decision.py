@@ -295,3 +295,22 @@ def test_train_calibrates_best_checkpoint_on_val(tiny_checkpoint, tmp_path):
     assert metrics["decision"] == stored and stored["calibration"]["split"] == "val"
     assert stored["calibration"]["n_empty"] == 4 and stored["calibration"]["false_alarm_rate"] <= 0.25
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["decision"] == stored
+
+
+def test_empty_slices_experiment_trains_with_the_slice_term_and_calibrates(tmp_path):
+    """experiment=empty_slices: loss=dice_ce_slice, best.ckpt on val/dice_tumor, decision calibrated on val."""
+    from bts_lightning.train import train
+    from tests.conftest import compose_train
+
+    overrides = ["experiment=empty_slices", "data=synthetic_empty", "data.synthetic.n=40", "data.synthetic.size=32",
+                 "data.batch_size=4", "data.num_workers=0", f"paths.data_dir={tmp_path / 'data'}", "trainer=cpu",
+                 "trainer.max_epochs=2", "logger=csv", "model.net.channels=[8,16,32]", "model.net.strides=[2,2]",
+                 "model.net.num_res_units=1"]
+    cfg = compose_train(overrides, tmp_path / "run")
+    assert cfg.loss.terms.slice._target_ == "bts_lightning.losses.SlicePresenceLoss"
+    assert cfg.monitor.metric == "val/dice_tumor" and cfg.callbacks.early_stopping.monitor == "val/dice_tumor"
+    metrics = train(cfg)
+    assert metrics["selection"]["monitor"] == "val/dice_tumor"
+    stored = torch.load(metrics["best_checkpoint"], map_location="cpu", weights_only=True)[DECISION_KEY]
+    assert stored["target_false_alarm_rate"] == 0.05 and stored["calibration"]["split"] == "val"
+    assert stored["calibration"]["n_empty"] == 4 and stored["calibration"]["false_alarm_rate"] <= 0.05

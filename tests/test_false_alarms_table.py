@@ -37,3 +37,26 @@ def test_one_configuration_becomes_one_row(tmp_path):
     assert tumor > 0 and empty > 0
     assert all(0 <= float(value) <= 1 for value in cells[4:10])
     assert float(cells[9]) <= float(cells[6])  # the decision only removes masks: never more false alarms
+
+
+def test_training_input_names_the_slice_presence_term(tmp_path):
+    config = tmp_path / "config.yaml"
+    cfg = compose_train(["data=synthetic_empty", "loss=dice_ce_slice"], tmp_path / "run")
+    OmegaConf.save(cfg, config)
+    assert false_alarms_table.training_input(config) == (
+        "all slices (empty ones included) + slice-presence loss (weight 0.2)", "as the data comes")
+    cfg = compose_train(["data=synthetic_empty", "loss=dice_ce_slice", "loss.terms.slice.pos_weight=3",
+                         "data.empty_fraction=0.25"], tmp_path / "run")
+    OmegaConf.save(cfg, config)
+    assert false_alarms_table.training_input(config) == (
+        "all slices (empty ones included) + slice-presence loss (weight 0.2, pos_weight 3)", "0.25")
+
+
+def test_a_raw_score_with_the_decision_applied_is_refused(tmp_path):
+    """A checkpoint calibrated in training applies its decision unless evaluate runs with slice_decision=off."""
+    run = tmp_path / "out" / "lgg_slice_term"
+    for name in ("test_raw", "test_decision"):
+        (run / name).mkdir(parents=True)
+        (run / name / "metrics.json").write_text('{"decision_note": "slice decision calibrated on the val split"}')
+    with pytest.raises(ValueError, match="test_raw/metrics.json was scored with the slice decision.*slice_decision=off"):
+        false_alarms_table.table(tmp_path / "out")

@@ -17,7 +17,13 @@ from torch import nn
 
 from benchmarks import loss_cost
 from bts_lightning.distance_maps import signed_distance_map, signed_distance_maps
-from bts_lightning.losses import LinearRamp, PrecomputedBoundaryLoss, WeightedLossSum, uses_distance_maps
+from bts_lightning.losses import (
+    LinearRamp,
+    PrecomputedBoundaryLoss,
+    SlicePresenceLoss,
+    WeightedLossSum,
+    uses_distance_maps,
+)
 from bts_lightning.segmentation_module import SegmentationModule
 from bts_lightning.train import build_module, train
 from tests.conftest import compose_train
@@ -201,7 +207,7 @@ def test_module_sets_the_epoch_weights_logs_them_and_keeps_them_on_resume(tmp_pa
     assert recorder.train == pytest.approx({2: 0.1}) and recorder.val == recorder.train
 
 
-@pytest.mark.parametrize("loss", ["dice_boundary", "dice_hausdorff", "dice_ce"])
+@pytest.mark.parametrize("loss", ["dice_boundary", "dice_hausdorff", "dice_ce", "dice_ce_slice"])
 def test_losses_train_end_to_end_on_synthetic_data(loss, tmp_path, monkeypatch):
     """The train app has the loader workers compute distance maps for loss=dice_boundary only."""
     from bts_lightning.data import dataset
@@ -343,3 +349,44 @@ def test_module_passes_distance_maps_to_losses_that_take_them_for_every_output()
     assert boundary.compute_loss(outputs, masks, distance).item() == pytest.approx(zero_boundary.item(), rel=1e-5)
     assert dice_ce.compute_loss(outputs, masks, distance) == dice_ce.compute_loss(outputs, masks)  # ignored
 
+
+
+def test_slice_presence_loss_is_the_cross_entropy_of_each_slices_strongest_tumor_pixel():
+    """Hand-made logits: an empty slice pays softplus(its largest tumor log-odds), a tumor slice softplus(-it)."""
+    loss = SlicePresenceLoss()
+    logits = torch.zeros(2, 2, 8, 8)
+    logits[:, 1] = -3.0  # tumor log-odds -3 everywhere ...
+    logits[0, 1, 2, 5] = 1.5  # ... but one stray pixel at +1.5 on the empty slice
+    logits[1, 1, 4:6, 4:6] = 4.0  # and a 2x2 tumor at +4 on the tumor slice
+    target = torch.zeros(2, 1, 8, 8)
+    target[1, 0, 4:6, 4:6] = 1
+    softplus = nn.functional.softplus
+    expected = (softplus(torch.tensor(1.5)) + softplus(torch.tensor(-4.0))) / 2
+    assert loss(logits, target).item() == pytest.approx(expected.item(), rel=1e-6)
+    weighted = SlicePresenceLoss(pos_weight=3.0)(logits, target)
+    assert weighted.item() == pytest.approx(((softplus(torch.tensor(1.5)) + 3 * softplus(torch.tensor(-4.0))) / 2).item())
+
+    logits.requires_grad_(True)
+    loss(logits[:1], target[:1]).backward()  # the empty slice: only its strongest pixel is pushed down
+    moved = logits.grad[0, 1].nonzero().tolist()
+    assert moved == [[2, 5]] and logits.grad[0, 1, 2, 5] > 0 and logits.grad[0, 0, 2, 5] < 0
+
+
+def test_slice_presence_loss_rejects_single_channel_logits():
+    with pytest.raises(ValueError, match="C >= 2"):
+        SlicePresenceLoss()(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4))
+    with pytest.raises(ValueError, match="pos_weight"):
+        SlicePresenceLoss(pos_weight=0)
+
+
+def test_dice_ce_slice_config_adds_the_slice_term_to_dice_ce():
+    """loss=dice_ce_slice is loss=dice_ce plus the slice term: equal where the slice term is ~0, larger on a false alarm."""
+    combined = criterion("dice_ce_slice")
+    dice_ce = instantiate(compose_train(["loss=dice_ce"], Path(".")).loss)
+    assert set(combined.terms) == {"dice_ce", "slice"}
+    assert combined(RIGHT, TARGET).item() == pytest.approx(dice_ce(RIGHT, TARGET).item(), abs=1e-6)
+    empty = torch.zeros_like(TARGET)
+    stray = logits_for(torch.zeros_like(TRUTH))
+    stray[0, :, 5, 5] = torch.tensor([-2.0, 2.0])  # one confident stray tumor pixel on an empty slice
+    extra = combined(stray, empty).item() - dice_ce(stray, empty).item()
+    assert extra == pytest.approx(combined.weights["slice"] * nn.functional.softplus(torch.tensor(4.0)).item(), rel=1e-5)
