@@ -83,17 +83,33 @@ def hydra_app(
     ``main()`` composes ``conf/<config_name>.yaml`` with the command-line overrides, logs the config at
     DEBUG level and calls ``app(cfg)`` (``app(cfg, overrides)`` with ``pass_overrides``) through
     :func:`run_app`: a user error is one ``error:`` line and exit status 2. ``result`` maps the app's
-    return value to what Hydra sweepers optimize (e.g. the best validation Dice).
+    return value to what Hydra sweepers optimize (e.g. the best validation Dice). Overrides Hydra cannot
+    compose (an unknown key or group option) keep Hydra's own message but exit with status 2 as well,
+    not Hydra's 1, which is left to crashes of the app itself.
     """
+    started = False
 
     @functools.wraps(app)  # Hydra names the job (and its log file) after app's module
     def task(cfg: DictConfig) -> Any:
+        nonlocal started
+        started = True
         log.debug("Config:\n%s", OmegaConf.to_yaml(cfg))
         args = (cfg, list(HydraConfig.get().overrides.task)) if pass_overrides else (cfg,)
         value = run_app(app, *args)
         return result(value) if result is not None else None
 
-    return hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=config_name)(task)
+    hydra_main = hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=config_name)(task)
+
+    @functools.wraps(hydra_main)
+    def main() -> Any:
+        try:
+            return hydra_main()
+        except SystemExit as stop:
+            if stop.code == 1 and not started:  # Hydra's exit after a config it could not compose
+                raise SystemExit(2) from None
+            raise
+
+    return main
 
 
 # ------------------------------------------------------------------------------------ settings

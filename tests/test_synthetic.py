@@ -288,7 +288,7 @@ def test_app_refuses_bad_settings(tmp_path: Path, args: list[str], named: str) -
 
 def test_cli_unknown_setting_is_refused_by_hydra(tmp_path: Path) -> None:
     result = synthetic_cli("out=cli", "bogus=1", cwd=tmp_path)
-    assert result.returncode == 1  # Hydra's own error for every app: the key is not in the config
+    assert result.returncode == 2  # Hydra's own message, the exit status of every bad input
     assert "Could not override 'bogus'" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "cli").exists()
 
