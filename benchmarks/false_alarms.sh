@@ -5,6 +5,8 @@
 # test fold 2, patient-wise), evaluate the test fold without the decision, calibrate it on the val fold
 # (target 5 % false alarms), evaluate the test fold with it. Tabulate with benchmarks/false_alarms_table.py.
 # The *1200_* and lgg60_* runs compare the slice-presence loss term (experiment=empty_slices) with tumor-only training.
+# synthetic1200_tumor_slices_loss and synthetic1200_presence_gate (named only, not in the default list) add the
+# segmentation-on-tumor-slices loss and the presence gate (benchmarks/false_alarms.md).
 #   bash benchmarks/false_alarms.sh OUT [LGG_ROOT] [only-these-names...]
 set -euo pipefail
 out=${1:?usage: bash benchmarks/false_alarms.sh OUT [LGG_ROOT] [names...]}
@@ -33,6 +35,8 @@ declare -A runs=(
   [synthetic1200_slice_term]="experiment=empty_slices"
   [lgg60_tumor_only]="$baseline"
   [lgg60_slice_term]="experiment=empty_slices"
+  [synthetic1200_tumor_slices_loss]="experiment=empty_slices|loss=dice_ce_slice_tumor"
+  [synthetic1200_presence_gate]="experiment=empty_slices|model.net.presence_gate=true|loss=dice_ce_slice_tumor|loss.weights.slice=1.0"
 )
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(synthetic_tumor_only synthetic_empty_slices synthetic_tumor_free_crops

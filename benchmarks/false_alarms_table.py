@@ -46,6 +46,10 @@ def training_input(config: Path) -> tuple[str, str]:
         pos_weight = terms.slice.get("pos_weight", 1.0)
         extra = f", pos_weight {pos_weight:g}" if pos_weight != 1.0 else ""
         parts.append(f"+ slice-presence loss (weight {cfg.loss.weights.get('slice', 1.0):g}{extra})")
+    if "OnTumorSlices" in str(terms.get("dice_ce", {}).get("_target_", "")):
+        parts.append("+ Dice+CE on tumor slices only")
+    if cfg.get("model", {}).get("net", {}).get("presence_gate"):
+        parts.append("+ presence gate")
     return " ".join(parts), "as the data comes" if share is None else f"{share:g}"
 
 

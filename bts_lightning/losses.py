@@ -73,6 +73,27 @@ class SlicePresenceLoss(nn.Module):
             slice_logits, present, pos_weight=slice_logits.new_tensor(self.pos_weight))
 
 
+class OnTumorSlices(nn.Module):
+    """``loss`` over only the slices of the batch whose mask has a tumor pixel.
+
+    ``forward(input, target)``: (N, C, H, W) logits and (N, 1, H, W) labels; the wrapped loss of the
+    tumor slices, or 0 (still connected to ``input``) when the batch has none. For data with empty slices:
+    a per-image Dice term scores an empty slice by its predicted tumor area alone, and that pull towards
+    predicting nothing makes the model segment less of every tumor; wrapped, the segmentation terms learn
+    from the tumor slices only and a slice-level term (:class:`SlicePresenceLoss`) from all of them.
+    """
+
+    def __init__(self, loss: nn.Module) -> None:
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        present = (target.flatten(1) > 0).any(dim=1)
+        if not present.any():
+            return input.sum() * 0.0
+        return self.loss(input[present], target[present])
+
+
 def uses_distance_maps(loss: nn.Module) -> bool:
     """Whether ``loss`` takes precomputed distance maps: its forward has a ``distance`` argument
     (for a :class:`WeightedLossSum`, one of its terms' has)."""

@@ -214,8 +214,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             metrics["cross_dataset"] = evaluate_across(cfg, ckpt, split, metrics["selection"]["chosen_on"])
     if trainer.is_global_zero:
         write_json_atomic(output_dir / "metrics.json", metrics)
-        log.info("Best %s %s at epoch %s; metrics in %s", VAL_DICE, metrics["best_val_dice"], metrics["best_epoch"],
-                 output_dir)
+        chosen_by = "" if monitor == VAL_DICE or not best else f" (chosen by {monitor} {best.get(monitor)})"
+        log.info("Best %s %s at epoch %s%s; metrics in %s", VAL_DICE, metrics["best_val_dice"], metrics["best_epoch"],
+                 chosen_by, output_dir)
     return metrics
 
 

@@ -19,6 +19,7 @@ from benchmarks import loss_cost
 from bts_lightning.distance_maps import signed_distance_map, signed_distance_maps
 from bts_lightning.losses import (
     LinearRamp,
+    OnTumorSlices,
     PrecomputedBoundaryLoss,
     SlicePresenceLoss,
     WeightedLossSum,
@@ -207,7 +208,7 @@ def test_module_sets_the_epoch_weights_logs_them_and_keeps_them_on_resume(tmp_pa
     assert recorder.train == pytest.approx({2: 0.1}) and recorder.val == recorder.train
 
 
-@pytest.mark.parametrize("loss", ["dice_boundary", "dice_hausdorff", "dice_ce", "dice_ce_slice"])
+@pytest.mark.parametrize("loss", ["dice_boundary", "dice_hausdorff", "dice_ce", "dice_ce_slice", "dice_ce_slice_tumor"])
 def test_losses_train_end_to_end_on_synthetic_data(loss, tmp_path, monkeypatch):
     """The train app has the loader workers compute distance maps for loss=dice_boundary only."""
     from bts_lightning.data import dataset
@@ -390,3 +391,32 @@ def test_dice_ce_slice_config_adds_the_slice_term_to_dice_ce():
     stray[0, :, 5, 5] = torch.tensor([-2.0, 2.0])  # one confident stray tumor pixel on an empty slice
     extra = combined(stray, empty).item() - dice_ce(stray, empty).item()
     assert extra == pytest.approx(combined.weights["slice"] * nn.functional.softplus(torch.tensor(4.0)).item(), rel=1e-5)
+
+
+def test_on_tumor_slices_scores_only_the_slices_with_a_tumor():
+    """Hand-made batch: the wrapped Dice+CE of [empty, tumor] equals that of the tumor slice alone; empty-only is 0."""
+    dice_ce = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True)
+    wrapped = OnTumorSlices(dice_ce)
+    tumor = disc(20, 30, 6).float()[None, None]
+    target = torch.cat([torch.zeros_like(tumor), tumor])
+    logits = logits_for(torch.stack([disc(40, 40, 5), disc(22, 30, 5)]), confidence=3.0).requires_grad_(True)
+    assert wrapped(logits, target).item() == pytest.approx(dice_ce(logits[1:], tumor).item(), rel=1e-6)
+    assert wrapped(logits, target).item() != pytest.approx(dice_ce(logits, target).item(), rel=1e-3)
+    wrapped(logits, target).backward()
+    assert logits.grad[0].abs().sum() == 0 and logits.grad[1].abs().sum() > 0  # the false alarm is not its business
+
+    empty_only = wrapped(logits[:1], target[:1])
+    assert empty_only.item() == 0 and empty_only.requires_grad
+
+
+def test_dice_ce_slice_tumor_config_leaves_empty_slices_to_the_slice_term():
+    """loss=dice_ce_slice_tumor: on an empty slice only the slice term pays; on tumor slices it is dice_ce_slice."""
+    tumor_only = criterion("dice_ce_slice_tumor")
+    everywhere = criterion("dice_ce_slice")
+    assert tumor_only(RIGHT, TARGET).item() == pytest.approx(everywhere(RIGHT, TARGET).item(), abs=1e-6)
+    empty = torch.zeros_like(TARGET)
+    stray = logits_for(torch.zeros_like(TRUTH))
+    stray[0, :, 5, 5] = torch.tensor([-2.0, 2.0])
+    slice_only = tumor_only.weights["slice"] * nn.functional.softplus(torch.tensor(4.0)).item()
+    assert tumor_only(stray, empty).item() == pytest.approx(slice_only, rel=1e-5)
+    assert everywhere(stray, empty).item() > tumor_only(stray, empty).item()

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from torch import nn
 
 from bts_lightning.errors import ConfigError
+from bts_lightning.models.presence import PresenceGated
 
 ModelBuilder = Callable[..., nn.Module]
 
@@ -52,12 +53,16 @@ def build_model(
     in_channels: int = 1,
     num_classes: int = 2,
     weights: str | None = None,
+    presence_gate: bool = False,
     **kwargs: object,
 ) -> nn.Module:
     """Build model ``name``; its ``forward(x)`` returns ``{"out": logits[, "aux": logits or [logits, ...]]}``.
 
     ``aux`` (auxiliary heads, deep supervision) is for the training loss only; a network may leave it
     out in eval mode. Every logits tensor is (N, num_classes, H, W) at input resolution.
+    ``presence_gate`` (binary models only): the network gets one more output channel, a slice-level
+    "tumor present" map, and is wrapped in :class:`~bts_lightning.models.presence.PresenceGated`,
+    whose 2-class logits are P(slice has a tumor) x P(pixel is tumor | it has).
 
     Raises ``ConfigError`` for an unknown name, bad sizes or options the builder does not take.
     """
@@ -69,12 +74,18 @@ def build_model(
         raise ConfigError(
             f"in_channels and num_classes must be >= 1, got {in_channels} and {num_classes}."
         )
+    if presence_gate not in (True, False):
+        raise ConfigError(f"model.net.presence_gate={presence_gate!r} must be true or false.")
+    if presence_gate and num_classes != 2:
+        raise ConfigError(f"model.net.presence_gate=true needs a binary model (num_classes=2), got num_classes={num_classes}.")
     builder = MODELS[name]
+    outputs = num_classes + 1 if presence_gate else num_classes
     try:
-        inspect.signature(builder).bind(in_channels, num_classes, weights, **kwargs)
+        inspect.signature(builder).bind(in_channels, outputs, weights, **kwargs)
     except TypeError as exc:
         raise ConfigError(f"Invalid options for model {name!r}: {exc}.") from None
-    return builder(in_channels, num_classes, weights, **kwargs)
+    net = builder(in_channels, outputs, weights, **kwargs)
+    return PresenceGated(net) if presence_gate else net
 
 
 def check_input_size(model: nn.Module, size: int, key: str) -> None:
