@@ -297,7 +297,7 @@ def test_train_calibrates_best_checkpoint_on_val(tiny_checkpoint, tmp_path):
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["decision"] == stored
 
 
-def test_empty_slices_experiment_trains_with_the_slice_term_and_calibrates(tmp_path):
+def test_empty_slices_experiment_trains_with_the_slice_term_and_calibrates(tmp_path, caplog):
     """experiment=empty_slices: loss=dice_ce_slice, best.ckpt on val/dice_tumor, decision calibrated on val."""
     from bts_lightning.train import train
     from tests.conftest import compose_train
@@ -309,8 +309,11 @@ def test_empty_slices_experiment_trains_with_the_slice_term_and_calibrates(tmp_p
     cfg = compose_train(overrides, tmp_path / "run")
     assert cfg.loss.terms.slice._target_ == "bts_lightning.losses.SlicePresenceLoss"
     assert cfg.monitor.metric == "val/dice_tumor" and cfg.callbacks.early_stopping.monitor == "val/dice_tumor"
-    metrics = train(cfg)
+    with caplog.at_level(logging.INFO, logger="bts_lightning.train"):
+        metrics = train(cfg)
     assert metrics["selection"]["monitor"] == "val/dice_tumor"
+    best = metrics["best_val_dice_tumor"]
+    assert f"at epoch {metrics['best_epoch']} (chosen by val/dice_tumor {best})" in caplog.text
     stored = torch.load(metrics["best_checkpoint"], map_location="cpu", weights_only=True)[DECISION_KEY]
     assert stored["target_false_alarm_rate"] == 0.05 and stored["calibration"]["split"] == "val"
     assert stored["calibration"]["n_empty"] == 4 and stored["calibration"]["false_alarm_rate"] <= 0.05
