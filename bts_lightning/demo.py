@@ -117,15 +117,16 @@ def example_slices(folder: Path, count: int = 3) -> list[Path]:
     return images[:count]
 
 
-def build_demo(predictor: Predictor, options: InferenceOptions, examples: list[Path] | None = None,
+def build_demo(predictor: Predictor, options: InferenceOptions, output_dir: Path, examples: list[Path] | None = None,
                image_size: int | None = None) -> Any:
     """The Gradio ``Blocks`` page over ``predictor``, its controls starting at ``options``.
 
     API: ``/segment`` (file, threshold, tta, largest_component, min_size) -> (overlay, probability map,
-    area text, mask PNG file). Bad uploads raise ``gr.Error`` with one message.
+    area text, mask PNG file). The mask files are written under ``output_dir`` (created; serve it with
+    ``allowed_paths``). Bad uploads raise ``gr.Error`` with one message.
     """
     gr = require_gradio()
-    output_dir = Path(tempfile.mkdtemp(prefix="bts_demo_"))
+    output_dir.mkdir(parents=True, exist_ok=True)
 
     def run(file: str | None, threshold: float, tta: bool, largest: bool, min_size: float) -> tuple[Any, ...]:
         try:
@@ -178,10 +179,12 @@ def demo(cfg: DictConfig) -> None:
     options = InferenceOptions.from_config(cfg)
     predictor = load_predictor(ckpt_path, resolve_device(cfg.get("device", "auto")))
     options = with_model_decision(options, cfg, contract_of(predictor))
-    examples = example_slices(Path(cfg.paths.output_dir) / "examples", int(cfg.get("examples", 3)))
-    page = build_demo(predictor, options, examples, cfg.get("image_size"))
+    run_dir = Path(cfg.paths.output_dir)
+    examples = example_slices(run_dir / "examples", int(cfg.get("examples", 3)))
+    page = build_demo(predictor, options, run_dir / "masks", examples, cfg.get("image_size"))
+    served = [run_dir / "masks", *([examples[0].parent] if examples else [])]
     page.launch(server_name=str(cfg.host), server_port=int(cfg.port), share=bool(cfg.share), css=CSS,
-                max_file_size=MAX_UPLOAD_BYTES, allowed_paths=[str(examples[0].parent)] if examples else None)
+                max_file_size=MAX_UPLOAD_BYTES, allowed_paths=[str(path) for path in served])
     log.info("Demo stopped")
 
 

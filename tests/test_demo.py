@@ -29,10 +29,13 @@ def gradio_client():
 @pytest.fixture(scope="module")
 def client(tiny_checkpoint, tmp_path_factory, gradio_client):
     examples = example_slices(tmp_path_factory.mktemp("examples"))
-    page = build_demo(load_predictor(tiny_checkpoint.path, "cpu"), InferenceOptions(), examples)
+    masks = tmp_path_factory.mktemp("demo") / "masks"
+    page = build_demo(load_predictor(tiny_checkpoint.path, "cpu"), InferenceOptions(), masks, examples)
     page.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
     try:
-        yield gradio_client.Client(page.local_url, verbose=False)
+        client = gradio_client.Client(page.local_url, verbose=False)
+        client.mask_dir = masks
+        yield client
     finally:
         page.close()
 
@@ -58,6 +61,8 @@ def test_the_page_returns_predicts_mask_and_area(client, gradio_client, tiny_che
         gradio_client.handle_file(str(image)), threshold, True, False, 3, api_name="/segment")
     mask = cv2.imread(mask_file, cv2.IMREAD_UNCHANGED)
     assert mask.shape == expected.shape == (70, 90) and np.array_equal(mask, expected)
+    written = list(client.mask_dir.rglob("slice_mask.png"))  # the page's own copy, in the folder it was given
+    assert written and all(np.array_equal(cv2.imread(str(path), cv2.IMREAD_UNCHANGED), expected) for path in written)
     assert 0 < np.count_nonzero(mask) < mask.size
     assert area == area_text(expected > 0)
     assert cv2.imread(overlay).shape[:2] == cv2.imread(probability).shape[:2] == (70, 90)
