@@ -270,11 +270,24 @@ def _conv_backward_flops(grad_out_shape: Any, x_shape: Any, w_shape: Any, _bias:
     return forward * (bool(output_mask[0]) + bool(output_mask[1]))
 
 
+def build_criterion(cfg: Any, net: torch.nn.Module) -> torch.nn.Module:
+    """``SegmentationModule.configure_losses``'s rule: ``cfg.loss``, wrapped in ``FactoredLoss`` for a gated net."""
+    from hydra.utils import instantiate
+
+    from bts_lightning.models.presence import FactoredLoss, PresenceGated
+
+    criterion = instantiate(cfg.loss)
+    if isinstance(net, PresenceGated):
+        criterion = FactoredLoss(criterion, float(cfg.model.get("presence_loss_weight", 1.0)))
+    return criterion
+
+
 def training_loss(criterion: Any, outputs: dict[str, Any], target: torch.Tensor, aux_weight: float) -> torch.Tensor:
-    """``SegmentationModule.compute_loss``'s rule: ``out``'s loss plus ``aux_weight`` shared by the auxiliary heads."""
+    """``SegmentationModule.compute_loss``'s rule: the loss of ``out`` (of ``factors`` when present) plus
+    ``aux_weight`` shared by the auxiliary heads."""
     aux = outputs.get("aux")
     heads = [] if aux is None else [aux] if isinstance(aux, torch.Tensor) else list(aux)
-    loss = criterion(outputs["out"].float(), target)
+    loss = criterion(outputs.get("factors", outputs["out"]).float(), target)
     for head in heads:
         loss = loss + aux_weight / len(heads) * criterion(head.float(), target)
     return loss
@@ -288,7 +301,7 @@ def count_flops(cfg: Any, device: torch.device, batch_size: int, image_size: int
     from bts_lightning.preprocessing import standardize
 
     net = instantiate(cfg.model.net).to(device).train()
-    criterion = instantiate(cfg.loss)
+    criterion = build_criterion(cfg, net)
     aux_weight = float(cfg.model.get("aux_loss_weight", 0.4))
     images = torch.randint(0, 256, (batch_size, 1, image_size, image_size), dtype=torch.uint8, device=device)
     target = (torch.rand(batch_size, 1, image_size, image_size, device=device) > 0.9).float()
@@ -317,7 +330,7 @@ def bench_bare(cfg: Any, precision: str, args: argparse.Namespace) -> dict[str, 
     dtype, use_scaler = precision_settings(precision)
     torch.manual_seed(cfg.seed)
     net = instantiate(cfg.model.net).to(device).train()
-    criterion = instantiate(cfg.loss)
+    criterion = build_criterion(cfg, net)
     optimizer = instantiate(cfg.optimizer)(params=net.parameters())
     scaler = torch.amp.GradScaler(device.type) if use_scaler else None
     aux_weight = float(cfg.model.get("aux_loss_weight", 0.4))

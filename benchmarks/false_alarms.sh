@@ -8,20 +8,22 @@
 # synthetic1200_tumor_slices_loss and synthetic1200_presence_gate (named only, not in the default list) add the
 # segmentation-on-tumor-slices loss and the presence gate (benchmarks/false_alarms.md).
 #   bash benchmarks/false_alarms.sh OUT [LGG_ROOT] [only-these-names...]
+# TRAINER=gpu (any conf/trainer option; default cpu, as measured in benchmarks/false_alarms.md) runs them elsewhere.
 set -euo pipefail
 out=${1:?usage: bash benchmarks/false_alarms.sh OUT [LGG_ROOT] [names...]}
 lgg=${2:-../shared/data/lgg-sample}
 shift $(( $# > 1 ? 2 : 1 ))
+trainer=${TRAINER:-cpu}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 crop='data.extra_augmentations=[{_target_: bts_lightning.data.augment.TumorFreeCrop, p: 0.5}]'
-synthetic=(data=synthetic_empty data.synthetic.size=96 "paths.data_dir=$out/data" trainer=cpu trainer.max_epochs=20)
-lgg_data=(data=lgg "data.root=$lgg" data.image_size=128 data.test_fold=2 trainer=cpu trainer.max_epochs=15)
+synthetic=(data=synthetic_empty data.synthetic.size=96 "paths.data_dir=$out/data" "trainer=$trainer" trainer.max_epochs=20)
+lgg_data=(data=lgg "data.root=$lgg" data.image_size=128 data.test_fold=2 "trainer=$trainer" trainer.max_epochs=15)
 # The slice-presence term against its baseline: 1,200 synthetic slices (120 tumor / 120 empty per held-out fold),
 # both runs chosen on val/dice_tumor with patience 15 (experiment=empty_slices sets these for its run).
-synthetic1200=(data=synthetic_empty data.synthetic.size=96 data.synthetic.n=1200 "paths.data_dir=$out/data" trainer=cpu
+synthetic1200=(data=synthetic_empty data.synthetic.size=96 data.synthetic.n=1200 "paths.data_dir=$out/data" "trainer=$trainer"
                trainer.max_epochs=100)
-lgg60=(data=lgg "data.root=$lgg" data.image_size=128 data.test_fold=2 trainer=cpu trainer.max_epochs=60)
+lgg60=(data=lgg "data.root=$lgg" data.image_size=128 data.test_fold=2 "trainer=$trainer" trainer.max_epochs=60)
 baseline="data.empty_fraction=0|monitor.metric=val/dice_tumor|callbacks.early_stopping.patience=15"
 declare -A runs=(
   [synthetic_tumor_only]="data.empty_fraction=0"
@@ -36,7 +38,7 @@ declare -A runs=(
   [lgg60_tumor_only]="$baseline"
   [lgg60_slice_term]="experiment=empty_slices"
   [synthetic1200_tumor_slices_loss]="experiment=empty_slices|loss=dice_ce_slice_tumor"
-  [synthetic1200_presence_gate]="experiment=empty_slices|model.net.presence_gate=true|loss=dice_ce_slice_tumor|loss.weights.slice=1.0"
+  [synthetic1200_presence_gate]="experiment=empty_slices|model.net.presence_gate=true|loss=dice_ce"
 )
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(synthetic_tumor_only synthetic_empty_slices synthetic_tumor_free_crops

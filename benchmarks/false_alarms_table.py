@@ -48,8 +48,9 @@ def training_input(config: Path) -> tuple[str, str]:
         parts.append(f"+ slice-presence loss (weight {cfg.loss.weights.get('slice', 1.0):g}{extra})")
     if "OnTumorSlices" in str(terms.get("dice_ce", {}).get("_target_", "")):
         parts.append("+ Dice+CE on tumor slices only")
-    if cfg.get("model", {}).get("net", {}).get("presence_gate"):
-        parts.append("+ presence gate")
+    model = cfg.get("model", {})
+    if model.get("net", {}).get("presence_gate"):
+        parts.append(f"+ presence gate (weight {model.get('presence_loss_weight', 1.0):g})")
     return " ".join(parts), "as the data comes" if share is None else f"{share:g}"
 
 

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from bts_lightning.errors import ConfigError
 from bts_lightning.losses import uses_distance_maps
 from bts_lightning.metrics import SLICE_SCORES, SliceDetection, overlap_metrics
+from bts_lightning.models.presence import FactoredLoss, PresenceGated
 from bts_lightning.preprocessing import standardize
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,8 @@ class SegmentationModule(L.LightningModule):
     Args:
         net: ``_target_`` config of the network (``bts_lightning.models.build_model`` with a
             registry ``name`` and its options); ``forward`` returns ``{"out": logits[, "aux": logits or a
-            list of logits]}`` (``aux``: auxiliary heads / deep supervision, for the training loss only).
+            list of logits][, "factors": logits]}`` (``aux``: auxiliary heads / deep supervision, for the
+            training loss only; ``factors``: a presence-gated network's raw outputs, which its loss reads).
         loss: ``_target_`` config of a loss taking (N, C, H, W) logits and (N, 1, H, W) labels.
         optimizer: ``_partial_`` optimizer config, called with the parameters.
         scheduler: ``{"scheduler": _partial_ config or None, **lightning_keys}`` (monitor, interval), or None.
@@ -51,6 +53,8 @@ class SegmentationModule(L.LightningModule):
             keeps a pretrained backbone frozen.
         aux_loss_weight: total weight of the loss on the auxiliary outputs, for networks that have them
             (see :meth:`compute_loss`).
+        presence_loss_weight: for a network with a presence gate (``model.net.presence_gate=true``), the
+            weight of its slice-presence term (:class:`~bts_lightning.models.presence.FactoredLoss`).
     """
 
     def __init__(
@@ -62,12 +66,13 @@ class SegmentationModule(L.LightningModule):
         compile: bool = False,
         freeze_backbone_epochs: int = 0,
         aux_loss_weight: float = 0.4,
+        presence_loss_weight: float = 1.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters({
             "net": _plain(net), "loss": _plain(loss), "optimizer": _plain(optimizer), "scheduler": _plain(scheduler),
             "compile": bool(compile), "freeze_backbone_epochs": int(freeze_backbone_epochs),
-            "aux_loss_weight": float(aux_loss_weight),
+            "aux_loss_weight": float(aux_loss_weight), "presence_loss_weight": float(presence_loss_weight),
         })
         _check_learning_rate(self.hparams.optimizer)
         self.configure_models()
@@ -85,8 +90,14 @@ class SegmentationModule(L.LightningModule):
             self.net.compile()
 
     def configure_losses(self) -> None:
-        """Instantiate the loss; auxiliary outputs add ``aux_loss_weight`` times it (:meth:`compute_loss`)."""
+        """Instantiate the loss; auxiliary outputs add ``aux_loss_weight`` times it (:meth:`compute_loss`).
+
+        A presence-gated network trains on its raw outputs: the loss segments its tumor slices and
+        ``presence_loss_weight`` weighs the slice-presence term (:class:`FactoredLoss`).
+        """
         self.criterion = instantiate(self.hparams.loss)
+        if isinstance(self.net, PresenceGated):
+            self.criterion = FactoredLoss(self.criterion, self.hparams.presence_loss_weight)
         self.aux_loss_weight = self.hparams.aux_loss_weight
 
     def configure_metrics(self) -> None:
@@ -120,7 +131,8 @@ class SegmentationModule(L.LightningModule):
         masks: torch.Tensor,
         distance: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Loss of ``out`` plus ``aux_loss_weight`` times the mean loss of the auxiliary outputs.
+        """Loss of ``out`` (of ``factors``, the raw outputs, when present) plus ``aux_loss_weight`` times the
+        mean loss of the auxiliary outputs.
 
         ``outputs["aux"]`` (optional) is one logits tensor or a list of them (deep supervision): a list
         shares the weight evenly, so the auxiliary outputs weigh ``aux_loss_weight`` in total whatever
@@ -133,7 +145,7 @@ class SegmentationModule(L.LightningModule):
         aux = outputs.get("aux")
         heads = [] if aux is None else [aux] if isinstance(aux, torch.Tensor) else list(aux)
         with torch.autocast(device_type=self.device.type, enabled=False):
-            loss = self.criterion(outputs["out"].float(), target, **extras)
+            loss = self.criterion(outputs.get("factors", outputs["out"]).float(), target, **extras)
             for head in heads:
                 loss = loss + self.aux_loss_weight / len(heads) * self.criterion(head.float(), target, **extras)
         return loss
@@ -152,7 +164,8 @@ class SegmentationModule(L.LightningModule):
     def _evaluate(self, batch: dict[str, torch.Tensor], stage: str) -> None:
         outputs = self(batch["image"])
         masks = batch["mask"]
-        loss = self.compute_loss({"out": outputs["out"]}, masks, batch.get("distance"))  # auxiliary outputs only train
+        scored = {name: value for name, value in outputs.items() if name != "aux"}  # auxiliary outputs only train
+        loss = self.compute_loss(scored, masks, batch.get("distance"))
         self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=len(masks))
         metrics = self.val_metrics if stage == "val" else self.test_metrics
         preds = outputs["out"].argmax(dim=1)

@@ -108,17 +108,23 @@ def test_targets_are_judged_from_the_rows():
     assert benchmark.judge_targets(rows, 2500.0, judged=False)["judged"] is False
 
 
-def test_bare_loop_loss_follows_the_module_rule_for_deep_supervision(tmp_path):
-    """The bare loop's loss equals SegmentationModule.compute_loss, also for UNet++'s list of auxiliary heads."""
+@pytest.mark.parametrize("gated", [False, True])
+def test_bare_loop_loss_follows_the_module_rule_for_deep_supervision(tmp_path, gated):
+    """The bare loop's loss equals SegmentationModule.compute_loss, also for UNet++'s list of auxiliary heads and
+    for a presence-gated network (model.net.presence_gate: its raw outputs and FactoredLoss)."""
     from bts_lightning.train import build_module
     from tests.conftest import compose_train
 
     torch.manual_seed(0)
-    module = build_module(compose_train(["model=unetpp", "model.net.features=[4,4,8,8,8,4]"], tmp_path)).train()
+    overrides = ["model=unetpp", "model.net.features=[4,4,8,8,8,4]", f"model.net.presence_gate={str(gated).lower()}"]
+    cfg = compose_train(overrides, tmp_path)
+    module = build_module(cfg).train()
     outputs = module(torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8))
     assert isinstance(outputs["aux"], list) and len(outputs["aux"]) == 3
     masks = torch.zeros(2, 32, 32, dtype=torch.uint8)
-    masks[:, 8:20, 8:20] = 1
+    masks[0, 8:20, 8:20] = 1  # one tumor slice, one empty: the gated loss tells them apart
     expected = module.compute_loss(outputs, masks)
-    actual = benchmark.training_loss(module.criterion, outputs, masks.unsqueeze(1).float(), module.aux_loss_weight)
+    criterion = benchmark.build_criterion(cfg, module.net)
+    assert type(criterion) is type(module.criterion)
+    actual = benchmark.training_loss(criterion, outputs, masks.unsqueeze(1).float(), module.aux_loss_weight)
     assert torch.allclose(actual, expected)

@@ -16,7 +16,7 @@ def test_hyperparameters_are_plain_configs(tmp_path):
     module = build_module(compose_train(TINY_UNET, tmp_path))
     hparams = dict(module.hparams)
     assert set(hparams) == {"net", "loss", "optimizer", "scheduler", "compile", "freeze_backbone_epochs",
-                            "aux_loss_weight"}
+                            "aux_loss_weight", "presence_loss_weight"}
     assert hparams["net"]["_target_"] == "bts_lightning.models.build_model" and hparams["net"]["name"] == "unet"
     assert hparams["scheduler"]["monitor"] == "val/dice"  # interpolations resolved, nothing left to the config
 
@@ -36,7 +36,7 @@ def test_checkpoints_of_the_older_layout_still_load(tmp_path):
     old = {"model": {**{k: v for k, v in new["net"].items() if k != "_target_"}, "compile": False,
                      "freeze_backbone_epochs": 0, "aux_loss_weight": 0.4},
            "loss": new["loss"], "optimizer": new["optimizer"], "scheduler": new["scheduler"]}
-    assert upgrade_hparams(old) == new
+    assert upgrade_hparams(old) == {k: v for k, v in new.items() if k != "presence_loss_weight"}  # newer: default
     path = tmp_path / "old.ckpt"
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": old}, path)
     loaded = load_module(path)

@@ -50,12 +50,18 @@ def test_training_input_names_the_slice_presence_term(tmp_path):
     OmegaConf.save(cfg, config)
     assert false_alarms_table.training_input(config) == (
         "all slices (empty ones included) + slice-presence loss (weight 0.2, pos_weight 3)", "0.25")
-    cfg = compose_train(["data=synthetic_empty", "loss=dice_ce_slice_tumor", "model.net.presence_gate=true"],
+    cfg = compose_train(["data=synthetic_empty", "loss=dice_ce_slice_tumor"], tmp_path / "run")
+    OmegaConf.save(cfg, config)
+    described = "all slices (empty ones included) + slice-presence loss (weight 0.2) + Dice+CE on tumor slices only"
+    assert false_alarms_table.training_input(config) == (described, "as the data comes")
+    cfg = compose_train(["data=synthetic_empty", "loss=dice_ce", "model.net.presence_gate=true"], tmp_path / "run")
+    OmegaConf.save(cfg, config)
+    assert false_alarms_table.training_input(config) == (
+        "all slices (empty ones included) + presence gate (weight 1)", "as the data comes")
+    cfg = compose_train(["data=synthetic_empty", "model.net.presence_gate=true", "+model.presence_loss_weight=0.2"],
                         tmp_path / "run")
     OmegaConf.save(cfg, config)
-    described = ("all slices (empty ones included) + slice-presence loss (weight 0.2) + Dice+CE on tumor slices only"
-                 " + presence gate")
-    assert false_alarms_table.training_input(config) == (described, "as the data comes")
+    assert false_alarms_table.training_input(config)[0].endswith("+ presence gate (weight 0.2)")
 
 
 def test_a_raw_score_with_the_decision_applied_is_refused(tmp_path):

@@ -20,6 +20,7 @@ from bts_lightning.checkpoint import load_module
 from bts_lightning.export import export_model
 from bts_lightning.inference import load_predictor
 from bts_lightning.models import available_models
+from bts_lightning.models.presence import PresenceGated
 from bts_lightning.runtime import CONFIG_DIR
 from bts_lightning.segmentation_module import SegmentationModule
 from bts_lightning.train import build_module
@@ -52,9 +53,13 @@ def _train_step(module: SegmentationModule, images: torch.Tensor) -> None:
     module.zero_grad()
     batch, _, height, width = images.shape
     outputs = module(images)
-    assert "out" in outputs and set(outputs) <= {"out", "aux"}
-    for logits in _all_logits(outputs):
-        assert logits.shape == (batch, 2, height, width) and logits.dtype == torch.float32
+    assert "out" in outputs and set(outputs) <= {"out", "aux", "factors"}
+    assert outputs["out"].shape == (batch, 2, height, width) and outputs["out"].dtype == torch.float32
+    # A presence-gated network (model.net.presence_gate) also returns its raw outputs, with a presence channel.
+    raw_channels = 3 if isinstance(module.net, PresenceGated) else 2
+    assert ("factors" in outputs) == (raw_channels == 3)
+    for logits in [*_all_logits(outputs)[1:], *([outputs["factors"]] if "factors" in outputs else [])]:
+        assert logits.shape == (batch, raw_channels, height, width) and logits.dtype == torch.float32
     loss = module.compute_loss(outputs, _masks(batch, height, width))
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()

@@ -62,7 +62,7 @@ def build_model(
     out in eval mode. Every logits tensor is (N, num_classes, H, W) at input resolution.
     ``presence_gate`` (binary models only): the network gets one more output channel, a slice-level
     "tumor present" map, and is wrapped in :class:`~bts_lightning.models.presence.PresenceGated`,
-    whose 2-class logits are P(slice has a tumor) x P(pixel is tumor | it has).
+    whose 2-class logits are min(P(pixel is tumor | the slice has one), P(the slice has a tumor)).
 
     Raises ``ConfigError`` for an unknown name, bad sizes or options the builder does not take.
     """
