@@ -6,16 +6,18 @@ import csv
 import logging
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import albumentations as A
 import cv2
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DistributedSampler
 
 from bts_lightning.data.augment import TumorFreeCrop
 from bts_lightning.data.datamodule import BrainTumorDataModule
-from bts_lightning.data.sampling import EmptyFractionSampler
+from bts_lightning.data.sampling import EmptyFractionSampler, EpochShuffleSampler, RankShare
 from bts_lightning.data.synthetic import ensure_dataset, generate_dataset, synthetic_app
 from bts_lightning.distance_maps import signed_distance_map
 from bts_lightning.errors import ConfigError, DataError
@@ -253,6 +255,41 @@ def test_empty_fraction_sampler_hits_the_target_share_deterministically():
     assert list(sampler) != draws
     assert list(sampler) == list(sampler)
     assert not any(empty[i] for i in EmptyFractionSampler(empty, 0.0, seed=1))
+
+
+def test_under_ddp_each_rank_gets_its_share_of_a_fresh_draw_every_epoch():
+    """RankShare: the ranks' shares of an epoch are that epoch's single-process draw, and the next epoch draws
+    again (Lightning's own wrapper would split the first epoch's draw every epoch)."""
+    empty = [i % 10 == 0 for i in range(400)]
+    single = EmptyFractionSampler(empty, 0.5, seed=1)
+    shares = [RankShare(EmptyFractionSampler(empty, 0.5, seed=1), num_replicas=2, rank=rank) for rank in (0, 1)]
+    assert all(isinstance(share, DistributedSampler) for share in shares)  # Lightning keeps it as it is
+    epochs = []
+    for epoch in (0, 1):
+        single.set_epoch(epoch)
+        for share in shares:
+            share.set_epoch(epoch)
+        first, second = list(shares[0]), list(shares[1])
+        assert len(first) == len(second) == len(shares[0]) == 200
+        assert first + second != list(single) and Counter(first + second) == Counter(single)
+        epochs.append(Counter(first + second))
+    assert epochs[0] != epochs[1]  # 200 of the 360 tumor slices, another 200 each epoch
+    odd = [RankShare(EmptyFractionSampler(empty[:41], 0.5, seed=1), num_replicas=2, rank=rank) for rank in (0, 1)]
+    drawn = list(EmptyFractionSampler(empty[:41], 0.5, seed=1))
+    assert list(odd[0]) + list(odd[1]) == drawn[0::2] + drawn[1::2] + drawn[:1]  # padded with the draw's start
+
+
+def test_the_training_sampler_is_sharded_under_ddp(empty_root):
+    dm = datamodule(empty_root, empty_fraction=0.5)
+    dm.setup("fit")
+    assert isinstance(dm.train_dataloader().sampler, EmptyFractionSampler)  # one process
+    dm.trainer = SimpleNamespace(world_size=2, global_rank=1)
+    sampler = dm.train_dataloader().sampler
+    assert isinstance(sampler, RankShare) and sampler.rank == 1 and isinstance(sampler.sampler, EmptyFractionSampler)
+    plain = datamodule(empty_root)
+    plain.setup("fit")
+    plain.trainer = SimpleNamespace(world_size=2, global_rank=0)
+    assert isinstance(plain.train_dataloader().sampler.sampler, EpochShuffleSampler)
 
 
 def test_empty_fraction_draws_from_training_slices_and_negatives(tumor_root, empty_root, caplog):

@@ -24,7 +24,7 @@ from bts_lightning.data.discovery import SlicePair
 from bts_lightning.data.download import resolve_root
 from bts_lightning.data.io import BYTE_THRESHOLD, MIN_IMAGE_SIZE, binarize_mask, mask_threshold
 from bts_lightning.data.layouts import CONTENTS, LAYOUTS, ORIGINS, find_slices, slice_metadata
-from bts_lightning.data.sampling import EmptyFractionSampler, EpochShuffleSampler
+from bts_lightning.data.sampling import EmptyFractionSampler, EpochShuffleSampler, RankShare
 from bts_lightning.data.splits import SPLIT_BY, Split, check_fractions, make_split, slice_ids_digest
 from bts_lightning.data.synthetic import ensure_dataset
 from bts_lightning.errors import ConfigError, DataError, format_names
@@ -444,11 +444,19 @@ class BrainTumorDataModule(L.LightningDataModule):
         )
 
     def _train_sampler(self) -> Sampler[int]:
-        """Each epoch's order from (seed, epoch); with ``data.empty_fraction`` that share drawn tumor-free."""
+        """Each epoch's order from (seed, epoch); with ``data.empty_fraction`` that share drawn tumor-free.
+
+        Under DDP each rank gets its share of the same draw (:class:`RankShare`), drawn anew every epoch.
+        """
         if self.empty_fraction is None:
-            return EpochShuffleSampler(len(self.training_set), self.seed)
-        assert self.train_empty is not None, "call setup('fit') first"
-        return EmptyFractionSampler(self.train_empty.tolist(), self.empty_fraction, self.seed)
+            sampler = EpochShuffleSampler(len(self.training_set), self.seed)
+        else:
+            assert self.train_empty is not None, "call setup('fit') first"
+            sampler = EmptyFractionSampler(self.train_empty.tolist(), self.empty_fraction, self.seed)
+        trainer = self.trainer
+        if trainer is None or trainer.world_size <= 1:
+            return sampler
+        return RankShare(sampler, num_replicas=trainer.world_size, rank=trainer.global_rank)
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         dataset = self.training_set if name == "train" else self.datasets[name]

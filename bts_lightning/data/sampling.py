@@ -5,15 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler, Sampler
 
 
 class EpochShuffleSampler(Sampler[int]):
     """A fresh permutation each epoch from ``seed + epoch``; Lightning calls :meth:`set_epoch`.
 
     Unlike ``RandomSampler`` it does not draw from the global RNG, whose state differs between a
-    resumed run and an uninterrupted one. (Under DDP Lightning swaps in ``DistributedSampler``,
-    which is seeded the same way.)
+    resumed run and an uninterrupted one. Under DDP the data module shards it (:class:`RankShare`).
     """
 
     def __init__(self, length: int, seed: int) -> None:
@@ -46,9 +45,8 @@ class EmptyFractionSampler(EpochShuffleSampler):
     ``empty[i]`` says whether sample ``i`` has an all-zero mask. Each group is drawn uniformly, without
     replacement while it lasts (whole permutations, then part of one), and the draws are shuffled together;
     like :class:`EpochShuffleSampler` they depend only on ``seed + epoch``. ``fraction`` 0 draws tumor slices
-    only. Negatives made on the fly (``TumorFreeCrop``) are not known here and do not count. Under DDP
-    Lightning wraps this sampler (``DistributedSamplerWrapper``): ranks split one epoch-0 draw, reshuffled
-    every epoch, so the empty share holds but the drawn multiset does not change between epochs.
+    only. Negatives made on the fly (``TumorFreeCrop``) are not known here and do not count. Under DDP the
+    data module shards each epoch's draw (:class:`RankShare`).
     """
 
     def __init__(self, empty: Sequence[bool], fraction: float, seed: int) -> None:
@@ -65,3 +63,29 @@ class EmptyFractionSampler(EpochShuffleSampler):
         draws = torch.cat([_draw(self.empty, self.empty_count, generator),
                            _draw(self.tumor, self.length - self.empty_count, generator)])
         return iter(draws[torch.randperm(self.length, generator=generator)].tolist())
+
+
+class RankShare(DistributedSampler):
+    """Rank ``rank``'s share of each epoch's draw of ``sampler`` (an :class:`EpochShuffleSampler`), for DDP.
+
+    Every rank draws the same epoch (it depends only on ``seed + epoch``) and keeps every ``num_replicas``-th
+    index from its ``rank``, the draw padded with its own start to a multiple of ``num_replicas`` as
+    ``DistributedSampler`` pads. :meth:`set_epoch`, which Lightning calls on it every epoch, reaches
+    ``sampler``. Lightning wraps other samplers in its ``DistributedSamplerWrapper``, which splits one draw
+    made once and only reshuffles it: an epoch-dependent draw (:class:`EmptyFractionSampler`) would repeat
+    its first epoch's multiset; being a ``DistributedSampler``, this one is kept as it is.
+    """
+
+    def __init__(self, sampler: EpochShuffleSampler, num_replicas: int, rank: int) -> None:
+        super().__init__(range(len(sampler)), num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.sampler = sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        draws = list(self.sampler)
+        while len(draws) < self.total_size:
+            draws += draws[: self.total_size - len(draws)]
+        return iter(draws[self.rank : self.total_size : self.num_replicas])
