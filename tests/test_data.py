@@ -18,7 +18,7 @@ from torch.utils.data import DistributedSampler
 from bts_lightning.data.datamodule import BrainTumorDataModule
 from bts_lightning.data.discovery import find_pairs, natural_key, read_metadata
 from bts_lightning.data.io import binarize_mask, mask_threshold, read_grayscale
-from bts_lightning.data.sampling import EpochShuffleSampler
+from bts_lightning.data.sampling import EpochShuffleSampler, RankShare
 from bts_lightning.data.splits import slice_ids_digest
 from bts_lightning.errors import ConfigError, DataError
 
@@ -278,7 +278,8 @@ def test_distributed_evaluation_scores_every_slice_once(make_dataset):
     seen: dict[str, list[int]] = {"val": [], "test": []}
     for rank in (0, 1):
         dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
-        assert isinstance(dm.train_dataloader().sampler, EpochShuffleSampler)  # Lightning distributes it, padded
+        train_sampler = dm.train_dataloader().sampler  # this rank's share of the epoch's shuffle, padded
+        assert isinstance(train_sampler, RankShare) and isinstance(train_sampler.sampler, EpochShuffleSampler)
         for name, loader in (("val", dm.val_dataloader()), ("test", dm.test_dataloader())):
             assert isinstance(loader.sampler, DistributedSampler)  # so Lightning keeps it
             seen[name] += [index for batch in loader for index in batch["index"].tolist()]
