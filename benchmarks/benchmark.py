@@ -274,7 +274,8 @@ def build_criterion(cfg: Any, net: torch.nn.Module) -> torch.nn.Module:
     """``SegmentationModule.configure_losses``'s rule: ``cfg.loss``, wrapped in ``FactoredLoss`` for a gated net."""
     from hydra.utils import instantiate
 
-    from bts_lightning.models.presence import FactoredLoss, PresenceGated
+    from bts_lightning.losses import FactoredLoss
+    from bts_lightning.models.presence import PresenceGated
 
     criterion = instantiate(cfg.loss)
     if isinstance(net, PresenceGated):

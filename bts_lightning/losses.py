@@ -11,6 +11,7 @@ from monai.losses import BoundaryLoss
 from torch import nn
 
 from bts_lightning.distance_maps import signed_distance_maps
+from bts_lightning.models.presence import presence_logits
 
 
 class PrecomputedBoundaryLoss(BoundaryLoss):
@@ -76,8 +77,9 @@ class SlicePresenceLoss(nn.Module):
 class OnTumorSlices(nn.Module):
     """``loss`` over only the slices of the batch whose mask has a tumor pixel.
 
-    ``forward(input, target)``: (N, C, H, W) logits and (N, 1, H, W) labels; the wrapped loss of the
-    tumor slices, or 0 (still connected to ``input``) when the batch has none. For data with empty slices:
+    ``forward(input, target[, distance])``: (N, C, H, W) logits and (N, 1, H, W) labels; the wrapped loss of
+    the tumor slices (and their distance maps, when it takes them), or 0 (still connected to ``input``) when
+    the batch has none. For data with empty slices:
     a per-image Dice term scores an empty slice by its predicted tumor area alone, and that pull towards
     predicting nothing makes the model segment less of every tumor; wrapped, the segmentation terms learn
     from the tumor slices only and a slice-level term (:class:`SlicePresenceLoss`) from all of them.
@@ -87,18 +89,52 @@ class OnTumorSlices(nn.Module):
         super().__init__()
         self.loss = loss
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, target: torch.Tensor, distance: torch.Tensor | None = None) -> torch.Tensor:
         present = (target.flatten(1) > 0).any(dim=1)
         if not present.any():
             return input.sum() * 0.0
-        return self.loss(input[present], target[present])
+        extras = {"distance": distance[present]} if distance is not None and uses_distance_maps(self.loss) else {}
+        return self.loss(input[present], target[present], **extras)
+
+
+class FactoredLoss(nn.Module):
+    """The training loss of a :class:`~bts_lightning.models.presence.PresenceGated` network, on its raw (N, 3, H, W) logits.
+
+    ``forward(input, target[, distance])``: ``segmentation`` (any 2-class loss of the project, e.g. Dice + CE)
+    of channels 0-1 over the slices whose (N, 1, H, W) mask has a tumor pixel (0, still connected to
+    ``input``, when the batch has none), plus ``presence_weight`` times the binary cross-entropy of each
+    slice's presence logit (:func:`presence_logits`) against whether its mask has a tumor, over every slice.
+    The segmentation channels thus never learn from an empty slice: P(pixel | slice has a tumor) is
+    learned where it is defined, and the empty slices teach the presence map alone. ``distance`` maps (of
+    the masks) go to ``segmentation`` for the same slices when it takes them.
+    """
+
+    def __init__(self, segmentation: nn.Module, presence_weight: float = 1.0) -> None:
+        super().__init__()
+        if isinstance(presence_weight, bool) or not isinstance(presence_weight, (int, float)) or presence_weight < 0:
+            raise ValueError(f"presence_loss_weight={presence_weight!r} must be a number >= 0")
+        self.loss = OnTumorSlices(segmentation)
+        self.presence_weight = float(presence_weight)
+
+    def set_epoch(self, epoch: int) -> dict[str, float]:
+        """The segmentation loss's epoch-scheduled weights (``WeightedLossSum.set_epoch``), if it has any."""
+        set_epoch = getattr(self.loss.loss, "set_epoch", None)
+        return set_epoch(epoch) if callable(set_epoch) else {}
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor, distance: torch.Tensor | None = None) -> torch.Tensor:
+        slice_logits = presence_logits(input)
+        present = (target.flatten(1) > 0).any(dim=1).to(slice_logits.dtype)
+        presence = nn.functional.binary_cross_entropy_with_logits(slice_logits, present)
+        return self.loss(input[:, :2], target, distance) + self.presence_weight * presence
 
 
 def uses_distance_maps(loss: nn.Module) -> bool:
     """Whether ``loss`` takes precomputed distance maps: its forward has a ``distance`` argument
-    (for a :class:`WeightedLossSum`, one of its terms' has)."""
+    (for a :class:`WeightedLossSum`, one of its terms' has; for a wrapper, the loss it wraps has)."""
     if isinstance(loss, WeightedLossSum):
         return any(uses_distance_maps(term) for term in loss.terms.values())
+    if isinstance(loss, (OnTumorSlices, FactoredLoss)):
+        return uses_distance_maps(loss.loss)
     return "distance" in inspect.signature(loss.forward).parameters
 
 

@@ -12,9 +12,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from bts_lightning.errors import ConfigError
-from bts_lightning.losses import uses_distance_maps
+from bts_lightning.losses import FactoredLoss, uses_distance_maps
 from bts_lightning.metrics import SLICE_SCORES, SliceDetection, overlap_metrics
-from bts_lightning.models.presence import FactoredLoss, PresenceGated
+from bts_lightning.models.presence import PresenceGated
 from bts_lightning.preprocessing import standardize
 
 log = logging.getLogger(__name__)

@@ -14,9 +14,9 @@ from bts_lightning.checkpoint import DECISION_KEY, load_module
 from bts_lightning.errors import ConfigError
 from bts_lightning.export import export_model
 from bts_lightning.inference import load_predictor
-from bts_lightning.losses import WeightedLossSum
+from bts_lightning.losses import FactoredLoss, OnTumorSlices, WeightedLossSum, uses_distance_maps
 from bts_lightning.models import build_model
-from bts_lightning.models.presence import FactoredLoss, PresenceGated, gate, presence_logits
+from bts_lightning.models.presence import PresenceGated, gate, presence_logits
 from bts_lightning.preprocessing import standardize
 from bts_lightning.train import build_module, train
 from tests.conftest import compose_train
@@ -97,6 +97,13 @@ def test_factored_loss_on_an_empty_only_batch_is_the_presence_term_alone():
     assert loss.item() == pytest.approx(2.0 * math.log(2.0), rel=1e-6)
     loss.backward()
     assert torch.count_nonzero(logits.grad[:, :2]) == 0
+
+
+def test_factored_loss_takes_distance_maps_only_when_its_segmentation_loss_does():
+    """The train app has loader workers compute distance maps only for a loss that uses them, wrapped or not."""
+    assert uses_distance_maps(FactoredLoss(_SquaredError())) and uses_distance_maps(OnTumorSlices(_SquaredError()))
+    assert not uses_distance_maps(FactoredLoss(nn.MSELoss())) and not uses_distance_maps(OnTumorSlices(nn.MSELoss()))
+    assert not uses_distance_maps(WeightedLossSum({"tumor": OnTumorSlices(nn.MSELoss())}))
 
 
 def test_factored_loss_forwards_epoch_schedules_and_rejects_a_bad_weight():

@@ -3,14 +3,12 @@
 :class:`PresenceGated` splits the question "is this pixel tumor?" in two, answered by one network with one
 extra output channel: "does the slice have a tumor?" (a presence map whose largest value is the slice's
 logit) and "is the pixel tumor, given that the slice has one?" (the usual two segmentation channels). The
-two are learned apart (:class:`FactoredLoss`: the segmentation from tumor slices only, as in training on
-tumor slices only, and the presence from every slice) and joined into ordinary 2-class logits by
+two are learned apart (:class:`~bts_lightning.losses.FactoredLoss`: the segmentation from tumor slices only,
+as in training on tumor slices only, and the presence from every slice) and joined into ordinary 2-class logits by
 :func:`gate`, so metrics, the slice decision, exports and the demo need no change.
 """
 
 from __future__ import annotations
-
-import inspect
 
 import torch
 from torch import nn
@@ -52,7 +50,7 @@ class PresenceGated(nn.Module):
 
     ``forward(x)`` returns ``{"out": gate(logits), "factors": logits[, "aux": ...]}``: ``out`` is what every
     consumer reads; ``factors`` (the wrapped network's raw 3-channel ``out``) and ``aux`` (its raw
-    auxiliary outputs, training only) are for :class:`FactoredLoss`. The wrapped network's
+    auxiliary outputs, training only) are for :class:`~bts_lightning.losses.FactoredLoss`. The wrapped network's
     ``size_multiple``, ``size_rule``, ``dynamic_size``, ``backbone`` and ``aux_classifier`` are this module's.
     """
 
@@ -91,40 +89,3 @@ class PresenceGated(nn.Module):
         """Export drops torchvision's auxiliary head (training only) through this."""
         if hasattr(self.net, "aux_classifier"):
             self.net.aux_classifier = head
-
-
-class FactoredLoss(nn.Module):
-    """The training loss of a :class:`PresenceGated` network, on its raw (N, 3, H, W) logits.
-
-    ``forward(input, target[, distance])``: ``segmentation`` (any 2-class loss of the project, e.g. Dice + CE)
-    of channels 0-1 over the slices whose (N, 1, H, W) mask has a tumor pixel (0, still connected to
-    ``input``, when the batch has none), plus ``presence_weight`` times the binary cross-entropy of each
-    slice's presence logit (:func:`presence_logits`) against whether its mask has a tumor, over every slice.
-    The segmentation channels thus never learn from an empty slice: P(pixel | slice has a tumor) is
-    learned where it is defined, and the empty slices teach the presence map alone. ``distance`` maps (of
-    the masks) go to ``segmentation`` for the same slices when it takes them.
-    """
-
-    def __init__(self, segmentation: nn.Module, presence_weight: float = 1.0) -> None:
-        super().__init__()
-        if isinstance(presence_weight, bool) or not isinstance(presence_weight, (int, float)) or presence_weight < 0:
-            raise ValueError(f"presence_loss_weight={presence_weight!r} must be a number >= 0")
-        self.segmentation = segmentation
-        self.presence_weight = float(presence_weight)
-        self._takes_distance = "distance" in inspect.signature(segmentation.forward).parameters
-
-    def set_epoch(self, epoch: int) -> dict[str, float]:
-        """The segmentation loss's epoch-scheduled weights (``WeightedLossSum.set_epoch``), if it has any."""
-        set_epoch = getattr(self.segmentation, "set_epoch", None)
-        return set_epoch(epoch) if callable(set_epoch) else {}
-
-    def forward(self, input: torch.Tensor, target: torch.Tensor, distance: torch.Tensor | None = None) -> torch.Tensor:
-        slice_logits = presence_logits(input)
-        present = (target.flatten(1) > 0).any(dim=1)
-        if present.any():
-            extras = {"distance": distance[present]} if distance is not None and self._takes_distance else {}
-            segmentation = self.segmentation(input[present, :2], target[present], **extras)
-        else:
-            segmentation = input[:, :2].sum() * 0.0
-        presence = F.binary_cross_entropy_with_logits(slice_logits, present.to(slice_logits.dtype))
-        return segmentation + self.presence_weight * presence
