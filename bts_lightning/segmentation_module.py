@@ -33,6 +33,13 @@ def _check_learning_rate(optimizer: Mapping[str, Any]) -> None:
         raise ConfigError(f"optimizer.lr={lr} must be a positive number (e.g. optimizer.lr=1e-3).")
 
 
+def _check_loss_weight(key: str, value: Any) -> float:
+    """``value`` as a float; ``ConfigError`` naming ``model.<key>`` unless it is a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise ConfigError(f"model.{key}={value} must be a number >= 0.")
+    return float(value)
+
+
 class SegmentationModule(L.LightningModule):
     """Trains a 2-class segmentation network on uint8 slices (``batch["image"]``, ``batch["mask"]``).
 
@@ -54,7 +61,7 @@ class SegmentationModule(L.LightningModule):
         aux_loss_weight: total weight of the loss on the auxiliary outputs, for networks that have them
             (see :meth:`compute_loss`).
         presence_loss_weight: for a network with a presence gate (``model.net.presence_gate=true``), the
-            weight of its slice-presence term (:class:`~bts_lightning.models.presence.FactoredLoss`).
+            weight of its slice-presence term (:class:`~bts_lightning.losses.FactoredLoss`).
     """
 
     def __init__(
@@ -72,7 +79,8 @@ class SegmentationModule(L.LightningModule):
         self.save_hyperparameters({
             "net": _plain(net), "loss": _plain(loss), "optimizer": _plain(optimizer), "scheduler": _plain(scheduler),
             "compile": bool(compile), "freeze_backbone_epochs": int(freeze_backbone_epochs),
-            "aux_loss_weight": float(aux_loss_weight), "presence_loss_weight": float(presence_loss_weight),
+            "aux_loss_weight": _check_loss_weight("aux_loss_weight", aux_loss_weight),
+            "presence_loss_weight": _check_loss_weight("presence_loss_weight", presence_loss_weight),
         })
         _check_learning_rate(self.hparams.optimizer)
         self.configure_models()

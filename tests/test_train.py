@@ -186,6 +186,8 @@ def test_checkpoint_records_the_training_image_size(tmp_path):
         ("monitor.metric=train/loss", "monitor.metric=train/loss must name a validation metric"),
         ("monitor.mode=up", "monitor.mode=up must be max"),
         ("model.net.name=unetx", "Unknown model 'unetx'"),
+        ("+model.aux_loss_weight=-0.4", "model.aux_loss_weight=-0.4 must be a number >= 0"),
+        ("+model.presence_loss_weight=nan", "model.presence_loss_weight=nan must be a number >= 0"),
     ],
 )
 def test_values_nothing_else_checks_are_config_errors(override, message, tmp_path):
