@@ -88,12 +88,13 @@ class OnTumorSlices(nn.Module):
     def __init__(self, loss: nn.Module) -> None:
         super().__init__()
         self.loss = loss
+        self._takes_distance = uses_distance_maps(loss)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, distance: torch.Tensor | None = None) -> torch.Tensor:
         present = (target.flatten(1) > 0).any(dim=1)
         if not present.any():
             return input.sum() * 0.0
-        extras = {"distance": distance[present]} if distance is not None and uses_distance_maps(self.loss) else {}
+        extras = {"distance": distance[present]} if distance is not None and self._takes_distance else {}
         return self.loss(input[present], target[present], **extras)
 
 
