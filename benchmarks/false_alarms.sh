@@ -7,6 +7,8 @@
 # The *1200_* and lgg60_* runs compare the slice-presence loss term (experiment=empty_slices) with tumor-only training.
 # synthetic1200_tumor_slices_loss and synthetic1200_presence_gate (named only, not in the default list) add the
 # segmentation-on-tumor-slices loss and the presence gate (benchmarks/false_alarms.md).
+# synthetic1200_cascade and lgg60_cascade join the *_tumor_only run's segmentation with the *_slice_term run's
+# presence (python -m bts_lightning.cascade; both runs must be in OUT already, e.g. listed before them).
 #   bash benchmarks/false_alarms.sh OUT [LGG_ROOT] [only-these-names...]
 # TRAINER=gpu (any conf/trainer option; default cpu, as measured in benchmarks/false_alarms.md) runs them elsewhere.
 set -euo pipefail
@@ -43,8 +45,19 @@ declare -A runs=(
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(synthetic_tumor_only synthetic_empty_slices synthetic_tumor_free_crops
                                  lgg_tumor_only lgg_empty_slices lgg_empty_half lgg_tumor_free_crops
-                                 synthetic1200_tumor_only synthetic1200_slice_term lgg60_tumor_only lgg60_slice_term)
+                                 synthetic1200_tumor_only synthetic1200_slice_term lgg60_tumor_only lgg60_slice_term
+                                 synthetic1200_cascade lgg60_cascade)
 for name in "${names[@]}"; do
+  run=$out/$name
+  if [[ $name == *_cascade ]]; then
+    pair=${name%_cascade}
+    python -m bts_lightning.cascade "segmentation=$out/${pair}_tumor_only/train/checkpoints/best.ckpt" \
+        "presence=$out/${pair}_slice_term/train/checkpoints/best.ckpt" target_false_alarm_rate=0.05 "hydra.run.dir=$run/cascade"
+    ckpt=$run/cascade/checkpoints/cascade.ckpt
+    python -m bts_lightning.evaluate "ckpt_path=$ckpt" split=test slice_decision=off "hydra.run.dir=$run/test_raw"
+    python -m bts_lightning.evaluate "ckpt_path=$ckpt" split=test "hydra.run.dir=$run/test_decision"
+    continue
+  fi
   IFS='|' read -r -a extra <<< "${runs[$name]}"
   case $name in
     synthetic1200_*) base=("${synthetic1200[@]}") ;;
@@ -52,7 +65,6 @@ for name in "${names[@]}"; do
     synthetic_*) base=("${synthetic[@]}") ;;
     *) base=("${lgg_data[@]}") ;;
   esac
-  run=$out/$name
   python -m bts_lightning.train "${base[@]}" "${extra[@]}" "hydra.run.dir=$run/train"
   ckpt=$run/train/checkpoints/best.ckpt
   python -m bts_lightning.evaluate "ckpt_path=$ckpt" split=test slice_decision=off "hydra.run.dir=$run/test_raw"

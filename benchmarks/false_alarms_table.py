@@ -2,7 +2,9 @@
 
 One row per configuration (a folder of OUT): how it was trained, then on the test fold (held out,
 patient-wise) tumor-slice Dice, slice sensitivity and false-alarm rate on empty slices, without and
-with the slice-level decision calibrated on the val fold (target 5 % false alarms).
+with the slice-level decision calibrated on the val fold (target 5 % false alarms). A cascade run
+(``cascade/cascade.json`` instead of ``train/`` and ``calibrate/``) joins two runs' checkpoints; its presence
+threshold, calibrated on the val fold, is part of the model, so it applies in both column groups.
 """
 
 from __future__ import annotations
@@ -54,13 +56,25 @@ def training_input(config: Path) -> tuple[str, str]:
     return " ".join(parts), "as the data comes" if share is None else f"{share:g}"
 
 
+def cascade_input(record: dict[str, Any]) -> str:
+    """What a cascade (its ``cascade.json``) joins, by the run folders of its two checkpoints."""
+    def run_of(checkpoint: str) -> str:
+        return Path(checkpoint).parent.parent.parent.name  # RUN/train/checkpoints/best.ckpt -> RUN
+
+    return f"cascade: segmentation of {run_of(record['segmentation'])}, presence of {run_of(record['presence'])}"
+
+
 def row(run: Path) -> list[str]:
     raw, decided = _read(run / "test_raw" / "metrics.json"), _read(run / "test_decision" / "metrics.json")
     if raw.get("decision_note"):  # a checkpoint calibrated in training (decision.target_false_alarm_rate)
         raise ValueError(f"{run / 'test_raw' / 'metrics.json'} was scored with the slice decision; evaluate it "
                          "again with slice_decision=off")
-    calibration = _read(run / "calibrate" / "calibration.json")["decision"]["calibration"]
-    trained, share = training_input(run / "train" / ".hydra" / "config.yaml")
+    if (run / "cascade" / "cascade.json").is_file():
+        record = _read(run / "cascade" / "cascade.json")
+        calibration, trained, share = record["decision"]["calibration"], cascade_input(record), "n/a"
+    else:
+        calibration = _read(run / "calibrate" / "calibration.json")["decision"]["calibration"]
+        trained, share = training_input(run / "train" / ".hydra" / "config.yaml")
     cells = [run.name, trained, share, f"{raw['tumor_slices']['n']}/{raw['empty_slices']['n']}"]
     for metrics in (raw, decided):
         dice = metrics["tumor_slices"]["dice"]

@@ -7,6 +7,7 @@ from omegaconf import OmegaConf
 
 from benchmarks import false_alarms_table
 from bts_lightning.calibrate import calibrate
+from bts_lightning.cascade import cascade
 from bts_lightning.evaluate import evaluate
 from bts_lightning.train import train
 from tests.conftest import compose_app, compose_train
@@ -14,7 +15,7 @@ from tests.conftest import compose_app, compose_train
 TINY = ["model.net.channels=[8,16,32,64]", "model.net.strides=[2,2,2]", "model.net.num_res_units=1"]
 
 
-@pytest.mark.slow  # a short training run and three apps (~20 s)
+@pytest.mark.slow  # two short training runs and six apps (~50 s)
 def test_one_configuration_becomes_one_row(tmp_path):
     run = tmp_path / "out" / "synthetic_tumor_only"
     data = ["data=synthetic_empty", "data.synthetic.n=60", "data.synthetic.size=48", "data.num_workers=0",
@@ -37,6 +38,24 @@ def test_one_configuration_becomes_one_row(tmp_path):
     assert tumor > 0 and empty > 0
     assert all(0 <= float(value) <= 1 for value in cells[4:10])
     assert float(cells[9]) <= float(cells[6])  # the decision only removes masks: never more false alarms
+
+    # A cascade of that run's segmentation and another run's presence, as the script joins them.
+    presence = tmp_path / "out" / "synthetic_slice_term" / "train"
+    train(compose_train([*data, *TINY, "trainer=cpu", "trainer.max_epochs=2", "loss=dice_ce_slice", "logger=csv"],
+                        presence))
+    joined = tmp_path / "out" / "synthetic_cascade"
+    cascade(compose_app("cascade", [f"segmentation={ckpt}", f"presence={presence / 'checkpoints' / 'best.ckpt'}",
+                                    "target_false_alarm_rate=0.25"], joined / "cascade"), overrides=[])
+    ckpt = joined / "cascade" / "checkpoints" / "cascade.ckpt"
+    evaluate(compose_app("evaluate", [f"ckpt_path={ckpt}", "split=test", "slice_decision=off"], joined / "test_raw"),
+             overrides=[])
+    evaluate(compose_app("evaluate", [f"ckpt_path={ckpt}", "split=test"], joined / "test_decision"), overrides=[])
+    rows = false_alarms_table.table(tmp_path / "out").splitlines()[2:]
+    assert len(rows) == 2  # the presence run has no test scores of its own: not a row
+    cells = [cell.strip() for cell in rows[0].strip("|").split("|")]
+    joined_runs = "cascade: segmentation of synthetic_tumor_only, presence of synthetic_slice_term"
+    assert cells[:3] == ["synthetic_cascade", joined_runs, "n/a"]
+    assert all(0 <= float(value) <= 1 for value in cells[4:10])
 
 
 def test_training_input_names_the_slice_presence_term(tmp_path):

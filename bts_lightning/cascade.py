@@ -1,0 +1,200 @@
+"""Hydra app: ``python -m bts_lightning.cascade segmentation=A/best.ckpt presence=B/best.ckpt``.
+
+Joins two training checkpoints of the same data split into one (:mod:`bts_lightning.models.cascade`):
+the segmentation of ``segmentation`` (e.g. trained on tumor slices only, the best segmentation) on the
+slices that ``presence`` (e.g. trained with ``experiment=empty_slices``, which learns to leave empty
+slices empty) says have a tumor, and an empty mask elsewhere. The presence threshold is calibrated on the
+``split`` slices (val by default) so that at most ``target_false_alarm_rate`` of their empty slices pass it;
+the joined checkpoint then gets the usual slice decision (``calibrate``, rule ``component_fraction``) on the
+same slices. It is an ordinary checkpoint: ``evaluate``, ``predict``, ``export``, ``demo`` take it.
+``cascade.json`` in the run folder records both sources, the threshold and what it reaches on ``split``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, open_dict
+from tqdm.auto import tqdm
+
+from bts_lightning.calibrate import calibrate_on, check_settings, no_empty_slices, reached_line
+from bts_lightning.checkpoint import (
+    DECISION_KEY,
+    load_module,
+    read_checkpoint,
+    training_channels,
+    training_image_size,
+)
+from bts_lightning.data.dataset import SliceDataset
+from bts_lightning.decision import calibrate as threshold_for
+from bts_lightning.decision import rate_above
+from bts_lightning.errors import ConfigError
+from bts_lightning.evaluate import load_split
+from bts_lightning.inference import CHECKPOINT_SUFFIXES, ModelContract, ModulePredictor
+from bts_lightning.models.cascade import Cascade
+from bts_lightning.preprocessing import standardize
+from bts_lightning.runtime import atomic_path, hydra_app, write_json_atomic
+from bts_lightning.segmentation_module import SegmentationModule
+from bts_lightning.trained_split import stored_split
+
+log = logging.getLogger(__name__)
+
+# Checkpoint entries of a training run's state that a joined checkpoint does not continue.
+_TRAINING_STATE = ("optimizer_states", "lr_schedulers", "callbacks", "loops", DECISION_KEY)
+
+
+def _checkpoint_path(cfg: DictConfig, key: str) -> Path:
+    value = cfg.get(key)
+    if not value:
+        raise ConfigError(f"{key} is required: python -m bts_lightning.cascade segmentation=RUN_A/checkpoints/best.ckpt "
+                          "presence=RUN_B/checkpoints/best.ckpt")
+    path = Path(str(value))
+    if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
+        raise ConfigError(f"{key}={value} is not a training checkpoint (.ckpt); a cascade joins the checkpoints of "
+                          "two training runs.")
+    return path
+
+
+def _held_out(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The val and test subsets (fingerprints) of a split record, or ``None`` without one."""
+    subsets = (record or {}).get("subsets")
+    if not isinstance(subsets, dict):
+        return None
+    return {name: (subsets.get(name) or {}).get("sha256") for name in ("val", "test")}
+
+
+def check_compatible(segmentation: Path, presence: Path) -> None:
+    """``ConfigError`` unless both checkpoints take the same input and held out the same val and test slices.
+
+    The presence threshold is calibrated on the val split and the cascade is scored on the test split: both
+    must be unseen by both networks.
+    """
+    checks = {
+        "input channels (data.channels)": (training_channels(segmentation), training_channels(presence)),
+        "image size (data.image_size)": (training_image_size(segmentation), training_image_size(presence)),
+    }
+    for what, (first, second) in checks.items():
+        if first != second:
+            raise ConfigError(f"segmentation={segmentation} and presence={presence} differ in {what}: {first} and "
+                              f"{second}. Train both on the same data settings.")
+    held_out = _held_out(stored_split(segmentation)), _held_out(stored_split(presence))
+    if None in held_out:
+        missing = segmentation if held_out[0] is None else presence
+        raise ConfigError(f"{missing} records no data split (a checkpoint from before split records): a cascade needs "
+                          "to know that both networks held out the same val and test slices. Train it again.")
+    if held_out[0] != held_out[1]:
+        raise ConfigError(f"segmentation={segmentation} and presence={presence} were trained on different splits (their "
+                          "val or test slices differ): the presence threshold is calibrated on val slices and the "
+                          "cascade is scored on test slices that neither network saw. Train both with the same data, "
+                          "data.val_fold and data.test_fold (or seed).")
+
+
+def joined_checkpoint(segmentation: Path, presence: Path, flips: bool) -> tuple[dict[str, Any], SegmentationModule]:
+    """The checkpoint dict of the cascade (presence threshold 0.5, uncalibrated) and its module, in eval mode.
+
+    The dict starts from ``segmentation``'s: its data records (split, image size, channels) are that
+    checkpoint's; its network config nests both networks' configs, its state dict both networks' weights.
+    Training state (optimizer, loops, callbacks) and any slice decision are left out.
+    """
+    checkpoint = copy.deepcopy(read_checkpoint(segmentation))
+    for key in _TRAINING_STATE:
+        checkpoint.pop(key, None)
+    networks = {"segmentation": load_module(segmentation).net, "presence": load_module(presence).net}
+    configs = {name: dict(read_checkpoint(path)["hyper_parameters"]["net"], weights=None)
+               for name, path in (("segmentation", segmentation), ("presence", presence))}
+    hparams = checkpoint["hyper_parameters"]
+    hparams["net"] = {"_target_": "bts_lightning.models.cascade.build_cascade", "name": "cascade", **configs,
+                      "presence_threshold": 0.5,
+                      "flips": bool(flips), "in_channels": configs["segmentation"].get("in_channels", 1),
+                      "num_classes": 2, "weights": None}
+    hparams["compile"] = False
+    module = SegmentationModule(**hparams)
+    joined = module.net.net
+    joined.segmentation.load_state_dict(networks["segmentation"].state_dict())
+    joined.presence.load_state_dict(networks["presence"].state_dict())
+    checkpoint["state_dict"] = module.state_dict()
+    return checkpoint, module.eval()
+
+
+@torch.no_grad()
+def presence_scores(joined: Cascade, dataset: SliceDataset, batch_size: int = 16) -> tuple[list[float], list[bool]]:
+    """:meth:`Cascade.presence_probability` of every slice of ``dataset``, and whether its truth has a tumor."""
+    scores: list[float] = []
+    tumor: list[bool] = []
+    device = next(joined.parameters()).device
+    with tqdm(total=len(dataset), desc="presence", unit="slice", disable=None) as bar:
+        for start in range(0, len(dataset), batch_size):
+            images, truths = zip(*(dataset.load(position)
+                                   for position in range(start, min(start + batch_size, len(dataset)))))
+            batch = torch.as_tensor(np.stack(images)).float()
+            batch = batch.unsqueeze(1) if batch.ndim == 3 else batch
+            scores.extend(joined.presence_probability(standardize(batch.to(device))).cpu().tolist())
+            tumor.extend(bool(np.any(truth)) for truth in truths)
+            bar.update(len(images))
+    return scores, tumor
+
+
+def cascade(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, Any]:
+    """Join ``cfg.segmentation`` and ``cfg.presence`` into ``cfg.output``, calibrated on ``cfg.split``.
+
+    ``overrides``: the user's command-line overrides, as for ``evaluate`` (which data and split; by default
+    the ``segmentation`` checkpoint's). The output is written once, complete. Returns the cascade.json content.
+    """
+    segmentation, presence = _checkpoint_path(cfg, "segmentation"), _checkpoint_path(cfg, "presence")
+    target, rule = check_settings(cfg.get("target_false_alarm_rate"), "component_fraction")
+    split = str(cfg.get("split", "val"))
+    flips = bool(cfg.get("flips", True))
+    for path in (segmentation, presence):
+        read_checkpoint(path)  # a missing or foreign file fails here, naming it
+    check_compatible(segmentation, presence)
+    output = Path(str(cfg.get("output") or Path(cfg.paths.output_dir) / "checkpoints" / "cascade.ckpt"))
+
+    scoring_cfg = copy.deepcopy(cfg)
+    with open_dict(scoring_cfg):
+        scoring_cfg.ckpt_path = str(segmentation)
+    scoring = load_split(scoring_cfg, overrides, split, "cascade")  # the slices, as evaluate loads them
+    checkpoint, module = joined_checkpoint(segmentation, presence, flips)
+    module.to(scoring.device)
+    joined = module.net.net
+    batch_size = max(1, int(cfg.data.get("batch_size") or 16))
+    scores, tumor = presence_scores(joined, scoring.dataset, batch_size)
+    empty = [score for score, has_tumor in zip(scores, tumor) if not has_tumor]
+    if not empty:
+        raise no_empty_slices(split, scoring.datamodule.name)
+    present = [score for score, has_tumor in zip(scores, tumor) if has_tumor]
+    threshold = threshold_for(empty, target)
+    joined.presence_threshold = checkpoint["hyper_parameters"]["net"]["presence_threshold"] = threshold
+    log.info("Presence threshold %.6g: on the %s split, %.4f of %d empty slices and %.4f of %d tumor slices pass it.",
+             threshold, split, rate_above(empty, threshold), len(empty), rate_above(present, threshold) or 0.0,
+             len(present))
+
+    contract = ModelContract.from_module(module, training_image_size(segmentation), training_channels(segmentation))
+    decision = calibrate_on(ModulePredictor(module, scoring.device, contract), scoring.dataset, target, rule, 0.5,
+                            split, scoring.datamodule.name, batch_size=batch_size)
+    checkpoint[DECISION_KEY] = decision.to_dict()
+    with atomic_path(output) as temporary, temporary.open("wb") as stream:
+        torch.save(checkpoint, stream)
+    result = {"checkpoint": str(output.resolve()), "segmentation": str(segmentation.resolve()),
+              "presence": str(presence.resolve()), "flips": flips, "presence_threshold": threshold,
+              "data_root": str(scoring.datamodule.root), "slices": scoring.scored,
+              "presence_on_split": {"split": split, "n_empty": len(empty), "n_tumor": len(present),
+                                    "false_alarm_rate": rate_above(empty, threshold),
+                                    "sensitivity": rate_above(present, threshold)},
+              "decision": decision.to_dict()}
+    write_json_atomic(Path(cfg.paths.output_dir) / "cascade.json", result)
+    print(f"Cascade written to {output}", flush=True)
+    print(reached_line(decision), flush=True)
+    return result
+
+
+main = hydra_app("cascade", cascade, pass_overrides=True)  # entry point: bts-cascade
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Two trained networks as one model: one segments, the other says whether the slice has a tumor.
+
+A network trained on tumor slices only segments best but marks a tumor on nearly every empty slice; one
+trained with empty slices learns to leave them empty but segments less well (README "Empty slices").
+:class:`Cascade` keeps the first network's segmentation and takes the slice-level answer from the second:
+its presence probability is the largest value of the second network's tumor probability map of the slice
+(with ``flips``, of the mean of the maps of the slice and of its horizontal and vertical flips), and the slice counts as
+having a tumor when that probability is above ``presence_threshold`` (``python -m bts_lightning.cascade``
+calibrates it on the validation split). :func:`build_cascade` wraps it in
+:class:`~bts_lightning.models.presence.PresenceGated`, so the output is ordinary 2-class logits: the
+segmentation's own mask on slices with a tumor, an empty one elsewhere; metrics, the slice decision,
+exports and the demo need no change.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from bts_lightning.errors import ConfigError
+from bts_lightning.models.presence import PresenceGated
+
+# Probabilities are kept this far from 0 and 1 so that their logits stay finite.
+_EPSILON = 1e-6
+
+
+def _fraction(value: float) -> float:
+    return min(max(float(value), _EPSILON), 1.0 - _EPSILON)
+
+
+class Cascade(nn.Module):
+    """``segmentation``'s 2-class logits and a presence map from ``presence``, as :func:`~bts_lightning.models.presence.gate` reads them.
+
+    ``forward(x)`` returns ``{"out": (N, 3, H, W)}``: channels 0-1 are ``segmentation``'s logits; channel 2
+    is constant over the slice, ``logit(P) - logit(presence_threshold)`` with ``P`` from
+    :meth:`presence_probability`, so it is positive exactly when ``P > presence_threshold``. Both networks
+    take the same input and return ``{"out": 2-class logits, ...}``.
+    """
+
+    def __init__(self, segmentation: nn.Module, presence: nn.Module, presence_threshold: float = 0.5,
+                 flips: bool = True) -> None:
+        super().__init__()
+        self.segmentation = segmentation
+        self.presence = presence
+        self.presence_threshold = float(presence_threshold)
+        self.flips = bool(flips)
+
+    def _probability_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.presence(x)["out"].float().softmax(dim=1)[:, 1]
+
+    def presence_probability(self, x: torch.Tensor) -> torch.Tensor:
+        """(N,) the largest value of ``presence``'s tumor probability map of each slice; with ``flips``, of the
+        mean of the maps of the slice and of its horizontal and vertical flips (each flipped back)."""
+        probability = self._probability_map(x)
+        if self.flips:
+            probability = (probability + self._probability_map(x.flip(-1)).flip(-1)
+                           + self._probability_map(x.flip(-2)).flip(-2)) / 3
+        return probability.flatten(1).amax(dim=1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        segmentation = self.segmentation(x)["out"].float()
+        probability = self.presence_probability(x).clamp(_EPSILON, 1.0 - _EPSILON)
+        logit = torch.logit(probability) - math.log(_fraction(self.presence_threshold)
+                                                    / (1.0 - _fraction(self.presence_threshold)))
+        presence_map = logit[:, None, None, None].expand(-1, 1, *segmentation.shape[-2:])
+        return {"out": torch.cat([segmentation, presence_map], dim=1)}
+
+    @property
+    def size_multiple(self) -> int:
+        return math.lcm(*(int(getattr(net, "size_multiple", 1)) for net in (self.segmentation, self.presence)))
+
+    @property
+    def size_rule(self) -> str:
+        rules = [getattr(net, "size_rule", None) for net in (self.segmentation, self.presence)]
+        return "; ".join(dict.fromkeys(rule for rule in rules if rule)) or f"H and W divisible by {self.size_multiple}"
+
+    @property
+    def dynamic_size(self) -> bool:
+        return all(bool(getattr(net, "dynamic_size", True)) for net in (self.segmentation, self.presence))
+
+
+def build_cascade(segmentation: nn.Module, presence: nn.Module, presence_threshold: float = 0.5, flips: bool = True,
+                  in_channels: int = 1, num_classes: int = 2, weights: str | None = None,
+                  name: str = "cascade") -> PresenceGated:
+    """:class:`Cascade` of two built networks, gated (``out``: 2-class logits; see the module doc).
+
+    ``in_channels`` / ``num_classes`` / ``weights`` / ``name`` are the keys every network config has (the model
+    contract and model card read them); a cascade is built from trained networks, so ``weights`` must be None.
+    Raises ``ConfigError`` for a threshold outside [0, 1], a non-binary cascade, or pretrained ``weights``.
+    """
+    if isinstance(presence_threshold, bool) or not isinstance(presence_threshold, (int, float)) \
+            or not 0.0 <= presence_threshold <= 1.0:
+        raise ConfigError(f"model.net.presence_threshold={presence_threshold!r} must be a number in [0, 1].")
+    if num_classes != 2:
+        raise ConfigError(f"A cascade is a binary model (num_classes=2), got num_classes={num_classes}.")
+    if weights is not None:
+        raise ConfigError(f"A cascade is built from trained networks; model.net.weights={weights!r} must be null.")
+    del in_channels, name  # recorded in the config for the model contract; the networks hold their own
+    return PresenceGated(Cascade(segmentation, presence, presence_threshold, flips))

@@ -1,0 +1,168 @@
+"""The cascade: one checkpoint's segmentation on the slices another checkpoint says have a tumor."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+from torch import nn
+
+from bts_lightning.cascade import cascade
+from bts_lightning.checkpoint import DECISION_KEY, load_module
+from bts_lightning.errors import ConfigError
+from bts_lightning.evaluate import evaluate
+from bts_lightning.export import export_model
+from bts_lightning.hub import save_pretrained
+from bts_lightning.inference import load_predictor, predict_probabilities
+from bts_lightning.models.cascade import Cascade, build_cascade
+from bts_lightning.models.presence import PresenceGated
+from bts_lightning.train import train
+from tests.conftest import assert_one_error_line, compose_app, compose_train, run_cli
+
+SIZE = 32
+
+
+class FixedLogits(nn.Module):
+    """A 2-class 'network' whose tumor logit is ``scale`` times its input (so flips change its output)."""
+
+    def __init__(self, scale: float = 1.0, size_multiple: int = 1) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(float(scale)))
+        self.size_multiple = size_multiple
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        tumor = self.scale * x[:, :1]
+        return {"out": torch.cat([torch.zeros_like(tumor), tumor], dim=1)}
+
+
+def test_the_segmentation_is_kept_where_the_presence_probability_is_above_the_threshold():
+    """Mask = segmentation mask on slices whose presence probability > threshold, empty on the others."""
+    segmentation, presence = FixedLogits(1.0), FixedLogits(1.0)
+    images = torch.full((3, 1, 4, 4), -2.0)
+    images[:, :, 1, 1] = torch.tensor([3.0, 0.4, -1.0])[:, None]  # presence peaks: p = 0.95, 0.60, 0.27
+    joined = build_cascade(segmentation, presence, presence_threshold=0.5, flips=False)
+    assert isinstance(joined, PresenceGated) and isinstance(joined.net, Cascade)
+    probability = joined(images)["out"].softmax(dim=1)[:, 1]
+    expected = torch.sigmoid(images[:, 0]) > 0.5
+    assert torch.equal(probability > 0.5, expected & torch.tensor([True, True, False])[:, None, None])
+    strict = build_cascade(segmentation, presence, presence_threshold=float(torch.sigmoid(torch.tensor(3.0))),
+                           flips=False)
+    assert not (strict(images)["out"].softmax(dim=1)[:, 1] > 0.5).any()  # equal to the threshold: no tumor
+    assert torch.allclose(joined.net.presence_probability(images), torch.sigmoid(torch.tensor([3.0, 0.4, -1.0])))
+
+
+def test_flips_average_the_presence_maps_before_their_largest_value():
+    """With flips: max over pixels of the mean of the maps of x, flip(x) flipped back, vflip(x) flipped back."""
+
+    class Asymmetric(nn.Module):  # tumor logit = x + a left-to-right / top-to-bottom ramp: flips change it
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            ramp = torch.linspace(-1, 1, x.shape[-1])
+            tumor = x[:, :1] + ramp[None, None, None, :] + 2 * ramp[None, None, :, None]
+            return {"out": torch.cat([torch.zeros_like(tumor), tumor], dim=1)}
+
+    images = torch.randn(2, 1, 5, 5, generator=torch.Generator().manual_seed(0))
+    joined = Cascade(FixedLogits(), Asymmetric(), flips=True)
+
+    def probability_map(batch: torch.Tensor) -> torch.Tensor:
+        return Asymmetric()(batch)["out"].softmax(dim=1)[:, 1]
+
+    mean = (probability_map(images) + probability_map(images.flip(-1)).flip(-1)
+            + probability_map(images.flip(-2)).flip(-2)) / 3
+    assert torch.allclose(joined.presence_probability(images), mean.flatten(1).amax(dim=1))
+    unflipped = Cascade(FixedLogits(), Asymmetric(), flips=False).presence_probability(images)
+    assert not torch.allclose(unflipped, mean.flatten(1).amax(dim=1))
+
+
+def test_size_rules_and_bad_settings():
+    joined = build_cascade(FixedLogits(size_multiple=4), FixedLogits(size_multiple=6))
+    assert joined.size_multiple == 12 and joined.dynamic_size
+    for settings, message in (({"presence_threshold": 1.5}, "presence_threshold=1.5 must be a number in"),
+                              ({"num_classes": 3}, "binary model"),
+                              ({"weights": "imagenet"}, "weights='imagenet' must be null")):
+        with pytest.raises(ConfigError, match=message):
+            build_cascade(FixedLogits(), FixedLogits(), **settings)
+
+
+DATA = ["data=synthetic_empty", "data.synthetic.n=40", f"data.synthetic.size={SIZE}", "data.batch_size=4",
+        "data.num_workers=0", "trainer=cpu", "trainer.max_epochs=2", "logger=csv", "test=false",
+        "model.net.channels=[8,16,32]", "model.net.strides=[2,2]", "model.net.num_res_units=1"]
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tumor-only run and a run with empty slices (the slice term), on the same split; and one on another split."""
+    root = tmp_path_factory.mktemp("cascade")
+    data = [*DATA, f"paths.data_dir={root / 'data'}"]
+    runs = {"segmentation": [*data, "data.empty_fraction=0"], "presence": [*data, "loss=dice_ce_slice"],
+            "other_split": [*data, "data.val_fold=3", "trainer.max_epochs=1"]}
+    paths = {"data": root / "data"}
+    for name, overrides in runs.items():
+        torch.manual_seed(0)
+        train(compose_train(overrides, root / name))
+        paths[name] = root / name / "checkpoints" / "last.ckpt"
+    return paths
+
+
+def _join(two_runs: dict[str, Path], out: Path, *extra: str) -> dict:
+    cfg = compose_app("cascade", [f"segmentation={two_runs['segmentation']}", f"presence={two_runs['presence']}",
+                                  *extra], out)
+    return cascade(cfg, [])
+
+
+def test_the_cascade_app_joins_calibrates_and_writes_an_ordinary_checkpoint(two_runs, tmp_path):
+    """The presence threshold is the calibrated one of the presence run's flip-averaged probabilities on the val
+    split; the joined checkpoint's masks are the segmentation run's on the slices above it; evaluate and export take it."""
+    result = _join(two_runs, tmp_path / "run", "target_false_alarm_rate=0.25")
+    output = tmp_path / "run" / "checkpoints" / "cascade.ckpt"
+    assert json.loads((tmp_path / "run" / "cascade.json").read_text()) == json.loads(json.dumps(result))
+
+    # The oracle: both runs' own predictors, on the val split as training split it.
+    datamodule = instantiate(compose_train([*DATA, f"paths.data_dir={two_runs['data']}"], tmp_path / "x").data,
+                             augmentations=None)
+    datamodule.setup("validate")
+    images, masks = zip(*(datamodule.datasets["val"].load(i) for i in range(len(datamodule.datasets["val"]))))
+    images, has_tumor = np.stack(images), np.array([mask.any() for mask in masks])
+    presence = predict_probabilities(load_predictor(two_runs["presence"], "cpu"), images, tta=True)
+    scores = presence.flatten(1).amax(dim=1).numpy()
+    empty = sorted(scores[~has_tumor], reverse=True)
+    expected_threshold = empty[math.floor(0.25 * len(empty) + 1e-9)]
+    assert result["presence_threshold"] == pytest.approx(expected_threshold, abs=1e-6)
+    assert result["presence_on_split"]["false_alarm_rate"] <= 0.25
+    assert result["presence_on_split"]["n_empty"] == int((~has_tumor).sum()) > 0
+
+    stored = torch.load(output, map_location="cpu", weights_only=True)
+    assert "optimizer_states" not in stored and stored[DECISION_KEY]["calibration"]["split"] == "val"
+    assert stored["hyper_parameters"]["net"]["segmentation"]["_target_"] == "bts_lightning.models.build_model"
+    joined = load_predictor(output, "cpu")
+    segmentation = predict_probabilities(load_predictor(two_runs["segmentation"], "cpu"), images)
+    keep = torch.as_tensor(scores > result["presence_threshold"])[:, None, None]
+    assert torch.equal(predict_probabilities(joined, images) > 0.5, (segmentation > 0.5) & keep)
+
+    metrics = evaluate(compose_app("evaluate", [f"ckpt_path={output}", "split=val"], tmp_path / "eval"),
+                       [f"ckpt_path={output}", "split=val"])
+    assert metrics["empty_slices"]["false_alarm_rate"] <= 0.25
+    module = load_module(output)
+    onnx = load_predictor(export_model(module, tmp_path / "cascade.onnx", image_size=SIZE), "cpu")
+    assert torch.allclose(predict_probabilities(onnx, images), predict_probabilities(joined, images), atol=1e-4)
+    folder = load_predictor(save_pretrained(output, tmp_path / "hub"), "cpu")
+    assert folder.contract.model == "cascade" and folder.contract.decision == joined.contract.decision
+    assert torch.equal(predict_probabilities(folder, images), predict_probabilities(joined, images))
+
+
+def test_checkpoints_of_other_splits_or_types_are_refused(two_runs, tmp_path):
+    with pytest.raises(ConfigError, match="trained on different splits"):
+        _join({**two_runs, "presence": two_runs["other_split"]}, tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"model.onnx is not a training checkpoint \(.ckpt\)"):
+        _join({**two_runs, "presence": tmp_path / "model.onnx"}, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow  # an app subprocess
+def test_the_cli_says_what_is_missing_in_one_line(two_runs, tmp_path):
+    result = run_cli(["bts_lightning.cascade", f"segmentation={two_runs['segmentation']}"], tmp_path)
+    assert_one_error_line(result, "presence is required")
