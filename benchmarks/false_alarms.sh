@@ -7,8 +7,8 @@
 # The *1200_* and lgg60_* runs compare the slice-presence loss term (experiment=empty_slices) with tumor-only training.
 # synthetic1200_tumor_slices_loss and synthetic1200_presence_gate (named only, not in the default list) add the
 # segmentation-on-tumor-slices loss and the presence gate (benchmarks/false_alarms.md).
-# synthetic1200_cascade and lgg60_cascade join the *_tumor_only run's segmentation with the *_slice_term run's
-# presence (python -m bts_lightning.cascade; both runs must be in OUT already, e.g. listed before them).
+# synthetic1200_cascade and lgg60_cascade join the *_tumor_only run's segmentation with the *_slice_term_long run's
+# presence (experiment=empty_slices on twice the schedule; python -m bts_lightning.cascade): list those runs first.
 #   bash benchmarks/false_alarms.sh OUT [LGG_ROOT] [only-these-names...]
 # TRAINER=gpu (any conf/trainer option; default cpu, as measured in benchmarks/false_alarms.md) runs them elsewhere.
 set -euo pipefail
@@ -27,6 +27,7 @@ synthetic1200=(data=synthetic_empty data.synthetic.size=96 data.synthetic.n=1200
                trainer.max_epochs=100)
 lgg60=(data=lgg "data.root=$lgg" data.image_size=128 data.test_fold=2 "trainer=$trainer" trainer.max_epochs=60)
 baseline="data.empty_fraction=0|monitor.metric=val/dice_tumor|callbacks.early_stopping.patience=15"
+long="callbacks.early_stopping.patience=30|scheduler.scheduler.patience=8"
 declare -A runs=(
   [synthetic_tumor_only]="data.empty_fraction=0"
   [synthetic_empty_slices]=""
@@ -39,6 +40,8 @@ declare -A runs=(
   [synthetic1200_slice_term]="experiment=empty_slices"
   [lgg60_tumor_only]="$baseline"
   [lgg60_slice_term]="experiment=empty_slices"
+  [synthetic1200_slice_term_long]="experiment=empty_slices|$long|trainer.max_epochs=200"
+  [lgg60_slice_term_long]="experiment=empty_slices|$long|trainer.max_epochs=120"
   [synthetic1200_tumor_slices_loss]="experiment=empty_slices|loss=dice_ce_slice_tumor"
   [synthetic1200_presence_gate]="experiment=empty_slices|model.net.presence_gate=true|loss=dice_ce"
 )
@@ -46,13 +49,13 @@ names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(synthetic_tumor_only synthetic_empty_slices synthetic_tumor_free_crops
                                  lgg_tumor_only lgg_empty_slices lgg_empty_half lgg_tumor_free_crops
                                  synthetic1200_tumor_only synthetic1200_slice_term lgg60_tumor_only lgg60_slice_term
-                                 synthetic1200_cascade lgg60_cascade)
+                                 synthetic1200_slice_term_long lgg60_slice_term_long synthetic1200_cascade lgg60_cascade)
 for name in "${names[@]}"; do
   run=$out/$name
   if [[ $name == *_cascade ]]; then
     pair=${name%_cascade}
     python -m bts_lightning.cascade "segmentation=$out/${pair}_tumor_only/train/checkpoints/best.ckpt" \
-        "presence=$out/${pair}_slice_term/train/checkpoints/best.ckpt" target_false_alarm_rate=0.05 "hydra.run.dir=$run/cascade"
+        "presence=$out/${pair}_slice_term_long/train/checkpoints/best.ckpt" target_false_alarm_rate=0.05 "hydra.run.dir=$run/cascade"
     ckpt=$run/cascade/checkpoints/cascade.ckpt
     python -m bts_lightning.evaluate "ckpt_path=$ckpt" split=test slice_decision=off "hydra.run.dir=$run/test_raw"
     python -m bts_lightning.evaluate "ckpt_path=$ckpt" split=test "hydra.run.dir=$run/test_decision"
