@@ -15,7 +15,7 @@ Exported files (``.onnx``, ``.pt``, hub folders) are not calibrated: calibrate t
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,20 +51,31 @@ def no_empty_slices(split: str, where: str) -> ConfigError:
                        f"the slice decision needs empty slices on that split: {NO_EMPTY_HINT}.")
 
 
-def slice_scores(predictor: Predictor, dataset: SliceDataset, decision_rule: str, pixel_threshold: float,
-                 tta: bool = False, batch_size: int = 16) -> tuple[list[float], list[bool]]:
-    """Score of every slice of ``dataset`` under ``decision_rule``, and whether its truth has a tumor."""
+def score_slices(dataset: SliceDataset, score_batch: Callable[[np.ndarray], Sequence[float]], batch_size: int = 16,
+                 desc: str = "calibrate") -> tuple[list[float], list[bool]]:
+    """``score_batch`` of every slice of ``dataset`` (called on stacked batches of its images), and whether its
+    truth has a tumor."""
     scores: list[float] = []
     tumor: list[bool] = []
-    with tqdm(total=len(dataset), desc="calibrate", unit="slice", disable=None) as bar:
+    with tqdm(total=len(dataset), desc=desc, unit="slice", disable=None) as bar:
         for start in range(0, len(dataset), batch_size):
             positions = range(start, min(start + batch_size, len(dataset)))
             images, truths = zip(*(dataset.load(position) for position in positions))
-            probabilities = predict_probabilities(predictor, np.stack(images), tta).numpy()
-            scores.extend(slice_score(probability, decision_rule, pixel_threshold) for probability in probabilities)
+            scores.extend(float(score) for score in score_batch(np.stack(images)))
             tumor.extend(bool(np.any(truth)) for truth in truths)
             bar.update(len(positions))
     return scores, tumor
+
+
+def slice_scores(predictor: Predictor, dataset: SliceDataset, decision_rule: str, pixel_threshold: float,
+                 tta: bool = False, batch_size: int = 16) -> tuple[list[float], list[bool]]:
+    """Score of every slice of ``dataset`` under ``decision_rule``, and whether its truth has a tumor."""
+
+    def score_batch(images: np.ndarray) -> list[float]:
+        probabilities = predict_probabilities(predictor, images, tta).numpy()
+        return [slice_score(probability, decision_rule, pixel_threshold) for probability in probabilities]
+
+    return score_slices(dataset, score_batch, batch_size)
 
 
 def calibrate_on(predictor: Predictor, dataset: SliceDataset, target: float, rule: str, pixel_threshold: float,

@@ -21,9 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig, open_dict
-from tqdm.auto import tqdm
 
-from bts_lightning.calibrate import calibrate_on, check_settings, no_empty_slices, reached_line
+from bts_lightning.calibrate import calibrate_on, check_settings, no_empty_slices, reached_line, score_slices
 from bts_lightning.checkpoint import (
     DECISION_KEY,
     load_module,
@@ -125,19 +124,14 @@ def joined_checkpoint(segmentation: Path, presence: Path, flips: bool) -> tuple[
 @torch.no_grad()
 def presence_scores(joined: Cascade, dataset: SliceDataset, batch_size: int = 16) -> tuple[list[float], list[bool]]:
     """:meth:`Cascade.presence_probability` of every slice of ``dataset``, and whether its truth has a tumor."""
-    scores: list[float] = []
-    tumor: list[bool] = []
     device = next(joined.parameters()).device
-    with tqdm(total=len(dataset), desc="presence", unit="slice", disable=None) as bar:
-        for start in range(0, len(dataset), batch_size):
-            images, truths = zip(*(dataset.load(position)
-                                   for position in range(start, min(start + batch_size, len(dataset)))))
-            batch = torch.as_tensor(np.stack(images)).float()
-            batch = batch.unsqueeze(1) if batch.ndim == 3 else batch
-            scores.extend(joined.presence_probability(standardize(batch.to(device))).cpu().tolist())
-            tumor.extend(bool(np.any(truth)) for truth in truths)
-            bar.update(len(images))
-    return scores, tumor
+
+    def score_batch(images: np.ndarray) -> list[float]:
+        batch = torch.as_tensor(images).float()
+        batch = batch.unsqueeze(1) if batch.ndim == 3 else batch
+        return joined.presence_probability(standardize(batch.to(device))).cpu().tolist()
+
+    return score_slices(dataset, score_batch, batch_size, desc="presence")
 
 
 def cascade(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, Any]:
