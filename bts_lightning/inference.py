@@ -50,6 +50,7 @@ from bts_lightning.data.io import MIN_IMAGE_SIZE
 from bts_lightning.decision import SliceDecision
 from bts_lightning.errors import BtsError, ConfigError, first_line
 from bts_lightning.models import check_input_size as check_network_input_size
+from bts_lightning.preprocessing import flip_mean
 from bts_lightning.segmentation_module import SegmentationModule
 
 log = logging.getLogger(__name__)
@@ -466,12 +467,9 @@ def predict_probabilities(predictor: Predictor, images: torch.Tensor | np.ndarra
         batch = batch.unsqueeze(1)
     check_batch(batch, contract)
     batch = batch.float()
-    probabilities = _call(predictor, batch)
     if tta:
-        probabilities = probabilities + _call(predictor, batch.flip(-1)).flip(-1)
-        probabilities = probabilities + _call(predictor, batch.flip(-2)).flip(-2)
-        probabilities = probabilities / 3
-    return probabilities
+        return flip_mean(lambda images: _call(predictor, images), batch)
+    return _call(predictor, batch)
 
 
 def postprocess(mask: np.ndarray, largest_component: bool = False, min_size: int = 0) -> np.ndarray:

@@ -1,6 +1,8 @@
-"""Input normalisation shared by training, inference and export."""
+"""Input normalisation and flip test-time augmentation, shared by training, inference and export."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -15,3 +17,10 @@ def standardize(images: torch.Tensor) -> torch.Tensor:
     mean = x.mean(dim=(2, 3), keepdim=True)
     std = x.std(dim=(2, 3), keepdim=True).clamp_min(1e-6)
     return (x - mean) / std
+
+
+def flip_mean(probability: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+    """Mean of ``probability`` (an (N, ..., H, W) map of a batch) over ``images`` and their horizontal and
+    vertical flips, each map flipped back: flip test-time augmentation."""
+    total = probability(images) + probability(images.flip(-1)).flip(-1) + probability(images.flip(-2)).flip(-2)
+    return total / 3

@@ -21,6 +21,7 @@ from torch import nn
 
 from bts_lightning.errors import ConfigError
 from bts_lightning.models.presence import PresenceGated
+from bts_lightning.preprocessing import flip_mean
 
 # Probabilities are kept this far from 0 and 1 so that their logits stay finite.
 _EPSILON = 1e-6
@@ -53,10 +54,7 @@ class Cascade(nn.Module):
     def presence_probability(self, x: torch.Tensor) -> torch.Tensor:
         """(N,) the largest value of ``presence``'s tumor probability map of each slice; with ``flips``, of the
         mean of the maps of the slice and of its horizontal and vertical flips (each flipped back)."""
-        probability = self._probability_map(x)
-        if self.flips:
-            probability = (probability + self._probability_map(x.flip(-1)).flip(-1)
-                           + self._probability_map(x.flip(-2)).flip(-2)) / 3
+        probability = flip_mean(self._probability_map, x) if self.flips else self._probability_map(x)
         return probability.flatten(1).amax(dim=1)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
