@@ -1,0 +1,106 @@
+"""Tabulate ``benchmarks/cascade_cv.sh OUT``: ``python -m benchmarks.cascade_cv_table OUT [--out FILE]``.
+
+One row per fold pair (a ``val<V>_test<T>`` folder of OUT) and a last row pooled over every test slice of them
+(each patient is in one test fold, so the pooled row is the cross-validated per-image result): test slices
+(tumor / empty), the tumor-only model's tumor-slice Dice, the cascade's tumor-slice Dice, the drop between them,
+the cascade's slice sensitivity and false-alarm rate, and the presence threshold with what it reached on the val
+fold. Scores come from the two ``per_image.csv`` files of ``evaluate split=test`` (``tumor_only_test``,
+``cascade_test``), pooled through :func:`bts_lightning.metrics.summarize_by_truth`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bts_lightning.metrics import summarize_by_truth
+from bts_lightning.runtime import write_bytes_atomic
+
+COLUMNS = ("fold pair (val / test)", "test slices (tumor/empty)", "tumor-only tumor-slice Dice",
+           "cascade tumor-slice Dice", "Dice drop", "cascade sensitivity", "cascade false-alarm rate",
+           "presence threshold", "val false-alarm rate / sensitivity at calibration")
+NUMBERS = ("dice", "iou", "area_true", "area_pred")
+
+
+def pooled_name(folds: int) -> str:
+    """The pooled row's name: how many test folds it pools."""
+    return f"pooled ({folds} test fold{'' if folds == 1 else 's'})"
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """``evaluate``'s ``per_image.csv`` at ``path``, its score and area columns as numbers."""
+    with path.open(newline="") as handle:
+        return [{**row, **{key: float(row[key]) for key in NUMBERS}} for row in csv.DictReader(handle)]
+
+
+def scores(rows: Sequence[dict[str, Any]]) -> tuple[int, int, float, float, float]:
+    """(tumor slices, empty slices, tumor-slice Dice, sensitivity, false-alarm rate) of ``rows``."""
+    groups = summarize_by_truth(rows)
+    tumor, empty = groups["tumor_slices"], groups["empty_slices"]
+    if not tumor["n"] or not empty["n"]:
+        raise ValueError("the test slices need tumor slices and empty slices to score a cascade")
+    return tumor["n"], empty["n"], tumor["dice"]["mean"], tumor["sensitivity"], empty["false_alarm_rate"]
+
+
+def pair_rows(run: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The tumor-only and the cascade per-image rows of fold pair ``run``, checked to be the same slices."""
+    tumor_only = read_rows(run / "tumor_only_test" / "per_image.csv")
+    cascade = read_rows(run / "cascade_test" / "per_image.csv")
+    if sorted(row["stem"] for row in tumor_only) != sorted(row["stem"] for row in cascade):
+        raise ValueError(f"{run}: tumor_only_test and cascade_test scored different slices; evaluate both on split=test")
+    return tumor_only, cascade
+
+
+def cells(name: str, tumor_only: Sequence[dict[str, Any]], cascade: Sequence[dict[str, Any]],
+          calibration: dict[str, Any] | None) -> list[str]:
+    """One table row (see :data:`COLUMNS`); ``calibration``: the pair's ``cascade.json``, None for the pooled row."""
+    n_tumor, n_empty, base, _, _ = scores(tumor_only)
+    _, _, dice, sensitivity, false_alarms = scores(cascade)
+    if calibration is None:
+        threshold = reached = "(each pair its own)"
+    else:
+        on_val = calibration["presence_on_split"]
+        threshold = f"{calibration['presence_threshold']:.3f}"
+        reached = f"{on_val['false_alarm_rate']:.3f} / {on_val['sensitivity']:.3f}"
+    return [name, f"{n_tumor}/{n_empty}", f"{base:.3f}", f"{dice:.3f}", f"{base - dice:.3f}", f"{sensitivity:.3f}",
+            f"{false_alarms:.3f}", threshold, reached]
+
+
+def table(out: Path) -> str:
+    """The Markdown table of every fold pair under ``out`` and their pooled row."""
+    runs = sorted(path for path in out.glob("val*_test*") if (path / "cascade_test" / "per_image.csv").is_file())
+    if not runs:
+        raise ValueError(f"{out} has no val<V>_test<T>/cascade_test/per_image.csv: run benchmarks/cascade_cv.sh first")
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+    pooled: tuple[list[dict[str, Any]], list[dict[str, Any]]] = ([], [])
+    for run in runs:
+        tumor_only, cascade = pair_rows(run)
+        pooled[0].extend(tumor_only)
+        pooled[1].extend(cascade)
+        record = json.loads((run / "cascade" / "cascade.json").read_text())
+        name = run.name.replace("val", "").replace("_test", " / ")
+        lines.append("| " + " | ".join(cells(name, tumor_only, cascade, record)) + " |")
+    stems = [row["stem"] for row in pooled[0]]
+    if len(stems) != len(set(stems)):
+        raise ValueError(f"{out}: a slice is in the test fold of two pairs; pooling needs each test fold once")
+    lines.append("| " + " | ".join(cells(pooled_name(len(runs)), *pooled, None)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", type=Path, help="the OUT folder of benchmarks/cascade_cv.sh")
+    parser.add_argument("--out", type=Path, help="also write the table to this Markdown file")
+    args = parser.parse_args()
+    text = table(args.runs)
+    print(text, end="")
+    if args.out:
+        write_bytes_atomic(args.out, text.encode())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""benchmarks/presence_context.py: slice positions, the volume mean and gating on hand-made cases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from benchmarks.cascade_cv_table import scores
+from benchmarks.presence_context import gated, missed_slices, slice_position, volume_mean
+
+
+def test_a_slice_is_placed_by_its_folder_and_trailing_number():
+    image = Path("/data/kaggle_3m/TCGA_CS_4941_19960909/TCGA_CS_4941_19960909_12.tif")
+    assert slice_position(image, "kaggle_3m/TCGA_CS_4941_19960909/TCGA_CS_4941_19960909_12") == \
+        ("/data/kaggle_3m/TCGA_CS_4941_19960909", 12)
+    with pytest.raises(ValueError, match="scan_b.png: the file name does not end with a slice number"):
+        slice_position(Path("/data/scan_b.png"), "scan_b")
+
+
+def test_the_volume_mean_averages_only_neighbours_of_the_same_scan():
+    positions = [("a", 1), ("a", 2), ("a", 3), ("a", 5), ("b", 4)]
+    values = [0.9, 0.3, 0.6, 0.8, 0.2]
+    averaged = volume_mean(values, positions)
+    # a1: (0.9 + 0.3) / 2; a2: (0.3 + 0.9 + 0.6) / 3; a3: (0.6 + 0.3) / 2 (a4 is missing);
+    # a5 has no neighbour present; b4 is another scan's slice, not a5's neighbour.
+    assert averaged == pytest.approx([0.6, 0.6, 0.45, 0.8, 0.2])
+
+
+def test_gating_empties_the_mask_of_slices_not_kept():
+    rows = [{"stem": "t1", "dice": 0.8, "iou": 0.7, "area_true": 50.0, "area_pred": 40.0},
+            {"stem": "t2", "dice": 0.6, "iou": 0.4, "area_true": 20.0, "area_pred": 30.0},
+            {"stem": "e1", "dice": 0.0, "iou": 0.0, "area_true": 0.0, "area_pred": 9.0},
+            {"stem": "e2", "dice": 0.0, "iou": 0.0, "area_true": 0.0, "area_pred": 3.0}]
+    out = gated(rows, {"t1": True, "t2": False, "e1": False, "e2": True})
+    assert [row["area_pred"] for row in out] == [40.0, 0.0, 0.0, 3.0]
+    assert [row["dice"] for row in out] == [0.8, 0.0, 1.0, 0.0]  # an emptied empty slice is right
+    assert scores(out) == (2, 2, pytest.approx(0.4), 0.5, 0.5)
+    assert rows[1]["area_pred"] == 30.0  # the input rows are left as they were
+
+
+def test_missed_tumor_slices_are_counted_by_their_neighbours():
+    positions = {"a1": ("a", 1), "a2": ("a", 2), "a3": ("a", 3), "a4": ("a", 4), "b1": ("b", 1), "b5": ("b", 5)}
+    truth = {"a1": True, "a2": True, "a3": True, "a4": False, "b1": True, "b5": False}
+    kept = {"a1": False, "a2": False, "a3": True, "a4": False, "b1": False, "b5": True}
+    assert missed_slices(kept, truth, positions) == {"missed": 3, "between": 1, "end": 1, "alone": 1, "scan_found": 2}
