@@ -55,14 +55,30 @@ def test_registry_lists_models() -> None:
 
 @pytest.mark.parametrize("name", ["unet", "deeplabv3", "fcn", "lraspp"])
 def test_output_shapes(name: str) -> None:
-    model = build_model(name).eval()
+    model = build_model(name)
     expected = {"out", "aux"} if name in ("deeplabv3", "fcn") else {"out"}
     for size in [(64, 64), (64, 96)]:
-        with torch.no_grad():
-            out = model(torch.randn(2, 1, *size))
-        assert set(out) == expected
-        for logits in out.values():
-            assert logits.shape == (2, 2, *size)
+        for training, keys in ((True, expected), (False, {"out"})):  # auxiliary heads: training only
+            with torch.no_grad():
+                out = model.train(training)(torch.randn(2, 1, *size))
+            assert set(out) == keys
+            for logits in out.values():
+                assert logits.shape == (2, 2, *size)
+
+
+@pytest.mark.parametrize("name", ["deeplabv3", "fcn"])
+def test_auxiliary_head_is_not_computed_in_eval(name: str) -> None:
+    model = build_model(name).eval()
+    calls = []
+    model.aux_classifier.register_forward_hook(lambda *_: calls.append(1))
+    x = torch.randn(2, 1, 64, 96)
+    with torch.no_grad():
+        out = model(x)["out"]
+        reference = tvseg.DeepLabV3.forward(model, x) if name == "deeplabv3" else tvseg.FCN.forward(model, x)
+    assert len(calls) == 1  # only torchvision's own forward ran it
+    assert torch.equal(out, reference["out"])  # the same segmentation as torchvision's forward
+    plain = getattr(tvseg, f"{name}_resnet50")(num_classes=2, weights=None, weights_backbone=None, aux_loss=True)
+    assert set(model.state_dict()) == set(plain.state_dict())  # checkpoints of either load into the other
 
 
 def test_unet_train_mode_kwargs_and_no_backbone() -> None:
@@ -190,7 +206,7 @@ def test_deeplabv3_loads_cached_pretrained(offline_hub: Path) -> None:
     state["backbone.layer4.2.conv3.weight"].fill_(0.5)
     _cache(offline_hub, tvseg.DeepLabV3_ResNet50_Weights.DEFAULT, state)
 
-    model = build_model("deeplabv3", weights="COCO_WITH_VOC_LABELS_V1").eval()
+    model = build_model("deeplabv3", weights="COCO_WITH_VOC_LABELS_V1").train()  # auxiliary head: training only
     loaded = model.state_dict()
     torch.testing.assert_close(
         loaded["backbone.conv1.weight"], state["backbone.conv1.weight"].sum(1, keepdim=True)
@@ -201,8 +217,8 @@ def test_deeplabv3_loads_cached_pretrained(offline_hub: Path) -> None:
     assert loaded["classifier.4.weight"].shape[0] == 2
     assert loaded["aux_classifier.4.weight"].shape[0] == 2
     with torch.no_grad():
-        out = model(torch.randn(1, 1, 64, 96))
-    assert out["out"].shape == out["aux"].shape == (1, 2, 64, 96)
+        out = model(torch.randn(2, 1, 64, 96))  # 2: training-mode batch norm after global pooling
+    assert out["out"].shape == out["aux"].shape == (2, 2, 64, 96)
 
 
 def test_missing_weights_offline_raises_with_path(offline_hub: Path) -> None:

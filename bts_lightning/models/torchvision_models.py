@@ -5,6 +5,8 @@ from __future__ import annotations
 import pickle
 from collections.abc import Callable, Sequence
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models import WeightsEnum
 from torchvision.models import segmentation as tvseg
@@ -13,6 +15,28 @@ from bts_lightning.errors import WeightsUnavailableError
 from bts_lightning.models.adapt import adapt_first_conv, replace_out_conv
 from bts_lightning.models.registry import register_model
 from bts_lightning.models.weights import ensure_cached, resolve_weights
+
+
+class _AuxInTrainingOnly:
+    """Mixin for torchvision's DeepLabV3 and FCN: the auxiliary head runs in training only.
+
+    In eval mode ``forward`` returns ``{"out": logits}`` without computing the auxiliary head, which nothing
+    reads outside training (about 5 % of a 256 px forward pass on CPU); in training it is torchvision's.
+    """
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.training:
+            return super().forward(x)
+        logits = self.classifier(self.backbone(x)["out"])
+        return {"out": F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)}
+
+
+class DeepLabV3(_AuxInTrainingOnly, tvseg.DeepLabV3):
+    """torchvision's DeepLabV3, its auxiliary head computed in training only."""
+
+
+class FCN(_AuxInTrainingOnly, tvseg.FCN):
+    """torchvision's FCN, its auxiliary head computed in training only."""
 
 
 def _build(
@@ -49,15 +73,19 @@ def _build(
 @register_model("deeplabv3")
 def deeplabv3(in_channels: int, num_classes: int, weights: str | None = None) -> nn.Module:
     """DeepLabV3 with a dilated ResNet-50 backbone and an auxiliary FCN head."""
-    return _build(tvseg.deeplabv3_resnet50, tvseg.DeepLabV3_ResNet50_Weights, ("classifier.4", "aux_classifier.4"),
-                  in_channels, num_classes, weights, aux_loss=True)
+    model = _build(tvseg.deeplabv3_resnet50, tvseg.DeepLabV3_ResNet50_Weights, ("classifier.4", "aux_classifier.4"),
+                   in_channels, num_classes, weights, aux_loss=True)
+    model.__class__ = DeepLabV3  # same modules and state-dict keys; forward skips the auxiliary head in eval
+    return model
 
 
 @register_model("fcn")
 def fcn(in_channels: int, num_classes: int, weights: str | None = None) -> nn.Module:
     """FCN with a dilated ResNet-50 backbone and an auxiliary head."""
-    return _build(tvseg.fcn_resnet50, tvseg.FCN_ResNet50_Weights, ("classifier.4", "aux_classifier.4"),
-                  in_channels, num_classes, weights, aux_loss=True)
+    model = _build(tvseg.fcn_resnet50, tvseg.FCN_ResNet50_Weights, ("classifier.4", "aux_classifier.4"),
+                   in_channels, num_classes, weights, aux_loss=True)
+    model.__class__ = FCN  # same modules and state-dict keys; forward skips the auxiliary head in eval
+    return model
 
 
 @register_model("lraspp")
