@@ -10,15 +10,14 @@ fold. Scores come from the two ``per_image.csv`` files of ``evaluate split=test`
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.table_cli import table_main
 from bts_lightning.metrics import summarize_by_truth
-from bts_lightning.runtime import write_bytes_atomic
 
 COLUMNS = ("fold pair (val / test)", "test slices (tumor/empty)", "tumor-only tumor-slice Dice",
            "cascade tumor-slice Dice", "Dice drop", "cascade sensitivity", "cascade false-alarm rate",
@@ -92,14 +91,7 @@ def table(out: Path) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", type=Path, help="the OUT folder of benchmarks/cascade_cv.sh")
-    parser.add_argument("--out", type=Path, help="also write the table to this Markdown file")
-    args = parser.parse_args()
-    text = table(args.runs)
-    print(text, end="")
-    if args.out:
-        write_bytes_atomic(args.out, text.encode())
+    table_main(table, __doc__, "benchmarks/cascade_cv.sh")
 
 
 if __name__ == "__main__":

@@ -9,12 +9,11 @@ threshold, calibrated on the val fold, is part of the model, so it applies in bo
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
 
-from bts_lightning.runtime import write_bytes_atomic
+from benchmarks.table_cli import table_main
 
 COLUMNS = ("run", "training input", "empty share trained", "test slices (tumor/empty)",
            "tumor-slice Dice", "sensitivity", "false-alarm rate",
@@ -92,14 +91,7 @@ def table(out: Path) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", type=Path, help="the OUT folder of benchmarks/false_alarms.sh")
-    parser.add_argument("--out", type=Path, help="also write the table to this Markdown file")
-    args = parser.parse_args()
-    text = table(args.runs)
-    print(text, end="")
-    if args.out:
-        write_bytes_atomic(args.out, text.encode())
+    table_main(table, __doc__, "benchmarks/false_alarms.sh")
 
 
 if __name__ == "__main__":

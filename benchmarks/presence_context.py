@@ -13,7 +13,6 @@ evaluation (``benchmarks.cascade_cv_table``); the script checks that its thresho
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from collections.abc import Sequence
@@ -24,8 +23,9 @@ import numpy as np
 from hydra import compose, initialize_config_dir
 
 from benchmarks.cascade_cv_table import pair_rows, pooled_name, scores
+from benchmarks.table_cli import table_main
 from bts_lightning.decision import calibrate
-from bts_lightning.runtime import CONFIG_DIR, write_bytes_atomic
+from bts_lightning.runtime import CONFIG_DIR
 
 COLUMNS = ("fold pair (val / test)", "presence score", "threshold (val)", "test slices (tumor/empty)",
            "tumor-only tumor-slice Dice", "tumor-slice Dice", "Dice drop", "sensitivity", "false-alarm rate")
@@ -164,14 +164,7 @@ def table(out: Path) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", type=Path, help="the OUT folder of benchmarks/cascade_cv.sh")
-    parser.add_argument("--out", type=Path, help="also write the table to this Markdown file")
-    args = parser.parse_args()
-    text = table(args.runs)
-    print(text, end="")
-    if args.out:
-        write_bytes_atomic(args.out, text.encode())
+    table_main(table, __doc__, "benchmarks/cascade_cv.sh")
 
 
 if __name__ == "__main__":
