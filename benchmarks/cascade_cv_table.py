@@ -25,6 +25,11 @@ COLUMNS = ("fold pair (val / test)", "test slices (tumor/empty)", "tumor-only tu
 NUMBERS = ("dice", "iou", "area_true", "area_pred")
 
 
+def pair_name(run: Path) -> str:
+    """``val1_test2`` -> ``1 / 2``: a fold pair's row name."""
+    return run.name.replace("val", "").replace("_test", " / ")
+
+
 def pooled_name(folds: int) -> str:
     """The pooled row's name: how many test folds it pools."""
     return f"pooled ({folds} test fold{'' if folds == 1 else 's'})"
@@ -81,8 +86,7 @@ def table(out: Path) -> str:
         pooled[0].extend(tumor_only)
         pooled[1].extend(cascade)
         record = json.loads((run / "cascade" / "cascade.json").read_text())
-        name = run.name.replace("val", "").replace("_test", " / ")
-        lines.append("| " + " | ".join(cells(name, tumor_only, cascade, record)) + " |")
+        lines.append("| " + " | ".join(cells(pair_name(run), tumor_only, cascade, record)) + " |")
     stems = [row["stem"] for row in pooled[0]]
     if len(stems) != len(set(stems)):
         raise ValueError(f"{out}: a slice is in the test fold of two pairs; pooling needs each test fold once")

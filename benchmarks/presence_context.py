@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 from hydra import compose, initialize_config_dir
 
-from benchmarks.cascade_cv_table import pair_rows, pooled_name, scores
+from benchmarks.cascade_cv_table import pair_name, pair_rows, pooled_name, scores
 from benchmarks.table_cli import table_main
 from bts_lightning.decision import calibrate
 from bts_lightning.runtime import CONFIG_DIR
@@ -137,7 +138,7 @@ def table(out: Path) -> str:
         raise ValueError(f"{out} has no val<V>_test<T>/cascade/cascade.json: run benchmarks/cascade_cv.sh first")
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
     pooled: dict[str, list[dict[str, Any]]] = {"tumor_only": [], **{way: [] for way in WAYS}}
-    missed = {"missed": 0, "between": 0, "end": 0, "alone": 0, "scan_found": 0}
+    missed: Counter[str] = Counter()
 
     def line(name: str, way: str, threshold: str, base_rows: list, rows: list) -> str:
         n_tumor, n_empty, base, _, _ = scores(base_rows)
@@ -147,13 +148,12 @@ def table(out: Path) -> str:
 
     for run in runs:
         result = pair_scores(run)
-        name = run.name.replace("val", "").replace("_test", " / ")
         pooled["tumor_only"].extend(result["tumor_only"])
-        missed = {key: missed[key] + result["missed"][key] for key in missed}
+        missed.update(result["missed"])
         for way in WAYS:
             threshold, rows = result[way]
             pooled[way].extend(rows)
-            lines.append(line(name, way, f"{threshold:.3f}", result["tumor_only"], rows))
+            lines.append(line(pair_name(run), way, f"{threshold:.3f}", result["tumor_only"], rows))
     for way in WAYS:
         lines.append(line(pooled_name(len(runs)), way, "(each pair its own)", pooled["tumor_only"],
                           pooled[way]))
