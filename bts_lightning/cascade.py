@@ -7,7 +7,10 @@ slices empty) says have a tumor, and an empty mask elsewhere. The presence thres
 ``split`` slices (val by default) so that at most ``target_false_alarm_rate`` of their empty slices pass it;
 the joined checkpoint then gets the usual slice decision (``calibrate``, rule ``component_fraction``) on the
 same slices. It is an ordinary checkpoint: ``evaluate``, ``predict``, ``export``, ``demo`` take it.
-``cascade.json`` in the run folder records both sources, the threshold and what it reaches on ``split``.
+With ``context=K`` (K > 0; the data in one folder per scan, e.g. the LGG layout) it also gets a scan context
+(:mod:`bts_lightning.scan_context`): the presence probability averaged over each slice and K slices either side
+in its scan, with its own threshold calibrated on the same empty slices, which ``evaluate`` and ``predict`` apply.
+``cascade.json`` in the run folder records both sources, the thresholds and what they reach on ``split``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, open_dict
 
@@ -37,8 +39,16 @@ from bts_lightning.errors import ConfigError
 from bts_lightning.evaluate import load_split
 from bts_lightning.inference import CHECKPOINT_SUFFIXES, ModelContract, ModulePredictor
 from bts_lightning.models.cascade import Cascade
-from bts_lightning.preprocessing import standardize
 from bts_lightning.runtime import atomic_path, hydra_app, write_json_atomic
+from bts_lightning.scan_context import (
+    Position,
+    ScanContext,
+    check_context,
+    check_scan_layout,
+    context_means,
+    presence_probabilities,
+    slice_position,
+)
 from bts_lightning.segmentation_module import SegmentationModule
 from bts_lightning.trained_split import stored_split
 
@@ -121,17 +131,36 @@ def joined_checkpoint(segmentation: Path, presence: Path, flips: bool) -> tuple[
     return checkpoint, module.eval()
 
 
-@torch.no_grad()
 def presence_scores(joined: Cascade, dataset: SliceDataset, batch_size: int = 16) -> tuple[list[float], list[bool]]:
     """:meth:`Cascade.presence_probability` of every slice of ``dataset``, and whether its truth has a tumor."""
-    device = next(joined.parameters()).device
+    return score_slices(dataset, lambda images: presence_probabilities(joined, images), batch_size, desc="presence")
 
-    def score_batch(images: np.ndarray) -> list[float]:
-        batch = torch.as_tensor(images).float()
-        batch = batch.unsqueeze(1) if batch.ndim == 3 else batch
-        return joined.presence_probability(standardize(batch.to(device))).cpu().tolist()
 
-    return score_slices(dataset, score_batch, batch_size, desc="presence")
+def dataset_positions(dataset: SliceDataset) -> list[Position]:
+    """:func:`~bts_lightning.scan_context.slice_position` of every slice of ``dataset``."""
+    return [slice_position(dataset.pairs[index].image) for index in dataset.indices]
+
+
+def calibrate_context(scores: list[float], tumor: list[bool], positions: list[Position], context: int,
+                      target: float, slice_threshold: float, split: str) -> ScanContext:
+    """The :class:`ScanContext` whose threshold lets at most ``target`` of the split's empty slices with a
+    neighbour through (slices without one are judged alone, against ``slice_threshold``)."""
+    means = context_means(scores, positions, context)
+    empty = [mean for mean, has_tumor in zip(means, tumor) if mean is not None and not has_tumor]
+    if not empty:
+        raise ConfigError(f"No empty slice of the {split} split has a neighbouring slice in its scan, so the scan "
+                          "context cannot be calibrated there; check that each scan's slices are numbered (file names "
+                          "ending in the slice number), or pass context=0.")
+    return ScanContext(context, threshold_for(empty, target), slice_threshold)
+
+
+def _rates(kept: list[bool], tumor: list[bool]) -> dict[str, Any]:
+    """Counts, false-alarm rate and sensitivity of slice decisions ``kept`` against the truth ``tumor``."""
+    empty = [keep for keep, has_tumor in zip(kept, tumor) if not has_tumor]
+    present = [keep for keep, has_tumor in zip(kept, tumor) if has_tumor]
+    return {"n_empty": len(empty), "n_tumor": len(present),
+            "false_alarm_rate": float(sum(empty)) / len(empty) if empty else None,
+            "sensitivity": float(sum(present)) / len(present) if present else None}
 
 
 def cascade(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, Any]:
@@ -144,6 +173,7 @@ def cascade(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str
     target, rule = check_settings(cfg.get("target_false_alarm_rate"), "component_fraction")
     split = str(cfg.get("split", "val"))
     flips = bool(cfg.get("flips", True))
+    context = check_context(cfg.get("context", 0))
     for path in (segmentation, presence):
         read_checkpoint(path)  # a missing or foreign file fails here, naming it
     check_compatible(segmentation, presence)
@@ -167,6 +197,19 @@ def cascade(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str
     log.info("Presence threshold %.6g: on the %s split, %.4f of %d empty slices and %.4f of %d tumor slices pass it.",
              threshold, split, rate_above(empty, threshold), len(empty), rate_above(present, threshold) or 0.0,
              len(present))
+    context_record = None
+    if context:
+        check_scan_layout(scoring.datamodule.found_layout, scoring.datamodule.root, "context=0")
+        positions = dataset_positions(scoring.dataset)
+        scan_context = calibrate_context(scores, tumor, positions, context, target, threshold, split)
+        joined.context, joined.context_threshold = context, scan_context.threshold
+        net_config = checkpoint["hyper_parameters"]["net"]
+        net_config["context"], net_config["context_threshold"] = context, scan_context.threshold
+        kept = scan_context.present(scores, positions)
+        context_record = {**scan_context.to_dict(), "split": split, **_rates(kept, tumor)}
+        log.info("Scan context: %s; on the %s split, %.4f of the empty slices and %.4f of the tumor slices pass it.",
+                 scan_context.describe(), split, context_record["false_alarm_rate"],
+                 context_record["sensitivity"] or 0.0)
 
     contract = ModelContract.from_module(module, training_image_size(segmentation), training_channels(segmentation))
     decision = calibrate_on(ModulePredictor(module, scoring.device, contract), scoring.dataset, target, rule, 0.5,
@@ -180,6 +223,7 @@ def cascade(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str
               "presence_on_split": {"split": split, "n_empty": len(empty), "n_tumor": len(present),
                                     "false_alarm_rate": rate_above(empty, threshold),
                                     "sensitivity": rate_above(present, threshold)},
+              "scan_context": context_record,
               "decision": decision.to_dict()}
     write_json_atomic(Path(cfg.paths.output_dir) / "cascade.json", result)
     print(f"Cascade written to {output}", flush=True)

@@ -32,6 +32,9 @@ A model with a calibrated slice decision (``python -m bts_lightning.calibrate``;
 has it applied (``slice_decision=auto``; ``off`` to score the raw masks): slices it judges tumor-free
 are scored with empty masks. ``metrics.json`` records it under ``inference.decision``, and
 ``decision_note`` says whether it was chosen on the scored split (optimistic) or that split is held out.
+A cascade built with a scan context (:mod:`bts_lightning.scan_context`) decides instead from each slice's presence
+averaged with its neighbours in the scan (``scan_context=auto``; ``off``: each slice alone), recorded under
+``inference.scan_context``; data not in one folder per scan is refused.
 """
 
 from __future__ import annotations
@@ -40,8 +43,8 @@ import csv
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +69,15 @@ from bts_lightning.inference import (
 )
 from bts_lightning.metrics import AREAS, METRICS, count_cases, image_metrics, summarize, summarize_by_truth
 from bts_lightning.runtime import atomic_path, hydra_app, make_directory, write_json_atomic
+from bts_lightning.scan_context import (
+    ScanContext,
+    SegmentationPredictor,
+    cascade_of,
+    check_scan_layout,
+    model_context,
+    presence_probabilities,
+    slice_position,
+)
 from bts_lightning.trained_split import (
     channel_mapping,
     check_scored_slices,
@@ -160,6 +172,9 @@ def format_table(metrics: dict[str, Any]) -> str:
     decision = metrics["inference"].get("decision")
     if decision is not None:
         lines.append(f"Slice decision: {SliceDecision.from_dict(decision).describe()}; {metrics['decision_note']}")
+    context = metrics["inference"].get("scan_context")
+    if context is not None:
+        lines.append(f"Scan context: {ScanContext(**context).describe()}; {metrics['decision_note']}")
     return "\n".join([*lines, *by_truth_lines(metrics)])
 
 
@@ -233,17 +248,48 @@ def load_split(cfg: DictConfig, overrides: Sequence[str] | None, split: str, app
     return SplitToScore(ckpt_path, device, predictor, datamodule, dataset, channels, scored)
 
 
-def decision_note(decision: SliceDecision | None, split: str, dataset: str) -> str | None:
-    """What the slice decision's numbers mean on ``split`` of ``dataset``: chosen on it (optimistic) or held out."""
+def decision_note(decision: SliceDecision | None, split: str, dataset: str, what: str = "slice decision") -> str | None:
+    """What the slice decision's numbers mean on ``split`` of ``dataset``: chosen on it (optimistic) or held out.
+
+    ``what``: the decision named (a cascade's scan context is calibrated where its slice decision is).
+    """
     if decision is None:
         return None
     chosen_on, chosen_data = decision.calibration.get("split"), decision.calibration.get("dataset")
     if chosen_data != dataset:
-        return f"slice decision calibrated on the {chosen_on} split of {chosen_data}, not this dataset."
+        return f"{what} calibrated on the {chosen_on} split of {chosen_data}, not this dataset."
     if chosen_on == split or split == "all":
-        return (f"slice decision calibrated on the {chosen_on} split scored here: its false-alarm rate was chosen "
+        return (f"{what} calibrated on the {chosen_on} split scored here: its false-alarm rate was chosen "
                 "on these slices (optimistic).")
-    return f"slice decision calibrated on the {chosen_on} split; this {split} split is held out."
+    return f"{what} calibrated on the {chosen_on} split; this {split} split is held out."
+
+
+MaskPredictor = Callable[[Sequence[int], np.ndarray], np.ndarray]
+
+
+def _mask_predictor(predictor: Predictor, options: InferenceOptions, context: ScanContext | None,
+                    dataset: SliceDataset, batch_size: int) -> MaskPredictor:
+    """``masks(positions, images)``: the masks (N, H, W) of the slices at ``positions`` of ``dataset``.
+
+    With a scan ``context``, the presence of every slice is decided first, all slices together; a slice then
+    keeps the cascade's segmentation where its scan context says it has a tumor, and is empty elsewhere.
+    """
+    if context is None:
+        return lambda positions, images: options.predict_masks(predictor, images)
+    cascade = cascade_of(predictor)
+    probabilities: list[float] = []
+    for start in tqdm(range(0, len(dataset), batch_size), desc="presence", unit="batch", disable=None):
+        positions = range(start, min(start + batch_size, len(dataset)))
+        probabilities.extend(presence_probabilities(cascade, np.stack([dataset.load(i)[0] for i in positions])))
+    present = context.present(probabilities, [slice_position(dataset.pairs[i].image) for i in dataset.indices])
+    segmentation = SegmentationPredictor(predictor)
+
+    def masks(positions: Sequence[int], images: np.ndarray) -> np.ndarray:
+        predicted = options.predict_masks(segmentation, images)
+        predicted[[not present[position] for position in positions]] = 0
+        return predicted
+
+    return masks
 
 
 def evaluate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, Any]:
@@ -261,15 +307,22 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[st
     scoring = load_split(cfg, overrides, split, "evaluate")
     predictor, datamodule, dataset, ckpt_path = scoring.predictor, scoring.datamodule, scoring.dataset, scoring.ckpt_path
     options = with_model_decision(options, cfg, contract_of(predictor))
+    batch_size = max(1, int(cfg.data.get("batch_size") or 16))
+    context = model_context(cfg, predictor)
+    if context is not None:
+        check_scan_layout(datamodule.found_layout, datamodule.root)
+        if options.decision is not None:
+            log.info("The scan context decides which slices keep their mask, in place of the slice decision.")
+        options = replace(options, decision=None)
 
     started = time.perf_counter()
-    batch_size = max(1, int(cfg.data.get("batch_size") or 16))
+    masks_of = _mask_predictor(predictor, options, context, dataset, batch_size)
     rows: list[dict[str, Any]] = []
     with tqdm(total=len(dataset), desc=f"evaluate {split}", unit="slice", disable=None) as bar:
         for start in range(0, len(dataset), batch_size):
             positions = range(start, min(start + batch_size, len(dataset)))
             images, truths = zip(*(dataset.load(position) for position in positions))
-            predictions = options.predict_masks(predictor, np.stack(images))
+            predictions = masks_of(positions, np.stack(images))
             for position, prediction, truth in zip(positions, predictions, truths):
                 label = datamodule.label_of(dataset.indices[position])
                 rows.append({"dataset": datamodule.name, "stem": dataset.stem(position), "label": label,
@@ -288,8 +341,9 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[st
         "image_size": datamodule.image_size,
         "n_images": len(rows),
         "device": str(scoring.device),
-        "inference": options.to_dict(),
-        "decision_note": decision_note(options.decision, split, datamodule.name),
+        "inference": {**options.to_dict(), "scan_context": None if context is None else context.to_dict()},
+        "decision_note": (decision_note(options.decision, split, datamodule.name) if context is None else
+                          decision_note(contract_of(predictor).slice_decision, split, datamodule.name, "scan context")),
         "summary": summarize(rows),
         "by_label": summarize_by_type(rows),
         "cases": count_cases(rows),
@@ -301,7 +355,7 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[st
     write_per_image_csv(output_dir / "per_image.csv", rows)
     if worst:
         images, truths = zip(*(dataset.load(position) for position in worst))
-        predictions = options.predict_masks(predictor, np.stack(images))
+        predictions = masks_of(worst, np.stack(images))
         panels = [
             captioned(panel(image, truth, prediction),
                        f"{rows[i]['stem']}  Dice {rows[i]['dice']:.3f}  HD95 {rows[i]['hd95']:.1f}")

@@ -57,6 +57,7 @@ from bts_lightning.inference import (
 )
 from bts_lightning.preprocessing import standardize
 from bts_lightning.runtime import hydra_app, make_directory, write_bytes_atomic
+from bts_lightning.scan_context import cascade_of
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +223,11 @@ def export_model(
     if int(opset) < 17:
         raise ConfigError(f"opset={opset} is too old; use 17 or newer.")
     make_directory(output.parent, "output")
+    cascade = cascade_of(module)
+    if cascade is not None and cascade.context:
+        log.warning("The cascade's scan context (%d slice(s) either side) is not part of %s: the exported model judges "
+                    "each slice alone (presence threshold %.6g). Evaluate or predict with the checkpoint for the scan "
+                    "context.", cascade.context, output.name, cascade.presence_threshold)
     contract = exported_contract(module, int(image_size), contract)
     model = probability_model(module)
     example = _example_input(model, int(image_size), contract.in_channels)

@@ -14,7 +14,10 @@ channel read. Options: ``tta=true`` (flip averaging), ``threshold=0.5``,
 ``postprocess.largest_component=true``, ``postprocess.min_size=N``, ``channels=[2]`` (other file
 channels than the model's, as many as it takes; with a warning), ``slice_decision=auto|off`` (the
 model's calibrated slice decision, :mod:`bts_lightning.decision`: an empty mask for a slice it judges
-tumor-free; ``slices.csv`` has each slice's ``score``). ``ckpt_path`` may be a training
+tumor-free; ``slices.csv`` has each slice's ``score``), ``scan_context=auto|off`` (a cascade built with a
+scan context, :mod:`bts_lightning.scan_context`, judges each slice with its neighbours: the input folder is
+taken as one scan, each file's slice number the number its name ends with; ``score`` is then the presence
+averaged over the slice's window). ``ckpt_path`` may be a training
 checkpoint (``.ckpt``) or an exported model (``.onnx``, ``.pt``, ``.ts``), loaded by
 :func:`bts_lightning.inference.load_predictor`.
 
@@ -36,6 +39,8 @@ import csv
 import io
 import logging
 from collections import Counter
+from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +66,14 @@ from bts_lightning.inference import (
     with_model_decision,
 )
 from bts_lightning.runtime import hydra_app, make_directory, write_bytes_atomic
+from bts_lightning.scan_context import (
+    ScanContext,
+    SegmentationPredictor,
+    cascade_of,
+    model_context,
+    presence_probabilities,
+    slice_position,
+)
 from bts_lightning.visualize import overlay, write_png
 
 log = logging.getLogger(__name__)
@@ -151,13 +164,15 @@ def predict_files(
     batch_size: int = 16,
     channels: Channels = None,
     decisions: list[dict[str, Any]] | None = None,
+    scan_decisions: Mapping[Path, tuple[float, bool]] | None = None,
 ) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Write mask and overlay of every readable file; returns (written masks, (skipped file, reason)).
 
     ``channels``: which channels of each file the predictor takes (``None`` = grayscale); a file
     lacking one of them is skipped with its reason. ``decisions`` (when given) gets one row per written
     file (:data:`SLICE_COLUMNS`): ``tumor_present`` = the final mask has a tumor pixel; ``score`` =
-    the slice decision's score (``None`` without ``options.decision``).
+    the slice decision's score (``None`` without ``options.decision``). ``scan_decisions`` (score, tumor
+    present) by file, decided for all files together (:func:`scan_presence`), replace the slice decision.
     """
     names = output_names(files)
     written: list[Path] = []
@@ -176,8 +191,11 @@ def predict_files(
                 results = segment(predictor, [image for _, image in loaded], image_size, options)
                 for (path, image), (probability, mask) in zip(loaded, results):
                     mask_path = output_dir / f"{names[path]}_mask.png"
+                    score = None if options.decision is None else options.decision.score(probability)
+                    if scan_decisions is not None:
+                        score, present = scan_decisions[path]
+                        mask = mask if present else np.zeros_like(mask)
                     if decisions is not None:
-                        score = None if options.decision is None else options.decision.score(probability)
                         decisions.append({"file": path.name, "mask": mask_path.name,
                                           "tumor_present": bool(mask.any()), "tumor_area_px": int(mask.sum()),
                                           "score": score})
@@ -187,6 +205,26 @@ def predict_files(
                     written.append(mask_path)
             bar.update(min(batch_size, len(files) - start))
     return written, skipped
+
+
+def scan_presence(predictor: Predictor, files: list[Path], image_size: int, channels: Channels,
+                  context: ScanContext, batch_size: int = 16) -> dict[Path, tuple[float, bool]]:
+    """(score, tumor present) of every readable file under the cascade's scan ``context``, the files taken as one
+    scan (:meth:`ScanContext.decide`); unreadable files are left out (:func:`predict_files` reports them)."""
+    cascade = cascade_of(predictor)
+    readable: list[Path] = []
+    probabilities: list[float] = []
+    for start in range(0, len(files), batch_size):
+        batch = []
+        for path in files[start : start + batch_size]:
+            try:
+                batch.append((path, resize_image(read_channels(path, channels), image_size)))
+            except (UnreadableImageError, ChannelError, OSError):
+                continue
+        if batch:
+            readable.extend(path for path, _ in batch)
+            probabilities.extend(presence_probabilities(cascade, np.stack([image for _, image in batch])))
+    return dict(zip(readable, context.decide(probabilities, [slice_position(path) for path in readable])))
 
 
 def _reason(error: Exception, channels: Channels) -> str:
@@ -235,9 +273,16 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     make_directory(output_dir, "output")
 
     options = with_model_decision(options, cfg, contract_of(predictor))
+    context = model_context(cfg, predictor)
+    scan_decisions = None
+    if context is not None:
+        log.info("Scan context: the %d input slice(s) are one scan, in the order of the numbers their file names end "
+                 "with (scan_context=off for unrelated slices); tumor present iff %s.", len(files), context.describe())
+        scan_decisions = scan_presence(predictor, files, image_size, channels, context, batch_size)
+        options, predictor = replace(options, decision=None), SegmentationPredictor(predictor)
     decisions: list[dict[str, Any]] = []
     written, skipped = predict_files(predictor, files, output_dir, image_size, options, batch_size, channels,
-                                     decisions)
+                                     decisions, scan_decisions)
     skipped_names = [path.name for path, _ in skipped]
     if not written:
         raise DataError(f"None of the {len(files)} input file(s) could be read as the model's input: "
@@ -247,11 +292,13 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     write_slices_csv(output_dir / SLICES_CSV, decisions)
     empty = sum(not entry["tumor_present"] for entry in decisions)
     how = f" (slice decision: {options.decision.describe()})" if options.decision is not None else ""
+    how = f" (scan context: {context.describe()})" if context is not None else how
     log.info("%d of %d slice(s) without tumor%s; per slice: %s", empty, len(decisions), how, SLICES_CSV)
     log.info("Wrote %d mask(s) and overlay(s) to %s", len(written), output_dir)
     return {"written": [str(p) for p in written], "skipped": skipped_names, "output": str(output_dir),
             "image_size": image_size, "channels": channels_setting(channels),
             "decision": None if options.decision is None else options.decision.to_dict(),
+            "scan_context": None if context is None else context.to_dict(),
             "slices": decisions}
 
 

@@ -6,7 +6,9 @@ trained with empty slices learns to leave them empty but segments less well (REA
 its presence probability is the largest value of the second network's tumor probability map of the slice
 (with ``flips``, of the mean of the maps of the slice and of its horizontal and vertical flips), and the slice counts as
 having a tumor when that probability is above ``presence_threshold`` (``python -m bts_lightning.cascade``
-calibrates it on the validation split). :func:`build_cascade` wraps it in
+calibrates it on the validation split). With ``context`` > 0 it also holds ``context_threshold``, for the
+presence probability averaged over neighbouring slices of a scan, which ``evaluate`` and ``predict`` apply
+(:mod:`bts_lightning.scan_context`); the network itself judges each slice alone. :func:`build_cascade` wraps it in
 :class:`~bts_lightning.models.presence.PresenceGated`, so the output is ordinary 2-class logits: the
 segmentation's own mask on slices with a tumor, an empty one elsewhere; metrics, the slice decision,
 exports and the demo need no change.
@@ -41,12 +43,14 @@ class Cascade(nn.Module):
     """
 
     def __init__(self, segmentation: nn.Module, presence: nn.Module, presence_threshold: float = 0.5,
-                 flips: bool = True) -> None:
+                 flips: bool = True, context: int = 0, context_threshold: float | None = None) -> None:
         super().__init__()
         self.segmentation = segmentation
         self.presence = presence
         self.presence_threshold = float(presence_threshold)
         self.flips = bool(flips)
+        self.context = int(context)
+        self.context_threshold = None if context_threshold is None else float(context_threshold)
 
     def _probability_map(self, x: torch.Tensor) -> torch.Tensor:
         return self.presence(x)["out"].float().softmax(dim=1)[:, 1]
@@ -79,21 +83,32 @@ class Cascade(nn.Module):
         return all(bool(getattr(net, "dynamic_size", True)) for net in (self.segmentation, self.presence))
 
 
+def _is_fraction(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0.0 <= value <= 1.0
+
+
 def build_cascade(segmentation: nn.Module, presence: nn.Module, presence_threshold: float = 0.5, flips: bool = True,
                   in_channels: int = 1, num_classes: int = 2, weights: str | None = None,
-                  name: str = "cascade") -> PresenceGated:
+                  name: str = "cascade", context: int = 0, context_threshold: float | None = None) -> PresenceGated:
     """:class:`Cascade` of two built networks, gated (``out``: 2-class logits; see the module doc).
 
     ``in_channels`` / ``num_classes`` / ``weights`` / ``name`` are the keys every network config has (the model
     contract and model card read them); a cascade is built from trained networks, so ``weights`` must be None.
-    Raises ``ConfigError`` for a threshold outside [0, 1], a non-binary cascade, or pretrained ``weights``.
+    ``context`` / ``context_threshold``: the scan context (:mod:`bts_lightning.scan_context`; 0 / None: none).
+    Raises ``ConfigError`` for a threshold outside [0, 1], a context without its threshold, a non-binary cascade,
+    or pretrained ``weights``.
     """
-    if isinstance(presence_threshold, bool) or not isinstance(presence_threshold, (int, float)) \
-            or not 0.0 <= presence_threshold <= 1.0:
+    if not _is_fraction(presence_threshold):
         raise ConfigError(f"model.net.presence_threshold={presence_threshold!r} must be a number in [0, 1].")
+    if isinstance(context, bool) or not isinstance(context, int) or context < 0:
+        raise ConfigError(f"model.net.context={context!r} must be a whole number >= 0.")
+    if context and not _is_fraction(context_threshold):
+        raise ConfigError(f"model.net.context_threshold={context_threshold!r} must be a number in [0, 1] with "
+                          f"model.net.context={context}.")
     if num_classes != 2:
         raise ConfigError(f"A cascade is a binary model (num_classes=2), got num_classes={num_classes}.")
     if weights is not None:
         raise ConfigError(f"A cascade is built from trained networks; model.net.weights={weights!r} must be null.")
     del in_channels, name  # recorded in the config for the model contract; the networks hold their own
-    return PresenceGated(Cascade(segmentation, presence, presence_threshold, flips))
+    return PresenceGated(Cascade(segmentation, presence, presence_threshold, flips, context,
+                                 context_threshold if context else None))
