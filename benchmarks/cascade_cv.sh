@@ -7,6 +7,9 @@
 #   bash benchmarks/cascade_cv.sh OUT [LGG_ROOT] [VAL/TEST pairs...]
 # TRAINER=gpu (any conf/trainer option; default cpu, as measured in benchmarks/false_alarms.md) runs them elsewhere;
 # EXTRA="trainer.max_epochs=1 ..." appends Hydra overrides to both trainings (a quick check of the script).
+# Each pair also gets the scan-context cascade (context=${CONTEXT:-1}: presence averaged with CONTEXT slices either
+# side in the scan; CONTEXT=0 skips it), in cascade_context/ and cascade_context_test/. A training whose
+# checkpoints/best.ckpt exists is not run again, so a rerun adds the steps an earlier run lacks.
 set -euo pipefail
 out=${1:?usage: bash benchmarks/cascade_cv.sh OUT [LGG_ROOT] [VAL/TEST pairs, e.g. 1/2 3/4]}
 lgg=${2:-../shared/data/lgg-sample}
@@ -19,14 +22,23 @@ for pair in "${pairs[@]}"; do
   val=${pair%/*} test=${pair#*/}
   run=$out/val${val}_test${test}
   data=(data=lgg "data.root=$lgg" data.image_size=128 "data.val_fold=$val" "data.test_fold=$test" "trainer=${TRAINER:-cpu}")
-  python -m bts_lightning.train "${data[@]}" trainer.max_epochs=60 data.empty_fraction=0 monitor.metric=val/dice_tumor \
-      callbacks.early_stopping.patience=15 ${EXTRA:-} "hydra.run.dir=$run/tumor_only"
-  python -m bts_lightning.train "${data[@]}" experiment=empty_slices trainer.max_epochs=120 \
-      callbacks.early_stopping.patience=30 scheduler.scheduler.patience=8 ${EXTRA:-} "hydra.run.dir=$run/presence"
+  [ -f "$run/tumor_only/checkpoints/best.ckpt" ] ||
+    python -m bts_lightning.train "${data[@]}" trainer.max_epochs=60 data.empty_fraction=0 monitor.metric=val/dice_tumor \
+        callbacks.early_stopping.patience=15 ${EXTRA:-} "hydra.run.dir=$run/tumor_only"
+  [ -f "$run/presence/checkpoints/best.ckpt" ] ||
+    python -m bts_lightning.train "${data[@]}" experiment=empty_slices trainer.max_epochs=120 \
+        callbacks.early_stopping.patience=30 scheduler.scheduler.patience=8 ${EXTRA:-} "hydra.run.dir=$run/presence"
   python -m bts_lightning.cascade "segmentation=$run/tumor_only/checkpoints/best.ckpt" \
       "presence=$run/presence/checkpoints/best.ckpt" target_false_alarm_rate=0.05 "hydra.run.dir=$run/cascade"
   python -m bts_lightning.evaluate "ckpt_path=$run/tumor_only/checkpoints/best.ckpt" split=test slice_decision=off \
       "hydra.run.dir=$run/tumor_only_test"
   python -m bts_lightning.evaluate "ckpt_path=$run/cascade/checkpoints/cascade.ckpt" split=test \
       "hydra.run.dir=$run/cascade_test"
+  if [ "${CONTEXT:-1}" != 0 ]; then
+    python -m bts_lightning.cascade "segmentation=$run/tumor_only/checkpoints/best.ckpt" \
+        "presence=$run/presence/checkpoints/best.ckpt" target_false_alarm_rate=0.05 "context=${CONTEXT:-1}" \
+        "hydra.run.dir=$run/cascade_context"
+    python -m bts_lightning.evaluate "ckpt_path=$run/cascade_context/checkpoints/cascade.ckpt" split=test \
+        "hydra.run.dir=$run/cascade_context_test"
+  fi
 done

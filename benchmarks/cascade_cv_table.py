@@ -4,8 +4,10 @@ One row per fold pair (a ``val<V>_test<T>`` folder of OUT) and a last row pooled
 (each patient is in one test fold, so the pooled row is the cross-validated per-image result): test slices
 (tumor / empty), the tumor-only model's tumor-slice Dice, the cascade's tumor-slice Dice, the drop between them,
 the cascade's slice sensitivity and false-alarm rate, and the presence threshold with what it reached on the val
-fold. Scores come from the two ``per_image.csv`` files of ``evaluate split=test`` (``tumor_only_test``,
-``cascade_test``), pooled through :func:`bts_lightning.metrics.summarize_by_truth`.
+fold. Scores come from the ``per_image.csv`` files of ``evaluate split=test`` (``tumor_only_test``,
+``cascade_test``), pooled through :func:`bts_lightning.metrics.summarize_by_truth`. Pairs with a scan-context
+cascade (``cascade_context``, ``cascade_context_test``: ``python -m bts_lightning.cascade ... context=K``) get a
+second row for it, and a second pooled row over those pairs.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from typing import Any
 from benchmarks.table_cli import table_main
 from bts_lightning.metrics import summarize_by_truth
 
-COLUMNS = ("fold pair (val / test)", "test slices (tumor/empty)", "tumor-only tumor-slice Dice",
+COLUMNS = ("fold pair (val / test)", "presence", "test slices (tumor/empty)", "tumor-only tumor-slice Dice",
            "cascade tumor-slice Dice", "Dice drop", "cascade sensitivity", "cascade false-alarm rate",
            "presence threshold", "val false-alarm rate / sensitivity at calibration")
+# The cascades of a pair: run folder (its test scores in <folder>_test) and how it judges presence.
+VARIANTS = (("cascade", "slice alone"), ("cascade_context", "scan context"))
 NUMBERS = ("dice", "iou", "area_true", "area_pred")
 
 
@@ -50,48 +54,70 @@ def scores(rows: Sequence[dict[str, Any]]) -> tuple[int, int, float, float, floa
     return tumor["n"], empty["n"], tumor["dice"]["mean"], tumor["sensitivity"], empty["false_alarm_rate"]
 
 
-def pair_rows(run: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The tumor-only and the cascade per-image rows of fold pair ``run``, checked to be the same slices."""
+def pair_rows(run: Path, variant: str = "cascade") -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The tumor-only and the ``variant`` cascade per-image rows of fold pair ``run``, checked to be the same slices."""
     tumor_only = read_rows(run / "tumor_only_test" / "per_image.csv")
-    cascade = read_rows(run / "cascade_test" / "per_image.csv")
+    cascade = read_rows(run / f"{variant}_test" / "per_image.csv")
     if sorted(row["stem"] for row in tumor_only) != sorted(row["stem"] for row in cascade):
-        raise ValueError(f"{run}: tumor_only_test and cascade_test scored different slices; evaluate both on split=test")
+        raise ValueError(f"{run}: tumor_only_test and {variant}_test scored different slices; evaluate both on "
+                         "split=test")
     return tumor_only, cascade
 
 
-def cells(name: str, tumor_only: Sequence[dict[str, Any]], cascade: Sequence[dict[str, Any]],
-          calibration: dict[str, Any] | None) -> list[str]:
-    """One table row (see :data:`COLUMNS`); ``calibration``: the pair's ``cascade.json``, None for the pooled row."""
+def calibration_cells(record: dict[str, Any] | None, variant: str) -> list[str]:
+    """Threshold and what it reached on val, from the pair's ``cascade.json``; ``None``: the pooled row."""
+    if record is None:
+        return ["(each pair its own)"] * 2
+    if variant == "cascade":
+        threshold, on_val = record["presence_threshold"], record["presence_on_split"]
+    else:
+        on_val = record["scan_context"]
+        threshold = on_val["threshold"]
+    return [f"{threshold:.3f}", f"{on_val['false_alarm_rate']:.3f} / {on_val['sensitivity']:.3f}"]
+
+
+def cells(name: str, presence: str, tumor_only: Sequence[dict[str, Any]], cascade: Sequence[dict[str, Any]],
+          calibration: list[str]) -> list[str]:
+    """One table row (see :data:`COLUMNS`); ``calibration``: its last two cells (:func:`calibration_cells`)."""
     n_tumor, n_empty, base, _, _ = scores(tumor_only)
     _, _, dice, sensitivity, false_alarms = scores(cascade)
-    if calibration is None:
-        threshold = reached = "(each pair its own)"
-    else:
-        on_val = calibration["presence_on_split"]
-        threshold = f"{calibration['presence_threshold']:.3f}"
-        reached = f"{on_val['false_alarm_rate']:.3f} / {on_val['sensitivity']:.3f}"
-    return [name, f"{n_tumor}/{n_empty}", f"{base:.3f}", f"{dice:.3f}", f"{base - dice:.3f}", f"{sensitivity:.3f}",
-            f"{false_alarms:.3f}", threshold, reached]
+    return [name, presence, f"{n_tumor}/{n_empty}", f"{base:.3f}", f"{dice:.3f}", f"{base - dice:.3f}",
+            f"{sensitivity:.3f}", f"{false_alarms:.3f}", *calibration]
+
+
+def presence_name(variant: str, record: dict[str, Any] | None) -> str:
+    """How the variant judges presence, e.g. ``scan context (1 either side)``."""
+    name = dict(VARIANTS)[variant]
+    return f"{name} ({record['scan_context']['context']} either side)" if record and variant != "cascade" else name
 
 
 def table(out: Path) -> str:
-    """The Markdown table of every fold pair under ``out`` and their pooled row."""
+    """The Markdown table of every fold pair under ``out`` and their pooled rows (one per cascade variant)."""
     runs = sorted(path for path in out.glob("val*_test*") if (path / "cascade_test" / "per_image.csv").is_file())
     if not runs:
         raise ValueError(f"{out} has no val<V>_test<T>/cascade_test/per_image.csv: run benchmarks/cascade_cv.sh first")
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
-    pooled: tuple[list[dict[str, Any]], list[dict[str, Any]]] = ([], [])
-    for run in runs:
-        tumor_only, cascade = pair_rows(run)
-        pooled[0].extend(tumor_only)
-        pooled[1].extend(cascade)
-        record = json.loads((run / "cascade" / "cascade.json").read_text())
-        lines.append("| " + " | ".join(cells(pair_name(run), tumor_only, cascade, record)) + " |")
-    stems = [row["stem"] for row in pooled[0]]
-    if len(stems) != len(set(stems)):
-        raise ValueError(f"{out}: a slice is in the test fold of two pairs; pooling needs each test fold once")
-    lines.append("| " + " | ".join(cells(pooled_name(len(runs)), *pooled, None)) + " |")
-    return "\n".join(lines) + "\n"
+    pooled_rows = []
+    for variant, _ in VARIANTS:
+        pooled: tuple[list[dict[str, Any]], list[dict[str, Any]]] = ([], [])
+        scored = [run for run in runs if (run / f"{variant}_test" / "per_image.csv").is_file()]
+        presence = dict(VARIANTS)[variant]
+        for run in scored:
+            tumor_only, cascade = pair_rows(run, variant)
+            pooled[0].extend(tumor_only)
+            pooled[1].extend(cascade)
+            record = json.loads((run / variant / "cascade.json").read_text())
+            presence = presence_name(variant, record)
+            lines.append("| " + " | ".join(cells(pair_name(run), presence, tumor_only, cascade,
+                                                 calibration_cells(record, variant))) + " |")
+        if not scored:
+            continue
+        stems = [row["stem"] for row in pooled[0]]
+        if len(stems) != len(set(stems)):
+            raise ValueError(f"{out}: a slice is in the test fold of two pairs; pooling needs each test fold once")
+        pooled_rows.append("| " + " | ".join(cells(pooled_name(len(scored)), presence, *pooled,
+                                                   calibration_cells(None, variant))) + " |")
+    return "\n".join([*lines, *pooled_rows]) + "\n"
 
 
 def main() -> None:

@@ -8,13 +8,15 @@ its own threshold, calibrated on the val fold's empty slices to the cascade's ta
 test fold the tumor-only model's mask (``tumor_only_test/per_image.csv``) is kept where the score is above it
 and emptied elsewhere. Per pair and pooled over every test slice: tumor-slice Dice, the drop from the
 tumor-only model, sensitivity and false-alarm rate. The slice-alone rows reproduce the cascade's own
-evaluation (``benchmarks.cascade_cv_table``); the script checks that its threshold is the cascade's.
+evaluation (``benchmarks.cascade_cv_table``); the script checks that its threshold is the cascade's. The framework
+now builds the second way (``python -m bts_lightning.cascade ... context=1``, :mod:`bts_lightning.scan_context`;
+``benchmarks/cascade_cv.sh`` scores it), and its rows reproduce this script's; this script adds the count of the
+tumor slices the slice-alone score misses.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,33 +29,19 @@ from benchmarks.cascade_cv_table import pair_name, pair_rows, pooled_name, score
 from benchmarks.table_cli import table_main
 from bts_lightning.decision import calibrate
 from bts_lightning.runtime import CONFIG_DIR
+from bts_lightning.scan_context import Position, context_means, slice_position
 
 COLUMNS = ("fold pair (val / test)", "presence score", "threshold (val)", "test slices (tumor/empty)",
            "tumor-only tumor-slice Dice", "tumor-slice Dice", "Dice drop", "sensitivity", "false-alarm rate")
 WAYS = ("slice alone", "mean with the neighbouring slices")
-_TRAILING_NUMBER = re.compile(r"(\d+)$")
 
 
-def slice_position(image: Path, stem: str) -> tuple[str, int]:
-    """(scan, slice number) of a slice file: its folder, and the number its stem ends with.
-
-    Raises ``ValueError`` naming the file when the stem does not end with a number.
-    """
-    found = _TRAILING_NUMBER.search(Path(stem).name)
-    if found is None:
-        raise ValueError(f"{image}: the file name does not end with a slice number, so its neighbours are unknown")
-    return str(image.parent), int(found.group(1))
-
-
-def volume_mean(values: Sequence[float], positions: Sequence[tuple[str, int]]) -> list[float]:
+def volume_mean(values: Sequence[float], positions: Sequence[Position]) -> list[float]:
     """Each value averaged with those of the slices numbered one below and one above it in the same scan
-    (the ones present; a slice without neighbours keeps its value)."""
-    at = {position: value for position, value in zip(positions, values)}
-    averaged = []
-    for (scan, number), value in zip(positions, values):
-        window = [value, *(at[(scan, number + step)] for step in (-1, 1) if (scan, number + step) in at)]
-        averaged.append(float(np.mean(window)))
-    return averaged
+    (:func:`bts_lightning.scan_context.context_means`, the scan context of a cascade built with ``context=1``);
+    a slice without neighbours keeps its value."""
+    means = context_means(values, positions, 1)
+    return [float(value) if mean is None else mean for value, mean in zip(values, means)]
 
 
 def gated(rows: Sequence[dict[str, Any]], kept: dict[str, bool]) -> list[dict[str, Any]]:
@@ -81,7 +69,10 @@ def presence_by_stem(cascade_ckpt: Path, split: str) -> tuple[dict[str, float], 
     values, tumor = presence_scores(joined, loaded.dataset)
     dataset = loaded.dataset
     stems = [dataset.stem(position) for position in range(len(dataset))]
-    positions = [slice_position(dataset.pairs[dataset.indices[i]].image, stems[i]) for i in range(len(dataset))]
+    positions = [slice_position(dataset.pairs[index].image) for index in dataset.indices]
+    if None in positions:
+        raise ValueError(f"{cascade_ckpt}: a slice file name of the {split} split does not end with a slice number, "
+                         "so its neighbours are unknown")
     return dict(zip(stems, values)), dict(zip(stems, tumor)), dict(zip(stems, positions))
 
 

@@ -553,14 +553,21 @@ class InferenceOptions:
         return self.masks(predict_probabilities(predictor, images, self.tta).numpy())
 
 
-def decision_setting(cfg: Mapping[str, Any]) -> str:
-    """The app's ``slice_decision`` setting (``auto`` when absent), checked; YAML reads ``off`` as false."""
-    value = cfg.get("slice_decision", "auto")
+def auto_or_off(cfg: Mapping[str, Any], key: str, auto_means: str) -> str:
+    """The app's ``key`` setting, ``auto`` (when absent) or ``off``, checked; YAML reads ``off`` as false.
+
+    ``auto_means``: what ``auto`` does, for the error.
+    """
+    value = cfg.get(key, "auto")
     setting = "off" if value is False else str(value)
     if setting not in DECISION_SETTINGS:
-        raise ConfigError(f"slice_decision={setting} must be auto (the model's calibrated decision, when it has one) "
-                          "or off.")
+        raise ConfigError(f"{key}={setting} must be auto ({auto_means}) or off.")
     return setting
+
+
+def decision_setting(cfg: Mapping[str, Any]) -> str:
+    """The app's ``slice_decision`` setting (:func:`auto_or_off`)."""
+    return auto_or_off(cfg, "slice_decision", "the model's calibrated decision, when it has one")
 
 
 def with_model_decision(options: InferenceOptions, cfg: Mapping[str, Any], contract: ModelContract) -> InferenceOptions:

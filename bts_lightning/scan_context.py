@@ -27,14 +27,13 @@ import numpy as np
 import torch
 
 from bts_lightning.errors import ConfigError
-from bts_lightning.inference import ModelContract, ModulePredictor, Predictor, check_batch
+from bts_lightning.inference import ModelContract, ModulePredictor, Predictor, auto_or_off, check_batch
 from bts_lightning.models.cascade import Cascade
 from bts_lightning.models.presence import PresenceGated
 from bts_lightning.preprocessing import standardize
 
 log = logging.getLogger(__name__)
 
-SETTINGS = ("auto", "off")
 SCAN_LAYOUTS = ("suffix",)  # layouts whose folders are scans (the LGG set: one folder per patient scan)
 _TRAILING_NUMBER = re.compile(r"(\d+)$")
 
@@ -107,13 +106,9 @@ def cascade_of(model: Predictor | torch.nn.Module) -> Cascade | None:
 
 
 def setting(cfg: Mapping[str, Any]) -> str:
-    """The app's ``scan_context`` setting (``auto`` when absent), checked; YAML reads ``off`` as false."""
-    value = cfg.get("scan_context", "auto")
-    text = "off" if value is False else str(value)
-    if text not in SETTINGS:
-        raise ConfigError(f"scan_context={text} must be auto (a cascade built with context judges each slice with "
-                          "its neighbours in the scan) or off (every slice alone).")
-    return text
+    """The app's ``scan_context`` setting (:func:`~bts_lightning.inference.auto_or_off`)."""
+    return auto_or_off(cfg, "scan_context", "a cascade built with context judges each slice with its neighbours "
+                                            "in the scan; off: every slice alone")
 
 
 def model_context(cfg: Mapping[str, Any], predictor: Predictor) -> ScanContext | None:

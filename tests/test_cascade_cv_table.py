@@ -48,10 +48,33 @@ def test_each_pair_and_the_pool_of_every_test_slice(tmp_path):
     write_pair(tmp_path, "val3_test4", [("b1", 0.9, 70, 60), ("b2", 0.0, 0, 10)],
                [("b1", 0.9, 70, 60), ("b2", 0.0, 0, 10)], threshold=0.25)
     first, second, pooled = rows(tmp_path)
-    assert first == ["1 / 2", "2/2", "0.700", "0.400", "0.300", "0.500", "0.000", "0.600", "0.050 / 0.900"]
-    assert second == ["3 / 4", "1/1", "0.900", "0.900", "0.000", "1.000", "1.000", "0.250", "0.050 / 0.900"]
+    assert first == ["1 / 2", "slice alone", "2/2", "0.700", "0.400", "0.300", "0.500", "0.000", "0.600",
+                     "0.050 / 0.900"]
+    assert second == ["3 / 4", "slice alone", "1/1", "0.900", "0.900", "0.000", "1.000", "1.000", "0.250",
+                      "0.050 / 0.900"]
     # Pooled per image, not a mean of the two pairs: 3 tumor slices and 3 empty ones.
-    assert pooled[:7] == ["pooled (2 test folds)", "3/3", "0.767", "0.567", "0.200", "0.667", "0.333"]
+    assert pooled[:8] == ["pooled (2 test folds)", "slice alone", "3/3", "0.767", "0.567", "0.200", "0.667", "0.333"]
+
+
+def test_a_scan_context_cascade_gets_its_own_rows_and_pool(tmp_path):
+    tumor_only = [("a1", 0.8, 50, 40), ("a2", 0.6, 20, 30), ("a3", 0.0, 0, 5), ("a4", 0.0, 0, 3)]
+    write_pair(tmp_path, "val1_test2", tumor_only,
+               [("a1", 0.8, 50, 40), ("a2", 0.0, 20, 0), ("a3", 1.0, 0, 0), ("a4", 1.0, 0, 0)])
+    write_pair(tmp_path, "val3_test4", [("b1", 0.9, 70, 60), ("b2", 0.0, 0, 10)],
+               [("b1", 0.9, 70, 60), ("b2", 1.0, 0, 0)])
+    # Only pair 1/2 has a scan-context cascade: it keeps the tumor slice a2 and one false alarm.
+    write_scores(tmp_path / "val1_test2" / "cascade_context_test",
+                 [("a1", 0.8, 50, 40), ("a2", 0.6, 20, 30), ("a3", 1.0, 0, 0), ("a4", 0.0, 0, 3)])
+    (tmp_path / "val1_test2" / "cascade_context").mkdir()
+    record = {"scan_context": {"context": 1, "threshold": 0.4, "false_alarm_rate": 0.04, "sensitivity": 0.95}}
+    (tmp_path / "val1_test2" / "cascade_context" / "cascade.json").write_text(json.dumps(record))
+    table = rows(tmp_path)
+    assert [row[:2] for row in table] == [["1 / 2", "slice alone"], ["3 / 4", "slice alone"],
+                                          ["1 / 2", "scan context (1 either side)"],
+                                          ["pooled (2 test folds)", "slice alone"],
+                                          ["pooled (1 test fold)", "scan context (1 either side)"]]
+    assert table[2][2:] == ["2/2", "0.700", "0.700", "0.000", "1.000", "0.500", "0.400", "0.040 / 0.950"]
+    assert table[4][2:8] == ["2/2", "0.700", "0.700", "0.000", "1.000", "0.500"]
 
 
 def test_scores_of_different_slices_are_refused(tmp_path):

@@ -1,21 +1,11 @@
-"""benchmarks/presence_context.py: slice positions, the volume mean and gating on hand-made cases."""
+"""benchmarks/presence_context.py: the volume mean, gating and missed-slice counts on hand-made cases."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 
 from benchmarks.cascade_cv_table import scores
-from benchmarks.presence_context import gated, missed_slices, slice_position, volume_mean
-
-
-def test_a_slice_is_placed_by_its_folder_and_trailing_number():
-    image = Path("/data/kaggle_3m/TCGA_CS_4941_19960909/TCGA_CS_4941_19960909_12.tif")
-    assert slice_position(image, "kaggle_3m/TCGA_CS_4941_19960909/TCGA_CS_4941_19960909_12") == \
-        ("/data/kaggle_3m/TCGA_CS_4941_19960909", 12)
-    with pytest.raises(ValueError, match="scan_b.png: the file name does not end with a slice number"):
-        slice_position(Path("/data/scan_b.png"), "scan_b")
+from benchmarks.presence_context import gated, missed_slices, volume_mean
 
 
 def test_the_volume_mean_averages_only_neighbours_of_the_same_scan():

@@ -27,6 +27,7 @@ from bts_lightning.scan_context import (
     check_context,
     check_scan_layout,
     context_means,
+    setting,
     slice_position,
 )
 from bts_lightning.train import train
@@ -70,6 +71,9 @@ def test_bad_settings_name_the_key():
     check_scan_layout("suffix", "data/x")
     with pytest.raises(ConfigError, match="context_threshold=None must be a number in"):
         build_cascade(FixedLogits(), FixedLogits(), context=1)
+    with pytest.raises(ConfigError, match="scan_context=sometimes must be auto"):
+        setting({"scan_context": "sometimes"})
+    assert setting({"scan_context": False}) == "off" and setting({}) == "auto"  # YAML reads off as false
 
 
 # ------------------------------------------------------------------------------------------- the apps
@@ -149,7 +153,7 @@ def test_the_cascade_calibrates_the_context_threshold_on_the_val_scans(scan_runs
     what the context reaches are recorded."""
     record = json.loads((scan_runs["record"] / "cascade.json").read_text())
     files, images, tumor = _split(scan_runs, "val")
-    scores, means = _oracle(scan_runs, images, files)
+    _, means = _oracle(scan_runs, images, files)
     empty = sorted(means[~tumor & ~np.isnan(means)], reverse=True)
     expected = empty[math.floor(0.2 * len(empty) + 1e-9)]
     context = record["scan_context"]
@@ -161,7 +165,7 @@ def test_the_cascade_calibrates_the_context_threshold_on_the_val_scans(scan_runs
 
 
 def test_evaluate_keeps_the_segmentation_where_the_scan_context_says_tumor(scan_runs, tmp_path):
-    files, images, tumor = _split(scan_runs, "test")
+    files, images, _ = _split(scan_runs, "test")
     scores, means = _oracle(scan_runs, images, files)
     context = json.loads((scan_runs["record"] / "cascade.json").read_text())["scan_context"]
     present = np.where(np.isnan(means), scores > context["slice_threshold"], means > context["threshold"])
@@ -193,7 +197,7 @@ def test_flat_layouts_are_refused_with_the_way_out(scan_runs, tmp_path):
 
 
 def test_predict_takes_the_folder_as_one_scan_and_a_lone_file_alone(scan_runs, tmp_path, caplog):
-    scan_folder = sorted(path for path in scan_runs["root"].iterdir() if path.is_dir())[0]
+    scan_folder = min(path for path in scan_runs["root"].iterdir() if path.is_dir())
     scan = tmp_path / scan_folder.name  # the scan's slices without their masks
     scan.mkdir()
     for path in scan_folder.glob("*.png"):
