@@ -35,6 +35,7 @@ from bts_lightning.inference import (
 )
 from bts_lightning.predict import DEFAULT_IMAGE_SIZE, segment
 from bts_lightning.runtime import hydra_app, path_setting
+from bts_lightning.scan_context import cascade_of
 from bts_lightning.visualize import overlay, to_uint8, write_png
 
 log = logging.getLogger(__name__)
@@ -179,6 +180,11 @@ def demo(cfg: DictConfig) -> None:
     options = InferenceOptions.from_config(cfg)
     predictor = load_predictor(ckpt_path, resolve_device(cfg.get("device", "auto")))
     options = with_model_decision(options, cfg, contract_of(predictor))
+    cascade = cascade_of(predictor)
+    if cascade is not None and cascade.context:
+        log.info("The demo takes one slice at a time, so this cascade's scan context (%d slice(s) either side) is not "
+                 "applied: each slice is judged alone (presence threshold %.6g). Predict over a scan folder for it.",
+                 cascade.context, cascade.presence_threshold)
     run_dir = Path(cfg.paths.output_dir)
     examples = example_slices(run_dir / "examples", int(cfg.get("examples", 3)))
     page = build_demo(predictor, options, run_dir / "masks", examples, cfg.get("image_size"))
