@@ -33,9 +33,9 @@ from bts_lightning.inference import (
     resolve_device,
     with_model_decision,
 )
+from bts_lightning.models.cascade import cascade_of
 from bts_lightning.predict import DEFAULT_IMAGE_SIZE, segment
 from bts_lightning.runtime import hydra_app, path_setting
-from bts_lightning.scan_context import cascade_of
 from bts_lightning.visualize import overlay, to_uint8, write_png
 
 log = logging.getLogger(__name__)

@@ -68,11 +68,11 @@ from bts_lightning.inference import (
     with_model_decision,
 )
 from bts_lightning.metrics import AREAS, METRICS, count_cases, image_metrics, summarize, summarize_by_truth
+from bts_lightning.models.cascade import cascade_of
 from bts_lightning.runtime import atomic_path, hydra_app, make_directory, write_json_atomic
 from bts_lightning.scan_context import (
     ScanContext,
     SegmentationPredictor,
-    cascade_of,
     check_scan_layout,
     model_context,
     presence_probabilities,

@@ -55,9 +55,9 @@ from bts_lightning.inference import (
     load_predictor,
     network_config,
 )
+from bts_lightning.models.cascade import cascade_of
 from bts_lightning.preprocessing import standardize
 from bts_lightning.runtime import hydra_app, make_directory, write_bytes_atomic
-from bts_lightning.scan_context import cascade_of
 
 log = logging.getLogger(__name__)
 

@@ -50,7 +50,8 @@ from bts_lightning.data.io import MIN_IMAGE_SIZE
 from bts_lightning.decision import SliceDecision
 from bts_lightning.errors import BtsError, ConfigError, first_line
 from bts_lightning.models import check_input_size as check_network_input_size
-from bts_lightning.preprocessing import flip_mean
+from bts_lightning.models.cascade import cascade_of, flip_averaged_probability
+from bts_lightning.preprocessing import flip_mean, standardize
 from bts_lightning.segmentation_module import SegmentationModule
 
 log = logging.getLogger(__name__)
@@ -459,7 +460,9 @@ def predict_probabilities(predictor: Predictor, images: torch.Tensor | np.ndarra
 
     C is the predictor's ``contract.in_channels`` (1 for a bare callable); another shape raises
     ``ValueError`` naming the channels expected. With ``tta`` the probabilities of the identity,
-    horizontally flipped and vertically flipped inputs (each flipped back) are averaged.
+    horizontally flipped and vertically flipped inputs (each flipped back) are averaged; for a cascade
+    checkpoint, only its segmentation's, its presence decided on the slice as given
+    (:func:`~bts_lightning.models.cascade.flip_averaged_probability`).
     """
     batch = torch.as_tensor(images)
     contract = contract_of(predictor)
@@ -468,6 +471,10 @@ def predict_probabilities(predictor: Predictor, images: torch.Tensor | np.ndarra
     check_batch(batch, contract)
     batch = batch.float()
     if tta:
+        cascade = cascade_of(predictor)
+        if cascade is not None:  # its presence scored once, on the slice as given, as calibrated
+            with torch.no_grad():
+                return flip_averaged_probability(cascade, standardize(batch.to(predictor.device))).cpu()
         return flip_mean(lambda images: _call(predictor, images), batch)
     return _call(predictor, batch)
 

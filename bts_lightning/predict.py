@@ -65,11 +65,11 @@ from bts_lightning.inference import (
     resolve_device,
     with_model_decision,
 )
+from bts_lightning.models.cascade import cascade_of
 from bts_lightning.runtime import hydra_app, make_directory, write_bytes_atomic
 from bts_lightning.scan_context import (
     ScanContext,
     SegmentationPredictor,
-    cascade_of,
     model_context,
     presence_probabilities,
     slice_position,

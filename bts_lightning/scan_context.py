@@ -28,8 +28,7 @@ import torch
 
 from bts_lightning.errors import ConfigError
 from bts_lightning.inference import ModelContract, ModulePredictor, Predictor, auto_or_off, check_batch
-from bts_lightning.models.cascade import Cascade
-from bts_lightning.models.presence import PresenceGated
+from bts_lightning.models.cascade import Cascade, cascade_of
 from bts_lightning.preprocessing import standardize
 
 log = logging.getLogger(__name__)
@@ -99,12 +98,6 @@ class ScanContext:
         return {"context": self.context, "threshold": self.threshold, "slice_threshold": self.slice_threshold}
 
 
-def cascade_of(model: Predictor | torch.nn.Module) -> Cascade | None:
-    """The :class:`Cascade` a checkpoint's predictor (or a module) runs, or ``None`` (another model, an exported file)."""
-    net = getattr(getattr(model, "module", model), "net", None)
-    return net.net if isinstance(net, PresenceGated) and isinstance(net.net, Cascade) else None
-
-
 def setting(cfg: Mapping[str, Any]) -> str:
     """The app's ``scan_context`` setting (:func:`~bts_lightning.inference.auto_or_off`)."""
     return auto_or_off(cfg, "scan_context", "a cascade built with context judges each slice with its neighbours "
@@ -137,7 +130,7 @@ class SegmentationPredictor:
         cascade = cascade_of(predictor)
         if cascade is None:
             raise TypeError(f"{predictor!r} does not run a cascade")
-        self.network, self.device = cascade.segmentation, predictor.device
+        self.cascade, self.device = cascade, predictor.device
         contract: ModelContract = predictor.contract
         self.contract = ModelContract(**{**contract.to_dict(), "decision": None})
 
@@ -145,7 +138,7 @@ class SegmentationPredictor:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         images = torch.as_tensor(images)
         check_batch(images, self.contract)
-        return self.network(standardize(images.to(self.device)))["out"].float().softmax(dim=1)[:, 1]
+        return self.cascade.segmentation_probability(standardize(images.to(self.device)))
 
 
 @torch.no_grad()

@@ -142,6 +142,9 @@ def test_the_cascade_app_joins_calibrates_and_writes_an_ordinary_checkpoint(two_
     segmentation = predict_probabilities(load_predictor(two_runs["segmentation"], "cpu"), images)
     keep = torch.as_tensor(scores > result["presence_threshold"])[:, None, None]
     assert torch.equal(predict_probabilities(joined, images) > 0.5, (segmentation > 0.5) & keep)
+    # Flip TTA averages the segmentation only: the presence, decided on the slice as given, passes the same slices.
+    segmentation_tta = predict_probabilities(load_predictor(two_runs["segmentation"], "cpu"), images, tta=True)
+    assert torch.equal(predict_probabilities(joined, images, tta=True) > 0.5, (segmentation_tta > 0.5) & keep)
 
     metrics = evaluate(compose_app("evaluate", [f"ckpt_path={output}", "split=val"], tmp_path / "eval"),
                        [f"ckpt_path={output}", "split=val"])

@@ -61,12 +61,20 @@ class Cascade(nn.Module):
         probability = flip_mean(self._probability_map, x) if self.flips else self._probability_map(x)
         return probability.flatten(1).amax(dim=1)
 
+    def gate_logit(self, x: torch.Tensor) -> torch.Tensor:
+        """(N,) ``logit(P) - logit(presence_threshold)``, ``P`` from :meth:`presence_probability`: positive exactly
+        when the slice passes the threshold."""
+        probability = self.presence_probability(x).clamp(_EPSILON, 1.0 - _EPSILON)
+        return torch.logit(probability) - math.log(_fraction(self.presence_threshold)
+                                                   / (1.0 - _fraction(self.presence_threshold)))
+
+    def segmentation_probability(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, H, W) ``segmentation``'s tumor probability, not gated."""
+        return self.segmentation(x)["out"].float().softmax(dim=1)[:, 1]
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         segmentation = self.segmentation(x)["out"].float()
-        probability = self.presence_probability(x).clamp(_EPSILON, 1.0 - _EPSILON)
-        logit = torch.logit(probability) - math.log(_fraction(self.presence_threshold)
-                                                    / (1.0 - _fraction(self.presence_threshold)))
-        presence_map = logit[:, None, None, None].expand(-1, 1, *segmentation.shape[-2:])
+        presence_map = self.gate_logit(x)[:, None, None, None].expand(-1, 1, *segmentation.shape[-2:])
         return {"out": torch.cat([segmentation, presence_map], dim=1)}
 
     @property
@@ -81,6 +89,22 @@ class Cascade(nn.Module):
     @property
     def dynamic_size(self) -> bool:
         return all(bool(getattr(net, "dynamic_size", True)) for net in (self.segmentation, self.presence))
+
+
+def cascade_of(model: object) -> Cascade | None:
+    """The :class:`Cascade` a checkpoint's predictor or its module runs, or ``None`` (another model, an exported
+    file)."""
+    net = getattr(getattr(model, "module", model), "net", None)
+    return net.net if isinstance(net, PresenceGated) and isinstance(net.net, Cascade) else None
+
+
+def flip_averaged_probability(cascade: Cascade, x: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) tumor probabilities of the gated cascade under flip test-time augmentation: its segmentation
+    averaged over ``x`` and its horizontal and vertical flips, gated by the presence of ``x`` as given, scored once
+    (the calibrated decision; re-scoring it on each flipped view would change which slices pass).
+    ``min(mean p, g)``, as :func:`~bts_lightning.models.presence.gate` joins them without flips."""
+    segmentation = flip_mean(cascade.segmentation_probability, x)
+    return torch.minimum(segmentation, torch.sigmoid(cascade.gate_logit(x))[:, None, None])
 
 
 def _is_fraction(value: object) -> bool:
