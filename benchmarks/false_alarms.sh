@@ -6,7 +6,8 @@
 # (target 5 % false alarms), evaluate the test fold with it. Tabulate with benchmarks/false_alarms_table.py.
 # The *1200_* and lgg60_* runs compare the slice-presence loss term (experiment=empty_slices) with tumor-only training.
 # synthetic1200_tumor_slices_loss and synthetic1200_presence_gate (named only, not in the default list) add the
-# segmentation-on-tumor-slices loss and the presence gate (benchmarks/false_alarms.md).
+# segmentation-on-tumor-slices loss and the presence gate (benchmarks/false_alarms.md);
+# synthetic1200_slice_term_per_batch the same share of empty slices in every batch (data.empty_fraction_per_batch).
 # synthetic1200_cascade and lgg60_cascade join the *_tumor_only run's segmentation with the *_slice_term_long run's
 # presence (experiment=empty_slices on twice the schedule; python -m bts_lightning.cascade): list those runs first.
 #   bash benchmarks/false_alarms.sh OUT [LGG_ROOT] [only-these-names...]
@@ -44,6 +45,7 @@ declare -A runs=(
   [lgg60_slice_term_long]="experiment=empty_slices|$long|trainer.max_epochs=120"
   [synthetic1200_tumor_slices_loss]="experiment=empty_slices|loss=dice_ce_slice_tumor"
   [synthetic1200_presence_gate]="experiment=empty_slices|model.net.presence_gate=true|loss=dice_ce"
+  [synthetic1200_slice_term_per_batch]="experiment=empty_slices|data.empty_fraction=0.5|data.empty_fraction_per_batch=true"
 )
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(synthetic_tumor_only synthetic_empty_slices synthetic_tumor_free_crops

@@ -279,6 +279,37 @@ def test_under_ddp_each_rank_gets_its_share_of_a_fresh_draw_every_epoch():
     assert list(odd[0]) + list(odd[1]) == drawn[0::2] + drawn[1::2] + drawn[:1]  # padded with the draw's start
 
 
+def _batch_counts(draws: list[int], empty: list[bool], batch_size: int) -> list[tuple[int, int]]:
+    """(size, empty count) of each batch of ``draws``."""
+    batches = [draws[start : start + batch_size] for start in range(0, len(draws), batch_size)]
+    return [(len(batch), sum(empty[i] for i in batch)) for batch in batches]
+
+
+def test_per_batch_every_batch_holds_the_share_and_the_epoch_draws_the_same_slices():
+    empty = [i % 10 == 0 for i in range(400)]
+    per_batch = list(EmptyFractionSampler(empty, 0.5, seed=1, batch_size=16))
+    assert Counter(per_batch) == Counter(EmptyFractionSampler(empty, 0.5, seed=1))  # the same draw, reordered
+    assert {count for _, count in _batch_counts(per_batch, empty, 16)} == {8}
+    assert per_batch != sorted(per_batch, key=lambda i: not empty[i])  # shuffled within each batch
+    uneven = list(EmptyFractionSampler(empty[:95], 0.3, seed=2, batch_size=10))  # 28 of 95: 2.95 per batch of 10
+    counts = _batch_counts(uneven, empty[:95], 10)
+    assert sum(count for _, count in counts) == round(0.3 * 95)
+    assert all(abs(count - size * 28 / 95) < 1 for size, count in counts)
+
+
+def test_per_batch_under_ddp_every_rank_batch_holds_the_share():
+    empty = [i % 4 == 0 for i in range(101)]
+    shares = [list(RankShare(EmptyFractionSampler(empty, 0.25, seed=3, batch_size=8, num_replicas=2),
+                             num_replicas=2, rank=rank)) for rank in (0, 1)]
+    assert Counter(shares[0][:50] + shares[1][:50] + shares[0][50:]) == Counter(
+        EmptyFractionSampler(empty, 0.25, seed=3))  # rank 1 is padded with the draw's start
+    for share in shares:  # 25 empty of 101: 12 and 13 per rank of 51 and 50, so 1.9 or 2.1 per batch of 8
+        assert all(abs(count - size * 25 / 101) < 1 for size, count in _batch_counts(share, empty, 8))
+    exact = [list(RankShare(EmptyFractionSampler(empty[:96], 0.25, seed=3, batch_size=8, num_replicas=2),
+                            num_replicas=2, rank=rank)) for rank in (0, 1)]
+    assert {count for share in exact for _, count in _batch_counts(share, empty, 8)} == {2}
+
+
 def test_the_training_sampler_is_sharded_under_ddp(empty_root):
     dm = datamodule(empty_root, empty_fraction=0.5)
     dm.setup("fit")
@@ -303,6 +334,11 @@ def test_empty_fraction_draws_from_training_slices_and_negatives(tumor_root, emp
     baseline = datamodule(empty_root, empty_fraction=0.0, batch_size=2)
     baseline.setup("fit")
     assert all(batch["mask"].flatten(1).amax(1).min() > 0 for batch in baseline.train_dataloader())
+    even = datamodule(empty_root, empty_fraction=0.5, empty_fraction_per_batch=True, batch_size=2)
+    even.setup("fit")
+    assert all(int((batch["mask"].flatten(1).amax(1) == 0).sum()) == 1 for batch in even.train_dataloader())
+    with pytest.raises(ConfigError, match="empty_fraction_per_batch=true needs data.empty_fraction"):
+        datamodule(empty_root, empty_fraction_per_batch=True)
     mixed = datamodule(tumor_root, empty_fraction=0.3, negatives={"root": str(empty_root)})
     mixed.setup("fit")
     assert mixed.train_empty.sum() == 6 and len(mixed.train_empty) == len(mixed.training_set)

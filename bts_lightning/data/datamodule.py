@@ -148,7 +148,8 @@ class BrainTumorDataModule(L.LightningDataModule):
     Tumor-free training input: ``extra_augmentations`` run before ``augmentations`` (e.g.
     :class:`~bts_lightning.data.augment.TumorFreeCrop`); ``negatives`` (:func:`parse_negatives`) adds the
     empty slices of another dataset to the training set (read in ``setup("fit")``); ``empty_fraction`` draws
-    that share of tumor-free slices per epoch (:class:`EmptyFractionSampler`).
+    that share of tumor-free slices per epoch (:class:`EmptyFractionSampler`), in every batch with
+    ``empty_fraction_per_batch``.
     """
 
     def __init__(
@@ -177,6 +178,7 @@ class BrainTumorDataModule(L.LightningDataModule):
         extra_augmentations: Sequence[A.BasicTransform] | None = None,
         negatives: Mapping[str, Any] | None = None,
         empty_fraction: float | None = None,
+        empty_fraction_per_batch: bool = False,
     ) -> None:
         super().__init__()
         _check_int("image_size", image_size, MIN_IMAGE_SIZE)
@@ -193,9 +195,14 @@ class BrainTumorDataModule(L.LightningDataModule):
         _check_name(name)
         check_fractions(val_fraction, test_fraction)
         _check_empty_fraction(empty_fraction)
+        if not isinstance(empty_fraction_per_batch, bool):
+            raise ConfigError(f"data.empty_fraction_per_batch={empty_fraction_per_batch!r} must be true or false.")
+        if empty_fraction_per_batch and empty_fraction is None:
+            raise ConfigError("data.empty_fraction_per_batch=true needs data.empty_fraction (the share of tumor-free "
+                              "slices in each batch), e.g. data.empty_fraction=0.5.")
         self.channels = parse_channels(channels)
         self.negatives = parse_negatives(negatives, self.channels)
-        self.empty_fraction = empty_fraction
+        self.empty_fraction, self.empty_fraction_per_batch = empty_fraction, empty_fraction_per_batch
         self.save_hyperparameters("image_size")  # stored in checkpoints: inference resizes to it
         self.root = Path(root)
         self.name = name or self.root.name
@@ -292,7 +299,8 @@ class BrainTumorDataModule(L.LightningDataModule):
         in_domain = scan.mask_max[self._subsets()["train"]] <= self.mask_threshold
         self.train_empty = np.concatenate([in_domain, np.ones(self.n_negatives, bool)])
         empty, total = int(self.train_empty.sum()), len(self.train_empty)
-        target = "as they come" if self.empty_fraction is None else f"drawn to {self.empty_fraction:.0%} per epoch"
+        target = ("as they come" if self.empty_fraction is None else
+                  f"drawn to {self.empty_fraction:.0%} per {'batch' if self.empty_fraction_per_batch else 'epoch'}")
         log.info("Training set: %d of %d slices tumor-free (%.1f%%), %s (data.empty_fraction)",
                  empty, total, 100 * empty / total, target)
         if self.empty_fraction and not empty:
@@ -444,17 +452,21 @@ class BrainTumorDataModule(L.LightningDataModule):
         )
 
     def _train_sampler(self) -> Sampler[int]:
-        """Each epoch's order from (seed, epoch); with ``data.empty_fraction`` that share drawn tumor-free.
+        """Each epoch's order from (seed, epoch); with ``data.empty_fraction`` that share drawn tumor-free (in
+        every batch of every rank with ``data.empty_fraction_per_batch``).
 
         Under DDP each rank gets its share of the same draw (:class:`RankShare`), drawn anew every epoch.
         """
+        trainer = self.trainer
+        world_size = 1 if trainer is None else trainer.world_size
         if self.empty_fraction is None:
             sampler = EpochShuffleSampler(len(self.training_set), self.seed)
         else:
             assert self.train_empty is not None, "call setup('fit') first"
-            sampler = EmptyFractionSampler(self.train_empty.tolist(), self.empty_fraction, self.seed)
-        trainer = self.trainer
-        if trainer is None or trainer.world_size <= 1:
+            per_batch = self.batch_size if self.empty_fraction_per_batch else None
+            sampler = EmptyFractionSampler(self.train_empty.tolist(), self.empty_fraction, self.seed, per_batch,
+                                           world_size)
+        if world_size <= 1:
             return sampler
         return RankShare(sampler, num_replicas=trainer.world_size, rank=trainer.global_rank)
 
