@@ -38,6 +38,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import replace
@@ -51,7 +52,7 @@ from tqdm.auto import tqdm
 
 from bts_lightning.data.channels import Channels, channels_setting, describe_channels, parse_channels
 from bts_lightning.data.dataset import resize_image
-from bts_lightning.data.discovery import IMAGE_SUFFIXES, natural_key
+from bts_lightning.data.discovery import IMAGE_SUFFIXES
 from bts_lightning.data.io import ChannelError, UnreadableImageError, read_channels
 from bts_lightning.errors import ConfigError, DataError, format_names
 from bts_lightning.inference import (
@@ -84,7 +85,8 @@ SLICE_COLUMNS = ("file", "mask", "tumor_present", "tumor_area_px", "score")
 
 
 def list_inputs(source: str | Path) -> list[Path]:
-    """The file ``source``, or the image files directly inside folder ``source`` (natural order)."""
+    """The file ``source``, or the image files directly inside folder ``source``, in slice order: by name, the
+    numbers names end with compared as numbers (``scan_2`` before ``scan_10``)."""
     path = Path(source)
     if path.is_file():
         return [path]
@@ -93,11 +95,19 @@ def list_inputs(source: str | Path) -> list[Path]:
     files = sorted(
         (p for p in path.iterdir()
          if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")),
-        key=lambda p: (natural_key(p.stem), p.name),
+        key=_slice_order,
     )
     if not files:
         raise DataError(f"No image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {path}.")
     return files
+
+
+def _slice_order(path: Path) -> tuple[str, int, str]:
+    """Sort key: the stem without its trailing number, that number (-1 without one), the file name."""
+    found = re.search(r"\d+$", path.stem)
+    if found is None:
+        return path.stem, -1, path.name
+    return path.stem[: found.start()], int(found.group()), path.name
 
 
 def output_names(files: list[Path]) -> dict[Path, str]:

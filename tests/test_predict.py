@@ -16,7 +16,7 @@ import torch
 from bts_lightning import inference
 from bts_lightning.errors import ConfigError, DataError
 from bts_lightning.inference import InferenceOptions, ModelContract, load_predictor, postprocess, predict_probabilities
-from bts_lightning.predict import output_names, predict, predict_files
+from bts_lightning.predict import list_inputs, output_names, predict, predict_files
 from bts_lightning.runtime import run_app
 from tests import fixtures_checkpoint
 from tests.conftest import run_cli
@@ -314,3 +314,12 @@ def test_image_sizes_the_network_cannot_take_are_config_errors(tiny_checkpoint, 
     with pytest.raises(ConfigError, match=r"image_size=36: the model cannot run on 36x36 slices"):
         run(exported, 36)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_is_listed_in_slice_order(tmp_path):
+    """Numbers that names end with compare as numbers, so a scan's slices come in order; other files are skipped."""
+    names = ["scan_10.png", "scan_2.png", "scan_1.tif", "b.png", "10.png", "2.png", "notes.txt", ".hidden.png"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    assert [path.name for path in list_inputs(tmp_path)] == ["2.png", "10.png", "b.png", "scan_1.tif", "scan_2.png",
+                                                            "scan_10.png"]
