@@ -144,7 +144,7 @@ def model_card(config: Mapping[str, Any], metrics: Mapping[str, Any] | None = No
         f"- Normalization: {config.get('normalization')} (inside the model).",
         (f"- Output: tumor probability per pixel (softmax channel {config.get('tumor_class')}); "
          "tumor where probability > threshold (0.5 by default)."),
-        *_decision_lines(config.get("decision")), "",
+        *_decision_lines(config.get("decision")), *_scan_context_lines(net), "",
         "## Metrics", "", *_metric_lines(metrics), "",
         "## Intended use", "",
         "Research and teaching only. **Not a medical device: not for diagnosis, treatment or any clinical decision.**",
@@ -164,6 +164,16 @@ def _decision_lines(decision: Mapping[str, Any] | None) -> list[str]:
     described = SliceDecision.from_dict(decision).describe()
     return [(f"- Slice-level decision: tumor present when {described}; other slices get an empty mask "
              "(`slice_decision=off` turns it off).")]
+
+
+def _scan_context_lines(net: Mapping[str, Any]) -> list[str]:
+    """The model card's line on a cascade's scan context (none without one)."""
+    if not net.get("context"):
+        return []
+    return [(f"- Scan context: `evaluate` and `predict` keep a slice's mask when its presence probability "
+             f"averaged with the {net['context']} slice(s) either side in its scan (a folder of numbered slices) "
+             f"is above {net['context_threshold']:.6g}; a slice without neighbours, and every slice of an "
+             f"exported file or the demo, is judged alone (above {net['presence_threshold']:.6g}).")]
 
 
 def _required(directory: Path, name: str) -> Path:

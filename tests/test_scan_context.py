@@ -19,8 +19,9 @@ from bts_lightning.data.io import read_channels
 from bts_lightning.errors import ConfigError
 from bts_lightning.evaluate import evaluate
 from bts_lightning.export import export_model
+from bts_lightning.hub import save_pretrained
 from bts_lightning.inference import load_predictor, predict_probabilities
-from bts_lightning.models.cascade import build_cascade
+from bts_lightning.models.cascade import build_cascade, cascade_of
 from bts_lightning.predict import predict
 from bts_lightning.scan_context import (
     ScanContext,
@@ -222,6 +223,10 @@ def test_predict_takes_the_folder_as_one_scan_and_a_lone_file_alone(scan_runs, t
     assert lone["slices"][0]["score"] == pytest.approx(scores[0])
     joined = load_predictor(scan_runs["cascade"], "cpu")  # the network's own slice-alone gate
     assert lone["slices"][0]["tumor_present"] == bool((predict_probabilities(joined, images[:1]) > 0.5).any())
+
+    folder = save_pretrained(scan_runs["cascade"], tmp_path / "hub")  # a hub folder keeps the scan context
+    assert "Scan context:" in (folder / "README.md").read_text()
+    assert cascade_of(load_predictor(folder, "cpu")).context == 1
 
     with caplog.at_level(logging.WARNING, logger="bts_lightning.export"):
         export_model(load_module(scan_runs["cascade"]), tmp_path / "cascade.onnx", image_size=SIZE)
