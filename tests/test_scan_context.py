@@ -218,6 +218,12 @@ def test_predict_takes_the_folder_as_one_scan_and_a_lone_file_alone(scan_runs, t
         bool(mean > context["threshold"] and mask.any()) for mean, mask in zip(means, segmented)]
     assert result["scan_context"]["threshold"] == context["threshold"]
 
+    alone = predict(compose_app("predict", [f"ckpt_path={scan_runs['cascade']}", f"input={scan}", "scan_context=off",
+                                            f"output={tmp_path / 'alone'}"], tmp_path))
+    gated = (predict_probabilities(load_predictor(scan_runs["cascade"], "cpu"), images) > 0.5).numpy()
+    assert alone["scan_context"] is None
+    assert [row["tumor_present"] for row in alone["slices"]] == [bool(mask.any()) for mask in gated]
+
     lone = predict(compose_app("predict", [f"ckpt_path={scan_runs['cascade']}", f"input={files[0]}",
                                            f"output={tmp_path / 'lone'}"], tmp_path))
     assert lone["slices"][0]["score"] == pytest.approx(scores[0])
