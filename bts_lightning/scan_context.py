@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from bts_lightning.errors import ConfigError
-from bts_lightning.inference import ModelContract, ModulePredictor, Predictor, auto_or_off, check_batch
+from bts_lightning.inference import ModulePredictor, Predictor, auto_or_off, check_batch
 from bts_lightning.models.cascade import Cascade, cascade_of
 from bts_lightning.preprocessing import standardize
 
@@ -131,8 +131,7 @@ class SegmentationPredictor:
         if cascade is None:
             raise TypeError(f"{predictor!r} does not run a cascade")
         self.cascade, self.device = cascade, predictor.device
-        contract: ModelContract = predictor.contract
-        self.contract = ModelContract(**{**contract.to_dict(), "decision": None})
+        self.contract = replace(predictor.contract, decision=None)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
