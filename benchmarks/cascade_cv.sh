@@ -6,7 +6,8 @@
 # pooled over every test slice) with: python -m benchmarks.cascade_cv_table OUT
 #   bash benchmarks/cascade_cv.sh OUT [LGG_ROOT] [VAL/TEST pairs...]
 # TRAINER=gpu (any conf/trainer option; default cpu, as measured in benchmarks/false_alarms.md) runs them elsewhere;
-# EXTRA="trainer.max_epochs=1 ..." appends Hydra overrides to both trainings (a quick check of the script).
+# EXTRA="trainer.max_epochs=1 ..." appends Hydra overrides to both trainings (a quick check of the script; or a variant
+# of the recipe, e.g. EXTRA="data.channels=[0,1,2]" or EXTRA="seed=1 data.seed=42", into another OUT).
 # Each pair also gets the scan-context cascade (context=${CONTEXT:-1}: presence averaged with CONTEXT slices either
 # side in the scan; CONTEXT=0 skips it), in cascade_context/ and cascade_context_test/. A training whose
 # checkpoints/best.ckpt exists is not run again, so a rerun adds the steps an earlier run lacks.

@@ -25,7 +25,15 @@ from tqdm.auto import tqdm
 
 from bts_lightning.checkpoint import write_decision
 from bts_lightning.data.dataset import SliceDataset
-from bts_lightning.decision import SliceDecision, calibrated_decision, check_rule, check_target, slice_score
+from bts_lightning.decision import (
+    SliceDecision,
+    calibrated_decision,
+    check_rule,
+    check_target,
+    on_new_slices,
+    on_new_slices_line,
+    slice_score,
+)
 from bts_lightning.errors import ConfigError
 from bts_lightning.evaluate import load_split
 from bts_lightning.inference import CHECKPOINT_SUFFIXES, Predictor, predict_probabilities
@@ -103,12 +111,14 @@ def calibrate_checkpoint(ckpt_path: Path, predictor: Predictor, dataset: SliceDa
 
 
 def reached_line(decision: SliceDecision) -> str:
-    """One line: the false-alarm rate and sensitivity the decision reaches on its calibration split."""
+    """One line: the false-alarm rate and sensitivity the decision reaches on its calibration split, and what to
+    expect on new empty slices (:func:`~bts_lightning.decision.false_alarm_bound`)."""
     cal = decision.calibration
     sensitivity = "n/a (no tumor slice)" if cal["sensitivity"] is None else f"{cal['sensitivity']:.4f}"
     return (f"Slice decision {decision.describe()}: on the {cal['split']} split of {cal['dataset']}, false-alarm rate "
             f"{cal['false_alarm_rate']:.4f} on {cal['n_empty']} empty slices (target "
-            f"{decision.target_false_alarm_rate:g}), sensitivity {sensitivity} on {cal['n_tumor']} tumor slices.")
+            f"{decision.target_false_alarm_rate:g}), sensitivity {sensitivity} on {cal['n_tumor']} tumor slices; "
+            f"{on_new_slices_line(cal['n_empty'], decision.target_false_alarm_rate)}.")
 
 
 def calibrate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, Any]:
@@ -132,7 +142,8 @@ def calibrate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[s
     decision = calibrate_checkpoint(scoring.ckpt_path, scoring.predictor, scoring.dataset, target, rule, threshold,
                                     split, scoring.datamodule.name, bool(cfg.get("tta", False)), batch_size)
     result = {"checkpoint": str(scoring.ckpt_path.resolve()), "data_root": str(scoring.datamodule.root),
-              "slices": scoring.scored, "tta": bool(cfg.get("tta", False)), "decision": decision.to_dict()}
+              "slices": scoring.scored, "tta": bool(cfg.get("tta", False)), "decision": decision.to_dict(),
+              "on_new_empty_slices": on_new_slices(decision.calibration["n_empty"], target)}
     write_json_atomic(Path(cfg.paths.output_dir) / "calibration.json", result)
     print(reached_line(decision), flush=True)
     return result

@@ -34,7 +34,7 @@ from bts_lightning.checkpoint import (
 )
 from bts_lightning.data.dataset import SliceDataset
 from bts_lightning.decision import calibrate as threshold_for
-from bts_lightning.decision import rate_above
+from bts_lightning.decision import on_new_slices, on_new_slices_line, rate_above
 from bts_lightning.errors import ConfigError
 from bts_lightning.evaluate import load_split
 from bts_lightning.inference import CHECKPOINT_SUFFIXES, ModelContract, ModulePredictor
@@ -142,16 +142,23 @@ def dataset_positions(dataset: SliceDataset) -> list[Position]:
 
 
 def calibrate_context(scores: list[float], tumor: list[bool], positions: list[Position], context: int,
-                      target: float, slice_threshold: float, split: str) -> ScanContext:
+                      target: float, slice_threshold: float, split: str) -> tuple[ScanContext, dict[str, Any]]:
     """The :class:`ScanContext` whose threshold lets at most ``target`` of the split's empty slices with a
-    neighbour through (slices without one are judged alone, against ``slice_threshold``)."""
+    neighbour through (slices without one are judged alone, against ``slice_threshold``), and its record for
+    ``cascade.json``: the thresholds, and the false-alarm rate and sensitivity it reaches on the split."""
     means = context_means(scores, positions, context)
     empty = [mean for mean, has_tumor in zip(means, tumor) if mean is not None and not has_tumor]
     if not empty:
         raise ConfigError(f"No empty slice of the {split} split has a neighbouring slice in its scan, so the scan "
                           "context cannot be calibrated there; check that each scan's slices are numbered (file names "
                           "ending in the slice number), or pass context=0.")
-    return ScanContext(context, threshold_for(empty, target), slice_threshold)
+    scan_context = ScanContext(context, threshold_for(empty, target), slice_threshold)
+    record = {**scan_context.to_dict(), "split": split, **_rates(scan_context.present(scores, positions), tumor),
+              "on_new_empty_slices": on_new_slices(len(empty), target)}
+    log.info("Scan context: %s; on the %s split, %.4f of the empty slices and %.4f of the tumor slices pass it; %s.",
+             scan_context.describe(), split, record["false_alarm_rate"], record["sensitivity"] or 0.0,
+             on_new_slices_line(len(empty), target))
+    return scan_context, record
 
 
 def _rates(kept: list[bool], tumor: list[bool]) -> dict[str, Any]:
@@ -194,22 +201,17 @@ def cascade(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str
     present = [score for score, has_tumor in zip(scores, tumor) if has_tumor]
     threshold = threshold_for(empty, target)
     joined.presence_threshold = checkpoint["hyper_parameters"]["net"]["presence_threshold"] = threshold
-    log.info("Presence threshold %.6g: on the %s split, %.4f of %d empty slices and %.4f of %d tumor slices pass it.",
+    log.info("Presence threshold %.6g: on the %s split, %.4f of %d empty slices and %.4f of %d tumor slices pass it; %s.",
              threshold, split, rate_above(empty, threshold), len(empty), rate_above(present, threshold) or 0.0,
-             len(present))
+             len(present), on_new_slices_line(len(empty), target))
     context_record = None
     if context:
         check_scan_layout(scoring.datamodule.found_layout, scoring.datamodule.root, "context=0")
         positions = dataset_positions(scoring.dataset)
-        scan_context = calibrate_context(scores, tumor, positions, context, target, threshold, split)
+        scan_context, context_record = calibrate_context(scores, tumor, positions, context, target, threshold, split)
         joined.context, joined.context_threshold = context, scan_context.threshold
         net_config = checkpoint["hyper_parameters"]["net"]
         net_config["context"], net_config["context_threshold"] = context, scan_context.threshold
-        kept = scan_context.present(scores, positions)
-        context_record = {**scan_context.to_dict(), "split": split, **_rates(kept, tumor)}
-        log.info("Scan context: %s; on the %s split, %.4f of the empty slices and %.4f of the tumor slices pass it.",
-                 scan_context.describe(), split, context_record["false_alarm_rate"],
-                 context_record["sensitivity"] or 0.0)
 
     contract = ModelContract.from_module(module, training_image_size(segmentation), training_channels(segmentation))
     decision = calibrate_on(ModulePredictor(module, scoring.device, contract), scoring.dataset, target, rule, 0.5,
@@ -222,7 +224,8 @@ def cascade(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str
               "data_root": str(scoring.datamodule.root), "slices": scoring.scored,
               "presence_on_split": {"split": split, "n_empty": len(empty), "n_tumor": len(present),
                                     "false_alarm_rate": rate_above(empty, threshold),
-                                    "sensitivity": rate_above(present, threshold)},
+                                    "sensitivity": rate_above(present, threshold),
+                                    "on_new_empty_slices": on_new_slices(len(empty), target)},
               "scan_context": context_record,
               "decision": decision.to_dict()}
     write_json_atomic(Path(cfg.paths.output_dir) / "cascade.json", result)

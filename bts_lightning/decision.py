@@ -139,8 +139,48 @@ def calibrate(scores_empty: Sequence[float], target: float) -> float:
     ordered = sorted((float(score) for score in scores_empty), reverse=True)
     if not ordered:
         raise ValueError("calibration needs at least one empty slice (truth without tumor)")
-    k = math.floor(target * len(ordered) + 1e-9)  # 1e-9: 0.29 * 100 is 28.999999999999996
-    return ordered[k]
+    return ordered[_slices_above(len(ordered), target)]
+
+
+def _slices_above(n_empty: int, target: float) -> int:
+    """How many of ``n_empty`` calibration scores :func:`calibrate` puts above its threshold (fewer with ties)."""
+    return math.floor(target * n_empty + 1e-9)  # 1e-9: 0.29 * 100 is 28.999999999999996
+
+
+def false_alarm_bound(n_empty: int, target: float, confidence: float = 0.95) -> tuple[float, float]:
+    """What :func:`calibrate`'s threshold, chosen on ``n_empty`` empty slices for ``target``, lets through on new
+    empty slices from the same source: (expected false-alarm rate, upper bound at ``confidence``).
+
+    The rate the calibration split reports is the threshold's own choice; on new slices it is a random quantity.
+    With ``k = floor(target * n_empty)`` slices above the threshold by construction, the share of new empty slices
+    scoring above it follows Beta(k + 1, n_empty - k) over the draw of the calibration slices when all are
+    exchangeable (split conformal prediction; at most that with tied scores): mean ``(k + 1) / (n_empty + 1)``,
+    and the bound is its ``confidence`` quantile. 19 empty slices at a 5 % target: 5 % expected, up to 14.6 %.
+    Raises ``ValueError`` for ``n_empty < 1`` or a ``target`` / ``confidence`` outside [0, 1).
+    """
+    from scipy.stats import beta
+
+    target = check_target(target)
+    if isinstance(n_empty, bool) or not isinstance(n_empty, int) or n_empty < 1:
+        raise ValueError(f"n_empty={n_empty!r} must be a whole number >= 1")
+    if not _is_fraction(confidence, closed_top=False):
+        raise ValueError(f"confidence={confidence!r} must be a number in [0, 1)")
+    k = _slices_above(n_empty, target)
+    return (k + 1) / (n_empty + 1), float(beta.ppf(confidence, k + 1, n_empty - k))
+
+
+def on_new_slices(n_empty: int, target: float) -> dict[str, float]:
+    """:func:`false_alarm_bound` as a record: ``expected_false_alarm_rate``, ``false_alarm_rate_upper_95``."""
+    expected, upper = false_alarm_bound(n_empty, target)
+    return {"expected_false_alarm_rate": expected, "false_alarm_rate_upper_95": upper}
+
+
+def on_new_slices_line(n_empty: int, target: float) -> str:
+    """:func:`false_alarm_bound` as words, e.g. ``on new empty slices like them: 5.0 % false alarms expected,
+    at most 14.6 % with 95 % confidence``."""
+    expected, upper = false_alarm_bound(n_empty, target)
+    return (f"on new empty slices like them: {100 * expected:.1f} % false alarms expected, at most {100 * upper:.1f} % "
+            "with 95 % confidence")
 
 
 def rate_above(scores: Sequence[float], threshold: float) -> float | None:

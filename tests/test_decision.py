@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from bts_lightning.calibrate import calibrate
+from bts_lightning.calibrate import calibrate, reached_line
 from bts_lightning.checkpoint import DECISION_KEY, load_module, write_decision
-from bts_lightning.decision import SliceDecision, calibrated_decision, slice_score
+from bts_lightning.decision import SliceDecision, calibrated_decision, false_alarm_bound, slice_score
 from bts_lightning.decision import calibrate as calibrate_threshold
 from bts_lightning.errors import ConfigError
 from bts_lightning.evaluate import decision_note, evaluate
@@ -79,6 +79,35 @@ def test_calibrated_decision_records_what_it_reaches():
     assert SliceDecision.from_dict(json.loads(json.dumps(made.to_dict()))) == made
     assert "component_fraction > 0.02" in made.describe() and "25.0 % false alarms on val of lgg" in made.describe()
     assert calibrated_decision([0.1], [], 0.0, "max_probability", 0.5, "val", "x").calibration["sensitivity"] is None
+
+
+@pytest.mark.parametrize("n_empty", [19, 70])
+@pytest.mark.parametrize("tied", [False, True])
+def test_false_alarm_bound_holds_for_thresholds_calibrated_on_that_many_slices(n_empty, tied):
+    # 4000 calibration splits of empty-slice scores; each threshold's false-alarm rate on new slices from the same
+    # source is exact: uniform scores pass a threshold t with probability 1 - t; tied ones (90 % exactly 0, as
+    # component_fraction gives slices with no pixel above the pixel threshold) with probability 0.1 * (1 - t).
+    rng = np.random.default_rng(0)
+    scores = rng.random((4000, n_empty))
+    if tied:
+        scores[rng.random(scores.shape) < 0.9] = 0.0
+    thresholds = np.array([calibrate_threshold(split, 0.05) for split in scores])
+    rates = (0.1 if tied else 1.0) * (1.0 - thresholds)
+    expected, upper = false_alarm_bound(n_empty, 0.05)
+    assert np.mean(rates > upper) <= 0.05 + 0.01  # the bound holds at its confidence (3 standard errors)
+    if not tied:  # exact for continuous scores: mean (k + 1) / (n + 1), 5 % of the splits above the bound
+        assert np.mean(rates) == pytest.approx(expected, abs=0.003)
+        assert np.mean(rates > upper) == pytest.approx(0.05, abs=0.01)
+
+
+def test_false_alarm_bound_by_hand_and_in_the_reached_line():
+    assert false_alarm_bound(19, 0.05) == (pytest.approx(1 / 20), pytest.approx(1 - 0.05 ** (1 / 19)))  # k = 0
+    assert false_alarm_bound(70, 0.05)[0] == pytest.approx(4 / 71)  # k = 3
+    for bad in ({"n_empty": 0}, {"n_empty": 10, "target": 1.0}, {"n_empty": 10, "confidence": 1.0}):
+        with pytest.raises(ValueError, match=next(iter(bad.keys() - {"n_empty"}), "n_empty")):
+            false_alarm_bound(**{"target": 0.05, **bad})
+    made = calibrated_decision([0.0] * 18 + [0.3], [0.5], 0.05, "component_fraction", 0.5, "val", "lgg")
+    assert "at most 14.6 % with 95 % confidence" in reached_line(made)
 
 
 @pytest.mark.parametrize(("change", "field"), [
@@ -165,7 +194,11 @@ def test_calibrate_app_stores_the_decision_and_evaluate_applies_it(calibration_s
     before = ckpt.stat().st_ino
     result = run_calibrate(ckpt, data, tmp_path / "cal", "target_false_alarm_rate=0.25")
     stored = result["decision"]
-    assert json.loads((tmp_path / "cal" / "calibration.json").read_text())["decision"] == stored
+    written = json.loads((tmp_path / "cal" / "calibration.json").read_text())
+    assert written["decision"] == stored
+    expected, upper = false_alarm_bound(stored["calibration"]["n_empty"], 0.25)
+    assert written["on_new_empty_slices"] == {"expected_false_alarm_rate": pytest.approx(expected),
+                                              "false_alarm_rate_upper_95": pytest.approx(upper)}
     assert "false-alarm rate" in capsys.readouterr().out
     # Written by replacing the file (a new inode), with nothing left beside it; the module still loads.
     assert ckpt.stat().st_ino != before and sorted(p.name for p in ckpt.parent.iterdir()) == ["best.ckpt"]

@@ -16,6 +16,7 @@ import torch
 from bts_lightning.cascade import cascade
 from bts_lightning.checkpoint import load_module
 from bts_lightning.data.io import read_channels
+from bts_lightning.decision import false_alarm_bound
 from bts_lightning.errors import ConfigError
 from bts_lightning.evaluate import evaluate
 from bts_lightning.export import export_model
@@ -161,6 +162,12 @@ def test_the_cascade_calibrates_the_context_threshold_on_the_val_scans(scan_runs
     assert context["context"] == 1 and context["threshold"] == pytest.approx(expected, abs=1e-6)
     assert context["slice_threshold"] == record["presence_threshold"]
     assert context["false_alarm_rate"] <= 0.2 and context["n_empty"] == int((~tumor).sum())
+    # What new empty slices can expect, from the number of empty slices each threshold was chosen on.
+    assert context["on_new_empty_slices"]["expected_false_alarm_rate"] == pytest.approx(
+        (math.floor(0.2 * len(empty) + 1e-9) + 1) / (len(empty) + 1))
+    presence = record["presence_on_split"]
+    assert presence["on_new_empty_slices"]["false_alarm_rate_upper_95"] == pytest.approx(
+        false_alarm_bound(presence["n_empty"], 0.2)[1])
     net = torch.load(scan_runs["cascade"], map_location="cpu", weights_only=True)["hyper_parameters"]["net"]
     assert net["context"] == 1 and net["context_threshold"] == context["threshold"]
 
