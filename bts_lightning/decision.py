@@ -169,6 +169,18 @@ def false_alarm_bound(n_empty: int, target: float, confidence: float = 0.95) -> 
     return (k + 1) / (n_empty + 1), float(beta.ppf(confidence, k + 1, n_empty - k))
 
 
+def false_alarm_surprise(false_alarms: int, n_scored: int, n_empty: int, target: float) -> float:
+    """The chance of at least ``false_alarms`` among ``n_scored`` new empty slices for :func:`calibrate`'s threshold
+    chosen on ``n_empty`` empty slices for ``target``, were the new slices like the calibration ones (all
+    exchangeable): their count then follows BetaBinomial(n_scored, k + 1, n_empty - k), ``k`` as in
+    :func:`false_alarm_bound`. A small value (below 0.05) says the new empty slices are unlike the calibration ones.
+    """
+    from scipy.stats import betabinom
+
+    k = _slices_above(n_empty, check_target(target))
+    return float(betabinom(n_scored, k + 1, n_empty - k).sf(false_alarms - 1))
+
+
 def on_new_slices(n_empty: int, target: float) -> dict[str, float]:
     """:func:`false_alarm_bound` as a record: ``expected_false_alarm_rate``, ``false_alarm_rate_upper_95``."""
     expected, upper = false_alarm_bound(n_empty, target)

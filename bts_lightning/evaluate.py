@@ -31,7 +31,9 @@ HD95 = image diagonal; no image dropped, nothing NaN) is described in :mod:`bts_
 A model with a calibrated slice decision (``python -m bts_lightning.calibrate``; :mod:`bts_lightning.decision`)
 has it applied (``slice_decision=auto``; ``off`` to score the raw masks): slices it judges tumor-free
 are scored with empty masks. ``metrics.json`` records it under ``inference.decision``, and
-``decision_note`` says whether it was chosen on the scored split (optimistic) or that split is held out.
+``decision_note`` says whether it was chosen on the scored split (optimistic) or that split is held out; on a
+held-out split ``false_alarm_check`` (:func:`false_alarm_check`) says whether its false alarms are what the
+calibration allows for empty slices like its own.
 A cascade built with a scan context (:mod:`bts_lightning.scan_context`) decides instead from each slice's presence
 averaged with its neighbours in the scan (``scan_context=auto``; ``off``: each slice alone), recorded under
 ``inference.scan_context``; data not in one folder per scan is refused.
@@ -56,7 +58,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from bts_lightning.data.dataset import SliceDataset
-from bts_lightning.decision import SliceDecision
+from bts_lightning.decision import SliceDecision, false_alarm_surprise, on_new_slices
 from bts_lightning.errors import ConfigError
 from bts_lightning.inference import (
     InferenceOptions,
@@ -175,7 +177,8 @@ def format_table(metrics: dict[str, Any]) -> str:
     context = metrics["inference"].get("scan_context")
     if context is not None:
         lines.append(f"Scan context: {ScanContext(**context).describe()}; {metrics['decision_note']}")
-    return "\n".join([*lines, *by_truth_lines(metrics)])
+    check = metrics.get("false_alarm_check")
+    return "\n".join([*lines, *by_truth_lines(metrics), *([false_alarm_check_line(check)] if check else [])])
 
 
 def by_truth_lines(metrics: dict[str, Any]) -> list[str]:
@@ -258,10 +261,52 @@ def decision_note(decision: SliceDecision | None, split: str, dataset: str, what
     chosen_on, chosen_data = decision.calibration.get("split"), decision.calibration.get("dataset")
     if chosen_data != dataset:
         return f"{what} calibrated on the {chosen_on} split of {chosen_data}, not this dataset."
-    if chosen_on == split or split == "all":
+    if calibrated_here(decision, split, dataset):
         return (f"{what} calibrated on the {chosen_on} split scored here: its false-alarm rate was chosen "
                 "on these slices (optimistic).")
     return f"{what} calibrated on the {chosen_on} split; this {split} split is held out."
+
+
+def calibrated_here(decision: SliceDecision, split: str, dataset: str) -> bool:
+    """Whether ``decision`` was calibrated on slices of ``split`` of ``dataset`` (``all`` includes its own)."""
+    calibration = decision.calibration
+    return calibration.get("dataset") == dataset and (calibration.get("split") == split or split == "all")
+
+
+def false_alarm_check(decision: SliceDecision | None, empty_slices: dict[str, Any], split: str,
+                      dataset: str) -> dict[str, Any] | None:
+    """Are the false alarms on these held-out empty slices what ``decision``'s calibration allows for empty slices
+    like its own? ``p_value``: the chance of this many or more were they alike
+    (:func:`~bts_lightning.decision.false_alarm_surprise`), with the rate expected and its 95 % bound
+    (:func:`~bts_lightning.decision.false_alarm_bound`); ``unlike_calibration`` when ``p_value < 0.05``. ``None``
+    without a decision, an empty slice or a calibration count, or when the decision was calibrated on these slices.
+    (A cascade's scan context is calibrated on the empty slices of its decision's split that have a neighbour: the
+    count is that split's.)
+    """
+    if decision is None or not decision.calibration.get("n_empty") or not empty_slices["n"]:
+        return None
+    if calibrated_here(decision, split, dataset):
+        return None
+    calibration, target = decision.calibration, decision.target_false_alarm_rate
+    n_calibration = calibration["n_empty"]
+    p_value = false_alarm_surprise(empty_slices["false_alarms"], empty_slices["n"], n_calibration, target)
+    return {"calibration": f"{n_calibration} empty slices of the {calibration.get('split')} split of "
+                           f"{calibration.get('dataset')}",
+            **on_new_slices(n_calibration, target), "p_value": p_value, "unlike_calibration": p_value < 0.05}
+
+
+def false_alarm_check_line(check: dict[str, Any]) -> str:
+    """``check`` (:func:`false_alarm_check`) in words; with advice when the slices are unlike the calibration's."""
+    line = (f"False alarms against the calibration on {check['calibration']}: "
+            f"{100 * check['expected_false_alarm_rate']:.1f} % expected for empty slices like those, at most "
+            f"{100 * check['false_alarm_rate_upper_95']:.1f} % with 95 % confidence; this many or more: "
+            f"p = {check['p_value']:.3g}")
+    if check["unlike_calibration"]:
+        line += (". These empty slices are unlike the calibration ones (other patients, scanner, sequence or "
+                 "channels): the decision's false-alarm target does not hold here; calibrate it on empty slices like "
+                 "them (python -m bts_lightning.calibrate, or for a cascade python -m bts_lightning.cascade, on a val "
+                 "split of such data).")
+    return line
 
 
 MaskPredictor = Callable[[Sequence[int], np.ndarray], np.ndarray]
@@ -331,6 +376,8 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[st
     eval_time = time.perf_counter() - started
 
     worst = worst_positions(rows, worst_k)
+    applied = options.decision if context is None else contract_of(predictor).slice_decision  # where it was calibrated
+    by_truth = summarize_by_truth(rows)
     metrics: dict[str, Any] = {
         "checkpoint": str(ckpt_path.resolve()),
         "dataset": datamodule.name,
@@ -342,12 +389,13 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[st
         "n_images": len(rows),
         "device": str(scoring.device),
         "inference": {**options.to_dict(), "scan_context": None if context is None else context.to_dict()},
-        "decision_note": (decision_note(options.decision, split, datamodule.name) if context is None else
-                          decision_note(contract_of(predictor).slice_decision, split, datamodule.name, "scan context")),
+        "decision_note": decision_note(applied, split, datamodule.name,
+                                       "slice decision" if context is None else "scan context"),
         "summary": summarize(rows),
         "by_label": summarize_by_type(rows),
         "cases": count_cases(rows),
-        **summarize_by_truth(rows),
+        **by_truth,
+        "false_alarm_check": false_alarm_check(applied, by_truth["empty_slices"], split, datamodule.name),
         "worst": [{"stem": rows[i]["stem"], "dice": rows[i]["dice"], "hd95": rows[i]["hd95"]} for i in worst],
         "eval_time_s": round(eval_time, 2),
     }
@@ -365,6 +413,9 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[st
     write_json_atomic(output_dir / "metrics.json", metrics)
     print(format_table(metrics), flush=True)
     log.info("%s: %s", datamodule.name, "; ".join(by_truth_lines(metrics)))
+    check = metrics["false_alarm_check"]
+    if check is not None and check["unlike_calibration"]:
+        log.warning(false_alarm_check_line(check))
     log.info("Wrote metrics.json, per_image.csv and worst_slices.png to %s", output_dir)
     return metrics
 

@@ -14,10 +14,16 @@ import torch
 
 from bts_lightning.calibrate import calibrate, reached_line
 from bts_lightning.checkpoint import DECISION_KEY, load_module, write_decision
-from bts_lightning.decision import SliceDecision, calibrated_decision, false_alarm_bound, slice_score
+from bts_lightning.decision import (
+    SliceDecision,
+    calibrated_decision,
+    false_alarm_bound,
+    false_alarm_surprise,
+    slice_score,
+)
 from bts_lightning.decision import calibrate as calibrate_threshold
 from bts_lightning.errors import ConfigError
-from bts_lightning.evaluate import decision_note, evaluate
+from bts_lightning.evaluate import decision_note, evaluate, false_alarm_check, false_alarm_check_line
 from bts_lightning.inference import InferenceOptions, ModelContract, load_predictor, with_model_decision
 from bts_lightning.predict import predict, predict_files
 from bts_lightning.runtime import run_app
@@ -108,6 +114,29 @@ def test_false_alarm_bound_by_hand_and_in_the_reached_line():
             false_alarm_bound(**{"target": 0.05, **bad})
     made = calibrated_decision([0.0] * 18 + [0.3], [0.5], 0.05, "component_fraction", 0.5, "val", "lgg")
     assert "at most 14.6 % with 95 % confidence" in reached_line(made)
+
+
+def test_false_alarm_surprise_is_the_beta_binomial_tail_and_evaluate_flags_unlike_slices():
+    from scipy import integrate, stats
+
+    # By its definition, independently of scipy's beta-binomial: the binomial tail at a rate r, averaged over the
+    # Beta(k + 1, n - k) law of r for a threshold calibrated on n = 19 empty slices at 5 % (k = 0).
+    by_definition = integrate.quad(lambda r: stats.beta.pdf(r, 1, 19) * stats.binom.sf(5, 43, r), 0, 1)[0]
+    assert false_alarm_surprise(6, 43, 19, 0.05) == pytest.approx(by_definition, rel=1e-6)
+    assert false_alarm_surprise(0, 43, 19, 0.05) == pytest.approx(1.0)
+
+    made = decision(dataset="lgg", n_empty=43)  # calibrated on 43 empty slices of the val split of lgg
+    check = false_alarm_check(made, {"n": 61, "false_alarms": 24}, "test", "lgg")
+    assert check["unlike_calibration"] and check["p_value"] < 1e-3
+    assert "unlike the calibration ones" in false_alarm_check_line(check)
+    usual = false_alarm_check(made, {"n": 61, "false_alarms": 3}, "test", "other")  # another dataset: held out too
+    assert not usual["unlike_calibration"] and "unlike" not in false_alarm_check_line(usual)
+    for no_check in (false_alarm_check(made, {"n": 61, "false_alarms": 24}, "val", "lgg"),  # calibrated on them
+                     false_alarm_check(made, {"n": 61, "false_alarms": 24}, "all", "lgg"),  # includes them
+                     false_alarm_check(made, {"n": 0, "false_alarms": 0}, "test", "lgg"),  # no empty slice
+                     false_alarm_check(decision(), {"n": 61, "false_alarms": 24}, "test", "lgg"),  # no count
+                     false_alarm_check(None, {"n": 61, "false_alarms": 24}, "test", "lgg")):
+        assert no_check is None
 
 
 @pytest.mark.parametrize(("change", "field"), [
@@ -209,12 +238,18 @@ def test_calibrate_app_stores_the_decision_and_evaluate_applies_it(calibration_s
     assert (cal["split"], cal["dataset"], cal["n_empty"] + cal["n_tumor"]) == ("val", "with_empty", 8)
     assert cal["n_empty"] == 4 and cal["false_alarm_rate"] <= 0.25
 
-    def evaluated(*extra: str) -> dict:
-        overrides = [f"ckpt_path={ckpt}", *data, "split=val", "worst_k=0", *extra]
-        return evaluate(compose_app("evaluate", overrides, tmp_path / f"eval{len(extra)}"), overrides)
+    def evaluated(*extra: str, split: str = "val") -> dict:
+        overrides = [f"ckpt_path={ckpt}", *data, f"split={split}", "worst_k=0", *extra]
+        return evaluate(compose_app("evaluate", overrides, tmp_path / f"eval{len(extra)}{split}"), overrides)
 
     applied, off = evaluated(), evaluated("slice_decision=off")
     assert applied["inference"]["decision"] == stored and "optimistic" in applied["decision_note"]
+    assert applied["false_alarm_check"] is None  # calibrated on these slices: nothing to check against
+    held_out = evaluated(split="test")
+    check, empty = held_out["false_alarm_check"], held_out["empty_slices"]
+    assert check["calibration"] == "4 empty slices of the val split of with_empty"
+    assert check["p_value"] == pytest.approx(false_alarm_surprise(empty["false_alarms"], empty["n"], 4, 0.25))
+    assert "False alarms against the calibration on 4 empty slices" in capsys.readouterr().out
     assert off["inference"]["decision"] is None and off["decision_note"] is None
     # The false alarms on the calibration split are what the calibration says, fewer than without it (1 vs 4 here).
     assert applied["empty_slices"]["false_alarms"] == round(cal["false_alarm_rate"] * cal["n_empty"])
