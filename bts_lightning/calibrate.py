@@ -118,7 +118,7 @@ def reached_line(decision: SliceDecision) -> str:
     return (f"Slice decision {decision.describe()}: on the {cal['split']} split of {cal['dataset']}, false-alarm rate "
             f"{cal['false_alarm_rate']:.4f} on {cal['n_empty']} empty slices (target "
             f"{decision.target_false_alarm_rate:g}), sensitivity {sensitivity} on {cal['n_tumor']} tumor slices; "
-            f"{on_new_slices_line(cal['n_empty'], decision.target_false_alarm_rate)}.")
+            f"{on_new_slices_line(on_new_slices(cal['n_empty'], decision.target_false_alarm_rate))}.")
 
 
 def calibrate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, Any]:

@@ -157,7 +157,7 @@ def calibrate_context(scores: list[float], tumor: list[bool], positions: list[Po
               "on_new_empty_slices": on_new_slices(len(empty), target)}
     log.info("Scan context: %s; on the %s split, %.4f of the empty slices and %.4f of the tumor slices pass it; %s.",
              scan_context.describe(), split, record["false_alarm_rate"], record["sensitivity"] or 0.0,
-             on_new_slices_line(len(empty), target))
+             on_new_slices_line(record["on_new_empty_slices"]))
     return scan_context, record
 
 
@@ -203,7 +203,7 @@ def cascade(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str
     joined.presence_threshold = checkpoint["hyper_parameters"]["net"]["presence_threshold"] = threshold
     log.info("Presence threshold %.6g: on the %s split, %.4f of %d empty slices and %.4f of %d tumor slices pass it; %s.",
              threshold, split, rate_above(empty, threshold), len(empty), rate_above(present, threshold) or 0.0,
-             len(present), on_new_slices_line(len(empty), target))
+             len(present), on_new_slices_line(on_new_slices(len(empty), target)))
     context_record = None
     if context:
         check_scan_layout(scoring.datamodule.found_layout, scoring.datamodule.root, "context=0")

@@ -187,12 +187,11 @@ def on_new_slices(n_empty: int, target: float) -> dict[str, float]:
     return {"expected_false_alarm_rate": expected, "false_alarm_rate_upper_95": upper}
 
 
-def on_new_slices_line(n_empty: int, target: float) -> str:
-    """:func:`false_alarm_bound` as words, e.g. ``on new empty slices like them: 5.0 % false alarms expected,
+def on_new_slices_line(record: Mapping[str, float]) -> str:
+    """An :func:`on_new_slices` record in words, e.g. ``on new empty slices like them: 5.0 % false alarms expected,
     at most 14.6 % with 95 % confidence``."""
-    expected, upper = false_alarm_bound(n_empty, target)
-    return (f"on new empty slices like them: {100 * expected:.1f} % false alarms expected, at most {100 * upper:.1f} % "
-            "with 95 % confidence")
+    return (f"on new empty slices like them: {100 * record['expected_false_alarm_rate']:.1f} % false alarms "
+            f"expected, at most {100 * record['false_alarm_rate_upper_95']:.1f} % with 95 % confidence")
 
 
 def rate_above(scores: Sequence[float], threshold: float) -> float | None:

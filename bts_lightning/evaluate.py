@@ -58,7 +58,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from bts_lightning.data.dataset import SliceDataset
-from bts_lightning.decision import SliceDecision, false_alarm_surprise, on_new_slices
+from bts_lightning.decision import SliceDecision, false_alarm_surprise, on_new_slices, on_new_slices_line
 from bts_lightning.errors import ConfigError
 from bts_lightning.inference import (
     InferenceOptions,
@@ -297,10 +297,8 @@ def false_alarm_check(decision: SliceDecision | None, empty_slices: dict[str, An
 
 def false_alarm_check_line(check: dict[str, Any]) -> str:
     """``check`` (:func:`false_alarm_check`) in words; with advice when the slices are unlike the calibration's."""
-    line = (f"False alarms against the calibration on {check['calibration']}: "
-            f"{100 * check['expected_false_alarm_rate']:.1f} % expected for empty slices like those, at most "
-            f"{100 * check['false_alarm_rate_upper_95']:.1f} % with 95 % confidence; this many or more: "
-            f"p = {check['p_value']:.3g}")
+    line = (f"Slice decision calibrated on {check['calibration']}, so {on_new_slices_line(check)}; as many false "
+            f"alarms as here or more: p = {check['p_value']:.3g}")
     if check["unlike_calibration"]:
         line += (". These empty slices are unlike the calibration ones (other patients, scanner, sequence or "
                  "channels): the decision's false-alarm target does not hold here; calibrate it on empty slices like "

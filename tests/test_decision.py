@@ -249,7 +249,8 @@ def test_calibrate_app_stores_the_decision_and_evaluate_applies_it(calibration_s
     check, empty = held_out["false_alarm_check"], held_out["empty_slices"]
     assert check["calibration"] == "4 empty slices of the val split of with_empty"
     assert check["p_value"] == pytest.approx(false_alarm_surprise(empty["false_alarms"], empty["n"], 4, 0.25))
-    assert "False alarms against the calibration on 4 empty slices" in capsys.readouterr().out
+    assert "Slice decision calibrated on 4 empty slices of the val split of with_empty, so on new" in \
+        capsys.readouterr().out
     assert off["inference"]["decision"] is None and off["decision_note"] is None
     # The false alarms on the calibration split are what the calibration says, fewer than without it (1 vs 4 here).
     assert applied["empty_slices"]["false_alarms"] == round(cal["false_alarm_rate"] * cal["n_empty"])
