@@ -201,9 +201,10 @@ def cascade(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str
     present = [score for score, has_tumor in zip(scores, tumor) if has_tumor]
     threshold = threshold_for(empty, target)
     joined.presence_threshold = checkpoint["hyper_parameters"]["net"]["presence_threshold"] = threshold
+    presence_on_new = on_new_slices(len(empty), target)
     log.info("Presence threshold %.6g: on the %s split, %.4f of %d empty slices and %.4f of %d tumor slices pass it; %s.",
              threshold, split, rate_above(empty, threshold), len(empty), rate_above(present, threshold) or 0.0,
-             len(present), on_new_slices_line(on_new_slices(len(empty), target)))
+             len(present), on_new_slices_line(presence_on_new))
     context_record = None
     if context:
         check_scan_layout(scoring.datamodule.found_layout, scoring.datamodule.root, "context=0")
@@ -225,7 +226,7 @@ def cascade(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str
               "presence_on_split": {"split": split, "n_empty": len(empty), "n_tumor": len(present),
                                     "false_alarm_rate": rate_above(empty, threshold),
                                     "sensitivity": rate_above(present, threshold),
-                                    "on_new_empty_slices": on_new_slices(len(empty), target)},
+                                    "on_new_empty_slices": presence_on_new},
               "scan_context": context_record,
               "decision": decision.to_dict()}
     write_json_atomic(Path(cfg.paths.output_dir) / "cascade.json", result)
