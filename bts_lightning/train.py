@@ -16,6 +16,7 @@ from bts_lightning.callbacks import MetricHistory
 from bts_lightning.checkpoint import resolve_resume
 from bts_lightning.cross_dataset import check_cross_data, checkpoint_to_score, evaluate_across
 from bts_lightning.errors import ConfigError
+from bts_lightning.evaluate import evaluate
 from bts_lightning.inference import load_predictor
 from bts_lightning.losses import uses_distance_maps
 from bts_lightning.metrics import SLICE_SCORES, VAL_DICE, VAL_IOU
@@ -117,6 +118,24 @@ def calibrate_best(trainer: L.Trainer, best_path: str | None, datamodule: Any, t
     return record
 
 
+def test_with_decision(cfg: DictConfig, ckpt_path: Path, output_dir: Path) -> dict[str, Any]:
+    """``ckpt_path`` scored on the test split with the slice decision calibrated after fitting, by the evaluate app's
+    function (:func:`bts_lightning.evaluate.evaluate`) into ``output_dir``: what ``evaluate`` reports for the
+    checkpoint. (``metrics.json``'s ``test`` scores the network's own masks, without the decision.)
+
+    Returns evaluate's slice-level scores (``tumor_slices``, ``empty_slices``, ``all_slices_dice``), its
+    ``decision_note`` and ``false_alarm_check`` (the test false alarms against what the val calibration allows).
+    """
+    config = OmegaConf.create({"ckpt_path": str(ckpt_path), "split": "test", "paths": {"output_dir": str(output_dir)},
+                               "data": OmegaConf.to_container(cfg.data, resolve=True)})
+    log.info("Scoring %s on the test split with its slice decision into %s", ckpt_path.name, output_dir)
+    scored = evaluate(config)
+    return {"n_images": scored["n_images"], "all_slices_dice": scored["summary"]["dice"]["mean"],
+            "tumor_slices": scored["tumor_slices"], "empty_slices": scored["empty_slices"],
+            "decision_note": scored["decision_note"], "false_alarm_check": scored["false_alarm_check"],
+            "output_dir": str(output_dir)}
+
+
 def split_summary(datamodule: Any) -> dict[str, Any]:
     """How the slices were split: method, whether patients may leak between subsets, subset sizes, and
     ``n_negatives``, the ``data.negatives`` slices trained on besides ``n_train``."""
@@ -138,10 +157,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ``best.ckpt``, so an optimistic score of the validation split), the last validation epoch, each with
     its slice-level scores (``best_val_``/``last_val_`` ``dice_tumor``, ``sensitivity``, ``false_alarm_rate``:
     None when not measurable), and the test scores of ``best.ckpt`` on the held-out test split when one
-    exists (``test``: every ``test/`` key logged). ``val_slices`` and ``test_slices`` count the tumor and
-    empty slices scored (no empty slice: no false-alarm rate). With a ``cross_data`` node
-    (``experiment=cross_dataset``) the model is then scored in domain and on that second dataset
-    (:mod:`bts_lightning.cross_dataset`), summarized under ``cross_dataset``.
+    exists (``test``: every ``test/`` key logged, the network's own masks). ``val_slices`` and ``test_slices``
+    count the tumor and empty slices scored (no empty slice: no false-alarm rate). With a slice decision calibrated
+    after fitting (``decision.target_false_alarm_rate``), ``test_with_decision`` scores ``best.ckpt`` on the test
+    split with it, as ``evaluate`` does (:func:`test_with_decision`, into ``<run dir>/test_with_decision/``).
+    With a ``cross_data`` node (``experiment=cross_dataset``) the model is then scored in domain and on that second
+    dataset (:mod:`bts_lightning.cross_dataset`), summarized under ``cross_dataset``.
     """
     output_dir = Path(cfg.paths.output_dir)
     check_epochs(cfg.trainer)
@@ -186,7 +207,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "chosen_on": "val" if best_path else None,
             "scored_on": "test" if tested else None,
             "note": f"best_val_dice is {VAL_DICE} at the epoch with the best {monitor} on the split that chose "
-            f"best.ckpt (optimistic); " + (f"test is {scored} scored on the held-out test split." if tested
+            f"best.ckpt (optimistic); " + (f"test is {scored} scored on the held-out test split (the network's own masks; "
+                                           "test_with_decision, when present, with the slice decision)." if tested
                                            else "there is no test split."),
         },
         "best_val_dice": best.get(VAL_DICE) if best else None,
@@ -207,6 +229,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         results = trainer.test(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)
         metrics["test"] = {key: float(value) for key, value in results[0].items()}
         metrics["test_slices"] = module.slice_counts.get("test")
+        if metrics.get("decision") and trainer.is_global_zero:
+            metrics["test_with_decision"] = test_with_decision(cfg, Path(best_path), output_dir / "test_with_decision")
     if cfg.get("cross_data") is not None:
         ckpt = checkpoint_to_score(trainer, best_path, output_dir)
         if trainer.is_global_zero:

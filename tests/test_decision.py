@@ -364,6 +364,15 @@ def test_train_calibrates_best_checkpoint_on_val(tiny_checkpoint, tmp_path):
     assert metrics["decision"] == stored and stored["calibration"]["split"] == "val"
     assert stored["calibration"]["n_empty"] == 4 and stored["calibration"]["false_alarm_rate"] <= 0.25
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["decision"] == stored
+    # the test split scored again with the decision, as evaluate scores it, and checked against the calibration
+    scored = json.loads((tmp_path / "run" / "test_with_decision" / "metrics.json").read_text())
+    assert scored["split"] == "test" and scored["inference"]["decision"] == stored
+    with_decision = metrics["test_with_decision"]
+    assert with_decision["empty_slices"] == scored["empty_slices"] and with_decision["n_images"] == scored["n_images"]
+    assert with_decision["empty_slices"]["n"] == metrics["test_slices"]["empty_slices"] > 0
+    check = with_decision["false_alarm_check"]
+    assert check == scored["false_alarm_check"] and check["calibration"] == "4 empty slices of the val split of with_empty"
+    assert with_decision["decision_note"] == "slice decision calibrated on the val split; this test split is held out."
 
 
 def test_empty_slices_experiment_trains_with_the_slice_term_and_calibrates(tmp_path, caplog):
