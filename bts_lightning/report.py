@@ -9,7 +9,9 @@ one row per configuration, mean ± sample std over its runs, ranked by the held-
 every run has one (else by the last-epoch validation Dice): the best validation Dice is picked on
 the split it is measured on, so it is shown but never ranks. Beside the all-slice Dice, the last validation
 epoch's tumor-slice Dice, sensitivity and false-alarm rate (tumor slices and empty slices scored apart;
-``n/a (no empty slices)`` when the validation split has none); the CSV also has the test split's. Runs of ``experiment=cross_dataset``
+``n/a (no empty slices)`` when the validation split has none); the CSV also has the test split's, and for runs
+that calibrated a slice decision (``decision.target_false_alarm_rate``) the test split's with it
+(``test_decision_*``, from ``test_with_decision``). Runs of ``experiment=cross_dataset``
 add a second table (and ``cross_dataset.csv``): per configuration, the in-domain and the
 cross-dataset evaluation side by side, with tumor-slice Dice, false-alarm rate and all-slice Dice.
 """
@@ -100,6 +102,12 @@ CSV_COLUMNS = (
     "test_sensitivity_std",
     "test_false_alarm_rate_mean",
     "test_false_alarm_rate_std",
+    "test_decision_dice_tumor_mean",
+    "test_decision_dice_tumor_std",
+    "test_decision_sensitivity_mean",
+    "test_decision_sensitivity_std",
+    "test_decision_false_alarm_rate_mean",
+    "test_decision_false_alarm_rate_std",
     "ranked_by",
     "run_dirs",
 )
@@ -115,6 +123,11 @@ SHORT_NAMES = {"test/dice": "test Dice", "last_val_dice": "last val Dice", "best
 # Slice-level scores of training runs (metrics.json of train): column stem -> (key, slice group it needs).
 SLICE_GROUPS = {"dice_tumor": "tumor_slices", "sensitivity": "tumor_slices", "false_alarm_rate": "empty_slices"}
 SLICE_NOTES = {"tumor_slices": "n/a (no tumor slices)", "empty_slices": "n/a (no empty slices)"}
+# The same scores of the test split with the slice decision calibrated after training (train's test_with_decision,
+# evaluate's layout): column stem -> keys into it.
+DECISION_TEST = "test_with_decision"
+DECISION_SCORES = {"dice_tumor": ("tumor_slices", "dice", "mean"), "sensitivity": ("tumor_slices", "sensitivity"),
+                   "false_alarm_rate": ("empty_slices", "false_alarm_rate")}
 
 # The cross-dataset table (experiment=cross_dataset): one row per configuration and evaluation.
 CROSS_COLUMNS = (
@@ -198,11 +211,16 @@ class ConfigurationRow:
         return self.runs[0]
 
     def values(self, metric: str) -> list[float]:
-        """Finite values of ``metric`` over the runs (``test/...`` keys read the test dict)."""
+        """Finite values of ``metric`` over the runs (``test/...`` keys read the test dict; ``test_with_decision/NAME``
+        the :data:`DECISION_SCORES` of NAME)."""
         found = []
         for run in self.runs:
-            source = (run.metrics.get("test") or {}) if metric.startswith("test/") else run.metrics
-            value = source.get(metric)
+            if metric.startswith(f"{DECISION_TEST}/"):
+                value = run.metrics.get(DECISION_TEST)
+                for key in DECISION_SCORES[metric.split("/", 1)[1]]:
+                    value = value.get(key) if isinstance(value, dict) else None
+            else:
+                value = ((run.metrics.get("test") or {}) if metric.startswith("test/") else run.metrics).get(metric)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 found.append(value)
         return found
@@ -254,6 +272,7 @@ class ConfigurationRow:
         for name in SLICE_GROUPS:
             row[f"last_val_{name}_mean"], row[f"last_val_{name}_std"] = self.mean_std(f"last_val_{name}")
             row[f"test_{name}_mean"], row[f"test_{name}_std"] = self.mean_std(f"test/{name}")
+            row[f"test_decision_{name}_mean"], row[f"test_decision_{name}_std"] = self.mean_std(f"{DECISION_TEST}/{name}")
         for column, metric in (
             ("epochs", "epochs_trained"),
             ("train_time_s", "train_time_s"),

@@ -304,6 +304,10 @@ def test_training_runs_show_slice_level_validation_scores(tmp_path):
     for seed, rate in ((1, 0.2), (2, 0.4)):  # LGG-like: validation split with empty slices
         _write_run(root / f"lgg{seed}", "unet", seed, seed, val_dice=0.8, test_dice=0.7, net_layout=True)
         _add_slice_scores(root / f"lgg{seed}", (30, 0.6, 0.9), (60 + seed, rate))
+        metrics = json.loads((root / f"lgg{seed}" / "metrics.json").read_text())  # a slice decision calibrated
+        metrics["test_with_decision"] = {"tumor_slices": {"n": 30, "dice": {"mean": 0.5 - seed / 10}, "sensitivity": 0.8},
+                                         "empty_slices": {"n": 60 + seed, "false_alarm_rate": rate / 10}}
+        (root / f"lgg{seed}" / "metrics.json").write_text(json.dumps(metrics))
     _write_run(root / "kaggle", "lraspp", 1, 1, val_dice=0.7, test_dice=0.6, net_layout=True)
     _add_slice_scores(root / "kaggle", (50, 0.65, 1.0), (0, None))  # every slice shows a tumor
     _write_run(root / "old", "fcn", 1, 1, val_dice=0.6, test_dice=0.5, net_layout=True)  # made before these scores
@@ -316,6 +320,11 @@ def test_training_runs_show_slice_level_validation_scores(tmp_path):
     assert float(lgg["test_false_alarm_rate_mean"]) == pytest.approx(0.15)
     assert float(lgg["last_val_dice_tumor_mean"]) == pytest.approx(0.6)
     assert float(lgg["test_dice_tumor_mean"]) == pytest.approx(0.5)
+    assert float(lgg["test_decision_dice_tumor_mean"]) == pytest.approx(0.35)
+    assert float(lgg["test_decision_dice_tumor_std"]) == pytest.approx(statistics.stdev([0.4, 0.3]))
+    assert float(lgg["test_decision_sensitivity_mean"]) == pytest.approx(0.8)
+    assert float(lgg["test_decision_false_alarm_rate_mean"]) == pytest.approx(0.03)
+    assert kaggle["test_decision_false_alarm_rate_mean"] == kaggle["test_decision_dice_tumor_mean"] == ""
     assert (kaggle["val_empty_slices"], kaggle["last_val_false_alarm_rate_mean"]) == ("0", "")
     assert float(kaggle["last_val_sensitivity_mean"]) == 1.0 and kaggle["test_false_alarm_rate_mean"] == ""
     assert all(old[column] == "" for column in ("val_tumor_slices", "last_val_dice_tumor_mean", "test_sensitivity_mean"))
