@@ -28,6 +28,7 @@ from bts_lightning.data.dataset import SliceDataset
 from bts_lightning.decision import (
     SliceDecision,
     calibrated_decision,
+    chance_warning,
     check_rule,
     check_target,
     on_new_slices,
@@ -121,6 +122,14 @@ def reached_line(decision: SliceDecision) -> str:
             f"{on_new_slices_line(on_new_slices(cal['n_empty'], decision.target_false_alarm_rate))}.")
 
 
+def warn_if_chance(decision: SliceDecision) -> None:
+    """Log :func:`~bts_lightning.decision.chance_warning` for ``decision`` on its calibration split, if any."""
+    cal = decision.calibration
+    warning = chance_warning("The slice decision", cal["split"], cal["sensitivity"], cal["false_alarm_rate"])
+    if warning:
+        log.warning(warning)
+
+
 def calibrate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str, Any]:
     """Calibrate ``cfg.ckpt_path``'s slice decision on ``cfg.split``, store it there, write calibration.json.
 
@@ -146,6 +155,7 @@ def calibrate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[s
               "on_new_empty_slices": on_new_slices(decision.calibration["n_empty"], target)}
     write_json_atomic(Path(cfg.paths.output_dir) / "calibration.json", result)
     print(reached_line(decision), flush=True)
+    warn_if_chance(decision)
     return result
 
 

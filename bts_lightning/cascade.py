@@ -34,7 +34,7 @@ from bts_lightning.checkpoint import (
 )
 from bts_lightning.data.dataset import SliceDataset
 from bts_lightning.decision import calibrate as threshold_for
-from bts_lightning.decision import on_new_slices, on_new_slices_line, rate_above
+from bts_lightning.decision import chance_warning, on_new_slices, on_new_slices_line, rate_above
 from bts_lightning.errors import ConfigError
 from bts_lightning.evaluate import load_split
 from bts_lightning.inference import CHECKPOINT_SUFFIXES, ModelContract, ModulePredictor
@@ -158,6 +158,8 @@ def calibrate_context(scores: list[float], tumor: list[bool], positions: list[Po
     log.info("Scan context: %s; on the %s split, %.4f of the empty slices and %.4f of the tumor slices pass it; %s.",
              scan_context.describe(), split, record["false_alarm_rate"], record["sensitivity"] or 0.0,
              on_new_slices_line(record["on_new_empty_slices"]))
+    if warning := chance_warning("The scan context", split, record["sensitivity"], record["false_alarm_rate"]):
+        log.warning(warning)
     return scan_context, record
 
 
@@ -205,6 +207,9 @@ def cascade(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str
     log.info("Presence threshold %.6g: on the %s split, %.4f of %d empty slices and %.4f of %d tumor slices pass it; %s.",
              threshold, split, rate_above(empty, threshold), len(empty), rate_above(present, threshold) or 0.0,
              len(present), on_new_slices_line(presence_on_new))
+    if warning := chance_warning("The presence threshold", split, rate_above(present, threshold),
+                                 rate_above(empty, threshold)):
+        log.warning(warning)
     context_record = None
     if context:
         check_scan_layout(scoring.datamodule.found_layout, scoring.datamodule.root, "context=0")

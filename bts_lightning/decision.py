@@ -194,6 +194,20 @@ def on_new_slices_line(record: Mapping[str, float]) -> str:
             f"expected, at most {100 * record['false_alarm_rate_upper_95']:.1f} % with 95 % confidence")
 
 
+def chance_warning(what: str, split: str, sensitivity: float | None, false_alarm_rate: float | None) -> str | None:
+    """A warning when ``what`` (a calibrated threshold) lets through no larger share of the tumor slices of
+    ``split`` (``sensitivity``) than of its empty ones (``false_alarm_rate``): scores that do not tell them apart do
+    that by chance, so the model behind them did not learn to find the tumors. ``None`` otherwise, or when either
+    rate is unknown."""
+    if sensitivity is None or false_alarm_rate is None or sensitivity > false_alarm_rate:
+        return None
+    return (f"{what} lets through {sensitivity:.4f} of the tumor slices of the {split} split and {false_alarm_rate:.4f} "
+            "of its empty slices: no better than chance, so its scores do not tell tumor slices from empty ones. The "
+            "model behind them did not learn to find the tumors (a run whose best epoch is 0, or whose val/dice_tumor "
+            "stays near 0, never did): train it again (another seed, a lower learning rate or data.empty_fraction) "
+            "before using this decision.")
+
+
 def rate_above(scores: Sequence[float], threshold: float) -> float | None:
     """Fraction of ``scores`` strictly above ``threshold``; ``None`` for no scores."""
     values = np.asarray(scores, dtype=np.float64)

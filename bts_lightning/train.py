@@ -11,7 +11,13 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from bts_lightning.calibrate import calibrate_checkpoint, check_settings, no_empty_slices, reached_line
+from bts_lightning.calibrate import (
+    calibrate_checkpoint,
+    check_settings,
+    no_empty_slices,
+    reached_line,
+    warn_if_chance,
+)
 from bts_lightning.callbacks import MetricHistory
 from bts_lightning.checkpoint import resolve_resume
 from bts_lightning.cross_dataset import check_cross_data, checkpoint_to_score, evaluate_across
@@ -113,6 +119,7 @@ def calibrate_best(trainer: L.Trainer, best_path: str | None, datamodule: Any, t
                                         DECISION_PIXEL_THRESHOLD, "val", datamodule.name,
                                         batch_size=datamodule.batch_size)
         log.info(reached_line(decision))
+        warn_if_chance(decision)
         record = decision.to_dict()
     trainer.strategy.barrier("slice decision")  # the other ranks test best.ckpt once it holds the decision
     return record

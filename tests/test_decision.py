@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from bts_lightning.calibrate import calibrate, reached_line
+from bts_lightning.calibrate import calibrate, reached_line, warn_if_chance
 from bts_lightning.checkpoint import DECISION_KEY, load_module, write_decision
 from bts_lightning.decision import (
     SliceDecision,
     calibrated_decision,
+    chance_warning,
     false_alarm_bound,
     false_alarm_surprise,
     slice_score,
@@ -114,6 +115,22 @@ def test_false_alarm_bound_by_hand_and_in_the_reached_line():
             false_alarm_bound(**{"target": 0.05, **bad})
     made = calibrated_decision([0.0] * 18 + [0.3], [0.5], 0.05, "component_fraction", 0.5, "val", "lgg")
     assert "at most 14.6 % with 95 % confidence" in reached_line(made)
+
+
+def test_a_decision_no_better_than_chance_is_warned_about(caplog):
+    assert chance_warning("T", "val", 0.5, 0.05) is None and chance_warning("T", "val", None, 0.05) is None
+    assert chance_warning("T", "val", 0.04, 0.05).startswith("T lets through 0.0400 of the tumor slices of the val "
+                                                              "split and 0.0500 of its empty slices: no better than chance")
+    assert chance_warning("T", "val", 0.0, 0.0) is not None  # a zero target that passes no tumor slice either
+    # the threshold that passes none of 19 empty slices (target 5 %) passes no tumor slice of the first, one of the second
+    useless = calibrated_decision([0.0] * 18 + [0.3], [0.0, 0.1], 0.05, "component_fraction", 0.5, "val", "lgg")
+    useful = calibrated_decision([0.0] * 18 + [0.3], [0.5, 0.1], 0.05, "component_fraction", 0.5, "val", "lgg")
+    with caplog.at_level("WARNING", logger="bts_lightning.calibrate"):
+        warn_if_chance(useful)
+        assert not caplog.records
+        warn_if_chance(useless)
+    assert [record.getMessage()[:106] for record in caplog.records] == [
+        "The slice decision lets through 0.0000 of the tumor slices of the val split and 0.0000 of its empty slices"]
 
 
 def test_false_alarm_surprise_is_the_beta_binomial_tail_and_evaluate_flags_unlike_slices():
