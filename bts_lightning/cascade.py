@@ -203,12 +203,13 @@ def cascade(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str
     present = [score for score, has_tumor in zip(scores, tumor) if has_tumor]
     threshold = threshold_for(empty, target)
     joined.presence_threshold = checkpoint["hyper_parameters"]["net"]["presence_threshold"] = threshold
-    presence_on_new = on_new_slices(len(empty), target)
+    on_split = {"split": split, "n_empty": len(empty), "n_tumor": len(present),
+                "false_alarm_rate": rate_above(empty, threshold), "sensitivity": rate_above(present, threshold),
+                "on_new_empty_slices": on_new_slices(len(empty), target)}
     log.info("Presence threshold %.6g: on the %s split, %.4f of %d empty slices and %.4f of %d tumor slices pass it; %s.",
-             threshold, split, rate_above(empty, threshold), len(empty), rate_above(present, threshold) or 0.0,
-             len(present), on_new_slices_line(presence_on_new))
-    if warning := chance_warning("The presence threshold", split, rate_above(present, threshold),
-                                 rate_above(empty, threshold)):
+             threshold, split, on_split["false_alarm_rate"], len(empty), on_split["sensitivity"] or 0.0, len(present),
+             on_new_slices_line(on_split["on_new_empty_slices"]))
+    if warning := chance_warning("The presence threshold", split, on_split["sensitivity"], on_split["false_alarm_rate"]):
         log.warning(warning)
     context_record = None
     if context:
@@ -228,10 +229,7 @@ def cascade(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str
     result = {"checkpoint": str(output.resolve()), "segmentation": str(segmentation.resolve()),
               "presence": str(presence.resolve()), "flips": flips, "presence_threshold": threshold,
               "data_root": str(scoring.datamodule.root), "slices": scoring.scored,
-              "presence_on_split": {"split": split, "n_empty": len(empty), "n_tumor": len(present),
-                                    "false_alarm_rate": rate_above(empty, threshold),
-                                    "sensitivity": rate_above(present, threshold),
-                                    "on_new_empty_slices": presence_on_new},
+              "presence_on_split": on_split,
               "scan_context": context_record,
               "decision": decision.to_dict()}
     write_json_atomic(Path(cfg.paths.output_dir) / "cascade.json", result)
