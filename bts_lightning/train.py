@@ -20,7 +20,7 @@ from bts_lightning.calibrate import (
 )
 from bts_lightning.callbacks import MetricHistory
 from bts_lightning.checkpoint import resolve_resume
-from bts_lightning.cross_dataset import check_cross_data, checkpoint_to_score, evaluate_across
+from bts_lightning.cross_dataset import check_cross_data, checkpoint_to_score, evaluate_across, evaluation_row
 from bts_lightning.errors import ConfigError
 from bts_lightning.evaluate import evaluate
 from bts_lightning.inference import load_predictor
@@ -130,17 +130,16 @@ def test_with_decision(cfg: DictConfig, ckpt_path: Path, output_dir: Path) -> di
     function (:func:`bts_lightning.evaluate.evaluate`) into ``output_dir``: what ``evaluate`` reports for the
     checkpoint. (``metrics.json``'s ``test`` scores the network's own masks, without the decision.)
 
-    Returns evaluate's slice-level scores (``tumor_slices``, ``empty_slices``, ``all_slices_dice``), its
-    ``decision_note`` and ``false_alarm_check`` (the test false alarms against what the val calibration allows).
+    Returns its :func:`~bts_lightning.cross_dataset.evaluation_row` (slice counts and scores, all-slice Dice) with
+    evaluate's ``decision_note`` and ``false_alarm_check`` (the test false alarms against what the val calibration
+    allows).
     """
     config = OmegaConf.create({"ckpt_path": str(ckpt_path), "split": "test", "paths": {"output_dir": str(output_dir)},
                                "data": OmegaConf.to_container(cfg.data, resolve=True)})
     log.info("Scoring %s on the test split with its slice decision into %s", ckpt_path.name, output_dir)
     scored = evaluate(config)
-    return {"n_images": scored["n_images"], "all_slices_dice": scored["summary"]["dice"]["mean"],
-            "tumor_slices": scored["tumor_slices"], "empty_slices": scored["empty_slices"],
-            "decision_note": scored["decision_note"], "false_alarm_check": scored["false_alarm_check"],
-            "output_dir": str(output_dir)}
+    return {**evaluation_row("test with the slice decision", scored, output_dir, chose_checkpoint=False),
+            "decision_note": scored["decision_note"], "false_alarm_check": scored["false_alarm_check"]}
 
 
 def split_summary(datamodule: Any) -> dict[str, Any]:
