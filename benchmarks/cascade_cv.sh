@@ -7,7 +7,8 @@
 #   bash benchmarks/cascade_cv.sh OUT [LGG_ROOT] [VAL/TEST pairs...]
 # TRAINER=gpu (any conf/trainer option; default cpu, as measured in benchmarks/false_alarms.md) runs them elsewhere;
 # EXTRA="trainer.max_epochs=1 ..." appends Hydra overrides to both trainings (a quick check of the script; or a variant
-# of the recipe, e.g. EXTRA="data.channels=[0,1,2]" or EXTRA="seed=1 data.seed=42", into another OUT).
+# of the recipe, e.g. EXTRA="data.channels=[0,1,2]" or EXTRA="seed=1 data.seed=42", into another OUT);
+# PRESENCE_EXTRA="loss=dice_ce_slice_tumor" appends overrides to the presence training only.
 # Each pair also gets the scan-context cascade (context=${CONTEXT:-1}: presence averaged with CONTEXT slices either
 # side in the scan; CONTEXT=0 skips it), in cascade_context/ and cascade_context_test/. A training whose
 # checkpoints/best.ckpt exists is not run again, so a rerun adds the steps an earlier run lacks.
@@ -28,7 +29,8 @@ for pair in "${pairs[@]}"; do
         callbacks.early_stopping.patience=15 ${EXTRA:-} "hydra.run.dir=$run/tumor_only"
   [ -f "$run/presence/checkpoints/best.ckpt" ] ||
     python -m bts_lightning.train "${data[@]}" experiment=empty_slices trainer.max_epochs=120 \
-        callbacks.early_stopping.patience=30 scheduler.scheduler.patience=8 ${EXTRA:-} "hydra.run.dir=$run/presence"
+        callbacks.early_stopping.patience=30 scheduler.scheduler.patience=8 ${EXTRA:-} ${PRESENCE_EXTRA:-} \
+        "hydra.run.dir=$run/presence"
   python -m bts_lightning.cascade "segmentation=$run/tumor_only/checkpoints/best.ckpt" \
       "presence=$run/presence/checkpoints/best.ckpt" target_false_alarm_rate=0.05 "hydra.run.dir=$run/cascade"
   python -m bts_lightning.evaluate "ckpt_path=$run/tumor_only/checkpoints/best.ckpt" split=test slice_decision=off \

@@ -584,12 +584,42 @@ def render_markdown(rows: Sequence[ConfigurationRow], directories: Sequence[str 
         lines.append("| " + " | ".join(cells) + " |")
     if chart:
         lines += ["", f"![Dice per configuration]({chart})"]
+    lines += decision_test_markdown(rows)
     lines += cross_dataset_markdown(cross_dataset_rows(rows))
     lines += ["", "## Runs", ""]
     for rank, row in enumerate(rows, start=1):
         dirs = ", ".join(f"`{r.directory}`" for r in row.runs)
         lines.append(f"{rank}. {row.label}: {dirs}")
     return "\n".join(lines) + "\n"
+
+
+def decision_test_markdown(rows: Sequence[ConfigurationRow]) -> list[str]:
+    """The ``Test split with the calibrated slice decision`` section of report.md: for each configuration whose
+    runs scored their test split with the decision calibrated on val (train's ``test_with_decision``), the
+    tumor-slice Dice, sensitivity and false-alarm rate against the same scores without it. No lines when no
+    run has one."""
+    table = []
+    for rank, row in enumerate(rows, start=1):
+        f = row.fields()
+        with_decision = [f"test_decision_{name}_mean" for name in SLICE_GROUPS]
+        if all(f[column] is None for column in with_decision):
+            continue
+        runs = len(row.values(f"{DECISION_TEST}/dice_tumor") or row.values(f"{DECISION_TEST}/false_alarm_rate"))
+        cells = [str(rank), f["config"].replace("|", "\\|"), f"{runs} of {f['runs']}",
+                 f"{_number(f['test_tumor_slices'])} / {_number(f['test_empty_slices'])}"]
+        for name in SLICE_GROUPS:
+            cells += [_mean_std(f[f"test_{name}_mean"], f[f"test_{name}_std"]),
+                      _mean_std(f[f"test_decision_{name}_mean"], f[f"test_decision_{name}_std"])]
+        table.append("| " + " | ".join(cells) + " |")
+    if not table:
+        return []
+    header = ["#", "configuration", "runs", "test slices (tumor / empty)", "tumor-slice Dice", "with the decision",
+              "sensitivity", "with the decision", "false-alarm rate", "with the decision"]
+    return ["", "## Test split with the calibrated slice decision", "",
+            ("The held-out test split of the runs trained with `decision.target_false_alarm_rate`: the network's own "
+             "masks, then with the slice decision calibrated on the validation split after training "
+             "(`metrics.json`'s `test_with_decision`), so neither is chosen on the split it scores."),
+            "", "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|", *table]
 
 
 def _slices(entry: dict[str, Any]) -> str:

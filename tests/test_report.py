@@ -333,3 +333,7 @@ def test_training_runs_show_slice_level_validation_scores(tmp_path):
     assert "| 0.6000 ± 0.0000 | 0.9000 ± 0.0000 | 0.3000 ± 0.1414 | **0.7000 ± 0.0000** |" in markdown
     assert "| 0.6500 | 1.0000 | n/a (no empty slices) | **0.6000** |" in markdown
     assert "| – | – | – | **0.5000** |" in markdown
+    section = markdown.split("## Test split with the calibrated slice decision")[1].split("## Runs")[0]
+    assert "| 2 of 2 | 30 / 61-62 | 0.5000 ± 0.0000 | 0.3500 ± 0.0707 | 0.9000 ± 0.0000 | 0.8000 ± 0.0000 " \
+        "| 0.1500 ± 0.0707 | 0.0300 ± 0.0141 |" in section
+    assert "lraspp" not in section and "fcn" not in section  # no decision on their test splits
