@@ -142,6 +142,19 @@ def test_with_decision(cfg: DictConfig, ckpt_path: Path, output_dir: Path) -> di
             "decision_note": scored["decision_note"], "false_alarm_check": scored["false_alarm_check"]}
 
 
+def never_improved_warning(history: list[dict[str, float]], best: dict[str, float] | None, monitor: str) -> str | None:
+    """A warning when ``best`` (the row that chose ``best.ckpt``) is the first validated epoch of ``history`` although
+    at least two more were validated: ``monitor`` never beat the network it started from, so ``best.ckpt`` is a
+    network that training did not improve. ``None`` otherwise."""
+    if best is None or len(history) < 3 or best is not history[0]:
+        return None
+    return (f"best.ckpt is the first validated epoch's network (epoch {best['epoch']}): {monitor} never beat its value "
+            f"there ({best.get(monitor):.4g}) in the {len(history) - 1} epochs validated after it, so training did "
+            "not improve the network it started from. Train it again (another seed, a lower optimizer.lr); on data "
+            "with empty slices, loss=dice_ce_slice_tumor keeps their pull towards empty masks off the segmentation "
+            "terms.")
+
+
 def split_summary(datamodule: Any) -> dict[str, Any]:
     """How the slices were split: method, whether patients may leak between subsets, subset sizes, and
     ``n_negatives``, the ``data.negatives`` slices trained on besides ``n_train``."""
@@ -228,6 +241,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "best_checkpoint": best_path,
         "val_history": history.history if history else [],
     }
+    stalled = never_improved_warning(history.history, best, monitor) if history else None
+    if stalled:
+        log.warning(stalled)
+        metrics["selection"]["warning"] = stalled
     if decision_target is not None:
         metrics["decision"] = calibrate_best(trainer, best_path, datamodule, decision_target,
                                              str(cfg.decision.get("rule", "component_fraction")))

@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from bts_lightning.checkpoint import CheckpointError
 from bts_lightning.errors import ConfigError
 from bts_lightning.preprocessing import standardize
-from bts_lightning.train import train
+from bts_lightning.train import never_improved_warning, train
 from tests import fixtures_demo
 from tests.conftest import REAL_DATA, compose_train, run_cli
 
@@ -245,3 +245,27 @@ def test_one_monitor_key_drives_checkpoint_early_stopping_and_scheduler(tmp_path
     assert saved["best_val_dice"] == best_row["val/dice"]
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["epoch"] == saved["best_epoch"]
+
+
+def test_a_best_checkpoint_training_never_improved_on_is_warned_about():
+    rows = [{"epoch": 0, "val/dice_tumor": 0.016}, {"epoch": 1, "val/dice_tumor": 0.0}, {"epoch": 2, "val/dice_tumor": 0.0}]
+    warning = never_improved_warning(rows, rows[0], "val/dice_tumor")
+    assert "epoch 0" in warning and "val/dice_tumor never beat its value there (0.016)" in warning
+    assert "in the 2 epochs validated after it" in warning and "Train it again" in warning
+    assert never_improved_warning(rows[:2], rows[0], "val/dice_tumor") is None  # one later epoch: too early to say
+    improved = [*rows, {"epoch": 3, "val/dice_tumor": 0.4}]
+    assert never_improved_warning(improved, improved[3], "val/dice_tumor") is None
+    assert never_improved_warning([], None, "val/dice_tumor") is None
+
+
+def test_train_warns_when_the_monitor_never_beats_the_first_epoch(tmp_path, caplog):
+    # Every synthetic slice has a tumor and an untrained network marks some pixel on each: val/sensitivity is 1 at
+    # the first epoch and no later epoch can beat it.
+    overrides = [*SMALL_SYNTHETIC, f"paths.data_dir={tmp_path / 'data'}", "trainer=cpu", "debug=limit",
+                 "trainer.max_epochs=3", "data.num_workers=0", "test=false", "monitor.metric=val/sensitivity"]
+    with caplog.at_level("WARNING", logger="bts_lightning.train"):
+        saved = train(compose_train(overrides, tmp_path / "run"))
+    assert saved["val_history"][0]["val/sensitivity"] == 1.0 and saved["best_epoch"] == 0
+    assert len(saved["val_history"]) == 3
+    assert saved["selection"]["warning"] in caplog.messages
+    assert "val/sensitivity never beat its value there (1)" in saved["selection"]["warning"]
