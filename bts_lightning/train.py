@@ -150,9 +150,10 @@ def never_improved_warning(history: list[dict[str, float]], best: dict[str, floa
         return None
     return (f"best.ckpt is the first validated epoch's network (epoch {best['epoch']}): {monitor} never beat its value "
             f"there ({best.get(monitor):.4g}) in the {len(history) - 1} epochs validated after it, so training did "
-            "not improve the network it started from. Train it again (another seed, a lower optimizer.lr); on data "
-            "with empty slices, loss=dice_ce_slice_tumor keeps their pull towards empty masks off the segmentation "
-            "terms.")
+            "not improve the network it started from. Train it again (another seed, a lower optimizer.lr). With "
+            "empty slices, a network still learning to outline tumors has no tumor pixel above 0.5 for a while, so "
+            "val/dice_tumor sits at 0 and stops the run: loss=dice_ce_slice_tumor monitor.metric=val/loss "
+            "monitor.mode=min gives it a monitor that moves (README \"Empty slices\").")
 
 
 def split_summary(datamodule: Any) -> dict[str, Any]:
