@@ -27,9 +27,10 @@ from hydra import compose, initialize_config_dir
 
 from benchmarks.cascade_cv_table import pair_name, pair_rows, pooled_name, scores
 from benchmarks.table_cli import table_main
+from bts_lightning.data.neighbours import Position, slice_position
 from bts_lightning.decision import calibrate
 from bts_lightning.runtime import CONFIG_DIR
-from bts_lightning.scan_context import Position, context_means, slice_position
+from bts_lightning.scan_context import context_means
 
 COLUMNS = ("fold pair (val / test)", "presence score", "threshold (val)", "test slices (tumor/empty)",
            "tumor-only tumor-slice Dice", "tumor-slice Dice", "Dice drop", "sensitivity", "false-alarm rate")

@@ -31,8 +31,10 @@ from bts_lightning.checkpoint import (
     read_checkpoint,
     training_channels,
     training_image_size,
+    training_neighbours,
 )
 from bts_lightning.data.dataset import SliceDataset
+from bts_lightning.data.neighbours import slice_position
 from bts_lightning.decision import calibrate as threshold_for
 from bts_lightning.decision import chance_warning, on_new_slices, on_new_slices_line, rate_above
 from bts_lightning.errors import ConfigError
@@ -47,7 +49,6 @@ from bts_lightning.scan_context import (
     check_scan_layout,
     context_means,
     presence_probabilities,
-    slice_position,
 )
 from bts_lightning.segmentation_module import SegmentationModule
 from bts_lightning.trained_split import stored_split
@@ -86,6 +87,7 @@ def check_compatible(segmentation: Path, presence: Path) -> None:
     """
     checks = {
         "input channels (data.channels)": (training_channels(segmentation), training_channels(presence)),
+        "scan neighbours (data.neighbours)": (training_neighbours(segmentation), training_neighbours(presence)),
         "image size (data.image_size)": (training_image_size(segmentation), training_image_size(presence)),
     }
     for what, (first, second) in checks.items():

@@ -163,6 +163,17 @@ def training_channels(ckpt_path: str | Path) -> Any:
     return channels if channels is not None else _from_run_config(path, "data.channels")
 
 
+def training_neighbours(ckpt_path: str | Path) -> int:
+    """``data.neighbours`` the checkpoint was trained with (from its split record, else its run's config); 0 when
+    neither records it (checkpoints from before ``data.neighbours`` were trained on slices alone)."""
+    path = Path(ckpt_path).resolve()
+    record = (_stored(path).get(DATAMODULE_STATE_KEY) or {}).get("split") or {}
+    neighbours = record.get("settings", {}).get("neighbours") if isinstance(record, dict) else None
+    if neighbours is None:
+        neighbours = _from_run_config(path, "data.neighbours")
+    return neighbours if isinstance(neighbours, int) and not isinstance(neighbours, bool) and neighbours > 0 else 0
+
+
 def _stored(path: Path) -> dict[str, Any]:
     """The checkpoint dict (memory-mapped), or ``{}`` when unreadable: loading it reports that properly."""
     try:

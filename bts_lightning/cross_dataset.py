@@ -22,6 +22,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from bts_lightning.data.channels import parse_channels
+from bts_lightning.data.neighbours import check_neighbours, window_size
 from bts_lightning.errors import ConfigError
 from bts_lightning.evaluate import evaluate
 from bts_lightning.inference import InferenceOptions
@@ -52,7 +53,7 @@ def evaluate_options(cfg: DictConfig) -> dict[str, Any]:
 
 def check_cross_data(cfg: DictConfig, in_channels: int) -> str:
     """Check ``cfg.cross_data`` and ``cfg.cross_evaluate`` before training: a data config whose channels the model
-    (``in_channels``) takes, and valid evaluate settings.
+    (``in_channels``, over its ``data.neighbours`` window) takes, and valid evaluate settings.
 
     Returns the channel line of :func:`~bts_lightning.trained_split.channel_mapping`.
 
@@ -68,7 +69,8 @@ def check_cross_data(cfg: DictConfig, in_channels: int) -> str:
                           "data@cross_data=<option of conf/data/>, e.g. data@cross_data=lgg.")
     trained = {"name": cfg.data.get("name"), "channels": cfg.data.channels}
     name = other.get("name") or Path(str(other.root)).name
-    return channel_mapping(in_channels, trained, parse_channels(other.channels, "cross_data.channels"), name,
+    per_slice = in_channels // window_size(check_neighbours(cfg.data.get("neighbours", 0)))
+    return channel_mapping(per_slice, trained, parse_channels(other.channels, "cross_data.channels"), name,
                            key="cross_data.channels")
 
 

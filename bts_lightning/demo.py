@@ -4,7 +4,9 @@
 ``.pt``/``.ts``, a hub folder). The page takes one slice (PNG, JPEG, TIFF, BMP; any size, 8/16-bit,
 gray or colour, read with the model's channels) and shows the overlay, the probability map, the
 tumor area (pixels and % of the slice; "No tumor detected" with the slice score when the model's
-calibrated slice decision rejects the slice, ``slice_decision=auto``) and a mask PNG to download. Threshold, TTA and postprocessing
+calibrated slice decision rejects the slice, ``slice_decision=auto``) and a mask PNG to download. A model trained
+with scan neighbours (``data.neighbours``) sees the lone slice's own planes in their place (``predict`` over a scan
+folder gives it the real ones). Threshold, TTA and postprocessing
 controls start at the config's values; each request runs :func:`bts_lightning.predict.segment`, the
 same code as ``predict``. A few synthetic example slices are written to the run folder at start-up.
 Bad uploads (not an image, empty, too large) show one message in the page. Needs the ``demo`` extra.
@@ -23,6 +25,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from bts_lightning.data.io import ChannelError, UnreadableImageError, read_channels
+from bts_lightning.data.neighbours import stack_window, window_size
 from bts_lightning.data.synthetic import generate_dataset
 from bts_lightning.errors import ConfigError
 from bts_lightning.inference import (
@@ -80,7 +83,8 @@ def check_upload(path: str | Path | None) -> Path:
 
 def analyze(predictor: Predictor, path: str | Path | None, options: InferenceOptions,
             image_size: int | None = None) -> Result:
-    """Segment the slice file ``path`` as ``predict`` does; ``ValueError`` with a message for bad uploads."""
+    """Segment the slice file ``path`` as ``predict`` does a slice without scan neighbours; ``ValueError`` with a
+    message for bad uploads."""
     contract = contract_of(predictor)
     file = check_upload(path)
     try:
@@ -94,7 +98,8 @@ def analyze(predictor: Predictor, path: str | Path | None, options: InferenceOpt
         raise ValueError(f"{file.name} is {image.shape[-1]}x{image.shape[-2]} px; the demo takes up to "
                          f"{MAX_PIXELS} pixels.")
     size = image_size or contract.image_size or DEFAULT_IMAGE_SIZE
-    ((probability, mask),) = segment(predictor, [image], size, options)
+    ((probability, mask),) = segment(predictor, [stack_window([image] * window_size(contract.neighbours))], size,
+                                     options)
     heat = cv2.cvtColor(cv2.applyColorMap(to_uint8(np.clip(probability, 0, 1) * 255), cv2.COLORMAP_INFERNO),
                         cv2.COLOR_BGR2RGB)
     return Result(overlay(image[0], mask), heat, mask, decision_text(options, probability) or area_text(mask))
@@ -180,6 +185,10 @@ def demo(cfg: DictConfig) -> None:
     options = InferenceOptions.from_config(cfg)
     predictor = load_predictor(ckpt_path, resolve_device(cfg.get("device", "auto")))
     options = with_model_decision(options, cfg, contract_of(predictor))
+    if contract_of(predictor).neighbours:
+        log.info("The demo takes one slice at a time: this model, trained with %d slice(s) either side in the scan "
+                 "(data.neighbours), sees the slice's own planes in their place. Predict over a scan folder for them.",
+                 contract_of(predictor).neighbours)
     cascade = cascade_of(predictor)
     if cascade is not None and cascade.context:
         log.info("The demo takes one slice at a time, so this cascade's scan context (%d slice(s) either side) is not "

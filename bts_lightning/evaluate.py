@@ -54,10 +54,11 @@ import cv2
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 from tqdm.auto import tqdm
 
 from bts_lightning.data.dataset import SliceDataset
+from bts_lightning.data.neighbours import slice_position
 from bts_lightning.decision import SliceDecision, false_alarm_surprise, on_new_slices, on_new_slices_line
 from bts_lightning.errors import ConfigError
 from bts_lightning.inference import (
@@ -78,7 +79,6 @@ from bts_lightning.scan_context import (
     check_scan_layout,
     model_context,
     presence_probabilities,
-    slice_position,
 )
 from bts_lightning.trained_split import (
     channel_mapping,
@@ -213,6 +213,19 @@ class SplitToScore:
     scored: dict[str, Any]  # which slices, checked against the trained split (metrics.json's "slices")
 
 
+def model_neighbours(data: DictConfig, neighbours: int, keys: set[str]) -> DictConfig:
+    """``data`` with the model's ``neighbours`` (the scan window its input stacks: a property of the model, not of
+    the data); ``ConfigError`` when the command line (``keys``) set ``data.neighbours`` to another value."""
+    given = data.get("neighbours", 0)
+    if "data.neighbours" in keys and given != neighbours:
+        raise ConfigError(f"data.neighbours={given}, but the model was trained with data.neighbours={neighbours} (its "
+                          f"input stacks {2 * neighbours + 1} slice(s) of a scan); leave data.neighbours out.")
+    data = data.copy()
+    with open_dict(data):
+        data.neighbours = neighbours
+    return data
+
+
 def load_split(cfg: DictConfig, overrides: Sequence[str] | None, split: str, app: str) -> SplitToScore:
     """Load ``cfg.ckpt_path`` and the ``split`` slices of its data, as ``evaluate`` scores them.
 
@@ -235,10 +248,12 @@ def load_split(cfg: DictConfig, overrides: Sequence[str] | None, split: str, app
     else:
         keys = override_keys(overrides)
         data = data_config(cfg.data, record, keys, trained_at)
-    datamodule = instantiate(data, augmentations=None)
+    datamodule = instantiate(model_neighbours(data, contract.neighbours, keys), augmentations=None)
     # What the model was trained on: the dataset its checkpoint's split record names; the channels its contract holds.
     trained = {"name": (record or {}).get("settings", {}).get("name"), "channels": contract.channels}
-    channels = channel_mapping(contract.in_channels, trained, datamodule.channels, datamodule.name)
+    channels = channel_mapping(contract.slice_channels, trained, datamodule.channels, datamodule.name)
+    if contract.neighbours:
+        channels += f", with the {contract.neighbours} slice(s) before and after each in its scan (data.neighbours)"
     log.info("Channels: %s", channels)
     check_input_size(predictor, datamodule.image_size, "data.image_size")
     datamodule.setup("test")
@@ -403,7 +418,7 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[st
         images, truths = zip(*(dataset.load(position) for position in worst))
         predictions = masks_of(worst, np.stack(images))
         panels = [
-            captioned(panel(image, truth, prediction),
+            captioned(panel(image[dataset.own_channel], truth, prediction),
                        f"{rows[i]['stem']}  Dice {rows[i]['dice']:.3f}  HD95 {rows[i]['hd95']:.1f}")
             for i, image, truth, prediction in zip(worst, images, truths, predictions)
         ]

@@ -141,6 +141,9 @@ def model_card(config: Mapping[str, Any], metrics: Mapping[str, Any] | None = No
         f"- Input: {config.get('input')}.",
         (f"- Channels: {config.get('channels')} ({config.get('in_channels')} channel(s)); "
          f"trained at {config.get('image_size') or 'an unrecorded size'} px square slices."),
+        *([(f"- Scan neighbours: each input stacks those channels of the slice and the {config['neighbours']} "
+           "slice(s) before and after it in its scan (data.neighbours), in scan order.")]
+          if config.get("neighbours") else []),
         f"- Normalization: {config.get('normalization')} (inside the model).",
         (f"- Output: tumor probability per pixel (softmax channel {config.get('tumor_class')}); "
          "tumor where probability > threshold (0.5 by default)."),

@@ -44,9 +44,11 @@ from bts_lightning.checkpoint import (
     stored_decision,
     training_channels,
     training_image_size,
+    training_neighbours,
 )
 from bts_lightning.data.channels import GRAY, Channels, channels_setting, describe_channels, parse_channels
 from bts_lightning.data.io import MIN_IMAGE_SIZE
+from bts_lightning.data.neighbours import own_channel, window_size
 from bts_lightning.decision import SliceDecision
 from bts_lightning.errors import BtsError, ConfigError, first_line
 from bts_lightning.models import check_input_size as check_network_input_size
@@ -69,10 +71,11 @@ INSTALL_HINT = 'pip install -e ".[export]"'
 # Where exported files carry their contract (JSON of ModelContract.to_json()).
 ONNX_CONTRACT_KEY = "bts_lightning.contract"
 TORCHSCRIPT_CONTRACT_FILE = "bts_lightning_contract.json"
-CONTRACT_VERSION = 1
+CONTRACT_VERSION = 2  # the newest record this package reads; 2 = with neighbours (older readers refuse those)
 NORMALIZATION = "per-image z-score (bts_lightning.preprocessing.standardize)"
-INPUT_NOTE = ("float32 (N, C, H, W) slices, C = in_channels (the file channels in channels), of any intensity scale "
-              "(uint8, uint16 or [0, 1] give the same result)")
+INPUT_NOTE = ("float32 (N, C, H, W) slices, C = in_channels (the file channels in channels, of each slice of the "
+              "window of 2 * neighbours + 1 scan slices), of any intensity scale (uint8, uint16 or [0, 1] give the "
+              "same result)")
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -105,8 +108,12 @@ class ModelContract:
         in_channels, num_classes: of the network; model files take (N, in_channels, H, W) batches.
         channels: which channels of each image file make those inputs: ``"gray"`` (one grayscale
             channel) or a tuple of channel indices in file order (``(1,)``: FLAIR of an LGG TIFF), as
-            ``data.channels`` (:mod:`bts_lightning.data.channels`). Its count must equal ``in_channels``.
-            Absent from older contracts: ``"gray"`` for a 1-channel model, else the first ``in_channels``.
+            ``data.channels`` (:mod:`bts_lightning.data.channels`). Its count times ``2 * neighbours + 1`` must
+            equal ``in_channels``. Absent from older contracts: ``"gray"`` for a 1-channel model, else the first
+            ``in_channels``.
+        neighbours: ``data.neighbours`` (:mod:`bts_lightning.data.neighbours`): each input stacks ``channels`` of
+            the slices ``n - neighbours .. n + neighbours`` of slice ``n``'s scan, in that order. 0 (older
+            contracts too): the slice alone. A contract with neighbours is ``format_version`` 2.
         tumor_class: the softmax channel returned as tumor probability.
         normalization: how slices are normalized (inside the model: callers pass raw intensities).
         input: dtype, shape and intensity-scale note of the input.
@@ -129,12 +136,14 @@ class ModelContract:
     fixed_size: bool = False
     channels: str | tuple[int, ...] = GRAY
     decision: dict[str, Any] | None = None
-    format_version: int = CONTRACT_VERSION
+    format_version: int = 1
+    neighbours: int = 0
 
     def __post_init__(self) -> None:
         if self.image_size is not None and not _is_count(self.image_size, 1):
             raise ValueError(f"image_size={self.image_size!r} must be a positive whole number or None")
-        for name, minimum in (("in_channels", 1), ("num_classes", 1), ("tumor_class", 0), ("format_version", 1)):
+        for name, minimum in (("in_channels", 1), ("num_classes", 1), ("tumor_class", 0), ("format_version", 1),
+                              ("neighbours", 0)):
             if not _is_count(getattr(self, name), minimum):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a whole number >= {minimum}")
         if self.tumor_class >= self.num_classes:
@@ -148,9 +157,13 @@ class ModelContract:
         except ConfigError as error:
             raise ValueError(str(error)) from None
         object.__setattr__(self, "channels", GRAY if indices is None else indices)
-        if (1 if indices is None else len(indices)) != self.in_channels:
-            raise ValueError(f"channels={channels_setting(indices)} give {1 if indices is None else len(indices)} "
-                             f"channel(s) but in_channels={self.in_channels}")
+        count = (1 if indices is None else len(indices)) * window_size(self.neighbours)
+        if count != self.in_channels:
+            window = f" with neighbours={self.neighbours}" if self.neighbours else ""
+            raise ValueError(f"channels={channels_setting(indices)}{window} give {count} channel(s) but "
+                             f"in_channels={self.in_channels}")
+        if self.neighbours and self.format_version < 2:
+            object.__setattr__(self, "format_version", 2)
         if self.decision is not None:
             object.__setattr__(self, "decision", SliceDecision.from_dict(self.decision).to_dict())
 
@@ -164,9 +177,23 @@ class ModelContract:
         """``channels`` as :func:`~bts_lightning.data.io.read_channels` takes them: ``None`` = gray."""
         return None if self.channels == GRAY else self.channels
 
+    @property
+    def slice_channels(self) -> int:
+        """How many channels each slice of the window gives: ``in_channels / (2 * neighbours + 1)``."""
+        return self.in_channels // window_size(self.neighbours)
+
+    @property
+    def own_channel(self) -> int:
+        """Index of the slice's own first channel in an input (the middle of the window): what overlays show."""
+        return own_channel(self.neighbours, self.slice_channels)
+
     def describe_channels(self) -> str:
-        """What the model takes of each file, e.g. ``channel [1] of each file (file order)``."""
-        return describe_channels(self.channel_indices)
+        """What the model takes of each file, e.g. ``channel [1] of each file (file order)``, and of which slices."""
+        text = describe_channels(self.channel_indices)
+        if self.neighbours:
+            text += (f", of the slice and the {self.neighbours} slice(s) before and after it in its scan "
+                     f"({self.in_channels} channels)")
+        return text
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "channels": channels_setting(self.channel_indices)}
@@ -197,9 +224,10 @@ class ModelContract:
             raise ValueError(str(error)) from None
 
     @classmethod
-    def from_module(cls, module: Any, image_size: int | None = None, channels: Any = None) -> ModelContract:
+    def from_module(cls, module: Any, image_size: int | None = None, channels: Any = None,
+                    neighbours: int = 0) -> ModelContract:
         """The contract of a :class:`SegmentationModule` trained at ``image_size`` on ``channels`` (a
-        ``data.channels`` value; ``None``: unknown, see :func:`default_channels`).
+        ``data.channels`` value; ``None``: unknown, see :func:`default_channels`) with ``neighbours``.
 
         Raises ``ValueError`` when ``channels`` are invalid or their count is not the network's ``in_channels``.
         """
@@ -211,6 +239,7 @@ class ModelContract:
             num_classes=int(config.get("num_classes", 2)),
             model=None if config.get("name") is None else str(config["name"]),
             channels=default_channels(in_channels) if channels is None else channels,
+            neighbours=neighbours,
         )
 
 
@@ -405,9 +434,10 @@ def _checkpoint_contract(path: Path, module: SegmentationModule) -> ModelContrac
     """The contract of checkpoint ``path`` holding ``module``: its training size, channels and slice decision."""
     channels = training_channels(path)
     try:
-        contract = ModelContract.from_module(module, training_image_size(path), channels)
+        contract = ModelContract.from_module(module, training_image_size(path), channels, training_neighbours(path))
     except ValueError as error:
-        raise CheckpointError(f"Checkpoint {path}: its data.channels do not match its network ({error}).") from None
+        raise CheckpointError(f"Checkpoint {path}: its data.channels and data.neighbours do not match its network "
+                              f"({error}).") from None
     decision = stored_decision(path)
     if decision is not None:
         try:

@@ -54,6 +54,7 @@ from bts_lightning.data.channels import Channels, channels_setting, describe_cha
 from bts_lightning.data.dataset import resize_image
 from bts_lightning.data.discovery import IMAGE_SUFFIXES
 from bts_lightning.data.io import ChannelError, UnreadableImageError, read_channels
+from bts_lightning.data.neighbours import neighbour_windows, own_channel, slice_position, stack_window
 from bts_lightning.errors import ConfigError, DataError, format_names
 from bts_lightning.inference import (
     InferenceOptions,
@@ -73,7 +74,6 @@ from bts_lightning.scan_context import (
     SegmentationPredictor,
     model_context,
     presence_probabilities,
-    slice_position,
 )
 from bts_lightning.visualize import overlay, write_png
 
@@ -117,6 +117,45 @@ def output_names(files: list[Path]) -> dict[Path, str]:
             for path in files}
 
 
+class InputReader:
+    """Reads each of ``files`` as the model's input: its ``channels``, stacked with those of its ``neighbours``
+    slices either side among ``files`` (:mod:`bts_lightning.data.neighbours`: a folder is one scan, a slice's
+    number the one its name ends with; the nearest slice stands in for a missing neighbour, the slice itself for
+    an unreadable one). ``own_channel`` is the slice's own first channel in what :meth:`read` returns."""
+
+    def __init__(self, files: list[Path], channels: Channels, neighbours: int = 0) -> None:
+        self.channels, self.neighbours = channels, neighbours
+        self.own_channel = own_channel(neighbours, 1 if channels is None else len(channels))
+        self.windows: dict[Path, list[Path]] = {}
+        if neighbours:
+            positions = [slice_position(path) for path in files]
+            windows = neighbour_windows(positions, neighbours, fix="predict each scan's folder on its own")
+            self.windows = {path: [files[i] for i in window] for path, window in zip(files, windows)}
+            alone = [path.name for path, position in zip(files, positions) if position is None]
+            if alone or len(files) == 1:
+                log.warning("%d input slice(s) have no scan neighbours among the inputs (%s): the model, trained on "
+                            "%d slice(s) either side, sees their own planes in their place. Pass a scan's folder as "
+                            "input, its files named <scan>_<n>.", max(len(alone), 1),
+                            format_names(alone or [files[0].name]), neighbours)
+
+    def read(self, path: Path) -> np.ndarray:
+        """(C, H, W) uint8 input of ``path``; raises what :func:`read_channels` raises for ``path`` itself."""
+        image = read_channels(path, self.channels)
+        if not self.neighbours:
+            return image
+        planes: dict[Path, np.ndarray] = {path: image}
+        for other in self.windows[path]:
+            if other not in planes:
+                try:
+                    planes[other] = read_channels(other, self.channels)
+                except (UnreadableImageError, ChannelError, OSError):
+                    planes[other] = image
+                if planes[other].shape != image.shape:
+                    raise ValueError(f"its scan neighbour {other.name} is {planes[other].shape[2]}x"
+                                     f"{planes[other].shape[1]} px, not {image.shape[2]}x{image.shape[1]} like it")
+        return stack_window([planes[other] for other in self.windows[path]])
+
+
 def input_channels(setting: Any, contract: ModelContract) -> Channels:
     """The channels to read of each file: the model's (``setting`` null) or ``setting`` (the ``channels`` option).
 
@@ -130,11 +169,11 @@ def input_channels(setting: Any, contract: ModelContract) -> Channels:
         channels = parse_channels(OmegaConf.to_container(setting) if OmegaConf.is_config(setting) else setting,
                                   "channels")
         count = 1 if channels is None else len(channels)
-        if count != contract.in_channels:
+        if count != contract.slice_channels:
             raise ConfigError(
-                f"channels={channels_setting(channels)} gives {count} channel(s), but the model takes "
-                f"{contract.in_channels} ({contract.describe_channels()}); give {contract.in_channels} channel(s) "
-                "(gray counts as one), or channels=null for the model's own."
+                f"channels={channels_setting(channels)} gives {count} channel(s) of each slice, but the model takes "
+                f"{contract.slice_channels} ({contract.describe_channels()}); give {contract.slice_channels} "
+                "channel(s) (gray counts as one), or channels=null for the model's own."
             )
     if channels == model:
         log.info("The model takes %s", contract.describe_channels())
@@ -175,16 +214,18 @@ def predict_files(
     channels: Channels = None,
     decisions: list[dict[str, Any]] | None = None,
     scan_decisions: Mapping[Path, tuple[float, bool]] | None = None,
+    reader: InputReader | None = None,
 ) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Write mask and overlay of every readable file; returns (written masks, (skipped file, reason)).
 
-    ``channels``: which channels of each file the predictor takes (``None`` = grayscale); a file
-    lacking one of them is skipped with its reason. ``decisions`` (when given) gets one row per written
+    ``channels``: which channels of each file the predictor takes (``None`` = grayscale), read by ``reader``
+    (default: each file alone, :class:`InputReader`); a file lacking one of them is skipped with its reason. ``decisions`` (when given) gets one row per written
     file (:data:`SLICE_COLUMNS`): ``tumor_present`` = the final mask has a tumor pixel; ``score`` =
     the slice decision's score (``None`` without ``options.decision``). ``scan_decisions`` (score, tumor
     present) by file, decided for all files together (:func:`scan_presence`), replace the slice decision.
     """
     names = output_names(files)
+    reader = reader or InputReader(files, channels)
     written: list[Path] = []
     skipped: list[tuple[Path, str]] = []
     with tqdm(total=len(files), desc="predict", unit="image", disable=None) as bar:
@@ -192,8 +233,8 @@ def predict_files(
             loaded: list[tuple[Path, np.ndarray]] = []
             for path in files[start : start + batch_size]:
                 try:
-                    loaded.append((path, read_channels(path, channels)))
-                except (UnreadableImageError, ChannelError, OSError) as error:
+                    loaded.append((path, reader.read(path)))
+                except (UnreadableImageError, ChannelError, OSError, ValueError) as error:
                     reason = _reason(error, channels)
                     log.warning("Skipping %s: %s", path.name, reason)
                     skipped.append((path, reason))
@@ -211,13 +252,13 @@ def predict_files(
                                           "score": score})
                     write_png(mask_path, mask * 255)
                     write_png(output_dir / f"{names[path]}_overlay.png",
-                              cv2.cvtColor(overlay(image[0], mask), cv2.COLOR_RGB2BGR))
+                              cv2.cvtColor(overlay(image[reader.own_channel], mask), cv2.COLOR_RGB2BGR))
                     written.append(mask_path)
             bar.update(min(batch_size, len(files) - start))
     return written, skipped
 
 
-def scan_presence(predictor: Predictor, files: list[Path], image_size: int, channels: Channels,
+def scan_presence(predictor: Predictor, files: list[Path], image_size: int, reader: InputReader,
                   context: ScanContext, batch_size: int = 16) -> dict[Path, tuple[float, bool]]:
     """(score, tumor present) of every readable file under the cascade's scan ``context``, the files taken as one
     scan (:meth:`ScanContext.decide`); unreadable files are left out (:func:`predict_files` reports them)."""
@@ -228,8 +269,8 @@ def scan_presence(predictor: Predictor, files: list[Path], image_size: int, chan
         batch = []
         for path in files[start : start + batch_size]:
             try:
-                batch.append((path, resize_image(read_channels(path, channels), image_size)))
-            except (UnreadableImageError, ChannelError, OSError):
+                batch.append((path, resize_image(reader.read(path), image_size)))
+            except (UnreadableImageError, ChannelError, OSError, ValueError):
                 continue
         if batch:
             readable.extend(path for path, _ in batch)
@@ -280,6 +321,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
                     trained_at, image_size, trained_at)
     check_input_size(predictor, image_size, "image_size")
     channels = input_channels(cfg.get("channels"), contract_of(predictor))
+    reader = InputReader(files, channels, contract_of(predictor).neighbours)
     make_directory(output_dir, "output")
 
     options = with_model_decision(options, cfg, contract_of(predictor))
@@ -288,11 +330,11 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     if context is not None:
         log.info("Scan context: the %d input slice(s) are one scan, in the order of the numbers their file names end "
                  "with (scan_context=off for unrelated slices); tumor present iff %s.", len(files), context.describe())
-        scan_decisions = scan_presence(predictor, files, image_size, channels, context, batch_size)
+        scan_decisions = scan_presence(predictor, files, image_size, reader, context, batch_size)
         options, predictor = replace(options, decision=None), SegmentationPredictor(predictor)
     decisions: list[dict[str, Any]] = []
     written, skipped = predict_files(predictor, files, output_dir, image_size, options, batch_size, channels,
-                                     decisions, scan_decisions)
+                                     decisions, scan_decisions, reader)
     skipped_names = [path.name for path, _ in skipped]
     if not written:
         raise DataError(f"None of the {len(files)} input file(s) could be read as the model's input: "

@@ -17,7 +17,6 @@ patients); ``predict`` treats its input folder as one scan. ``scan_context=off``
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,25 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from bts_lightning.data.neighbours import SCAN_LAYOUTS, Position
 from bts_lightning.errors import ConfigError
 from bts_lightning.inference import ModulePredictor, Predictor, auto_or_off, check_batch
 from bts_lightning.models.cascade import Cascade, cascade_of
 from bts_lightning.preprocessing import standardize
 
 log = logging.getLogger(__name__)
-
-SCAN_LAYOUTS = ("suffix",)  # layouts whose folders are scans (the LGG set: one folder per patient scan)
-_TRAILING_NUMBER = re.compile(r"(\d+)$")
-
-Position = tuple[str, int] | None  # (scan folder, slice number); None: not numbered, so without neighbours
-
-
-def slice_position(path: str | Path) -> Position:
-    """(scan, slice number) of a slice file: its folder and the number its stem ends with; ``None`` without one."""
-    path = Path(path)
-    found = _TRAILING_NUMBER.search(path.stem)
-    return None if found is None else (str(path.parent), int(found.group(1)))
-
 
 def context_means(values: Sequence[float], positions: Sequence[Position], context: int) -> list[float | None]:
     """Each value averaged with those of the slices numbered up to ``context`` below and above it in the same scan

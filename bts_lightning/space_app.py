@@ -5,7 +5,8 @@ onnxruntime, OpenCV, NumPy and Gradio, and repeats bts_lightning's predict path 
 model's channels, resize each to the trained size with area/linear interpolation, flip TTA, resize the
 probabilities back bilinearly, threshold, drop small components / keep the largest, and the model's
 calibrated slice decision: an empty mask when the slice score is at most its threshold); the bundle's
-test checks its masks equal ``predict``'s. Research demo only: not for diagnosis.
+test checks its masks equal ``predict``'s. A model trained with scan neighbours (``data.neighbours``) gets the lone
+slice's own planes in their place, as bts_lightning does for a slice without neighbours. Research demo only: not for diagnosis.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class Model:
     image_size: int
     channels: list[int] | None  # None = gray
     decision: dict[str, Any] | None = None  # rule, threshold, pixel_threshold (bts_lightning.decision)
+    neighbours: int = 0  # scan slices either side the input stacks (bts_lightning.data.neighbours)
 
     @classmethod
     def load(cls, path: str | Path = HERE / "model.onnx") -> Model:
@@ -40,7 +42,7 @@ class Model:
         contract = json.loads(session.get_modelmeta().custom_metadata_map.get(CONTRACT_KEY) or "{}")
         channels = contract.get("channels", "gray")
         return cls(session, int(contract.get("image_size") or 256), None if channels == "gray" else list(channels),
-                   contract.get("decision"))
+                   contract.get("decision"), int(contract.get("neighbours") or 0))
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.session.get_inputs()[0].name: batch.astype(np.float32)})[0]
@@ -130,7 +132,7 @@ def segment(model: Model, path: str | Path, threshold: float = 0.5, tta: bool = 
     With the model's slice decision, a slice scoring at most its threshold gets an empty mask.
     """
     image = read_slice(path, model.channels)
-    probability = probabilities(model, image, tta)
+    probability = probabilities(model, np.concatenate([image] * (2 * model.neighbours + 1)), tta)
     mask = clean((probability > threshold).astype(np.uint8), largest_component, int(min_size))
     area = None
     if model.decision is not None:

@@ -36,7 +36,7 @@ _ROOT_GROUPS = ("data", "paths")
 _ROOT_KEYS = ("data.root", "data.synthetic", "paths.data_dir")
 # data.* settings that change neither which slices there are nor how they are split.
 _NEUTRAL_KEYS = ("data.num_workers", "data.batch_size", "data.cache", "data.download", "data.image_size",
-                 "data.augmentations", "data.distance_maps")
+                 "data.augmentations", "data.distance_maps", "data.neighbours")
 
 
 def stored_split(ckpt_path: str | Path) -> dict[str, Any] | None:

@@ -212,7 +212,7 @@ def test_split_record_round_trips_through_state_dict(synthetic_root, caplog):
     assert json.loads(json.dumps(record)) == record  # plain JSON-able data
     assert (record["method"], record["leaky"]) == ("folds", False)
     assert record["settings"] == {"name": "data", "root": str(synthetic_root.resolve()), "layout": "kaggle",
-                                  "channels": "gray", "mask_suffix": "_mask", "patient_pattern": None,
+                                  "channels": "gray", "neighbours": 0, "mask_suffix": "_mask", "patient_pattern": None,
                                   "split_by": "auto", "val_fold": 1, "test_fold": 2, "num_folds": None,
                                   "val_fraction": 0.2, "test_fraction": 0.0, "seed": 42}
     for name, dataset in dm.datasets.items():

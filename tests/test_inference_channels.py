@@ -162,7 +162,7 @@ def test_a_checkpoint_brings_the_channels_it_was_trained_on(flair_checkpoint, rg
     broken = torch.load(rgb_checkpoint, map_location="cpu", weights_only=True)
     broken[DATAMODULE_STATE_KEY]["split"]["settings"]["channels"] = [1]
     torch.save(broken, tmp_path / "broken.ckpt")
-    with pytest.raises(CheckpointError, match=r"broken.ckpt: its data.channels do not match its network"):
+    with pytest.raises(CheckpointError, match=r"broken.ckpt: its data.channels and data.neighbours do not match its network"):
         load_predictor(tmp_path / "broken.ckpt", "cpu")
 
 
@@ -251,7 +251,7 @@ def test_a_flair_model_reads_the_flair_channel_and_skips_gray_files_by_name(flai
     assert "Reading channel [2] of each file (file order) (channels=[2]), but the model was trained on channel [1]" \
         in caplog.text
     assert torch.equal(recorder.calls[-1][0], torch.from_numpy(resize_image(rgb[[2]], SIZE)[None]).float())
-    with pytest.raises(ConfigError, match=r"channels=\[0, 1\] gives 2 channel\(s\), but the model takes 1 "
+    with pytest.raises(ConfigError, match=r"channels=\[0, 1\] gives 2 channel\(s\) of each slice, but the model takes 1 "
                                           r"\(channel \[1\] of each file \(file order\)\)"):
         _predict(monkeypatch, flair_checkpoint, source, tmp_path / "out3", "channels=[0,1]")
 

@@ -16,6 +16,7 @@ import torch
 from bts_lightning.cascade import cascade
 from bts_lightning.checkpoint import load_module
 from bts_lightning.data.io import read_channels
+from bts_lightning.data.neighbours import slice_position
 from bts_lightning.decision import false_alarm_bound
 from bts_lightning.errors import ConfigError
 from bts_lightning.evaluate import evaluate
@@ -30,7 +31,6 @@ from bts_lightning.scan_context import (
     check_scan_layout,
     context_means,
     setting,
-    slice_position,
 )
 from bts_lightning.train import train
 from tests.conftest import compose_app, compose_train

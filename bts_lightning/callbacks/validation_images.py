@@ -27,5 +27,6 @@ class ValidationImages(Callback):
         slices = [dataset.load(int(p)) for p in positions]
         images = torch.stack([torch.from_numpy(image) for image, _ in slices])  # (N, C, H, W)
         predictions = (pl_module.predict_probabilities(images.to(pl_module.device)) > 0.5).cpu().numpy()
-        grid = panel_grid([panel(image, mask, pred) for (image, mask), pred in zip(slices, predictions)])
+        own = dataset.own_channel  # the slice itself, not a scan neighbour (data.neighbours)
+        grid = panel_grid([panel(image[own], mask, pred) for (image, mask), pred in zip(slices, predictions)])
         logger.experiment.add_image(self.tag, grid, global_step=trainer.global_step, dataformats="HWC")

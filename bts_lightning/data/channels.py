@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from bts_lightning.data.neighbours import check_neighbours, window_size
 from bts_lightning.errors import ConfigError
 
 GRAY = "gray"
@@ -35,14 +36,15 @@ def parse_channels(value: Any, key: str = "data.channels") -> Channels:
     return tuple(indices)
 
 
-def channel_count(value: Any) -> int:
-    """How many channels ``data.channels`` gives the network: 1 for ``gray``, else the list's length.
+def channel_count(value: Any, neighbours: Any = 0) -> int:
+    """How many channels ``data.channels`` gives the network: 1 for ``gray``, else the list's length; times the
+    ``2 * neighbours + 1`` slices of each input with ``data.neighbours`` (:mod:`bts_lightning.data.neighbours`).
 
     Registered as the OmegaConf resolver ``bts.channel_count`` on ``import bts_lightning``, so model
-    configs say ``in_channels: ${bts.channel_count:${data.channels}}``.
+    configs say ``in_channels: ${bts.channel_count:${data.channels},${data.neighbours}}``.
     """
     channels = parse_channels(value)
-    return 1 if channels is None else len(channels)
+    return (1 if channels is None else len(channels)) * window_size(check_neighbours(neighbours))
 
 
 def channels_setting(channels: Channels) -> str | list[int]:

@@ -24,6 +24,7 @@ from bts_lightning.data.discovery import SlicePair
 from bts_lightning.data.download import resolve_root
 from bts_lightning.data.io import BYTE_THRESHOLD, MIN_IMAGE_SIZE, binarize_mask, mask_threshold
 from bts_lightning.data.layouts import CONTENTS, LAYOUTS, ORIGINS, find_slices, slice_metadata
+from bts_lightning.data.neighbours import SCAN_LAYOUTS, check_neighbours, neighbour_windows, slice_position
 from bts_lightning.data.sampling import EmptyFractionSampler, EpochShuffleSampler, RankShare
 from bts_lightning.data.splits import SPLIT_BY, Split, check_fractions, make_split, slice_ids_digest
 from bts_lightning.data.synthetic import ensure_dataset
@@ -150,6 +151,9 @@ class BrainTumorDataModule(L.LightningDataModule):
     empty slices of another dataset to the training set (read in ``setup("fit")``); ``empty_fraction`` draws
     that share of tumor-free slices per epoch (:class:`EmptyFractionSampler`), in every batch with
     ``empty_fraction_per_batch``.
+
+    2.5D input: with ``neighbours`` K > 0 each image also holds the channels of the K slices before and after it
+    in its scan (:mod:`bts_lightning.data.neighbours`); only the scan layout (``suffix``) has scans.
     """
 
     def __init__(
@@ -179,6 +183,7 @@ class BrainTumorDataModule(L.LightningDataModule):
         negatives: Mapping[str, Any] | None = None,
         empty_fraction: float | None = None,
         empty_fraction_per_batch: bool = False,
+        neighbours: int = 0,
     ) -> None:
         super().__init__()
         _check_int("image_size", image_size, MIN_IMAGE_SIZE)
@@ -201,6 +206,10 @@ class BrainTumorDataModule(L.LightningDataModule):
             raise ConfigError("data.empty_fraction_per_batch=true needs data.empty_fraction (the share of tumor-free "
                               "slices in each batch), e.g. data.empty_fraction=0.5.")
         self.channels = parse_channels(channels)
+        self.neighbours = check_neighbours(neighbours)
+        if self.neighbours and negatives is not None:
+            raise ConfigError(f"data.negatives and data.neighbours={neighbours} do not combine (another dataset's empty "
+                              "slices have no scan neighbours here); set data.negatives=null or data.neighbours=0.")
         self.negatives = parse_negatives(negatives, self.channels)
         self.empty_fraction, self.empty_fraction_per_batch = empty_fraction, empty_fraction_per_batch
         self.save_hyperparameters("image_size")  # stored in checkpoints: inference resizes to it
@@ -234,6 +243,7 @@ class BrainTumorDataModule(L.LightningDataModule):
         self.distance_maps = distance_maps
         self.trained_split: dict[str, Any] | None = None  # split record of a loaded checkpoint
         self.mask_max: np.ndarray | None = None  # largest mask value of each slice (pairs order); after setup
+        self.windows: list[tuple[int, ...]] | None = None  # each slice's scan window (pairs order); after setup
 
     @property
     def distance_maps(self) -> bool | None:
@@ -270,6 +280,8 @@ class BrainTumorDataModule(L.LightningDataModule):
                             "data.root=DIR to the folder holding them.")
         root = resolve_root(self.root, self.download)
         self.found_layout, self.pairs = find_slices(root, self.layout, self.mask_suffix, self.patient_pattern)
+        if self.neighbours:
+            self.windows = self._scan_windows(root)
         stems = [pair.stem for pair in self.pairs]
         self.metadata = slice_metadata(self.pairs)
         settings = (self.val_fold, self.test_fold, self.val_fraction, self.test_fraction, self.seed)
@@ -289,6 +301,24 @@ class BrainTumorDataModule(L.LightningDataModule):
                  self.split.method, sizes)
         if stage in (None, "fit"):
             self._setup_training_negatives(scan)
+
+    def _scan_windows(self, root: Path) -> list[tuple[int, ...]]:
+        """Every slice's window of ``neighbours`` slices either side in its scan; errors for data without scans."""
+        if self.found_layout not in SCAN_LAYOUTS:
+            raise ConfigError(
+                f"data.neighbours={self.neighbours} needs one folder per scan (the suffix layout, e.g. the LGG set), "
+                f"but {root} is in the {self.found_layout} layout, whose folders mix slices of different patients, "
+                "so which slices are neighbours is unknown. Set data.neighbours=0."
+            )
+        positions = [slice_position(pair.image) for pair in self.pairs]
+        unnumbered = [pair.image.name for pair, position in zip(self.pairs, positions) if position is None]
+        if unnumbered:
+            raise DataError(
+                f"data.neighbours={self.neighbours}: {len(unnumbered)} slice file(s) of {root} have no slice number at "
+                f"the end of their name, so their place in the scan is unknown ({format_names(sorted(unnumbered))}). "
+                "Name each slice <scan>_<n> (as the LGG set does), or set data.neighbours=0."
+            )
+        return neighbour_windows(positions, self.neighbours)
 
     def _setup_training_negatives(self, scan: Scan) -> None:
         """Read ``data.negatives``, note which training samples are tumor-free and check ``data.empty_fraction``."""
@@ -355,7 +385,7 @@ class BrainTumorDataModule(L.LightningDataModule):
     def make_dataset(self, indices: Sequence[int], transform: A.Compose | None = None) -> SliceDataset:
         """A :class:`SliceDataset` of slices ``indices`` with this module's size, channels, cache and mask rule."""
         return SliceDataset(self.pairs, indices, self.image_size, transform, self.cache_arrays, self.mask_threshold,
-                            self.channels, bool(self.distance_maps))
+                            self.channels, bool(self.distance_maps), self.windows)
 
     def _subsets(self) -> dict[str, list[int]]:
         assert self.split is not None, "call setup() first"
@@ -378,7 +408,7 @@ class BrainTumorDataModule(L.LightningDataModule):
     def split_record(self) -> dict[str, Any]:
         """The split as plain JSON-able data (after :meth:`setup`), stored in checkpoints.
 
-        ``{"method", "leaky", "settings": {name, root, layout, channels, mask_suffix, patient_pattern,
+        ``{"method", "leaky", "settings": {name, root, layout, channels, neighbours, mask_suffix, patient_pattern,
         split_by, val_fold, test_fold, num_folds, val_fraction, test_fraction, seed[, negatives]}, "subsets":
         {name: {"n", "sha256", "ids"}}}``; ``layout`` is the one read (``auto`` resolved), ``ids`` are slice
         ids in dataset order, ``sha256`` is :func:`slice_ids_digest` of them. ``negatives``, only when
@@ -390,6 +420,7 @@ class BrainTumorDataModule(L.LightningDataModule):
             "root": str(self.data_root),
             "layout": self.found_layout,
             "channels": channels_setting(self.channels),
+            "neighbours": self.neighbours,
             "mask_suffix": self.mask_suffix,
             "patient_pattern": self.patient_pattern,
             "split_by": self.split_by,

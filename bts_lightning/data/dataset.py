@@ -28,6 +28,7 @@ from bts_lightning.data.io import (
     resize,
     to_channels,
 )
+from bts_lightning.data.neighbours import own_channel, stack_window
 from bts_lightning.distance_maps import signed_distance_map
 from bts_lightning.errors import DataError, format_names
 
@@ -155,8 +156,10 @@ def _from_albumentations(image: np.ndarray) -> np.ndarray:
 class SliceDataset(Dataset):
     """Slices ``indices`` of ``pairs`` as ``{"image": uint8 (C,H,W), "mask": uint8 (H,W), "index": int}``.
 
-    ``C`` is 1 for grayscale ``channels`` (``None``), else ``len(channels)``. Images stay uint8 until
-    they reach the model's device, where they are normalised. ``cache`` holds (N, C, H, W) images and
+    ``C`` is 1 for grayscale ``channels`` (``None``), else ``len(channels)``; with ``windows`` (one tuple of
+    indices into ``pairs`` per pair, :func:`~bts_lightning.data.neighbours.neighbour_windows`) the image stacks
+    the channels of its window's slices, ``C`` times the window's length, and the mask is the slice's own.
+    Images stay uint8 until they reach the model's device, where they are normalised. ``cache`` holds (N, C, H, W) images and
     binarized masks; without it slices are read from disk and masks binarized at ``threshold`` (the
     dataset's :func:`~bts_lightning.data.io.mask_threshold`). With ``distance_maps`` samples also hold
     ``"distance"``: float32 (1,H,W), the :func:`~bts_lightning.distance_maps.signed_distance_map` of the
@@ -173,8 +176,10 @@ class SliceDataset(Dataset):
         threshold: int = BYTE_THRESHOLD,
         channels: Channels = None,
         distance_maps: bool = False,
+        windows: Sequence[tuple[int, ...]] | None = None,
     ) -> None:
         self.pairs = pairs
+        self.windows = windows
         self.indices = list(indices)
         self.image_size = image_size
         self.transform = transform
@@ -190,8 +195,25 @@ class SliceDataset(Dataset):
         """Decoded, resized ((C, H, W) image, (H, W) mask) of the ``position``-th slice, before augmentation."""
         index = self.indices[position]
         if self.cache is not None:
-            return self.cache[0][index], self.cache[1][index]
-        return load_pair(self.pairs[index], self.image_size, self.threshold, self.channels)
+            image, mask = self.cache[0][index], self.cache[1][index]
+        else:
+            image, mask = load_pair(self.pairs[index], self.image_size, self.threshold, self.channels)
+        if self.windows is None:
+            return image, mask
+        return stack_window([image if other == index else self._image(other) for other in self.windows[index]]), mask
+
+    @property
+    def own_channel(self) -> int:
+        """Index of the slice's own first channel in its image: the middle of its scan window (0 without one)."""
+        if not self.windows:
+            return 0
+        return own_channel(len(self.windows[0]) // 2, 1 if self.channels is None else len(self.channels))
+
+    def _image(self, index: int) -> np.ndarray:
+        """The decoded, resized (C, H, W) image of pair ``index``."""
+        if self.cache is not None:
+            return self.cache[0][index]
+        return load_pair(self.pairs[index], self.image_size, self.threshold, self.channels)[0]
 
     def stem(self, position: int) -> str:
         """Slice id of the ``position``-th slice."""
