@@ -222,7 +222,8 @@ def cascade(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str
         net_config = checkpoint["hyper_parameters"]["net"]
         net_config["context"], net_config["context_threshold"] = context, scan_context.threshold
 
-    contract = ModelContract.from_module(module, training_image_size(segmentation), training_channels(segmentation))
+    contract = ModelContract.from_module(module, training_image_size(segmentation), training_channels(segmentation),
+                                         training_neighbours(segmentation))
     decision = calibrate_on(ModulePredictor(module, scoring.device, contract), scoring.dataset, target, rule, 0.5,
                             split, scoring.datamodule.name, batch_size=batch_size)
     checkpoint[DECISION_KEY] = decision.to_dict()

@@ -13,7 +13,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from bts_lightning.cascade import check_compatible
+from bts_lightning.cascade import cascade, check_compatible
 from bts_lightning.checkpoint import load_module
 from bts_lightning.data.channels import channel_count
 from bts_lightning.data.datamodule import BrainTumorDataModule
@@ -151,9 +151,10 @@ def neighbour_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
               "data.batch_size=4", "data.num_workers=0", "trainer=cpu", "trainer.max_epochs=1", "logger=csv",
               "test=false", "model.net.channels=[8,16,32]", "model.net.strides=[2,2]", "model.net.num_res_units=1"]
     paths = {"root": root, "flat": flat}
-    for name, neighbours in (("window", 1), ("alone", 0)):
+    for name, extra in (("window", "data.neighbours=1"), ("alone", "data.neighbours=0"),
+                        ("presence", "loss=dice_ce_slice")):
         torch.manual_seed(0)
-        train(compose_train([*common, f"data.neighbours={neighbours}"], base / name))
+        train(compose_train([*common, "data.neighbours=1", extra], base / name))
         paths[name] = base / name / "checkpoints" / "last.ckpt"
     return paths
 
@@ -173,6 +174,16 @@ def test_a_trained_model_records_its_window_and_evaluate_reads_its_data_with_it(
         evaluate(compose_app("evaluate", flat, tmp_path / "flat"), flat)
     with pytest.raises(ConfigError, match=r"scan neighbours \(data.neighbours\): 1 and 0"):
         check_compatible(neighbour_runs["window"], neighbour_runs["alone"])
+
+
+def test_a_cascade_of_two_models_with_neighbours_keeps_them(neighbour_runs, tmp_path):
+    overrides = [f"segmentation={neighbour_runs['window']}", f"presence={neighbour_runs['presence']}", "context=1",
+                 "target_false_alarm_rate=0.2"]
+    cascade(compose_app("cascade", overrides, tmp_path / "joined"), [])
+    joined = tmp_path / "joined" / "checkpoints" / "cascade.ckpt"
+    assert contract_of(load_predictor(joined, "cpu")).neighbours == 1
+    metrics = evaluate(compose_app("evaluate", [f"ckpt_path={joined}", "split=test"], tmp_path / "eval"), [])
+    assert metrics["inference"]["scan_context"]["context"] == 1 and metrics["n_images"] > 0
 
 
 def test_predict_export_hub_and_demo_give_the_network_the_scan_window(neighbour_runs, tmp_path):
