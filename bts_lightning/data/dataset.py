@@ -210,10 +210,10 @@ class SliceDataset(Dataset):
         return own_channel(len(self.windows[0]) // 2, 1 if self.channels is None else len(self.channels))
 
     def _image(self, index: int) -> np.ndarray:
-        """The decoded, resized (C, H, W) image of pair ``index``."""
+        """The decoded, resized (C, H, W) image of pair ``index`` (a scan neighbour: its mask is not needed)."""
         if self.cache is not None:
             return self.cache[0][index]
-        return load_pair(self.pairs[index], self.image_size, self.threshold, self.channels)[0]
+        return resize_image(read_channels(self.pairs[index].image, self.channels), self.image_size)
 
     def stem(self, position: int) -> str:
         """Slice id of the ``position``-th slice."""
