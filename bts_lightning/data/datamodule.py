@@ -282,6 +282,8 @@ class BrainTumorDataModule(L.LightningDataModule):
         self.found_layout, self.pairs = find_slices(root, self.layout, self.mask_suffix, self.patient_pattern)
         if self.neighbours:
             self.windows = self._scan_windows(root)
+            log.info("Input: each slice with the %d slice(s) before and after it in its scan (data.neighbours), "
+                     "%d channel(s) per slice", self.neighbours, 1 if self.channels is None else len(self.channels))
         stems = [pair.stem for pair in self.pairs]
         self.metadata = slice_metadata(self.pairs)
         settings = (self.val_fold, self.test_fold, self.val_fraction, self.test_fraction, self.seed)
