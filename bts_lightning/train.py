@@ -153,7 +153,8 @@ def never_improved_warning(history: list[dict[str, float]], best: dict[str, floa
             "not improve the network it started from. Train it again (another seed, a lower optimizer.lr). With "
             "empty slices, a network still learning to outline tumors has no tumor pixel above 0.5 for a while, so "
             "val/dice_tumor sits at 0 and stops the run: loss=dice_ce_slice_tumor monitor.metric=val/loss "
-            "monitor.mode=min gives it a monitor that moves (README \"Empty slices\").")
+            "monitor.mode=min gives it a monitor that moves (for a cascade's presence model: experiment=presence; "
+            "README \"Empty slices\").")
 
 
 def split_summary(datamodule: Any) -> dict[str, Any]:

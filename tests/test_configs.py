@@ -63,3 +63,14 @@ def test_experiment_sets_the_notebook_recipe(tmp_path):
     cfg = compose_train(["experiment=deeplabv3_transfer"], tmp_path)
     assert cfg.model.net.name == "deeplabv3" and cfg.model.net.weights == "DEFAULT"
     assert cfg.loss._target_ == "monai.losses.DiceLoss" and cfg.trainer.precision == "16-mixed"
+
+
+def test_the_presence_experiment_is_the_measured_cascade_presence_training(tmp_path):
+    """experiment=presence: the overrides benchmarks/cascade_cv.sh was measured with (PRESENCE_EXTRA included)."""
+    measured = ["experiment=empty_slices", "trainer.max_epochs=120", "callbacks.early_stopping.patience=30",
+                "scheduler.scheduler.patience=8", "loss=dice_ce_slice_tumor", "monitor.metric=val/loss",
+                "monitor.mode=min"]
+    for data in ("data=lgg", "data=synthetic_empty"):
+        experiment = compose_train(["experiment=presence", data], tmp_path)
+        assert experiment == compose_train([*measured, data], tmp_path)
+    assert experiment.loss.terms.keys() >= {"slice"} and experiment.monitor.metric == "val/loss"
