@@ -4,8 +4,8 @@ With ``data.neighbours=K`` a network sees, for slice ``n`` of a scan, the ``data
 ``n + K`` of that scan, in that order (its own in the middle): ``len(channels) * (2K + 1)`` input channels. A scan
 is a folder, and a slice's number the number its file name ends with (``TCGA_CS_4941_19960909_12.tif`` is slice 12
 of folder ``TCGA_CS_4941_19960909``): :func:`slice_position`. A neighbour that is not there (past the first or last
-slice, a gap in the numbers, a slice without a number) is replaced by the nearest slice towards ``n`` that is, so a
-scan's end slices repeat their own planes (replicate padding).
+slice, a gap in the numbers) is replaced by the nearest slice towards ``n`` that is, so a scan's end slices repeat
+their own planes (replicate padding); a slice without a number repeats its own planes in every place.
 """
 
 from __future__ import annotations
