@@ -17,7 +17,9 @@ model's calibrated slice decision, :mod:`bts_lightning.decision`: an empty mask 
 tumor-free; ``slices.csv`` has each slice's ``score``), ``scan_context=auto|off`` (a cascade built with a
 scan context, :mod:`bts_lightning.scan_context`, judges each slice with its neighbours: the input folder is
 taken as one scan, each file's slice number the number its name ends with; ``score`` is then the presence
-averaged over the slice's window). ``ckpt_path`` may be a training
+averaged over the slice's window). A model trained with scan neighbours (``data.neighbours=K``) gets each file
+stacked with the files K slices before and after it among the inputs (:class:`InputReader`: the input folder
+is one scan; a lone file gets its own planes in their place, with a warning). ``ckpt_path`` may be a training
 checkpoint (``.ckpt``) or an exported model (``.onnx``, ``.pt``, ``.ts``), loaded by
 :func:`bts_lightning.inference.load_predictor`.
 
