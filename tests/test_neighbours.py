@@ -216,6 +216,7 @@ def test_predict_export_hub_and_demo_give_the_network_the_scan_window(neighbour_
     folder = save_pretrained(neighbour_runs["window"], tmp_path / "hub")
     assert json.loads((folder / "config.json").read_text())["neighbours"] == 1
     assert "Scan neighbours:" in (folder / "README.md").read_text()
+    assert contract_of(load_predictor(folder, "cpu")).neighbours == 1
 
     shown = analyze(checkpoint, files[0], InferenceOptions())  # one slice: its own planes stand in
     assert int(shown.mask.sum()) == int((alone[0] > 0.5).sum())
