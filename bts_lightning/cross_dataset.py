@@ -22,8 +22,9 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from bts_lightning.data.channels import parse_channels
-from bts_lightning.data.neighbours import check_neighbours, window_size
-from bts_lightning.errors import ConfigError
+from bts_lightning.data.layouts import detect_layout
+from bts_lightning.data.neighbours import SCAN_LAYOUTS, check_neighbours, window_size
+from bts_lightning.errors import ConfigError, DataError
 from bts_lightning.evaluate import evaluate
 from bts_lightning.inference import InferenceOptions
 from bts_lightning.trained_split import channel_mapping
@@ -69,9 +70,28 @@ def check_cross_data(cfg: DictConfig, in_channels: int) -> str:
                           "data@cross_data=<option of conf/data/>, e.g. data@cross_data=lgg.")
     trained = {"name": cfg.data.get("name"), "channels": cfg.data.channels}
     name = other.get("name") or Path(str(other.root)).name
-    per_slice = in_channels // window_size(check_neighbours(cfg.data.get("neighbours", 0)))
+    neighbours = check_neighbours(cfg.data.get("neighbours", 0))
+    if neighbours:
+        check_cross_scans(other, name, neighbours)
+    per_slice = in_channels // window_size(neighbours)
     return channel_mapping(per_slice, trained, parse_channels(other.channels, "cross_data.channels"), name,
                            key="cross_data.channels")
+
+
+def check_cross_scans(other: DictConfig, name: str, neighbours: int) -> None:
+    """``ConfigError`` when a model with scan ``neighbours`` would be scored on ``cross_data`` whose folder (found
+    here) is not in one folder per scan; a root that is not there yet is left to the evaluation to report."""
+    root = Path(str(other.root)).expanduser()
+    layout = other.get("layout", "auto")
+    if layout == "auto" and root.is_dir():
+        try:
+            layout = detect_layout(root, str(other.get("mask_suffix", "_mask")))
+        except DataError:
+            return  # the evaluation reports it, with the data's own error
+    if layout not in ("auto", *SCAN_LAYOUTS):
+        raise ConfigError(f"cross_data {name} ({root}) is in the {layout} layout, without one folder per scan, but the "
+                          f"model takes data.neighbours={neighbours} scan neighbours: choose a cross dataset in the "
+                          "suffix layout (e.g. data@cross_data=lgg), or train with data.neighbours=0.")
 
 
 def checkpoint_to_score(trainer: L.Trainer, best_path: str | None, output_dir: Path) -> Path:

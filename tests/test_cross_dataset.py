@@ -138,6 +138,15 @@ def test_cross_data_channels_are_checked_before_training(tmp_path, datasets):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_a_model_with_scan_neighbours_needs_a_cross_dataset_of_scans_before_training(tmp_path, datasets):
+    gray, flair = datasets
+    cfg = compose_train(["experiment=cross_dataset", "data=lgg", f"data.root={flair}", "data.neighbours=1",
+                         "data@cross_data=brain_tumor", f"cross_data.root={gray}", *TINY_RUN], tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"cross_data brain_tumor .* kaggle layout.*data.neighbours=1 scan neighbours"):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 # ---------------------------------------------------------------- experiment=cross_dataset end to end
 
 
