@@ -157,21 +157,21 @@ def training_channels(ckpt_path: str | Path) -> Any:
     Read from the split record the checkpoint holds, else from its run's ``.hydra/config.yaml``;
     checkpoints from before ``data.channels`` have neither (they were trained on gray slices).
     """
-    path = Path(ckpt_path).resolve()
-    record = (_stored(path).get(DATAMODULE_STATE_KEY) or {}).get("split") or {}
-    channels = record.get("settings", {}).get("channels") if isinstance(record, dict) else None
-    return channels if channels is not None else _from_run_config(path, "data.channels")
+    return _recorded_setting(Path(ckpt_path).resolve(), "channels")
 
 
 def training_neighbours(ckpt_path: str | Path) -> int:
     """``data.neighbours`` the checkpoint was trained with (from its split record, else its run's config); 0 when
     neither records it (checkpoints from before ``data.neighbours`` were trained on slices alone)."""
-    path = Path(ckpt_path).resolve()
-    record = (_stored(path).get(DATAMODULE_STATE_KEY) or {}).get("split") or {}
-    neighbours = record.get("settings", {}).get("neighbours") if isinstance(record, dict) else None
-    if neighbours is None:
-        neighbours = _from_run_config(path, "data.neighbours")
+    neighbours = _recorded_setting(Path(ckpt_path).resolve(), "neighbours")
     return neighbours if isinstance(neighbours, int) and not isinstance(neighbours, bool) and neighbours > 0 else 0
+
+
+def _recorded_setting(path: Path, key: str) -> Any:
+    """``data.<key>`` of checkpoint ``path``: from the split record it holds, else from its run's config; ``None``."""
+    record = (_stored(path).get(DATAMODULE_STATE_KEY) or {}).get("split") or {}
+    value = record.get("settings", {}).get(key) if isinstance(record, dict) else None
+    return value if value is not None else _from_run_config(path, f"data.{key}")
 
 
 def _stored(path: Path) -> dict[str, Any]:

@@ -184,11 +184,12 @@ def demo(cfg: DictConfig) -> None:
     ckpt_path = path_setting(cfg, "ckpt_path", "python -m bts_lightning.demo ckpt_path=MODEL")
     options = InferenceOptions.from_config(cfg)
     predictor = load_predictor(ckpt_path, resolve_device(cfg.get("device", "auto")))
-    options = with_model_decision(options, cfg, contract_of(predictor))
-    if contract_of(predictor).neighbours:
+    contract = contract_of(predictor)
+    options = with_model_decision(options, cfg, contract)
+    if contract.neighbours:
         log.info("The demo takes one slice at a time: this model, trained with %d slice(s) either side in the scan "
                  "(data.neighbours), sees the slice's own planes in their place. Predict over a scan folder for them.",
-                 contract_of(predictor).neighbours)
+                 contract.neighbours)
     cascade = cascade_of(predictor)
     if cascade is not None and cascade.context:
         log.info("The demo takes one slice at a time, so this cascade's scan context (%d slice(s) either side) is not "

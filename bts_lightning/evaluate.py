@@ -58,7 +58,7 @@ from omegaconf import DictConfig, open_dict
 from tqdm.auto import tqdm
 
 from bts_lightning.data.dataset import SliceDataset
-from bts_lightning.data.neighbours import slice_position
+from bts_lightning.data.neighbours import slice_position, window_size
 from bts_lightning.decision import SliceDecision, false_alarm_surprise, on_new_slices, on_new_slices_line
 from bts_lightning.errors import ConfigError
 from bts_lightning.inference import (
@@ -219,7 +219,7 @@ def model_neighbours(data: DictConfig, neighbours: int, keys: set[str]) -> DictC
     given = data.get("neighbours", 0)
     if "data.neighbours" in keys and given != neighbours:
         raise ConfigError(f"data.neighbours={given}, but the model was trained with data.neighbours={neighbours} (its "
-                          f"input stacks {2 * neighbours + 1} slice(s) of a scan); leave data.neighbours out.")
+                          f"input stacks {window_size(neighbours)} slice(s) of a scan); leave data.neighbours out.")
     data = data.copy()
     with open_dict(data):
         data.neighbours = neighbours
