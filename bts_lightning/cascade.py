@@ -3,7 +3,9 @@
 Joins two training checkpoints of the same data split into one (:mod:`bts_lightning.models.cascade`):
 the segmentation of ``segmentation`` (e.g. trained on tumor slices only, the best segmentation) on the
 slices that ``presence`` (e.g. trained with ``experiment=empty_slices``, which learns to leave empty
-slices empty) says have a tumor, and an empty mask elsewhere. The presence threshold is calibrated on the
+slices empty) says have a tumor, and an empty mask elsewhere (``presence=[B1.ckpt,B2.ckpt]``: an ensemble of presence
+networks, e.g. trained with different seeds, whose tumor probability maps are averaged). The presence threshold is
+calibrated on the
 ``split`` slices (val by default) so that at most ``target_false_alarm_rate`` of their empty slices pass it;
 the joined checkpoint then gets the usual slice decision (``calibrate``, rule ``component_fraction``) on the
 same slices. It is an ordinary checkpoint: ``evaluate``, ``predict``, ``export``, ``demo`` take it.
@@ -17,12 +19,12 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from bts_lightning.calibrate import calibrate_on, check_settings, no_empty_slices, reached_line, score_slices
 from bts_lightning.checkpoint import (
@@ -59,7 +61,7 @@ log = logging.getLogger(__name__)
 _TRAINING_STATE = ("optimizer_states", "lr_schedulers", "callbacks", "loops", DECISION_KEY)
 
 
-def _checkpoint_path(cfg: DictConfig, key: str) -> Path:
+def _checkpoint_path(cfg: Mapping[str, Any], key: str) -> Path:
     value = cfg.get(key)
     if not value:
         raise ConfigError(f"{key} is required: python -m bts_lightning.cascade segmentation=RUN_A/checkpoints/best.ckpt "
@@ -69,6 +71,21 @@ def _checkpoint_path(cfg: DictConfig, key: str) -> Path:
         raise ConfigError(f"{key}={value} is not a training checkpoint (.ckpt); a cascade joins the checkpoints of "
                           "two training runs.")
     return path
+
+
+def _presence_paths(cfg: DictConfig) -> list[Path]:
+    """``presence``: one checkpoint, or a list of them (an ensemble); each checked as ``_checkpoint_path`` does."""
+    value = cfg.get("presence")
+    if not OmegaConf.is_list(value) and not isinstance(value, (list, tuple)):
+        return [_checkpoint_path(cfg, "presence")]
+    if not value:
+        raise ConfigError("presence=[] lists no checkpoint: give one (presence=RUN_B/checkpoints/best.ckpt) or "
+                          "several (presence=[RUN_B/checkpoints/best.ckpt,RUN_C/checkpoints/best.ckpt]).")
+    paths = [_checkpoint_path({"presence": item}, "presence") for item in value]
+    if len(set(paths)) < len(paths):
+        raise ConfigError(f"presence={[str(path) for path in paths]} lists a checkpoint twice; an ensemble averages "
+                          "different networks.")
+    return paths
 
 
 def _held_out(record: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -106,29 +123,36 @@ def check_compatible(segmentation: Path, presence: Path) -> None:
                           "data.val_fold and data.test_fold (or seed).")
 
 
-def joined_checkpoint(segmentation: Path, presence: Path, flips: bool) -> tuple[dict[str, Any], SegmentationModule]:
+def joined_checkpoint(segmentation: Path, presence: Sequence[Path], flips: bool) -> tuple[dict[str, Any],
+                                                                                         SegmentationModule]:
     """The checkpoint dict of the cascade (presence threshold 0.5, uncalibrated) and its module, in eval mode.
 
     The dict starts from ``segmentation``'s: its data records (split, image size, channels) are that
-    checkpoint's; its network config nests both networks' configs, its state dict both networks' weights.
-    Training state (optimizer, loops, callbacks) and any slice decision are left out.
+    checkpoint's; its network config nests the networks' configs (``presence``: one config, or a list for an
+    ensemble), its state dict all their weights. Training state (optimizer, loops, callbacks) and any slice decision
+    are left out.
     """
     checkpoint = copy.deepcopy(read_checkpoint(segmentation))
     for key in _TRAINING_STATE:
         checkpoint.pop(key, None)
-    networks = {"segmentation": load_module(segmentation).net, "presence": load_module(presence).net}
-    configs = {name: dict(read_checkpoint(path)["hyper_parameters"]["net"], weights=None)
-               for name, path in (("segmentation", segmentation), ("presence", presence))}
+
+    def network_config(path: Path) -> dict[str, Any]:
+        return dict(read_checkpoint(path)["hyper_parameters"]["net"], weights=None)
+
+    presence_configs = [network_config(path) for path in presence]
     hparams = checkpoint["hyper_parameters"]
-    hparams["net"] = {"_target_": "bts_lightning.models.cascade.build_cascade", "name": "cascade", **configs,
-                      "presence_threshold": 0.5,
-                      "flips": bool(flips), "in_channels": configs["segmentation"].get("in_channels", 1),
-                      "num_classes": 2, "weights": None}
+    segmentation_config = network_config(segmentation)
+    hparams["net"] = {"_target_": "bts_lightning.models.cascade.build_cascade", "name": "cascade",
+                      "segmentation": segmentation_config,
+                      "presence": presence_configs[0] if len(presence_configs) == 1 else presence_configs,
+                      "presence_threshold": 0.5, "flips": bool(flips),
+                      "in_channels": segmentation_config.get("in_channels", 1), "num_classes": 2, "weights": None}
     hparams["compile"] = False
     module = SegmentationModule(**hparams)
     joined = module.net.net
-    joined.segmentation.load_state_dict(networks["segmentation"].state_dict())
-    joined.presence.load_state_dict(networks["presence"].state_dict())
+    joined.segmentation.load_state_dict(load_module(segmentation).net.state_dict())
+    for network, path in zip(joined.presence_networks, presence):
+        network.load_state_dict(load_module(path).net.state_dict())
     checkpoint["state_dict"] = module.state_dict()
     return checkpoint, module.eval()
 
@@ -180,14 +204,15 @@ def cascade(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str
     ``overrides``: the user's command-line overrides, as for ``evaluate`` (which data and split; by default
     the ``segmentation`` checkpoint's). The output is written once, complete. Returns the cascade.json content.
     """
-    segmentation, presence = _checkpoint_path(cfg, "segmentation"), _checkpoint_path(cfg, "presence")
+    segmentation, presence = _checkpoint_path(cfg, "segmentation"), _presence_paths(cfg)
     target, rule = check_settings(cfg.get("target_false_alarm_rate"), "component_fraction")
     split = str(cfg.get("split", "val"))
     flips = bool(cfg.get("flips", True))
     context = check_context(cfg.get("context", 0))
-    for path in (segmentation, presence):
+    for path in (segmentation, *presence):
         read_checkpoint(path)  # a missing or foreign file fails here, naming it
-    check_compatible(segmentation, presence)
+    for path in presence:
+        check_compatible(segmentation, path)
     output = Path(str(cfg.get("output") or Path(cfg.paths.output_dir) / "checkpoints" / "cascade.ckpt"))
 
     scoring_cfg = copy.deepcopy(cfg)
@@ -230,7 +255,8 @@ def cascade(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str
     with atomic_path(output) as temporary, temporary.open("wb") as stream:
         torch.save(checkpoint, stream)
     result = {"checkpoint": str(output.resolve()), "segmentation": str(segmentation.resolve()),
-              "presence": str(presence.resolve()), "flips": flips, "presence_threshold": threshold,
+              "presence": str(presence[0].resolve()) if len(presence) == 1 else [str(path.resolve()) for path in presence],
+              "flips": flips, "presence_threshold": threshold,
               "data_root": str(scoring.datamodule.root), "slices": scoring.scored,
               "presence_on_split": on_split,
               "scan_context": context_record,

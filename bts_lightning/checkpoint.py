@@ -76,6 +76,8 @@ def load_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu")
     ``net.weights`` is set to ``None`` before the network is built (the trained weights come from
     the state dict), so loading never downloads anything; ``compile`` is switched off, so a
     network trained compiled runs eagerly (no recompilation for every new batch shape, no compiler needed).
+    The module's ``data_settings`` are the checkpoint's recorded ``image_size``, ``channels`` and ``neighbours``
+    (those it records).
     """
     checkpoint = read_checkpoint(ckpt_path, map_location)
     hparams = copy.deepcopy(checkpoint["hyper_parameters"])
@@ -92,6 +94,9 @@ def load_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu")
             f"Checkpoint {ckpt_path} does not match the model it describes ({type(error).__name__}): "
             f"{first_line(error)}"
         ) from None
+    recorded = {"image_size": training_image_size(ckpt_path), "channels": training_channels(ckpt_path),
+                "neighbours": training_neighbours(ckpt_path)}
+    module.data_settings = {key: value for key, value in recorded.items() if value is not None}
     return module.to(map_location).eval()
 
 

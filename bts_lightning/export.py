@@ -213,8 +213,9 @@ def export_model(
         opset: ONNX opset (>= 17).
         onnx_exporter: ``legacy`` (TorchScript-based, fast) or ``dynamo`` (``torch.export``-based).
         contract: the preprocessing contract written into the file (see :func:`exported_contract`); None =
-            the module's network facts with an unknown training ``image_size`` and the first ``in_channels``
-            file channels (gray for one; the export app passes the checkpoint's, size and channels included).
+            ``ModelContract.from_module``: the network's facts and the module's ``data_settings`` (the training
+            size, channels and scan neighbours of a fitted or loaded module; unknown: no size, the first
+            ``in_channels`` file channels, gray for one, slices alone).
     """
     output = Path(output)
     format = resolve_format(format, output)

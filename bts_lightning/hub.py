@@ -78,7 +78,8 @@ def save_pretrained(
     """Write ``config.json``, ``model.safetensors`` and ``README.md`` of ``source`` into ``directory``; returns it.
 
     ``source`` is a training checkpoint (its contract and its run's ``metrics.json``, when present, are
-    used) or a module (``contract`` defaults to its network facts). Each file is written atomically.
+    used) or a module (``contract`` defaults to ``ModelContract.from_module``: its network and the data it was
+    trained on, its ``data_settings``). Each file is written atomically.
     """
     if isinstance(source, (str, Path)):
         predictor = load_predictor(source, device="cpu")
@@ -204,6 +205,7 @@ def read_config(directory: str | Path) -> dict[str, Any]:
 def from_pretrained(directory: str | Path, device: str | torch.device | None = "cpu") -> SegmentationModule:
     """Rebuild the eval-mode module of hub folder ``directory`` on ``device``, offline.
 
+    Its ``data_settings`` are those ``config.json`` records (``image_size``, ``channels``, ``neighbours``).
     Raises ``CheckpointError`` naming the file when ``config.json`` or ``model.safetensors`` is missing,
     unreadable, or they do not match.
     """
@@ -217,6 +219,8 @@ def from_pretrained(directory: str | Path, device: str | torch.device | None = "
     except Exception as error:  # noqa: BLE001 - truncated or foreign file
         raise CheckpointError(f"{weights} could not be read as safetensors: {first_line(error)}") from None
     module = load_module_from(hparams, state, weights)
+    module.data_settings = {key: config[key] for key in ("image_size", "channels", "neighbours")
+                            if config.get(key) is not None}
     return module.to(resolve_device(device)).eval()
 
 

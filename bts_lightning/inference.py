@@ -225,20 +225,27 @@ class ModelContract:
 
     @classmethod
     def from_module(cls, module: Any, image_size: int | None = None, channels: Any = None,
-                    neighbours: int = 0) -> ModelContract:
+                    neighbours: int | None = None) -> ModelContract:
         """The contract of a :class:`SegmentationModule` trained at ``image_size`` on ``channels`` (a
-        ``data.channels`` value; ``None``: unknown, see :func:`default_channels`) with ``neighbours``.
+        ``data.channels`` value) with ``neighbours``.
 
+        Each argument left ``None`` comes from the module's ``data_settings`` (what it was trained on: recorded when
+        it is fitted and when it is loaded from a checkpoint or hub folder); unknown there too: no image size,
+        slices alone, and :func:`default_channels` of each slice's share of the network's ``in_channels``.
         Raises ``ValueError`` when ``channels`` are invalid or their count is not the network's ``in_channels``.
         """
         config = network_config(module)
         in_channels = int(config.get("in_channels", 1))
+        recorded = getattr(module, "data_settings", None) or {}
+        image_size = recorded.get("image_size") if image_size is None else image_size
+        channels = recorded.get("channels") if channels is None else channels
+        neighbours = int(recorded.get("neighbours") or 0) if neighbours is None else neighbours
         return cls(
             image_size=image_size,
             in_channels=in_channels,
             num_classes=int(config.get("num_classes", 2)),
             model=None if config.get("name") is None else str(config["name"]),
-            channels=default_channels(in_channels) if channels is None else channels,
+            channels=default_channels(in_channels // window_size(neighbours)) if channels is None else channels,
             neighbours=neighbours,
         )
 

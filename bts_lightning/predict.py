@@ -41,7 +41,7 @@ import csv
 import io
 import logging
 import re
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -56,7 +56,13 @@ from bts_lightning.data.channels import Channels, channels_setting, describe_cha
 from bts_lightning.data.dataset import resize_image
 from bts_lightning.data.discovery import IMAGE_SUFFIXES
 from bts_lightning.data.io import ChannelError, UnreadableImageError, read_channels
-from bts_lightning.data.neighbours import neighbour_windows, own_channel, slice_position, stack_window
+from bts_lightning.data.neighbours import (
+    neighbour_windows,
+    own_channel,
+    slice_position,
+    stack_window,
+    window_size,
+)
 from bts_lightning.errors import ConfigError, DataError, format_names
 from bts_lightning.inference import (
     InferenceOptions,
@@ -123,12 +129,16 @@ class InputReader:
     """Reads each of ``files`` as the model's input: its ``channels``, stacked with those of its ``neighbours``
     slices either side among ``files`` (:mod:`bts_lightning.data.neighbours`: a folder is one scan, a slice's
     number the one its name ends with; the nearest slice stands in for a missing neighbour, the slice itself for
-    an unreadable one). ``own_channel`` is the slice's own first channel in what :meth:`read` returns."""
+    an unreadable one). ``own_channel`` is the slice's own first channel in what :meth:`read` returns.
+
+    With neighbours, the planes of the last two windows' files are kept, so a scan read in order decodes each
+    file once, not once per window it is in."""
 
     def __init__(self, files: list[Path], channels: Channels, neighbours: int = 0) -> None:
         self.channels, self.neighbours = channels, neighbours
         self.own_channel = own_channel(neighbours, 1 if channels is None else len(channels))
         self.windows: dict[Path, list[Path]] = {}
+        self._recent: OrderedDict[Path, np.ndarray] = OrderedDict()
         if neighbours:
             positions = [slice_position(path) for path in files]
             windows = neighbour_windows(positions, neighbours, fix="predict each scan's folder on its own")
@@ -142,20 +152,31 @@ class InputReader:
 
     def read(self, path: Path) -> np.ndarray:
         """(C, H, W) uint8 input of ``path``; raises what :func:`read_channels` raises for ``path`` itself."""
-        image = read_channels(path, self.channels)
         if not self.neighbours:
-            return image
+            return read_channels(path, self.channels)
+        image = self._plane(path)
         planes: dict[Path, np.ndarray] = {path: image}
         for other in self.windows[path]:
             if other not in planes:
                 try:
-                    planes[other] = read_channels(other, self.channels)
+                    planes[other] = self._plane(other)
                 except (UnreadableImageError, ChannelError, OSError):
                     planes[other] = image
                 if planes[other].shape != image.shape:
                     raise ValueError(f"its scan neighbour {other.name} is {planes[other].shape[2]}x"
                                      f"{planes[other].shape[1]} px, not {image.shape[2]}x{image.shape[1]} like it")
         return stack_window([planes[other] for other in self.windows[path]])
+
+    def _plane(self, path: Path) -> np.ndarray:
+        """``read_channels`` of ``path``, from the recent planes when it is one of them."""
+        if path in self._recent:
+            self._recent.move_to_end(path)
+            return self._recent[path]
+        plane = read_channels(path, self.channels)
+        self._recent[path] = plane
+        if len(self._recent) > 2 * window_size(self.neighbours):
+            self._recent.popitem(last=False)
+        return plane
 
 
 def input_channels(setting: Any, contract: ModelContract) -> Channels:

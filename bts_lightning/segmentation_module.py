@@ -11,6 +11,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from bts_lightning.data.channels import channels_setting
 from bts_lightning.errors import ConfigError
 from bts_lightning.losses import FactoredLoss, uses_distance_maps
 from bts_lightning.metrics import SLICE_SCORES, SliceDetection, overlap_metrics
@@ -40,6 +41,15 @@ def _check_loss_weight(key: str, value: Any) -> float:
     return float(value)
 
 
+def data_settings_of(datamodule: Any) -> dict[str, Any]:
+    """``image_size``, ``channels`` (``"gray"`` or a list) and ``neighbours`` of a data module that has them
+    (:class:`~bts_lightning.data.datamodule.BrainTumorDataModule`); ``{}`` for any other (or none)."""
+    if datamodule is None or not all(hasattr(datamodule, key) for key in ("image_size", "channels", "neighbours")):
+        return {}
+    return {"image_size": int(datamodule.image_size), "channels": channels_setting(datamodule.channels),
+            "neighbours": int(datamodule.neighbours)}
+
+
 class SegmentationModule(L.LightningModule):
     """Trains a 2-class segmentation network on uint8 slices (``batch["image"]``, ``batch["mask"]``).
 
@@ -62,6 +72,10 @@ class SegmentationModule(L.LightningModule):
             (see :meth:`compute_loss`).
         presence_loss_weight: for a network with a presence gate (``model.net.presence_gate=true``), the
             weight of its slice-presence term (:class:`~bts_lightning.losses.FactoredLoss`).
+
+    ``data_settings``: what the network was trained on (``image_size``, ``channels``, ``neighbours`` of the data
+    module it is fitted with; set again by ``checkpoint.load_module`` and ``hub.from_pretrained``), so the model
+    contract of a bare module (``export_model``, ``save_pretrained``, ``ModulePredictor``) is right. Empty: unknown.
     """
 
     def __init__(
@@ -83,6 +97,7 @@ class SegmentationModule(L.LightningModule):
             "presence_loss_weight": _check_loss_weight("presence_loss_weight", presence_loss_weight),
         })
         _check_learning_rate(self.hparams.optimizer)
+        self.data_settings: dict[str, Any] = {}
         self.configure_models()
         self.configure_losses()
         self.configure_metrics()
@@ -216,6 +231,9 @@ class SegmentationModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.slice_counts.pop("val", None)
+        settings = data_settings_of(getattr(self.trainer, "datamodule", None))
+        if settings:
+            self.data_settings = settings
 
     def on_test_start(self) -> None:
         self.slice_counts.pop("test", None)

@@ -78,6 +78,21 @@ def test_flips_average_the_presence_maps_before_their_largest_value():
     assert not torch.allclose(unflipped, mean.flatten(1).amax(dim=1))
 
 
+def test_an_ensemble_of_presence_networks_averages_their_maps():
+    images = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    members = [FixedLogits(1.0), FixedLogits(-2.0)]
+    ensemble = Cascade(FixedLogits(), members, flips=False)
+    mean = torch.stack([torch.sigmoid(scale * images[:, 0]) for scale in (1.0, -2.0)]).mean(dim=0)
+    assert torch.allclose(ensemble.presence_probability(images), mean.flatten(1).amax(dim=1))
+    assert sorted(key for key in ensemble.state_dict() if key.startswith("presence")) == ["presence.0.scale",
+                                                                                        "presence.1.scale"]
+    single = Cascade(FixedLogits(), [FixedLogits(1.0)], flips=False)  # a one-network list is the single network
+    assert "presence.scale" in single.state_dict()
+    assert build_cascade(FixedLogits(size_multiple=2), members + [FixedLogits(size_multiple=3)]).size_multiple == 6
+    with pytest.raises(ConfigError, match="at least one presence network"):
+        Cascade(FixedLogits(), [])
+
+
 def test_size_rules_and_bad_settings():
     joined = build_cascade(FixedLogits(size_multiple=4), FixedLogits(size_multiple=6))
     assert joined.size_multiple == 12 and joined.dynamic_size
@@ -99,6 +114,7 @@ def two_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("cascade")
     data = [*DATA, f"paths.data_dir={root / 'data'}"]
     runs = {"segmentation": [*data, "data.empty_fraction=0"], "presence": [*data, "loss=dice_ce_slice"],
+            "presence_seed_1": [*data, "loss=dice_ce_slice", "seed=1", "data.seed=42"],
             "other_split": [*data, "data.val_fold=3", "trainer.max_epochs=1"]}
     paths = {"data": root / "data"}
     for name, overrides in runs.items():
@@ -163,6 +179,44 @@ def test_checkpoints_of_other_splits_or_types_are_refused(two_runs, tmp_path):
     with pytest.raises(ConfigError, match=r"model.onnx is not a training checkpoint \(.ckpt\)"):
         _join({**two_runs, "presence": tmp_path / "model.onnx"}, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_cascade_with_a_presence_ensemble_calibrates_their_mean_and_travels(two_runs, tmp_path):
+    members = [two_runs["presence"], two_runs["presence_seed_1"]]
+    cfg = compose_app("cascade", [f"segmentation={two_runs['segmentation']}",
+                                  f"presence=[{members[0]},{members[1]}]", "target_false_alarm_rate=0.25"],
+                      tmp_path / "run")
+    result = cascade(cfg, [])
+    assert result["presence"] == [str(path.resolve()) for path in members]
+    datamodule = instantiate(compose_train([*DATA, f"paths.data_dir={two_runs['data']}"], tmp_path / "x").data,
+                             augmentations=None)
+    datamodule.setup("validate")
+    images, masks = zip(*(datamodule.datasets["val"].load(i) for i in range(len(datamodule.datasets["val"]))))
+    images, has_tumor = np.stack(images), np.array([mask.any() for mask in masks])
+    maps = [predict_probabilities(load_predictor(path, "cpu"), images, tta=True) for path in members]
+    scores = torch.stack(maps).mean(dim=0).flatten(1).amax(dim=1).numpy()
+    alone = maps[0].flatten(1).amax(dim=1).numpy()
+    assert not np.allclose(scores, alone, atol=1e-3)  # the second member changes the scores
+    empty = sorted(scores[~has_tumor], reverse=True)
+    assert result["presence_threshold"] == pytest.approx(empty[math.floor(0.25 * len(empty) + 1e-9)], abs=1e-5)
+
+    output = tmp_path / "run" / "checkpoints" / "cascade.ckpt"
+    joined = load_predictor(output, "cpu")
+    segmentation = predict_probabilities(load_predictor(two_runs["segmentation"], "cpu"), images)
+    keep = torch.as_tensor(scores > result["presence_threshold"])[:, None, None]
+    assert torch.equal(predict_probabilities(joined, images) > 0.5, (segmentation > 0.5) & keep)
+    onnx = load_predictor(export_model(load_module(output), tmp_path / "cascade.onnx", image_size=SIZE), "cpu")
+    assert torch.allclose(predict_probabilities(onnx, images), predict_probabilities(joined, images), atol=1e-4)
+    folder = load_predictor(save_pretrained(output, tmp_path / "hub"), "cpu")
+    assert torch.equal(predict_probabilities(folder, images), predict_probabilities(joined, images))
+
+    for presence, message in ((f"[{members[0]},{members[0]}]", "lists a checkpoint twice"),
+                              (f"[{members[0]},{two_runs['other_split']}]", "trained on different splits"),
+                              ("[]", r"presence=\[\] lists no checkpoint")):
+        bad = compose_app("cascade", [f"segmentation={two_runs['segmentation']}", f"presence={presence}"],
+                          tmp_path / "bad")
+        with pytest.raises(ConfigError, match=message):
+            cascade(bad, [])
 
 
 @pytest.mark.slow  # an app subprocess

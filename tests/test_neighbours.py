@@ -5,14 +5,20 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
+import lightning as L
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import OmegaConf
 
+import bts_lightning.predict as predict_module
+from bts_lightning.callbacks import validation_images
 from bts_lightning.cascade import cascade, check_compatible
 from bts_lightning.checkpoint import load_module
 from bts_lightning.data.channels import channel_count
@@ -23,9 +29,17 @@ from bts_lightning.demo import analyze
 from bts_lightning.errors import ConfigError, DataError
 from bts_lightning.evaluate import evaluate
 from bts_lightning.export import export_model
-from bts_lightning.hub import save_pretrained
-from bts_lightning.inference import InferenceOptions, ModelContract, contract_of, load_predictor, predict_probabilities
+from bts_lightning.hub import from_pretrained, save_pretrained
+from bts_lightning.inference import (
+    InferenceOptions,
+    ModelContract,
+    ModulePredictor,
+    contract_of,
+    load_predictor,
+    predict_probabilities,
+)
 from bts_lightning.predict import InputReader, predict
+from bts_lightning.segmentation_module import SegmentationModule
 from bts_lightning.train import train
 from tests.conftest import compose_app, compose_train
 from tests.test_scan_context import _scan_folders
@@ -126,6 +140,35 @@ def test_predict_reads_each_file_with_its_neighbours_among_the_inputs(tmp_path, 
     assert "no scan neighbours among the inputs" in caplog.text and "Pass a scan's folder" in caplog.text
 
 
+def test_predict_decodes_each_file_of_a_scan_once(tmp_path, monkeypatch):
+    _scan(tmp_path, "SCAN_A", [10, 20, 30, 40, 50])
+    files = sorted((tmp_path / "SCAN_A").glob("SCAN_A_?.png"))
+    decoded: list[str] = []
+
+    def counting(path: Path, channels):
+        decoded.append(path.name)
+        return read_channels(path, channels)
+
+    monkeypatch.setattr(predict_module, "read_channels", counting)
+    reader = InputReader(files, (1,), neighbours=2)
+    windows = [reader.read(path)[:, 0, 0].tolist() for path in files]
+    assert windows[0] == [10, 10, 10, 20, 30] and windows[2] == [10, 20, 30, 40, 50] and windows[4] == [30, 40] + [50] * 3
+    assert sorted(decoded) == sorted(path.name for path in files)
+
+
+def test_validation_images_show_each_slice_not_its_neighbour(tmp_path, monkeypatch):
+    _scan(tmp_path / "data", "SCAN_A", [10, 20, 30, 40])
+    dataset = _module(tmp_path / "data", neighbours=1).make_dataset(range(4))
+    shown: list[int] = []
+    monkeypatch.setattr(validation_images, "panel", lambda image, mask, prediction: shown.append(int(image[0, 0]))
+                        or np.zeros((4, 4, 3), np.uint8))
+    trainer = SimpleNamespace(loggers=[TensorBoardLogger(tmp_path / "tb")], sanity_checking=False, is_global_zero=True,
+                              global_step=0, datamodule=SimpleNamespace(datasets={"val": dataset}))
+    network = SimpleNamespace(device="cpu", predict_probabilities=lambda images: torch.zeros(images.shape[0], 32, 32))
+    validation_images.ValidationImages(count=4).on_validation_epoch_end(trainer, network)
+    assert sorted(shown) == [10, 20, 30, 40]  # each window's middle, the slice itself (its first: 10, 10, 20, 30)
+
+
 def test_the_contract_counts_the_window_and_travels_as_version_2():
     contract = ModelContract(in_channels=3, channels=(1,), neighbours=1, image_size=64)
     assert contract.format_version == 2 and contract.slice_channels == 1 and contract.own_channel == 1
@@ -134,6 +177,30 @@ def test_the_contract_counts_the_window_and_travels_as_version_2():
     assert ModelContract(in_channels=1).format_version == 1  # models without neighbours stay readable by older code
     with pytest.raises(ValueError, match=r"neighbours=1 give 3 channel\(s\) but in_channels=1"):
         ModelContract(in_channels=1, neighbours=1)
+
+
+def test_a_module_fitted_or_loaded_in_python_knows_its_window_for_export_and_hub(tmp_path):
+    """The Python API without a checkpoint path: the bare module's contract is the data it was fitted on."""
+    for name, values in (("SCAN_A", [10, 20, 30, 40]), ("SCAN_B", [90, 80, 70])):
+        _scan(tmp_path / "data", name, values)
+    data = _module(tmp_path / "data", neighbours=1, batch_size=2)
+    module = SegmentationModule(
+        net={"_target_": "bts_lightning.models.build_model", "name": "unet", "in_channels": 3,
+             "channels": [4, 8], "strides": [2]},
+        loss={"_target_": "monai.losses.DiceCELoss", "to_onehot_y": True, "softmax": True},
+        optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.01})
+    assert ModelContract.from_module(module).channels == (0, 1, 2)  # unfitted: nothing known of its data
+    L.Trainer(fast_dev_run=True, accelerator="cpu", logger=False, enable_progress_bar=False,
+              enable_model_summary=False).fit(module, datamodule=data)
+    expected = ModelContract(in_channels=3, channels=(1,), neighbours=1, image_size=32, model="unet")
+    assert ModelContract.from_module(module) == expected == ModulePredictor(module, "cpu").contract
+    assert ModelContract.from_module(module, neighbours=0, channels=[0, 1, 2]).neighbours == 0  # arguments win
+    onnx = export_model(module, tmp_path / "model.onnx")
+    assert contract_of(load_predictor(onnx, "cpu")) == replace(expected, fixed_size=False)
+    folder = save_pretrained(module, tmp_path / "hub")
+    assert contract_of(load_predictor(folder, "cpu")) == expected
+    assert save_pretrained(from_pretrained(folder), tmp_path / "again").joinpath("config.json").read_text() == \
+        (folder / "config.json").read_text()
 
 
 # ------------------------------------------------------------------------------------------- the apps
@@ -211,8 +278,7 @@ def test_predict_export_hub_and_demo_give_the_network_the_scan_window(neighbour_
     assert [row["tumor_area_px"] for row in result["slices"]] == [int(mask.sum()) for mask in expected]
 
     onnx = tmp_path / "model.onnx"
-    export_model(load_module(neighbour_runs["window"]), onnx, image_size=SIZE,
-                 contract=contract_of(checkpoint))
+    export_model(load_module(neighbour_runs["window"]), onnx, image_size=SIZE)  # the loaded module knows its data
     exported = load_predictor(onnx, "cpu")
     assert contract_of(exported).neighbours == 1
     assert torch.allclose(predict_probabilities(exported, windows), predict_probabilities(checkpoint, windows),

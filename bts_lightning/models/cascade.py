@@ -4,7 +4,8 @@ A network trained on tumor slices only segments best but marks a tumor on nearly
 trained with empty slices learns to leave them empty but segments less well (README "Empty slices").
 :class:`Cascade` keeps the first network's segmentation and takes the slice-level answer from the second:
 its presence probability is the largest value of the second network's tumor probability map of the slice
-(with ``flips``, of the mean of the maps of the slice and of its horizontal and vertical flips), and the slice counts as
+(with ``flips``, of the mean of the maps of the slice and of its horizontal and vertical flips; with several presence
+networks, an ensemble, of the mean of their maps), and the slice counts as
 having a tumor when that probability is above ``presence_threshold`` (``python -m bts_lightning.cascade``
 calibrates it on the validation split). With ``context`` > 0 it also holds ``context_threshold``, for the
 presence probability averaged over neighbouring slices of a scan, which ``evaluate`` and ``predict`` apply
@@ -17,6 +18,7 @@ exports and the demo need no change.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -39,25 +41,36 @@ class Cascade(nn.Module):
     ``forward(x)`` returns ``{"out": (N, 3, H, W)}``: channels 0-1 are ``segmentation``'s logits; channel 2
     is constant over the slice, ``logit(P) - logit(presence_threshold)`` with ``P`` from
     :meth:`presence_probability`, so it is positive exactly when ``P > presence_threshold``. Both networks
-    take the same input and return ``{"out": 2-class logits, ...}``.
+    take the same input and return ``{"out": 2-class logits, ...}``. ``presence`` is one network or a sequence of
+    them (an ensemble: their tumor probability maps are averaged; one network's weights keep the names of a single one).
     """
 
-    def __init__(self, segmentation: nn.Module, presence: nn.Module, presence_threshold: float = 0.5,
-                 flips: bool = True, context: int = 0, context_threshold: float | None = None) -> None:
+    def __init__(self, segmentation: nn.Module, presence: nn.Module | Sequence[nn.Module],
+                 presence_threshold: float = 0.5, flips: bool = True, context: int = 0,
+                 context_threshold: float | None = None) -> None:
         super().__init__()
+        members = [presence] if isinstance(presence, nn.Module) else list(presence)
+        if not members:
+            raise ConfigError("A cascade needs at least one presence network.")
         self.segmentation = segmentation
-        self.presence = presence
+        self.presence = members[0] if len(members) == 1 else nn.ModuleList(members)
         self.presence_threshold = float(presence_threshold)
         self.flips = bool(flips)
         self.context = int(context)
         self.context_threshold = None if context_threshold is None else float(context_threshold)
 
+    @property
+    def presence_networks(self) -> list[nn.Module]:
+        """The presence network(s): one, or the members of an ensemble."""
+        return list(self.presence) if isinstance(self.presence, nn.ModuleList) else [self.presence]
+
     def _probability_map(self, x: torch.Tensor) -> torch.Tensor:
-        return self.presence(x)["out"].float().softmax(dim=1)[:, 1]
+        maps = [net(x)["out"].float().softmax(dim=1)[:, 1] for net in self.presence_networks]
+        return maps[0] if len(maps) == 1 else torch.stack(maps).mean(dim=0)
 
     def presence_probability(self, x: torch.Tensor) -> torch.Tensor:
-        """(N,) the largest value of ``presence``'s tumor probability map of each slice; with ``flips``, of the
-        mean of the maps of the slice and of its horizontal and vertical flips (each flipped back)."""
+        """(N,) the largest value of ``presence``'s tumor probability map of each slice (an ensemble's mean map); with
+        ``flips``, of the mean of the maps of the slice and of its horizontal and vertical flips (each flipped back)."""
         probability = flip_mean(self._probability_map, x) if self.flips else self._probability_map(x)
         return probability.flatten(1).amax(dim=1)
 
@@ -78,17 +91,22 @@ class Cascade(nn.Module):
         return {"out": torch.cat([segmentation, presence_map], dim=1)}
 
     @property
+    def networks(self) -> list[nn.Module]:
+        """The segmentation network, then the presence network(s)."""
+        return [self.segmentation, *self.presence_networks]
+
+    @property
     def size_multiple(self) -> int:
-        return math.lcm(*(int(getattr(net, "size_multiple", 1)) for net in (self.segmentation, self.presence)))
+        return math.lcm(*(int(getattr(net, "size_multiple", 1)) for net in self.networks))
 
     @property
     def size_rule(self) -> str:
-        rules = [getattr(net, "size_rule", None) for net in (self.segmentation, self.presence)]
+        rules = [getattr(net, "size_rule", None) for net in self.networks]
         return "; ".join(dict.fromkeys(rule for rule in rules if rule)) or f"H and W divisible by {self.size_multiple}"
 
     @property
     def dynamic_size(self) -> bool:
-        return all(bool(getattr(net, "dynamic_size", True)) for net in (self.segmentation, self.presence))
+        return all(bool(getattr(net, "dynamic_size", True)) for net in self.networks)
 
 
 def cascade_of(model: object) -> Cascade | None:
@@ -111,10 +129,11 @@ def _is_fraction(value: object) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and 0.0 <= value <= 1.0
 
 
-def build_cascade(segmentation: nn.Module, presence: nn.Module, presence_threshold: float = 0.5, flips: bool = True,
-                  in_channels: int = 1, num_classes: int = 2, weights: str | None = None,
+def build_cascade(segmentation: nn.Module, presence: nn.Module | Sequence[nn.Module], presence_threshold: float = 0.5,
+                  flips: bool = True, in_channels: int = 1, num_classes: int = 2, weights: str | None = None,
                   name: str = "cascade", context: int = 0, context_threshold: float | None = None) -> PresenceGated:
-    """:class:`Cascade` of two built networks, gated (``out``: 2-class logits; see the module doc).
+    """:class:`Cascade` of built networks (``presence``: one, or a list for an ensemble), gated (``out``: 2-class
+    logits; see the module doc).
 
     ``in_channels`` / ``num_classes`` / ``weights`` / ``name`` are the keys every network config has (the model
     contract and model card read them); a cascade is built from trained networks, so ``weights`` must be None.
