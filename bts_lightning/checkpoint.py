@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from bts_lightning.errors import BtsError, first_line
 from bts_lightning.runtime import atomic_path, user_error_of
-from bts_lightning.segmentation_module import SegmentationModule
+from bts_lightning.segmentation_module import DATA_SETTINGS_KEY, SegmentationModule
 
 _REQUIRED_HPARAMS = ("net", "loss", "optimizer")
 # Module settings that checkpoints written before the model config became the module's kept in "model".
@@ -96,7 +96,8 @@ def load_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu")
         ) from None
     recorded = {"image_size": training_image_size(ckpt_path), "channels": training_channels(ckpt_path),
                 "neighbours": training_neighbours(ckpt_path)}
-    module.data_settings = {key: value for key, value in recorded.items() if value is not None}
+    module.data_settings = {**{key: value for key, value in recorded.items() if value is not None},
+                            **(checkpoint.get(DATA_SETTINGS_KEY) or {})}
     return module.to(map_location).eval()
 
 

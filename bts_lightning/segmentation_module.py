@@ -41,6 +41,10 @@ def _check_loss_weight(key: str, value: Any) -> float:
     return float(value)
 
 
+# Checkpoint entry of the module's data_settings (checkpoint.load_module reads older checkpoints' from their records).
+DATA_SETTINGS_KEY = "bts_data_settings"
+
+
 def data_settings_of(datamodule: Any) -> dict[str, Any]:
     """``image_size``, ``channels`` (``"gray"`` or a list) and ``neighbours`` of a data module that has them
     (:class:`~bts_lightning.data.datamodule.BrainTumorDataModule`); ``{}`` for any other (or none)."""
@@ -74,7 +78,8 @@ class SegmentationModule(L.LightningModule):
             weight of its slice-presence term (:class:`~bts_lightning.losses.FactoredLoss`).
 
     ``data_settings``: what the network was trained on (``image_size``, ``channels``, ``neighbours`` of the data
-    module it is fitted with; set again by ``checkpoint.load_module`` and ``hub.from_pretrained``), so the model
+    module it is fitted with; kept in its checkpoints and set again by ``checkpoint.load_module``,
+    ``load_from_checkpoint`` and ``hub.from_pretrained``), so the model
     contract of a bare module (``export_model``, ``save_pretrained``, ``ModulePredictor``) is right. Empty: unknown.
     """
 
@@ -234,6 +239,13 @@ class SegmentationModule(L.LightningModule):
         settings = data_settings_of(getattr(self.trainer, "datamodule", None))
         if settings:
             self.data_settings = settings
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[DATA_SETTINGS_KEY] = dict(self.data_settings)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """``SegmentationModule.load_from_checkpoint`` and resumed fits get the data settings back."""
+        self.data_settings = dict(checkpoint.get(DATA_SETTINGS_KEY) or {})
 
     def on_test_start(self) -> None:
         self.slice_counts.pop("test", None)

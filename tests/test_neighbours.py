@@ -190,11 +190,14 @@ def test_a_module_fitted_or_loaded_in_python_knows_its_window_for_export_and_hub
         loss={"_target_": "monai.losses.DiceCELoss", "to_onehot_y": True, "softmax": True},
         optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.01})
     assert ModelContract.from_module(module).channels == (0, 1, 2)  # unfitted: nothing known of its data
-    L.Trainer(fast_dev_run=True, accelerator="cpu", logger=False, enable_progress_bar=False,
-              enable_model_summary=False).fit(module, datamodule=data)
+    trainer = L.Trainer(fast_dev_run=True, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(module, datamodule=data)
     expected = ModelContract(in_channels=3, channels=(1,), neighbours=1, image_size=32, model="unet")
     assert ModelContract.from_module(module) == expected == ModulePredictor(module, "cpu").contract
     assert ModelContract.from_module(module, neighbours=0, channels=[0, 1, 2]).neighbours == 0  # arguments win
+    trainer.save_checkpoint(tmp_path / "saved.ckpt")
+    assert ModelContract.from_module(SegmentationModule.load_from_checkpoint(tmp_path / "saved.ckpt")) == expected
     onnx = export_model(module, tmp_path / "model.onnx")
     assert contract_of(load_predictor(onnx, "cpu")) == replace(expected, fixed_size=False)
     folder = save_pretrained(module, tmp_path / "hub")
