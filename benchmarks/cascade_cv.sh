@@ -9,6 +9,8 @@
 # EXTRA="trainer.max_epochs=1 ..." appends Hydra overrides to both trainings (a quick check of the script; or a variant
 # of the recipe, e.g. EXTRA="data.channels=[0,1,2]" or EXTRA="seed=1 data.seed=42", into another OUT);
 # PRESENCE_EXTRA="loss=dice_ce_slice_tumor" appends overrides to the presence training only.
+# ENSEMBLE_WITH="OUT_B [OUT_C ...]" (other OUT folders of this script, e.g. trained with another seed) makes each pair's
+# presence an ensemble: its own presence model and the same pair's presence/checkpoints/best.ckpt of every OUT_B.
 # Each pair also gets the scan-context cascade (context=${CONTEXT:-1}: presence averaged with CONTEXT slices either
 # side in the scan; CONTEXT=0 skips it), in cascade_context/ and cascade_context_test/. A training whose
 # checkpoints/best.ckpt exists is not run again, so a rerun adds the steps an earlier run lacks.
@@ -31,15 +33,20 @@ for pair in "${pairs[@]}"; do
     python -m bts_lightning.train "${data[@]}" experiment=empty_slices trainer.max_epochs=120 \
         callbacks.early_stopping.patience=30 scheduler.scheduler.patience=8 ${EXTRA:-} ${PRESENCE_EXTRA:-} \
         "hydra.run.dir=$run/presence"
+  presence=$run/presence/checkpoints/best.ckpt
+  for other in ${ENSEMBLE_WITH:-}; do
+    presence="$presence,$other/val${val}_test${test}/presence/checkpoints/best.ckpt"
+  done
+  presence="[$presence]"
   python -m bts_lightning.cascade "segmentation=$run/tumor_only/checkpoints/best.ckpt" \
-      "presence=$run/presence/checkpoints/best.ckpt" target_false_alarm_rate=0.05 "hydra.run.dir=$run/cascade"
+      "presence=$presence" target_false_alarm_rate=0.05 "hydra.run.dir=$run/cascade"
   python -m bts_lightning.evaluate "ckpt_path=$run/tumor_only/checkpoints/best.ckpt" split=test slice_decision=off \
       "hydra.run.dir=$run/tumor_only_test"
   python -m bts_lightning.evaluate "ckpt_path=$run/cascade/checkpoints/cascade.ckpt" split=test \
       "hydra.run.dir=$run/cascade_test"
   if [ "${CONTEXT:-1}" != 0 ]; then
     python -m bts_lightning.cascade "segmentation=$run/tumor_only/checkpoints/best.ckpt" \
-        "presence=$run/presence/checkpoints/best.ckpt" target_false_alarm_rate=0.05 "context=${CONTEXT:-1}" \
+        "presence=$presence" target_false_alarm_rate=0.05 "context=${CONTEXT:-1}" \
         "hydra.run.dir=$run/cascade_context"
     python -m bts_lightning.evaluate "ckpt_path=$run/cascade_context/checkpoints/cascade.ckpt" split=test \
         "hydra.run.dir=$run/cascade_context_test"
