@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from bts_lightning.errors import BtsError, first_line
 from bts_lightning.runtime import atomic_path, user_error_of
-from bts_lightning.segmentation_module import DATA_SETTINGS_KEY, SegmentationModule
+from bts_lightning.segmentation_module import SegmentationModule
 
 _REQUIRED_HPARAMS = ("net", "loss", "optimizer")
 # Module settings that checkpoints written before the model config became the module's kept in "model".
@@ -76,8 +76,8 @@ def load_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu")
     ``net.weights`` is set to ``None`` before the network is built (the trained weights come from
     the state dict), so loading never downloads anything; ``compile`` is switched off, so a
     network trained compiled runs eagerly (no recompilation for every new batch shape, no compiler needed).
-    The module's ``data_settings`` are the checkpoint's recorded ``image_size``, ``channels`` and ``neighbours``
-    (those it records).
+    The module's ``data_settings`` (``image_size``, ``channels``, ``neighbours``) are those the checkpoint keeps, or
+    for older checkpoints those its data records hold.
     """
     checkpoint = read_checkpoint(ckpt_path, map_location)
     hparams = copy.deepcopy(checkpoint["hyper_parameters"])
@@ -94,10 +94,11 @@ def load_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu")
             f"Checkpoint {ckpt_path} does not match the model it describes ({type(error).__name__}): "
             f"{first_line(error)}"
         ) from None
-    recorded = {"image_size": training_image_size(ckpt_path), "channels": training_channels(ckpt_path),
-                "neighbours": training_neighbours(ckpt_path)}
-    module.data_settings = {**{key: value for key, value in recorded.items() if value is not None},
-                            **(checkpoint.get(DATA_SETTINGS_KEY) or {})}
+    module.on_load_checkpoint(checkpoint)  # the data_settings the checkpoint keeps
+    if not module.data_settings:  # a checkpoint from before they were kept: from its data records
+        recorded = {"image_size": training_image_size(ckpt_path), "channels": training_channels(ckpt_path),
+                    "neighbours": training_neighbours(ckpt_path)}
+        module.data_settings = {key: value for key, value in recorded.items() if value is not None}
     return module.to(map_location).eval()
 
 

@@ -232,6 +232,12 @@ def neighbour_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_a_trained_model_records_its_window_and_evaluate_reads_its_data_with_it(neighbour_runs, tmp_path):
     contract = contract_of(load_predictor(neighbour_runs["window"], "cpu"))
     assert (contract.neighbours, contract.in_channels, contract.channels) == (1, 3, "gray")
+    kept = {"image_size": SIZE, "channels": "gray", "neighbours": 1}
+    assert load_module(neighbour_runs["window"]).data_settings == kept
+    older = torch.load(neighbour_runs["window"], map_location="cpu", weights_only=False)
+    del older["bts_data_settings"]  # a checkpoint from before modules kept them: read from its data records
+    torch.save(older, tmp_path / "older.ckpt")
+    assert load_module(tmp_path / "older.ckpt").data_settings == kept
     metrics = evaluate(compose_app("evaluate", [f"ckpt_path={neighbour_runs['window']}", "split=val"],
                                    tmp_path / "eval"), [])
     assert metrics["n_images"] > 0 and "before and after each in its scan" in metrics["channels"]
