@@ -8,7 +8,9 @@
 # TRAINER=gpu (any conf/trainer option; default cpu, as measured in benchmarks/false_alarms.md) runs them elsewhere;
 # EXTRA="trainer.max_epochs=1 ..." appends Hydra overrides to both trainings (a quick check of the script; or a variant
 # of the recipe, e.g. EXTRA="data.channels=[0,1,2]" or EXTRA="seed=1 data.seed=42", into another OUT);
-# PRESENCE_EXTRA="loss=dice_ce_slice_tumor" appends overrides to the presence training only.
+# PRESENCE_EXTRA="loss=dice_ce_slice_tumor" appends overrides to the presence training only; CASCADE_EXTRA="target_on=
+# new_slices" to both cascade calls (a variant of the calibration, e.g. into an OUT whose pairs link to another OUT's
+# trainings).
 # ENSEMBLE_WITH="OUT_B [OUT_C ...]" (other OUT folders of this script, e.g. trained with another seed) makes each pair's
 # presence an ensemble: its own presence model and the same pair's presence/checkpoints/best.ckpt of every OUT_B.
 # Each pair also gets the scan-context cascade (context=${CONTEXT:-1}: presence averaged with CONTEXT slices either
@@ -39,14 +41,14 @@ for pair in "${pairs[@]}"; do
   done
   presence="[$presence]"
   python -m bts_lightning.cascade "segmentation=$run/tumor_only/checkpoints/best.ckpt" \
-      "presence=$presence" target_false_alarm_rate=0.05 "hydra.run.dir=$run/cascade"
+      "presence=$presence" target_false_alarm_rate=0.05 ${CASCADE_EXTRA:-} "hydra.run.dir=$run/cascade"
   python -m bts_lightning.evaluate "ckpt_path=$run/tumor_only/checkpoints/best.ckpt" split=test slice_decision=off \
       "hydra.run.dir=$run/tumor_only_test"
   python -m bts_lightning.evaluate "ckpt_path=$run/cascade/checkpoints/cascade.ckpt" split=test \
       "hydra.run.dir=$run/cascade_test"
   if [ "${CONTEXT:-1}" != 0 ]; then
     python -m bts_lightning.cascade "segmentation=$run/tumor_only/checkpoints/best.ckpt" \
-        "presence=$presence" target_false_alarm_rate=0.05 "context=${CONTEXT:-1}" \
+        "presence=$presence" target_false_alarm_rate=0.05 "context=${CONTEXT:-1}" ${CASCADE_EXTRA:-} \
         "hydra.run.dir=$run/cascade_context"
     python -m bts_lightning.evaluate "ckpt_path=$run/cascade_context/checkpoints/cascade.ckpt" split=test \
         "hydra.run.dir=$run/cascade_context_test"

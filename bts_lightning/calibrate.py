@@ -4,7 +4,9 @@ Chooses the slice-level "tumor present" decision (:mod:`bts_lightning.decision`)
 checkpoint on one split of its data (``split=val`` by default; loaded exactly as ``evaluate`` loads
 it: the checkpoint's data root and split unless overridden): every slice is scored with ``rule``
 (``component_fraction`` or ``max_probability``, at pixel ``threshold``), and the threshold is the
-smallest one that marks at most ``target_false_alarm_rate`` of the split's empty slices. The decision
+smallest one that marks at most ``target_false_alarm_rate`` of the split's empty slices (with
+``target_on=new_slices``: the smallest one expected to mark at most that share of new empty slices like them,
+which needs at least 19 empty slices at 5 %). The decision
 is written into the checkpoint (atomically), so ``evaluate``, ``predict``, the demo and every file
 exported from it afterwards apply it; ``calibration.json`` in the run folder records it with the
 checkpoint and the slices used. The false-alarm rate and sensitivity it reaches on that split are printed.
@@ -31,6 +33,8 @@ from bts_lightning.decision import (
     chance_warning,
     check_rule,
     check_target,
+    check_target_on,
+    empty_slices_needed,
     on_new_slices,
     on_new_slices_line,
     slice_score,
@@ -52,6 +56,27 @@ def check_settings(target: Any, rule: Any, key: str = "") -> tuple[float, str]:
         return check_target(target, f"{key}target_false_alarm_rate"), check_rule(rule, f"{key}rule")
     except ValueError as error:
         raise ConfigError(str(error)) from None
+
+
+def check_target_on_setting(target_on: Any, target: float, key: str = "") -> str:
+    """``target_on`` checked against ``target``; ``ConfigError`` naming the setting (``key`` prefixes it)."""
+    try:
+        return check_target_on(target_on, target, f"{key}target_on")
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def check_enough_empty(n_empty: int, target: float, target_on: str, split: str, where: str) -> None:
+    """``ConfigError`` when ``n_empty`` empty slices of ``split`` of ``where`` cannot calibrate ``target``
+    ``target_on`` (:func:`~bts_lightning.decision.empty_slices_needed`), saying what to change."""
+    if n_empty == 0:
+        raise no_empty_slices(split, where)
+    needed = empty_slices_needed(target, target_on)
+    if n_empty < needed:
+        raise ConfigError(f"The {split} split of {where} has {n_empty} empty slices, too few to expect at most "
+                          f"{100 * target:g} % false alarms on new empty slices (target_on=new_slices needs at least "
+                          f"{needed}): calibrate on a split with more empty slices, raise target_false_alarm_rate, "
+                          "or set target_on=split.")
 
 
 def no_empty_slices(split: str, where: str) -> ConfigError:
@@ -88,24 +113,25 @@ def slice_scores(predictor: Predictor, dataset: SliceDataset, decision_rule: str
 
 
 def calibrate_on(predictor: Predictor, dataset: SliceDataset, target: float, rule: str, pixel_threshold: float,
-                 split: str, dataset_name: str, tta: bool = False, batch_size: int = 16) -> SliceDecision:
+                 split: str, dataset_name: str, tta: bool = False, batch_size: int = 16,
+                 target_on: str = "split") -> SliceDecision:
     """The decision calibrated on the empty slices of ``dataset`` (the ``split`` of ``dataset_name``).
 
-    Raises ``ConfigError`` when it has no empty slice.
+    Raises ``ConfigError`` when it has no empty slice, or too few for ``target_on`` (:func:`check_enough_empty`).
     """
     scores, tumor = slice_scores(predictor, dataset, rule, pixel_threshold, tta, batch_size)
     empty = [score for score, has_tumor in zip(scores, tumor) if not has_tumor]
-    if not empty:
-        raise no_empty_slices(split, dataset_name)
+    check_enough_empty(len(empty), target, target_on, split, dataset_name)
     present = [score for score, has_tumor in zip(scores, tumor) if has_tumor]
-    return calibrated_decision(empty, present, target, rule, pixel_threshold, split, dataset_name)
+    return calibrated_decision(empty, present, target, rule, pixel_threshold, split, dataset_name, target_on)
 
 
 def calibrate_checkpoint(ckpt_path: Path, predictor: Predictor, dataset: SliceDataset, target: float, rule: str,
                          pixel_threshold: float, split: str, dataset_name: str, tta: bool = False,
-                         batch_size: int = 16) -> SliceDecision:
+                         batch_size: int = 16, target_on: str = "split") -> SliceDecision:
     """:func:`calibrate_on`, then write the decision into checkpoint ``ckpt_path`` (atomically)."""
-    decision = calibrate_on(predictor, dataset, target, rule, pixel_threshold, split, dataset_name, tta, batch_size)
+    decision = calibrate_on(predictor, dataset, target, rule, pixel_threshold, split, dataset_name, tta, batch_size,
+                            target_on)
     write_decision(ckpt_path, decision.to_dict())
     log.info("Calibrated the slice decision of %s: tumor present iff %s", ckpt_path, decision.describe())
     return decision
@@ -114,12 +140,13 @@ def calibrate_checkpoint(ckpt_path: Path, predictor: Predictor, dataset: SliceDa
 def reached_line(decision: SliceDecision) -> str:
     """One line: the false-alarm rate and sensitivity the decision reaches on its calibration split, and what to
     expect on new empty slices (:func:`~bts_lightning.decision.false_alarm_bound`)."""
-    cal = decision.calibration
+    cal, target = decision.calibration, decision.target_false_alarm_rate
     sensitivity = "n/a (no tumor slice)" if cal["sensitivity"] is None else f"{cal['sensitivity']:.4f}"
+    aim = f"target {target:g}" + (" expected on new slices" if decision.target_on == "new_slices" else "")
     return (f"Slice decision {decision.describe()}: on the {cal['split']} split of {cal['dataset']}, false-alarm rate "
-            f"{cal['false_alarm_rate']:.4f} on {cal['n_empty']} empty slices (target "
-            f"{decision.target_false_alarm_rate:g}), sensitivity {sensitivity} on {cal['n_tumor']} tumor slices; "
-            f"{on_new_slices_line(on_new_slices(cal['n_empty'], decision.target_false_alarm_rate))}.")
+            f"{cal['false_alarm_rate']:.4f} on {cal['n_empty']} empty slices ({aim}), sensitivity {sensitivity} on "
+            f"{cal['n_tumor']} tumor slices; "
+            f"{on_new_slices_line(on_new_slices(cal['n_empty'], target, decision.target_on))}.")
 
 
 def warn_if_chance(decision: SliceDecision) -> None:
@@ -137,6 +164,7 @@ def calibrate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[s
     Returns the calibration.json content.
     """
     target, rule = check_settings(cfg.get("target_false_alarm_rate"), cfg.get("rule", "component_fraction"))
+    target_on = check_target_on_setting(cfg.get("target_on", "split"), target)
     threshold = float(cfg.get("threshold", 0.5))
     if not 0.0 <= threshold < 1.0:
         raise ConfigError(f"threshold={threshold} must be in [0, 1) (tumor where probability > threshold).")
@@ -149,10 +177,11 @@ def calibrate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[s
     scoring = load_split(cfg, overrides, split, "calibrate")
     batch_size = max(1, int(cfg.data.get("batch_size") or 16))
     decision = calibrate_checkpoint(scoring.ckpt_path, scoring.predictor, scoring.dataset, target, rule, threshold,
-                                    split, scoring.datamodule.name, bool(cfg.get("tta", False)), batch_size)
+                                    split, scoring.datamodule.name, bool(cfg.get("tta", False)), batch_size,
+                                    target_on)
     result = {"checkpoint": str(scoring.ckpt_path.resolve()), "data_root": str(scoring.datamodule.root),
               "slices": scoring.scored, "tta": bool(cfg.get("tta", False)), "decision": decision.to_dict(),
-              "on_new_empty_slices": on_new_slices(decision.calibration["n_empty"], target)}
+              "on_new_empty_slices": on_new_slices(decision.calibration["n_empty"], target, target_on)}
     write_json_atomic(Path(cfg.paths.output_dir) / "calibration.json", result)
     print(reached_line(decision), flush=True)
     warn_if_chance(decision)

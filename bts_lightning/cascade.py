@@ -6,7 +6,7 @@ slices that ``presence`` (e.g. trained with ``experiment=empty_slices``, which l
 slices empty) says have a tumor, and an empty mask elsewhere (``presence=[B1.ckpt,B2.ckpt]``: an ensemble of presence
 networks, e.g. trained with different seeds, whose tumor probability maps are averaged). The presence threshold is
 calibrated on the ``split`` slices (val by default) so that at most ``target_false_alarm_rate`` of their empty slices
-pass it; the joined checkpoint then gets the usual slice decision (``calibrate``, rule ``component_fraction``) on
+pass it (``target_on=new_slices``: at most that share of new empty slices is expected to); the joined checkpoint then gets the usual slice decision (``calibrate``, rule ``component_fraction``) on
 the same slices. It is an ordinary checkpoint: ``evaluate``, ``predict``, ``export``, ``demo`` take it.
 With ``context=K`` (K > 0; the data in one folder per scan, e.g. the LGG layout) it also gets a scan context
 (:mod:`bts_lightning.scan_context`): the presence probability averaged over each slice and K slices either side
@@ -25,7 +25,14 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from bts_lightning.calibrate import calibrate_on, check_settings, no_empty_slices, reached_line, score_slices
+from bts_lightning.calibrate import (
+    calibrate_on,
+    check_enough_empty,
+    check_settings,
+    check_target_on_setting,
+    reached_line,
+    score_slices,
+)
 from bts_lightning.checkpoint import (
     DECISION_KEY,
     load_module,
@@ -167,19 +174,22 @@ def dataset_positions(dataset: SliceDataset) -> list[Position]:
 
 
 def calibrate_context(scores: list[float], tumor: list[bool], positions: list[Position], context: int,
-                      target: float, slice_threshold: float, split: str) -> tuple[ScanContext, dict[str, Any]]:
+                      target: float, slice_threshold: float, split: str,
+                      target_on: str = "split") -> tuple[ScanContext, dict[str, Any]]:
     """The :class:`ScanContext` whose threshold lets at most ``target`` of the split's empty slices with a
-    neighbour through (slices without one are judged alone, against ``slice_threshold``), and its record for
-    ``cascade.json``: the thresholds, and the false-alarm rate and sensitivity it reaches on the split."""
+    neighbour through (``target_on`` as in :func:`~bts_lightning.decision.calibrate`; slices without one are judged
+    alone, against ``slice_threshold``), and its record for ``cascade.json``: the thresholds, and the false-alarm
+    rate and sensitivity it reaches on the split."""
     means = context_means(scores, positions, context)
     empty = [mean for mean, has_tumor in zip(means, tumor) if mean is not None and not has_tumor]
     if not empty:
         raise ConfigError(f"No empty slice of the {split} split has a neighbouring slice in its scan, so the scan "
                           "context cannot be calibrated there; check that each scan's slices are numbered (file names "
                           "ending in the slice number), or pass context=0.")
-    scan_context = ScanContext(context, threshold_for(empty, target), slice_threshold)
+    check_enough_empty(len(empty), target, target_on, split, "the slices with a scan neighbour")
+    scan_context = ScanContext(context, threshold_for(empty, target, target_on), slice_threshold)
     record = {**scan_context.to_dict(), "split": split, **_rates(scan_context.present(scores, positions), tumor),
-              "on_new_empty_slices": on_new_slices(len(empty), target)}
+              "on_new_empty_slices": on_new_slices(len(empty), target, target_on)}
     log.info("Scan context: %s; on the %s split, %.4f of the empty slices and %.4f of the tumor slices pass it; %s.",
              scan_context.describe(), split, record["false_alarm_rate"], record["sensitivity"] or 0.0,
              on_new_slices_line(record["on_new_empty_slices"]))
@@ -205,6 +215,7 @@ def cascade(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str
     """
     segmentation, presence = _checkpoint_path(cfg, "segmentation"), _presence_paths(cfg)
     target, rule = check_settings(cfg.get("target_false_alarm_rate"), "component_fraction")
+    target_on = check_target_on_setting(cfg.get("target_on", "split"), target)
     split = str(cfg.get("split", "val"))
     flips = bool(cfg.get("flips", True))
     context = check_context(cfg.get("context", 0))
@@ -224,14 +235,13 @@ def cascade(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str
     batch_size = max(1, int(cfg.data.get("batch_size") or 16))
     scores, tumor = presence_scores(joined, scoring.dataset, batch_size)
     empty = [score for score, has_tumor in zip(scores, tumor) if not has_tumor]
-    if not empty:
-        raise no_empty_slices(split, scoring.datamodule.name)
+    check_enough_empty(len(empty), target, target_on, split, scoring.datamodule.name)
     present = [score for score, has_tumor in zip(scores, tumor) if has_tumor]
-    threshold = threshold_for(empty, target)
+    threshold = threshold_for(empty, target, target_on)
     joined.presence_threshold = checkpoint["hyper_parameters"]["net"]["presence_threshold"] = threshold
     on_split = {"split": split, "n_empty": len(empty), "n_tumor": len(present),
                 "false_alarm_rate": rate_above(empty, threshold), "sensitivity": rate_above(present, threshold),
-                "on_new_empty_slices": on_new_slices(len(empty), target)}
+                "on_new_empty_slices": on_new_slices(len(empty), target, target_on)}
     log.info("Presence threshold %.6g: on the %s split, %.4f of %d empty slices and %.4f of %d tumor slices pass it; %s.",
              threshold, split, on_split["false_alarm_rate"], len(empty), on_split["sensitivity"] or 0.0, len(present),
              on_new_slices_line(on_split["on_new_empty_slices"]))
@@ -241,7 +251,8 @@ def cascade(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str
     if context:
         check_scan_layout(scoring.datamodule.found_layout, scoring.datamodule.root, "context=0")
         positions = dataset_positions(scoring.dataset)
-        scan_context, context_record = calibrate_context(scores, tumor, positions, context, target, threshold, split)
+        scan_context, context_record = calibrate_context(scores, tumor, positions, context, target, threshold, split,
+                                                         target_on)
         joined.context, joined.context_threshold = context, scan_context.threshold
         net_config = checkpoint["hyper_parameters"]["net"]
         net_config["context"], net_config["context_threshold"] = context, scan_context.threshold
@@ -249,13 +260,13 @@ def cascade(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str
     contract = ModelContract.from_module(module, training_image_size(segmentation), training_channels(segmentation),
                                          training_neighbours(segmentation))
     decision = calibrate_on(ModulePredictor(module, scoring.device, contract), scoring.dataset, target, rule, 0.5,
-                            split, scoring.datamodule.name, batch_size=batch_size)
+                            split, scoring.datamodule.name, batch_size=batch_size, target_on=target_on)
     checkpoint[DECISION_KEY] = decision.to_dict()
     with atomic_path(output) as temporary, temporary.open("wb") as stream:
         torch.save(checkpoint, stream)
     result = {"checkpoint": str(output.resolve()), "segmentation": str(segmentation.resolve()),
               "presence": str(presence[0].resolve()) if len(presence) == 1 else [str(path.resolve()) for path in presence],
-              "flips": flips, "presence_threshold": threshold,
+              "flips": flips, "presence_threshold": threshold, "target_on": target_on,
               "data_root": str(scoring.datamodule.root), "slices": scoring.scored,
               "presence_on_split": on_split,
               "scan_context": context_record,

@@ -3,7 +3,9 @@
 A model trained on tumor slices marks something on nearly every tumor-free slice. A
 :class:`SliceDecision` says "no tumor" (an all-zero mask) when a slice's score is at most its
 ``threshold``; the threshold is chosen by :func:`calibrate` on the empty slices of a split (the
-validation split) so that at most ``target_false_alarm_rate`` of them are marked. Scores (:func:`slice_score`):
+validation split) so that at most ``target_false_alarm_rate`` of them are marked (``target_on="split"``), or so that
+at most that share of new empty slices like them is expected to be (``target_on="new_slices"``, a stricter
+threshold: :func:`false_alarm_bound`). Scores (:func:`slice_score`):
 
 - ``component_fraction``: area of the largest 8-connected component of ``probability > pixel_threshold``
   as a fraction of the slice area (so resolution independent);
@@ -25,6 +27,8 @@ import cv2
 import numpy as np
 
 RULES = ("component_fraction", "max_probability")
+# What target_false_alarm_rate bounds: the calibration split's own rate, or the rate expected on new empty slices.
+TARGETS_ON = ("split", "new_slices")
 CALIBRATION_KEYS = ("split", "dataset", "n_empty", "n_tumor", "false_alarm_rate", "sensitivity")
 
 
@@ -49,12 +53,34 @@ def check_target(target: Any, key: str = "target_false_alarm_rate") -> float:
     return float(target)
 
 
+def check_target_on(target_on: Any, target: float, key: str = "target_on") -> str:
+    """``target_on`` when it is one of :data:`TARGETS_ON` and can be met for ``target``; ``ValueError`` naming ``key``
+    otherwise (no threshold expects a zero false-alarm rate on new slices)."""
+    if target_on not in TARGETS_ON:
+        raise ValueError(f"{key}={target_on!r} must be one of {', '.join(TARGETS_ON)} (split: at most the target on "
+                         "the calibration split's empty slices; new_slices: at most the target expected on new ones)")
+    if target_on == "new_slices" and target <= 0:
+        raise ValueError(f"{key}=new_slices cannot expect target_false_alarm_rate={target:g} on new empty slices (a "
+                         "threshold chosen on n of them lets through 1 / (n + 1) of new ones at best): give a "
+                         "positive target, or target_on=split")
+    return str(target_on)
+
+
+def empty_slices_needed(target: float, target_on: str = "split") -> int:
+    """The fewest empty calibration slices on which :func:`calibrate` meets ``target`` ``target_on``: 1 on the split;
+    for new slices ``ceil(1 / target) - 1`` (19 at 5 %), as the best it can expect from n slices is 1 / (n + 1)."""
+    if check_target_on(target_on, check_target(target)) == "split":
+        return 1
+    return math.ceil(1 / target - 1e-9) - 1
+
+
 @dataclass(frozen=True)
 class SliceDecision:
     """Tumor present on a slice iff ``slice_score(probability, rule, pixel_threshold) > threshold``.
 
     ``calibration``: where the threshold was chosen: ``split``, ``dataset``, ``n_empty``, ``n_tumor``,
-    and the ``false_alarm_rate`` / ``sensitivity`` the decision reached there.
+    and the ``false_alarm_rate`` / ``sensitivity`` the decision reached there. ``target_on``: what
+    ``target_false_alarm_rate`` bounded there (:data:`TARGETS_ON`; decisions stored without it: ``split``).
     """
 
     rule: str
@@ -62,6 +88,7 @@ class SliceDecision:
     pixel_threshold: float
     target_false_alarm_rate: float
     calibration: dict[str, Any] = field(default_factory=dict)
+    target_on: str = "split"
 
     def __post_init__(self) -> None:
         check_rule(self.rule)
@@ -69,7 +96,7 @@ class SliceDecision:
             raise ValueError(f"threshold={self.threshold!r} must be a number in [0, 1]")
         if not _is_fraction(self.pixel_threshold, closed_top=False):
             raise ValueError(f"pixel_threshold={self.pixel_threshold!r} must be a number in [0, 1)")
-        check_target(self.target_false_alarm_rate)
+        check_target_on(self.target_on, check_target(self.target_false_alarm_rate))
         if not isinstance(self.calibration, Mapping):
             raise ValueError(f"calibration={self.calibration!r} must be a mapping")  # noqa: TRY004 (one error type)
         for key in ("n_empty", "n_tumor"):
@@ -80,6 +107,10 @@ class SliceDecision:
             value = self.calibration.get(key)
             if value is not None and not _is_fraction(value):
                 raise ValueError(f"calibration.{key}={value!r} must be a number in [0, 1] or null")
+        n_empty = self.calibration.get("n_empty")
+        if n_empty and n_empty < empty_slices_needed(self.target_false_alarm_rate, self.target_on):
+            raise ValueError(f"calibration.n_empty={n_empty} is too few for target_on={self.target_on} at "
+                             f"target_false_alarm_rate={self.target_false_alarm_rate:g}")
         object.__setattr__(self, "calibration", dict(self.calibration))
 
     def score(self, probability: np.ndarray) -> float:
@@ -103,7 +134,7 @@ class SliceDecision:
             raise ValueError(f"decision lacks {', '.join(missing)}")
         return cls(rule=data["rule"], threshold=data["threshold"], pixel_threshold=data["pixel_threshold"],
                    target_false_alarm_rate=data["target_false_alarm_rate"],
-                   calibration=data.get("calibration") or {})
+                   calibration=data.get("calibration") or {}, target_on=data.get("target_on", "split"))
 
     def describe(self) -> str:
         """One line, e.g. ``component_fraction > 0.0123 (pixel threshold 0.5; 5.0 % false alarms on val of lgg)``."""
@@ -129,30 +160,40 @@ def slice_score(probability: np.ndarray, rule: str, pixel_threshold: float = 0.5
     return largest / array.size
 
 
-def calibrate(scores_empty: Sequence[float], target: float) -> float:
-    """The smallest threshold with at most ``target`` of ``scores_empty`` strictly above it.
+def calibrate(scores_empty: Sequence[float], target: float, target_on: str = "split") -> float:
+    """The smallest threshold with at most ``target`` of ``scores_empty`` strictly above it (``target_on="split"``),
+    or with at most ``target`` of new empty slices like them expected above it (``"new_slices"``).
 
-    Exact on the given scores: with them sorted descending and ``k = floor(target * n)``, the k-th
-    (0-based) score. Raises ``ValueError`` when there are no empty-slice scores or ``target`` is outside [0, 1).
+    With the scores sorted descending, the k-th (0-based): ``k = floor(target * n)`` on the split; on new slices the
+    largest k with ``(k + 1) / (n + 1) <= target`` (:func:`false_alarm_bound`). Raises ``ValueError`` when there are
+    no empty-slice scores, fewer than :func:`empty_slices_needed`, or ``target`` is outside [0, 1).
     """
     target = check_target(target)
     ordered = sorted((float(score) for score in scores_empty), reverse=True)
     if not ordered:
         raise ValueError("calibration needs at least one empty slice (truth without tumor)")
-    return ordered[_slices_above(len(ordered), target)]
+    return ordered[_slices_above(len(ordered), target, target_on)]
 
 
-def _slices_above(n_empty: int, target: float) -> int:
+def _slices_above(n_empty: int, target: float, target_on: str = "split") -> int:
     """How many of ``n_empty`` calibration scores :func:`calibrate` puts above its threshold (fewer with ties)."""
-    return math.floor(target * n_empty + 1e-9)  # 1e-9: 0.29 * 100 is 28.999999999999996
+    if check_target_on(target_on, target) == "split":
+        return math.floor(target * n_empty + 1e-9)  # 1e-9: 0.29 * 100 is 28.999999999999996
+    if n_empty < empty_slices_needed(target, target_on):
+        raise ValueError(f"{n_empty} empty slices are too few to expect at most {100 * target:g} % false alarms on new "
+                         f"ones (target_on=new_slices needs at least {empty_slices_needed(target, target_on)}): "
+                         "calibrate on a split with more empty slices, raise target_false_alarm_rate, or target_on=split")
+    return math.floor(target * (n_empty + 1) + 1e-9) - 1
 
 
-def false_alarm_bound(n_empty: int, target: float, confidence: float = 0.95) -> tuple[float, float]:
+def false_alarm_bound(n_empty: int, target: float, confidence: float = 0.95,
+                      target_on: str = "split") -> tuple[float, float]:
     """What :func:`calibrate`'s threshold, chosen on ``n_empty`` empty slices for ``target``, lets through on new
     empty slices from the same source: (expected false-alarm rate, upper bound at ``confidence``).
 
     The rate the calibration split reports is the threshold's own choice; on new slices it is a random quantity.
-    With ``k = floor(target * n_empty)`` slices above the threshold by construction, the share of new empty slices
+    With ``k`` of them above the threshold by construction (``floor(target * n_empty)`` for ``target_on="split"``;
+    for ``"new_slices"`` the largest k whose mean below is at most ``target``), the share of new empty slices
     scoring above it follows Beta(k + 1, n_empty - k) over the draw of the calibration slices when all are
     exchangeable (split conformal prediction; at most that with tied scores): mean ``(k + 1) / (n_empty + 1)``,
     and the bound is its ``confidence`` quantile. 19 empty slices at a 5 % target: 5 % expected, up to 14.6 %.
@@ -165,11 +206,12 @@ def false_alarm_bound(n_empty: int, target: float, confidence: float = 0.95) -> 
         raise ValueError(f"n_empty={n_empty!r} must be a whole number >= 1")
     if not _is_fraction(confidence, closed_top=False):
         raise ValueError(f"confidence={confidence!r} must be a number in [0, 1)")
-    k = _slices_above(n_empty, target)
+    k = _slices_above(n_empty, target, target_on)
     return (k + 1) / (n_empty + 1), float(beta.ppf(confidence, k + 1, n_empty - k))
 
 
-def false_alarm_surprise(false_alarms: int, n_scored: int, n_empty: int, target: float) -> float:
+def false_alarm_surprise(false_alarms: int, n_scored: int, n_empty: int, target: float,
+                         target_on: str = "split") -> float:
     """The chance of at least ``false_alarms`` among ``n_scored`` new empty slices for :func:`calibrate`'s threshold
     chosen on ``n_empty`` empty slices for ``target``, were the new slices like the calibration ones (all
     exchangeable): their count then follows BetaBinomial(n_scored, k + 1, n_empty - k), ``k`` as in
@@ -177,13 +219,13 @@ def false_alarm_surprise(false_alarms: int, n_scored: int, n_empty: int, target:
     """
     from scipy.stats import betabinom
 
-    k = _slices_above(n_empty, check_target(target))
+    k = _slices_above(n_empty, check_target(target), target_on)
     return float(betabinom(n_scored, k + 1, n_empty - k).sf(false_alarms - 1))
 
 
-def on_new_slices(n_empty: int, target: float) -> dict[str, float]:
+def on_new_slices(n_empty: int, target: float, target_on: str = "split") -> dict[str, float]:
     """:func:`false_alarm_bound` as a record: ``expected_false_alarm_rate``, ``false_alarm_rate_upper_95``."""
-    expected, upper = false_alarm_bound(n_empty, target)
+    expected, upper = false_alarm_bound(n_empty, target, target_on=target_on)
     return {"expected_false_alarm_rate": expected, "false_alarm_rate_upper_95": upper}
 
 
@@ -222,11 +264,12 @@ def calibrated_decision(
     pixel_threshold: float,
     split: str,
     dataset: str,
+    target_on: str = "split",
 ) -> SliceDecision:
     """The :class:`SliceDecision` calibrated by :func:`calibrate` on ``scores_empty``, recording the false-alarm
     rate it reaches there and its sensitivity on ``scores_tumor`` (``None`` without tumor slices)."""
-    threshold = calibrate(scores_empty, target)
+    threshold = calibrate(scores_empty, target, target_on)
     calibration = {"split": split, "dataset": dataset, "n_empty": len(scores_empty), "n_tumor": len(scores_tumor),
                    "false_alarm_rate": rate_above(scores_empty, threshold),
                    "sensitivity": rate_above(scores_tumor, threshold)}
-    return SliceDecision(rule, threshold, float(pixel_threshold), float(target), calibration)
+    return SliceDecision(rule, threshold, float(pixel_threshold), float(target), calibration, target_on)

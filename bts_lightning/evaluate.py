@@ -302,12 +302,13 @@ def false_alarm_check(decision: SliceDecision | None, empty_slices: dict[str, An
         return None
     if calibrated_here(decision, split, dataset):
         return None
-    calibration, target = decision.calibration, decision.target_false_alarm_rate
+    calibration, target, target_on = decision.calibration, decision.target_false_alarm_rate, decision.target_on
     n_calibration = calibration["n_empty"]
-    p_value = false_alarm_surprise(empty_slices["false_alarms"], empty_slices["n"], n_calibration, target)
+    p_value = false_alarm_surprise(empty_slices["false_alarms"], empty_slices["n"], n_calibration, target, target_on)
     return {"calibration": f"{n_calibration} empty slices of the {calibration.get('split')} split of "
                            f"{calibration.get('dataset')}",
-            **on_new_slices(n_calibration, target), "p_value": p_value, "unlike_calibration": p_value < 0.05}
+            **on_new_slices(n_calibration, target, target_on), "p_value": p_value,
+            "unlike_calibration": p_value < 0.05}
 
 
 def false_alarm_check_line(check: dict[str, Any]) -> str:

@@ -13,8 +13,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from bts_lightning.calibrate import (
     calibrate_checkpoint,
+    check_enough_empty,
     check_settings,
-    no_empty_slices,
+    check_target_on_setting,
     reached_line,
     warn_if_chance,
 )
@@ -88,22 +89,24 @@ def build_module(cfg: DictConfig) -> SegmentationModule:
     return module
 
 
-def check_decision(decision: DictConfig | None, datamodule: Any) -> float | None:
-    """The ``decision.target_false_alarm_rate`` to calibrate after fitting (``None``: none), checked before training.
+def check_decision(decision: DictConfig | None, datamodule: Any) -> tuple[float, str] | None:
+    """The ``decision.target_false_alarm_rate`` and ``decision.target_on`` to calibrate after fitting (``None``:
+    none), checked before training.
 
-    Raises ``ConfigError`` for a bad target or rule, or a validation split without empty slice.
+    Raises ``ConfigError`` for a bad target, rule or target_on, or a validation split without (enough) empty slices.
     """
     target = (decision or {}).get("target_false_alarm_rate")
     if target is None:
         return None
     target, _ = check_settings(target, (decision or {}).get("rule", "component_fraction"), "decision.")
-    if datamodule.empty_slices("val") == 0:
-        raise no_empty_slices("val", f"{datamodule.name} ({len(datamodule.datasets['val'])} slices)")
-    return target
+    target_on = check_target_on_setting((decision or {}).get("target_on", "split"), target, "decision.")
+    check_enough_empty(datamodule.empty_slices("val"), target, target_on, "val",
+                       f"{datamodule.name} ({len(datamodule.datasets['val'])} slices)")
+    return target, target_on
 
 
 def calibrate_best(trainer: L.Trainer, best_path: str | None, datamodule: Any, target: float,
-                   rule: str) -> dict[str, Any] | None:
+                   rule: str, target_on: str = "split") -> dict[str, Any] | None:
     """Calibrate the slice decision of ``best_path`` on the val split and store it there (rank 0 only).
 
     Returns the decision's record (``None`` on other ranks, or without a best checkpoint, with a warning).
@@ -117,7 +120,7 @@ def calibrate_best(trainer: L.Trainer, best_path: str | None, datamodule: Any, t
         predictor = load_predictor(best_path, trainer.strategy.root_device)
         decision = calibrate_checkpoint(Path(best_path), predictor, datamodule.datasets["val"], target, rule,
                                         DECISION_PIXEL_THRESHOLD, "val", datamodule.name,
-                                        batch_size=datamodule.batch_size)
+                                        batch_size=datamodule.batch_size, target_on=target_on)
         log.info(reached_line(decision))
         warn_if_chance(decision)
         record = decision.to_dict()
@@ -195,7 +198,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")  # validates every file before anything heavy starts
-    decision_target = check_decision(cfg.get("decision"), datamodule)
+    decision_aim = check_decision(cfg.get("decision"), datamodule)
     module = build_module(cfg)
     check_input_size(module.net, datamodule.image_size, "data.image_size")
     if datamodule.distance_maps is None:  # data.distance_maps: null = when the loss takes them
@@ -247,9 +250,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if stalled:
         log.warning(stalled)
         metrics["selection"]["warning"] = stalled
-    if decision_target is not None:
-        metrics["decision"] = calibrate_best(trainer, best_path, datamodule, decision_target,
-                                             str(cfg.decision.get("rule", "component_fraction")))
+    if decision_aim is not None:
+        metrics["decision"] = calibrate_best(trainer, best_path, datamodule, decision_aim[0],
+                                             str(cfg.decision.get("rule", "component_fraction")), decision_aim[1])
     if tested:
         results = trainer.test(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)
         metrics["test"] = {key: float(value) for key, value in results[0].items()}

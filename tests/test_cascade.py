@@ -173,6 +173,24 @@ def test_the_cascade_app_joins_calibrates_and_writes_an_ordinary_checkpoint(two_
     assert torch.equal(predict_probabilities(folder, images), predict_probabilities(joined, images))
 
 
+def test_target_on_new_slices_calibrates_every_cascade_threshold_for_new_empty_slices(two_runs, tmp_path):
+    on_split = _join(two_runs, tmp_path / "split", "target_false_alarm_rate=0.25")
+    result = _join(two_runs, tmp_path / "new", "target_false_alarm_rate=0.25", "target_on=new_slices")
+    presence, n_empty = result["presence_on_split"], result["presence_on_split"]["n_empty"]
+    assert result["target_on"] == "new_slices" and on_split["target_on"] == "split"
+    # k = floor(0.25 * (n + 1)) - 1 of the val empty slices above the presence threshold (no ties in these scores)
+    assert round(presence["false_alarm_rate"] * n_empty) == math.floor(0.25 * (n_empty + 1)) - 1
+    assert round(on_split["presence_on_split"]["false_alarm_rate"] * n_empty) == math.floor(0.25 * n_empty)
+    assert presence["on_new_empty_slices"]["expected_false_alarm_rate"] <= 0.25
+    assert result["presence_threshold"] > on_split["presence_threshold"]
+    assert result["decision"]["target_on"] == "new_slices"
+    stored = torch.load(tmp_path / "new" / "checkpoints" / "cascade.ckpt", map_location="cpu", weights_only=True)
+    assert stored[DECISION_KEY] == result["decision"]
+    with pytest.raises(ConfigError, match=f"has {n_empty} empty slices, too few .* needs at least 19"):
+        _join(two_runs, tmp_path / "few", "target_false_alarm_rate=0.05", "target_on=new_slices")
+    assert not (tmp_path / "few" / "checkpoints").exists()
+
+
 def test_checkpoints_of_other_splits_or_types_are_refused(two_runs, tmp_path):
     with pytest.raises(ConfigError, match="trained on different splits"):
         _join({**two_runs, "presence": two_runs["other_split"]}, tmp_path / "run")

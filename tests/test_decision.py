@@ -18,6 +18,7 @@ from bts_lightning.decision import (
     SliceDecision,
     calibrated_decision,
     chance_warning,
+    empty_slices_needed,
     false_alarm_bound,
     false_alarm_surprise,
     slice_score,
@@ -78,6 +79,25 @@ def test_calibrate_keeps_at_most_the_target_fraction_of_empty_slices_above():
         calibrate_threshold(scores, 1.0)
 
 
+def test_calibrate_for_new_slices_keeps_the_expected_rate_within_the_target():
+    scores = [i / 43 for i in range(43)]  # 43 empty slices, as fold 5 of the LGG sample has
+    on_split, on_new = calibrate_threshold(scores, 0.05), calibrate_threshold(scores, 0.05, "new_slices")
+    assert sum(score > on_split for score in scores) == 2  # floor(0.05 * 43): 4.7 % here, (2 + 1) / 44 = 6.8 % expected
+    assert sum(score > on_new for score in scores) == 1  # the largest k with (k + 1) / 44 <= 0.05
+    assert false_alarm_bound(43, 0.05)[0] == pytest.approx(3 / 44)
+    assert false_alarm_bound(43, 0.05, target_on="new_slices")[0] == pytest.approx(2 / 44)
+    nineteen = [i / 19 for i in range(19)]
+    assert calibrate_threshold(nineteen, 0.05, "new_slices") == max(nineteen)  # k = 0: 1 / 20 expected
+    assert [empty_slices_needed(t, "new_slices") for t in (0.05, 0.1, 0.25, 0.3)] == [19, 9, 3, 3]
+    assert empty_slices_needed(0.0) == 1
+    with pytest.raises(ValueError, match="18 empty slices are too few .* needs at least 19"):
+        calibrate_threshold(nineteen[1:], 0.05, "new_slices")
+    with pytest.raises(ValueError, match="target_on=new_slices cannot expect target_false_alarm_rate=0"):
+        calibrate_threshold(scores, 0.0, "new_slices")
+    with pytest.raises(ValueError, match="target_on='test' must be one of split, new_slices"):
+        calibrate_threshold(scores, 0.05, "test")
+
+
 def test_calibrated_decision_records_what_it_reaches():
     made = calibrated_decision([0.0, 0.0, 0.02, 0.3], [0.01, 0.2, 0.5], 0.25, "component_fraction", 0.5, "val", "lgg")
     assert made.threshold == 0.02
@@ -90,7 +110,8 @@ def test_calibrated_decision_records_what_it_reaches():
 
 @pytest.mark.parametrize("n_empty", [19, 70])
 @pytest.mark.parametrize("tied", [False, True])
-def test_false_alarm_bound_holds_for_thresholds_calibrated_on_that_many_slices(n_empty, tied):
+@pytest.mark.parametrize("target_on", ["split", "new_slices"])
+def test_false_alarm_bound_holds_for_thresholds_calibrated_on_that_many_slices(n_empty, tied, target_on):
     # 4000 calibration splits of empty-slice scores; each threshold's false-alarm rate on new slices from the same
     # source is exact: uniform scores pass a threshold t with probability 1 - t; tied ones (90 % exactly 0, as
     # component_fraction gives slices with no pixel above the pixel threshold) with probability 0.1 * (1 - t).
@@ -98,13 +119,17 @@ def test_false_alarm_bound_holds_for_thresholds_calibrated_on_that_many_slices(n
     scores = rng.random((4000, n_empty))
     if tied:
         scores[rng.random(scores.shape) < 0.9] = 0.0
-    thresholds = np.array([calibrate_threshold(split, 0.05) for split in scores])
+    thresholds = np.array([calibrate_threshold(split, 0.05, target_on) for split in scores])
     rates = (0.1 if tied else 1.0) * (1.0 - thresholds)
-    expected, upper = false_alarm_bound(n_empty, 0.05)
+    expected, upper = false_alarm_bound(n_empty, 0.05, target_on=target_on)
     assert np.mean(rates > upper) <= 0.05 + 0.01  # the bound holds at its confidence (3 standard errors)
     if not tied:  # exact for continuous scores: mean (k + 1) / (n + 1), 5 % of the splits above the bound
         assert np.mean(rates) == pytest.approx(expected, abs=0.003)
         assert np.mean(rates > upper) == pytest.approx(0.05, abs=0.01)
+    if target_on == "new_slices":  # what it promises: at most the target on new slices, on average
+        assert np.mean(rates) <= 0.05 + 0.003
+    elif n_empty == 70:  # what the split's own rate does not: 3 of 70 (4.3 %) there, 4 / 71 (5.6 %) on new slices
+        assert np.mean(rates) > 0.05 + 0.003
 
 
 def test_false_alarm_bound_by_hand_and_in_the_reached_line():
@@ -154,6 +179,29 @@ def test_false_alarm_surprise_is_the_beta_binomial_tail_and_evaluate_flags_unlik
                      false_alarm_check(decision(), {"n": 61, "false_alarms": 24}, "test", "lgg"),  # no count
                      false_alarm_check(None, {"n": 61, "false_alarms": 24}, "test", "lgg")):
         assert no_check is None
+
+
+def test_decisions_stored_without_target_on_read_as_split_and_new_slices_round_trips():
+    old = {key: value for key, value in decision().to_dict().items() if key != "target_on"}
+    assert SliceDecision.from_dict(old).target_on == "split"
+    made = calibrated_decision([i / 20 for i in range(20)], [0.9], 0.05, "max_probability", 0.5, "val", "d",
+                               "new_slices")
+    assert made.target_on == "new_slices" and made.calibration["false_alarm_rate"] == 0.0  # k = 0 of 20
+    assert SliceDecision.from_dict(json.loads(json.dumps(made.to_dict()))) == made
+    assert "target 0.05 expected on new slices" in reached_line(made) and "at most 13.9 %" in reached_line(made)
+    check = false_alarm_check(made, {"n": 61, "false_alarms": 3}, "test", "d")
+    assert check["expected_false_alarm_rate"] == pytest.approx(1 / 21)
+    assert check["p_value"] == pytest.approx(false_alarm_surprise(3, 61, 20, 0.05, "new_slices"))
+    assert check["p_value"] != pytest.approx(false_alarm_surprise(3, 61, 20, 0.05))  # k = 1 there
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"target_on": "test"}, "target_on='test' must be one of"),
+    ({"target_on": "new_slices", "calibration": {"n_empty": 10}}, "calibration.n_empty=10 is too few"),
+])
+def test_invalid_target_on_names_the_field(change, field):
+    with pytest.raises(ValueError, match=field):
+        SliceDecision.from_dict({**decision().to_dict(), **change})
 
 
 @pytest.mark.parametrize(("change", "field"), [
@@ -291,6 +339,30 @@ def test_calibration_errors_are_one_clear_line(calibration_setup, tiny_checkpoin
         run_calibrate(tmp_path / "model.onnx", data, tmp_path / "c")
 
 
+def test_calibrate_app_for_new_slices_is_stricter_and_refuses_too_few_empty_slices(calibration_setup, tmp_path,
+                                                                                     capsys):
+    ckpt, data = calibration_setup  # 4 empty val slices
+    on_split = run_calibrate(ckpt, data, tmp_path / "split", "target_false_alarm_rate=0.25")["decision"]
+    result = run_calibrate(ckpt, data, tmp_path / "new", "target_false_alarm_rate=0.25", "target_on=new_slices")
+    stored = result["decision"]
+    assert stored["target_on"] == "new_slices" and on_split["target_on"] == "split"
+    assert stored["threshold"] >= on_split["threshold"]  # k = floor(0.25 * 5) - 1 = 0 against floor(0.25 * 4) = 1
+    assert stored["calibration"]["false_alarm_rate"] == 0.0 and result["on_new_empty_slices"]["expected_false_alarm_rate"] \
+        == pytest.approx(1 / 5)
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)[DECISION_KEY] == stored
+    assert "target 0.25 expected on new slices" in capsys.readouterr().out
+    overrides = [f"ckpt_path={ckpt}", *data, "target_false_alarm_rate=0.1", "target_on=new_slices"]
+    with pytest.raises(SystemExit) as exit_info:
+        run_app(calibrate, compose_app("calibrate", overrides, tmp_path / "few"), overrides)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("error: The val split of with_empty has 4 empty slices, too few to "
+                                              "expect at most 10 % false alarms on new empty slices (target_on="
+                                              "new_slices needs at least 9)")
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)[DECISION_KEY] == stored  # left as it was
+    with pytest.raises(ConfigError, match="target_on='always' must be one of split, new_slices"):
+        run_calibrate(ckpt, data, tmp_path / "bad", "target_on=always")
+
+
 def test_predict_returns_an_empty_mask_for_a_rejected_slice(tmp_path):
     source = tmp_path / "in"
     source.mkdir()
@@ -365,6 +437,16 @@ def test_train_refuses_a_decision_target_without_empty_validation_slices(tiny_ch
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any training
     with pytest.raises(ConfigError, match="decision.rule='area'"):
         train(compose_train([*overrides, "decision.rule=area"], tmp_path / "run2"))
+    with pytest.raises(ConfigError, match="decision.target_on='val' must be one of"):
+        train(compose_train([*overrides, "decision.target_on=val"], tmp_path / "run3"))
+    # a val split with 4 empty slices cannot calibrate 5 % expected on new slices (19 needed): refused before training
+    root = with_empty_slices(next((tiny_checkpoint.data_dir / "synthetic").iterdir()), tmp_path / "with_empty")
+    few = [f"data.root={root}", "data.name=with_empty", "data.image_size=64", "data.num_workers=0", "data.val_fold=1",
+           "data.test_fold=2", "data.download=false", *TINY_MODEL, "trainer=cpu", "logger=csv", "trainer.max_epochs=1",
+           "decision.target_false_alarm_rate=0.05", "decision.target_on=new_slices"]
+    with pytest.raises(ConfigError, match="has 4 empty slices, too few .* needs at least 19"):
+        train(compose_train(few, tmp_path / "run4"))
+    assert not (tmp_path / "run4" / "checkpoints").exists()
 
 
 def test_train_calibrates_best_checkpoint_on_val(tiny_checkpoint, tmp_path):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from bts_lightning.cascade import cascade
+from bts_lightning.cascade import calibrate_context, cascade
 from bts_lightning.checkpoint import load_module
 from bts_lightning.data.io import read_channels
 from bts_lightning.data.neighbours import slice_position
@@ -44,6 +44,22 @@ def test_a_slice_is_its_folder_and_the_number_its_name_ends_with():
         "lgg/TCGA_CS_4941_19960909", 12)
     assert slice_position("scan/slice007.png") == ("scan", 7)
     assert slice_position("scan/flair.png") is None
+
+
+def test_the_context_threshold_meets_the_target_on_the_split_or_on_new_slices():
+    # 20 empty slices in one scan (numbered 0-19) whose context means are distinct, and one tumor slice elsewhere
+    scores = [float(i % 7) / 10 + i / 1000 for i in range(20)] + [0.9]
+    positions = [("e", i) for i in range(20)] + [("t", 0)]
+    tumor = [False] * 20 + [True]
+    means = context_means(scores, positions, 1)[:20]
+    for target_on, above in (("split", 2), ("new_slices", 1)):  # floor(0.1 * 20); floor(0.1 * 21) - 1
+        context, record = calibrate_context(scores, tumor, positions, 1, 0.1, 0.5, "val", target_on)
+        assert sum(mean > context.threshold for mean in means) == above
+        assert record["false_alarm_rate"] == pytest.approx(above / 20)
+        expected = false_alarm_bound(20, 0.1, target_on=target_on)[0]
+        assert record["on_new_empty_slices"]["expected_false_alarm_rate"] == pytest.approx(expected)
+    with pytest.raises(ConfigError, match="has 20 empty slices, too few .* needs at least 99"):
+        calibrate_context(scores, tumor, positions, 1, 0.01, 0.5, "val", "new_slices")
 
 
 def test_each_presence_is_averaged_with_the_neighbours_present_in_its_own_scan():
