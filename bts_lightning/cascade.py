@@ -6,8 +6,9 @@ slices that ``presence`` (e.g. trained with ``experiment=empty_slices``, which l
 slices empty) says have a tumor, and an empty mask elsewhere (``presence=[B1.ckpt,B2.ckpt]``: an ensemble of presence
 networks, e.g. trained with different seeds, whose tumor probability maps are averaged). The presence threshold is
 calibrated on the ``split`` slices (val by default) so that at most ``target_false_alarm_rate`` of their empty slices
-pass it (``target_on=new_slices``: at most that share of new empty slices is expected to); the joined checkpoint then gets the usual slice decision (``calibrate``, rule ``component_fraction``) on
-the same slices. It is an ordinary checkpoint: ``evaluate``, ``predict``, ``export``, ``demo`` take it.
+pass it (``target_on=new_slices``: at most that share of new empty slices is expected to); the joined checkpoint then
+gets the usual slice decision (``calibrate``, rule ``component_fraction``) on the same slices. It is an ordinary
+checkpoint: ``evaluate``, ``predict``, ``export``, ``demo`` take it.
 With ``context=K`` (K > 0; the data in one folder per scan, e.g. the LGG layout) it also gets a scan context
 (:mod:`bts_lightning.scan_context`): the presence probability averaged over each slice and K slices either side
 in its scan, with its own threshold calibrated on the same empty slices, which ``evaluate`` and ``predict`` apply.

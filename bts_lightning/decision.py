@@ -179,9 +179,10 @@ def _slices_above(n_empty: int, target: float, target_on: str = "split") -> int:
     """How many of ``n_empty`` calibration scores :func:`calibrate` puts above its threshold (fewer with ties)."""
     if check_target_on(target_on, target) == "split":
         return math.floor(target * n_empty + 1e-9)  # 1e-9: 0.29 * 100 is 28.999999999999996
-    if n_empty < empty_slices_needed(target, target_on):
+    needed = empty_slices_needed(target, target_on)
+    if n_empty < needed:
         raise ValueError(f"{n_empty} empty slices are too few to expect at most {100 * target:g} % false alarms on new "
-                         f"ones (target_on=new_slices needs at least {empty_slices_needed(target, target_on)}): "
+                         f"ones (target_on=new_slices needs at least {needed}): "
                          "calibrate on a split with more empty slices, raise target_false_alarm_rate, or target_on=split")
     return math.floor(target * (n_empty + 1) + 1e-9) - 1
 
