@@ -7,7 +7,10 @@ the cascade's slice sensitivity and false-alarm rate, and the presence threshold
 fold. Scores come from the ``per_image.csv`` files of ``evaluate split=test`` (``tumor_only_test``,
 ``cascade_test``), pooled through :func:`bts_lightning.metrics.summarize_by_truth`. Pairs with a scan-context
 cascade (``cascade_context``, ``cascade_context_test``: ``python -m bts_lightning.cascade ... context=K``) get a
-second row for it, and a second pooled row over those pairs.
+second row for it, and a second pooled row over those pairs. When the slices are numbered within scan folders (the LGG
+layout), a second table follows: the pooled false alarms on empty test slices by how many slices away the nearest
+tumor slice of their scan is (:func:`bts_lightning.metrics.empty_slices_by_distance`), for the tumor-only model
+and each cascade.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.table_cli import table_main
-from bts_lightning.metrics import summarize_by_truth
+from bts_lightning.data.neighbours import slice_position
+from bts_lightning.metrics import empty_slices_by_distance, summarize_by_truth
 
 COLUMNS = ("fold pair (val / test)", "presence", "test slices (tumor/empty)", "tumor-only tumor-slice Dice",
            "cascade tumor-slice Dice", "Dice drop", "cascade sensitivity", "cascade false-alarm rate",
@@ -91,13 +95,31 @@ def presence_name(variant: str, record: dict[str, Any] | None) -> str:
     return f"{name} ({record['scan_context']['context']} either side)" if record and variant != "cascade" else name
 
 
+def distance_table(pooled: Sequence[tuple[str, int, Sequence[dict[str, Any]]]]) -> list[str]:
+    """Markdown lines of the false alarms by distance to the scan's nearest tumor slice, one row per (model, test
+    folds, pooled rows) of ``pooled``; no lines when the slices' stems do not number them within scans."""
+    grouped = [(name, folds, empty_slices_by_distance(rows, [slice_position(row["stem"]) for row in rows]))
+               for name, folds, rows in pooled]
+    if not grouped or any(groups is None for _, _, groups in grouped):
+        return []
+    names = list(grouped[0][2])
+    lines = ["", "False alarms / empty test slices (pooled), by slices to the nearest tumor slice of their scan:", "",
+             "| model | test folds | " + " | ".join(names) + " |", "|" + " --- |" * (len(names) + 2)]
+    for name, folds, groups in grouped:
+        counts = [f"{groups[group]['false_alarms']} / {groups[group]['n']}" for group in names]
+        lines.append(f"| {name} | {folds} | " + " | ".join(counts) + " |")
+    return lines
+
+
 def table(out: Path) -> str:
-    """The Markdown table of every fold pair under ``out`` and their pooled rows (one per cascade variant)."""
+    """The Markdown table of every fold pair under ``out`` and their pooled rows (one per cascade variant), then
+    :func:`distance_table` of the pooled rows."""
     runs = sorted(path for path in out.glob("val*_test*") if (path / "cascade_test" / "per_image.csv").is_file())
     if not runs:
         raise ValueError(f"{out} has no val<V>_test<T>/cascade_test/per_image.csv: run benchmarks/cascade_cv.sh first")
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
     pooled_rows = []
+    by_model: list[tuple[str, int, Sequence[dict[str, Any]]]] = []
     for variant, _ in VARIANTS:
         pooled: tuple[list[dict[str, Any]], list[dict[str, Any]]] = ([], [])
         scored = [run for run in runs if (run / f"{variant}_test" / "per_image.csv").is_file()]
@@ -117,7 +139,10 @@ def table(out: Path) -> str:
             raise ValueError(f"{out}: a slice is in the test fold of two pairs; pooling needs each test fold once")
         pooled_rows.append("| " + " | ".join(cells(pooled_name(len(scored)), presence, *pooled,
                                                    calibration_cells(None, variant))) + " |")
-    return "\n".join([*lines, *pooled_rows]) + "\n"
+        if not by_model:
+            by_model.append(("tumor-only model", len(scored), pooled[0]))
+        by_model.append((f"cascade, {presence}", len(scored), pooled[1]))
+    return "\n".join([*lines, *pooled_rows, *distance_table(by_model)]) + "\n"
 
 
 def main() -> None:

@@ -15,7 +15,9 @@ differs is warned about. Files written:
 - ``metrics.json``: the dataset name, mean, std (population) and median of every column over all
   images, the same per tumor type when ``metadata.csv`` has labels (1 meningioma, 2 glioma, 3
   pituitary), tumor slices and empty slices apart (``tumor_slices``: Dice, IoU, slice-level
-  sensitivity; ``empty_slices``: false-alarm rate; :func:`bts_lightning.metrics.summarize_by_truth`),
+  sensitivity; ``empty_slices``: false-alarm rate; :func:`bts_lightning.metrics.summarize_by_truth`; on data in
+  one folder per scan also ``empty_slices.by_distance_to_tumor``, the false alarms by how many slices away the scan's
+  nearest tumor slice is, :func:`bts_lightning.metrics.empty_slices_by_distance`; else ``None``),
   counts of the empty cases, and the worst slices;
 - ``worst_slices.png``: image | truth | prediction | overlay panels of the ``worst_k`` lowest-Dice
   slices (ties: larger HD95 first).
@@ -58,7 +60,7 @@ from omegaconf import DictConfig, open_dict
 from tqdm.auto import tqdm
 
 from bts_lightning.data.dataset import SliceDataset
-from bts_lightning.data.neighbours import slice_position, window_size
+from bts_lightning.data.neighbours import SCAN_LAYOUTS, slice_position, window_size
 from bts_lightning.decision import SliceDecision, false_alarm_surprise, on_new_slices, on_new_slices_line
 from bts_lightning.errors import ConfigError
 from bts_lightning.inference import (
@@ -70,7 +72,15 @@ from bts_lightning.inference import (
     resolve_device,
     with_model_decision,
 )
-from bts_lightning.metrics import AREAS, METRICS, count_cases, image_metrics, summarize, summarize_by_truth
+from bts_lightning.metrics import (
+    AREAS,
+    METRICS,
+    count_cases,
+    empty_slices_by_distance,
+    image_metrics,
+    summarize,
+    summarize_by_truth,
+)
 from bts_lightning.models.cascade import cascade_of
 from bts_lightning.runtime import atomic_path, hydra_app, make_directory, write_json_atomic
 from bts_lightning.scan_context import (
@@ -197,7 +207,13 @@ def by_truth_lines(metrics: dict[str, Any]) -> list[str]:
         empty_line = f"Empty slices: 0 ({empty['note']})"
     dice = metrics["summary"]["dice"]["mean"]
     all_line = f"All slices: {metrics['n_images']}, Dice {dice:.4f} mean (empty slices left empty score 1, false alarms 0)"
-    return [tumor_line, empty_line, all_line]
+    by_distance = empty.get("by_distance_to_tumor")
+    if not by_distance:
+        return [tumor_line, empty_line, all_line]
+    groups = ", ".join(f"{name}: {group['false_alarms']} of {group['n']}" for name, group in by_distance.items()
+                       if group["n"])
+    distance_line = f"False alarms on empty slices by slices to the scan's nearest tumor slice: {groups}"
+    return [tumor_line, empty_line, distance_line, all_line]
 
 
 @dataclass(frozen=True)
@@ -392,6 +408,9 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[st
     worst = worst_positions(rows, worst_k)
     applied = options.decision if context is None else contract_of(predictor).slice_decision  # where it was calibrated
     by_truth = summarize_by_truth(rows)
+    by_truth["empty_slices"]["by_distance_to_tumor"] = (
+        empty_slices_by_distance(rows, [slice_position(dataset.pairs[i].image) for i in dataset.indices])
+        if datamodule.found_layout in SCAN_LAYOUTS else None)
     metrics: dict[str, Any] = {
         "checkpoint": str(ckpt_path.resolve()),
         "dataset": datamodule.name,

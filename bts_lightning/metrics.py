@@ -5,7 +5,8 @@ Training logs :class:`MeanPerImageOverlap` (``val/dice``, ``test/dice``, ...) an
 :func:`image_metrics`. Both take Dice and IoU from :func:`per_image_overlap` (MONAI
 maths), so a checkpoint's ``test/dice`` equals the mean Dice ``evaluate`` reports on the same masks.
 The per-image rows become summaries here too: :func:`summarize` (every slice), :func:`count_cases`
-and :func:`summarize_by_truth` (tumor slices and empty slices apart).
+and :func:`summarize_by_truth` (tumor slices and empty slices apart); on data in one folder per scan,
+:func:`empty_slices_by_distance` (false alarms by how far the scan's nearest tumor slice is).
 
 Metrics are per image, for the tumor class, on binary masks; HD95 (MONAI
 ``compute_hausdorff_distance``, percentile 95, symmetric, between mask edges) and areas are in pixels.
@@ -45,6 +46,10 @@ METRICS = ("dice", "iou", "precision", "recall", "hd95")
 AREAS = ("area_true", "area_pred")
 
 Row = Mapping[str, Any]  # one image's scores: image_metrics() output, possibly with more keys
+ScanPosition = tuple[str, int]  # (scan folder, slice number), as bts_lightning.data.neighbours.slice_position gives
+# Groups of empty slices by their distance (in slice numbers) to the nearest tumor slice of their scan: (name, lo, hi).
+DISTANCE_GROUPS = (("1", 1, 1), ("2", 2, 2), ("3-5", 3, 5), ("6+", 6, math.inf))
+NO_TUMOR_IN_SCAN = "no tumor slice in the scan"
 
 
 def per_image_overlap(preds: torch.Tensor, target: torch.Tensor, kind: Literal["dice", "iou"]) -> torch.Tensor:
@@ -222,3 +227,37 @@ def summarize_by_truth(rows: Sequence[Row]) -> dict[str, dict[str, Any]]:
         "note": None if n_empty else "no slice has an empty mask (every slice shows a tumor): no false-alarm rate",
     }
     return {"tumor_slices": tumor_slices, "empty_slices": empty_slices}
+
+
+def empty_slices_by_distance(rows: Sequence[Row], positions: Sequence[ScanPosition | None]) -> dict[str, Any] | None:
+    """False alarms on the empty slices of ``rows``, grouped by how far their scan's nearest tumor slice is.
+
+    ``positions[i]`` is row ``i``'s (scan, slice number); only the slices in ``rows`` count, so a scan's tumor slices
+    must be among them (a patient-wise split has whole scans). Returns ``None`` when some position is unknown or
+    occurs twice (the folders are not one scan each), or no slice is empty; else one entry per group of :data:`DISTANCE_GROUPS` (``"1"``: the slice next to a tumor slice,
+    ..., ``"6+"``) and :data:`NO_TUMOR_IN_SCAN`, each ``{"n", "false_alarms", "false_alarm_rate"}`` (rate ``None``
+    for an empty group). Tumor edges are where the masks are least certain (a tumor thins out over a few slices);
+    this says whether false alarms sit there or away from any tumor.
+    """
+    if len(rows) != len(positions):
+        raise ValueError(f"{len(rows)} rows but {len(positions)} positions")
+    if (any(position is None for position in positions) or len(set(positions)) < len(positions)
+            or all(row["area_true"] > 0 for row in rows)):
+        return None
+    tumor_numbers: dict[str, list[int]] = {}
+    for row, (scan, number) in zip(rows, positions):
+        tumor_numbers.setdefault(scan, [])
+        if row["area_true"] > 0:
+            tumor_numbers[scan].append(number)
+    names = [name for name, _, _ in DISTANCE_GROUPS] + [NO_TUMOR_IN_SCAN]
+    counts = {name: [0, 0] for name in names}  # [empty slices, false alarms]
+    for row, (scan, number) in zip(rows, positions):
+        if row["area_true"] > 0:
+            continue
+        distance = min((abs(number - tumor) for tumor in tumor_numbers[scan]), default=None)
+        name = NO_TUMOR_IN_SCAN if distance is None else next(
+            name for name, lo, hi in DISTANCE_GROUPS if lo <= distance <= hi)
+        counts[name][0] += 1
+        counts[name][1] += int(row["area_pred"] > 0)
+    return {name: {"n": n, "false_alarms": alarms, "false_alarm_rate": alarms / n if n else None}
+            for name, (n, alarms) in counts.items()}

@@ -33,10 +33,15 @@ def write_pair(out: Path, name: str, tumor_only: list, cascade: list, threshold:
     (out / name / "cascade" / "cascade.json").write_text(json.dumps(record))
 
 
+def cells_of(lines: list[str]) -> list[list[str]]:
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+
+
 def rows(out: Path) -> list[list[str]]:
-    lines = cascade_cv_table.table(out).splitlines()
+    """The cells of the first table's rows (the per-pair and pooled scores)."""
+    lines = cascade_cv_table.table(out).split("\n\n")[0].splitlines()
     assert lines[0].startswith("| fold pair") and lines[1].count("---") == len(cascade_cv_table.COLUMNS)
-    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+    return cells_of(lines[2:])
 
 
 def test_each_pair_and_the_pool_of_every_test_slice(tmp_path):
@@ -75,6 +80,23 @@ def test_a_scan_context_cascade_gets_its_own_rows_and_pool(tmp_path):
                                           ["pooled (1 test fold)", "scan context (1 either side)"]]
     assert table[2][2:] == ["2/2", "0.700", "0.700", "0.000", "1.000", "0.500", "0.400", "0.040 / 0.950"]
     assert table[4][2:8] == ["2/2", "0.700", "0.700", "0.000", "1.000", "0.500"]
+
+
+def test_false_alarms_by_distance_to_the_nearest_tumor_slice_of_each_scan(tmp_path):
+    # Scan P1 (test fold 2): tumor on slice 3; empty slices 1, 2, 4 and 9. Scan P2 (test fold 4): no tumor.
+    tumor_only = [("s/P1/P1_1", 0.0, 0, 4), ("s/P1/P1_2", 0.0, 0, 4), ("s/P1/P1_3", 0.7, 30, 20),
+                  ("s/P1/P1_4", 0.0, 0, 4), ("s/P1/P1_9", 0.0, 0, 4)]
+    write_pair(tmp_path, "val1_test2", tumor_only,
+               [("s/P1/P1_1", 1.0, 0, 0), ("s/P1/P1_2", 0.0, 0, 4), ("s/P1/P1_3", 0.7, 30, 20),
+                ("s/P1/P1_4", 1.0, 0, 0), ("s/P1/P1_9", 1.0, 0, 0)])
+    write_pair(tmp_path, "val3_test4", [("s/P2/P2_1", 0.0, 0, 4), ("s/P2/P2_2", 1.0, 0, 0), ("s/Q/Q_1", 0.9, 9, 9)],
+               [("s/P2/P2_1", 0.0, 0, 4), ("s/P2/P2_2", 1.0, 0, 0), ("s/Q/Q_1", 0.9, 9, 9)])
+    text = cascade_cv_table.table(tmp_path)
+    assert "by slices to the nearest tumor slice of their scan" in text
+    header, _rule, *lines = text.split("\n\n")[-1].strip().splitlines()
+    assert cells_of([header])[0] == ["model", "test folds", "1", "2", "3-5", "6+", "no tumor slice in the scan"]
+    assert cells_of(lines) == [["tumor-only model", "2", "2 / 2", "1 / 1", "0 / 0", "1 / 1", "1 / 2"],
+                               ["cascade, slice alone", "2", "1 / 2", "0 / 1", "0 / 0", "0 / 1", "1 / 2"]]
 
 
 def test_scores_of_different_slices_are_refused(tmp_path):

@@ -19,6 +19,7 @@ from bts_lightning.evaluate import evaluate, summarize_by_type, tumor_type, wors
 from bts_lightning.metrics import (
     METRICS,
     count_cases,
+    empty_slices_by_distance,
     image_metrics,
     per_image_overlap,
     summarize,
@@ -141,6 +142,28 @@ def test_tumor_and_empty_slices_are_scored_apart():
     assert no_empty["n"] == 0 and no_empty["false_alarm_rate"] is None and "no slice has an empty mask" in no_empty["note"]
     no_tumor = summarize_by_truth(rows[3:])["tumor_slices"]
     assert (no_tumor["dice"], no_tumor["sensitivity"]) == (None, None) and "no slice has a tumor" in no_tumor["note"]
+
+
+def test_false_alarms_are_grouped_by_the_slices_to_the_scans_nearest_tumor():
+    tumor, empty, alarm = square(0, 0, 4), np.zeros((10, 10), np.uint8), square(5, 5, 2)
+    # Scan A: tumor on slices 4-5; empty 1, 2, 3, 6, 7, 12 (alarms on 3, 6 and 12). Scan B: no tumor, one alarm.
+    slices = [("A", 1, empty, empty), ("A", 2, empty, empty), ("A", 3, alarm, empty), ("A", 4, tumor, tumor),
+              ("A", 5, empty, tumor), ("A", 6, alarm, empty), ("A", 7, empty, empty), ("A", 12, alarm, empty),
+              ("B", 1, alarm, empty), ("B", 2, empty, empty)]
+    rows = [image_metrics(prediction, truth) for _, _, prediction, truth in slices]
+    positions = [(scan, number) for scan, number, _, _ in slices]
+    groups = empty_slices_by_distance(rows, positions)
+    assert {name: (group["n"], group["false_alarms"]) for name, group in groups.items()} == {
+        "1": (2, 2), "2": (2, 0), "3-5": (1, 0), "6+": (1, 1), "no tumor slice in the scan": (2, 1)}
+    assert groups["1"]["false_alarm_rate"] == 1.0 and groups["2"]["false_alarm_rate"] == 0.0
+    assert sum(group["false_alarms"] for group in groups.values()) == summarize_by_truth(rows)["empty_slices"][
+        "false_alarms"]
+    # Unknown places in a scan, one place twice (two scans in one folder), or no empty slice: no grouping.
+    assert empty_slices_by_distance(rows, [*positions[:-1], None]) is None
+    assert empty_slices_by_distance(rows, [*positions[:-1], positions[0]]) is None
+    assert empty_slices_by_distance(rows[3:5], positions[3:5]) is None
+    with pytest.raises(ValueError, match="10 rows but 9 positions"):
+        empty_slices_by_distance(rows, positions[:-1])
 
 
 # ---------------------------------------------------------------- checkpoint loading

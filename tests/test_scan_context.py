@@ -189,7 +189,7 @@ def test_the_cascade_calibrates_the_context_threshold_on_the_val_scans(scan_runs
 
 
 def test_evaluate_keeps_the_segmentation_where_the_scan_context_says_tumor(scan_runs, tmp_path):
-    files, images, _ = _split(scan_runs, "test")
+    files, images, tumor = _split(scan_runs, "test")
     scores, means = _oracle(scan_runs, images, files)
     context = json.loads((scan_runs["record"] / "cascade.json").read_text())["scan_context"]
     present = np.where(np.isnan(means), scores > context["slice_threshold"], means > context["threshold"])
@@ -203,6 +203,20 @@ def test_evaluate_keeps_the_segmentation_where_the_scan_context_says_tumor(scan_
     assert areas == expected_area.tolist()
     assert metrics["inference"]["scan_context"]["threshold"] == context["threshold"]
     assert metrics["inference"]["decision"] is None and "held out" in metrics["decision_note"]
+    # The false alarms on empty slices, by how many slices away the nearest tumor slice of their scan is.
+    numbers = [(file.parent.name, int(file.stem.rsplit("_", 1)[1])) for file in files]
+    expected: dict[str, list[int]] = {}
+    for (scan, number), has_tumor, area in zip(numbers, tumor, expected_area):
+        if has_tumor:
+            continue
+        gaps = [abs(number - other) for (other_scan, other), other_tumor in zip(numbers, tumor)
+                if other_scan == scan and other_tumor]
+        name = ("no tumor slice in the scan" if not gaps else "1" if min(gaps) == 1 else "2" if min(gaps) == 2
+                else "3-5" if min(gaps) <= 5 else "6+")
+        expected.setdefault(name, [0, 0])
+        expected[name] = [expected[name][0] + 1, expected[name][1] + int(area > 0)]
+    by_distance = metrics["empty_slices"]["by_distance_to_tumor"]
+    assert {name: [group["n"], group["false_alarms"]] for name, group in by_distance.items() if group["n"]} == expected
 
     alone = [*overrides, "scan_context=off"]  # the network's own slice-alone gate
     alone_metrics = evaluate(compose_app("evaluate", alone, tmp_path / "alone"), alone)
@@ -214,6 +228,9 @@ def test_flat_layouts_are_refused_with_the_way_out(scan_runs, tmp_path):
             f"data.root={scan_runs['flat']}", f"data.image_size={SIZE}"]
     with pytest.raises(ConfigError, match=r"kaggle layout.*Pass scan_context=off"):
         evaluate(compose_app("evaluate", flat, tmp_path / "flat"), flat)
+    alone = [*flat, "scan_context=off"]  # each slice alone: scored, but with no scans to group empty slices by
+    metrics = evaluate(compose_app("evaluate", alone, tmp_path / "alone"), alone)
+    assert metrics["empty_slices"]["n"] > 0 and metrics["empty_slices"]["by_distance_to_tumor"] is None
     overrides = [f"segmentation={scan_runs['segmentation']}", f"presence={scan_runs['presence']}", "context=1",
                  "data=brain_tumor", f"data.root={scan_runs['flat']}", f"data.image_size={SIZE}"]
     with pytest.raises(ConfigError, match=r"Pass context=0"):
