@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,11 +14,13 @@ from torchvision.models import resnet18
 
 from bts_lightning.errors import ConfigError, WeightsUnavailableError
 from bts_lightning.models import available_models, backbone_of, build_model, check_input_size, smp_models
+from bts_lightning.models.smp_models import unreachable
 
 smp = pytest.importorskip("segmentation_models_pytorch")
 timm = pytest.importorskip("timm")
 
 # Dependencies of smp, so imported after the skip.
+import huggingface_hub
 from huggingface_hub import constants
 from safetensors.torch import save_file
 
@@ -203,6 +206,34 @@ def test_named_weights_missing_offline_raises_with_path(offline_cache: Path) -> 
 
     with pytest.raises(WeightsUnavailableError, match=r"models--timm--mobilenetv3_small_050\.lamb_in1k"):
         build_model("smp_unet", weights="imagenet", encoder=f"tu-{TIMM_SMALL}")
+
+
+def _closed_port() -> int:
+    """A local TCP port nothing listens on (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_hub_that_cannot_be_reached_fails_before_any_download_retry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Online mode without a network: the clear error at once, not after huggingface_hub's retries."""
+    calls: list[str] = []
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, filename, **_: calls.append(filename))
+    for variable in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(variable, raising=False)
+    with pytest.raises(WeightsUnavailableError, match=r"(?s)could not be downloaded \(ConnectionError: "
+                                                      r"no connection to http://127.0.0.1:\d+: .*model.net.weights=null"):
+        build_model("smp_unet", weights="imagenet", encoder=SMALL)
+    assert calls == []
+
+    # Behind a proxy a direct connection proves nothing: the download is tried.
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    assert unreachable(constants.ENDPOINT) is None
+    with pytest.raises(WeightsUnavailableError):  # the stand-in download returns no file
+        build_model("smp_unet", weights="imagenet", encoder=SMALL)
+    assert calls == ["model.safetensors"]
 
 
 def test_named_weights_load_from_cache(offline_cache: Path) -> None:

@@ -19,9 +19,12 @@ one channel, otherwise repeated cyclically and scaled by ``3 / in_channels``.
 from __future__ import annotations
 
 import inspect
+import socket
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -123,6 +126,21 @@ def _hub_source(smp: ModuleType, encoder: str, weights: str) -> tuple[str, tuple
     return config.hf_hub_id, names, None
 
 
+def unreachable(url: str, timeout_s: float = 5.0) -> OSError | None:
+    """Why a connection to the host of ``url`` fails (no DNS, refused, timed out), or ``None`` when it opens; also
+    ``None`` when the environment sets a proxy (downloads then go through it, so a direct connection proves nothing).
+    """
+    if urllib.request.getproxies():
+        return None
+    parts = urlparse(url)
+    try:
+        with socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
+                                      timeout=timeout_s):
+            return None
+    except OSError as exc:
+        return exc
+
+
 def _hub_file(repo: str, filenames: tuple[str, ...], revision: str | None, weights: str, encoder: str) -> Path:
     """The cached file of ``repo`` (first of ``filenames`` found), downloaded into the cache if missing.
 
@@ -135,8 +153,12 @@ def _hub_file(repo: str, filenames: tuple[str, ...], revision: str | None, weigh
         cached = try_to_load_from_cache(repo, filename, revision=revision)
         if isinstance(cached, str):
             return Path(cached)
-    failure: Exception | None = None
-    for filename in filenames:
+    # Without a network huggingface_hub retries for about 25 s before failing; a hub it cannot connect to
+    # fails here at once instead.
+    refused = None if constants.HF_HUB_OFFLINE else unreachable(constants.ENDPOINT)
+    failure: Exception | None = None if refused is None else ConnectionError(
+        f"no connection to {constants.ENDPOINT}: {refused}")
+    for filename in filenames if failure is None else ():
         try:
             return Path(hf_hub_download(repo, filename, revision=revision))
         except LocalEntryNotFoundError as exc:  # offline mode or no network: the other names would fail alike
