@@ -12,7 +12,9 @@ probabilities (N, H, W) (softmax channel 1). Batch size, height and width are dy
 needs H and W divisible by the product of its strides, 16 by default), except for networks marked
 ``dynamic_size = False`` (SwinUNETR): those are exported at ``image_size`` only, which the contract
 records (``fixed_size``), and :class:`~bts_lightning.inference.ExportedModel` resizes slices to it.
-Auxiliary heads are left out.
+Auxiliary heads are left out. A cascade also gives its parts (:class:`CascadeProbabilityModel`; ONNX outputs
+``segmentation_probabilities`` and ``presence_gates`` after ``probabilities``, TorchScript method ``parts``;
+contract ``cascade_parts``), which flip TTA needs to gate the averaged segmentation as the checkpoint does.
 
 The file carries its preprocessing contract (:class:`bts_lightning.inference.ModelContract`: the
 training ``image_size``, ``in_channels`` and which file channels they are, normalization, model name) as JSON: in the ONNX model's
@@ -30,7 +32,7 @@ import copy
 import io
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -48,6 +50,7 @@ from bts_lightning.inference import (
     INSTALL_HINT,
     ONNX_CONTRACT_KEY,
     OUTPUT_NAME,
+    PARTS_NAMES,
     TORCHSCRIPT_CONTRACT_FILE,
     ModelContract,
     ModulePredictor,
@@ -56,6 +59,7 @@ from bts_lightning.inference import (
     network_config,
 )
 from bts_lightning.models.cascade import cascade_of
+from bts_lightning.models.presence import presence_logits
 from bts_lightning.preprocessing import standardize
 from bts_lightning.runtime import hydra_app, make_directory, write_bytes_atomic
 
@@ -67,8 +71,7 @@ FORMATS = EXPORT_FORMATS
 HUB_FORMAT = "hub"  # a folder: config.json, model.safetensors, README.md (bts_lightning.hub)
 SPACE_FORMAT = "space"  # a folder: Gradio Space over model.onnx, without PyTorch (bts_lightning.space)
 FOLDER_FORMATS = (HUB_FORMAT, SPACE_FORMAT)
-DYNAMIC_AXES = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: {0: "batch", 1: "height", 2: "width"}}
-BATCH_AXES = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}  # fixed-size networks
+PER_SLICE_OUTPUTS = (PARTS_NAMES[1],)  # outputs with one value per slice (no height and width)
 ONNX_EXPORTERS = ("legacy", "dynamo")
 # Largest |exported - PyTorch| probability accepted by the check after export.
 VERIFY_TOLERANCE = 1e-3
@@ -87,18 +90,46 @@ class ProbabilityModel(nn.Module):
         return self.net(standardize(images))["out"].float().softmax(dim=1)[:, 1]
 
 
+class CascadeProbabilityModel(ProbabilityModel):
+    """:class:`ProbabilityModel` of a cascade (:mod:`bts_lightning.models.cascade`), which also gives its parts:
+    ``parts(images)`` = (segmentation tumor probabilities (N, H, W), presence gates (N,)), whose ``min`` is
+    ``forward``'s output (:class:`~bts_lightning.inference.ModelContract` ``cascade_parts``)."""
+
+    def parts(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.all_outputs(images)[1:]
+
+    def all_outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(output, segmentation probabilities, presence gates) from one run of the networks."""
+        outputs = self.net(standardize(images))
+        factors = outputs["factors"].float()
+        return (outputs["out"].float().softmax(dim=1)[:, 1], factors[:, :2].softmax(dim=1)[:, 1],
+                torch.sigmoid(presence_logits(factors)))
+
+
+class _AllOutputs(nn.Module):
+    """A cascade's three outputs as one ``forward``, for one ONNX graph."""
+
+    def __init__(self, model: CascadeProbabilityModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.model.all_outputs(images)
+
+
 def probability_model(module: nn.Module) -> ProbabilityModel:
     """An eval-mode, CPU :class:`ProbabilityModel` over a copy of ``module.net`` without auxiliary head.
 
     ``module`` is a :class:`~bts_lightning.segmentation_module.SegmentationModule` (or any module
-    with a ``net`` attribute returning ``{"out": logits}``); it is left unchanged.
+    with a ``net`` attribute returning ``{"out": logits}``); it is left unchanged. A cascade's is a
+    :class:`CascadeProbabilityModel`.
     """
     net = copy.deepcopy(module.net).cpu().float().eval()
     if getattr(net, "_compiled_call_impl", None) is not None:  # model.compile=true: export the eager network
         net._compiled_call_impl = None
     if getattr(net, "aux_classifier", None) is not None:  # torchvision DeepLabV3/FCN: only used for training
         net.aux_classifier = None
-    model = ProbabilityModel(net).eval()
+    model = (ProbabilityModel if cascade_of(module) is None else CascadeProbabilityModel)(net).eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model
@@ -134,17 +165,25 @@ def resolve_format(format: str | None, output: str | Path | None) -> str:
     return format
 
 
+def _dynamic_axes(outputs: Sequence[str], dynamic_size: bool) -> dict[str, dict[int, str]]:
+    """The legacy exporter's dynamic axes: batch everywhere, height and width of maps with ``dynamic_size``."""
+    maps = {0: "batch", 1: "height", 2: "width"} if dynamic_size else {0: "batch"}
+    return {INPUT_NAME: {0: "batch", 2: "height", 3: "width"} if dynamic_size else {0: "batch"},
+            **{name: {0: "batch"} if name in PER_SLICE_OUTPUTS else maps for name in outputs}}
+
+
 def _onnx_bytes(
-    model: nn.Module, example: torch.Tensor, opset: int, exporter: str, dynamic_size: bool = True
+    model: nn.Module, example: torch.Tensor, opset: int, exporter: str, dynamic_size: bool = True,
+    outputs: Sequence[str] = (OUTPUT_NAME,),
 ) -> tuple[bytes, str, int]:
-    """ONNX with dynamic batch (and height and width with ``dynamic_size``), in memory; returns it, the
-    exporter and the opset used."""
+    """ONNX with dynamic batch (and height and width with ``dynamic_size``), in memory, its outputs named
+    ``outputs``; returns it, the exporter and the opset used."""
     if exporter == "legacy":
         try:
             onnx_file = io.BytesIO()
             torch.onnx.export(
                 model, (example,), onnx_file, dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME], dynamic_axes=DYNAMIC_AXES if dynamic_size else BATCH_AXES,
+                output_names=list(outputs), dynamic_axes=_dynamic_axes(outputs, dynamic_size),
                 do_constant_folding=True,
             )
             return onnx_file.getvalue(), "legacy", opset
@@ -159,7 +198,7 @@ def _onnx_bytes(
     try:
         program = torch.onnx.export(
             model, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
+            output_names=list(outputs),
             dynamic_shapes={INPUT_NAME: {0: dynamic, 2: dynamic, 3: dynamic} if dynamic_size else {0: dynamic}},
             verbose=False,
         )
@@ -231,6 +270,8 @@ def export_model(
                     "context.", cascade.context, output.name, cascade.presence_threshold)
     contract = exported_contract(module, int(image_size), contract)
     model = probability_model(module)
+    parts = isinstance(model, CascadeProbabilityModel)
+    contract = replace(contract, cascade_parts=parts)
     example = _example_input(model, int(image_size), contract.in_channels)
     with _quiet_tracing(), torch.no_grad():
         if format == "onnx":
@@ -238,12 +279,15 @@ def export_model(
                 import onnx  # noqa: F401  (torch.onnx.export needs it)
             except ImportError:
                 raise BtsError(f"ONNX export needs the onnx package: {INSTALL_HINT}") from None
-            data, used, used_opset = _onnx_bytes(model, example, int(opset), onnx_exporter, not contract.fixed_size)
+            graph, outputs = (_AllOutputs(model), (OUTPUT_NAME, *PARTS_NAMES)) if parts else (model, (OUTPUT_NAME,))
+            data, used, used_opset = _onnx_bytes(graph, example, int(opset), onnx_exporter, not contract.fixed_size,
+                                                 outputs)
             data = _with_onnx_metadata(data, {ONNX_CONTRACT_KEY: contract.to_json()})
             log.info("Exported with the %s ONNX exporter (opset %s)", used, used_opset)
         else:
+            methods = {"forward": (example,), **({"parts": (example,)} if parts else {})}
             script_file = io.BytesIO()
-            torch.jit.save(torch.jit.trace(model, (example,), check_trace=False), script_file,
+            torch.jit.save(torch.jit.trace_module(model, methods, check_trace=False), script_file,
                            _extra_files={TORCHSCRIPT_CONTRACT_FILE: contract.to_json()})
             data = script_file.getvalue()
     write_bytes_atomic(output, data)

@@ -66,6 +66,8 @@ EXPORT_FORMATS = {"onnx": (".onnx",), "torchscript": (".pt", ".ts")}
 EXPORTED_SUFFIXES = tuple(suffix for suffixes in EXPORT_FORMATS.values() for suffix in suffixes)
 # Names of the exported graph's input and output.
 INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
+# An exported cascade's further ONNX outputs (ModelContract.cascade_parts): segmentation (N, H, W), presence gate (N,).
+PARTS_NAMES = ("segmentation_probabilities", "presence_gates")
 INSTALL_HINT = 'pip install -e ".[export]"'
 
 # Where exported files carry their contract (JSON of ModelContract.to_json()).
@@ -123,6 +125,11 @@ class ModelContract:
             and the probabilities back. Absent from older contracts: ``False``.
         decision: the calibrated slice-level "tumor present" decision (:meth:`SliceDecision.to_dict`), ``None``
             when the model has none (never calibrated; older contracts).
+        cascade_parts: an exported cascade (:mod:`bts_lightning.models.cascade`) that also gives its parts, the
+            segmentation's tumor probabilities (N, H, W) and the presence gate ``g`` (N,) whose ``min`` with them
+            is its output (ONNX outputs :data:`PARTS_NAMES`; TorchScript method ``parts``), so flip TTA can gate
+            the flip-averaged segmentation by the presence of the slice as given, as the checkpoint does
+            (:func:`predict_probabilities`). Absent from older contracts: ``False``.
         format_version: version of this record.
     """
 
@@ -138,6 +145,7 @@ class ModelContract:
     decision: dict[str, Any] | None = None
     format_version: int = 1
     neighbours: int = 0
+    cascade_parts: bool = False
 
     def __post_init__(self) -> None:
         if self.image_size is not None and not _is_count(self.image_size, 1):
@@ -152,6 +160,8 @@ class ModelContract:
             raise ValueError(f"model={self.model!r} must be a name or None")
         if not isinstance(self.fixed_size, bool) or (self.fixed_size and self.image_size is None):
             raise ValueError(f"fixed_size={self.fixed_size!r} must be true or false, and true only with an image_size")
+        if not isinstance(self.cascade_parts, bool):
+            raise ValueError(f"cascade_parts={self.cascade_parts!r} must be true or false")  # noqa: TRY004
         try:
             indices = parse_channels(self.channels, "channels")
         except ConfigError as error:
@@ -348,6 +358,11 @@ class ExportedModel:
                 ) from None
             text = extra[TORCHSCRIPT_CONTRACT_FILE]
         self.contract = _read_contract(self.path, text)
+        if self.contract.model == "cascade" and not self.contract.cascade_parts:
+            log.warning("%s is a cascade exported without its parts: under tta=true it runs whole on each flipped "
+                        "view, so its presence decisions can differ from the calibrated ones; re-export it from its "
+                        "checkpoint (python -m bts_lightning.export) for flip TTA as the checkpoint does it.",
+                        self.path.name)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         images = torch.as_tensor(images)
@@ -357,6 +372,27 @@ class ExportedModel:
             resized = nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear")
             return nn.functional.interpolate(self._run(resized)[:, None], size=shape, mode="bilinear")[:, 0]
         return self._run(images)
+
+    def parts(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """An exported cascade's (segmentation probabilities (N, H, W), presence gates (N,)) (``contract.cascade_parts``;
+        ``ValueError`` for another file); its output is their ``min``."""
+        if not self.contract.cascade_parts:
+            raise ValueError(f"{self.path.name} does not give a cascade's parts (contract.cascade_parts is false)")
+        images = torch.as_tensor(images)
+        check_batch(images, self.contract)
+        size, shape = self.contract.image_size, images.shape[-2:]
+        resize = self.contract.fixed_size and tuple(shape) != (size, size)
+        batch = nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear") if resize else images
+        if self.format == "onnx":
+            array = batch.detach().to("cpu", torch.float32).contiguous().numpy()
+            found = self._session.run(list(PARTS_NAMES), {self._input_name: array})
+            segmentation, gates = (torch.from_numpy(value) for value in found)
+        else:
+            with torch.no_grad():
+                segmentation, gates = self._module.parts(batch.to(self.device, torch.float32))
+        if resize:
+            segmentation = nn.functional.interpolate(segmentation[:, None], size=shape, mode="bilinear")[:, 0]
+        return segmentation.float().to(images.device), gates.float().to(images.device)
 
     def _run(self, images: torch.Tensor) -> torch.Tensor:
         if self.format == "onnx":
@@ -499,7 +535,8 @@ def predict_probabilities(predictor: Predictor, images: torch.Tensor | np.ndarra
     ``ValueError`` naming the channels expected. With ``tta`` the probabilities of the identity,
     horizontally flipped and vertically flipped inputs (each flipped back) are averaged; for a cascade
     checkpoint, only its segmentation's, its presence decided on the slice as given
-    (:func:`~bts_lightning.models.cascade.flip_averaged_probability`).
+    (:func:`~bts_lightning.models.cascade.flip_averaged_probability`), and the same for a cascade exported with its
+    parts (``contract.cascade_parts``; one exported before them runs whole on each flipped view).
     """
     batch = torch.as_tensor(images)
     contract = contract_of(predictor)
@@ -512,6 +549,10 @@ def predict_probabilities(predictor: Predictor, images: torch.Tensor | np.ndarra
         if cascade is not None:  # its presence scored once, on the slice as given, as calibrated
             with torch.no_grad():
                 return flip_averaged_probability(cascade, standardize(batch.to(predictor.device))).cpu()
+        if contract.cascade_parts and isinstance(predictor, ExportedModel):  # the same, from the exported parts
+            segmentation, gates = predictor.parts(batch)
+            total = segmentation + predictor.parts(batch.flip(-1))[0].flip(-1) + predictor.parts(batch.flip(-2))[0].flip(-2)
+            return torch.minimum(total / 3, gates[:, None, None]).cpu()
         return flip_mean(lambda images: _call(predictor, images), batch)
     return _call(predictor, batch)
 

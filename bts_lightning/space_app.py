@@ -2,7 +2,8 @@
 
 Copied as ``app.py`` into the Space bundle by ``python -m bts_lightning.export format=space``. It needs only
 onnxruntime, OpenCV, NumPy and Gradio, and repeats bts_lightning's predict path in NumPy (read the
-model's channels, resize each to the trained size with area/linear interpolation, flip TTA, resize the
+model's channels, resize each to the trained size with area/linear interpolation, flip TTA (for a cascade, of its
+segmentation alone, gated by the presence of the slice as given), resize the
 probabilities back bilinearly, threshold, drop small components / keep the largest, and the model's
 calibrated slice decision: an empty mask when the slice score is at most its threshold); the bundle's
 test checks its masks equal ``predict``'s. A model trained with scan neighbours (``data.neighbours``) gets the lone
@@ -35,6 +36,7 @@ class Model:
     channels: list[int] | None  # None = gray
     decision: dict[str, Any] | None = None  # rule, threshold, pixel_threshold (bts_lightning.decision)
     neighbours: int = 0  # scan slices either side the input stacks (bts_lightning.data.neighbours)
+    cascade_parts: bool = False  # a cascade that also outputs its segmentation and presence gates (flip TTA)
 
     @classmethod
     def load(cls, path: str | Path = HERE / "model.onnx") -> Model:
@@ -42,10 +44,15 @@ class Model:
         contract = json.loads(session.get_modelmeta().custom_metadata_map.get(CONTRACT_KEY) or "{}")
         channels = contract.get("channels", "gray")
         return cls(session, int(contract.get("image_size") or 256), None if channels == "gray" else list(channels),
-                   contract.get("decision"), int(contract.get("neighbours") or 0))
+                   contract.get("decision"), int(contract.get("neighbours") or 0), bool(contract.get("cascade_parts")))
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.session.get_inputs()[0].name: batch.astype(np.float32)})[0]
+
+    def parts(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A cascade's segmentation probabilities (N, H, W) and presence gates (N,); its output is their minimum."""
+        outputs = self.session.run(None, {self.session.get_inputs()[0].name: batch.astype(np.float32)})
+        return outputs[1], outputs[2]
 
 
 def _to_uint8(image: np.ndarray) -> np.ndarray:
@@ -86,11 +93,16 @@ def probabilities(model: Model, image: np.ndarray, tta: bool) -> np.ndarray:
     interpolation = cv2.INTER_AREA if height > size else cv2.INTER_LINEAR
     resized = np.stack([c if c.shape == (size, size) else cv2.resize(c, (size, size), interpolation=interpolation)
                         for c in image])[None].astype(np.float32)
-    result = model(resized)
-    if tta:
-        result = result + model(resized[..., ::-1])[..., ::-1]
-        result = result + model(resized[..., ::-1, :])[..., ::-1, :]
-        result = result / 3
+    if not tta:
+        result = model(resized)
+    elif model.cascade_parts:  # the segmentation flip-averaged, gated by the presence of the slice as given
+        segmentation, gates = model.parts(resized)
+        segmentation = segmentation + model.parts(resized[..., ::-1])[0][..., ::-1]
+        segmentation = segmentation + model.parts(resized[..., ::-1, :])[0][..., ::-1, :]
+        result = np.minimum(segmentation / 3, gates[:, None, None])
+    else:
+        result = model(resized) + model(resized[..., ::-1])[..., ::-1]
+        result = (result + model(resized[..., ::-1, :])[..., ::-1, :]) / 3
     probability = np.ascontiguousarray(result[0], dtype=np.float32)
     if probability.shape != (height, width):
         probability = cv2.resize(probability, (width, height), interpolation=cv2.INTER_LINEAR)

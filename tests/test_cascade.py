@@ -18,9 +18,10 @@ from bts_lightning.errors import ConfigError
 from bts_lightning.evaluate import evaluate
 from bts_lightning.export import export_model
 from bts_lightning.hub import save_pretrained
-from bts_lightning.inference import load_predictor, predict_probabilities
-from bts_lightning.models.cascade import Cascade, build_cascade
+from bts_lightning.inference import ONNX_CONTRACT_KEY, load_predictor, predict_probabilities
+from bts_lightning.models.cascade import Cascade, build_cascade, cascade_of
 from bts_lightning.models.presence import PresenceGated
+from bts_lightning.preprocessing import standardize
 from bts_lightning.train import train
 from tests.conftest import assert_one_error_line, compose_app, compose_train, run_cli
 
@@ -197,6 +198,66 @@ def test_checkpoints_of_other_splits_or_types_are_refused(two_runs, tmp_path):
     with pytest.raises(ConfigError, match=r"model.onnx is not a training checkpoint \(.ckpt\)"):
         _join({**two_runs, "presence": tmp_path / "model.onnx"}, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def _without_parts(exported: Path, out: Path) -> Path:
+    """A copy of the exported ONNX cascade ``exported`` whose contract does not mention its parts (an older export)."""
+    import onnx
+
+    proto = onnx.load(str(exported))
+    for entry in proto.metadata_props:
+        if entry.key == ONNX_CONTRACT_KEY:
+            entry.value = json.dumps({k: v for k, v in json.loads(entry.value).items() if k != "cascade_parts"})
+    onnx.save(proto, str(out))
+    return out
+
+
+def test_an_exported_cascade_does_flip_tta_as_its_checkpoint(two_runs, tmp_path, caplog):
+    """ONNX and TorchScript files carry the cascade's parts, so flip TTA averages the segmentation alone and gates it
+    by the presence of the slice as given, as the checkpoint does; a file exported before them says what to do."""
+    _join(two_runs, tmp_path / "run", "target_false_alarm_rate=0.25")
+    output = tmp_path / "run" / "checkpoints" / "cascade.ckpt"
+    joined = load_predictor(output, "cpu")
+    datamodule = instantiate(compose_train([*DATA, f"paths.data_dir={two_runs['data']}"], tmp_path / "x").data,
+                             augmentations=None)
+    datamodule.setup("validate")
+    val = datamodule.datasets["val"]
+    images = torch.as_tensor(np.stack([val.load(i)[0] for i in range(len(val))]))
+    expected = predict_probabilities(joined, images, tta=True)
+    with torch.no_grad():
+        gates = torch.sigmoid(cascade_of(joined).gate_logit(standardize(images)))
+        segmentation_expected = cascade_of(joined).segmentation_probability(standardize(images))
+    assert (gates > 0.5).any() and (gates <= 0.5).any()  # some slices pass the presence threshold, some do not
+    for name in ("cascade.onnx", "cascade.pt"):
+        exported = load_predictor(export_model(load_module(output), tmp_path / name, image_size=SIZE), "cpu")
+        assert exported.contract.cascade_parts
+        segmentation, file_gates = exported.parts(images)
+        torch.testing.assert_close(file_gates, gates, atol=1e-5, rtol=0)
+        torch.testing.assert_close(segmentation, segmentation_expected, atol=1e-4, rtol=0)
+        torch.testing.assert_close(predict_probabilities(exported, images, tta=True), expected, atol=1e-4, rtol=0)
+        torch.testing.assert_close(predict_probabilities(exported, images), predict_probabilities(joined, images),
+                                   atol=1e-4, rtol=0)
+    # Not a cascade: no parts.
+    plain = load_predictor(export_model(load_module(two_runs["segmentation"]), tmp_path / "plain.onnx",
+                                        image_size=SIZE), "cpu")
+    assert not plain.contract.cascade_parts
+    with pytest.raises(ValueError, match="does not give a cascade's parts"):
+        plain.parts(images)
+    # A cascade exported before the parts: runs whole on each flipped view, and says how to do better.
+    with caplog.at_level("WARNING"):
+        older = load_predictor(_without_parts(tmp_path / "cascade.onnx", tmp_path / "older.onnx"), "cpu")
+    assert "exported without its parts" in caplog.text and "re-export it" in caplog.text
+    assert (predict_probabilities(older, images, tta=True) - expected).abs().max() > 1e-2  # what the parts fix
+    whole = sum(predict_probabilities(older, images.flip(dim)).flip(dim) for dim in (-1, -2))
+    torch.testing.assert_close(predict_probabilities(older, images, tta=True),
+                               (predict_probabilities(older, images) + whole) / 3, atol=1e-5, rtol=0)
+
+    # The Space app (NumPy and onnxruntime only) does the same with the parts of its model.onnx.
+    space_app = pytest.importorskip("bts_lightning.space_app")
+    model = space_app.Model.load(tmp_path / "cascade.onnx")
+    assert model.cascade_parts and not space_app.Model.load(tmp_path / "older.onnx").cascade_parts
+    found = np.stack([space_app.probabilities(model, image, tta=True) for image in images.numpy()])
+    np.testing.assert_allclose(found, expected.numpy(), atol=1e-4, rtol=0)
 
 
 def test_a_cascade_with_a_presence_ensemble_calibrates_their_mean_and_travels(two_runs, tmp_path):

@@ -12,7 +12,8 @@ presence probability averaged over neighbouring slices of a scan, which ``evalua
 (:mod:`bts_lightning.scan_context`); the network itself judges each slice alone. :func:`build_cascade` wraps it in
 :class:`~bts_lightning.models.presence.PresenceGated`, so the output is ordinary 2-class logits: the
 segmentation's own mask on slices with a tumor, an empty one elsewhere; metrics, the slice decision,
-exports and the demo need no change.
+exports and the demo need no change (flip TTA alone needs the parts apart: :func:`flip_averaged_probability`, and
+exported files' ``cascade_parts``).
 """
 
 from __future__ import annotations
