@@ -279,7 +279,7 @@ def export_model(
                 import onnx  # noqa: F401  (torch.onnx.export needs it)
             except ImportError:
                 raise BtsError(f"ONNX export needs the onnx package: {INSTALL_HINT}") from None
-            graph, outputs = (_AllOutputs(model), (OUTPUT_NAME, *PARTS_NAMES)) if parts else (model, (OUTPUT_NAME,))
+            graph, outputs = (_AllOutputs(model).eval(), (OUTPUT_NAME, *PARTS_NAMES)) if parts else (model, (OUTPUT_NAME,))
             data, used, used_opset = _onnx_bytes(graph, example, int(opset), onnx_exporter, not contract.fixed_size,
                                                  outputs)
             data = _with_onnx_metadata(data, {ONNX_CONTRACT_KEY: contract.to_json()})
