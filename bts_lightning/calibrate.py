@@ -42,7 +42,7 @@ from bts_lightning.decision import (
 from bts_lightning.errors import ConfigError
 from bts_lightning.evaluate import load_split
 from bts_lightning.inference import CHECKPOINT_SUFFIXES, Predictor, predict_probabilities
-from bts_lightning.runtime import hydra_app, write_json_atomic
+from bts_lightning.runtime import flag_setting, hydra_app, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +166,7 @@ def calibrate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[s
     target, rule = check_settings(cfg.get("target_false_alarm_rate"), cfg.get("rule", "component_fraction"))
     target_on = check_target_on_setting(cfg.get("target_on", "split"), target)
     threshold = float(cfg.get("threshold", 0.5))
+    tta = flag_setting(cfg, "tta", False)
     if not 0.0 <= threshold < 1.0:
         raise ConfigError(f"threshold={threshold} must be in [0, 1) (tumor where probability > threshold).")
     ckpt = cfg.get("ckpt_path")
@@ -177,10 +178,10 @@ def calibrate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[s
     scoring = load_split(cfg, overrides, split, "calibrate")
     batch_size = max(1, int(cfg.data.get("batch_size") or 16))
     decision = calibrate_checkpoint(scoring.ckpt_path, scoring.predictor, scoring.dataset, target, rule, threshold,
-                                    split, scoring.datamodule.name, bool(cfg.get("tta", False)), batch_size,
+                                    split, scoring.datamodule.name, tta, batch_size,
                                     target_on)
     result = {"checkpoint": str(scoring.ckpt_path.resolve()), "data_root": str(scoring.datamodule.root),
-              "slices": scoring.scored, "tta": bool(cfg.get("tta", False)), "decision": decision.to_dict(),
+              "slices": scoring.scored, "tta": tta, "decision": decision.to_dict(),
               "on_new_empty_slices": on_new_slices(decision.calibration["n_empty"], target, target_on)}
     write_json_atomic(Path(cfg.paths.output_dir) / "calibration.json", result)
     print(reached_line(decision), flush=True)

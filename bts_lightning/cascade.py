@@ -50,7 +50,7 @@ from bts_lightning.errors import ConfigError
 from bts_lightning.evaluate import load_split
 from bts_lightning.inference import CHECKPOINT_SUFFIXES, ModelContract, ModulePredictor
 from bts_lightning.models.cascade import Cascade
-from bts_lightning.runtime import atomic_path, hydra_app, write_json_atomic
+from bts_lightning.runtime import atomic_path, flag_setting, hydra_app, write_json_atomic
 from bts_lightning.scan_context import (
     Position,
     ScanContext,
@@ -218,7 +218,7 @@ def cascade(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str
     target, rule = check_settings(cfg.get("target_false_alarm_rate"), "component_fraction")
     target_on = check_target_on_setting(cfg.get("target_on", "split"), target)
     split = str(cfg.get("split", "val"))
-    flips = bool(cfg.get("flips", True))
+    flips = flag_setting(cfg, "flips", True)
     context = check_context(cfg.get("context", 0))
     for path in (segmentation, *presence):
         read_checkpoint(path)  # a missing or foreign file fails here, naming it

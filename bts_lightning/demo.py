@@ -38,7 +38,7 @@ from bts_lightning.inference import (
 )
 from bts_lightning.models.cascade import cascade_of
 from bts_lightning.predict import DEFAULT_IMAGE_SIZE, segment
-from bts_lightning.runtime import hydra_app, path_setting
+from bts_lightning.runtime import flag_setting, hydra_app, path_setting
 from bts_lightning.visualize import overlay, to_uint8, write_png
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,7 @@ def demo(cfg: DictConfig) -> None:
     examples = example_slices(run_dir / "examples", int(cfg.get("examples", 3)))
     page = build_demo(predictor, options, run_dir / "masks", examples, cfg.get("image_size"))
     served = [run_dir / "masks", *([examples[0].parent] if examples else [])]
-    page.launch(server_name=str(cfg.host), server_port=int(cfg.port), share=bool(cfg.share), css=CSS,
+    page.launch(server_name=str(cfg.host), server_port=int(cfg.port), share=flag_setting(cfg, "share", False), css=CSS,
                 max_file_size=MAX_UPLOAD_BYTES, allowed_paths=[str(path) for path in served])
     log.info("Demo stopped")
 

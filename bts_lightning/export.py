@@ -61,7 +61,7 @@ from bts_lightning.inference import (
 from bts_lightning.models.cascade import cascade_of
 from bts_lightning.models.presence import presence_logits
 from bts_lightning.preprocessing import standardize
-from bts_lightning.runtime import hydra_app, make_directory, write_bytes_atomic
+from bts_lightning.runtime import flag_setting, hydra_app, make_directory, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +228,11 @@ def exported_contract(module: nn.Module, image_size: int, contract: ModelContrac
     return replace(contract, image_size=image_size, fixed_size=True)
 
 
+def with_parts(contract: ModelContract, module: nn.Module) -> ModelContract:
+    """``contract`` as an exported file of ``module`` carries it: ``cascade_parts`` exactly when it is a cascade."""
+    return replace(contract, cascade_parts=cascade_of(module) is not None)
+
+
 def export_model(
     module: nn.Module,
     output: str | Path,
@@ -271,7 +276,7 @@ def export_model(
     contract = exported_contract(module, int(image_size), contract)
     model = probability_model(module)
     parts = isinstance(model, CascadeProbabilityModel)
-    contract = replace(contract, cascade_parts=parts)
+    contract = with_parts(contract, module)
     example = _example_input(model, int(image_size), contract.in_channels)
     with _quiet_tracing(), torch.no_grad():
         if format == "onnx":
@@ -342,6 +347,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     """Load ``cfg.ckpt_path``, export it, check it against PyTorch and return a summary."""
     if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.get("ckpt_path"):
         raise ConfigError("ckpt_path is required: python -m bts_lightning.export ckpt_path=RUN/checkpoints/best.ckpt")
+    verify = flag_setting(cfg, "verify", True)
     output = cfg.get("output")
     format = resolve_format(cfg.get("format"), output)
     default_name = format if format in FOLDER_FORMATS else f"model{FORMATS[format][0]}"
@@ -363,9 +369,11 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         write_space(module, output, contract, image_size, run_metrics(Path(str(cfg.ckpt_path))), **onnx)
     else:
         export_model(module, output, format, image_size, contract=contract, **onnx)
+    if format != HUB_FORMAT:  # the file's own contract
+        contract = with_parts(contract, module)
     summary: dict[str, Any] = {"output": str(output), "format": format, "model": contract.model,
                                "contract": contract.to_dict()}
-    if cfg.get("verify", True):
+    if verify:
         exported = output / "model.onnx" if format == SPACE_FORMAT else output
         difference = max_difference(module, load_predictor(exported, device="cpu"), image_size)
         summary["max_abs_difference"] = difference

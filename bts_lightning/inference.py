@@ -54,6 +54,7 @@ from bts_lightning.errors import BtsError, ConfigError, first_line
 from bts_lightning.models import check_input_size as check_network_input_size
 from bts_lightning.models.cascade import cascade_of, flip_averaged_probability
 from bts_lightning.preprocessing import flip_mean, standardize
+from bts_lightning.runtime import as_flag
 from bts_lightning.segmentation_module import SegmentationModule
 
 log = logging.getLogger(__name__)
@@ -609,8 +610,8 @@ class InferenceOptions:
         post = cfg.get("postprocess") or {}
         return cls(
             threshold=float(cfg.get("threshold", 0.5)),
-            tta=bool(cfg.get("tta", False)),
-            largest_component=bool(post.get("largest_component", False)),
+            tta=as_flag("tta", cfg.get("tta") or False),
+            largest_component=as_flag("postprocess.largest_component", post.get("largest_component") or False),
             min_size=int(post.get("min_size") or 0),
         )
 

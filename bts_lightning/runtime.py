@@ -133,6 +133,20 @@ def as_path(key: str, value: Any) -> Path:
     return Path(str(value))
 
 
+def as_flag(key: str, value: Any) -> bool:
+    """Setting ``key``'s ``value`` as true or false (``tta=true``); ``ConfigError`` naming both for anything else
+    (``tta=maybe``, ``tta=1``), which ``bool()`` would take as true."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}={_shown(value)} is not true or false; pass {key}=true or {key}=false.")
+    return value
+
+
+def flag_setting(cfg: DictConfig, key: str, default: bool) -> bool:
+    """Setting ``key`` (dotted) of an app's config as :func:`as_flag`; ``default`` when it is absent or null."""
+    value = OmegaConf.select(cfg, key)
+    return default if value is None else as_flag(key, value)
+
+
 def path_setting(cfg: DictConfig, key: str, required: str | None = None) -> Path | None:
     """Setting ``key`` of an app's config as a path (:func:`as_path`); None when it is null.
 

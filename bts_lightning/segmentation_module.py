@@ -95,9 +95,11 @@ class SegmentationModule(L.LightningModule):
         presence_loss_weight: float = 1.0,
     ) -> None:
         super().__init__()
+        if not isinstance(compile, bool):
+            raise ConfigError(f"model.compile={compile!r} must be true or false.")
         self.save_hyperparameters({
             "net": _plain(net), "loss": _plain(loss), "optimizer": _plain(optimizer), "scheduler": _plain(scheduler),
-            "compile": bool(compile), "freeze_backbone_epochs": int(freeze_backbone_epochs),
+            "compile": compile, "freeze_backbone_epochs": int(freeze_backbone_epochs),
             "aux_loss_weight": _check_loss_weight("aux_loss_weight", aux_loss_weight),
             "presence_loss_weight": _check_loss_weight("presence_loss_weight", presence_loss_weight),
         })

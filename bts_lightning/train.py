@@ -28,7 +28,7 @@ from bts_lightning.inference import load_predictor
 from bts_lightning.losses import uses_distance_maps
 from bts_lightning.metrics import SLICE_SCORES, VAL_DICE, VAL_IOU
 from bts_lightning.models import check_input_size
-from bts_lightning.runtime import hydra_app, user_error_of, write_json_atomic
+from bts_lightning.runtime import flag_setting, hydra_app, user_error_of, write_json_atomic
 from bts_lightning.segmentation_module import SegmentationModule
 
 log = logging.getLogger(__name__)
@@ -191,6 +191,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     check_epochs(cfg.trainer)
     monitor, mode = check_monitor(cfg.get("monitor"))
+    test = flag_setting(cfg, "test", False)
     if cfg.get("cross_data") is not None:
         log.info("Cross-dataset channels: %s", check_cross_data(cfg, int(cfg.model.net.get("in_channels", 1))))
     network = OmegaConf.to_container(cfg.model.net, resolve=True)
@@ -216,7 +217,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     last = history.history[-1] if history and history.history else None
     checkpoint = next((cb for cb in trainer.checkpoint_callbacks if getattr(cb, "monitor", None) == monitor), None)
     best_path = checkpoint.best_model_path if checkpoint and checkpoint.best_model_path else None
-    tested = bool(cfg.get("test") and datamodule.has_test)
+    tested = test and datamodule.has_test
     scored = "best.ckpt" if best_path else "the final weights (no checkpoint callback chose a best epoch)"
     metrics: dict[str, Any] = {
         "model": cfg.model.net.name,

@@ -17,7 +17,7 @@ from bts_lightning import inference
 from bts_lightning.errors import ConfigError, DataError
 from bts_lightning.inference import InferenceOptions, ModelContract, load_predictor, postprocess, predict_probabilities
 from bts_lightning.predict import list_inputs, output_names, predict, predict_files
-from bts_lightning.runtime import run_app
+from bts_lightning.runtime import run_app, user_error_of
 from tests import fixtures_checkpoint
 from tests.conftest import run_cli
 from tests.fixtures_checkpoint import compose_app
@@ -243,6 +243,49 @@ def test_bad_inputs_are_clear_user_errors(tiny_checkpoint, tmp_path, capsys):
     with pytest.raises(ConfigError, match="is the input folder"):
         run(broken, broken)
     assert [p.name for p in broken.iterdir()] == ["1.png"]
+
+
+
+@pytest.mark.parametrize(("app", "setting"), [
+    ("predict", "tta=maybe"), ("predict", "postprocess.largest_component=nah"), ("evaluate", "tta=1"),
+    ("calibrate", "tta=nope"), ("export", "verify=perhaps"), ("cascade", "flips=perhaps"),
+])
+def test_a_true_or_false_setting_given_anything_else_is_one_error_naming_it(tiny_checkpoint, tmp_path, capsys,
+                                                                              app, setting):
+    """``bool("maybe")`` is true: each app refuses such a value before it does any work, with exit status 2."""
+    import importlib
+
+    run = getattr(importlib.import_module(f"bts_lightning.{app}"), app)
+    key, value = setting.split("=")
+    common = {"predict": [f"input={tmp_path}", f"output={tmp_path / 'out'}"], "evaluate": [], "calibrate": [],
+              "export": [f"output={tmp_path / 'model.onnx'}"],
+              "cascade": [f"segmentation={tiny_checkpoint.path}", f"presence={tiny_checkpoint.path}"]}[app]
+    overrides = [*([] if app == "cascade" else [f"ckpt_path={tiny_checkpoint.path}"]), *common, setting]
+    cfg = compose_app(app, overrides, tmp_path / "run")
+    with pytest.raises(SystemExit) as exit_info:
+        run_app(run, *((cfg,) if app in ("predict", "export") else (cfg, overrides)))
+    assert exit_info.value.code == 2
+    shown = value if value.isdigit() else f'"{value}"'  # as parsed: the number 1, the string "maybe"
+    assert capsys.readouterr().err == f"error: {key}={shown} is not true or false; pass {key}=true or {key}=false.\n"
+    assert not (tmp_path / "out").exists() and not (tmp_path / "model.onnx").exists()
+
+
+def test_true_or_false_settings_of_the_data_and_the_module_are_checked(tmp_path):
+    from hydra.utils import instantiate
+
+    from bts_lightning.train import build_module, train
+    from tests.conftest import compose_train
+
+    for setting in ("data.cache=nah", "data.download=1"):
+        with pytest.raises(Exception) as info:  # Hydra wraps it; the apps report the ConfigError inside
+            instantiate(compose_train([setting], tmp_path).data)
+        error = user_error_of(info.value)
+        assert isinstance(error, ConfigError) and f"{setting.split('=')[0]}=" in str(error), info.value
+        assert "must be true or false" in str(error)
+    with pytest.raises(ConfigError, match=r"model.compile='nah' must be true or false"):
+        build_module(compose_train(["model.compile=nah"], tmp_path))
+    with pytest.raises(ConfigError, match=r'test="nah" is not true or false'):  # before any data is read
+        train(compose_train(["test=nah", f"data.root={tmp_path / 'missing'}"], tmp_path))
 
 
 def test_predict_from_a_real_torchscript_export_matches_the_checkpoint(tiny_checkpoint, tmp_path):

@@ -200,8 +200,9 @@ class BrainTumorDataModule(L.LightningDataModule):
         _check_name(name)
         check_fractions(val_fraction, test_fraction)
         _check_empty_fraction(empty_fraction)
-        if not isinstance(empty_fraction_per_batch, bool):
-            raise ConfigError(f"data.empty_fraction_per_batch={empty_fraction_per_batch!r} must be true or false.")
+        for key, value in (("cache", cache), ("download", download), ("empty_fraction_per_batch", empty_fraction_per_batch)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"data.{key}={value!r} must be true or false.")
         if empty_fraction_per_batch and empty_fraction is None:
             raise ConfigError("data.empty_fraction_per_batch=true needs data.empty_fraction (the share of tumor-free "
                               "slices in each batch), e.g. data.empty_fraction=0.5.")
