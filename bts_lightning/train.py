@@ -196,7 +196,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("Cross-dataset channels: %s", check_cross_data(cfg, int(cfg.model.net.get("in_channels", 1))))
     network = OmegaConf.to_container(cfg.model.net, resolve=True)
     resume_from = resolve_resume(cfg.get("ckpt_path"), output_dir, network)
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # Lightning would print this on stderr, before any error
+    log.info("Seed %s (Python, NumPy, PyTorch and the loader workers)", cfg.seed)
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")  # validates every file before anything heavy starts
     decision_aim = check_decision(cfg.get("decision"), datamodule)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from bts_lightning.runtime import write_bytes_atomic
 
 TRUTH_COLOR = (0, 255, 0)  # RGB green
 PREDICTION_COLOR = (255, 0, 0)  # RGB red
+LABEL_WIDTH = 40  # characters per line of a bar chart's row label
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -122,7 +124,12 @@ def score_bar_chart(labels: Sequence[str], series: Sequence[BarSeries], title: s
 
     count, groups = len(labels), len(series)
     height = 0.76 / groups if groups > 1 else 0.6
-    figure = Figure(figsize=(9, 1.5 + 0.5 * count * (1 + 0.5 * (groups - 1))), dpi=120)
+    # Long labels (a run's overrides) wrap at spaces; the constrained layout makes room for them and the legend.
+    labels = [textwrap.fill(label, LABEL_WIDTH, break_long_words=False, break_on_hyphens=False) for label in labels]
+    lines = max((label.count("\n") + 1 for label in labels), default=1)
+    row_inches = max(0.5 * (1 + 0.5 * (groups - 1)), 0.2 * lines)
+    figure = Figure(figsize=(9, 1.5 + row_inches * count + (0.3 if groups > 1 else 0.0)), dpi=120,
+                    layout="constrained")
     axes = figure.subplots()
     positions = list(range(count))
     drawn = []
@@ -151,10 +158,8 @@ def score_bar_chart(labels: Sequence[str], series: Sequence[BarSeries], title: s
     axes.set_axisbelow(True)
     axes.spines[["top", "right"]].set_visible(False)
     axes.set_title(title)
-    legend_inches = 0.3 if groups > 1 else 0.0
     if groups > 1:
-        figure.legend(loc="lower center", ncol=groups, fontsize=8, frameon=False)
-    figure.tight_layout(rect=(0, legend_inches / figure.get_figheight(), 1, 1))
+        figure.legend(loc="outside lower center", ncol=groups, fontsize=8, frameon=False)
     image = io.BytesIO()
     figure.savefig(image, format="png")
     return image.getvalue()

@@ -181,13 +181,16 @@ def test_missing_root_is_fetched_with_kagglehub(tmp_path, make_dataset, monkeypa
     monkeypatch.setattr(download.importlib.util, "find_spec", lambda name: object())
     assert download.resolve_root(tmp_path / "missing", download=True) == downloaded / "dataset"
 
+    cause = "no network: " + "retrying " * 40
+
     def offline(handle):
-        raise ConnectionError("no network")
+        raise ConnectionError(cause + "\nTraceback and more lines")
 
     fake.dataset_download = offline
-    with pytest.raises(DataError, match="kagglehub download failed: no network") as error:
+    with pytest.raises(DataError, match="kagglehub download failed, ConnectionError: no network") as error:
         download.resolve_root(tmp_path / "missing", download=True)
-    assert "data=synthetic" in str(error.value)
+    assert "data=synthetic" in str(error.value) and "\n" not in str(error.value)  # the cause's first line, cut short
+    assert str(error.value).endswith(f"ConnectionError: {cause[:160]})")
 
 
 # --- Split policy and split record --------------------------------------------------------------------------------

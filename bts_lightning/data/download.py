@@ -6,7 +6,7 @@ import importlib.util
 import logging
 from pathlib import Path
 
-from bts_lightning.errors import DataError
+from bts_lightning.errors import DataError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,8 @@ def resolve_root(root: str | Path, download: bool) -> Path:
     try:
         downloaded = Path(kagglehub.dataset_download(KAGGLE_DATASET))
     except Exception as error:  # kagglehub raises many kinds of network/auth errors
-        raise DataError(f"{how_to_fix} (kagglehub download failed: {error})") from error
+        raise DataError(f"{how_to_fix} (kagglehub download failed, {type(error).__name__}: {first_line(error, 160)})"
+                        ) from error
     layout = find_layout(downloaded)
     if layout is None:
         raise DataError(f"kagglehub downloaded {downloaded}, but no folder in it holds images/ and masks/. {how_to_fix}")
