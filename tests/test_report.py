@@ -337,3 +337,26 @@ def test_training_runs_show_slice_level_validation_scores(tmp_path):
     assert "| 2 of 2 | 30 / 61-62 | 0.5000 ± 0.0000 | 0.3500 ± 0.0707 | 0.9000 ± 0.0000 | 0.8000 ± 0.0000 " \
         "| 0.1500 ± 0.0707 | 0.0300 ± 0.0141 |" in section
     assert "lraspp" not in section and "fcn" not in section  # no decision on their test splits
+
+
+def test_the_chart_fits_long_run_labels_and_its_legend():
+    """A run's label is its overrides: long ones wrap, and the layout keeps them and the legend in the figure."""
+    import warnings
+
+    import cv2
+    import numpy as np
+
+    pytest.importorskip("matplotlib")
+    from bts_lightning.visualize import BarSeries, score_bar_chart
+
+    labels = [("data=lgg, data.root=/work/shared/data/lgg-sample/kaggle_3m, data.neighbours=1, data.image_size=64, "
+               "experiment=presence, trainer.max_epochs=3"), "decision.target_false_alarm_rate=0.1"]
+    series = [BarSeries("last val Dice", [0.2, 0.3], [0.0, 0.0], "#1f77b4"),
+              BarSeries("test Dice", [0.1, 0.4], [0.05, 0.0], "#ff7f0e")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns when a layout cannot fit the labels
+        png = score_bar_chart(labels, series, "Configurations", xlabel="Dice")
+    image = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_GRAYSCALE)
+    assert image.shape[1] == 9 * 120
+    # Nothing is drawn on the left edge (no label runs off it) nor on the bottom edge (the legend sits above it).
+    assert image[:, :3].min() > 200 and image[-3:, :].min() > 200
