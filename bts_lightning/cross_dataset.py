@@ -15,11 +15,13 @@ shows side by side.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from bts_lightning.data.channels import parse_channels
 from bts_lightning.data.layouts import detect_layout
@@ -27,6 +29,7 @@ from bts_lightning.data.neighbours import SCAN_LAYOUTS, check_neighbours, window
 from bts_lightning.errors import ConfigError, DataError
 from bts_lightning.evaluate import evaluate
 from bts_lightning.inference import InferenceOptions
+from bts_lightning.runtime import user_error_of
 from bts_lightning.trained_split import channel_mapping
 
 log = logging.getLogger(__name__)
@@ -61,6 +64,7 @@ def check_cross_data(cfg: DictConfig, in_channels: int) -> str:
     Raises:
         ConfigError: ``cross_data`` is not a data config, ``cross_data.channels`` gives another channel count, or
             :func:`evaluate_options` refuses ``cross_evaluate``.
+        BtsError: its slices cannot be found or read (:func:`check_cross_files`).
     """
     evaluate_options(cfg)
     other = cfg.cross_data
@@ -74,8 +78,28 @@ def check_cross_data(cfg: DictConfig, in_channels: int) -> str:
     if neighbours:
         check_cross_scans(other, name, neighbours)
     per_slice = in_channels // window_size(neighbours)
-    return channel_mapping(per_slice, trained, parse_channels(other.channels, "cross_data.channels"), name,
+    line = channel_mapping(per_slice, trained, parse_channels(other.channels, "cross_data.channels"), name,
                            key="cross_data.channels")
+    check_cross_files(other, neighbours)
+    return line
+
+
+def check_cross_files(other: DictConfig, neighbours: int) -> None:
+    """Find and read every slice of ``cross_data`` as its evaluation will (without caching them), so a missing
+    folder or a bad file stops the run before training; the error names the ``cross_data.*`` keys."""
+    data = other.copy()
+    with open_dict(data):
+        data.neighbours, data.cache = neighbours, False
+    try:
+        instantiate(data, augmentations=None).setup("test")
+    except Exception as error:
+        found = user_error_of(error)
+        if found is None:
+            raise
+        raise type(found)(f"cross_data: {_DATA_KEY.sub('cross_data.', str(found))}") from None
+
+
+_DATA_KEY = re.compile(r"(?<![\w./-])data\.(?=[a-z_])")  # a data.<key> setting named in a message, not a path
 
 
 def check_cross_scans(other: DictConfig, name: str, neighbours: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import cv2
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bts_lightning.errors import ConfigError
+from bts_lightning.errors import ConfigError, DataError
 from bts_lightning.evaluate import evaluate
 from bts_lightning.report import report_app
 from bts_lightning.train import train
@@ -143,6 +144,26 @@ def test_a_model_with_scan_neighbours_needs_a_cross_dataset_of_scans_before_trai
     cfg = compose_train(["experiment=cross_dataset", "data=lgg", f"data.root={flair}", "data.neighbours=1",
                          "data@cross_data=brain_tumor", f"cross_data.root={gray}", *TINY_RUN], tmp_path / "run")
     with pytest.raises(ConfigError, match=r"cross_data brain_tumor .* kaggle layout.*data.neighbours=1 scan neighbours"):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+
+def test_a_cross_dataset_that_cannot_be_read_stops_the_run_before_training(tmp_path, datasets):
+    """A missing folder or a slice without its mask fails before training, naming the cross_data keys and file."""
+    gray, flair = datasets
+    missing = tmp_path / "nowhere"
+    cfg = compose_train(["experiment=cross_dataset", f"data.root={gray}", f"cross_data.root={missing}",
+                         "cross_data.download=false", *TINY_RUN], tmp_path / "run")
+    with pytest.raises(DataError, match=rf"^cross_data: Dataset root {missing} does not exist.*cross_data.root=DIR"):
+        train(cfg)
+    broken = tmp_path / "broken"
+    shutil.copytree(flair, broken)
+    lost = min(broken.rglob("*_2_mask.tif"))
+    lost.unlink()
+    cfg = compose_train(["experiment=cross_dataset", f"data.root={gray}", f"cross_data.root={broken}",
+                         *TINY_RUN], tmp_path / "run")
+    with pytest.raises(DataError, match=rf"^cross_data: .*{lost.name.replace('_mask', '')}"):
         train(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
