@@ -87,7 +87,7 @@ def test_corrupt_and_mismatched_files_fail_setup_with_names(make_dataset):
         datamodule(root, split_by="slice").setup("fit")
     message = str(error.value)
     assert "3.png" in message and "5.png" in message and "unreadable" in message
-    assert "6.png" in message and "size mismatch" in message
+    assert "images/6.png is 32x32 but its mask masks/6.png is 32x20" in message and "size mismatch" in message
 
 
 def test_metadata_rows_must_match_files(make_dataset):
@@ -190,7 +190,7 @@ def test_missing_root_is_fetched_with_kagglehub(tmp_path, make_dataset, monkeypa
     with pytest.raises(DataError, match="kagglehub download failed, ConnectionError: no network") as error:
         download.resolve_root(tmp_path / "missing", download=True)
     assert "data=synthetic" in str(error.value) and "\n" not in str(error.value)  # the cause's first line, cut short
-    assert str(error.value).endswith(f"ConnectionError: {cause[:160]})")
+    assert str(error.value).endswith(f"ConnectionError: {cause[:160]}...)")
 
 
 # --- Split policy and split record --------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import cv2
@@ -169,6 +170,11 @@ def test_detection_picks_the_one_layout_and_refuses_mixed_or_empty_roots(tmp_pat
     (empty / "notes").mkdir(parents=True)
     with pytest.raises(DataError, match="holds no dataset layout: expected images/ and masks/ .kaggle."):
         datamodule(empty).setup("fit")
+    plain = tmp_path / "plain"  # a kaggle folder read as the suffix layout: the error says what it is
+    for folder in ("images", "masks"):
+        shutil.copytree(kaggle / folder, plain / folder)
+    with pytest.raises(DataError, match=r"images/ and masks/ folders are the kaggle layout: set data.layout=kaggle"):
+        find_slices(plain, "suffix", "_mask", None)
 
 
 # --- figshare_mat layout ---------------------------------------------------------------------------------------------

@@ -78,16 +78,19 @@ def test_auto_prefers_folds_then_patients():
     assert split(PIDS_ONLY).method == "patients"
 
 
-@pytest.mark.parametrize("metadata", [None, LABELS_ONLY, FOLDS_ONLY], ids=["no-metadata", "labels", "folds-no-val"])
+@pytest.mark.parametrize("metadata", [None, LABELS_ONLY], ids=["no-metadata", "labels"])
 def test_auto_without_folds_or_patients_is_an_error_not_a_leaky_split(metadata):
-    val_fold = None if metadata is FOLDS_ONLY else 1
     with pytest.raises(DataError) as error:
-        split(metadata, val_fold=val_fold)
+        split(metadata)
     message = str(error.value)
     assert "/data/root" in message and "metadata.csv" in message and "'fold' or 'pid'" in message
     assert "index,label,fold[,pid]" in message and "data.split_by=slice" in message and "optimistic" in message
-    if metadata is FOLDS_ONLY:
-        assert "data.val_fold=K" in message
+
+
+def test_folds_without_a_validation_fold_say_to_choose_one():
+    with pytest.raises(ConfigError, match=r"^data.val_fold=null, but /data/root is split by its folds .* and has no "
+                                          r"patient ids .*set data.val_fold=K .*data.split_by=slice"):
+        split(FOLDS_ONLY, val_fold=None)
 
 
 def test_slice_split_only_on_request_and_marked_leaky(caplog):

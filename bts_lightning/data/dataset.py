@@ -7,6 +7,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,6 +34,11 @@ from bts_lightning.distance_maps import signed_distance_map
 from bts_lightning.errors import DataError, format_names
 
 
+def _named(path: Path) -> str:
+    """``path`` by its folder and name (``images/1.png``, ``masks/1.png``), which tells an image from its mask."""
+    return f"{path.parent.name}/{path.name}"
+
+
 def read_pair(pair: SlicePair, channels: Channels = None) -> tuple[np.ndarray, np.ndarray]:
     """Decode one slice as (C, H, W) uint8 ``channels`` and its (H, W) uint8 mask, at full size.
 
@@ -47,8 +53,8 @@ def read_pair(pair: SlicePair, channels: Channels = None) -> tuple[np.ndarray, n
         image, mask = read_channels(pair.image, channels), read_grayscale(pair.mask)
     if image.shape[1:] != mask.shape:
         raise ValueError(
-            f"{pair.image.name} is {image.shape[2]}x{image.shape[1]} but its mask "
-            f"{pair.mask.name} is {mask.shape[1]}x{mask.shape[0]}"
+            f"{_named(pair.image)} is {image.shape[2]}x{image.shape[1]} but its mask "
+            f"{_named(pair.mask)} is {mask.shape[1]}x{mask.shape[0]}"
         )
     return image, mask
 

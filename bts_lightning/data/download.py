@@ -40,8 +40,9 @@ def resolve_root(root: str | Path, download: bool) -> Path:
     try:
         downloaded = Path(kagglehub.dataset_download(KAGGLE_DATASET))
     except Exception as error:  # kagglehub raises many kinds of network/auth errors
-        raise DataError(f"{how_to_fix} (kagglehub download failed, {type(error).__name__}: {first_line(error, 160)})"
-                        ) from error
+        cause = first_line(error, 160)
+        cut = "..." if len(cause) < len(first_line(error, 10**6)) else ""
+        raise DataError(f"{how_to_fix} (kagglehub download failed, {type(error).__name__}: {cause}{cut})") from error
     layout = find_layout(downloaded)
     if layout is None:
         raise DataError(f"kagglehub downloaded {downloaded}, but no folder in it holds images/ and masks/. {how_to_fix}")

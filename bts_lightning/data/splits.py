@@ -175,10 +175,15 @@ def make_split(
             split_by = "fold"
         elif "pid" in columns:
             split_by = "patient"
+        elif has_folds:
+            raise ConfigError(
+                f"data.val_fold=null, but {source} is split by its folds (metadata.csv's fold column) and has no "
+                "patient ids to split by otherwise: set data.val_fold=K to hold out fold K, or pass "
+                "data.split_by=slice to accept a slice-level split whose validation scores are optimistic."
+            )
         else:
-            hint = " (its folds need data.val_fold=K)" if has_folds else ""
             raise DataError(
-                f"{source} has no folds or patient ids to split by{hint}. {origins.remedy}, or pass "
+                f"{source} has no folds or patient ids to split by. {origins.remedy}, or pass "
                 "data.split_by=slice to accept a slice-level split whose validation scores are optimistic "
                 "(one patient's slices can be in train and validation)."
             )

@@ -453,13 +453,14 @@ def _check_manifest(out: Path, params: dict[str, Any]) -> None:
 
     A manifest without ``empty_fraction`` (written before it existed, or for 0) means 0.
     """
-    what_to_do = f"Choose another folder (out= / data.root=) or delete {out} to generate it again."
     try:
         stored = json.loads((out / MANIFEST).read_text())
     except (OSError, ValueError) as error:
         raise DataError(
-            f"{out} holds no readable {MANIFEST}, so it is not a synthetic dataset. {what_to_do}"
+            f"{out} holds no readable {MANIFEST}, so it is not a synthetic dataset this generator made (it is left "
+            "alone): choose another folder (out= / data.root=)."
         ) from error
+    what_to_do = f"Choose another folder (out= / data.root=) or delete {out} to generate it again."
     if isinstance(stored, dict):
         stored.setdefault("empty_fraction", 0.0)
     if stored != params:
