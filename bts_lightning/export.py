@@ -275,8 +275,8 @@ def export_model(
                     "context.", cascade.context, output.name, cascade.presence_threshold)
     contract = exported_contract(module, int(image_size), contract)
     model = probability_model(module)
-    parts = isinstance(model, CascadeProbabilityModel)
     contract = with_parts(contract, module)
+    parts = contract.cascade_parts  # then model is a CascadeProbabilityModel
     example = _example_input(model, int(image_size), contract.in_channels)
     with _quiet_tracing(), torch.no_grad():
         if format == "onnx":
