@@ -101,6 +101,19 @@ def test_slice_split_only_on_request_and_marked_leaky(caplog):
     assert split(WITH_FOLDS, split_by="slice") == random  # forced even when folds exist
 
 
+
+def test_a_test_fold_that_a_patient_or_slice_split_does_not_use_is_warned_about(caplog):
+    with caplog.at_level(logging.WARNING):
+        patients = make_split(WITH_FOLDS, STEMS, 1, 3, 0.25, 0.0, 0, split_by="patient", source="/data/root")
+    assert patients.test == [] and "data.test_fold=3 is not used: the split is by patients" in caplog.text
+    assert "data.test_fraction=0 (no test split)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        make_split(WITH_FOLDS, STEMS, 1, 3, 0.25, 0.0, 0, split_by="fold", source="/data/root")
+        make_split(WITH_FOLDS, STEMS, 1, None, 0.25, 0.0, 0, split_by="patient", source="/data/root")
+    assert "is not used" not in caplog.text  # a fold split uses it; no test fold asked for
+
+
 def test_forced_fold_or_patient_split_needs_its_column():
     assert split(WITH_FOLDS, split_by="patient").method == "patients"
     assert split(WITH_FOLDS, split_by="fold").method == "folds"

@@ -200,6 +200,10 @@ def make_split(
         labels = [metadata[s]["label"] for s in stems] if "label" in columns else None
         folds = make_patient_folds(pids, labels, num_folds, seed)
         return replace(split_by_folds(folds, val_fold, test_fold), method="patient_folds")
+    if test_fold is not None:  # a fold split would have used it; these take data.test_fraction instead
+        log.warning("data.test_fold=%s is not used: the split is by %s (data.split_by=%s), whose test share is "
+                    "data.test_fraction=%g%s.", test_fold, "patients" if split_by == "patient" else "slices", split_by,
+                    test_fraction, " (no test split)" if not test_fraction else "")
     if split_by == "patient":
         if "pid" not in columns:
             raise DataError(
