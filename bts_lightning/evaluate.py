@@ -299,9 +299,11 @@ def decision_note(decision: SliceDecision | None, split: str, dataset: str, what
 
 
 def calibrated_here(decision: SliceDecision, split: str, dataset: str) -> bool:
-    """Whether ``decision`` was calibrated on slices of ``split`` of ``dataset`` (``all`` includes its own)."""
+    """Whether ``decision`` was calibrated on slices of ``split`` of ``dataset`` (``all``, on either side, holds every
+    split's)."""
     calibration = decision.calibration
-    return calibration.get("dataset") == dataset and (calibration.get("split") == split or split == "all")
+    chosen_on = calibration.get("split")
+    return calibration.get("dataset") == dataset and (chosen_on == split or "all" in (split, chosen_on))
 
 
 def false_alarm_check(decision: SliceDecision | None, empty_slices: dict[str, Any], split: str,

@@ -175,6 +175,8 @@ def test_false_alarm_surprise_is_the_beta_binomial_tail_and_evaluate_flags_unlik
     assert not usual["unlike_calibration"] and "unlike" not in false_alarm_check_line(usual)
     for no_check in (false_alarm_check(made, {"n": 61, "false_alarms": 24}, "val", "lgg"),  # calibrated on them
                      false_alarm_check(made, {"n": 61, "false_alarms": 24}, "all", "lgg"),  # includes them
+                     false_alarm_check(decision(dataset="lgg", n_empty=43, split="all"),  # chosen on all
+                                       {"n": 61, "false_alarms": 24}, "test", "lgg"),
                      false_alarm_check(made, {"n": 0, "false_alarms": 0}, "test", "lgg"),  # no empty slice
                      false_alarm_check(decision(), {"n": 61, "false_alarms": 24}, "test", "lgg"),  # no count
                      false_alarm_check(None, {"n": 61, "false_alarms": 24}, "test", "lgg")):
@@ -249,6 +251,8 @@ def test_contract_carries_the_decision_and_options_take_it(caplog):
 def test_decision_note_says_where_it_was_chosen():
     assert "optimistic" in decision_note(decision(), "val", "d")
     assert "held out" in decision_note(decision(), "test", "d")
+    on_all = decision(split="all")  # every split's slices chose it, the test split's too
+    assert "optimistic" in decision_note(on_all, "test", "d") and "held out" not in decision_note(on_all, "test", "d")
     assert "not this dataset" in decision_note(decision(), "test", "other")
     assert decision_note(None, "val", "d") is None
 
