@@ -46,8 +46,8 @@ from bts_lightning.runtime import flag_setting, hydra_app, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-NO_EMPTY_HINT = ("use a dataset with tumor-free slices (e.g. lgg), data=synthetic_empty, or add negatives "
-                 "to the data (data.negatives)")
+NO_EMPTY_HINT = ("use a dataset with tumor-free slices (e.g. lgg) or data=synthetic_empty (data.negatives adds empty "
+                 "slices to the training split only)")
 
 
 def check_settings(target: Any, rule: Any, key: str = "") -> tuple[float, str]:
@@ -66,17 +66,18 @@ def check_target_on_setting(target_on: Any, target: float, key: str = "") -> str
         raise ConfigError(str(error)) from None
 
 
-def check_enough_empty(n_empty: int, target: float, target_on: str, split: str, where: str) -> None:
+def check_enough_empty(n_empty: int, target: float, target_on: str, split: str, where: str, key: str = "") -> None:
     """``ConfigError`` when ``n_empty`` empty slices of ``split`` of ``where`` cannot calibrate ``target``
-    ``target_on`` (:func:`~bts_lightning.decision.empty_slices_needed`), saying what to change."""
+    ``target_on`` (:func:`~bts_lightning.decision.empty_slices_needed`), saying what to change (``key`` prefixes the
+    settings named, e.g. ``decision.``)."""
     if n_empty == 0:
         raise no_empty_slices(split, where)
     needed = empty_slices_needed(target, target_on)
     if n_empty < needed:
         raise ConfigError(f"The {split} split of {where} has {n_empty} empty slices, too few to expect at most "
                           f"{100 * target:g} % false alarms on new empty slices (target_on=new_slices needs at least "
-                          f"{needed}): calibrate on a split with more empty slices, raise target_false_alarm_rate, "
-                          "or set target_on=split.")
+                          f"{needed}): calibrate on a split with more empty slices, raise {key}target_false_alarm_rate, "
+                          f"or set {key}target_on=split.")
 
 
 def no_empty_slices(split: str, where: str) -> ConfigError:

@@ -39,7 +39,8 @@ def read_checkpoint(ckpt_path: str | Path, map_location: str | torch.device = "c
     path = Path(ckpt_path)
     if not path.is_file():
         where = "is a directory" if path.is_dir() else "does not exist"
-        raise CheckpointError(f"Checkpoint {path} {where}; pass ckpt_path=PATH/TO/best.ckpt from a training run.")
+        raise CheckpointError(f"Checkpoint {path} {where}; give the checkpoints/best.ckpt (or last.ckpt) of a "
+                              "training run.")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # noqa: BLE001 - corrupt file, not a torch file, unsupported pickled objects...

@@ -101,7 +101,7 @@ def check_decision(decision: DictConfig | None, datamodule: Any) -> tuple[float,
     target, _ = check_settings(target, (decision or {}).get("rule", "component_fraction"), "decision.")
     target_on = check_target_on_setting((decision or {}).get("target_on", "split"), target, "decision.")
     check_enough_empty(datamodule.empty_slices("val"), target, target_on, "val",
-                       f"{datamodule.name} ({len(datamodule.datasets['val'])} slices)")
+                       f"{datamodule.name} ({len(datamodule.datasets['val'])} slices)", "decision.")
     return target, target_on
 
 

@@ -448,7 +448,8 @@ def test_train_refuses_a_decision_target_without_empty_validation_slices(tiny_ch
     few = [f"data.root={root}", "data.name=with_empty", "data.image_size=64", "data.num_workers=0", "data.val_fold=1",
            "data.test_fold=2", "data.download=false", *TINY_MODEL, "trainer=cpu", "logger=csv", "trainer.max_epochs=1",
            "decision.target_false_alarm_rate=0.05", "decision.target_on=new_slices"]
-    with pytest.raises(ConfigError, match="has 4 empty slices, too few .* needs at least 19"):
+    with pytest.raises(ConfigError, match="has 4 empty slices, too few .* needs at least 19.*raise "
+                                          r"decision.target_false_alarm_rate, or set decision.target_on=split\."):
         train(compose_train(few, tmp_path / "run4"))
     assert not (tmp_path / "run4" / "checkpoints").exists()
 

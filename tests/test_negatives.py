@@ -236,6 +236,10 @@ def test_negatives_errors_name_the_setting(tumor_root, tmp_path):
         datamodule(tumor_root, negatives={"root": str(tumor_root)}).setup("fit")
     with pytest.raises(DataError, match="does not exist"):
         datamodule(tumor_root, negatives={"root": str(tmp_path / "missing")}).setup("fit")
+    # Negatives whose files lack a channel the negatives' own setting asks for: named by that setting and root.
+    with pytest.raises(DataError, match=rf"^data.negatives.root={tumor_root}: .* fewer than "
+                                        r"data.negatives.channels=\[1\] needs"):
+        datamodule(tumor_root, channels=[0], negatives={"root": str(tumor_root), "channels": [1]}).setup("fit")
     evaluation = datamodule(tumor_root, negatives={"root": str(tmp_path / "missing")})
     evaluation.setup("test")  # negatives are training input only
     assert evaluation.n_negatives == 0 and "negatives" not in evaluation.split_record()["settings"]

@@ -351,7 +351,11 @@ class BrainTumorDataModule(L.LightningDataModule):
             raise DataError(f"data.negatives.root={root} does not exist: point it at a dataset folder with "
                             "tumor-free slices, or set data.negatives=null.")
         layout, pairs = find_slices(root, negatives.layout, negatives.mask_suffix, negatives.patient_pattern)
-        scan = scan_pairs(pairs, self.image_size, keep=self.cache, channels=negatives.channels)
+        try:
+            scan = scan_pairs(pairs, self.image_size, keep=self.cache, channels=negatives.channels,
+                              key="data.negatives.channels")
+        except DataError as error:
+            raise DataError(f"data.negatives.root={root}: {error}") from None
         threshold = mask_threshold(int(scan.mask_max.max()))
         empty = np.flatnonzero(scan.mask_max <= threshold)
         if not len(empty):

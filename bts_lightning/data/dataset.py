@@ -94,8 +94,10 @@ MASK_PROBLEMS = {
 }
 
 
-def scan_pairs(pairs: Sequence[SlicePair], size: int, keep: bool, channels: Channels = None) -> Scan:
-    """Decode every pair once (threads), raising one :class:`DataError` listing all bad files.
+def scan_pairs(pairs: Sequence[SlicePair], size: int, keep: bool, channels: Channels = None,
+               key: str = "data.channels") -> Scan:
+    """Decode every pair once (threads), raising one :class:`DataError` listing all bad files (``key``: the setting
+    ``channels`` came from, named when an image lacks one).
 
     Bad files: unreadable, lacking a channel of ``channels``, image/mask size mismatch, or a mask that
     is no tumor mask (:func:`mask_problem`). With ``keep`` the returned scan holds the resized slices
@@ -137,7 +139,7 @@ def scan_pairs(pairs: Sequence[SlicePair], size: int, keep: bool, channels: Chan
         names = sorted(name for group in lacking.values() for name in group)
         counts = " or ".join(map(str, sorted(lacking)))
         problems.append(
-            f"{len(names)} image(s) with {counts} channel(s), fewer than data.channels={list(channels or ())} needs "
+            f"{len(names)} image(s) with {counts} channel(s), fewer than {key}={list(channels or ())} needs "
             f"(choose indices below {min(lacking)}, or gray): {format_names(names)}"
         )
     if mismatched:
