@@ -117,6 +117,21 @@ def test_suffix_layout_names_unpaired_files_and_unmatched_folders(tmp_path):
         find_slices(other, "suffix", "_mask", LGG_PATTERN)
 
 
+
+def test_patient_folders_linked_into_a_new_root_are_read_and_a_link_loop_ends(tmp_path):
+    """A subset of patients chosen by linking their folders (README: negatives, evaluation sets) reads like a copy."""
+    write_suffix_dataset(tmp_path / "full", patients=3)
+    chosen = sorted((tmp_path / "full").iterdir())[:2]
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for folder in chosen:
+        (linked / folder.name).symlink_to(folder, target_is_directory=True)
+    (linked / chosen[0].name / "loop").symlink_to(linked, target_is_directory=True)  # back to the root
+    layout, pairs = find_slices(linked, "auto", "_mask", LGG_PATTERN)
+    assert layout == "suffix" and len(pairs) == 2 * 3
+    assert {pair.image.parent.name for pair in pairs} == {folder.name for folder in chosen}
+
+
 def test_flat_suffix_folder_has_no_patients_and_needs_the_slice_opt_in(tmp_path):
     write_suffix_dataset(tmp_path, patients=1)
     flat = tmp_path / "TCGA_XX_0000_20000100"

@@ -10,6 +10,7 @@ patient id. Hidden files and folders (``.name``) are skipped.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -23,12 +24,19 @@ def id_key(slice_id: str) -> list[str | int]:
 
 
 def image_files(root: Path) -> list[Path]:
-    """Image files anywhere under ``root`` (not hidden, nor in hidden folders), sorted."""
-    return sorted(
-        path for path in root.rglob("*")
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
-        and not any(part.startswith(".") for part in path.relative_to(root).parts)
-    )
+    """Image files anywhere under ``root`` (not hidden, nor in hidden folders), sorted. Linked folders are followed
+    (e.g. patient folders linked into a new root), each real folder once, so a link loop ends."""
+    found, seen = [], set()
+    for folder, folders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            folders[:] = []
+            continue
+        seen.add(real)
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        found += [Path(folder) / name for name in files
+                  if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(path for path in found if path.is_file())
 
 
 def _slice_files(root: Path, mask_suffix: str) -> tuple[dict[Path, Path], dict[Path, Path]]:
