@@ -87,6 +87,8 @@ from bts_lightning.visualize import overlay, write_png
 
 log = logging.getLogger(__name__)
 
+MASK_SUFFIX = "_mask"  # the suffix layout's masks (X_mask.tif beside X.tif), not slices to segment
+
 DEFAULT_IMAGE_SIZE = 256
 SLICES_CSV = "slices.csv"
 SLICE_COLUMNS = ("file", "mask", "tumor_present", "tumor_area_px", "score")
@@ -94,17 +96,21 @@ SLICE_COLUMNS = ("file", "mask", "tumor_present", "tumor_area_px", "score")
 
 def list_inputs(source: str | Path) -> list[Path]:
     """The file ``source``, or the image files directly inside folder ``source``, in slice order: by name, the
-    numbers names end with compared as numbers (``scan_2`` before ``scan_10``)."""
+    numbers names end with compared as numbers (``scan_2`` before ``scan_10``). In a folder, the masks of its
+    images (``X_mask.tif`` beside ``X.tif``: an LGG patient folder) are left out, and the log says how many."""
     path = Path(source)
     if path.is_file():
         return [path]
     if not path.is_dir():
         raise DataError(f"Input {path} does not exist; pass input=IMAGE_FILE or input=FOLDER_OF_IMAGES.")
-    files = sorted(
-        (p for p in path.iterdir()
-         if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")),
-        key=_slice_order,
-    )
+    images = [p for p in path.iterdir()
+              if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
+    stems = {p.stem for p in images}
+    masks = [p for p in images if p.stem.endswith(MASK_SUFFIX) and p.stem[: -len(MASK_SUFFIX)] in stems]
+    if masks:
+        log.info("Left out %d mask file(s) of the images beside them (X%s next to X) in %s", len(masks), MASK_SUFFIX,
+                 path)
+    files = sorted(set(images) - set(masks), key=_slice_order)
     if not files:
         raise DataError(f"No image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {path}.")
     return files

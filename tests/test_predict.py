@@ -366,3 +366,13 @@ def test_a_folder_is_listed_in_slice_order(tmp_path):
         (tmp_path / name).write_bytes(b"")
     assert [path.name for path in list_inputs(tmp_path)] == ["2.png", "10.png", "b.png", "scan_1.tif", "scan_2.png",
                                                             "scan_10.png"]
+
+
+
+def test_the_masks_in_a_patient_folder_are_not_segmented(tmp_path, caplog):
+    """An LGG patient folder holds each slice's mask beside it; a file named like a mask without its image stays."""
+    for name in ["P_1.tif", "P_1_mask.tif", "P_2.tif", "P_2_mask.tif", "lone_mask.png"]:
+        (tmp_path / name).write_bytes(b"")
+    with caplog.at_level(logging.INFO):
+        assert [path.name for path in list_inputs(tmp_path)] == ["P_1.tif", "P_2.tif", "lone_mask.png"]
+    assert "Left out 2 mask file(s)" in caplog.text
