@@ -116,8 +116,8 @@ CSV_COLUMNS = (
 DICE_COLUMNS = {
     "test/dice": "test Dice: best.ckpt (chosen on validation) scored on the held-out test split",
     "last_val_dice": "last val Dice: the final epoch on the validation split (not chosen by its score)",
-    "best_val_dice": "best val Dice: the maximum over epochs on the validation split that also chose best.ckpt, "
-    "so an optimistic score",
+    "best_val_dice": "best val Dice: val Dice at the epoch that chose best.ckpt (its monitor: val/dice, the maximum, "
+    "by default), on that same validation split, so an optimistic score",
 }
 SHORT_NAMES = {"test/dice": "test Dice", "last_val_dice": "last val Dice", "best_val_dice": "best val Dice"}
 # Slice-level scores of training runs (metrics.json of train): column stem -> (key, slice group it needs).

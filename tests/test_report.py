@@ -219,7 +219,7 @@ def test_model_name_from_either_config_layout(tmp_path):
 
 
 def test_ranking_never_uses_the_split_that_chose_the_checkpoint(tmp_path):
-    """Best val Dice is a maximum over epochs on the split that picked best.ckpt: shown, never ranked by."""
+    """Best val Dice is val Dice at the epoch that picked best.ckpt, on that same split: shown, never ranked by."""
     folds, slices = {"method": "folds", "leaky": False}, {"method": "slices", "leaky": True}
     with_test = tmp_path / "with_test"
     _write_run(with_test / "a", "unet", 1, 1, val_dice=0.90, test_dice=0.60, last_val_dice=0.85, split=folds)
@@ -229,7 +229,7 @@ def test_ranking_never_uses_the_split_that_chose_the_checkpoint(tmp_path):
     _report([f"dirs={with_test}"], tmp_path / "run")
     markdown = (with_test / "report.md").read_text()
     assert "Ranked by test Dice: best.ckpt (chosen on validation) scored on the held-out test split" in markdown
-    assert "maximum over epochs on the validation split that also chose best.ckpt" in markdown
+    assert "val Dice at the epoch that chose best.ckpt" in markdown and "optimistic" in markdown
     assert "**Warning:** model=lraspp split slices, not patients" in markdown
     assert "| slices (leaky) |" in markdown and "| **0.7000** |" in markdown
 
