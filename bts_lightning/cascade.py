@@ -230,6 +230,8 @@ def cascade(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str
     with open_dict(scoring_cfg):
         scoring_cfg.ckpt_path = str(segmentation)
     scoring = load_split(scoring_cfg, overrides, split, "cascade")  # the slices, as evaluate loads them
+    if context:
+        check_scan_layout(scoring.datamodule.found_layout, scoring.datamodule.root, "context=0")
     checkpoint, module = joined_checkpoint(segmentation, presence, flips)
     module.to(scoring.device)
     joined = module.net.net
@@ -250,7 +252,6 @@ def cascade(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str
         log.warning(warning)
     context_record = None
     if context:
-        check_scan_layout(scoring.datamodule.found_layout, scoring.datamodule.root, "context=0")
         positions = dataset_positions(scoring.dataset)
         scan_context, context_record = calibrate_context(scores, tumor, positions, context, target, threshold, split,
                                                          target_on)
