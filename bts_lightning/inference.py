@@ -610,8 +610,8 @@ class InferenceOptions:
         post = cfg.get("postprocess") or {}
         return cls(
             threshold=float(cfg.get("threshold", 0.5)),
-            tta=as_flag("tta", cfg.get("tta") or False),
-            largest_component=as_flag("postprocess.largest_component", post.get("largest_component") or False),
+            tta=as_flag("tta", cfg.get("tta"), False),
+            largest_component=as_flag("postprocess.largest_component", post.get("largest_component"), False),
             min_size=int(post.get("min_size") or 0),
         )
 

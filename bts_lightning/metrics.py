@@ -234,9 +234,9 @@ def empty_slices_by_distance(rows: Sequence[Row], positions: Sequence[ScanPositi
 
     ``positions[i]`` is row ``i``'s (scan, slice number); only the slices in ``rows`` count, so a scan's tumor slices
     must be among them (a patient-wise split has whole scans). Returns ``None`` when some position is unknown or
-    occurs twice (the folders are not one scan each), or no slice is empty; else one entry per group of :data:`DISTANCE_GROUPS` (``"1"``: the slice next to a tumor slice,
-    ..., ``"6+"``) and :data:`NO_TUMOR_IN_SCAN`, each ``{"n", "false_alarms", "false_alarm_rate"}`` (rate ``None``
-    for an empty group). Tumor edges are where the masks are least certain (a tumor thins out over a few slices);
+    occurs twice (the folders are not one scan each), or no slice is empty; else one entry per group of
+    :data:`DISTANCE_GROUPS` (``"1"``: the slice next to a tumor slice, ..., ``"6+"``) and :data:`NO_TUMOR_IN_SCAN`,
+    each ``{"n", "false_alarms", "false_alarm_rate"}`` (rate ``None`` for an empty group). Tumor edges are where the masks are least certain (a tumor thins out over a few slices);
     this says whether false alarms sit there or away from any tumor.
     """
     if len(rows) != len(positions):

@@ -133,9 +133,11 @@ def as_path(key: str, value: Any) -> Path:
     return Path(str(value))
 
 
-def as_flag(key: str, value: Any) -> bool:
-    """Setting ``key``'s ``value`` as true or false (``tta=true``); ``ConfigError`` naming both for anything else
-    (``tta=maybe``, ``tta=1``), which ``bool()`` would take as true."""
+def as_flag(key: str, value: Any, default: bool | None = None) -> bool:
+    """Setting ``key``'s ``value`` as true or false (``tta=true``); ``default``, when given, for a null value.
+    ``ConfigError`` naming both for anything else (``tta=maybe``, ``tta=1``), which ``bool()`` would take as true."""
+    if value is None and default is not None:
+        return default
     if not isinstance(value, bool):
         raise ConfigError(f"{key}={_shown(value)} is not true or false; pass {key}=true or {key}=false.")
     return value
@@ -143,8 +145,7 @@ def as_flag(key: str, value: Any) -> bool:
 
 def flag_setting(cfg: DictConfig, key: str, default: bool) -> bool:
     """Setting ``key`` (dotted) of an app's config as :func:`as_flag`; ``default`` when it is absent or null."""
-    value = OmegaConf.select(cfg, key)
-    return default if value is None else as_flag(key, value)
+    return as_flag(key, OmegaConf.select(cfg, key), default)
 
 
 def path_setting(cfg: DictConfig, key: str, required: str | None = None) -> Path | None:

@@ -200,7 +200,8 @@ class BrainTumorDataModule(L.LightningDataModule):
         _check_name(name)
         check_fractions(val_fraction, test_fraction)
         _check_empty_fraction(empty_fraction)
-        for key, value in (("cache", cache), ("download", download), ("empty_fraction_per_batch", empty_fraction_per_batch)):
+        flags = {"cache": cache, "download": download, "empty_fraction_per_batch": empty_fraction_per_batch}
+        for key, value in flags.items():
             if not isinstance(value, bool):
                 raise ConfigError(f"data.{key}={value!r} must be true or false.")
         if empty_fraction_per_batch and empty_fraction is None:
