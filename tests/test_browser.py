@@ -77,7 +77,9 @@ def upload_and_segment(driver: webdriver.Chrome, url: str, file: Path) -> None:
     inputs[0].send_keys(str(file))
     WebDriverWait(driver, WAIT_S).until(  # the page lists the uploaded file (its name may wrap)
         lambda d: file.name in d.find_element(By.TAG_NAME, "body").text.replace("\n", ""))
-    next(b for b in driver.find_elements(By.TAG_NAME, "button") if b.text.strip() == "Segment").click()
+    segment = WebDriverWait(driver, WAIT_S).until(  # the page may still be drawing its buttons
+        lambda d: next((b for b in d.find_elements(By.TAG_NAME, "button") if b.text.strip() == "Segment"), None))
+    segment.click()
 
 
 def shown_area(driver: webdriver.Chrome) -> str | bool:
