@@ -43,7 +43,6 @@ from bts_lightning.checkpoint import (
     training_neighbours,
 )
 from bts_lightning.data.dataset import SliceDataset
-from bts_lightning.data.neighbours import slice_position
 from bts_lightning.decision import calibrate as threshold_for
 from bts_lightning.decision import chance_warning, on_new_slices, on_new_slices_line, rate_above
 from bts_lightning.errors import ConfigError
@@ -169,11 +168,6 @@ def presence_scores(joined: Cascade, dataset: SliceDataset, batch_size: int = 16
     return score_slices(dataset, lambda images: presence_probabilities(joined, images), batch_size, desc="presence")
 
 
-def dataset_positions(dataset: SliceDataset) -> list[Position]:
-    """:func:`~bts_lightning.scan_context.slice_position` of every slice of ``dataset``."""
-    return [slice_position(dataset.pairs[index].image) for index in dataset.indices]
-
-
 def calibrate_context(scores: list[float], tumor: list[bool], positions: list[Position], context: int,
                       target: float, slice_threshold: float, split: str,
                       target_on: str = "split") -> tuple[ScanContext, dict[str, Any]]:
@@ -252,7 +246,7 @@ def cascade(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str
         log.warning(warning)
     context_record = None
     if context:
-        positions = dataset_positions(scoring.dataset)
+        positions = scoring.dataset.scan_positions()
         scan_context, context_record = calibrate_context(scores, tumor, positions, context, target, threshold, split,
                                                          target_on)
         joined.context, joined.context_threshold = context, scan_context.threshold

@@ -60,7 +60,7 @@ from omegaconf import DictConfig, open_dict
 from tqdm.auto import tqdm
 
 from bts_lightning.data.dataset import SliceDataset
-from bts_lightning.data.neighbours import SCAN_LAYOUTS, slice_position, window_size
+from bts_lightning.data.neighbours import SCAN_LAYOUTS, window_size
 from bts_lightning.decision import SliceDecision, false_alarm_surprise, on_new_slices, on_new_slices_line
 from bts_lightning.errors import ConfigError
 from bts_lightning.inference import (
@@ -358,7 +358,7 @@ def _mask_predictor(predictor: Predictor, options: InferenceOptions, context: Sc
     for start in tqdm(range(0, len(dataset), batch_size), desc="presence", unit="batch", disable=None):
         positions = range(start, min(start + batch_size, len(dataset)))
         probabilities.extend(presence_probabilities(cascade, np.stack([dataset.load(i)[0] for i in positions])))
-    present = context.present(probabilities, [slice_position(dataset.pairs[i].image) for i in dataset.indices])
+    present = context.present(probabilities, dataset.scan_positions())
     segmentation = SegmentationPredictor(predictor)
 
     def masks(positions: Sequence[int], images: np.ndarray) -> np.ndarray:
@@ -411,7 +411,7 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[st
     applied = options.decision if context is None else contract_of(predictor).slice_decision  # where it was calibrated
     by_truth = summarize_by_truth(rows)
     by_truth["empty_slices"]["by_distance_to_tumor"] = (
-        empty_slices_by_distance(rows, [slice_position(dataset.pairs[i].image) for i in dataset.indices])
+        empty_slices_by_distance(rows, dataset.scan_positions())
         if datamodule.found_layout in SCAN_LAYOUTS else None)
     metrics: dict[str, Any] = {
         "checkpoint": str(ckpt_path.resolve()),

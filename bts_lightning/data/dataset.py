@@ -29,7 +29,7 @@ from bts_lightning.data.io import (
     resize,
     to_channels,
 )
-from bts_lightning.data.neighbours import own_channel, stack_window
+from bts_lightning.data.neighbours import Position, own_channel, slice_position, stack_window
 from bts_lightning.distance_maps import signed_distance_map
 from bts_lightning.errors import DataError, format_names
 
@@ -222,6 +222,11 @@ class SliceDataset(Dataset):
         if self.cache is not None:
             return self.cache[0][index]
         return resize_image(read_channels(self.pairs[index].image, self.channels), self.image_size)
+
+    def scan_positions(self) -> list[Position]:
+        """(scan folder, slice number) of every slice, in order (:func:`~bts_lightning.data.neighbours.slice_position`;
+        ``None`` for a file without a number)."""
+        return [slice_position(self.pairs[index].image) for index in self.indices]
 
     def stem(self, position: int) -> str:
         """Slice id of the ``position``-th slice."""

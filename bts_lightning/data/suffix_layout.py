@@ -86,8 +86,9 @@ def find_suffix_slices(root: Path, mask_suffix: str, patient_pattern: str | None
         names = [str(masks[key].relative_to(root)) for key in orphans]
         problems.append(f"{len(orphans)} mask(s) without an image beside them: {format_names(names)}")
     if problems:
-        kaggle = ((root / "images").is_dir() and (root / "masks").is_dir()) * (
-            " Its images/ and masks/ folders are the kaggle layout: set data.layout=kaggle (or auto).")
+        is_kaggle = (root / "images").is_dir() and (root / "masks").is_dir()
+        kaggle = " Its images/ and masks/ folders are the kaggle layout: set data.layout=kaggle (or auto)." if (
+            is_kaggle) else ""
         raise DataError(
             f"{root}: " + "; ".join(problems) + f". Every slice X.tif needs its mask X{mask_suffix}.tif in the same "
             f"folder (data.mask_suffix sets the suffix).{kaggle}"
