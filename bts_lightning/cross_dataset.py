@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from bts_lightning.data.channels import parse_channels
 from bts_lightning.data.layouts import detect_layout
 from bts_lightning.data.neighbours import SCAN_LAYOUTS, check_neighbours, window_size
+from bts_lightning.data.suffix_layout import MASK_SUFFIX
 from bts_lightning.errors import ConfigError, DataError
 from bts_lightning.evaluate import evaluate
 from bts_lightning.inference import InferenceOptions
@@ -109,7 +110,7 @@ def check_cross_scans(other: DictConfig, name: str, neighbours: int) -> None:
     layout = other.get("layout", "auto")
     if layout == "auto" and root.is_dir():
         try:
-            layout = detect_layout(root, str(other.get("mask_suffix", "_mask")))
+            layout = detect_layout(root, str(other.get("mask_suffix", MASK_SUFFIX)))
         except DataError:
             return  # the evaluation reports it, with the data's own error
     if layout not in ("auto", *SCAN_LAYOUTS):

@@ -409,6 +409,7 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[st
 
     worst = worst_positions(rows, worst_k)
     applied = options.decision if context is None else contract_of(predictor).slice_decision  # where it was calibrated
+    joined = cascade_of(predictor)
     by_truth = summarize_by_truth(rows)
     by_truth["empty_slices"]["by_distance_to_tumor"] = (
         empty_slices_by_distance(rows, dataset.scan_positions())
@@ -424,6 +425,7 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[st
         "n_images": len(rows),
         "device": str(scoring.device),
         "inference": {**options.to_dict(), "scan_context": None if context is None else context.to_dict()},
+        "cascade": None if joined is None else joined.record(),
         "decision_note": decision_note(applied, split, datamodule.name,
                                        "slice decision" if context is None else "scan context"),
         "summary": summarize(rows),

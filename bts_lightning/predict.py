@@ -63,6 +63,7 @@ from bts_lightning.data.neighbours import (
     stack_window,
     window_size,
 )
+from bts_lightning.data.suffix_layout import MASK_SUFFIX
 from bts_lightning.errors import ConfigError, DataError, format_names
 from bts_lightning.inference import (
     InferenceOptions,
@@ -87,7 +88,6 @@ from bts_lightning.visualize import overlay, write_png
 
 log = logging.getLogger(__name__)
 
-MASK_SUFFIX = "_mask"  # the suffix layout's masks (X_mask.tif beside X.tif), not slices to segment
 
 DEFAULT_IMAGE_SIZE = 256
 SLICES_CSV = "slices.csv"

@@ -166,6 +166,8 @@ def test_the_cascade_app_joins_calibrates_and_writes_an_ordinary_checkpoint(two_
     metrics = evaluate(compose_app("evaluate", [f"ckpt_path={output}", "split=val"], tmp_path / "eval"),
                        [f"ckpt_path={output}", "split=val"])
     assert metrics["empty_slices"]["false_alarm_rate"] <= 0.25
+    assert metrics["cascade"] == {"presence_threshold": result["presence_threshold"], "presence_networks": 1,
+                                  "flips": True, "context": 0, "context_threshold": None}
     module = load_module(output)
     onnx = load_predictor(export_model(module, tmp_path / "cascade.onnx", image_size=SIZE), "cpu")
     assert torch.allclose(predict_probabilities(onnx, images), predict_probabilities(joined, images), atol=1e-4)

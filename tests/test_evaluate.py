@@ -247,6 +247,7 @@ def test_evaluate_all_slices_with_tta_and_postprocessing(tiny_checkpoint, tmp_pa
     assert metrics["n_images"] == 40 and metrics["split"] == "all"
     assert metrics["inference"] == {"threshold": 0.5, "tta": True, "largest_component": True, "min_size": 0,
                                    "decision": None, "scan_context": None}
+    assert metrics["cascade"] is None
     rows = read_rows(tmp_path / "per_image.csv")
     assert len({row["stem"] for row in rows}) == 40
     assert not (tmp_path / "worst_slices.png").exists()

@@ -202,6 +202,7 @@ def test_evaluate_keeps_the_segmentation_where_the_scan_context_says_tumor(scan_
         areas = [float(row["area_pred"]) for row in csv.DictReader(handle)]
     assert areas == expected_area.tolist()
     assert metrics["inference"]["scan_context"]["threshold"] == context["threshold"]
+    assert metrics["cascade"]["context_threshold"] == context["threshold"] and metrics["cascade"]["context"] == 1
     assert metrics["inference"]["decision"] is None and "held out" in metrics["decision_note"]
     # The false alarms on empty slices, by how many slices away the nearest tumor slice of their scan is.
     numbers = [(file.parent.name, int(file.stem.rsplit("_", 1)[1])) for file in files]

@@ -27,6 +27,7 @@ from bts_lightning.data.layouts import CONTENTS, LAYOUTS, ORIGINS, find_slices, 
 from bts_lightning.data.neighbours import SCAN_LAYOUTS, check_neighbours, neighbour_windows, slice_position
 from bts_lightning.data.sampling import EmptyFractionSampler, EpochShuffleSampler, RankShare
 from bts_lightning.data.splits import SPLIT_BY, Split, check_fractions, make_split, slice_ids_digest
+from bts_lightning.data.suffix_layout import MASK_SUFFIX
 from bts_lightning.data.synthetic import ensure_dataset
 from bts_lightning.errors import ConfigError, DataError, format_names
 
@@ -113,7 +114,7 @@ def parse_negatives(value: Mapping[str, Any] | None, channels: Channels) -> Nega
     layout = value.get("layout", "auto")
     if layout not in LAYOUTS:
         raise ConfigError(f"data.negatives.layout={layout!r} is not one of {', '.join(LAYOUTS)}.")
-    mask_suffix = value.get("mask_suffix", "_mask")
+    mask_suffix = value.get("mask_suffix", MASK_SUFFIX)
     if not isinstance(mask_suffix, str) or not mask_suffix:
         raise ConfigError(f"data.negatives.mask_suffix={mask_suffix!r} must be a non-empty string such as _mask.")
     _check_pattern(value.get("patient_pattern"), "data.negatives.patient_pattern")
@@ -174,7 +175,7 @@ class BrainTumorDataModule(L.LightningDataModule):
         download: bool = True,
         layout: str = "auto",
         channels: str | Sequence[int] = "gray",
-        mask_suffix: str = "_mask",
+        mask_suffix: str = MASK_SUFFIX,
         patient_pattern: str | None = None,
         num_folds: int | None = None,
         distance_maps: bool | None = None,

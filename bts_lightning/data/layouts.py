@@ -22,7 +22,7 @@ from bts_lightning.data.discovery import SlicePair, find_pairs, read_metadata
 from bts_lightning.data.figshare_layout import find_mat_slices
 from bts_lightning.data.figshare_metadata import CVIND_FILE, SLICE_NAME
 from bts_lightning.data.splits import METADATA_ORIGINS, Origins
-from bts_lightning.data.suffix_layout import find_suffix_slices, image_files
+from bts_lightning.data.suffix_layout import MASK_SUFFIX, find_suffix_slices, image_files
 from bts_lightning.errors import DataError
 
 LAYOUTS = ("auto", "kaggle", "suffix", "figshare_mat")
@@ -61,7 +61,7 @@ def _evidence(root: Path, mask_suffix: str) -> dict[str, str]:
     return found
 
 
-def detect_layout(root: Path, mask_suffix: str = "_mask") -> str:
+def detect_layout(root: Path, mask_suffix: str = MASK_SUFFIX) -> str:
     """The layout ``root`` shows; raises :class:`DataError` when it shows none or several (a mixed root)."""
     found = _evidence(root, mask_suffix)
     if len(found) == 1:

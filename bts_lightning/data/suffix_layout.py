@@ -17,6 +17,8 @@ from pathlib import Path
 from bts_lightning.data.discovery import IMAGE_SUFFIXES, SlicePair
 from bts_lightning.errors import DataError, format_names
 
+MASK_SUFFIX = "_mask"  # the default: X_mask.tif beside X.tif, as in the LGG set (data.mask_suffix)
+
 
 def id_key(slice_id: str) -> list[str | int]:
     """Sort key putting numbered names in numeric order (``p/s_2`` before ``p/s_10``)."""

@@ -91,6 +91,11 @@ class Cascade(nn.Module):
         presence_map = self.gate_logit(x)[:, None, None, None].expand(-1, 1, *segmentation.shape[-2:])
         return {"out": torch.cat([segmentation, presence_map], dim=1)}
 
+    def record(self) -> dict[str, object]:
+        """What decides presence, for run records (``metrics.json``): thresholds, scan context, ensemble size, flips."""
+        return {"presence_threshold": self.presence_threshold, "presence_networks": len(self.presence_networks),
+                "flips": self.flips, "context": self.context, "context_threshold": self.context_threshold}
+
     @property
     def networks(self) -> list[nn.Module]:
         """The segmentation network, then the presence network(s)."""
