@@ -42,7 +42,7 @@ from bts_lightning.decision import (
 from bts_lightning.errors import ConfigError
 from bts_lightning.evaluate import load_split
 from bts_lightning.inference import CHECKPOINT_SUFFIXES, Predictor, predict_probabilities
-from bts_lightning.runtime import flag_setting, hydra_app, write_json_atomic
+from bts_lightning.runtime import flag_setting, hydra_app, number_setting, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def calibrate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[s
     """
     target, rule = check_settings(cfg.get("target_false_alarm_rate"), cfg.get("rule", "component_fraction"))
     target_on = check_target_on_setting(cfg.get("target_on", "split"), target)
-    threshold = float(cfg.get("threshold", 0.5))
+    threshold = float(number_setting(cfg, "threshold", 0.5))
     tta = flag_setting(cfg, "tta", False)
     if not 0.0 <= threshold < 1.0:
         raise ConfigError(f"threshold={threshold} must be in [0, 1) (tumor where probability > threshold).")
@@ -177,7 +177,7 @@ def calibrate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[s
                           "then export it again.")
     split = str(cfg.get("split", "val"))
     scoring = load_split(cfg, overrides, split, "calibrate")
-    batch_size = max(1, int(cfg.data.get("batch_size") or 16))
+    batch_size = int(number_setting(cfg, "data.batch_size", 16, whole=True, minimum=1))
     decision = calibrate_checkpoint(scoring.ckpt_path, scoring.predictor, scoring.dataset, target, rule, threshold,
                                     split, scoring.datamodule.name, tta, batch_size,
                                     target_on)

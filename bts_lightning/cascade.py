@@ -49,7 +49,7 @@ from bts_lightning.errors import ConfigError
 from bts_lightning.evaluate import load_split
 from bts_lightning.inference import CHECKPOINT_SUFFIXES, ModelContract, ModulePredictor
 from bts_lightning.models.cascade import Cascade
-from bts_lightning.runtime import atomic_path, flag_setting, hydra_app, write_json_atomic
+from bts_lightning.runtime import atomic_path, flag_setting, hydra_app, number_setting, write_json_atomic
 from bts_lightning.scan_context import (
     Position,
     ScanContext,
@@ -229,7 +229,7 @@ def cascade(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str
     checkpoint, module = joined_checkpoint(segmentation, presence, flips)
     module.to(scoring.device)
     joined = module.net.net
-    batch_size = max(1, int(cfg.data.get("batch_size") or 16))
+    batch_size = int(number_setting(cfg, "data.batch_size", 16, whole=True, minimum=1))
     scores, tumor = presence_scores(joined, scoring.dataset, batch_size)
     empty = [score for score, has_tumor in zip(scores, tumor) if not has_tumor]
     check_enough_empty(len(empty), target, target_on, split, scoring.datamodule.name)

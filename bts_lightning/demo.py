@@ -38,7 +38,7 @@ from bts_lightning.inference import (
 )
 from bts_lightning.models.cascade import cascade_of
 from bts_lightning.predict import DEFAULT_IMAGE_SIZE, segment
-from bts_lightning.runtime import flag_setting, hydra_app, path_setting
+from bts_lightning.runtime import as_number, flag_setting, hydra_app, number_setting, path_setting
 from bts_lightning.visualize import overlay, to_uint8, write_png
 
 log = logging.getLogger(__name__)
@@ -183,6 +183,9 @@ def demo(cfg: DictConfig) -> None:
     require_gradio()  # before loading the model: fail fast
     ckpt_path = path_setting(cfg, "ckpt_path", "python -m bts_lightning.demo ckpt_path=MODEL")
     options = InferenceOptions.from_config(cfg)
+    image_size = cfg.get("image_size")
+    if image_size is not None:
+        image_size = int(as_number("image_size", image_size, whole=True, minimum=1))
     predictor = load_predictor(ckpt_path, resolve_device(cfg.get("device", "auto")))
     contract = contract_of(predictor)
     options = with_model_decision(options, cfg, contract)
@@ -196,10 +199,10 @@ def demo(cfg: DictConfig) -> None:
                  "applied: each slice is judged alone (presence threshold %.6g). Predict over a scan folder for it.",
                  cascade.context, cascade.presence_threshold)
     run_dir = Path(cfg.paths.output_dir)
-    examples = example_slices(run_dir / "examples", int(cfg.get("examples", 3)))
-    page = build_demo(predictor, options, run_dir / "masks", examples, cfg.get("image_size"))
+    examples = example_slices(run_dir / "examples", int(number_setting(cfg, "examples", 3, whole=True, minimum=0)))
+    page = build_demo(predictor, options, run_dir / "masks", examples, image_size)
     served = [run_dir / "masks", *([examples[0].parent] if examples else [])]
-    page.launch(server_name=str(cfg.host), server_port=int(cfg.port), share=flag_setting(cfg, "share", False), css=CSS,
+    page.launch(server_name=str(cfg.host), server_port=int(number_setting(cfg, "port", 7860, whole=True, minimum=0)), share=flag_setting(cfg, "share", False), css=CSS,
                 max_file_size=MAX_UPLOAD_BYTES, allowed_paths=[str(path) for path in served])
     log.info("Demo stopped")
 

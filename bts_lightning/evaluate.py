@@ -82,7 +82,7 @@ from bts_lightning.metrics import (
     summarize_by_truth,
 )
 from bts_lightning.models.cascade import cascade_of
-from bts_lightning.runtime import atomic_path, hydra_app, make_directory, write_json_atomic
+from bts_lightning.runtime import atomic_path, hydra_app, make_directory, number_setting, write_json_atomic
 from bts_lightning.scan_context import (
     ScanContext,
     SegmentationPredictor,
@@ -379,12 +379,12 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[st
     """
     split = str(cfg.get("split", "test"))
     options = InferenceOptions.from_config(cfg)
-    worst_k = int(cfg.get("worst_k", 8))
+    worst_k = int(number_setting(cfg, "worst_k", 8, whole=True, minimum=0))
     output_dir = Path(cfg.paths.output_dir)
     scoring = load_split(cfg, overrides, split, "evaluate")
     predictor, datamodule, dataset, ckpt_path = scoring.predictor, scoring.datamodule, scoring.dataset, scoring.ckpt_path
     options = with_model_decision(options, cfg, contract_of(predictor))
-    batch_size = max(1, int(cfg.data.get("batch_size") or 16))
+    batch_size = int(number_setting(cfg, "data.batch_size", 16, whole=True, minimum=1))
     context = model_context(cfg, predictor)
     if context is not None:
         check_scan_layout(datamodule.found_layout, datamodule.root)

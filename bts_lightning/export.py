@@ -61,7 +61,7 @@ from bts_lightning.inference import (
 from bts_lightning.models.cascade import cascade_of
 from bts_lightning.models.presence import presence_logits
 from bts_lightning.preprocessing import standardize
-from bts_lightning.runtime import flag_setting, hydra_app, make_directory, write_bytes_atomic
+from bts_lightning.runtime import as_number, flag_setting, hydra_app, make_directory, number_setting, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -358,9 +358,10 @@ def export(cfg: DictConfig) -> dict[str, Any]:
                           "(RUN/checkpoints/best.ckpt) it came from.")
     module, contract = predictor.module, predictor.contract
     image_size = cfg.get("image_size")
-    image_size = int(image_size) if image_size is not None else contract.image_size or DEFAULT_IMAGE_SIZE
+    image_size = (int(as_number("image_size", image_size, whole=True, minimum=1)) if image_size is not None
+                  else contract.image_size or DEFAULT_IMAGE_SIZE)
     contract = exported_contract(module, image_size, contract)
-    onnx = {"opset": int(cfg.get("opset", 17)), "onnx_exporter": str(cfg.get("onnx_exporter", "legacy"))}
+    onnx = {"opset": int(number_setting(cfg, "opset", 17, whole=True)), "onnx_exporter": str(cfg.get("onnx_exporter", "legacy"))}
     if format == HUB_FORMAT:
         save_pretrained(module, output, contract, run_metrics(Path(str(cfg.ckpt_path))))
     elif format == SPACE_FORMAT:

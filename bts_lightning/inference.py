@@ -54,7 +54,7 @@ from bts_lightning.errors import BtsError, ConfigError, first_line
 from bts_lightning.models import check_input_size as check_network_input_size
 from bts_lightning.models.cascade import cascade_of, flip_averaged_probability
 from bts_lightning.preprocessing import flip_mean, standardize
-from bts_lightning.runtime import as_flag
+from bts_lightning.runtime import as_flag, as_number
 from bts_lightning.segmentation_module import SegmentationModule
 
 log = logging.getLogger(__name__)
@@ -609,10 +609,10 @@ class InferenceOptions:
         decision_setting(cfg)
         post = cfg.get("postprocess") or {}
         return cls(
-            threshold=float(cfg.get("threshold", 0.5)),
+            threshold=float(as_number("threshold", cfg.get("threshold", 0.5))),
             tta=as_flag("tta", cfg.get("tta"), False),
             largest_component=as_flag("postprocess.largest_component", post.get("largest_component"), False),
-            min_size=int(post.get("min_size") or 0),
+            min_size=int(as_number("postprocess.min_size", post.get("min_size", 0), whole=True)),
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -77,7 +77,7 @@ from bts_lightning.inference import (
     with_model_decision,
 )
 from bts_lightning.models.cascade import cascade_of
-from bts_lightning.runtime import hydra_app, make_directory, write_bytes_atomic
+from bts_lightning.runtime import as_number, hydra_app, make_directory, number_setting, write_bytes_atomic
 from bts_lightning.scan_context import (
     ScanContext,
     SegmentationPredictor,
@@ -314,6 +314,23 @@ def _reason(error: Exception, channels: Channels) -> str:
     return "not a readable image" if isinstance(error, UnreadableImageError) else str(error)
 
 
+def unreadable_inputs(skipped: list[tuple[Path, str]], channels: Channels) -> str:
+    """The error when none of the input files could be read: each reason once, with the files it holds for, and
+    what to do when the reason is the channels."""
+    by_reason: dict[str, list[str]] = {}
+    for path, reason in skipped:
+        by_reason.setdefault(reason, []).append(path.name)
+    reasons = "; ".join(f"{format_names(names)}: {reason}" for reason, names in by_reason.items())
+    advice = ""
+    if any(reason.startswith("has ") and "channel(s)" in reason for reason in by_reason):
+        advice = (" The model takes one channel: pass channels=gray (each file converted to grayscale) or "
+                  "channels=[K] with K a channel these files have, counted from 0." if channels is None or
+                  len(channels) == 1 else
+                  f" The model takes {len(channels)} channels of each file: pass files that have them (e.g. the "
+                  "multi-channel originals it was trained on).")
+    return f"None of the {len(skipped)} input file(s) could be read as the model's input: {reasons}.{advice}"
+
+
 def write_slices_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     """Write the per-slice rows of :func:`predict_files` (:data:`SLICE_COLUMNS`) to ``path`` atomically."""
     text = io.StringIO()
@@ -335,12 +352,12 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     input_dir = source if source.is_dir() else source.parent
     if output_dir.resolve() == input_dir.resolve():
         raise ConfigError(f"output={output_dir} is the input folder; choose another folder so inputs stay untouched.")
-    batch_size = int(cfg.get("batch_size") or 16)
-    if batch_size < 1:
-        raise ConfigError(f"batch_size={batch_size} must be >= 1.")
+    batch_size = int(number_setting(cfg, "batch_size", 16, whole=True, minimum=1))
     predictor = load_predictor(ckpt_path, resolve_device(cfg.get("device", "auto")))
     trained_at = contract_of(predictor).image_size
     image_size = cfg.get("image_size")
+    if image_size is not None:
+        image_size = int(as_number("image_size", image_size, whole=True, minimum=1))
     if image_size is None:
         image_size = trained_at or DEFAULT_IMAGE_SIZE
         source_of_size = "the size it was trained at" if trained_at else "default; the model file does not record it"
@@ -351,10 +368,22 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     check_input_size(predictor, image_size, "image_size")
     channels = input_channels(cfg.get("channels"), contract_of(predictor))
     reader = InputReader(files, channels, contract_of(predictor).neighbours)
-    make_directory(output_dir, "output")
-
     options = with_model_decision(options, cfg, contract_of(predictor))
     context = model_context(cfg, predictor)
+    created = not output_dir.exists()
+    make_directory(output_dir, "output")
+    try:
+        return _predict_into(predictor, files, output_dir, image_size, options, batch_size, channels, reader, context)
+    except BaseException:
+        if created and output_dir.is_dir() and not any(output_dir.iterdir()):
+            output_dir.rmdir()  # a failed run leaves no empty folder behind
+        raise
+
+
+def _predict_into(predictor: Predictor, files: list[Path], output_dir: Path, image_size: int,
+                  options: InferenceOptions, batch_size: int, channels: Channels, reader: InputReader,
+                  context: ScanContext | None) -> dict[str, Any]:
+    """The work of :func:`predict` once its settings are checked and ``output_dir`` exists; its summary."""
     scan_decisions = None
     if context is not None:
         log.info("Scan context: the %d input slice(s) are one scan, in the order of the numbers their file names end "
@@ -366,8 +395,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
                                      decisions, scan_decisions, reader)
     skipped_names = [path.name for path, _ in skipped]
     if not written:
-        raise DataError(f"None of the {len(files)} input file(s) could be read as the model's input: "
-                        f"{format_names([f'{path.name} ({reason})' for path, reason in skipped])}.")
+        raise DataError(unreadable_inputs(skipped, channels))
     if skipped:
         log.warning("Skipped %d unreadable file(s) of %d: %s", len(skipped), len(files), format_names(skipped_names))
     write_slices_csv(output_dir / SLICES_CSV, decisions)

@@ -7,6 +7,7 @@ import functools
 import importlib.resources
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -141,6 +142,26 @@ def as_flag(key: str, value: Any, default: bool | None = None) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{key}={_shown(value)} is not true or false; pass {key}=true or {key}=false.")
     return value
+
+
+def as_number(key: str, value: Any, whole: bool = False, minimum: float | None = None) -> float | int:
+    """Setting ``key``'s ``value`` as a number (``whole``: a whole number) of at least ``minimum``; ``ConfigError``
+    naming both for anything else (``threshold=abc``, ``batch_size=2.5``, ``null``, ``true``)."""
+    kinds = (int,) if whole else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
+        what = "a whole number" if whole else "a number"
+        raise ConfigError(f"{key}={_shown(value)} is not {what}; pass {key}=N with N {what}"
+                          f"{'' if minimum is None else f' >= {minimum:g}'}.")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{key}={value} must be >= {minimum:g}.")
+    return value
+
+
+def number_setting(cfg: DictConfig, key: str, default: float, whole: bool = False,
+                   minimum: float | None = None) -> float | int:
+    """Setting ``key`` (dotted) of an app's config as :func:`as_number`; ``default`` when it is absent."""
+    value = OmegaConf.select(cfg, key, default=default)
+    return as_number(key, value, whole, minimum)
 
 
 def flag_setting(cfg: DictConfig, key: str, default: bool) -> bool:

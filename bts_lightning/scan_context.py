@@ -93,10 +93,11 @@ def setting(cfg: Mapping[str, Any]) -> str:
 
 def model_context(cfg: Mapping[str, Any], predictor: Predictor) -> ScanContext | None:
     """The scan context to apply: the cascade's, when it has one and ``cfg.scan_context`` is ``auto``."""
+    chosen = setting(cfg)  # checked for every model
     cascade = cascade_of(predictor)
     if cascade is None or not cascade.context:
         return None
-    if setting(cfg) == "off":
+    if chosen == "off":
         log.info("Scan context off (scan_context=off): every slice is judged alone.")
         return None
     return ScanContext(cascade.context, float(cascade.context_threshold), cascade.presence_threshold)

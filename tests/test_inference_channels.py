@@ -274,9 +274,9 @@ def test_gray_files_for_a_three_channel_model_are_one_clear_error(rgb_checkpoint
     source.mkdir()
     for name in ("a.png", "b.png"):
         assert cv2.imwrite(str(source / name), np.zeros((40, 40), np.uint8))
-    with pytest.raises(DataError, match=r"None of the 2 input file\(s\) could be read as the model's input: a.png "
-                                        r"\(has 1 channel\(s\), but the model takes channels \[0, 1, 2\] of each "
-                                        r"file \(file order\)\), b.png"):
+    with pytest.raises(DataError, match=r"None of the 2 input file\(s\) could be read as the model's input: a.png, "
+                                        r"b.png: has 1 channel\(s\), but the model takes channels \[0, 1, 2\] of each "
+                                        r"file \(file order\)\. The model takes 3 channels of each file: pass files"):
         _predict(monkeypatch, rgb_checkpoint, source, tmp_path / "out")
 
 

@@ -240,6 +240,7 @@ def test_bad_inputs_are_clear_user_errors(tiny_checkpoint, tmp_path, capsys):
     (broken / "1.png").write_bytes(b"garbage")
     with pytest.raises(DataError, match=r"None of the 1 input file\(s\) could be read.*1\.png"):
         run(broken, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # the folder it made for the masks goes with the failure
     with pytest.raises(ConfigError, match="is the input folder"):
         run(broken, broken)
     assert [p.name for p in broken.iterdir()] == ["1.png"]
@@ -267,6 +268,41 @@ def test_a_true_or_false_setting_given_anything_else_is_one_error_naming_it(tiny
     assert exit_info.value.code == 2
     shown = value if value.isdigit() else f'"{value}"'  # as parsed: the number 1, the string "maybe"
     assert capsys.readouterr().err == f"error: {key}={shown} is not true or false; pass {key}=true or {key}=false.\n"
+    assert not (tmp_path / "out").exists() and not (tmp_path / "model.onnx").exists()
+
+
+@pytest.mark.parametrize(("app", "setting", "message"), [
+    ("predict", "threshold=abc", 'threshold="abc" is not a number'),
+    ("predict", "threshold=null", "threshold=null is not a number"),
+    ("predict", "postprocess.min_size=2.5", "postprocess.min_size=2.5 is not a whole number"),
+    ("predict", "batch_size=0", "batch_size=0 must be >= 1"),
+    ("predict", "image_size=abc", 'image_size="abc" is not a whole number'),
+    ("predict", "scan_context=bogus", "scan_context=bogus must be auto"),
+    ("evaluate", "worst_k=many", 'worst_k="many" is not a whole number'),
+    ("calibrate", "threshold=true", "threshold=true is not a number"),
+    ("cascade", "data.batch_size=1.5", "data.batch_size=1.5 is invalid: it must be an integer"),
+    ("export", "opset=x", 'opset="x" is not a whole number'),
+])
+def test_a_number_setting_given_anything_else_is_one_error_naming_it(tiny_checkpoint, tmp_path, capsys, app, setting,
+                                                                     message):
+    """``float("abc")`` is a traceback and ``int(2.5)`` is 2: each app refuses such a value, with exit status 2."""
+    import importlib
+
+    run = getattr(importlib.import_module(f"bts_lightning.{app}"), app)
+    images = tmp_path / "images"
+    images.mkdir()
+    cv2.imwrite(str(images / "1.png"), np.full((32, 32), 100, np.uint8))
+    common = {"predict": [f"input={images}", f"output={tmp_path / 'out'}"], "evaluate": [], "calibrate": [],
+              "export": [f"output={tmp_path / 'model.onnx'}"],
+              "cascade": [f"segmentation={tiny_checkpoint.path}", f"presence={tiny_checkpoint.path}"]}[app]
+    overrides = [*([] if app == "cascade" else [f"ckpt_path={tiny_checkpoint.path}"]), *common,
+                 *(tiny_checkpoint.data_overrides if app in ("evaluate", "calibrate", "cascade") else []), setting]
+    cfg = compose_app(app, overrides, tmp_path / "run")
+    with pytest.raises(SystemExit) as exit_info:
+        run_app(run, *((cfg,) if app in ("predict", "export") else (cfg, overrides)))
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {message}") and error.count("\n") == 1, error
     assert not (tmp_path / "out").exists() and not (tmp_path / "model.onnx").exists()
 
 
