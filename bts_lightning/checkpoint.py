@@ -45,7 +45,9 @@ def read_checkpoint(ckpt_path: str | Path, map_location: str | torch.device = "c
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # noqa: BLE001 - corrupt file, not a torch file, unsupported pickled objects...
         raise CheckpointError(
-            f"Checkpoint {path} could not be read ({type(error).__name__}): {first_line(error)}"
+            f"Checkpoint {path} could not be read ({type(error).__name__}: {first_line(error)}): it is not a PyTorch "
+            "checkpoint, or it is damaged (an interrupted copy or download); give the checkpoints/best.ckpt (or "
+            "last.ckpt) of a training run, or copy it again."
         ) from None
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if isinstance(hparams, dict) and isinstance(hparams.get("model"), dict) and "net" not in hparams:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 
 from bts_lightning.checkpoint import CheckpointError
 from bts_lightning.decision import SliceDecision
-from bts_lightning.errors import BtsError, first_line
+from bts_lightning.errors import BtsError, ConfigError, first_line, format_names
 from bts_lightning.inference import ModelContract, ModulePredictor, load_predictor, resolve_device
 from bts_lightning.runtime import make_directory, write_bytes_atomic, write_json_atomic
 from bts_lightning.segmentation_module import SegmentationModule
@@ -69,6 +69,20 @@ def hub_config(module: SegmentationModule, contract: ModelContract) -> dict[str,
             "hub_format_version": HUB_FORMAT_VERSION}
 
 
+def check_upload_folder(directory: str | Path, own: Collection[str], what: str) -> None:
+    """``ConfigError`` when folder ``directory`` holds anything but ``own`` (the files of a ``what``) and hidden entries
+    (``.git`` of a cloned repository) and ``__pycache__`` (running ``app.py`` there): such a folder is uploaded whole,
+    so those files would be published with it."""
+    directory = Path(directory)
+    others = sorted(p.name for p in directory.iterdir()
+                    if p.name not in own and not p.name.startswith(".") and p.name != "__pycache__") \
+        if directory.is_dir() else []
+    if others:
+        raise ConfigError(f"output={directory} already holds {format_names(others)}: a {what} folder is uploaded as a "
+                          "whole, so they would be published with it. Choose a new or empty folder (or one this "
+                          "export wrote before, which it updates).")
+
+
 def save_pretrained(
     source: SegmentationModule | str | Path,
     directory: str | Path,
@@ -89,6 +103,7 @@ def save_pretrained(
         metrics = metrics if metrics is not None else run_metrics(Path(source))
     else:
         module, contract = source, contract or ModelContract.from_module(source)
+    check_upload_folder(directory, (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME), "hub model")
     directory = make_directory(directory, "output")
     config = hub_config(module, contract)
     state = {key: tensor.detach().cpu().contiguous().clone() for key, tensor in module.net.state_dict().items()}

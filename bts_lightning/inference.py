@@ -53,7 +53,7 @@ from bts_lightning.decision import SliceDecision
 from bts_lightning.errors import BtsError, ConfigError, first_line
 from bts_lightning.models import check_input_size as check_network_input_size
 from bts_lightning.models.cascade import cascade_of, flip_averaged_probability
-from bts_lightning.preprocessing import flip_mean, standardize
+from bts_lightning.preprocessing import blank, flip_mean, standardize
 from bts_lightning.runtime import as_flag, as_number
 from bts_lightning.segmentation_module import SegmentationModule
 
@@ -537,7 +537,8 @@ def predict_probabilities(predictor: Predictor, images: torch.Tensor | np.ndarra
     horizontally flipped and vertically flipped inputs (each flipped back) are averaged; for a cascade
     checkpoint, only its segmentation's, its presence decided on the slice as given
     (:func:`~bts_lightning.models.cascade.flip_averaged_probability`), and the same for a cascade exported with its
-    parts (``contract.cascade_parts``; one exported before them runs whole on each flipped view).
+    parts (``contract.cascade_parts``; one exported before them runs whole on each flipped view). A blank slice (every
+    channel one value: :func:`~bts_lightning.preprocessing.blank`) gets probability 0 everywhere, in every format.
     """
     batch = torch.as_tensor(images)
     contract = contract_of(predictor)
@@ -545,6 +546,12 @@ def predict_probabilities(predictor: Predictor, images: torch.Tensor | np.ndarra
         batch = batch.unsqueeze(1)
     check_batch(batch, contract)
     batch = batch.float()
+    probabilities = _probabilities(predictor, batch, contract, tta)
+    return torch.where(blank(batch)[:, None, None], 0.0, probabilities)  # nothing to segment on a blank slice
+
+
+def _probabilities(predictor: Predictor, batch: torch.Tensor, contract: ModelContract, tta: bool) -> torch.Tensor:
+    """:func:`predict_probabilities` of a checked float batch, before blank slices are emptied."""
     if tta:
         cascade = cascade_of(predictor)
         if cascade is not None:  # its presence scored once, on the slice as given, as calibrated

@@ -311,7 +311,9 @@ def _reason(error: Exception, channels: Channels) -> str:
     """Why a file was skipped, in one phrase."""
     if isinstance(error, ChannelError):
         return f"has {error.count} channel(s), but the model takes {describe_channels(channels)}"
-    return "not a readable image" if isinstance(error, UnreadableImageError) else str(error)
+    if isinstance(error, UnreadableImageError):  # its message after the file's path, which the caller names
+        return str(error).split(": ", 1)[-1]
+    return str(error)
 
 
 def unreadable_inputs(skipped: list[tuple[Path, str]], channels: Channels) -> str:

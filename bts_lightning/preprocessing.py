@@ -19,6 +19,14 @@ def standardize(images: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
+def blank(images: torch.Tensor) -> torch.Tensor:
+    """(N,) whether each slice of an (N, C, H, W) batch is blank: every channel one value (e.g. the black slices at
+    the ends of a scan). Such a slice shows nothing to segment, and :func:`standardize` makes it all zeros, on which
+    a network's output depends on rounding (checkpoint and ONNX runtime disagree): inference gives it an empty mask."""
+    flat = images.flatten(2)
+    return (flat.amax(dim=2) == flat.amin(dim=2)).all(dim=1)
+
+
 def flip_mean(probability: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
     """Mean of ``probability`` (an (N, ..., H, W) map of a batch) over ``images`` and their horizontal and
     vertical flips, each map flipped back: flip test-time augmentation."""

@@ -303,8 +303,9 @@ def find_runs(directories: Sequence[str | Path]) -> list[Run]:
     if missing:
         raise BtsError(f"Not a directory: {', '.join(missing)}.")
     seen: set[Path] = set()
+    checkpoints: dict[str, Path] = {}  # best_checkpoint -> the run that recorded it first
     runs: list[Run] = []
-    others = 0
+    others, debug = 0, 0
     for directory in directories:
         for metrics_path in sorted(Path(directory).rglob("metrics.json")):
             if metrics_path.resolve() in seen:
@@ -313,10 +314,19 @@ def find_runs(directories: Sequence[str | Path]) -> list[Run]:
             run = _load_run(metrics_path)
             if run == "other":
                 others += 1  # e.g. bts_lightning.evaluate runs, which also write metrics.json
+            elif isinstance(run, Run) and run.get("trainer.fast_dev_run"):
+                debug += 1  # one batch of each split, no best.ckpt: a smoke test, not a result
+            elif isinstance(run, Run) and (first := checkpoints.get(str(run.metrics.get("best_checkpoint")))):
+                _warn(f"skipped {run.directory}: a copy of {first} (the same best_checkpoint); a copy is not a repeat")
             elif run is not None:
+                if run.metrics.get("best_checkpoint"):
+                    checkpoints[str(run.metrics["best_checkpoint"])] = run.directory
                 runs.append(run)
     if others:
         print(f"note: skipped {others} metrics.json not written by training (evaluate runs or others)", file=sys.stderr)
+    if debug:
+        print(f"note: skipped {debug} debug=fast_dev_run run(s): one batch per split, no best.ckpt, not a result",
+              file=sys.stderr)
     if not runs:
         raise BtsError(
             f"No runs found under {', '.join(str(d) for d in directories)}: expected run directories "

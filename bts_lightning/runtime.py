@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import errno
 import functools
 import importlib.resources
@@ -11,7 +12,7 @@ import math
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
@@ -103,6 +104,10 @@ def hydra_app(
 
     @functools.wraps(hydra_main)
     def main() -> Any:
+        unknown = unknown_setting(config_name, sys.argv[1:])
+        if unknown:
+            print(f"error: {unknown}", file=sys.stderr)
+            raise SystemExit(2)
         try:
             return hydra_main()
         except SystemExit as stop:
@@ -111,6 +116,34 @@ def hydra_app(
             raise
 
     return main
+
+
+def app_settings(config_name: str) -> set[str]:
+    """The top-level keys ``conf/<config_name>.yaml`` composes to: its own keys and its defaults' groups."""
+    config = OmegaConf.load(Path(CONFIG_DIR) / f"{config_name}.yaml")
+    keys = {str(key) for key in config if key != "defaults"}
+    for entry in config.get("defaults") or []:
+        names = entry.keys() if isinstance(entry, Mapping) else [] if entry == "_self_" else [entry]
+        keys.update(str(name).removeprefix("override ").split("/")[0].split("@")[0] for name in names)
+    return keys - {"_self_"}
+
+
+def unknown_setting(config_name: str, arguments: list[str]) -> str | None:
+    """The error for the first command-line override whose top-level key ``conf/<config_name>.yaml`` does not have
+    (``treshold=0.3``, or ``+treshold=0.3``, which Hydra would add and the app never read); ``None`` when all are
+    known. ``hydra.*`` and forced additions (``++key=...``) pass."""
+    known = app_settings(config_name) | {"hydra"}
+    for argument in arguments:
+        if argument.startswith(("-", "++", "~")) or "=" not in argument:
+            continue
+        key = argument.split("=", 1)[0].removeprefix("+")
+        top = key.split(".")[0].split("/")[0].split("@")[0]  # data.root, hydra/launcher=..., data@x=...
+        if top and top not in known:
+            close = difflib.get_close_matches(top, sorted(known), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            return (f"{argument}: {top} is not a setting of {config_name}{hint}. Its settings: "
+                    f"{', '.join(sorted(known - {'hydra'}))}.")
+    return None
 
 
 # ------------------------------------------------------------------------------------ settings

@@ -29,7 +29,7 @@ from bts_lightning.data.neighbours import SCAN_LAYOUTS, Position
 from bts_lightning.errors import ConfigError
 from bts_lightning.inference import ModulePredictor, Predictor, auto_or_off, check_batch
 from bts_lightning.models.cascade import Cascade, cascade_of
-from bts_lightning.preprocessing import standardize
+from bts_lightning.preprocessing import blank, standardize
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +131,9 @@ class SegmentationPredictor:
 @torch.no_grad()
 def presence_probabilities(cascade: Cascade, images: np.ndarray | torch.Tensor) -> list[float]:
     """:meth:`Cascade.presence_probability` of every image of a (N, C, H, W) (or (N, H, W)) batch, on the
-    cascade's device."""
+    cascade's device; 0 for a blank slice (:func:`~bts_lightning.preprocessing.blank`)."""
     batch = torch.as_tensor(images).float()
     batch = batch.unsqueeze(1) if batch.ndim == 3 else batch
     device = next(cascade.parameters()).device
-    return cascade.presence_probability(standardize(batch.to(device))).cpu().tolist()
+    probability = cascade.presence_probability(standardize(batch.to(device))).cpu()
+    return torch.where(blank(batch), 0.0, probability).tolist()

@@ -20,10 +20,12 @@ from torch import nn
 from bts_lightning.data.synthetic import generate_dataset
 from bts_lightning.errors import ConfigError
 from bts_lightning.export import export_model
-from bts_lightning.hub import hub_config, model_card
+from bts_lightning.hub import check_upload_folder, hub_config, model_card
 from bts_lightning.inference import ModelContract
 from bts_lightning.runtime import make_directory, write_bytes_atomic
 
+# What write_space puts in its folder; anything else there would be uploaded with it.
+BUNDLE_FILES = ("app.py", "requirements.txt", "README.md", "model.onnx", "examples")
 REQUIREMENTS = ("onnxruntime>=1.18", "opencv-python-headless>=4.8", "numpy>=1.24")
 
 
@@ -42,6 +44,7 @@ def write_space(module: nn.Module, output: str | Path, contract: ModelContract, 
     ``onnx``: ``opset`` and ``onnx_exporter`` for :func:`~bts_lightning.export.export_model`.
     """
     version = gradio_version()
+    check_upload_folder(output, BUNDLE_FILES, "Space")
     output = make_directory(output, "output")
     export_model(module, output / "model.onnx", "onnx", image_size, contract=contract, **onnx)
     app = importlib.resources.files("bts_lightning").joinpath("space_app.py").read_bytes()

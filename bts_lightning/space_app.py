@@ -93,6 +93,8 @@ def probabilities(model: Model, image: np.ndarray, tta: bool) -> np.ndarray:
     interpolation = cv2.INTER_AREA if height > size else cv2.INTER_LINEAR
     resized = np.stack([c if c.shape == (size, size) else cv2.resize(c, (size, size), interpolation=interpolation)
                         for c in image])[None].astype(np.float32)
+    if (np.ptp(resized.reshape(len(resized[0]), -1), axis=1) == 0).all():  # a blank slice: nothing to segment
+        return np.zeros((height, width), np.float32)  # (as bts_lightning.preprocessing.blank)
     if not tta:
         result = model(resized)
     elif model.cascade_parts:  # the segmentation flip-averaged, gated by the presence of the slice as given

@@ -485,3 +485,13 @@ def test_root_that_is_a_file_says_so(tmp_path):
     root.write_bytes(b"PK")
     with pytest.raises(DataError, match="is a file, not a folder holding images/ and masks/"):
         datamodule(root).setup("fit")
+
+
+def test_a_multi_page_tiff_is_refused_not_read_as_its_first_page(tmp_path):
+    from bts_lightning.data.io import UnreadableImageError, decode
+
+    assert cv2.imwritemulti(str(tmp_path / "volume.tif"), [np.zeros((8, 8), np.uint8), np.full((8, 8), 9, np.uint8)])
+    with pytest.raises(UnreadableImageError, match=r"volume.tif: holds 2 pages \(a volume or a stack\), not one slice"):
+        decode(tmp_path / "volume.tif")
+    assert cv2.imwrite(str(tmp_path / "slice.tif"), np.full((8, 8), 9, np.uint8))
+    assert decode(tmp_path / "slice.tif").shape == (8, 8)

@@ -25,7 +25,9 @@ from bts_lightning.inference import (
     ExportedModel,
     ModelContract,
     load_predictor,
+    predict_probabilities,
 )
+from bts_lightning.preprocessing import blank
 from bts_lightning.runtime import CONFIG_DIR
 from bts_lightning.segmentation_module import SegmentationModule
 from bts_lightning.train import build_module
@@ -83,6 +85,23 @@ def test_onnx_matches_pytorch_for_dynamic_batch_and_size(trained, tmp_path):
     # Intensity scale does not matter: standardization is inside the graph.
     images = _images(2)
     assert torch.allclose(exported(images), exported(images / 255.0), atol=TOLERANCE)
+
+
+def test_blank_slices_get_an_empty_mask_in_every_format(trained, tmp_path):
+    """A slice of one value (black scan ends) standardizes to zeros, on which checkpoint and ONNX runtime disagree:
+    every format gives it probability 0; the image beside it in the batch is untouched."""
+    module, path = trained
+    images = torch.cat([torch.zeros(1, 1, SIZE, SIZE), torch.full((1, 1, SIZE, SIZE), 7.0), _images(1)])
+    assert blank(images).tolist() == [True, True, False]
+    assert blank(torch.stack([torch.zeros(SIZE, SIZE), torch.rand(SIZE, SIZE)])[None]).tolist() == [False]
+    checkpoint = load_predictor(path)
+    for predictor in (checkpoint, *(load_predictor(export_model(module, tmp_path / f"model{suffix}", image_size=SIZE))
+                                    for suffix in (".onnx", ".pt"))):
+        for tta in (False, True):
+            probabilities = predict_probabilities(predictor, images, tta=tta)
+            assert not probabilities[:2].any()
+            assert torch.allclose(probabilities[2], predict_probabilities(checkpoint, images[2:], tta=tta)[0],
+                                  atol=TOLERANCE)
 
 
 def test_torchscript_matches_pytorch(trained, tmp_path):

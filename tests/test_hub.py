@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from bts_lightning.checkpoint import CheckpointError
+from bts_lightning.errors import ConfigError
 from bts_lightning.hub import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, from_pretrained, save_pretrained
 from bts_lightning.inference import load_predictor, predict_probabilities
 from bts_lightning.predict import predict
@@ -69,6 +70,11 @@ def test_export_app_writes_a_hub_folder(tiny_checkpoint, tmp_path):
     summary = export(cfg)
     assert summary["format"] == "hub" and summary["max_abs_difference"] == 0.0
     assert (output / WEIGHTS_NAME).is_file()
+    (output / ".git").mkdir()  # a cloned model repository: exported again, updated in place
+    export(cfg)
+    (output / "scan_1.png").write_bytes(b"a user's slice")  # would be uploaded with the folder
+    with pytest.raises(ConfigError, match=r"output=.*exported already holds scan_1.png: a hub model folder is uploaded"):
+        export(cfg)
 
 
 def test_evaluate_on_a_folder_scores_as_the_checkpoint(tiny_checkpoint, hub_folder, tmp_path):

@@ -19,7 +19,7 @@ from bts_lightning.inference import InferenceOptions, ModelContract, load_predic
 from bts_lightning.predict import list_inputs, output_names, predict, predict_files
 from bts_lightning.runtime import run_app, user_error_of
 from tests import fixtures_checkpoint
-from tests.conftest import run_cli
+from tests.conftest import assert_one_error_line, run_cli
 from tests.fixtures_checkpoint import compose_app
 
 tiny_checkpoint = fixtures_checkpoint.tiny_checkpoint  # the pytest fixture, requested by name below
@@ -96,7 +96,7 @@ def test_threshold_is_strict_and_options_are_checked():
 def test_probabilities_are_resized_back_then_thresholded_and_cleaned(tmp_path):
     source, out = tmp_path / "in", tmp_path / "out"
     source.mkdir(), out.mkdir()
-    cv2.imwrite(str(source / "wide.png"), np.full((50, 70), 100, np.uint8))
+    cv2.imwrite(str(source / "wide.png"), np.tile(np.arange(70, dtype=np.uint8), (50, 1)))  # not blank
 
     def mask_with(**options) -> np.ndarray:
         written, skipped = predict_files(ramp_predictor, [source / "wide.png"], out, 16, InferenceOptions(**options))
@@ -122,7 +122,7 @@ def test_probabilities_are_resized_back_then_thresholded_and_cleaned(tmp_path):
         probabilities[:, 1, 1] = 0.9
         return probabilities
 
-    cv2.imwrite(str(source / "square.png"), np.full((40, 40), 100, np.uint8))
+    cv2.imwrite(str(source / "square.png"), np.tile(np.arange(40, dtype=np.uint8), (40, 1)))
     written, _ = predict_files(one_pixel, [source / "square.png"], out, 4, InferenceOptions())
     blob = cv2.imread(str(written[0]), cv2.IMREAD_UNCHANGED) > 0
     # Bilinear probabilities, then threshold: a rounded blob inside the 10x10 block that
@@ -191,7 +191,7 @@ def test_predict_app_keeps_sizes_skips_corrupt_files_and_leaves_input_alone(tiny
 def test_exported_models_load_by_suffix_and_bring_their_trained_size(tmp_path, monkeypatch):
     source = tmp_path / "in"
     source.mkdir()
-    cv2.imwrite(str(source / "1.png"), np.full((20, 30), 7, np.uint8))
+    cv2.imwrite(str(source / "1.png"), np.tile(np.arange(30, dtype=np.uint8), (20, 1)))
     model = tmp_path / "model.onnx"
     model.write_bytes(b"fake")
     loaded: list[Path] = []
@@ -269,6 +269,18 @@ def test_a_true_or_false_setting_given_anything_else_is_one_error_naming_it(tiny
     shown = value if value.isdigit() else f'"{value}"'  # as parsed: the number 1, the string "maybe"
     assert capsys.readouterr().err == f"error: {key}={shown} is not true or false; pass {key}=true or {key}=false.\n"
     assert not (tmp_path / "out").exists() and not (tmp_path / "model.onnx").exists()
+
+
+@pytest.mark.parametrize(("app", "setting", "message"), [
+    ("predict", "treshold=0.3", "treshold=0.3: treshold is not a setting of predict (did you mean threshold?)"),
+    ("predict", "+treshold=0.3", "+treshold=0.3: treshold is not a setting of predict (did you mean threshold?)"),
+    ("report", "dir=runs", "dir=runs: dir is not a setting of report (did you mean dirs?). Its settings: dirs, out,"),
+])
+def test_a_misspelled_setting_is_one_error_with_the_likely_key(tmp_path, app, setting, message):
+    """Hydra would say "use +treshold=0.3", which then runs with the threshold it was meant to change."""
+    result = run_cli([f"bts_lightning.{app}", setting], cwd=tmp_path, timeout=120)
+    assert assert_one_error_line(result, message).startswith(f"error: {message}")
+    assert not (tmp_path / "logs").exists()
 
 
 @pytest.mark.parametrize(("app", "setting", "message"), [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import statistics
 from pathlib import Path
 
@@ -152,6 +153,26 @@ def test_repeats_of_a_configuration_become_one_row_with_mean_and_std(tmp_path, c
     assert "0.7500 ± 0.0707" in markdown and "0.6300 ± 0.0424" in markdown
     assert "4 runs in 3 configurations" in markdown
     assert (out / "report.png").stat().st_size > 0
+
+
+def test_copies_and_fast_dev_runs_are_not_repeats(tmp_path, capsys):
+    root = tmp_path / "runs"
+    _write_run(root / "a", "unet", seed=1, val_fold=1, val_dice=0.70, test_dice=0.60)
+    _write_run(root / "b", "unet", seed=2, val_fold=1, val_dice=0.80, test_dice=0.66)
+    for name in ("a", "b"):  # each run's metrics.json names its own best.ckpt
+        metrics = json.loads((root / name / "metrics.json").read_text())
+        metrics["best_checkpoint"] = str(root / name / "checkpoints" / "best.ckpt")
+        (root / name / "metrics.json").write_text(json.dumps(metrics))
+    shutil.copytree(root / "a", root / "a_backup")  # a copy names the original's best.ckpt
+    _write_run(root / "smoke", "unet", seed=3, val_fold=1, val_dice=0.09, test_dice=0.05)
+    config = root / "smoke" / ".hydra" / "config.yaml"
+    config.write_text(config.read_text().replace("trainer:\n", "trainer:\n  fast_dev_run: true\n"))
+
+    rows = group_runs(find_runs([root]))
+    assert [sorted(run.directory.name for run in row.runs) for row in rows] == [["a", "b"]]
+    error = capsys.readouterr().err
+    assert f"warning: skipped {root / 'a_backup'}: a copy of {root / 'a'}" in error
+    assert "note: skipped 1 debug=fast_dev_run run(s)" in error
 
 
 def test_cli_reports_several_folders(tmp_path):

@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
+from bts_lightning.errors import ConfigError
 from bts_lightning.export import export
 from bts_lightning.predict import predict
 from tests import fixtures_checkpoint
@@ -62,6 +63,16 @@ def test_space_app_gives_predicts_mask_without_torch(tiny_checkpoint, tmp_path, 
     mask = cv2.imread(str(tmp_path / "m.png"), cv2.IMREAD_UNCHANGED)
     assert np.array_equal(mask, expected) and 0 < np.count_nonzero(mask) < mask.size
     assert f"Tumor area: {np.count_nonzero(expected)} px" in result.stdout
+    (bundle / "notes.txt").write_text("a user's file")  # would be uploaded with the Space
+    with pytest.raises(ConfigError, match=r"space already holds notes.txt: a Space folder is uploaded as a whole"):
+        export(compose_app("export", [f"ckpt_path={tiny_checkpoint.path}", "format=space", f"output={bundle}"],
+                           tmp_path / "export_again"))
+    black = tmp_path / "black.png"  # a blank slice: an empty mask, as predict gives it
+    cv2.imwrite(str(black), np.zeros((48, 40), np.uint8))
+    result = subprocess.run([sys.executable, "-c", SCRIPT, str(bundle), str(black), options, str(tmp_path / "b.png")],
+                            capture_output=True, text=True, timeout=120, check=False, env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0 and "Tumor area: 0 px" in result.stdout, result.stderr[-3000:]
+    assert not cv2.imread(str(tmp_path / "b.png"), cv2.IMREAD_UNCHANGED).any()
 
 
 @pytest.mark.parametrize("rejected", [True, False])

@@ -36,6 +36,9 @@ def decode(path: str | Path) -> np.ndarray:
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if image is None:
         raise UnreadableImageError(f"{path}: not a readable image (corrupt or unsupported format)")
+    if Path(path).suffix.lower() in (".tif", ".tiff") and (pages := cv2.imcount(str(path))) > 1:
+        raise UnreadableImageError(f"{path}: holds {pages} pages (a volume or a stack), not one slice; save each slice "
+                                   "as its own image file")
     if image.ndim == 3 and image.shape[2] in _FILE_ORDER:
         image = image[..., _FILE_ORDER[image.shape[2]]]
     return image
