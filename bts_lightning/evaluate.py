@@ -47,7 +47,7 @@ import csv
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -282,32 +282,47 @@ def load_split(cfg: DictConfig, overrides: Sequence[str] | None, split: str, app
     return SplitToScore(ckpt_path, device, predictor, datamodule, dataset, channels, scored)
 
 
-def decision_note(decision: SliceDecision | None, split: str, dataset: str, what: str = "slice decision") -> str | None:
-    """What the slice decision's numbers mean on ``split`` of ``dataset``: chosen on it (optimistic) or held out.
+def decision_note(decision: SliceDecision | None, split: str, dataset: str, what: str = "slice decision",
+                  subsets: Mapping[str, int] | None = None) -> str | None:
+    """What the slice decision's numbers mean on ``split`` of ``dataset``: chosen on it (optimistic), scored on
+    training slices (optimistic), or held out.
 
-    ``what``: the decision named (a cascade's scan context is calibrated where its slice decision is).
+    ``what``: the decision named (a cascade's scan context is calibrated where its slice decision is). ``subsets``:
+    how many scored slices are in each subset of the checkpoint's split (``check_scored_slices``' record), when known.
     """
     if decision is None:
         return None
     chosen_on, chosen_data = decision.calibration.get("split"), decision.calibration.get("dataset")
     if chosen_data != dataset:
         return f"{what} calibrated on the {chosen_on} split of {chosen_data}, not this dataset."
-    if calibrated_here(decision, split, dataset):
+    if calibrated_here(decision, split, dataset, subsets):
         return (f"{what} calibrated on the {chosen_on} split scored here: its false-alarm rate was chosen "
                 "on these slices (optimistic).")
+    if subsets and subsets.get("train"):
+        return (f"{what} calibrated on the {chosen_on} split, but {subsets['train']} of the slices scored here were "
+                "training slices (optimistic).")
     return f"{what} calibrated on the {chosen_on} split; this {split} split is held out."
 
 
-def calibrated_here(decision: SliceDecision, split: str, dataset: str) -> bool:
-    """Whether ``decision`` was calibrated on slices of ``split`` of ``dataset`` (``all``, on either side, holds every
+def calibrated_here(decision: SliceDecision, split: str, dataset: str,
+                    subsets: Mapping[str, int] | None = None) -> bool:
+    """Whether ``decision`` was calibrated on slices scored here, of ``dataset``: with ``subsets`` (how many scored
+    slices are in each subset of the checkpoint's split), whether any is in its calibration split, whatever root or
+    split settings they were read with; otherwise whether that split is ``split`` (``all``, on either side, holds every
     split's)."""
     calibration = decision.calibration
     chosen_on = calibration.get("split")
-    return calibration.get("dataset") == dataset and (chosen_on == split or "all" in (split, chosen_on))
+    if calibration.get("dataset") != dataset:
+        return False
+    if subsets is not None and chosen_on in ("train", "val", "test"):
+        return bool(subsets.get(chosen_on))
+    if subsets is not None and chosen_on == "all":
+        return any(count for name, count in subsets.items() if name != "none")
+    return chosen_on == split or "all" in (split, chosen_on)
 
 
 def false_alarm_check(decision: SliceDecision | None, empty_slices: dict[str, Any], split: str,
-                      dataset: str) -> dict[str, Any] | None:
+                      dataset: str, subsets: Mapping[str, int] | None = None) -> dict[str, Any] | None:
     """Are the false alarms on these held-out empty slices what ``decision``'s calibration allows for empty slices
     like its own? ``p_value``: the chance of this many or more were they alike
     (:func:`~bts_lightning.decision.false_alarm_surprise`), with the rate expected and its 95 % bound
@@ -318,7 +333,7 @@ def false_alarm_check(decision: SliceDecision | None, empty_slices: dict[str, An
     """
     if decision is None or not decision.calibration.get("n_empty") or not empty_slices["n"]:
         return None
-    if calibrated_here(decision, split, dataset):
+    if calibrated_here(decision, split, dataset, subsets):
         return None
     calibration, target, target_on = decision.calibration, decision.target_false_alarm_rate, decision.target_on
     n_calibration = calibration["n_empty"]
@@ -410,6 +425,7 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[st
     worst = worst_positions(rows, worst_k)
     applied = options.decision if context is None else contract_of(predictor).slice_decision  # where it was calibrated
     joined = cascade_of(predictor)
+    in_subsets = scoring.scored.get("in_trained_subsets")  # None for a model file without a split record
     by_truth = summarize_by_truth(rows)
     by_truth["empty_slices"]["by_distance_to_tumor"] = (
         empty_slices_by_distance(rows, dataset.scan_positions())
@@ -427,12 +443,12 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[st
         "inference": {**options.to_dict(), "scan_context": None if context is None else context.to_dict()},
         "cascade": None if joined is None else joined.record(),
         "decision_note": decision_note(applied, split, datamodule.name,
-                                       "slice decision" if context is None else "scan context"),
+                                       "slice decision" if context is None else "scan context", in_subsets),
         "summary": summarize(rows),
         "by_label": summarize_by_type(rows),
         "cases": count_cases(rows),
         **by_truth,
-        "false_alarm_check": false_alarm_check(applied, by_truth["empty_slices"], split, datamodule.name),
+        "false_alarm_check": false_alarm_check(applied, by_truth["empty_slices"], split, datamodule.name, in_subsets),
         "worst": [{"stem": rows[i]["stem"], "dice": rows[i]["dice"], "hd95": rows[i]["hd95"]} for i in worst],
         "eval_time_s": round(eval_time, 2),
     }

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from bts_lightning.data.channels import Channels, channel_count, channels_setting
 from bts_lightning.data.datamodule import BrainTumorDataModule
+from bts_lightning.data.neighbours import SCAN_LAYOUTS
 from bts_lightning.data.splits import slice_ids_digest
 from bts_lightning.errors import ConfigError
 
@@ -127,6 +128,47 @@ def describe_scored(scored: dict[str, Any]) -> str:
     return f"Scored {where}: {relation}{leaky}."
 
 
+class TrainedSlices:
+    """The slices of a checkpoint's split record (its subsets' ``ids``), found whatever root they are read from.
+
+    With ``across_roots`` (data in one folder per scan: ids are paths relative to the root), a scored id that is a
+    path suffix of a trained one, or has one as its suffix, is the same slice: ``TCGA_x/TCGA_x_1`` read from
+    ``kaggle_3m/`` is ``kaggle_3m/TCGA_x/TCGA_x_1`` of a model trained on its parent, or of one patient folder linked
+    elsewhere. Otherwise (flat layouts, whose ids are file stems) ids match exactly.
+    """
+
+    def __init__(self, record: dict[str, Any], across_roots: bool) -> None:
+        self.subset_of: dict[tuple[str, ...], str] = {}
+        self._suffixes: dict[tuple[str, ...], tuple[str, ...]] = {}
+        for name, subset in record["subsets"].items():
+            for slice_id in subset.get("ids") or []:
+                parts = tuple(slice_id.split("/"))
+                self.subset_of[parts] = name
+                for start in range(1, len(parts) if across_roots else 1):
+                    self._suffixes.setdefault(parts[start:], parts)
+        self.across_roots = across_roots
+
+    def find(self, slice_id: str) -> tuple[str, ...] | None:
+        """The trained id (as path parts) that ``slice_id`` is, or ``None``."""
+        parts = tuple(slice_id.split("/"))
+        if parts in self.subset_of:
+            return parts
+        if parts in self._suffixes:
+            return self._suffixes[parts]
+        for start in range(1, len(parts) if self.across_roots else 1):
+            if parts[start:] in self.subset_of:
+                return parts[start:]
+        return None
+
+    def subsets(self, ids: Sequence[str]) -> dict[str, int]:
+        """How many of ``ids`` are in each subset of the record (``train``, ``val``, ``test``) and in none."""
+        counts = {name: 0 for name in (*("train", "val", "test"), "none")}
+        for found in map(self.find, ids):
+            name = "none" if found is None else self.subset_of[found]
+            counts[name] = counts.get(name, 0) + 1
+        return counts
+
+
 def check_scored_slices(
     split: str, ids: Sequence[str], record: dict[str, Any] | None, explicit: bool, current: dict[str, Any]
 ) -> dict[str, Any]:
@@ -148,9 +190,18 @@ def check_scored_slices(
         log.warning("The model file records no training split (exported model or older checkpoint): make sure the "
                     "data overrides give the split it was trained with; %d slices scored.", len(ids))
         return {**scored, "matches_trained_split": None, "training_slices_scored": None}
-    training = set(record["subsets"]["train"]["ids"])
-    overlap = sum(stem in training for stem in ids)
-    matches = scored["sha256"] == record["subsets"][split]["sha256"] if split in record["subsets"] else None
+    layouts = {record["settings"].get("layout"), current["settings"].get("layout")}
+    trained = TrainedSlices(record, across_roots=layouts <= set(SCAN_LAYOUTS))
+    in_subsets = trained.subsets(ids)
+    overlap = in_subsets["train"]
+    subset = record["subsets"].get(split)
+    if subset is None:
+        matches = None
+    elif "ids" in subset:  # the same slices, whatever root they were read from
+        expected = {tuple(slice_id.split("/")) for slice_id in subset["ids"]}
+        matches = len(ids) == len(expected) and {trained.find(slice_id) for slice_id in ids} == expected
+    else:
+        matches = scored["sha256"] == subset["sha256"]
     trained_as = f"{record['subsets'].get(split, {}).get('n', 0)} slices of {record['settings']['root']}, split by " \
                  f"{describe_settings(record['settings'], record['method'])}"
     if matches is False and not explicit:
@@ -164,7 +215,8 @@ def check_scored_slices(
                     len(ids), split, trained_as, overlap)
     elif overlap:
         log.warning("%d of the %d scored slices were training slices.", overlap, len(ids))
-    return {**scored, "matches_trained_split": matches, "training_slices_scored": overlap}
+    return {**scored, "matches_trained_split": matches, "training_slices_scored": overlap,
+            "in_trained_subsets": in_subsets}
 
 
 def _channels_text(setting: Any) -> str:

@@ -278,3 +278,30 @@ def test_predict_takes_the_folder_as_one_scan_and_a_lone_file_alone(scan_runs, t
     with caplog.at_level(logging.WARNING, logger="bts_lightning.export"):
         export_model(load_module(scan_runs["cascade"]), tmp_path / "cascade.onnx", image_size=SIZE)
     assert "judges each slice alone" in caplog.text
+
+
+def test_held_out_is_judged_by_the_slices_whatever_root_they_are_read_from(scan_runs, tmp_path):
+    """The same scans read through another root (a parent folder, links to some patients) are the same slices: the
+    checkpoint's val split is still its val split, and training patients are still training slices."""
+    record = torch.load(scan_runs["cascade"], map_location="cpu", weights_only=True)["BrainTumorDataModule"]["split"]
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    (parent / "scans").symlink_to(scan_runs["root"], target_is_directory=True)
+    overrides = [f"ckpt_path={scan_runs['cascade']}", f"data.root={parent}", "split=val", "worst_k=0"]
+    metrics = evaluate(compose_app("evaluate", overrides, tmp_path / "val"), overrides)
+    assert metrics["slices"]["matches_trained_split"] is True
+    assert metrics["slices"]["in_trained_subsets"] == {"train": 0, "val": record["subsets"]["val"]["n"], "test": 0,
+                                                       "none": 0}
+    assert "scored here" in metrics["decision_note"] and metrics["false_alarm_check"] is None
+
+    trained = tmp_path / "trained_patients"  # links to the training patients' scans only
+    trained.mkdir()
+    for scan in sorted({slice_id.split("/")[0] for slice_id in record["subsets"]["train"]["ids"]}):
+        (trained / scan).symlink_to(scan_runs["root"] / scan, target_is_directory=True)
+    overrides = [f"ckpt_path={scan_runs['cascade']}", f"data.root={trained}", "split=all", "worst_k=0"]
+    metrics = evaluate(compose_app("evaluate", overrides, tmp_path / "all"), overrides)
+    n_train = record["subsets"]["train"]["n"]
+    assert metrics["slices"]["in_trained_subsets"] == {"train": n_train, "val": 0, "test": 0, "none": 0}
+    assert metrics["slices"]["training_slices_scored"] == n_train == metrics["n_images"]
+    assert metrics["decision_note"] == (f"scan context calibrated on the val split, but {n_train} of the slices "
+                                        "scored here were training slices (optimistic).")
