@@ -63,6 +63,7 @@ from bts_lightning.trained_split import stored_split
 
 log = logging.getLogger(__name__)
 
+CASCADE_TARGET = "bts_lightning.models.cascade.build_cascade"  # the network config of a joined checkpoint
 # Checkpoint entries of a training run's state that a joined checkpoint does not continue.
 _TRAINING_STATE = ("optimizer_states", "lr_schedulers", "callbacks", "loops", DECISION_KEY)
 
@@ -148,7 +149,7 @@ def joined_checkpoint(segmentation: Path, presence: Sequence[Path], flips: bool)
     presence_configs = [network_config(path) for path in presence]
     hparams = checkpoint["hyper_parameters"]
     segmentation_config = network_config(segmentation)
-    hparams["net"] = {"_target_": "bts_lightning.models.cascade.build_cascade", "name": "cascade",
+    hparams["net"] = {"_target_": CASCADE_TARGET, "name": "cascade",
                       "segmentation": segmentation_config,
                       "presence": presence_configs[0] if len(presence_configs) == 1 else presence_configs,
                       "presence_threshold": 0.5, "flips": bool(flips),
@@ -214,8 +215,11 @@ def cascade(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str
     split = str(cfg.get("split", "val"))
     flips = flag_setting(cfg, "flips", True)
     context = check_context(cfg.get("context", 0))
-    for path in (segmentation, *presence):
-        read_checkpoint(path)  # a missing or foreign file fails here, naming it
+    for key, path in (("segmentation", segmentation), *(("presence", path) for path in presence)):
+        net = read_checkpoint(path)["hyper_parameters"]["net"]  # a missing or foreign file fails here, naming it
+        if net.get("_target_") == CASCADE_TARGET:
+            raise ConfigError(f"{key}={path} is a cascade already (written by python -m bts_lightning.cascade); join the "
+                              "training checkpoints it came from, which its run's cascade.json names.")
     for path in presence:
         check_compatible(segmentation, path)
     output = Path(str(cfg.get("output") or Path(cfg.paths.output_dir) / "checkpoints" / "cascade.ckpt"))

@@ -118,11 +118,13 @@ def tumor_type(label: str | int | None) -> str | None:
 
 
 def summarize_by_type(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]] | None:
-    """Per tumor type ``{"n": count, column: describe(...)}``; ``None`` when no slice has a label."""
-    if all(row["tumor_type"] is None for row in rows):
+    """Per tumor type ``{"n": count, column: describe(...)}`` of the slices with a tumor (an empty slice shows no
+    tumor of its patient's type); ``None`` when none of them has a label."""
+    tumor_rows = [row for row in rows if row["area_true"] > 0]
+    if all(row["tumor_type"] is None for row in tumor_rows):
         return None
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for row in rows:
+    for row in tumor_rows:
         groups[row["tumor_type"] or UNLABELLED].append(row)
     return {name: {"n": len(group), **summarize(group)} for name, group in sorted(groups.items())}
 
@@ -173,7 +175,7 @@ def format_table(metrics: dict[str, Any]) -> str:
         name = f"{column} (px)" if column in ("hd95", *AREAS) else column
         lines.append(f"{name:<16}{stats['mean']:>10.4f} ± {stats['std']:<10.4f}{stats['median']:>10.4f}")
     if metrics["by_label"]:
-        lines.append("Dice by tumor type:")
+        lines.append("Dice by tumor type (slices with a tumor):")
         for name, group in metrics["by_label"].items():
             lines.append(f"  {name:<12} n={group['n']:<5} {group['dice']['mean']:.4f} ± {group['dice']['std']:.4f}")
     cases = metrics["cases"]
@@ -272,6 +274,10 @@ def load_split(cfg: DictConfig, overrides: Sequence[str] | None, split: str, app
         channels += f", with the {contract.neighbours} slice(s) before and after each in its scan (data.neighbours)"
     log.info("Channels: %s", channels)
     check_input_size(predictor, datamodule.image_size, "data.image_size")
+    if contract.neighbours:
+        datamodule.neighbours_fix = ("this model was trained with them (its input stacks each slice's scan neighbours), so "
+                                     "score it on data in one folder per scan, or score a model trained with "
+                                     "data.neighbours=0")
     datamodule.setup("test")
     dataset = select_split(datamodule, split)
     if trained_at is not None and trained_at != datamodule.image_size:

@@ -198,6 +198,10 @@ def _scan_context_lines(net: Mapping[str, Any]) -> list[str]:
 def _required(directory: Path, name: str) -> Path:
     path = directory / name
     if not path.is_file():
+        checkpoints = sorted((directory / "checkpoints").glob("*.ckpt"), key=lambda file: file.name != "best.ckpt")
+        if checkpoints:  # a training run's folder
+            raise CheckpointError(f"{directory} is a training run's folder, not a model file or hub model folder: "
+                                  f"pass ckpt_path={checkpoints[0]}.")
         raise CheckpointError(f"Model folder {directory} has no {name}; a hub model folder holds {CONFIG_NAME} and "
                               f"{WEIGHTS_NAME} (python -m bts_lightning.export ckpt_path=CKPT format=hub output=DIR).")
     return path

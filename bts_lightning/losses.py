@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -194,6 +195,9 @@ class WeightedLossSum(nn.Module):
             raise ValueError(f"loss terms {both} have both a fixed weight and a schedule; give one")
         self.schedule = {name: LinearRamp(**spec) for name, spec in schedule.items()}
         self.weights = {name: float(weights.get(name, 1.0)) for name in terms}
+        for name, weight in self.weights.items():
+            if not math.isfinite(weight) or weight < 0:
+                raise ValueError(f"weights.{name}={weight:g} must be a number >= 0 (0 leaves the term out)")
         self._distance_terms = {name for name, term in terms.items() if uses_distance_maps(term)}
         self.set_epoch(0)
 

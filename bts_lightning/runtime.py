@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
@@ -19,6 +20,7 @@ from typing import Any, TypeVar
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
@@ -55,6 +57,26 @@ def user_error_of(error: BaseException) -> BtsError | None:
     return _in_chain(error, BtsError)
 
 
+def refused_settings(error: BaseException) -> ConfigError | None:
+    """The user error behind a constructor that refused its configured values (Hydra's ``InstantiationException``
+    around a ``ValueError`` or ``TypeError``: ``pos_weight=0``, ``p: 1.5``, a misspelled argument), naming the class
+    and its reason; ``None`` for anything else."""
+    targets: list[str] = []
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, InstantiationException):
+            targets += re.findall(r"Error in call to target '([^']+)'", str(current))[:1]
+        elif isinstance(current, (ValueError, TypeError)) and targets:
+            reason = "; ".join(line.strip() for line in str(current).splitlines()
+                               if line.strip() and not line.strip().startswith("For further information"))
+            return ConfigError(f"{targets[-1]} refused its settings: {reason}. Correct the override (or config "
+                               "file) that sets it.")
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def run_app(app: Callable[..., T], *args: Any) -> T:
     """Run ``app``; a user error becomes one ``error:`` line on stderr and exit status 2.
 
@@ -65,7 +87,7 @@ def run_app(app: Callable[..., T], *args: Any) -> T:
     try:
         return app(*args)
     except Exception as error:
-        user_error = user_error_of(error)
+        user_error = user_error_of(error) or refused_settings(error)
         if user_error is None:
             _log_to_files(f"{type(error).__name__}: {error}", error)
             raise

@@ -60,7 +60,7 @@ def check_monitor(monitor: DictConfig | None) -> tuple[str, str]:
     """``(metric, mode)`` of the ``monitor`` node, checked: a ``val/`` metric and ``max`` or ``min``."""
     metric = (monitor or {}).get("metric")
     mode = (monitor or {}).get("mode")
-    if not isinstance(metric, str) or not metric.startswith("val/"):
+    if metric not in (VAL_DICE, VAL_IOU, "val/loss", *(f"val/{name}" for name in SLICE_SCORES)):
         raise ConfigError(
             f"monitor.metric={metric} must name a validation metric: val/dice, val/iou, val/dice_tumor, "
             "val/sensitivity, val/false_alarm_rate (only when the validation split has empty slices) or val/loss."

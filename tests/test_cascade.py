@@ -200,6 +200,12 @@ def test_checkpoints_of_other_splits_or_types_are_refused(two_runs, tmp_path):
     with pytest.raises(ConfigError, match=r"model.onnx is not a training checkpoint \(.ckpt\)"):
         _join({**two_runs, "presence": tmp_path / "model.onnx"}, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
+    _join(two_runs, tmp_path / "first", "target_false_alarm_rate=0.25")
+    joined = tmp_path / "first" / "checkpoints" / "cascade.ckpt"
+    for key in ("segmentation", "presence"):  # a cascade of a cascade would gate twice on one calibration split
+        with pytest.raises(ConfigError, match=f"{key}={joined} is a cascade already"):
+            _join({**two_runs, key: joined}, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def _without_parts(exported: Path, out: Path) -> Path:

@@ -109,8 +109,9 @@ def test_summaries_keep_every_image_and_group_by_tumor_type():
     assert summary["dice"]["std"] == pytest.approx(0.5)
     assert summary["dice"]["median"] == pytest.approx(0.5)
     assert summary["hd95"]["mean"] == pytest.approx(2 * math.hypot(10, 10) / 4)
-    groups = summarize_by_type(rows)
-    assert sorted(groups) == ["glioma", "meningioma", "unlabelled"]
+    unlabelled = {"stem": "e", "tumor_type": None, **image_metrics(square(0, 0, 2), square(0, 0, 2))}
+    groups = summarize_by_type([*rows, unlabelled])  # over the slices with a tumor: c and d show none of a type
+    assert sorted(groups) == ["glioma", "unlabelled"]
     assert groups["glioma"]["n"] == 2 and groups["glioma"]["dice"]["mean"] == pytest.approx(0.5)
     assert summarize_by_type([{**row, "tumor_type": None} for row in rows]) is None
     assert count_cases(rows) == {"tumor_present": 2, "tumor_absent": 2, "missed_tumor": 1, "false_alarm": 1,

@@ -90,3 +90,12 @@ def test_evaluate_on_a_folder_scores_as_the_checkpoint(tiny_checkpoint, hub_fold
 def test_a_missing_folder_is_named(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_predictor(tmp_path / "no_such_model", "cpu")
+
+
+def test_a_training_run_folder_points_to_its_checkpoint(tmp_path):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    for name in ("last.ckpt", "best.ckpt"):
+        (tmp_path / "run" / "checkpoints" / name).write_bytes(b"")
+    expected = tmp_path / "run" / "checkpoints" / "best.ckpt"
+    with pytest.raises(CheckpointError, match=f"is a training run's folder, .*: pass ckpt_path={expected}"):
+        load_predictor(tmp_path / "run", "cpu")

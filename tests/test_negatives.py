@@ -375,3 +375,10 @@ def test_fast_dev_run_with_empty_synthetic_slices_and_tumor_free_crops(tmp_path,
         train(cfg)
     assert (tmp_path / "data" / "synthetic" / "n20-size32-seed0-empty0.5" / "metadata.csv").is_file()
     assert "tumor-free" in caplog.text and "drawn to 30% per epoch" in caplog.text
+
+
+def test_negatives_that_are_held_out_slices_of_the_dataset_itself_are_refused(empty_root):
+    """The training set's own root as negatives would add its val and test empty slices to training."""
+    with pytest.raises(ConfigError, match=rf"data.negatives.root={empty_root} holds \d+ empty slice\(s\) of this "
+                                          r"dataset's val or test split \(images/"):
+        datamodule(empty_root, val_fold=1, negatives={"root": str(empty_root)}).setup("fit")

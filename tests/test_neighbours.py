@@ -246,8 +246,9 @@ def test_a_trained_model_records_its_window_and_evaluate_reads_its_data_with_it(
         evaluate(compose_app("evaluate", wrong, tmp_path / "wrong"), wrong)
     flat = [f"ckpt_path={neighbour_runs['window']}", "split=all", "data=brain_tumor",
             f"data.root={neighbour_runs['flat']}", f"data.image_size={SIZE}"]
-    with pytest.raises(ConfigError, match="needs one folder per scan"):
+    with pytest.raises(ConfigError, match="needs one folder per scan.*: this model was trained with them") as error:
         evaluate(compose_app("evaluate", flat, tmp_path / "flat"), flat)
+    assert "set data.neighbours=0" not in str(error.value)  # which the next message would refuse
     with pytest.raises(ConfigError, match=r"scan neighbours \(data.neighbours\): 1 and 0"):
         check_compatible(neighbour_runs["window"], neighbour_runs["alone"])
 

@@ -14,6 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from bts_lightning.checkpoint import CheckpointError
 from bts_lightning.errors import ConfigError
 from bts_lightning.preprocessing import standardize
+from bts_lightning.runtime import run_app
 from bts_lightning.train import never_improved_warning, train
 from tests import fixtures_demo
 from tests.conftest import REAL_DATA, compose_train, run_cli
@@ -185,12 +186,14 @@ def test_checkpoint_records_the_training_image_size(tmp_path):
         ("data.image_size=40", "data.image_size=40 is not a multiple of 16"),
         ("monitor.metric=train/loss", "monitor.metric=train/loss must name a validation metric"),
         ("monitor.mode=up", "monitor.mode=up must be max"),
+        ("monitor.metric=val/false_alarm", "monitor.metric=val/false_alarm must name a validation metric"),
         ("model.net.name=unetx", "Unknown model 'unetx'"),
         ("+model.aux_loss_weight=-0.4", "model.aux_loss_weight=-0.4 must be a number >= 0"),
         ("+model.presence_loss_weight=nan", "model.presence_loss_weight=nan must be a number >= 0"),
     ],
 )
 def test_values_nothing_else_checks_are_config_errors(override, message, tmp_path):
+    """Each before training starts (a misspelled monitor would otherwise stop the run after its first epoch)."""
     cfg = compose_train([*SMALL_SYNTHETIC, f"paths.data_dir={tmp_path / 'data'}", "trainer=cpu", "data.num_workers=0",
                          override], tmp_path / "run")
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
@@ -215,6 +218,27 @@ def test_resume_needs_a_matching_readable_checkpoint(tmp_path):
         train(compose_train([*overrides, f"ckpt_path={truncated}"], tmp_path / "other"))
     with pytest.raises(CheckpointError, match="missing.ckpt does not exist"):
         train(compose_train([*overrides, f"ckpt_path={tmp_path / 'missing.ckpt'}"], tmp_path / "other"))
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["loss=dice_ce_slice", "loss.terms.slice.pos_weight=0"],
+     "error: bts_lightning.losses.SlicePresenceLoss refused its settings: pos_weight=0 must be > 0. Correct the override"),
+    (["loss=dice_ce_slice", "loss.weights.slice=-1"],
+     "error: bts_lightning.losses.WeightedLossSum refused its settings: weights.slice=-1 must be a number >= 0"),
+    (["data.extra_augmentations=[{_target_: bts_lightning.data.augment.TumorFreeCrop, p: 1.5}]"],
+     ("error: bts_lightning.data.augment.TumorFreeCrop refused its settings: 1 validation error for InitSchema; p; "
+      "Input should be less than or equal to 1")),
+])
+def test_a_constructor_refusing_a_setting_is_one_error_line(tmp_path, capsys, overrides, message):
+    """Values checked where the config is instantiated: one line naming the class and why, exit status 2."""
+    cfg = compose_train([*SMALL_SYNTHETIC, f"paths.data_dir={tmp_path / 'data'}", "trainer=cpu", "data.num_workers=0",
+                         *overrides], tmp_path / "run")
+    with pytest.raises(SystemExit) as exit_info:
+        run_app(train, cfg)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith(message) and error.count("\n") == 1, error
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_callbacks_none_means_no_callbacks(tmp_path):

@@ -210,6 +210,8 @@ class BrainTumorDataModule(L.LightningDataModule):
                               "slices in each batch), e.g. data.empty_fraction=0.5.")
         self.channels = parse_channels(channels)
         self.neighbours = check_neighbours(neighbours)
+        # How data without scan neighbours is put right, in errors; a model's scorer (evaluate) says the model needs them.
+        self.neighbours_fix = "set data.neighbours=0"
         if self.neighbours and negatives is not None:
             raise ConfigError(f"data.negatives and data.neighbours={neighbours} do not combine (another dataset's empty "
                               "slices have no scan neighbours here); set data.negatives=null or data.neighbours=0.")
@@ -313,7 +315,7 @@ class BrainTumorDataModule(L.LightningDataModule):
             raise ConfigError(
                 f"data.neighbours={self.neighbours} needs one folder per scan (the suffix layout, e.g. the LGG set), "
                 f"but {root} is in the {self.found_layout} layout, whose folders mix slices of different patients, "
-                "so which slices are neighbours is unknown. Set data.neighbours=0."
+                f"so which slices are neighbours is unknown: {self.neighbours_fix}."
             )
         positions = [slice_position(pair.image) for pair in self.pairs]
         unnumbered = [pair.image.name for pair, position in zip(self.pairs, positions) if position is None]
@@ -321,7 +323,7 @@ class BrainTumorDataModule(L.LightningDataModule):
             raise DataError(
                 f"data.neighbours={self.neighbours}: {len(unnumbered)} slice file(s) of {root} have no slice number at "
                 f"the end of their name, so their place in the scan is unknown ({format_names(sorted(unnumbered))}). "
-                "Name each slice <scan>_<n> (as the LGG set does), or set data.neighbours=0."
+                f"Name each slice <scan>_<n> (as the LGG set does), or {self.neighbours_fix}."
             )
         return neighbour_windows(positions, self.neighbours)
 
@@ -365,6 +367,14 @@ class BrainTumorDataModule(L.LightningDataModule):
                             "layout) have tumor pixels. Choose a dataset with empty masks, or set data.negatives=null.")
         if negatives.max_slices is not None and len(empty) > negatives.max_slices:
             empty = np.sort(np.random.default_rng(self.seed).choice(empty, negatives.max_slices, replace=False))
+        subsets = self._subsets()
+        held_out = {self.pairs[i].image.resolve() for name in ("val", "test") for i in subsets.get(name, [])}
+        shared = sorted(str(pairs[i].image.relative_to(root)) for i in empty if pairs[i].image.resolve() in held_out)
+        if shared:
+            raise ConfigError(f"data.negatives.root={root} holds {len(shared)} empty slice(s) of this dataset's val or "
+                              f"test split ({format_names(shared)}): training on them would score the model on slices "
+                              "it learned from. Take the negatives from other patients (a folder without the val and "
+                              "test patients), or set data.negatives=null.")
         cache = None
         if scan.images is not None and scan.masks is not None:
             cache = (scan.images[empty], binarize_mask(scan.masks[empty], threshold))
