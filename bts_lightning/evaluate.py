@@ -62,7 +62,7 @@ from tqdm.auto import tqdm
 from bts_lightning.data.dataset import SliceDataset
 from bts_lightning.data.neighbours import SCAN_LAYOUTS, window_size
 from bts_lightning.decision import SliceDecision, false_alarm_surprise, on_new_slices, on_new_slices_line
-from bts_lightning.errors import ConfigError
+from bts_lightning.errors import BtsError, ConfigError
 from bts_lightning.inference import (
     InferenceOptions,
     Predictor,
@@ -278,7 +278,14 @@ def load_split(cfg: DictConfig, overrides: Sequence[str] | None, split: str, app
         datamodule.neighbours_fix = ("this model was trained with them (its input stacks each slice's scan neighbours), so "
                                      "score it on data in one folder per scan, or score a model trained with "
                                      "data.neighbours=0")
-    datamodule.setup("test")
+    try:
+        datamodule.setup("test")
+    except BtsError as error:
+        if record is not None or explicit_data(keys):
+            raise
+        raise type(error)(f"{error} ({ckpt_path} records no training data, so the {app} config's default data "
+                          f"({datamodule.name}) was used: name the data to score, e.g. data=lgg data.root=DIR "
+                          "split=all.)") from None
     dataset = select_split(datamodule, split)
     if trained_at is not None and trained_at != datamodule.image_size:
         log.warning("The model was trained at %d px but data.image_size=%d; pass data.image_size=%d to match.",

@@ -390,3 +390,16 @@ def test_evaluate_scores_the_split_the_checkpoint_was_trained_with(tmp_path, cap
     overrides = [f"ckpt_path={ckpt}", "split=all", "worst_k=0", "device=cpu"]
     metrics = evaluate(compose_app("evaluate", overrides, tmp_path / "all"), overrides)
     assert metrics["slices"]["training_slices_scored"] == record["subsets"]["train"]["n"]
+
+
+def test_a_model_file_without_its_split_says_to_name_the_data(tiny_checkpoint, tmp_path, monkeypatch):
+    """An exported file records no training data: when the config's default data is not there, the error says so."""
+    from bts_lightning.errors import DataError
+    from bts_lightning.export import export_model
+
+    exported = export_model(load_module(tiny_checkpoint.path), tmp_path / "model.onnx", image_size=64)
+    monkeypatch.setenv("BTS_DATA_DIR", str(tmp_path / "no_data"))
+    overrides = [f"ckpt_path={exported}", "split=all", "data.download=false"]
+    with pytest.raises(DataError, match=rf"\({exported} records no training data, so the evaluate config's default "
+                                        r"data \(brain_tumor\) was used: name the data to score"):
+        evaluate(compose_app("evaluate", overrides, tmp_path / "run"), overrides)
