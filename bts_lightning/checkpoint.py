@@ -109,13 +109,15 @@ def load_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu")
 _RESUMABLE_NET_KEYS = ("weights",)
 
 
-def resolve_resume(ckpt_path: str | Path | None, run_dir: str | Path, net: Mapping[str, Any]) -> Path | None:
+def resolve_resume(ckpt_path: str | Path | None, run_dir: str | Path, net: Mapping[str, Any],
+                   max_epochs: int | None = None) -> Path | None:
     """The checkpoint a training run resumes from, checked before anything is fitted.
 
     ``None`` = start fresh. ``last`` = ``RUN_DIR/checkpoints/last.ckpt``, which must exist (resuming
     happens in the killed run's own directory). The file must be a readable bts_lightning checkpoint
-    of the same network as ``net`` (the ``model.net`` config; ``weights`` may differ). Raises
-    :class:`CheckpointError` otherwise, naming the file and what to do.
+    of the same network as ``net`` (the ``model.net`` config; ``weights`` may differ), saved before epoch
+    ``max_epochs`` (else nothing would be trained). Raises :class:`CheckpointError` otherwise, naming the file and
+    what to do.
     """
     if ckpt_path is None or str(ckpt_path) == "":
         return None
@@ -128,7 +130,8 @@ def resolve_resume(ckpt_path: str | Path | None, run_dir: str | Path, net: Mappi
             )
     else:
         path = Path(ckpt_path)
-    stored = read_checkpoint(path)["hyper_parameters"]["net"]
+    checkpoint = read_checkpoint(path)
+    stored, epoch = checkpoint["hyper_parameters"]["net"], checkpoint.get("epoch")
     wanted = dict(net)
     differences = [
         f"model.net.{key}: {stored.get(key)!r} in the checkpoint, {wanted.get(key)!r} now"
@@ -140,6 +143,9 @@ def resolve_resume(ckpt_path: str | Path | None, run_dir: str | Path, net: Mappi
             f"Cannot resume from {path}: it holds another network ({'; '.join(differences)}). Pass the model "
             "overrides the run was trained with, or start a new run without ckpt_path."
         )
+    if isinstance(max_epochs, int) and max_epochs > 0 and isinstance(epoch, int) and epoch + 1 >= max_epochs:
+        raise CheckpointError(f"{path} finished epoch {epoch + 1} of trainer.max_epochs={max_epochs} already, so "
+                              "resuming would train nothing: raise trainer.max_epochs to train on from it.")
     return path
 
 

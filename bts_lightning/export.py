@@ -31,9 +31,10 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import os
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -368,21 +369,31 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         from bts_lightning.space import write_space  # space builds on export_model
 
         write_space(module, output, contract, image_size, run_metrics(Path(str(cfg.ckpt_path))), **onnx)
-    else:
-        export_model(module, output, format, image_size, contract=contract, **onnx)
-    if format != HUB_FORMAT:  # the file's own contract
-        contract = with_parts(contract, module)
-    summary: dict[str, Any] = {"output": str(output), "format": format, "model": contract.model,
-                               "contract": contract.to_dict()}
-    if verify:
-        exported = output / "model.onnx" if format == SPACE_FORMAT else output
-        difference = max_difference(module, load_predictor(exported, device="cpu"), image_size)
-        summary["max_abs_difference"] = difference
-        if not difference <= VERIFY_TOLERANCE:
-            raise BtsError(
-                f"Exported model {output} disagrees with PyTorch (max probability difference {difference:.3g} > "
-                f"{VERIFY_TOLERANCE}); try onnx_exporter=dynamo or format=torchscript."
-            )
+    # A model file is checked before it takes the place of ``output``, so a failed check leaves the previous file.
+    staging = output.with_name(f".{output.stem}.unverified{output.suffix}") if verify and format in FORMATS else None
+    try:
+        if format not in FOLDER_FORMATS:
+            export_model(module, staging or output, format, image_size, contract=contract, **onnx)
+        if format != HUB_FORMAT:  # the file's own contract
+            contract = with_parts(contract, module)
+        summary: dict[str, Any] = {"output": str(output), "format": format, "model": contract.model,
+                                   "contract": contract.to_dict()}
+        if verify:
+            exported = output / "model.onnx" if format == SPACE_FORMAT else staging or output
+            difference = max_difference(module, load_predictor(exported, device="cpu"), image_size)
+            summary["max_abs_difference"] = difference
+            if not difference <= VERIFY_TOLERANCE:
+                kept = f"; {output} was not replaced" if staging else ""
+                raise BtsError(
+                    f"Exported model {output} disagrees with PyTorch (max probability difference {difference:.3g} > "
+                    f"{VERIFY_TOLERANCE}){kept}; try onnx_exporter=dynamo or format=torchscript."
+                )
+        if staging is not None:
+            os.replace(staging, output)
+    finally:
+        if staging is not None:
+            with suppress(OSError):  # e.g. its folder could not be made: the error that says so stands
+                staging.unlink(missing_ok=True)
     size_mb = sum(path.stat().st_size for path in (output.rglob("*") if output.is_dir() else [output])) / 2**20
     log.info(
         "Exported %s (%s) from %s to %s (%.1f MiB)%s", summary["model"], format, cfg.ckpt_path, output, size_mb,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import errno
 import functools
+import glob
 import importlib.resources
 import json
 import logging
@@ -13,6 +14,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -36,6 +38,8 @@ CONFIG_PATH = "pkg://bts_lightning.conf"
 # The same tree as a folder, for Hydra's compose API (``initialize_config_dir``) and for reading files.
 CONFIG_DIR = str(importlib.resources.files("bts_lightning.conf"))
 
+# Age after which a temporary file beside an output is a killed writer's leftover (atomic_path removes it).
+STALE_SECONDS = 600
 # errno values meaning the disk, the user's quota or the file-size limit is full.
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -141,12 +145,19 @@ def hydra_app(
 
 
 def app_settings(config_name: str) -> set[str]:
-    """The top-level keys ``conf/<config_name>.yaml`` composes to: its own keys and its defaults' groups."""
+    """The top-level keys ``conf/<config_name>.yaml`` composes to: its own keys, its defaults' groups, and the keys
+    that group options written for the whole config (``# @package _global_``, e.g. ``experiment=cross_dataset``'s
+    ``cross_data``) can add when chosen."""
     config = OmegaConf.load(Path(CONFIG_DIR) / f"{config_name}.yaml")
     keys = {str(key) for key in config if key != "defaults"}
     for entry in config.get("defaults") or []:
         names = entry.keys() if isinstance(entry, Mapping) else [] if entry == "_self_" else [entry]
         keys.update(str(name).removeprefix("override ").split("/")[0].split("@")[0] for name in names)
+    groups = {key for key in keys if (Path(CONFIG_DIR) / key).is_dir()}
+    for group in groups:
+        for option in (Path(CONFIG_DIR) / group).glob("*.yaml"):
+            if "@package _global_" in option.read_text().split("\n", 1)[0]:
+                keys.update(str(key) for key in OmegaConf.load(option) if key != "defaults")
     return keys - {"_self_"}
 
 
@@ -287,6 +298,16 @@ def _fsync(path: Path) -> None:
         os.close(descriptor)
 
 
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove ``.NAME.*.tmp`` files beside ``path`` not modified for :data:`STALE_SECONDS` (a SIGKILL's leftovers;
+    a write in progress elsewhere keeps its file fresh)."""
+    now = time.time()
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with suppress(OSError):
+            if now - leftover.stat().st_mtime > STALE_SECONDS:
+                leftover.unlink()
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary file beside ``path`` (hidden ``.NAME.XXXX.tmp``) for the block to write.
@@ -294,7 +315,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     When the block succeeds, the file is flushed to disk, made readable by all (0o644) and renamed
     onto ``path`` in one step: ``path`` always holds its previous content or the complete new one,
     whatever happens (crash, SIGKILL, full disk). On any exception, KeyboardInterrupt included, the
-    temporary file is removed and ``path`` left as it was. The parent folder is created if needed.
+    temporary file is removed and ``path`` left as it was. The parent folder is created if needed. Temporary files of
+    ``path`` left by a killed process (untouched for :data:`STALE_SECONDS`) are removed first.
 
     Raises:
         OutputError: an OS error (full disk, folder not writable, ...) in the block or while
@@ -302,6 +324,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     make_directory(path.parent)
+    _remove_stale_temporaries(path)
     try:
         handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as error:

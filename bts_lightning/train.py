@@ -195,14 +195,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("cross_data") is not None:
         log.info("Cross-dataset channels: %s", check_cross_data(cfg, int(cfg.model.net.get("in_channels", 1))))
     network = OmegaConf.to_container(cfg.model.net, resolve=True)
-    resume_from = resolve_resume(cfg.get("ckpt_path"), output_dir, network)
+    resume_from = resolve_resume(cfg.get("ckpt_path"), output_dir, network, cfg.trainer.get("max_epochs"))
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # Lightning would print this on stderr, before any error
     log.info("Seed %s (Python, NumPy, PyTorch and the loader workers)", cfg.seed)
     datamodule = instantiate(cfg.data)
+    module = build_module(cfg)
+    check_input_size(module.net, datamodule.image_size, "data.image_size")  # before data is read or generated
     datamodule.setup("fit")  # validates every file before anything heavy starts
     decision_aim = check_decision(cfg.get("decision"), datamodule)
-    module = build_module(cfg)
-    check_input_size(module.net, datamodule.image_size, "data.image_size")
     if datamodule.distance_maps is None:  # data.distance_maps: null = when the loss takes them
         datamodule.distance_maps = uses_distance_maps(module.criterion)
     if datamodule.distance_maps:

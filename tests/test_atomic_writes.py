@@ -28,7 +28,7 @@ from bts_lightning.checkpoint_io import AtomicCheckpointIO
 from bts_lightning.errors import DataError, OutputError
 from bts_lightning.export import export
 from bts_lightning.report import report_app
-from bts_lightning.runtime import atomic_path, run_app, write_bytes_atomic, write_json_atomic
+from bts_lightning.runtime import STALE_SECONDS, atomic_path, run_app, write_bytes_atomic, write_json_atomic
 from bts_lightning.train import train
 from tests import fixtures_checkpoint
 from tests.conftest import REPO_ROOT, assert_one_error_line, compose_train
@@ -79,6 +79,20 @@ def test_atomic_path_writes_beside_the_target_then_renames(tmp_path):
     write_json_atomic(target.with_name("data.json"), {"b": 1, "a": [2]})
     assert target.with_name("data.json").read_text() == '{\n  "a": [\n    2\n  ],\n  "b": 1\n}\n'
     assert sorted(p.name for p in target.parent.iterdir()) == ["data.json", "result.csv"]
+
+
+def test_a_killed_writers_old_temporary_files_go_with_the_next_write(tmp_path):
+    """SIGKILL leaves ``.NAME.XXXX.tmp`` behind; the next write of NAME removes those older than STALE_SECONDS and
+    leaves a fresh one (a write in progress) and other files' alone."""
+    target = tmp_path / "last.ckpt"
+    old, fresh, other = (tmp_path / name for name in (".last.ckpt.ab12.tmp", ".last.ckpt.cd34.tmp", ".best.ckpt.ef56.tmp"))
+    for leftover in (old, fresh, other):
+        leftover.write_bytes(b"partial")
+    stale = time.time() - STALE_SECONDS - 5
+    os.utime(old, (stale, stale))
+    os.utime(other, (stale, stale))
+    write_bytes_atomic(target, b"complete")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".best.ckpt.ef56.tmp", ".last.ckpt.cd34.tmp", "last.ckpt"]
 
 
 @pytest.mark.parametrize("failure", [KeyboardInterrupt(), ValueError("not an OS error")])

@@ -74,3 +74,33 @@ def test_the_presence_experiment_is_the_measured_cascade_presence_training(tmp_p
         experiment = compose_train(["experiment=presence", data], tmp_path)
         assert experiment == compose_train([*measured, data], tmp_path)
     assert experiment.loss.terms.keys() >= {"slice"} and experiment.monitor.metric == "val/loss"
+
+
+# Module of each app -> its config (conf/<name>.yaml).
+APPS = {"train": "train", "evaluate": "evaluate", "predict": "predict", "calibrate": "calibrate", "cascade": "cascade",
+        "export": "export", "demo": "demo", "report": "report", "data.synthetic": "synthetic",
+        "data.figshare_metadata": "figshare_metadata"}
+
+
+def test_every_documented_command_passes_the_unknown_setting_check():
+    """The check before Hydra knows each app's settings and those its experiments add (cross_data, ...): no command
+    the README or the benchmark notes give is refused by it ([...] marks optional arguments there)."""
+    import re
+    import shlex
+
+    from bts_lightning.runtime import unknown_setting
+    from tests.conftest import REPO_ROOT
+
+    commands = 0
+    for document in [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "benchmarks").glob("*.md"))]:
+        text = document.read_text().replace("\\\n", " ")
+        for found in re.finditer(r"python -m bts_lightning\.([a-z_.]+)([^\n`|#]*)", text):
+            if found.group(1) not in APPS:
+                continue
+            arguments = [token.strip("[]") for token in shlex.split(found.group(2))]
+            assert unknown_setting(APPS[found.group(1)], arguments) is None, (document.name, found.group(0))
+            commands += 1
+    assert commands > 80
+    assert "cross_data is not" not in str(unknown_setting("train", ["experiment=cross_dataset", "cross_data.root=x"]))
+    assert unknown_setting("train", ["trainr.max_epochs=1"]).startswith("trainr.max_epochs=1: trainr is not a setting "
+                                                                         "of train (did you mean trainer?)")

@@ -118,6 +118,21 @@ def test_export_leaves_the_module_unchanged(tmp_path):
     assert module.net.aux_classifier is not None and "aux" in module.train()(_images(2))  # the head still trains
 
 
+@pytest.mark.parametrize("suffix", [".onnx", ".pt"])
+def test_an_export_that_fails_its_check_leaves_the_previous_file(tmp_path, monkeypatch, suffix):
+    import bts_lightning.export as export_module
+
+    checkpoint = _write_checkpoint("unet", tmp_path)
+    output = tmp_path / "out" / f"model{suffix}"
+    cfg = _compose_export([f"ckpt_path={checkpoint}", f"output={output}", f"image_size={SIZE}"], tmp_path / "run")
+    export(cfg)
+    good = output.read_bytes()
+    monkeypatch.setattr(export_module, "max_difference", lambda *args, **kwargs: 0.5)
+    with pytest.raises(BtsError, match=f"disagrees with PyTorch .*; {output} was not replaced"):
+        export(cfg)
+    assert output.read_bytes() == good and [p.name for p in output.parent.iterdir()] == [output.name]
+
+
 @pytest.mark.slow  # a subprocess (~10 s); export(cfg) runs in-process in the quick tier
 def test_cli_exports_a_checkpoint(tmp_path):
     checkpoint = _write_checkpoint("unet", tmp_path)

@@ -61,7 +61,7 @@ def test_bad_fractions_are_named(val, test):
 
 
 STEMS = [str(i) for i in range(12)]
-WITH_FOLDS = {s: {"index": s, "fold": str(int(s) % 3 + 1), "pid": f"p{int(s) // 2}"} for s in STEMS}
+WITH_FOLDS = {s: {"index": s, "fold": str(int(s) // 2 % 3 + 1), "pid": f"p{int(s) // 2}"} for s in STEMS}
 PIDS_ONLY = {s: {"index": s, "pid": f"p{int(s) // 2}"} for s in STEMS}
 FOLDS_ONLY = {s: {"index": s, "label": "1", "fold": str(int(s) % 3 + 1)} for s in STEMS}
 LABELS_ONLY = {s: {"index": s, "label": "1"} for s in STEMS}
@@ -70,6 +70,13 @@ LABELS_ONLY = {s: {"index": s, "label": "1"} for s in STEMS}
 def split(metadata, val_fold=1, split_by="auto", num_folds=None):
     return make_split(metadata, STEMS, val_fold, None, 0.25, 0.0, 0, split_by=split_by, source="/data/root",
                       num_folds=num_folds)
+
+
+def test_folds_that_split_a_patient_are_refused_naming_the_patients():
+    spread = {**WITH_FOLDS, STEMS[1]: {**WITH_FOLDS[STEMS[1]], "fold": "3"}}  # p0's second slice in another fold
+    with pytest.raises(DataError, match=r"/data/root: metadata.csv puts 1 patient\(s\) in more than one fold "
+                                        r"\(pid p0 in folds 1, 3\)"):
+        split(spread)
 
 
 def test_auto_prefers_folds_then_patients():

@@ -214,6 +214,25 @@ def test_crash_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_killed_generations_old_folder_goes_with_the_next_one(tmp_path: Path) -> None:
+    """SIGKILL leaves ``.NAME.tmp-XXXX/``; the next generation of NAME removes it once nothing in it changed for
+    STALE_SECONDS, and leaves a fresh one (a generation in progress)."""
+    import os
+    import time
+
+    from bts_lightning.runtime import STALE_SECONDS
+
+    old, fresh = tmp_path / ".ds.tmp-old1", tmp_path / ".ds.tmp-new2"
+    for leftover in (old, fresh):
+        (leftover / "images").mkdir(parents=True)
+        (leftover / "images" / "1.png").write_bytes(b"partial")
+    stale = time.time() - STALE_SECONDS - 5
+    for path in (old, old / "images"):
+        os.utime(path, (stale, stale))
+    generate_dataset(tmp_path / "ds", n=4, size=32, seed=0, num_folds=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ds.tmp-new2", "ds"]
+
+
 def test_existing_dataset_wins_the_rename(tmp_path: Path) -> None:
     out = generate_dataset(tmp_path / "ds", n=4, size=32, seed=0, num_folds=2)
     before = file_bytes(out)

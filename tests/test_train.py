@@ -199,6 +199,7 @@ def test_values_nothing_else_checks_are_config_errors(override, message, tmp_pat
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         train(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "data").exists()  # refused before the synthetic slices are generated
 
 
 def test_resume_needs_a_matching_readable_checkpoint(tmp_path):
@@ -218,6 +219,9 @@ def test_resume_needs_a_matching_readable_checkpoint(tmp_path):
         train(compose_train([*overrides, f"ckpt_path={truncated}"], tmp_path / "other"))
     with pytest.raises(CheckpointError, match="missing.ckpt does not exist"):
         train(compose_train([*overrides, f"ckpt_path={tmp_path / 'missing.ckpt'}"], tmp_path / "other"))
+    with pytest.raises(CheckpointError, match=r"last.ckpt finished epoch 1 of trainer.max_epochs=1 already, so "
+                                              r"resuming would train nothing: raise trainer.max_epochs"):
+        train(compose_train([*overrides, "ckpt_path=last"], tmp_path / "run"))
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

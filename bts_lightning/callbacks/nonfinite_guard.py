@@ -41,10 +41,15 @@ class NonFiniteLossGuard(Callback):
         if self.bad_steps is None or int(self.bad_steps) == 0:
             return
         learning_rates = sorted({group["lr"] for opt in trainer.optimizers for group in opt.param_groups})
+        kept = ("earlier best.ckpt/last.ckpt are intact" if any(
+            getattr(callback, "best_model_path", "") or getattr(callback, "last_model_path", "")
+            for callback in trainer.checkpoint_callbacks) else "none was written before either")
+        precision = str(trainer.precision)
+        steadier = "" if precision.startswith("32") else (f" or a more stable precision (trainer.precision, now "
+                                                          f"{precision}; e.g. 32-true or bf16-mixed)")
         raise TrainingDivergedError(
             f"The training loss became NaN/inf ({int(self.bad_steps)} step(s) by epoch {trainer.current_epoch}, "
             f"step {trainer.global_step}); training stopped and no checkpoint of these weights was written "
-            f"(earlier best.ckpt/last.ckpt are intact). Try a lower learning rate (optimizer.lr, now "
-            f"{', '.join(f'{lr:g}' for lr in learning_rates)}) or a more stable precision "
-            f"(trainer.precision, now {trainer.precision}; e.g. 32-true or bf16-mixed)."
+            f"({kept}). Try a lower learning rate (optimizer.lr, now "
+            f"{', '.join(f'{lr:g}' for lr in learning_rates)}){steadier}."
         )

@@ -16,6 +16,8 @@ GREY_LEVELS, GREY_LIMIT = (32, 223), 0.05  # a mask with over 5 % of pixels stri
 MIN_IMAGE_SIZE = 32  # smallest side slices are resized to for a network (data.image_size, predict image_size)
 _FILE_ORDER = {3: [2, 1, 0], 4: [2, 1, 0, 3]}  # OpenCV's BGR(A) -> the file's RGB(A)
 _TO_GRAY = {3: cv2.COLOR_RGB2GRAY, 4: cv2.COLOR_RGBA2GRAY}
+# OpenCV's own warnings on a damaged file ("PNG input buffer is incomplete") would come before the error that names it.
+cv2.utils.logging.setLogLevel(min(cv2.utils.logging.getLogLevel(), cv2.utils.logging.LOG_LEVEL_ERROR))
 
 
 class UnreadableImageError(ValueError):

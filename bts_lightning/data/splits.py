@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from bts_lightning.errors import ConfigError, DataError
+from bts_lightning.errors import ConfigError, DataError, format_names
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,20 @@ class Origins:
 METADATA_ORIGINS = Origins()  # the kaggle layout's: folds and patient ids come from metadata.csv
 
 
+def check_patients_in_one_fold(metadata: dict[str, dict[str, str]], stems: list[str], source: str) -> None:
+    """``DataError`` naming the patients (``pid``) whose slices sit in more than one ``fold``: a fold split would put
+    one patient in training and in evaluation."""
+    folds: dict[str, set[str]] = {}
+    for stem in stems:
+        folds.setdefault(metadata[stem]["pid"], set()).add(metadata[stem]["fold"])
+    spread = {pid: sorted(found) for pid, found in folds.items() if len(found) > 1}
+    if spread:
+        shown = [f"pid {pid} in folds {', '.join(found)}" for pid, found in sorted(spread.items())]
+        raise DataError(f"{source}: metadata.csv puts {len(spread)} patient(s) in more than one fold "
+                        f"({format_names(shown)}), so a fold split would score slices of patients it trained on. Give "
+                        "each patient's slices one fold.")
+
+
 def make_split(
     metadata: dict[str, dict[str, str]] | None,
     stems: list[str],
@@ -195,6 +209,8 @@ def make_split(
         if val_fold is None:
             raise ConfigError("data.split_by=fold needs data.val_fold=K (the fold to validate on).")
         if has_folds:
+            if "pid" in columns:
+                check_patients_in_one_fold(metadata, stems, source)
             return split_by_folds([metadata[s]["fold"] for s in stems], val_fold, test_fold)
         pids = [metadata[s]["pid"] for s in stems]
         labels = [metadata[s]["label"] for s in stems] if "label" in columns else None

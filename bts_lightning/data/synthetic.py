@@ -15,6 +15,7 @@ prints the folder; reusing ``out`` generated with other arguments is an error.
 from __future__ import annotations
 
 import csv
+import glob
 import inspect
 import json
 import logging
@@ -23,6 +24,8 @@ import numbers
 import os
 import shutil
 import tempfile
+import time
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +35,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from bts_lightning.errors import ConfigError, DataError
-from bts_lightning.runtime import hydra_app, make_directory, output_error, path_setting
+from bts_lightning.runtime import STALE_SECONDS, hydra_app, make_directory, output_error, path_setting
 from bts_lightning.visualize import encode_png, to_uint8
 
 logger = logging.getLogger(__name__)
@@ -371,6 +374,18 @@ def _tumor_slices(count: int, empty_fraction: float) -> int:
     return count - math.floor(empty_fraction * count + 0.5)
 
 
+def _remove_stale_folders(out: Path) -> None:
+    """Remove the ``.NAME.tmp-*`` folders beside ``out`` that a killed generation left: none of their folders changed
+    for ``STALE_SECONDS`` (a generation in progress keeps adding slices)."""
+    now = time.time()
+    for leftover in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
+        with suppress(OSError):
+            touched = max(path.stat().st_mtime for path in (leftover, leftover / "images", leftover / "masks")
+                          if path.exists())
+            if leftover.is_dir() and now - touched > STALE_SECONDS:
+                shutil.rmtree(leftover)
+
+
 def generate_dataset(
     out: str | Path,
     n: int = 400,
@@ -403,6 +418,7 @@ def generate_dataset(
     patients = [_make_patient(seed, p) for p in range(n_patients)]
     folds = _assign_folds([p.label for p in patients], num_folds, seed)
 
+    _remove_stale_folders(out)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         (tmp / "images").mkdir()
