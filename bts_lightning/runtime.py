@@ -144,6 +144,10 @@ def hydra_app(
     return main
 
 
+# Hydra flags that make an app compose another config than its own.
+_OTHER_CONFIG_FLAGS = ("--config-name", "-cn", "--config-dir", "-cd", "--config-path", "-cp")
+
+
 def app_settings(config_name: str) -> set[str]:
     """The top-level keys ``conf/<config_name>.yaml`` composes to: its own keys, its defaults' groups, and the keys
     that group options written for the whole config (``# @package _global_``, e.g. ``experiment=cross_dataset``'s
@@ -164,7 +168,10 @@ def app_settings(config_name: str) -> set[str]:
 def unknown_setting(config_name: str, arguments: list[str]) -> str | None:
     """The error for the first command-line override whose top-level key ``conf/<config_name>.yaml`` does not have
     (``treshold=0.3``, or ``+treshold=0.3``, which Hydra would add and the app never read); ``None`` when all are
-    known. ``hydra.*`` and forced additions (``++key=...``) pass."""
+    known. ``hydra.*`` and forced additions (``++key=...``) pass, and everything when the command names another
+    config (``--config-name``, ``--config-dir``, ``--config-path``), whose keys this cannot know."""
+    if any(argument.split("=", 1)[0] in _OTHER_CONFIG_FLAGS for argument in arguments):
+        return None
     known = app_settings(config_name) | {"hydra"}
     for argument in arguments:
         if argument.startswith(("-", "++", "~")) or "=" not in argument:
