@@ -91,12 +91,14 @@ def run_app(app: Callable[..., T], *args: Any) -> T:
     try:
         return app(*args)
     except Exception as error:
-        user_error = user_error_of(error) or refused_settings(error)
+        user_error, refused = user_error_of(error), None
+        if user_error is None:
+            user_error = refused = refused_settings(error)
         if user_error is None:
             _log_to_files(f"{type(error).__name__}: {error}", error)
             raise
         print(f"error: {user_error}", file=sys.stderr)
-        _log_to_files(f"error: {user_error}")
+        _log_to_files(f"error: {user_error}", error if refused else None)  # a refusal's traceback: where it was made
         raise SystemExit(2) from None
 
 
