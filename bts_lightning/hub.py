@@ -74,9 +74,10 @@ def check_upload_folder(directory: str | Path, own: Collection[str], what: str) 
     (``.git`` of a cloned repository) and ``__pycache__`` (running ``app.py`` there): such a folder is uploaded whole,
     so those files would be published with it."""
     directory = Path(directory)
+    if not directory.is_dir():
+        return
     others = sorted(p.name for p in directory.iterdir()
-                    if p.name not in own and not p.name.startswith(".") and p.name != "__pycache__") \
-        if directory.is_dir() else []
+                    if p.name not in own and not p.name.startswith(".") and p.name != "__pycache__")
     if others:
         raise ConfigError(f"output={directory} already holds {format_names(others)}: a {what} folder is uploaded as a "
                           "whole, so they would be published with it. Choose a new or empty folder (or one this "

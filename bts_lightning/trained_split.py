@@ -162,7 +162,7 @@ class TrainedSlices:
 
     def subsets(self, ids: Sequence[str]) -> dict[str, int]:
         """How many of ``ids`` are in each subset of the record (``train``, ``val``, ``test``) and in none."""
-        counts = {name: 0 for name in (*("train", "val", "test"), "none")}
+        counts = dict.fromkeys(("train", "val", "test", "none"), 0)
         for found in map(self.find, ids):
             name = "none" if found is None else self.subset_of[found]
             counts[name] = counts.get(name, 0) + 1
