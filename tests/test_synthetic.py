@@ -233,6 +233,16 @@ def test_a_killed_generations_old_folder_goes_with_the_next_one(tmp_path: Path) 
     assert sorted(p.name for p in tmp_path.iterdir()) == [".ds.tmp-new2", "ds"]
 
 
+def test_a_leftover_that_vanishes_while_cleaning_is_left_alone(tmp_path: Path) -> None:
+    """A concurrent generation can rename its ``.NAME.tmp-XXXX`` into place between the listing and the stat; a
+    dangling link stands for that state here (listed, nothing behind it). The generation goes on and the link stays."""
+    import os
+
+    os.symlink(tmp_path / "gone", tmp_path / ".ds.tmp-gone")
+    assert generate_dataset(tmp_path / "ds", n=4, size=32, seed=0, num_folds=2) == tmp_path / "ds"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ds.tmp-gone", "ds"]
+
+
 def test_existing_dataset_wins_the_rename(tmp_path: Path) -> None:
     out = generate_dataset(tmp_path / "ds", n=4, size=32, seed=0, num_folds=2)
     before = file_bytes(out)

@@ -380,9 +380,10 @@ def _remove_stale_folders(out: Path) -> None:
     now = time.time()
     for leftover in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
         with suppress(OSError):
-            touched = max(path.stat().st_mtime for path in (leftover, leftover / "images", leftover / "masks")
-                          if path.exists())
-            if leftover.is_dir() and now - touched > STALE_SECONDS:
+            # A folder that vanished meanwhile (a concurrent generation renamed it into place) counts as fresh.
+            touched = max((path.stat().st_mtime for path in (leftover, leftover / "images", leftover / "masks")
+                           if path.exists()), default=now)
+            if leftover.is_dir() and not leftover.is_symlink() and now - touched > STALE_SECONDS:
                 shutil.rmtree(leftover)
 
 
