@@ -207,6 +207,17 @@ def test_folder_without_folds_or_patients_needs_split_by_slice(make_dataset):
     assert dm.split_record()["leaky"] is True and dm.split_record()["method"] == "slices"
 
 
+def test_the_data_line_names_the_settings_that_chose_the_split(make_dataset, synthetic_root, caplog):
+    """A fold split names its folds; a fraction split its fractions and that data.val_fold is not used."""
+    root = make_dataset([str(i) for i in range(1, 9)])
+    with caplog.at_level(logging.INFO, logger="bts_lightning.data.datamodule"):
+        datamodule(root, split_by="slice", val_fold=1, val_fraction=0.25).setup("fit")
+        datamodule(synthetic_root, val_fold=1, test_fold=2).setup("fit")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Data ")]
+    assert "split by slices, data.val_fraction=0.25, data.test_fraction=0; data.val_fold=1 is not used (" in lines[0]
+    assert "split by folds, val fold 1, test fold 2 (train " in lines[1]
+
+
 def test_split_record_round_trips_through_state_dict(synthetic_root, caplog):
     dm = datamodule(synthetic_root, val_fold=1, test_fold=2)
     assert dm.state_dict() == {}

@@ -172,3 +172,14 @@ def test_num_folds_makes_folds_from_patient_ids_only_when_the_data_has_none():
     assert split(PIDS_ONLY, val_fold=None, num_folds=3).method == "patients"  # no fold to validate on
     with pytest.raises(ConfigError, match=r"data.val_fold=4 is not one of the data's folds; available folds: 1, 2, 3"):
         split(PIDS_ONLY, val_fold=4, num_folds=3)
+
+
+def test_a_fold_count_that_the_datas_own_folds_override_is_warned_about(caplog):
+    with caplog.at_level(logging.WARNING):
+        assert split(WITH_FOLDS, num_folds=5).method == "folds"
+    assert "data.num_folds=5 is not used: /data/root has 3 folds of its own" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        split(WITH_FOLDS, num_folds=3)  # the same count: nothing to say
+        split(PIDS_ONLY, num_folds=3)  # made from patient ids: used
+    assert "is not used" not in caplog.text

@@ -304,10 +304,18 @@ class BrainTumorDataModule(L.LightningDataModule):
         for name, indices in self._subsets().items():
             self.datasets[name] = self.make_dataset(indices, self.train_transform if name == "train" else None)
         sizes = ", ".join(f"{name} {len(indices)}" for name, indices in self._subsets().items())
-        log.info("Data %s (%s layout): %d slices, split by %s (%s)", root, self.found_layout, len(self.pairs),
-                 self.split.method, sizes)
+        log.info("Data %s (%s layout): %d slices, split by %s, %s (%s)", root, self.found_layout, len(self.pairs),
+                 self.split.method, self._split_settings(), sizes)
         if stage in (None, "fit"):
             self._setup_training_negatives(scan)
+
+    def _split_settings(self) -> str:
+        """The settings that chose ``self.split``, and the one that did not (val_fold outside fold splits)."""
+        if self.split.method in ("folds", "patient_folds"):
+            test = f", test fold {self.test_fold}" if self.test_fold is not None else ""
+            return f"val fold {self.val_fold}{test}"
+        unused = f"; data.val_fold={self.val_fold} is not used" if self.val_fold is not None else ""
+        return f"data.val_fraction={self.val_fraction:g}, data.test_fraction={self.test_fraction:g}{unused}"
 
     def _scan_windows(self, root: Path) -> list[tuple[int, ...]]:
         """Every slice's window of ``neighbours`` slices either side in its scan; errors for data without scans."""

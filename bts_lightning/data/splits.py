@@ -211,6 +211,10 @@ def make_split(
         if has_folds:
             if "pid" in columns:
                 check_patients_in_one_fold(metadata, stems, source)
+            own = len({metadata[s]["fold"] for s in stems})
+            if num_folds is not None and num_folds != own:
+                log.warning("data.num_folds=%d is not used: %s has %d folds of its own, which the split uses "
+                            "(data.num_folds only makes folds for data without them).", num_folds, source, own)
             return split_by_folds([metadata[s]["fold"] for s in stems], val_fold, test_fold)
         pids = [metadata[s]["pid"] for s in stems]
         labels = [metadata[s]["label"] for s in stems] if "label" in columns else None
