@@ -153,6 +153,29 @@ def resolve_resume(ckpt_path: str | Path | None, run_dir: str | Path, net: Mappi
 DATAMODULE_STATE_KEY = "BrainTumorDataModule"
 
 
+def check_resume_split(ckpt_path: str | Path, record: Mapping[str, Any]) -> None:
+    """Resuming continues the same run, so the train/val/test slices set up now (``record``, the data module's
+    :meth:`split_record`) must be the ones ``ckpt_path`` was trained on: another split would let ``best.ckpt`` compare
+    validation scores of different slices, and slices the network trained on could be validated or tested. Raises
+    :class:`CheckpointError` naming the subsets that differ; a checkpoint without a split record passes."""
+    trained = (_stored(Path(ckpt_path)).get(DATAMODULE_STATE_KEY) or {}).get("split")
+    if not isinstance(trained, Mapping):
+        return
+    now = record["subsets"]
+    differ = [name for name in now if (trained["subsets"].get(name) or {}).get("sha256") != now[name]["sha256"]]
+    if not differ:
+        return
+    then = trained.get("settings", {})
+    changed = [f"data.{key}: {then.get(key)!r} then, {record['settings'].get(key)!r} now"
+               for key in ("root", "split_by", "val_fold", "test_fold", "num_folds", "val_fraction", "test_fraction",
+                           "seed") if then.get(key) != record["settings"].get(key)]
+    raise CheckpointError(
+        f"Cannot resume from {ckpt_path}: its run was trained on another split of the data (the "
+        f"{', '.join(differ)} slices differ{'; ' + '; '.join(changed) if changed else ''}). Resume with the data "
+        "settings the run was started with, or start a new run without ckpt_path."
+    )
+
+
 def training_image_size(ckpt_path: str | Path) -> int | None:
     """``data.image_size`` the checkpoint was trained at, or ``None`` when it cannot be told.
 

@@ -20,7 +20,7 @@ from bts_lightning.calibrate import (
     warn_if_chance,
 )
 from bts_lightning.callbacks import MetricHistory
-from bts_lightning.checkpoint import resolve_resume
+from bts_lightning.checkpoint import check_resume_split, resolve_resume
 from bts_lightning.cross_dataset import check_cross_data, checkpoint_to_score, evaluate_across, evaluation_row
 from bts_lightning.errors import ConfigError
 from bts_lightning.evaluate import evaluate
@@ -202,6 +202,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     module = build_module(cfg)
     check_input_size(module.net, datamodule.image_size, "data.image_size")  # before data is read or generated
     datamodule.setup("fit")  # validates every file before anything heavy starts
+    if resume_from is not None:
+        check_resume_split(resume_from, datamodule.split_record())
     decision_aim = check_decision(cfg.get("decision"), datamodule)
     if datamodule.distance_maps is None:  # data.distance_maps: null = when the loss takes them
         datamodule.distance_maps = uses_distance_maps(module.criterion)

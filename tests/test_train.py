@@ -222,6 +222,11 @@ def test_resume_needs_a_matching_readable_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match=r"last.ckpt finished epoch 1 of trainer.max_epochs=1 already, so "
                                               r"resuming would train nothing: raise trainer.max_epochs"):
         train(compose_train([*overrides, "ckpt_path=last"], tmp_path / "run"))
+    before = last.read_bytes()
+    with pytest.raises(CheckpointError, match=r"last.ckpt: its run was trained on another split of the data \(the "
+                                              r"train, val slices differ; data.val_fold: 1 then, 3 now\)"):
+        train(compose_train([*overrides, "trainer.max_epochs=2", "data.val_fold=3", "ckpt_path=last"], tmp_path / "run"))
+    assert last.read_bytes() == before  # refused before training
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
