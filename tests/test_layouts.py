@@ -188,8 +188,10 @@ def test_detection_picks_the_one_layout_and_refuses_mixed_or_empty_roots(tmp_pat
     plain = tmp_path / "plain"  # a kaggle folder read as the suffix layout: the error says what it is
     for folder in ("images", "masks"):
         shutil.copytree(kaggle / folder, plain / folder)
-    with pytest.raises(DataError, match=r"images/ and masks/ folders are the kaggle layout: set data.layout=kaggle"):
-        find_slices(plain, "suffix", "_mask", None)
+    with pytest.raises(DataError, match=r"plain: its images/ and masks/ folders are the kaggle layout, not the suffix "
+                                        r"layout \(masks named X_mask.tif beside their slice X.tif\): set "
+                                        r"data.layout=kaggle \(or auto\).$"):
+        find_slices(plain, "suffix", "_mask", None)  # not "2N images without a mask": masks/ files are no images
 
 
 # --- figshare_mat layout ---------------------------------------------------------------------------------------------

@@ -87,13 +87,13 @@ def find_suffix_slices(root: Path, mask_suffix: str, patient_pattern: str | None
     if orphans := sorted(set(masks) - set(images)):
         names = [str(masks[key].relative_to(root)) for key in orphans]
         problems.append(f"{len(orphans)} mask(s) without an image beside them: {format_names(names)}")
+    if problems and (root / "images").is_dir() and (root / "masks").is_dir():  # its masks/ files count as images
+        raise DataError(f"{root}: its images/ and masks/ folders are the kaggle layout, not the suffix layout (masks "
+                        f"named X{mask_suffix}.tif beside their slice X.tif): set data.layout=kaggle (or auto).")
     if problems:
-        is_kaggle = (root / "images").is_dir() and (root / "masks").is_dir()
-        kaggle = " Its images/ and masks/ folders are the kaggle layout: set data.layout=kaggle (or auto)." if (
-            is_kaggle) else ""
         raise DataError(
             f"{root}: " + "; ".join(problems) + f". Every slice X.tif needs its mask X{mask_suffix}.tif in the same "
-            f"folder (data.mask_suffix sets the suffix).{kaggle}"
+            "folder (data.mask_suffix sets the suffix)."
         )
     ids = {key: key.relative_to(root).as_posix() for key in images}
     keys = sorted(images, key=lambda key: id_key(ids[key]))
