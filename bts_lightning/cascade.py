@@ -59,7 +59,7 @@ from bts_lightning.scan_context import (
     presence_probabilities,
 )
 from bts_lightning.segmentation_module import SegmentationModule
-from bts_lightning.trained_split import stored_split
+from bts_lightning.trained_split import same_held_out, stored_split
 
 log = logging.getLogger(__name__)
 
@@ -95,14 +95,6 @@ def _presence_paths(cfg: DictConfig) -> list[Path]:
     return paths
 
 
-def _held_out(record: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The val and test subsets (fingerprints) of a split record, or ``None`` without one."""
-    subsets = (record or {}).get("subsets")
-    if not isinstance(subsets, dict):
-        return None
-    return {name: (subsets.get(name) or {}).get("sha256") for name in ("val", "test")}
-
-
 def check_compatible(segmentation: Path, presence: Path) -> None:
     """``ConfigError`` unless both checkpoints take the same input and held out the same val and test slices.
 
@@ -118,12 +110,12 @@ def check_compatible(segmentation: Path, presence: Path) -> None:
         if first != second:
             raise ConfigError(f"segmentation={segmentation} and presence={presence} differ in {what}: {first} and "
                               f"{second}. Train both on the same data settings.")
-    held_out = _held_out(stored_split(segmentation)), _held_out(stored_split(presence))
-    if None in held_out:
-        missing = segmentation if held_out[0] is None else presence
-        raise ConfigError(f"{missing} records no data split (a checkpoint from before split records): a cascade needs "
-                          "to know that both networks held out the same val and test slices. Train it again.")
-    if held_out[0] != held_out[1]:
+    records = stored_split(segmentation), stored_split(presence)
+    for path, record in zip((segmentation, presence), records, strict=True):
+        if not isinstance((record or {}).get("subsets"), dict):
+            raise ConfigError(f"{path} records no data split (a checkpoint from before split records): a cascade "
+                              "needs to know that both networks held out the same val and test slices. Train it again.")
+    if not same_held_out(*records):
         raise ConfigError(f"segmentation={segmentation} and presence={presence} were trained on different splits (their "
                           "val or test slices differ): the presence threshold is calibrated on val slices and the "
                           "cascade is scored on test slices that neither network saw. Train both with the same data, "

@@ -160,6 +160,11 @@ class TrainedSlices:
                 return parts[start:]
         return None
 
+    def are(self, ids: Sequence[str], trained_ids: Sequence[str]) -> bool:
+        """Whether ``ids`` are exactly the slices ``trained_ids`` (ids of this record), each found once."""
+        expected = {tuple(slice_id.split("/")) for slice_id in trained_ids}
+        return len(ids) == len(expected) and {self.find(slice_id) for slice_id in ids} == expected
+
     def subsets(self, ids: Sequence[str]) -> dict[str, int]:
         """How many of ``ids`` are in each subset of the record (``train``, ``val``, ``test``) and in none."""
         counts = dict.fromkeys(("train", "val", "test", "none"), 0)
@@ -167,6 +172,20 @@ class TrainedSlices:
             name = "none" if found is None else self.subset_of[found]
             counts[name] = counts.get(name, 0) + 1
         return counts
+
+
+def same_held_out(first: dict[str, Any], second: dict[str, Any]) -> bool:
+    """Whether two split records hold out the same val and test slices, whatever root each read them from (data in
+    one folder per scan; flat layouts by their ids' digest)."""
+    layouts = {first["settings"].get("layout"), second["settings"].get("layout")}
+    trained = TrainedSlices(first, across_roots=layouts <= set(SCAN_LAYOUTS))
+    for name in ("val", "test"):
+        mine, theirs = first["subsets"].get(name) or {}, second["subsets"].get(name) or {}
+        if mine.get("sha256") == theirs.get("sha256"):
+            continue
+        if "ids" not in mine or "ids" not in theirs or not trained.are(theirs["ids"], mine["ids"]):
+            return False
+    return True
 
 
 def check_scored_slices(
@@ -198,8 +217,7 @@ def check_scored_slices(
     if subset is None:
         matches = None
     elif "ids" in subset:  # the same slices, whatever root they were read from
-        expected = {tuple(slice_id.split("/")) for slice_id in subset["ids"]}
-        matches = len(ids) == len(expected) and {trained.find(slice_id) for slice_id in ids} == expected
+        matches = trained.are(ids, subset["ids"])
     else:
         matches = scored["sha256"] == subset["sha256"]
     trained_as = f"{record['subsets'].get(split, {}).get('n', 0)} slices of {record['settings']['root']}, split by " \

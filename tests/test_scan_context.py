@@ -280,6 +280,30 @@ def test_predict_takes_the_folder_as_one_scan_and_a_lone_file_alone(scan_runs, t
     assert "judges each slice alone" in caplog.text
 
 
+def test_networks_trained_on_the_same_scans_through_another_root_join(scan_runs, tmp_path):
+    """A presence network whose record reads the scans through a parent folder (ids ``scans/<scan>/<slice>``) held out
+    the same slices as the segmentation network: the cascade joins them; another val split is still refused."""
+    from bts_lightning.cascade import check_compatible
+    from bts_lightning.data.splits import slice_ids_digest
+
+    checkpoint = torch.load(scan_runs["presence"], map_location="cpu", weights_only=True)
+    record = checkpoint["BrainTumorDataModule"]["split"]
+    record["settings"]["root"] = str(scan_runs["root"].parent)
+    for subset in record["subsets"].values():
+        subset["ids"] = [f"scans/{slice_id}" for slice_id in subset["ids"]]
+        subset["sha256"] = slice_ids_digest(subset["ids"])
+    through_parent = tmp_path / "through_parent.ckpt"
+    torch.save(checkpoint, through_parent)
+    check_compatible(scan_runs["segmentation"], through_parent)
+
+    record["subsets"]["val"]["ids"], record["subsets"]["train"]["ids"] = (
+        record["subsets"]["train"]["ids"][: len(record["subsets"]["val"]["ids"])], record["subsets"]["val"]["ids"])
+    record["subsets"]["val"]["sha256"] = slice_ids_digest(record["subsets"]["val"]["ids"])
+    torch.save(checkpoint, through_parent)
+    with pytest.raises(ConfigError, match="trained on different splits"):
+        check_compatible(scan_runs["segmentation"], through_parent)
+
+
 def test_held_out_is_judged_by_the_slices_whatever_root_they_are_read_from(scan_runs, tmp_path):
     """The same scans read through another root (a parent folder, links to some patients) are the same slices: the
     checkpoint's val split is still its val split, and training patients are still training slices."""
