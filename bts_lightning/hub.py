@@ -7,7 +7,8 @@
   cleared) and ``module`` (the module's other hyperparameters: loss, optimizer, ...), so the folder alone
   rebuilds the :class:`~bts_lightning.segmentation_module.SegmentationModule`;
 - ``model.safetensors``: the network's state dict (``module.net``);
-- ``README.md``: a model card (architecture, training data, preprocessing, metrics, intended use).
+- ``README.md``: a model card (architecture, training data, preprocessing, metrics, intended use); the numbers it
+  shows are also in ``config.json``'s ``metrics`` (:func:`card_metrics`), so a copy of the folder keeps them.
 
 :func:`from_pretrained` rebuilds the module from such a local folder, offline (only ``safetensors`` is
 needed; huggingface_hub never is), and :func:`load_folder` gives its predictor, which
@@ -59,14 +60,33 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def hub_config(module: SegmentationModule, contract: ModelContract) -> dict[str, Any]:
-    """The ``config.json`` content of ``module`` trained under ``contract``."""
+def hub_config(module: SegmentationModule, contract: ModelContract,
+               metrics: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The ``config.json`` content of ``module`` trained under ``contract``, with the :func:`card_metrics` of its
+    run's ``metrics`` when there are any."""
     hparams = _plain(dict(module.hparams))
     net = dict(hparams.pop("net"))
     net["weights"] = None  # the trained weights are in model.safetensors
     hparams["compile"] = False
+    shown = card_metrics(metrics)
     return {**contract.to_dict(), "net": net, "module": hparams, "library_name": "bts_lightning",
-            "hub_format_version": HUB_FORMAT_VERSION}
+            "hub_format_version": HUB_FORMAT_VERSION, **({"metrics": shown} if shown else {})}
+
+
+def card_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """What a model card shows of a run's ``metrics.json``: its ``dataset``, top-level numbers, ``test`` scores and
+    ``selection`` note (``None`` without metrics); :func:`model_card` reads it as it reads the whole file."""
+    if not metrics:
+        return None
+
+    def numbers(record: Any) -> dict[str, Any]:
+        return {key: value for key, value in (record.items() if isinstance(record, Mapping) else ())
+                if isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+    note = (metrics.get("selection") or {}).get("note") if isinstance(metrics.get("selection"), Mapping) else None
+    return {**({"dataset": metrics["dataset"]} if metrics.get("dataset") else {}), **numbers(metrics),
+            **({"test": numbers(metrics["test"])} if numbers(metrics.get("test")) else {}),
+            **({"selection": {"note": note}} if note else {})}
 
 
 def check_upload_folder(directory: str | Path, own: Collection[str], what: str) -> None:
@@ -92,9 +112,9 @@ def save_pretrained(
 ) -> Path:
     """Write ``config.json``, ``model.safetensors`` and ``README.md`` of ``source`` into ``directory``; returns it.
 
-    ``source`` is a training checkpoint (its contract and its run's ``metrics.json``, when present, are
-    used) or a module (``contract`` defaults to ``ModelContract.from_module``: its network and the data it was
-    trained on, its ``data_settings``). Each file is written atomically.
+    ``source`` is a training checkpoint or a hub folder (its contract and the numbers of its run, :func:`run_metrics`,
+    are used) or a module (``contract`` defaults to ``ModelContract.from_module``: its network and the data it was
+    trained on, its ``data_settings``; ``metrics`` to its ``card_metrics``). Each file is written atomically.
     """
     if isinstance(source, (str, Path)):
         predictor = load_predictor(source, device="cpu")
@@ -104,9 +124,10 @@ def save_pretrained(
         metrics = metrics if metrics is not None else run_metrics(Path(source))
     else:
         module, contract = source, contract or ModelContract.from_module(source)
+        metrics = metrics if metrics is not None else source.card_metrics
     check_upload_folder(directory, (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME), "hub model")
     directory = make_directory(directory, "output")
-    config = hub_config(module, contract)
+    config = hub_config(module, contract, metrics)
     state = {key: tensor.detach().cpu().contiguous().clone() for key, tensor in module.net.state_dict().items()}
     write_bytes_atomic(directory / WEIGHTS_NAME, _safetensors().save(state, metadata={"format": "pt"}))
     write_json_atomic(directory / CONFIG_NAME, config)
@@ -115,7 +136,10 @@ def save_pretrained(
 
 
 def run_metrics(ckpt_path: Path) -> dict[str, Any] | None:
-    """The ``metrics.json`` of the checkpoint's run (``RUN/checkpoints/x.ckpt`` -> ``RUN/metrics.json``), if readable."""
+    """The numbers of the model's training run, if known: a hub folder's ``config.json`` ``metrics``, else the
+    ``metrics.json`` of the checkpoint's run (``RUN/checkpoints/x.ckpt`` -> ``RUN/metrics.json``), if readable."""
+    if ckpt_path.is_dir():
+        return read_config(ckpt_path).get("metrics")
     path = ckpt_path.resolve().parent.parent / "metrics.json"
     try:
         metrics = json.loads(path.read_text())
@@ -127,13 +151,14 @@ def run_metrics(ckpt_path: Path) -> dict[str, Any] | None:
 def _metric_lines(metrics: Mapping[str, Any] | None) -> list[str]:
     """Markdown bullet lines of the numbers in ``metrics`` (a training run's ``metrics.json``): its top-level
     ones and its ``test`` scores; other nested records are left out."""
-    if not metrics:
+    shown = card_metrics(metrics)
+    if not shown:
         return ["- No metrics recorded with this checkpoint (see `python -m bts_lightning.evaluate`)."]
-    test = metrics.get("test") if isinstance(metrics.get("test"), Mapping) else {}
-    numbers = {**metrics, **{f"test {key}": value for key, value in test.items()}}
+    test = {f"test {key}": value for key, value in shown.pop("test", {}).items()}
+    note = shown.pop("selection", {}).get("note")
+    shown.pop("dataset", None)
     lines = [f"- {key}: {value}" if isinstance(value, int) else f"- {key}: {value:.4g}"
-             for key, value in numbers.items() if isinstance(value, (int, float)) and not isinstance(value, bool)]
-    note = (metrics.get("selection") or {}).get("note") if isinstance(metrics.get("selection"), Mapping) else None
+             for key, value in {**shown, **test}.items()]
     return (lines or ["- The run's metrics.json holds no numbers."]) + ([f"\n{note}"] if note else [])
 
 
@@ -145,9 +170,9 @@ def model_card(config: Mapping[str, Any], metrics: Mapping[str, Any] | None = No
                front_matter: tuple[str, ...] = CARD_FRONT_MATTER) -> str:
     """The ``README.md`` model card of a folder with ``config`` (and the training run's ``metrics``),
     headed by the YAML ``front_matter`` lines."""
-    net = config.get("net", {})
+    net = json.loads(json.dumps(config.get("net", {}), sort_keys=True))  # as config.json holds it: one order
     data = (metrics or {}).get("dataset") or "not recorded"
-    settings = ", ".join(f"{key}={value}" for key, value in net.items() if key not in ("_target_", "weights"))
+    settings = ", ".join(f"{key}={value}" for key, value in net.items() if key not in ("_target_", "weights", "name"))
     return "\n".join([
         "---", *front_matter, "---", "",
         f"# Brain tumor segmentation: {config.get('model') or 'network'}", "",
@@ -241,6 +266,7 @@ def from_pretrained(directory: str | Path, device: str | torch.device | None = "
     module = load_module_from(hparams, state, weights)
     module.data_settings = {key: config[key] for key in ("image_size", "channels", "neighbours")
                             if config.get(key) is not None}
+    module.card_metrics = config.get("metrics")
     return module.to(resolve_device(device)).eval()
 
 

@@ -81,6 +81,8 @@ class SegmentationModule(L.LightningModule):
     module it is fitted with; kept in its checkpoints and set again by ``checkpoint.load_module``,
     ``load_from_checkpoint`` and ``hub.from_pretrained``), so the model
     contract of a bare module (``export_model``, ``save_pretrained``, ``ModulePredictor``) is right. Empty: unknown.
+    ``card_metrics``: the training run's numbers a hub folder's model card shows (``hub.card_metrics``), set by
+    ``hub.from_pretrained`` so that ``save_pretrained`` of the module keeps them; ``None``: none known.
     """
 
     def __init__(
@@ -105,6 +107,7 @@ class SegmentationModule(L.LightningModule):
         })
         _check_learning_rate(self.hparams.optimizer)
         self.data_settings: dict[str, Any] = {}
+        self.card_metrics: dict[str, Any] | None = None
         self.configure_models()
         self.configure_losses()
         self.configure_metrics()

@@ -41,6 +41,22 @@ def test_round_trip_gives_the_same_probabilities_and_contract(tiny_checkpoint, h
     assert "Dataset: synthetic." in card and "- best_val_dice: " in card  # from the run's metrics.json
 
 
+def test_copies_of_a_folder_keep_its_training_data_and_numbers(hub_folder, tmp_path):
+    """save_pretrained of a module loaded from a folder, and a folder exported again, show the same card: the numbers
+    travel in config.json's metrics, since the folder has no run metrics.json beside it."""
+    from bts_lightning.export import export
+
+    config = json.loads((hub_folder / CONFIG_NAME).read_text())
+    assert config["metrics"]["dataset"] == "synthetic" and "best_val_dice" in config["metrics"]
+    assert "val_history" not in config["metrics"]  # only what the card shows
+    card = (hub_folder / CARD_NAME).read_text()
+    copy = save_pretrained(from_pretrained(hub_folder), tmp_path / "copy")
+    export(compose_app("export", [f"ckpt_path={hub_folder}", "format=hub", f"output={tmp_path / 'again'}"], tmp_path))
+    for folder in (copy, tmp_path / "again"):
+        assert (folder / CARD_NAME).read_text() == card
+        assert json.loads((folder / CONFIG_NAME).read_text())["metrics"] == config["metrics"]
+
+
 def test_predict_on_a_folder_equals_predict_on_the_checkpoint(tiny_checkpoint, hub_folder, tmp_path):
     image = tmp_path / "slice.png"  # another size than the network's, to check the resizing too
     cv2.imwrite(str(image), cv2.resize(cv2.imread(str(min(tiny_checkpoint.data_dir.rglob("images/*.png")))),
