@@ -302,6 +302,20 @@ def test_distributed_evaluation_scores_every_slice_once(make_dataset):
     assert [i for batch in dm.val_dataloader() for i in batch["index"].tolist()] == dm.split.val
 
 
+def test_each_rank_trains_its_share_when_it_is_no_full_batch(make_dataset):
+    """12 training slices, batch 8: one process drops the short last batch (8 trained), but under 2 processes each
+    rank's share of 6 is its only batch and is kept (a rank whose one batch were dropped would train nothing)."""
+    root = make_dataset([str(i) for i in range(1, 15)])
+    write_metadata(root, [f"{i},1,{1 if i <= 2 else 2}" for i in range(1, 15)])
+    dm = datamodule(root, val_fold=1, batch_size=8)
+    dm.setup("fit")
+    assert len(dm.split.train) == 12
+    assert [len(batch["index"]) for batch in dm.train_dataloader()] == [8]
+    for rank in (0, 1):
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        assert [len(batch["index"]) for batch in dm.train_dataloader()] == [6]
+
+
 # --- Masks ---------------------------------------------------------------------------------------------------------
 
 

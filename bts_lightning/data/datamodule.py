@@ -530,14 +530,16 @@ class BrainTumorDataModule(L.LightningDataModule):
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         dataset = self.training_set if name == "train" else self.datasets[name]
+        sampler = self._train_sampler() if shuffle else self._eval_sampler(dataset)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=self._train_sampler() if shuffle else self._eval_sampler(dataset),
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
-            drop_last=shuffle and len(dataset) > self.batch_size,
+            # a short last batch is dropped only when a full one comes first: on this rank's share under DDP
+            drop_last=shuffle and len(sampler) > self.batch_size,
             worker_init_fn=seed_worker_transform,
         )
 
