@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from bts_lightning.errors import BtsError, first_line
 from bts_lightning.runtime import atomic_path, user_error_of
-from bts_lightning.segmentation_module import SegmentationModule
+from bts_lightning.segmentation_module import DATA_SETTINGS_KEY, SegmentationModule
 
 _REQUIRED_HPARAMS = ("net", "loss", "optimizer")
 # Module settings that checkpoints written before the model config became the module's kept in "model".
@@ -153,27 +153,45 @@ def resolve_resume(ckpt_path: str | Path | None, run_dir: str | Path, net: Mappi
 DATAMODULE_STATE_KEY = "BrainTumorDataModule"
 
 
-def check_resume_split(ckpt_path: str | Path, record: Mapping[str, Any]) -> None:
-    """Resuming continues the same run, so the train/val/test slices set up now (``record``, the data module's
-    :meth:`split_record`) must be the ones ``ckpt_path`` was trained on: another split would let ``best.ckpt`` compare
-    validation scores of different slices, and slices the network trained on could be validated or tested. Raises
-    :class:`CheckpointError` naming the subsets that differ; a checkpoint without a split record passes."""
-    trained = (_stored(Path(ckpt_path)).get(DATAMODULE_STATE_KEY) or {}).get("split")
-    if not isinstance(trained, Mapping):
-        return
-    now = record["subsets"]
-    differ = [name for name in now if (trained["subsets"].get(name) or {}).get("sha256") != now[name]["sha256"]]
-    if not differ:
-        return
-    then = trained.get("settings", {})
-    changed = [f"data.{key}: {then.get(key)!r} then, {record['settings'].get(key)!r} now"
-               for key in ("root", "split_by", "val_fold", "test_fold", "num_folds", "val_fraction", "test_fraction",
-                           "seed") if then.get(key) != record["settings"].get(key)]
-    raise CheckpointError(
-        f"Cannot resume from {ckpt_path}: its run was trained on another split of the data (the "
-        f"{', '.join(differ)} slices differ{'; ' + '; '.join(changed) if changed else ''}). Resume with the data "
-        "settings the run was started with, or start a new run without ckpt_path."
-    )
+def _differences(prefix: str, then: Any, now: Any) -> list[str]:
+    """``"prefix.key: X then, Y now"`` for every leaf where two nested configs differ."""
+    if isinstance(then, Mapping) and isinstance(now, Mapping):
+        return [line for key in sorted(set(then) | set(now), key=str)
+                for line in _differences(f"{prefix}.{key}", then.get(key), now.get(key))]
+    return [] if then == now else [f"{prefix}: {then!r} then, {now!r} now"]
+
+
+def check_resume_settings(ckpt_path: str | Path, hparams: Mapping[str, Any], data_settings: Mapping[str, Any],
+                          split: Mapping[str, Any]) -> None:
+    """Resuming continues the same run, so what it trains with now must be what ``ckpt_path`` was trained with: the
+    module's ``hparams`` (loss, optimizer, scheduler, ...; ``net`` is :func:`resolve_resume`'s), the input
+    (``data_settings``: image size, channels, neighbours) and the train/val/test slices (``split``, the data module's
+    :meth:`split_record`). Lightning restores the optimizer's state over a changed optimizer (another class crashes,
+    another learning rate is silently replaced), mixes input sizes in one run, and with another split ``best.ckpt``
+    compares scores of different slices while trained slices could be validated. Raises :class:`CheckpointError`
+    naming what differs; entries the checkpoint does not record pass."""
+    checkpoint = _stored(Path(ckpt_path))
+    stored = checkpoint.get("hyper_parameters") or {}
+    differ = [line for key in sorted(set(stored) & set(hparams) - {"net", "compile"})
+              for line in _differences(key, stored[key], hparams[key])]
+    trained_data = checkpoint.get(DATA_SETTINGS_KEY) or {}
+    differ += [line for key in sorted(set(trained_data) & set(data_settings))
+               for line in _differences(f"data.{key}", trained_data[key], data_settings[key])]
+    trained = (checkpoint.get(DATAMODULE_STATE_KEY) or {}).get("split")
+    if isinstance(trained, Mapping):
+        subsets = [name for name in split["subsets"]
+                   if (trained["subsets"].get(name) or {}).get("sha256") != split["subsets"][name]["sha256"]]
+        if subsets:
+            then = trained.get("settings", {})
+            differ.append(f"the {', '.join(subsets)} slices of the split (" + ("; ".join(
+                f"data.{key}: {then.get(key)!r} then, {split['settings'].get(key)!r} now"
+                for key in ("root", "split_by", "val_fold", "test_fold", "num_folds", "val_fraction", "test_fraction",
+                            "seed") if then.get(key) != split["settings"].get(key)) or "the data changed") + ")")
+    if differ:
+        raise CheckpointError(
+            f"Cannot resume from {ckpt_path}: its run was trained with other settings ({'; '.join(differ)}). Resume "
+            "with the overrides the run was started with, or start a new run without ckpt_path."
+        )
 
 
 def training_image_size(ckpt_path: str | Path) -> int | None:

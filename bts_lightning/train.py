@@ -20,7 +20,7 @@ from bts_lightning.calibrate import (
     warn_if_chance,
 )
 from bts_lightning.callbacks import MetricHistory
-from bts_lightning.checkpoint import check_resume_split, resolve_resume
+from bts_lightning.checkpoint import check_resume_settings, resolve_resume
 from bts_lightning.cross_dataset import check_cross_data, checkpoint_to_score, evaluate_across, evaluation_row
 from bts_lightning.errors import ConfigError
 from bts_lightning.evaluate import evaluate
@@ -29,7 +29,7 @@ from bts_lightning.losses import uses_distance_maps
 from bts_lightning.metrics import SLICE_SCORES, VAL_DICE, VAL_IOU
 from bts_lightning.models import check_input_size
 from bts_lightning.runtime import flag_setting, hydra_app, user_error_of, write_json_atomic
-from bts_lightning.segmentation_module import SegmentationModule
+from bts_lightning.segmentation_module import SegmentationModule, data_settings_of
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_input_size(module.net, datamodule.image_size, "data.image_size")  # before data is read or generated
     datamodule.setup("fit")  # validates every file before anything heavy starts
     if resume_from is not None:
-        check_resume_split(resume_from, datamodule.split_record())
+        check_resume_settings(resume_from, module.hparams, data_settings_of(datamodule), datamodule.split_record())
     decision_aim = check_decision(cfg.get("decision"), datamodule)
     if datamodule.distance_maps is None:  # data.distance_maps: null = when the loss takes them
         datamodule.distance_maps = uses_distance_maps(module.criterion)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -223,9 +224,16 @@ def test_resume_needs_a_matching_readable_checkpoint(tmp_path):
                                               r"resuming would train nothing: raise trainer.max_epochs"):
         train(compose_train([*overrides, "ckpt_path=last"], tmp_path / "run"))
     before = last.read_bytes()
-    with pytest.raises(CheckpointError, match=r"last.ckpt: its run was trained on another split of the data \(the "
-                                              r"train, val slices differ; data.val_fold: 1 then, 3 now\)"):
-        train(compose_train([*overrides, "trainer.max_epochs=2", "data.val_fold=3", "ckpt_path=last"], tmp_path / "run"))
+    for changed, message in (
+        ("data.val_fold=3", "the train, val slices of the split (data.val_fold: 1 then, 3 now)"),
+        ("data.image_size=32", "data.image_size: 64 then, 32 now"),
+        ("optimizer=sgd", "optimizer._target_: 'torch.optim.AdamW' then, 'torch.optim.SGD' now"),
+        ("optimizer.lr=0.1", "optimizer.lr: 0.002 then, 0.1 now"),
+        ("loss=dice", "loss._target_: "),
+    ):
+        with pytest.raises(CheckpointError, match=r"last.ckpt: its run was trained with other settings \(.*"
+                                                  + re.escape(message)):
+            train(compose_train([*overrides, "trainer.max_epochs=2", changed, "ckpt_path=last"], tmp_path / "run"))
     assert last.read_bytes() == before  # refused before training
 
 
