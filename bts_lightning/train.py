@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -40,6 +41,18 @@ DECISION_PIXEL_THRESHOLD = 0.5
 
 def _instantiate_all(configs: DictConfig | None) -> list[Any]:
     return [instantiate(config) for config in (configs or {}).values() if config]
+
+
+def check_sweep_objective(callbacks: DictConfig | None) -> None:
+    """An Optuna sweep (``hparams_search=optuna``) maximizes what the app returns, ``best_val_dice``, which only
+    the metric history callback records: ``ConfigError`` before training when a trial would return nothing."""
+    if not HydraConfig.initialized() or "optuna" not in str(HydraConfig.get().sweeper.get("_target_", "")).lower():
+        return
+    if not any(str((callback or {}).get("_target_", "")).endswith(".MetricHistory")
+               for callback in (callbacks or {}).values()):
+        raise ConfigError("hparams_search=optuna maximizes best_val_dice, which the metric history callback records, "
+                          "but callbacks has none (callbacks=none?): keep callbacks=default, or add "
+                          "+callbacks.metric_history._target_=bts_lightning.callbacks.MetricHistory.")
 
 
 def check_epochs(trainer: DictConfig) -> None:
@@ -190,6 +203,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """
     output_dir = Path(cfg.paths.output_dir)
     check_epochs(cfg.trainer)
+    check_sweep_objective(cfg.get("callbacks"))
     monitor, mode = check_monitor(cfg.get("monitor"))
     test = flag_setting(cfg, "test", False)
     if cfg.get("cross_data") is not None:

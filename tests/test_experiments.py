@@ -16,7 +16,7 @@ import torch
 from bts_lightning.callbacks import TrainingDivergedError
 from bts_lightning.segmentation_module import SegmentationModule
 from bts_lightning.train import build_module, train
-from tests.conftest import REPO_ROOT, compose_train, run_cli
+from tests.conftest import REPO_ROOT, assert_one_error_line, compose_train, run_cli
 from tests.test_train import SMALL_SYNTHETIC
 
 QUICK = [*SMALL_SYNTHETIC, "trainer=cpu", "data.num_workers=0", "trainer.deterministic=true", "test=false"]
@@ -168,6 +168,12 @@ def test_optuna_sweep_runs_two_trials_and_maximizes_val_dice(tmp_path):
     best = OmegaConf.load(sweep / "optimization_results.yaml")
     values = [json.loads((job / "metrics.json").read_text())["best_val_dice"] for job in jobs]
     assert best.best_value == pytest.approx(max(values))
+
+    # without the metric history a trial has no best_val_dice to return: one error line before training
+    result = run_cli(["bts_lightning.train", "hparams_search=optuna", "hydra.sweeper.n_trials=2", *QUICK,
+                      "callbacks=none", f"paths.data_dir={tmp_path / 'data'}", f"hydra.sweep.dir={tmp_path / 'none'}"],
+                     cwd=tmp_path)
+    assert_one_error_line(result, "hparams_search=optuna maximizes best_val_dice", "callbacks=none")
 
 
 def test_slurm_launcher_config_composes(tmp_path):
