@@ -90,6 +90,23 @@ def test_corrupt_and_mismatched_files_fail_setup_with_names(make_dataset):
     assert "images/6.png is 32x32 but its mask masks/6.png is 32x20" in message and "size mismatch" in message
 
 
+def test_a_float_image_with_a_nan_pixel_is_named_not_read_as_black(make_dataset):
+    """Min-max scaling with a NaN makes every pixel 0: such a file is refused, in training and in predict's reader."""
+    root = make_dataset([str(i) for i in range(1, 5)])
+    image = np.random.default_rng(0).random((32, 32), dtype=np.float32)
+    image[3, 4] = np.nan
+    (root / "images" / "2.png").unlink()
+    cv2.imwrite(str(root / "images" / "2.tif"), image)
+    with pytest.raises(DataError, match=r"1 float file\(s\) with NaN or infinite pixel values, whose scaling to "
+                                        r"0-255 cannot be told: .*images/2\.tif"):
+        datamodule(root, split_by="slice").setup("fit")
+    with pytest.raises(ValueError, match=r"2\.tif: holds NaN or infinite pixel values"):
+        read_grayscale(root / "images" / "2.tif")
+    image[3, 4] = 0.5
+    cv2.imwrite(str(root / "images" / "2.tif"), image)
+    assert read_grayscale(root / "images" / "2.tif").max() == 255  # finite floats are scaled as before
+
+
 def test_metadata_rows_must_match_files(make_dataset):
     root = make_dataset(["1", "2"])
     write_metadata(root, ["1,1,1", "2,1,2", "99,1,1"])

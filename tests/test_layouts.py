@@ -296,6 +296,15 @@ def test_unreadable_release_files_are_named(tmp_path):
         del handle["cjdata/tumorMask"]
     with pytest.raises(DataError, match=r"1 unreadable or corrupt file\(s\): .*brainTumorDataPublic_1-4/2\.mat"):
         datamodule(tmp_path / "second", num_folds=2).setup("fit")
+    write_release(tmp_path / "third")  # one NaN pixel would min-max scale the whole slice to 0
+    with h5py.File(tmp_path / "third" / "brainTumorDataPublic_1-4" / "2.mat", "r+") as handle:
+        image = handle["cjdata/image"][()].astype(np.float64)
+        image[0, 0] = np.nan
+        del handle["cjdata/image"]
+        handle["cjdata/image"] = image
+    with pytest.raises(DataError, match=r"1 float file\(s\) with NaN or infinite pixel values, whose scaling to "
+                                        r"0-255 cannot be told: .*brainTumorDataPublic_1-4/2\.mat"):
+        datamodule(tmp_path / "third", num_folds=2).setup("fit")
 
 
 # --- experiment=cv on any layout ------------------------------------------------------------------------------------

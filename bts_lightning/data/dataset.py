@@ -21,6 +21,7 @@ from bts_lightning.data.io import (
     GREY_LEVELS,
     GREY_LIMIT,
     ChannelError,
+    NonFiniteImageError,
     UnreadableImageError,
     binarize_mask,
     mask_problem,
@@ -108,6 +109,7 @@ def scan_pairs(pairs: Sequence[SlicePair], size: int, keep: bool, channels: Chan
     images = np.empty((len(pairs), count, size, size), np.uint8) if keep else None
     masks = np.empty((len(pairs), size, size), np.uint8) if keep else None
     unreadable: list[str] = []
+    non_finite: list[str] = []
     lacking: dict[int, list[str]] = defaultdict(list)  # channel count -> image names
     mismatched: list[str] = []
     bad_masks: dict[str, list[str]] = {problem: [] for problem in MASK_PROBLEMS}
@@ -115,6 +117,9 @@ def scan_pairs(pairs: Sequence[SlicePair], size: int, keep: bool, channels: Chan
     def scan(index: int) -> None:
         try:
             image, mask = read_pair(pairs[index], channels)
+        except NonFiniteImageError as error:
+            non_finite.append(str(error).split(": ")[0])
+            return
         except UnreadableImageError as error:
             unreadable.append(str(error).split(": ")[0])
             return
@@ -135,6 +140,9 @@ def scan_pairs(pairs: Sequence[SlicePair], size: int, keep: bool, channels: Chan
     problems = []
     if unreadable:
         problems.append(f"{len(unreadable)} unreadable or corrupt file(s): {format_names(sorted(unreadable))}")
+    if non_finite:
+        problems.append(f"{len(non_finite)} float file(s) with NaN or infinite pixel values, whose scaling to 0-255 "
+                        f"cannot be told: {format_names(sorted(non_finite))}")
     if lacking:
         names = sorted(name for group in lacking.values() for name in group)
         counts = " or ".join(map(str, sorted(lacking)))

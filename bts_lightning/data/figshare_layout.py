@@ -24,7 +24,7 @@ from bts_lightning.data.figshare_metadata import (
     open_hdf5,
     read_slice,
 )
-from bts_lightning.data.io import UnreadableImageError
+from bts_lightning.data.io import UnreadableImageError, check_finite
 from bts_lightning.errors import DataError, format_names
 
 MAT_SUFFIX = ".mat"
@@ -89,4 +89,5 @@ def read_mat_slice(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     for key, array in zip(ARRAYS, (image, mask)):
         if array.ndim != 2 or array.dtype.kind not in "biuf":
             raise UnreadableImageError(f"{path}: cjdata.{key} is {array.dtype} of shape {array.shape}, not a 2-D image")
+        check_finite(array, path)
     return image, mask

@@ -24,6 +24,17 @@ class UnreadableImageError(ValueError):
     """A file could not be decoded as an image."""
 
 
+class NonFiniteImageError(UnreadableImageError):
+    """A float image holds NaN or infinite values: its scaling to 0-255 cannot be told."""
+
+
+def check_finite(image: np.ndarray, path: str | Path) -> np.ndarray:
+    """``image`` itself; :class:`NonFiniteImageError` naming ``path`` when it is a float array with NaN or inf."""
+    if image.dtype.kind == "f" and not np.isfinite(image).all():
+        raise NonFiniteImageError(f"{path}: holds NaN or infinite pixel values")
+    return image
+
+
 class ChannelError(ValueError):
     """An image lacks a channel that ``data.channels`` asks for; ``count`` is how many channels it has."""
 
@@ -43,7 +54,7 @@ def decode(path: str | Path) -> np.ndarray:
                                    "as its own image file")
     if image.ndim == 3 and image.shape[2] in _FILE_ORDER:
         image = image[..., _FILE_ORDER[image.shape[2]]]
-    return image
+    return check_finite(image, path)
 
 
 def to_channels(image: np.ndarray, channels: Channels) -> np.ndarray:
