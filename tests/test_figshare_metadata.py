@@ -231,6 +231,20 @@ def test_app_writes_out(mat_dir: Path, tmp_path: Path, monkeypatch: pytest.Monke
     assert capsys.readouterr().out == "metadata.csv\nsub/meta.csv\n"  # the files written, one a line
 
 
+def test_check_reads_metadata_as_training_does(mat_dir: Path, tmp_path: Path) -> None:
+    """An Excel BOM is fine; a binary file, and a folder without metadata.csv, are one clear error each."""
+    figshare_app([f"mat_dir={mat_dir}", f"out={tmp_path / 'plain.csv'}"], tmp_path / "run")
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + (tmp_path / "plain.csv").read_bytes())
+    assert fm.compare_with(fm.collect_records(mat_dir), bom) == len(CVIND)
+    (tmp_path / "binary.csv").write_bytes(b"\x00\x01\x02\xff\xfe")
+    with pytest.raises(DataError, match=r"binary.csv is not a UTF-8 text file"):
+        fm.compare_with(fm.collect_records(mat_dir), tmp_path / "binary.csv")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"check=.*empty: there is no metadata file .*empty/metadata\.csv\.$"):
+        fm.compare_with(fm.collect_records(mat_dir), tmp_path / "empty")
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

@@ -87,7 +87,7 @@ def find_pairs(root: str | Path) -> list[SlicePair]:
     return [SlicePair(stem, images[stem], masks[stem]) for stem in sorted(images, key=natural_key)]
 
 
-def _read_rows(path: Path) -> dict[int, dict[str, str]]:
+def read_csv_rows(path: Path) -> dict[int, dict[str, str]]:
     """The rows of CSV file ``path`` with stripped cells, keyed by spreadsheet row number (header = row 1)."""
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -129,7 +129,7 @@ def read_metadata(root: str | Path, stems: list[str]) -> dict[str, dict[str, str
     path = Path(root) / METADATA_FILE
     if not path.is_file():
         return None
-    rows_by_number = _read_rows(path)
+    rows_by_number = read_csv_rows(path)
     numbers: dict[str, list[int]] = defaultdict(list)
     for number, row in rows_by_number.items():
         numbers[row["index"]].append(number)

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
+from bts_lightning.data.discovery import read_csv_rows
 from bts_lightning.errors import DataError, format_names
 from bts_lightning.runtime import atomic_path, hydra_app, path_setting
 
@@ -337,13 +338,10 @@ def compare_with(records: list[SliceRecord], other: str | Path) -> int:
     if path.is_dir():
         path = path / "metadata.csv"
     if not path.is_file():
-        raise DataError(f"check={other}: no such metadata file.")
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        if reader.fieldnames is None or "index" not in reader.fieldnames:
-            raise DataError(f"{path}: missing header with an 'index' column (expected index,label,fold[,pid]).")
-        theirs = {row["index"].strip(): {k: (v or "").strip() for k, v in row.items() if k} for row in reader}
-    columns = [c for c in ("label", "fold", "pid") if c in (reader.fieldnames or [])]
+        raise DataError(f"check={other}: there is no metadata file {path}.")
+    rows = list(read_csv_rows(path).values())  # as training reads metadata.csv: a BOM is fine, binary files named
+    theirs = {row["index"]: row for row in rows}
+    columns = [c for c in ("label", "fold", "pid") if rows and c in rows[0]]
     shared = [r for r in records if str(r.index) in theirs]
     if not shared:
         raise DataError(f"{path}: no index in common with the .mat files; nothing to compare.")
