@@ -119,6 +119,10 @@ def test_a_test_fold_that_a_patient_or_slice_split_does_not_use_is_warned_about(
         make_split(WITH_FOLDS, STEMS, 1, 3, 0.25, 0.0, 0, split_by="fold", source="/data/root")
         make_split(WITH_FOLDS, STEMS, 1, None, 0.25, 0.0, 0, split_by="patient", source="/data/root")
     assert "is not used" not in caplog.text  # a fold split uses it; no test fold asked for
+    with caplog.at_level(logging.WARNING):
+        folds = make_split(WITH_FOLDS, STEMS, 1, None, 0.25, 0.3, 0, split_by="auto", source="/data/root")
+    assert folds.test == [] and "data.test_fraction=0.3 is not used: the split is by folds, whose test split is " \
+                                "data.test_fold (none)." in caplog.text
 
 
 def test_forced_fold_or_patient_split_needs_its_column():

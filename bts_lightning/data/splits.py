@@ -208,6 +208,9 @@ def make_split(
             raise DataError(f"data.split_by=fold, but {source} has {origins.no_folds}. {fix}.")
         if val_fold is None:
             raise ConfigError("data.split_by=fold needs data.val_fold=K (the fold to validate on).")
+        if test_fraction:  # a patient or slice split would have used it; folds take data.test_fold instead
+            log.warning("data.test_fraction=%g is not used: the split is by folds, whose test split is data.test_fold "
+                        "(%s).", test_fraction, "none" if test_fold is None else f"fold {test_fold}")
         if has_folds:
             if "pid" in columns:
                 check_patients_in_one_fold(metadata, stems, source)
