@@ -99,7 +99,7 @@ def test_rows_sorted_numerically_and_subfolders_found(tmp_path: Path) -> None:
     for index in range(1, 12):  # as the four zips unpack: one subfolder per zip
         folder = root / ("part_1-6" if index <= 6 else "part_7-11")
         folder.mkdir(parents=True, exist_ok=True)
-        write_v73(folder / f"{index}.mat", 2.0, f"P{index % 4}")
+        write_v73(folder / f"{index}.mat", 2.0, f"P{(index - 1) % 5}")  # one patient per fold
     (root / "notes.mat").write_bytes(b"not a slice, ignored")
     write_cvind(root / "cvind.mat", [1, 2, 3, 4, 5] * 2 + [1], shape="col")
     rows = read_csv(fm.build_metadata(root, tmp_path / "metadata.csv"))
@@ -141,14 +141,19 @@ def test_cvind_elsewhere(mat_dir: Path, tmp_path: Path) -> None:
         fm.build_metadata(mat_dir, tmp_path / "metadata.csv", cvind=tmp_path / "nope.mat")
 
 
-def test_patient_split_across_folds_only_warns(
-    mat_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_a_cvind_that_splits_a_patient_is_refused_as_training_refuses_it(mat_dir: Path, tmp_path: Path) -> None:
+    """Training refuses folds that split a patient, so the metadata tool does not write them either; both name
+    cvind.mat and the way out (folds made per patient without it)."""
+    from bts_lightning.data.datamodule import BrainTumorDataModule
+
     write_cvind(mat_dir / "cvind.mat", [2, 3, 1, 1, 3, 3])
-    with caplog.at_level(logging.WARNING, logger=fm.__name__):
-        out = fm.build_metadata(mat_dir, tmp_path / "metadata.csv")
-    assert "MR001 (folds 2, 3)" in caplog.text
-    assert [row[2] for row in read_csv(out)[1:]] == ["2", "3", "1", "1", "3", "3"]
+    message = r"cvind.mat puts 1 patient\(s\) in more than one fold \(MR001 \(folds 2, 3\)\), .*Move it away"
+    with pytest.raises(DataError, match=message):
+        fm.build_metadata(mat_dir, tmp_path / "metadata.csv")
+    assert not (tmp_path / "metadata.csv").exists()
+    data = BrainTumorDataModule(mat_dir, layout="figshare_mat", image_size=32, num_workers=0, download=False)
+    with pytest.raises(DataError, match=message):
+        data.setup("fit")
 
 
 def test_missing_slice_files_warn_but_cvind_maps_by_index(

@@ -230,8 +230,8 @@ def find_slice_files(mat_dir: str | Path) -> dict[int, Path]:
 def folds_from_cvind(cvind_path: Path, slices: dict[int, tuple[int, str]]) -> dict[int, int]:
     """The author's fold of every slice (``{index: (label, pid)}``) from ``cvind_path``.
 
-    Raises :class:`DataError` when it has fewer entries than the slices need; warns when it lists more
-    slices than are present, or splits a patient over folds.
+    Raises :class:`DataError` when it has fewer entries than the slices need, or splits a patient over folds; warns
+    when it lists more slices than are present.
     """
     cvind = read_cvind(cvind_path)
     beyond = [index for index in slices if index > len(cvind)]
@@ -257,12 +257,10 @@ def folds_from_cvind(cvind_path: Path, slices: dict[int, tuple[int, str]]) -> di
     split = sorted(pid for pid, patient_folds in by_patient.items() if len(patient_folds) > 1)
     if split:
         examples = [f"{pid} (folds {', '.join(map(str, sorted(by_patient[pid])))})" for pid in split]
-        logger.warning(
-            "%s puts %d patient(s) in more than one fold: %s. Kept as the author assigned them, but splitting "
-            "by fold will put slices of these patients on both sides.",
-            cvind_path,
-            len(split),
-            format_names(examples, limit=5),
+        raise DataError(
+            f"{cvind_path} puts {len(split)} patient(s) in more than one fold ({format_names(examples, limit=5)}), so "
+            "a fold split would score slices of patients it trained on. Move it away: folds are then made per "
+            "patient from cjdata.PID (data.num_folds in training; round-robin in bts-figshare-metadata)."
         )
     return folds
 
