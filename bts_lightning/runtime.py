@@ -97,9 +97,19 @@ def run_app(app: Callable[..., T], *args: Any) -> T:
         if user_error is None:
             _log_to_files(f"{type(error).__name__}: {error}", error)
             raise
-        print(f"error: {user_error}", file=sys.stderr)
+        if not is_other_rank():  # every DDP process checks the same settings and data: rank 0 says it once
+            print(f"error: {user_error}", file=sys.stderr)
         _log_to_files(f"error: {user_error}", error if refused else None)  # a refusal's traceback: where it was made
         raise SystemExit(2) from None
+
+
+# Where launchers put a process's rank: torchrun and Lightning's DDP subprocesses, and SLURM tasks.
+_RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+
+
+def is_other_rank() -> bool:
+    """Whether this process is a distributed rank other than 0 (any of :data:`_RANK_VARIABLES` above 0)."""
+    return any(os.environ.get(name, "0").strip() not in ("", "0") for name in _RANK_VARIABLES)
 
 
 def hydra_app(

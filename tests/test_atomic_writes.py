@@ -343,3 +343,21 @@ def test_run_app_logs_errors_to_the_log_files_only(tmp_path, capsys):
     assert 'raise KeyError("unexpected")' in logged
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == "error: no slices\n"
+
+
+@pytest.mark.parametrize(("rank", "printed"), [({}, True), ({"LOCAL_RANK": "0", "RANK": "0"}, True),
+                                               ({"LOCAL_RANK": "1"}, False), ({"RANK": "3"}, False)])
+def test_a_user_error_is_printed_by_rank_zero_only(rank, printed, tmp_path, capsys, monkeypatch):
+    """Each DDP process runs the same checks: their one error line is printed once, by rank 0 (all exit 2)."""
+    for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in rank.items():
+        monkeypatch.setenv(name, value)
+
+    def user_error() -> None:
+        raise DataError("no slices")
+
+    with pytest.raises(SystemExit) as stop:
+        run_app(user_error)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == ("error: no slices\n" if printed else "")
