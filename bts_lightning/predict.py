@@ -55,7 +55,9 @@ from tqdm.auto import tqdm
 from bts_lightning.data.channels import Channels, channels_setting, describe_channels, parse_channels
 from bts_lightning.data.dataset import resize_image
 from bts_lightning.data.discovery import IMAGE_SUFFIXES
-from bts_lightning.data.io import ChannelError, UnreadableImageError, read_channels
+from bts_lightning.data.figshare_layout import MAT_SUFFIX, read_mat_slice
+from bts_lightning.data.figshare_metadata import SLICE_NAME
+from bts_lightning.data.io import ChannelError, UnreadableImageError, read_channels, to_channels
 from bts_lightning.data.neighbours import (
     neighbour_windows,
     own_channel,
@@ -103,8 +105,8 @@ def list_inputs(source: str | Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise DataError(f"Input {path} does not exist; pass input=IMAGE_FILE or input=FOLDER_OF_IMAGES.")
-    images = [p for p in path.iterdir()
-              if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
+    images = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and (
+        p.suffix.lower() in IMAGE_SUFFIXES or SLICE_NAME.match(p.name))]  # Figshare slice files N.mat, not cvind.mat
     stems = {p.stem for p in images}
     masks = [p for p in images if p.stem.endswith(MASK_SUFFIX) and p.stem[: -len(MASK_SUFFIX)] in stems]
     if masks:
@@ -112,8 +114,17 @@ def list_inputs(source: str | Path) -> list[Path]:
                  path)
     files = sorted(set(images) - set(masks), key=_slice_order)
     if not files:
-        raise DataError(f"No image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {path}.")
+        raise DataError(f"No image files ({', '.join(sorted(IMAGE_SUFFIXES))}, or Figshare slice files N.mat) in "
+                        f"{path}.")
     return files
+
+
+def read_input(path: Path, channels: Channels) -> np.ndarray:
+    """(C, H, W) uint8 ``channels`` of an image file, or of a Figshare slice file's ``cjdata.image`` (``.mat``),
+    read as training reads them; raises what :func:`read_channels` raises."""
+    if path.suffix.lower() == MAT_SUFFIX:
+        return to_channels(read_mat_slice(path)[0], channels)
+    return read_channels(path, channels)
 
 
 def _slice_order(path: Path) -> tuple[str, int, str]:
@@ -157,9 +168,9 @@ class InputReader:
                             format_names(alone or [files[0].name]), neighbours)
 
     def read(self, path: Path) -> np.ndarray:
-        """(C, H, W) uint8 input of ``path``; raises what :func:`read_channels` raises for ``path`` itself."""
+        """(C, H, W) uint8 input of ``path``; raises what :func:`read_input` raises for ``path`` itself."""
         if not self.neighbours:
-            return read_channels(path, self.channels)
+            return read_input(path, self.channels)
         image = self._plane(path)
         planes: dict[Path, np.ndarray] = {path: image}
         for other in self.windows[path]:
@@ -174,11 +185,11 @@ class InputReader:
         return stack_window([planes[other] for other in self.windows[path]])
 
     def _plane(self, path: Path) -> np.ndarray:
-        """``read_channels`` of ``path``, from the recent planes when it is one of them."""
+        """``read_input`` of ``path``, from the recent planes when it is one of them."""
         if path in self._recent:
             self._recent.move_to_end(path)
             return self._recent[path]
-        plane = read_channels(path, self.channels)
+        plane = read_input(path, self.channels)
         self._recent[path] = plane
         if len(self._recent) > 2 * window_size(self.neighbours):
             self._recent.popitem(last=False)

@@ -424,3 +424,27 @@ def test_the_masks_in_a_patient_folder_are_not_segmented(tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         assert [path.name for path in list_inputs(tmp_path)] == ["P_1.tif", "P_2.tif", "lone_mask.png"]
     assert "Left out 2 mask file(s)" in caplog.text
+
+
+def test_figshare_slice_files_are_inputs_like_their_images(tiny_checkpoint, tmp_path):
+    """A model trained with data=figshare_mat predicts on the release's own N.mat files (cjdata.image, scaled as in
+    training): the same mask as for that image saved as a PNG; cvind.mat in the folder is no input."""
+    from bts_lightning.visualize import to_uint8
+    from tests.test_layouts import release_slice, write_v73_slice
+
+    release, pngs = tmp_path / "release", tmp_path / "pngs"
+    release.mkdir()
+    pngs.mkdir()
+    for index in (1, 2):
+        image, mask = release_slice(index, height=64, width=64)
+        write_v73_slice(release / f"{index}.mat", image, mask, 1, "MR001")
+        cv2.imwrite(str(pngs / f"{index}.png"), to_uint8(image))
+    (release / "cvind.mat").write_bytes(b"not a slice")
+    assert [path.name for path in list_inputs(release)] == ["1.mat", "2.mat"]
+    for source in (release, pngs):
+        predict(compose_app("predict", [f"ckpt_path={tiny_checkpoint.path}", f"input={source}",
+                                        f"output={tmp_path / source.name / 'out'}"], tmp_path / source.name))
+    for index in (1, 2):
+        from_mat, from_png = (cv2.imread(str(tmp_path / name / "out" / f"{index}_mask.png"), cv2.IMREAD_UNCHANGED)
+                              for name in ("release", "pngs"))
+        assert from_mat is not None and from_mat.shape == (64, 64) and np.array_equal(from_mat, from_png)
