@@ -527,6 +527,11 @@ def test_root_that_is_a_file_says_so(tmp_path):
     root.write_bytes(b"PK")
     with pytest.raises(DataError, match="is a file, not a folder holding images/ and masks/"):
         datamodule(root).setup("fit")
+    mat = tmp_path / "1.mat"  # one slice file of the Figshare release given as its root
+    mat.write_bytes(b"MATLAB")
+    with pytest.raises(DataError, match=r"is a file, not a folder holding the Figshare release's 1\.mat .*"
+                                        r"\(or BTS_FIGSHARE_ROOT\)"):
+        datamodule(mat, layout="figshare_mat").setup("fit")
 
 
 def test_a_multi_page_tiff_is_refused_not_read_as_its_first_page(tmp_path):

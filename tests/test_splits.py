@@ -31,6 +31,9 @@ def test_folds_hold_out_whole_folds():
     assert split.val == [1, 4] and split.test == [6] and split.train == [0, 2, 3, 5]
     with pytest.raises(ConfigError, match="both 2"):
         split_by_folds(folds, val_fold=2, test_fold=2)
+    with pytest.raises(ConfigError, match=r"^No training slices left: data.val_fold=1 and data.test_fold=2 hold\(s\) "
+                                          r"out every fold the data has \(1, 2\)\. .*data.split_by=patient"):
+        split_by_folds(["1", "2", "1"], val_fold=1, test_fold=2)
 
 
 def test_groups_never_share_a_patient_and_follow_the_seed():

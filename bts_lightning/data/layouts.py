@@ -93,10 +93,10 @@ def find_slices(root: Path, layout: str, mask_suffix: str, patient_pattern: str 
     Raises :class:`DataError` naming the offending files for a missing, mixed, unpaired or unreadable layout.
     """
     if root.is_file():
-        raise DataError(
-            f"Dataset root {root} is a file, not a folder holding images/ and masks/ (or another data.layout); "
-            "set data.root=DIR (or BTS_DATA_ROOT) to that folder."
-        )
+        holding = CONTENTS.get(layout, "images/ and masks/ (or another data.layout)")
+        variable = "BTS_FIGSHARE_ROOT" if layout == "figshare_mat" else "BTS_DATA_ROOT"
+        raise DataError(f"Dataset root {root} is a file, not a folder holding {holding}; set data.root=DIR (or "
+                        f"{variable}) to that folder.")
     if layout == "auto":
         layout = detect_layout(root, mask_suffix)
     if layout == "kaggle":

@@ -54,7 +54,10 @@ def split_by_folds(folds: list[str], val_fold: int | str, test_fold: int | str |
     test = [i for i, f in enumerate(folds) if test_fold is not None and f == str(test_fold)]
     train = [i for i, f in enumerate(folds) if f not in {str(val_fold), str(test_fold)}]
     if not train:
-        raise ConfigError(f"No training slices left after holding out folds {val_fold} and {test_fold}.")
+        held_out = f"data.val_fold={val_fold}" + (f" and data.test_fold={test_fold}" if test_fold is not None else "")
+        raise ConfigError(f"No training slices left: {held_out} hold(s) out every fold the data has "
+                          f"({', '.join(available)}). Give the data more folds, or split it by patient "
+                          "(data.split_by=patient).")
     return Split(train, val, test, "folds")
 
 
