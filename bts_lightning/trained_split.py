@@ -195,7 +195,8 @@ def check_scored_slices(
 
     ``current`` is the data module's own split record. For ``val``/``test``, slices that differ from
     the trained subset raise ``ConfigError`` unless ``explicit`` (the user chose other data); then a
-    warning says how many of them were training slices.
+    warning says how many of them were training slices (flat layouts read from another root: how many have the names of
+    training slices, ``matched_by`` "file names only", since their ids are file stems any data can share).
     """
     scored = {
         "split": split,
@@ -211,6 +212,8 @@ def check_scored_slices(
         return {**scored, "matches_trained_split": None, "training_slices_scored": None}
     layouts = {record["settings"].get("layout"), current["settings"].get("layout")}
     trained = TrainedSlices(record, across_roots=layouts <= set(SCAN_LAYOUTS))
+    # flat layouts' ids are file stems ("1", "2", ...): read from another root, they match any data named alike
+    by_name_only = not trained.across_roots and record["settings"].get("root") != current["settings"].get("root")
     in_subsets = trained.subsets(ids)
     overlap = in_subsets["train"]
     subset = record["subsets"].get(split)
@@ -228,13 +231,18 @@ def check_scored_slices(
             f"this checkpoint was trained with ({trained_as}): the data on disk changed. Pass split=all to score "
             "every slice, or data overrides (data.root, data.val_fold, ...) to score other slices on purpose."
         )
+    if by_name_only:
+        overlap_text = (f"{overlap} of them have the names of training slices of {record['settings']['root']} (the "
+                        "same slices read from elsewhere, or other data named alike)")
+    else:
+        overlap_text = f"{overlap} of them were training slices"
     if matches is False:
-        log.warning("Scoring %d slices that are NOT the checkpoint's %s split (%s); %d of them were training slices.",
-                    len(ids), split, trained_as, overlap)
+        log.warning("Scoring %d slices that are NOT the checkpoint's %s split (%s); %s.", len(ids), split, trained_as,
+                    overlap_text)
     elif overlap:
-        log.warning("%d of the %d scored slices were training slices.", overlap, len(ids))
+        log.warning("Of the %d scored slices, %s.", len(ids), overlap_text)
     return {**scored, "matches_trained_split": matches, "training_slices_scored": overlap,
-            "in_trained_subsets": in_subsets}
+            "in_trained_subsets": in_subsets, "matched_by": "file names only" if by_name_only else "slice"}
 
 
 def _channels_text(setting: Any) -> str:

@@ -403,3 +403,20 @@ def test_a_model_file_without_its_split_says_to_name_the_data(tiny_checkpoint, t
     with pytest.raises(DataError, match=rf"\({exported} records no training data, so the evaluate config's default "
                                         r"data \(brain_tumor\) was used: name the data to score"):
         evaluate(compose_app("evaluate", overrides, tmp_path / "run"), overrides)
+
+
+def test_training_slices_of_another_root_are_matched_by_name_only_and_say_so(tiny_checkpoint, tmp_path, make_dataset,
+                                                                            caplog):
+    """Flat-layout ids are file stems: another folder's 1.png is a training slice only if it is the same slice read
+    from elsewhere, so the count is of names, and metrics.json and the warning say it."""
+    root = make_dataset([str(i) for i in range(1, 11)], size=64)  # other images, named like the training slices
+    overrides = [f"ckpt_path={tiny_checkpoint.path}", f"data.root={root}", "data.image_size=64", "data.num_workers=0",
+                 "data.split_by=slice", "split=all", "worst_k=0", "device=cpu"]
+    with caplog.at_level(logging.WARNING):
+        metrics = evaluate(compose_app("evaluate", overrides, tmp_path / "other"), overrides)
+    named = metrics["slices"]["in_trained_subsets"]["train"]
+    assert named > 0 and metrics["slices"]["matched_by"] == "file names only"
+    assert (f"Of the 10 scored slices, {named} of them have the names of training slices of "
+            f"{tiny_checkpoint.data_dir.resolve()}") in caplog.text
+    overrides = [f"ckpt_path={tiny_checkpoint.path}", *tiny_checkpoint.data_overrides, "split=all", "worst_k=0"]
+    assert evaluate(compose_app("evaluate", overrides, tmp_path / "own"))["slices"]["matched_by"] == "slice"
