@@ -25,6 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
 from bts_lightning.errors import BtsError, ConfigError, OutputError
 
@@ -98,7 +99,7 @@ def run_app(app: Callable[..., T], *args: Any) -> T:
             _log_to_files(f"{type(error).__name__}: {error}", error)
             raise
         if not is_other_rank():  # every DDP process checks the same settings and data: rank 0 says it once
-            print(f"error: {user_error}", file=sys.stderr)
+            tqdm.write(f"error: {user_error}", file=sys.stderr)  # on a line of its own, below any progress bar
         _log_to_files(f"error: {user_error}", error if refused else None)  # a refusal's traceback: where it was made
         raise SystemExit(2) from None
 
