@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from bts_lightning.errors import BtsError, first_line
 from bts_lightning.runtime import atomic_path, user_error_of
-from bts_lightning.segmentation_module import DATA_SETTINGS_KEY, SegmentationModule
+from bts_lightning.segmentation_module import DATA_SETTINGS_KEY, DECISION_KEY, SegmentationModule
 
 _REQUIRED_HPARAMS = ("net", "loss", "optimizer")
 # Module settings that checkpoints written before the model config became the module's kept in "model".
@@ -251,10 +251,6 @@ def _from_run_config(path: Path, key: str) -> Any:
             return None
         return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
     return None
-
-
-# Top-level checkpoint key holding the calibrated slice decision (``SliceDecision.to_dict()``).
-DECISION_KEY = "bts_decision"
 
 
 def stored_decision(ckpt_path: str | Path) -> dict[str, Any] | None:

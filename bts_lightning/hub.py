@@ -267,6 +267,7 @@ def from_pretrained(directory: str | Path, device: str | torch.device | None = "
     module.data_settings = {key: config[key] for key in ("image_size", "channels", "neighbours")
                             if config.get(key) is not None}
     module.card_metrics = config.get("metrics")
+    module.decision = config.get("decision")
     return module.to(resolve_device(device)).eval()
 
 

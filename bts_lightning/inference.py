@@ -258,6 +258,7 @@ class ModelContract:
             model=None if config.get("name") is None else str(config["name"]),
             channels=default_channels(in_channels // window_size(neighbours)) if channels is None else channels,
             neighbours=neighbours,
+            decision=getattr(module, "decision", None),
         )
 
 
@@ -477,18 +478,19 @@ def load_predictor(path: str | Path, device: str | torch.device | None = "auto")
 def _checkpoint_contract(path: Path, module: SegmentationModule) -> ModelContract:
     """The contract of checkpoint ``path`` holding ``module``: its training size, channels and slice decision."""
     channels = training_channels(path)
+    decision = stored_decision(path)
+    if decision is not None:
+        try:
+            SliceDecision.from_dict(decision)
+        except ValueError as error:
+            raise CheckpointError(f"Checkpoint {path}: its stored slice decision is invalid ({error}); "
+                                  "calibrate it again with python -m bts_lightning.calibrate.") from None
     try:
         contract = ModelContract.from_module(module, training_image_size(path), channels, training_neighbours(path))
     except ValueError as error:
         raise CheckpointError(f"Checkpoint {path}: its data.channels and data.neighbours do not match its network "
                               f"({error}).") from None
-    decision = stored_decision(path)
-    if decision is not None:
-        try:
-            contract = replace(contract, decision=decision)
-        except ValueError as error:
-            raise CheckpointError(f"Checkpoint {path}: its stored slice decision is invalid ({error}); "
-                                  "calibrate it again with python -m bts_lightning.calibrate.") from None
+    contract = replace(contract, decision=decision)
     if channels is None and contract.in_channels > 1:
         log.warning("Checkpoint %s records no data.channels; assuming its %d-channel network takes %s.",
                     path, contract.in_channels, contract.describe_channels())

@@ -43,6 +43,8 @@ def _check_loss_weight(key: str, value: Any) -> float:
 
 # Checkpoint entry of the module's data_settings (checkpoint.load_module reads older checkpoints' from their records).
 DATA_SETTINGS_KEY = "bts_data_settings"
+# Top-level checkpoint key holding the calibrated slice decision (``SliceDecision.to_dict()``), written by calibrate.
+DECISION_KEY = "bts_decision"
 
 
 def data_settings_of(datamodule: Any) -> dict[str, Any]:
@@ -81,6 +83,8 @@ class SegmentationModule(L.LightningModule):
     module it is fitted with; kept in its checkpoints and set again by ``checkpoint.load_module``,
     ``load_from_checkpoint`` and ``hub.from_pretrained``), so the model
     contract of a bare module (``export_model``, ``save_pretrained``, ``ModulePredictor``) is right. Empty: unknown.
+    ``decision``: the calibrated slice decision of the weights it was loaded with (``SliceDecision.to_dict()``, from a
+    checkpoint or hub folder), so ``ModelContract.from_module`` keeps it; cleared when fitting starts (new weights).
     ``card_metrics``: the training run's numbers a hub folder's model card shows (``hub.card_metrics``), set by
     ``hub.from_pretrained`` so that ``save_pretrained`` of the module keeps them; ``None``: none known.
     """
@@ -108,6 +112,7 @@ class SegmentationModule(L.LightningModule):
         _check_learning_rate(self.hparams.optimizer)
         self.data_settings: dict[str, Any] = {}
         self.card_metrics: dict[str, Any] | None = None
+        self.decision: dict[str, Any] | None = None
         self.configure_models()
         self.configure_losses()
         self.configure_metrics()
@@ -240,6 +245,7 @@ class SegmentationModule(L.LightningModule):
                                   "Monitor val/dice or val/loss instead.")
 
     def on_fit_start(self) -> None:
+        self.decision = None  # calibrated for the weights fitting changes
         self.slice_counts.pop("val", None)
         settings = data_settings_of(getattr(self.trainer, "datamodule", None))
         if settings:
@@ -249,8 +255,11 @@ class SegmentationModule(L.LightningModule):
         checkpoint[DATA_SETTINGS_KEY] = dict(self.data_settings)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """``SegmentationModule.load_from_checkpoint`` and resumed fits get the data settings back."""
+        """``SegmentationModule.load_from_checkpoint`` and resumed fits get the data settings (and any slice decision)
+        back."""
         self.data_settings = dict(checkpoint.get(DATA_SETTINGS_KEY) or {})
+        decision = checkpoint.get(DECISION_KEY)
+        self.decision = dict(decision) if isinstance(decision, Mapping) else None
 
     def on_test_start(self) -> None:
         self.slice_counts.pop("test", None)

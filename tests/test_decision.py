@@ -410,6 +410,16 @@ def test_every_exported_form_carries_and_applies_the_decision(tiny_checkpoint, t
             mask = cv2.imread(summary["written"][0], cv2.IMREAD_UNCHANGED)
             assert (not mask.any()) == expect_empty, (form, setting)
 
+    # a module loaded from the checkpoint or the folder keeps its decision in what it is saved or exported to again
+    from bts_lightning.export import export_model
+    from bts_lightning.hub import from_pretrained, save_pretrained
+
+    for module, name in ((load_predictor(ckpt, "cpu").module, "from_ckpt"), (from_pretrained(tmp_path / "folder"),
+                                                                              "from_folder")):
+        assert load_predictor(save_pretrained(module, tmp_path / f"{name}_copy"), "cpu").contract.decision == stored
+        export_model(module, tmp_path / f"{name}.onnx", "onnx", 64)
+        assert load_predictor(tmp_path / f"{name}.onnx", "cpu").contract.decision == stored
+
 
 def test_demo_says_no_tumor_detected_with_the_score(tmp_path):
     from bts_lightning.demo import analyze
