@@ -15,6 +15,7 @@ Bad uploads (not an image, empty, too large) show one message in the page. Needs
 from __future__ import annotations
 
 import logging
+import socket
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,6 +32,7 @@ from bts_lightning.errors import ConfigError
 from bts_lightning.inference import (
     InferenceOptions,
     Predictor,
+    check_input_size,
     contract_of,
     load_predictor,
     resolve_device,
@@ -46,6 +48,7 @@ log = logging.getLogger(__name__)
 INSTALL_HINT = "pip install 'bts_lightning[demo]'"
 MAX_UPLOAD_BYTES = 50 * 2**20
 MAX_PIXELS = 4096 * 4096
+MAX_PORT = 65535
 # Slices of any size fill their image boxes, small ones scaled up with visible pixels (no smoothing).
 SLICE_VIEW = "slice-view"
 CSS = f".{SLICE_VIEW} img {{width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated;}}"
@@ -178,6 +181,21 @@ def require_gradio() -> Any:
     return gradio
 
 
+def serving_address(cfg: DictConfig) -> tuple[str, int]:
+    """``(host, port)`` the page can be served on: ``ConfigError`` naming them when the port is out of range, the host
+    unknown, or the address taken (checked by binding it, before the model is loaded)."""
+    host, port = str(cfg.get("host", "127.0.0.1")), int(number_setting(cfg, "port", 7860, whole=True, minimum=1))
+    if port > MAX_PORT:
+        raise ConfigError(f"port={port} must be at most {MAX_PORT}.")
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as error:
+        raise ConfigError(f"Cannot serve on host={host} port={port} ({error.strerror or error}): pass a free port=N, "
+                          "or host=127.0.0.1 (this machine) / host=0.0.0.0 (every interface).") from None
+    return host, port
+
+
 def demo(cfg: DictConfig) -> None:
     """Load ``cfg.ckpt_path`` and serve the page until interrupted."""
     require_gradio()  # before loading the model: fail fast
@@ -186,7 +204,11 @@ def demo(cfg: DictConfig) -> None:
     image_size = cfg.get("image_size")
     if image_size is not None:
         image_size = int(as_number("image_size", image_size, whole=True, minimum=1))
+    count = int(number_setting(cfg, "examples", 3, whole=True, minimum=0))
+    host, port = serving_address(cfg)
     predictor = load_predictor(ckpt_path, resolve_device(cfg.get("device", "auto")))
+    if image_size is not None:
+        check_input_size(predictor, image_size, "image_size")  # else every upload would fail on the page
     contract = contract_of(predictor)
     options = with_model_decision(options, cfg, contract)
     if contract.neighbours:
@@ -199,10 +221,10 @@ def demo(cfg: DictConfig) -> None:
                  "applied: each slice is judged alone (presence threshold %.6g). Predict over a scan folder for it.",
                  cascade.context, cascade.presence_threshold)
     run_dir = Path(cfg.paths.output_dir)
-    examples = example_slices(run_dir / "examples", int(number_setting(cfg, "examples", 3, whole=True, minimum=0)))
+    examples = example_slices(run_dir / "examples", count) if count else []
     page = build_demo(predictor, options, run_dir / "masks", examples, image_size)
     served = [run_dir / "masks", *([examples[0].parent] if examples else [])]
-    page.launch(server_name=str(cfg.host), server_port=int(number_setting(cfg, "port", 7860, whole=True, minimum=0)), share=flag_setting(cfg, "share", False), css=CSS,
+    page.launch(server_name=host, server_port=port, share=flag_setting(cfg, "share", False), css=CSS,
                 max_file_size=MAX_UPLOAD_BYTES, allowed_paths=[str(path) for path in served])
     log.info("Demo stopped")
 

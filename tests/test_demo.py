@@ -91,3 +91,27 @@ def test_missing_gradio_and_missing_model_are_config_errors(monkeypatch, tmp_pat
     pytest.importorskip("gradio")
     with pytest.raises(ConfigError, match="ckpt_path is required"):
         demo(cfg)
+
+
+def test_serving_settings_are_checked_before_the_page_starts(tiny_checkpoint, tmp_path, monkeypatch):
+    """Out-of-range or taken ports, unknown hosts and sizes the network cannot take are one error naming the setting
+    (they were tracebacks, or a page where every upload failed); examples=0 writes no example slices."""
+    import socket
+
+    pytest.importorskip("gradio")
+    launched = []
+    monkeypatch.setattr("gradio.Blocks.launch", lambda page, **kwargs: launched.append(kwargs))
+    model = f"ckpt_path={tiny_checkpoint.path}"
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        cases = {f"port={taken.getsockname()[1]}": r"Cannot serve on host=127\.0\.0\.1 port=\d+ \(.*\): pass a free port",
+                 "port=99999": r"port=99999 must be at most 65535",
+                 "host=999.1.1.1": r"Cannot serve on host=999\.1\.1\.1 port=",
+                 "image_size=70": r"image_size=70 .*multiple of"}
+        for setting, message in cases.items():
+            with pytest.raises(ConfigError, match=message):
+                demo(compose_app("demo", [model, setting, f"port={free_port()}"] if "port" not in setting
+                                 else [model, setting], tmp_path / "run"))
+    assert not launched
+    demo(compose_app("demo", [model, "examples=0", f"port={free_port()}"], tmp_path / "quiet"))
+    assert launched and launched[0]["allowed_paths"] == [str(tmp_path / "quiet" / "masks")]
+    assert not (tmp_path / "quiet" / "examples").exists()
