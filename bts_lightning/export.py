@@ -209,6 +209,14 @@ def _onnx_bytes(
     return program.model_proto.SerializeToString(), "dynamo", opset
 
 
+def newest_opset(exporter: str) -> int:
+    """The newest ONNX opset the installed PyTorch's ``exporter`` ("legacy" or "dynamo") writes."""
+    from torch.onnx import _constants  # the exporters' own limits (no public name for them)
+
+    name = "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET" if exporter == "legacy" else "ONNX_MAX_OPSET"
+    return int(getattr(_constants, name, 20))
+
+
 def exported_contract(module: nn.Module, image_size: int, contract: ModelContract | None = None) -> ModelContract:
     """The contract written with ``module`` exported at ``image_size`` (``contract``: its training contract).
 
@@ -268,6 +276,9 @@ def export_model(
         raise ConfigError(f"onnx_exporter={onnx_exporter!r} is not supported; use {' or '.join(ONNX_EXPORTERS)}.")
     if int(opset) < 17:
         raise ConfigError(f"opset={opset} is too old; use 17 or newer.")
+    if format == "onnx" and int(opset) > (newest := newest_opset(onnx_exporter)):
+        raise ConfigError(f"opset={opset}: the {onnx_exporter} ONNX exporter of this PyTorch writes opsets up to "
+                          f"{newest}; use opset=17 (the default) to {newest}.")
     make_directory(output.parent, "output")
     cascade = cascade_of(module)
     if cascade is not None and cascade.context:

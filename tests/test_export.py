@@ -175,6 +175,12 @@ def test_config_errors_are_user_errors(tmp_path):
     checkpoint = _write_checkpoint("unet", tmp_path)
     with pytest.raises(ConfigError, match="does not run on 50x50"):
         export(_compose_export([f"ckpt_path={checkpoint}", "image_size=50"], tmp_path))
+    for exporter in ("legacy", "dynamo"):  # an opset the exporter cannot write: one line, no file
+        with pytest.raises(ConfigError, match=rf"^opset=99: the {exporter} ONNX exporter of this PyTorch writes "
+                                              r"opsets up to \d+; use opset=17 \(the default\) to \d+\.$"):
+            export(_compose_export([f"ckpt_path={checkpoint}", "opset=99", f"onnx_exporter={exporter}",
+                                    f"output={tmp_path / 'x.onnx'}"], tmp_path))
+    assert not (tmp_path / "x.onnx").exists()
 
 
 def test_format_follows_the_output_suffix():
