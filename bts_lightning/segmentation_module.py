@@ -123,6 +123,10 @@ class SegmentationModule(L.LightningModule):
         ``nn.Module.compile`` keeps parameter names, so checkpoints move freely between
         compiled and uncompiled modules.
         """
+        classes = self.hparams.net.get("num_classes", 2)
+        if classes != 2:
+            raise ConfigError(f"model.net.num_classes={classes}: the network segments tumor against background, 2 "
+                              "classes (softmax channel 1 is the tumor); set model.net.num_classes=2.")
         self.net = instantiate(self.hparams.net)
         if self.hparams.compile:
             self.net.compile()

@@ -23,6 +23,8 @@ from bts_lightning.calibrate import (
 from bts_lightning.callbacks import MetricHistory
 from bts_lightning.checkpoint import check_resume_settings, resolve_resume
 from bts_lightning.cross_dataset import check_cross_data, checkpoint_to_score, evaluate_across, evaluation_row
+from bts_lightning.data.channels import channels_setting
+from bts_lightning.data.neighbours import window_size
 from bts_lightning.errors import ConfigError
 from bts_lightning.evaluate import evaluate
 from bts_lightning.inference import load_predictor
@@ -53,6 +55,20 @@ def check_sweep_objective(callbacks: DictConfig | None) -> None:
         raise ConfigError("hparams_search=optuna maximizes best_val_dice, which the metric history callback records, "
                           "but callbacks has none (callbacks=none?): keep callbacks=default, or add "
                           "+callbacks.metric_history._target_=bts_lightning.callbacks.MetricHistory.")
+
+
+def check_input_channels(in_channels: int, datamodule: Any) -> None:
+    """``ConfigError`` unless the network takes the channels the data gives each slice: ``data.channels`` (gray: 1)
+    of the slice and its ``data.neighbours`` either side (``model.net.in_channels`` follows them unless set)."""
+    per_slice = 1 if datamodule.channels is None else len(datamodule.channels)
+    given = per_slice * window_size(datamodule.neighbours)
+    if in_channels != given:
+        raise ConfigError(
+            f"model.net.in_channels={in_channels}, but the data gives {given} channel(s) per input (data.channels="
+            f"{channels_setting(datamodule.channels)}, data.neighbours={datamodule.neighbours}): leave "
+            "model.net.in_channels as the config sets it (it follows them), or choose data.channels to match "
+            "(e.g. data.channels=[0,1,2] for 3)."
+        )
 
 
 def check_epochs(trainer: DictConfig) -> None:
@@ -214,6 +230,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     log.info("Seed %s (Python, NumPy, PyTorch and the loader workers)", cfg.seed)
     datamodule = instantiate(cfg.data)
     module = build_module(cfg)
+    check_input_channels(int(cfg.model.net.get("in_channels", 1)), datamodule)
     check_input_size(module.net, datamodule.image_size, "data.image_size")  # before data is read or generated
     datamodule.setup("fit")  # validates every file before anything heavy starts
     if resume_from is not None:

@@ -191,6 +191,8 @@ def test_checkpoint_records_the_training_image_size(tmp_path):
         ("model.net.name=unetx", "Unknown model 'unetx'"),
         ("+model.aux_loss_weight=-0.4", "model.aux_loss_weight=-0.4 must be a number >= 0"),
         ("+model.presence_loss_weight=nan", "model.presence_loss_weight=nan must be a number >= 0"),
+        ("model.net.num_classes=3", "model.net.num_classes=3: the network segments tumor against background, 2"),
+        ("model.net.in_channels=3", "model.net.in_channels=3, but the data gives 1 channel"),
     ],
 )
 def test_values_nothing_else_checks_are_config_errors(override, message, tmp_path):
