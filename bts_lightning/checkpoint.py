@@ -253,12 +253,6 @@ def _from_run_config(path: Path, key: str) -> Any:
     return None
 
 
-def stored_decision(ckpt_path: str | Path) -> dict[str, Any] | None:
-    """The slice decision record a checkpoint holds (unchecked), or ``None`` (never calibrated, or unreadable)."""
-    decision = _stored(Path(ckpt_path)).get(DECISION_KEY)
-    return decision if isinstance(decision, dict) else None
-
-
 def write_decision(ckpt_path: str | Path, decision: Mapping[str, Any]) -> None:
     """Store ``decision`` (a ``SliceDecision.to_dict()``) in checkpoint ``ckpt_path``, replacing any earlier one.
 

@@ -41,7 +41,6 @@ from torch import nn
 from bts_lightning.checkpoint import (
     CheckpointError,
     load_module,
-    stored_decision,
     training_channels,
     training_image_size,
     training_neighbours,
@@ -478,10 +477,9 @@ def load_predictor(path: str | Path, device: str | torch.device | None = "auto")
 def _checkpoint_contract(path: Path, module: SegmentationModule) -> ModelContract:
     """The contract of checkpoint ``path`` holding ``module``: its training size, channels and slice decision."""
     channels = training_channels(path)
-    decision = stored_decision(path)
-    if decision is not None:
+    if module.decision is not None:  # the checkpoint's, as load_module read it
         try:
-            SliceDecision.from_dict(decision)
+            SliceDecision.from_dict(module.decision)
         except ValueError as error:
             raise CheckpointError(f"Checkpoint {path}: its stored slice decision is invalid ({error}); "
                                   "calibrate it again with python -m bts_lightning.calibrate.") from None
@@ -490,7 +488,6 @@ def _checkpoint_contract(path: Path, module: SegmentationModule) -> ModelContrac
     except ValueError as error:
         raise CheckpointError(f"Checkpoint {path}: its data.channels and data.neighbours do not match its network "
                               f"({error}).") from None
-    contract = replace(contract, decision=decision)
     if channels is None and contract.in_channels > 1:
         log.warning("Checkpoint %s records no data.channels; assuming its %d-channel network takes %s.",
                     path, contract.in_channels, contract.describe_channels())
