@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bts_lightning.calibrate import calibrate, reached_line, warn_if_chance
-from bts_lightning.checkpoint import DECISION_KEY, load_module, write_decision
+from bts_lightning.checkpoint import DECISION_KEY, CheckpointError, load_module, write_decision
 from bts_lightning.decision import (
     SliceDecision,
     calibrated_decision,
@@ -217,6 +217,15 @@ def test_invalid_decision_records_name_the_field(change, field):
         SliceDecision.from_dict({**decision().to_dict(), **change})
     with pytest.raises(ValueError, match="lacks threshold"):
         SliceDecision.from_dict({"rule": "max_probability", "pixel_threshold": 0.5, "target_false_alarm_rate": 0})
+
+
+def test_a_checkpoint_with_an_invalid_stored_decision_is_named(tiny_checkpoint, tmp_path):
+    ckpt = tmp_path / "best.ckpt"
+    shutil.copy(tiny_checkpoint.path, ckpt)
+    write_decision(ckpt, {**decision().to_dict(), "rule": "area"})
+    with pytest.raises(CheckpointError, match=r"best\.ckpt: its stored slice decision is invalid \(.*rule.*\); "
+                                              r"calibrate it again"):
+        load_predictor(ckpt, "cpu")
 
 
 def test_inference_options_empty_the_mask_of_a_rejected_slice():
