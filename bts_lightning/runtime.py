@@ -24,6 +24,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -64,7 +65,9 @@ def user_error_of(error: BaseException) -> BtsError | None:
 
 def refused_settings(error: BaseException) -> ConfigError | None:
     """The user error behind a constructor that refused its configured values (Hydra's ``InstantiationException``
-    around a ``ValueError`` or ``TypeError``: ``pos_weight=0``, ``p: 1.5``, a misspelled argument), naming the class
+    around a ``ValueError`` or ``TypeError``: ``pos_weight=0``, ``p: 1.5``, a misspelled argument), or behind
+    Lightning refusing the trainer's settings (its ``MisconfigurationException``, at construction or when fitting:
+    ``trainer.accelerator=gpu`` without one, a ``limit_train_batches`` fraction below one batch), naming the class
     and its reason; ``None`` for anything else."""
     targets: list[str] = []
     seen: set[int] = set()
@@ -73,11 +76,13 @@ def refused_settings(error: BaseException) -> ConfigError | None:
         seen.add(id(current))
         if isinstance(current, InstantiationException):
             targets += re.findall(r"Error in call to target '([^']+)'", str(current))[:1]
-        elif isinstance(current, (ValueError, TypeError)) and targets:
+        elif isinstance(current, MisconfigurationException) or (isinstance(current, (ValueError, TypeError))
+                                                                 and targets):
             reason = "; ".join(line.strip() for line in str(current).splitlines()
                                if line.strip() and not line.strip().startswith("For further information"))
-            return ConfigError(f"{targets[-1]} refused its settings: {reason}. Correct the override (or config "
-                               "file) that sets it.")
+            refuser = targets[-1] if targets else "Lightning"
+            return ConfigError(f"{refuser} refused its settings: {reason.rstrip('.!')}. Correct the override (or "
+                               "config file) that sets it.")
         current = current.__cause__ or current.__context__
     return None
 

@@ -85,6 +85,35 @@ def check_epochs(trainer: DictConfig) -> None:
         )
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_batches(trainer: DictConfig) -> None:
+    """Raise ``ConfigError`` for trainer settings under which no batch trains or no validation chooses ``best.ckpt``
+    (Lightning would test untrained weights and exit 0, or fail after the first epoch)."""
+    if trainer.get("fast_dev_run"):
+        return
+    steps = trainer.get("max_steps")
+    if _is_number(steps) and (steps == 0 or steps < -1):
+        raise ConfigError(f"trainer.max_steps={steps} trains no step: remove it (-1, the default: no step limit) "
+                          "or set a whole number >= 1.")
+    for key, what in (("limit_train_batches", "trains no batch"), ("limit_val_batches", ("validates no batch, "
+                      "but validation chooses best.ckpt and drives early stopping and the scheduler"))):
+        limit = trainer.get(key)
+        if _is_number(limit) and limit <= 0:
+            raise ConfigError(f"trainer.{key}={limit} {what}: remove it (every batch), or set a count >= 1 or a "
+                              "fraction in (0, 1].")
+    every, epochs = trainer.get("check_val_every_n_epoch"), trainer.get("max_epochs")
+    if _is_number(every) and (every < 1 or _is_number(epochs) and epochs >= 1 and every > epochs):
+        raise ConfigError(f"trainer.check_val_every_n_epoch={every} validates on no epoch of trainer.max_epochs="
+                          f"{epochs}, but validation chooses best.ckpt: set a whole number from 1 to {epochs}.")
+    accumulate = trainer.get("accumulate_grad_batches")
+    if accumulate is not None and (not isinstance(accumulate, int) or isinstance(accumulate, bool) or accumulate < 1):
+        raise ConfigError(f"trainer.accumulate_grad_batches={accumulate} must be a whole number >= 1 (1: an "
+                          "optimizer step every batch).")
+
+
 def check_monitor(monitor: DictConfig | None) -> tuple[str, str]:
     """``(metric, mode)`` of the ``monitor`` node, checked: a ``val/`` metric and ``max`` or ``min``."""
     metric = (monitor or {}).get("metric")
@@ -219,6 +248,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """
     output_dir = Path(cfg.paths.output_dir)
     check_epochs(cfg.trainer)
+    check_batches(cfg.trainer)
     check_sweep_objective(cfg.get("callbacks"))
     monitor, mode = check_monitor(cfg.get("monitor"))
     test = flag_setting(cfg, "test", False)

@@ -193,6 +193,12 @@ def test_checkpoint_records_the_training_image_size(tmp_path):
         ("+model.presence_loss_weight=nan", "model.presence_loss_weight=nan must be a number >= 0"),
         ("model.net.num_classes=3", "model.net.num_classes=3: the network segments tumor against background, 2"),
         ("model.net.in_channels=3", "model.net.in_channels=3, but the data gives 1 channel"),
+        ("+trainer.limit_train_batches=0", "trainer.limit_train_batches=0 trains no batch"),
+        ("+trainer.limit_val_batches=0.0", "trainer.limit_val_batches=0.0 validates no batch"),
+        ("+trainer.max_steps=0", "trainer.max_steps=0 trains no step"),
+        ("+trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0 must be a whole number >= 1"),
+        ("trainer.check_val_every_n_epoch=31", ("trainer.check_val_every_n_epoch=31 validates on no epoch of "
+                                               "trainer.max_epochs=30")),
     ],
 )
 def test_values_nothing_else_checks_are_config_errors(override, message, tmp_path):
@@ -244,6 +250,10 @@ def test_resume_needs_a_matching_readable_checkpoint(tmp_path):
      "error: bts_lightning.losses.SlicePresenceLoss refused its settings: pos_weight=0 must be > 0. Correct the override"),
     (["loss=dice_ce_slice", "loss.weights.slice=-1"],
      "error: bts_lightning.losses.WeightedLossSum refused its settings: weights.slice=-1 must be a number >= 0"),
+    (["trainer.accelerator=mps"], ("error: lightning.pytorch.trainer.trainer.Trainer refused its settings: "
+                                  "`MPSAccelerator` can not run on your system")),
+    (["debug=limit", "trainer.limit_train_batches=0.01"],  # refused by Lightning only when fitting starts
+     "error: Lightning refused its settings: You requested to check 0.01 of the `train_dataloader`"),
     (["data.extra_augmentations=[{_target_: bts_lightning.data.augment.TumorFreeCrop, p: 1.5}]"],
      ("error: bts_lightning.data.augment.TumorFreeCrop refused its settings: 1 validation error for InitSchema; p; "
       "Input should be less than or equal to 1")),
@@ -288,6 +298,16 @@ def test_one_monitor_key_drives_checkpoint_early_stopping_and_scheduler(tmp_path
     assert saved["best_val_dice"] == best_row["val/dice"]
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["epoch"] == saved["best_epoch"]
+
+
+def test_validating_every_second_epoch_steps_the_plateau_scheduler_on_those_epochs(tmp_path):
+    """``ReduceLROnPlateau`` waits for a validation metric: it steps on the epochs that validate."""
+    cfg = compose_train([*SMALL_SYNTHETIC, f"paths.data_dir={tmp_path / 'data'}", "trainer=cpu", "debug=limit",
+                         "trainer.max_epochs=2", "trainer.check_val_every_n_epoch=2", "data.num_workers=0",
+                         "test=false", "scheduler=plateau"], tmp_path / "run")
+    assert cfg.model.scheduler.monitor == "val/dice"
+    saved = train(cfg)  # Lightning refused a step after epoch 0, which has no val/dice
+    assert [row["epoch"] for row in saved["val_history"]] == [1] and saved["best_epoch"] == 1
 
 
 def test_a_best_checkpoint_training_never_improved_on_is_warned_about():
