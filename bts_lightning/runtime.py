@@ -81,8 +81,11 @@ def refused_settings(error: BaseException) -> ConfigError | None:
             reason = "; ".join(line.strip() for line in str(current).splitlines()
                                if line.strip() and not line.strip().startswith("For further information"))
             refuser = targets[-1] if targets else "Lightning"
+            lacks_device = isinstance(current, MisconfigurationException) and any(
+                word in reason.lower() for word in ("accelerator", "gpu backend"))
+            no_device = "; trainer=default (accelerator=auto) or trainer=cpu runs without one" if lacks_device else ""
             return ConfigError(f"{refuser} refused its settings: {reason.rstrip('.!')}. Correct the override (or "
-                               "config file) that sets it.")
+                               f"config file) that sets it{no_device}.")
         current = current.__cause__ or current.__context__
     return None
 

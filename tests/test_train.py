@@ -251,7 +251,8 @@ def test_resume_needs_a_matching_readable_checkpoint(tmp_path):
     (["loss=dice_ce_slice", "loss.weights.slice=-1"],
      "error: bts_lightning.losses.WeightedLossSum refused its settings: weights.slice=-1 must be a number >= 0"),
     (["trainer.accelerator=mps"], ("error: lightning.pytorch.trainer.trainer.Trainer refused its settings: "
-                                  "`MPSAccelerator` can not run on your system")),
+                                  "`MPSAccelerator` can not run on your system since the accelerator is not "
+                                  "available")),
     (["debug=limit", "trainer.limit_train_batches=0.01"],  # refused by Lightning only when fitting starts
      "error: Lightning refused its settings: You requested to check 0.01 of the `train_dataloader`"),
     (["data.extra_augmentations=[{_target_: bts_lightning.data.augment.TumorFreeCrop, p: 1.5}]"],
@@ -268,6 +269,16 @@ def test_a_constructor_refusing_a_setting_is_one_error_line(tmp_path, capsys, ov
     error = capsys.readouterr().err
     assert error.startswith(message) and error.count("\n") == 1, error
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_an_accelerator_the_machine_lacks_names_the_trainer_that_runs_without_one(tmp_path, capsys):
+    cfg = compose_train([*SMALL_SYNTHETIC, f"paths.data_dir={tmp_path / 'data'}", "trainer.accelerator=mps"],
+                        tmp_path / "run")
+    with pytest.raises(SystemExit):
+        run_app(train, cfg)
+    assert capsys.readouterr().err.endswith(
+        "Correct the override (or config file) that sets it; trainer=default (accelerator=auto) or trainer=cpu runs "
+        "without one.\n")
 
 
 def test_callbacks_none_means_no_callbacks(tmp_path):
