@@ -90,6 +90,14 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         raise ConfigError(f"device={device!r} is not a device name (use auto, cpu, cuda or cuda:N): {error}") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={device} was asked for but CUDA is not available here; use device=auto or cpu.")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ConfigError(f"device={device} was asked for but this machine has {torch.cuda.device_count()} CUDA "
+                          f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}; use one of them or device=auto.")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device={device} was asked for but MPS (Apple GPUs) is not available here; use device=auto "
+                          "or cpu.")
+    if resolved.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device={device} is not supported: use auto, cpu, cuda, cuda:N or mps.")
     return resolved
 
 
