@@ -210,7 +210,7 @@ def never_improved_warning(history: list[dict[str, float]], best: dict[str, floa
     if best is None or len(history) < 3 or best is not history[0]:
         return None
     return (f"best.ckpt is the first validated epoch's network (epoch {best['epoch']}): {monitor} never beat its value "
-            f"there ({best.get(monitor):.4g}) in the {len(history) - 1} epochs validated after it, so training did "
+            f"there ({best.get(monitor):.4g}) in the {len(history) - 1} validations after it, so training did "
             "not improve the network it started from. Train it again (another seed, a lower optimizer.lr). With "
             "empty slices, a network still learning to outline tumors has no tumor pixel above 0.5 for a while, so "
             "val/dice_tumor sits at 0 and stops the run: loss=dice_ce_slice_tumor monitor.metric=val/loss "
@@ -303,6 +303,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "best_val_dice": best.get(VAL_DICE) if best else None,
         **slice_scores("best_val_", best),
         "best_epoch": best["epoch"] if best else None,
+        "best_step": best.get("step") if best else None,  # which validation, when several per epoch
         "last_val_dice": last.get(VAL_DICE) if last else None,
         "last_val_iou": last.get(VAL_IOU) if last else None,
         **slice_scores("last_val_", last),

@@ -321,11 +321,25 @@ def test_validating_every_second_epoch_steps_the_plateau_scheduler_on_those_epoc
     assert [row["epoch"] for row in saved["val_history"]] == [1] and saved["best_epoch"] == 1
 
 
+def test_several_validations_an_epoch_report_the_one_that_chose_best_ckpt(tmp_path):
+    """With ``trainer.val_check_interval=0.5`` ModelCheckpoint compares every validation, so the history keeps each."""
+    cfg = compose_train([*SMALL_SYNTHETIC, f"paths.data_dir={tmp_path / 'data'}", "trainer=cpu", "trainer.max_epochs=2",
+                         "+trainer.val_check_interval=0.5", "data.num_workers=0", "test=false"], tmp_path / "run")
+    saved = train(cfg)
+    history = saved["val_history"]
+    epochs = [row["epoch"] for row in history]
+    assert epochs.count(0) == epochs.count(1) >= 2 and len({row["step"] for row in history}) == len(history)
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    chosen = next(row for row in history if row["step"] == checkpoint["global_step"])
+    assert saved["best_val_dice"] == chosen["val/dice"] == max(row["val/dice"] for row in history)
+    assert (saved["best_epoch"], saved["best_step"]) == (chosen["epoch"], chosen["step"])
+
+
 def test_a_best_checkpoint_training_never_improved_on_is_warned_about():
     rows = [{"epoch": 0, "val/dice_tumor": 0.016}, {"epoch": 1, "val/dice_tumor": 0.0}, {"epoch": 2, "val/dice_tumor": 0.0}]
     warning = never_improved_warning(rows, rows[0], "val/dice_tumor")
     assert "epoch 0" in warning and "val/dice_tumor never beat its value there (0.016)" in warning
-    assert "in the 2 epochs validated after it" in warning and "Train it again" in warning
+    assert "in the 2 validations after it" in warning and "Train it again" in warning
     assert never_improved_warning(rows[:2], rows[0], "val/dice_tumor") is None  # one later epoch: too early to say
     improved = [*rows, {"epoch": 3, "val/dice_tumor": 0.4}]
     assert never_improved_warning(improved, improved[3], "val/dice_tumor") is None

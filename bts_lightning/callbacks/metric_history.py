@@ -9,10 +9,12 @@ from lightning.pytorch.callbacks import Callback
 
 
 class MetricHistory(Callback):
-    """Append ``{"epoch": e, "val/dice": ..., ...}`` after every (non-sanity) validation run.
+    """Append ``{"epoch": e, "step": s, "val/dice": ..., ...}`` after every (non-sanity) validation run.
 
     Read at ``on_validation_end``, after the module's ``on_validation_epoch_end`` logged its epoch-level
-    scores (``val/dice_tumor``, ...), and before the checkpoint callbacks save this history.
+    scores (``val/dice_tumor``, ...), and before the checkpoint callbacks save this history. Every validation
+    is a row, also several in one epoch (``trainer.val_check_interval`` < 1), as ``ModelCheckpoint`` compares
+    them all; a validation run again at the same step (a resumed run) replaces its row.
     """
 
     def __init__(self, prefix: str = "val/") -> None:
@@ -23,8 +25,9 @@ class MetricHistory(Callback):
         if trainer.sanity_checking:
             return
         values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(self.prefix)}
-        self.history = [row for row in self.history if row["epoch"] != trainer.current_epoch]
-        self.history.append({"epoch": trainer.current_epoch, **values})
+        at = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        self.history = [row for row in self.history if (row["epoch"], row.get("step")) != (at["epoch"], at["step"])]
+        self.history.append({**at, **values})
 
     def best(self, key: str, mode: str = "max") -> dict[str, float] | None:
         """The first epoch with the best ``key`` (as ModelCheckpoint picks it), or None."""
