@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import socket
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -92,8 +93,11 @@ def analyze(predictor: Predictor, path: str | Path | None, options: InferenceOpt
     file = check_upload(path)
     try:
         image = read_channels(file, contract.channel_indices)
-    except UnreadableImageError:
-        raise ValueError(f"{file.name} is not a readable image (PNG, JPEG, TIFF or BMP).") from None
+    except UnreadableImageError as error:
+        reason = str(error).removeprefix(f"{file}: ")  # a stack of pages, NaN pixels; or no image at all
+        if reason.startswith("not a readable image"):
+            reason = "not a readable image (PNG, JPEG, TIFF or BMP)"
+        raise ValueError(f"{file.name}: {reason}.") from None
     except ChannelError as error:
         raise ValueError(f"{file.name} has {error.count} channel(s), but the model takes "
                          f"{contract.describe_channels()}.") from None
@@ -119,11 +123,29 @@ def decision_text(options: InferenceOptions, probability: np.ndarray) -> str | N
     return f"No tumor detected (slice score {score:.4g} <= threshold {decision.threshold:.4g})"
 
 
-def example_slices(folder: Path, count: int = 3) -> list[Path]:
-    """Write ``count`` synthetic slices (128 px, with tumors where the generator put them) under ``folder``."""
+# A PNG holds 1, 3 or 4 channels, so examples exist for models reading file channels 0 to 3.
+PNG_PLANES = (3, 4)
+
+
+def example_slices(folder: Path, count: int = 3, channels: Sequence[int] | None = None) -> list[Path]:
+    """Write ``count`` synthetic slices (128 px, with tumors where the generator put them) under ``folder`` as PNGs a
+    model reading file ``channels`` takes: gray for ``None`` (or ``[0]``), else the gray slice in every plane (3, or 4
+    when it reads channel 3). None when it reads a channel past 3, which no PNG has."""
     root = generate_dataset(folder / "synthetic", n=max(count, 5), size=128, seed=0, slices_per_patient=1)
-    images = sorted((root / "images").iterdir())
-    return images[:count]
+    images = sorted((root / "images").iterdir())[:count]
+    if not channels or max(channels) == 0:
+        return images
+    planes = next((planes for planes in PNG_PLANES if max(channels) < planes), None)
+    if planes is None:
+        log.info("No example slices: the model reads file channel %d, and a PNG has at most %d.", max(channels),
+                 PNG_PLANES[-1])
+        return []
+    written = []
+    for path in images:
+        gray = read_channels(path, None)[0]
+        written.append(folder / f"{planes}_planes" / path.name)
+        write_png(written[-1], np.repeat(gray[..., None], planes, axis=2))
+    return written
 
 
 def build_demo(predictor: Predictor, options: InferenceOptions, output_dir: Path, examples: list[Path] | None = None,
@@ -221,7 +243,7 @@ def demo(cfg: DictConfig) -> None:
                  "applied: each slice is judged alone (presence threshold %.6g). Predict over a scan folder for it.",
                  cascade.context, cascade.presence_threshold)
     run_dir = Path(cfg.paths.output_dir)
-    examples = example_slices(run_dir / "examples", count) if count else []
+    examples = example_slices(run_dir / "examples", count, contract.channel_indices) if count else []
     page = build_demo(predictor, options, run_dir / "masks", examples, image_size)
     served = [run_dir / "masks", *([examples[0].parent] if examples else [])]
     page.launch(server_name=host, server_port=port, share=flag_setting(cfg, "share", False), css=CSS,

@@ -3,7 +3,7 @@
 ``DIR`` gets ``app.py`` (:mod:`bts_lightning.space_app`: Gradio + onnxruntime, no PyTorch),
 ``requirements.txt`` (onnxruntime, gradio, opencv, numpy; no torch), ``README.md`` (the Space front
 matter ``sdk: gradio``, ``sdk_version``, ``app_file`` over the model card), ``model.onnx`` (with its
-contract) and ``examples/`` (synthetic gray slices). Upload the folder as a Space to serve the page.
+contract) and ``examples/`` (synthetic slices with the channels the model reads). Upload the folder as a Space to serve the page.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from bts_lightning.data.synthetic import generate_dataset
+from bts_lightning.demo import example_slices
 from bts_lightning.errors import ConfigError
 from bts_lightning.export import export_model
 from bts_lightning.hub import check_upload_folder, hub_config, model_card
@@ -55,7 +55,6 @@ def write_space(module: nn.Module, output: str | Path, contract: ModelContract, 
     card = model_card(hub_config(module, contract), metrics, front)
     write_bytes_atomic(output / "README.md", card.replace("ckpt_path=THIS_FOLDER", "ckpt_path=model.onnx").encode())
     with tempfile.TemporaryDirectory() as scratch:
-        slices = generate_dataset(Path(scratch) / "synthetic", n=5, size=128, seed=0, slices_per_patient=1)
-        for path in sorted((slices / "images").iterdir())[:3]:
+        for path in example_slices(Path(scratch), 3, contract.channel_indices):
             write_bytes_atomic(output / "examples" / path.name, path.read_bytes())
     return output

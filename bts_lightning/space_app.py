@@ -68,7 +68,12 @@ def read_slice(path: str | Path, channels: list[int] | None) -> np.ndarray:
     data = np.fromfile(str(path), dtype=np.uint8)
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if image is None:
-        raise ValueError(f"{Path(path).name} is not a readable image (PNG, JPEG, TIFF or BMP).")
+        raise ValueError(f"{Path(path).name}: not a readable image (PNG, JPEG, TIFF or BMP).")
+    if Path(path).suffix.lower() in (".tif", ".tiff") and (pages := cv2.imcount(str(path))) > 1:
+        raise ValueError(f"{Path(path).name}: holds {pages} pages (a volume or a stack), not one slice; save each "
+                         "slice as its own image file.")
+    if image.dtype.kind == "f" and not np.isfinite(image).all():
+        raise ValueError(f"{Path(path).name}: holds NaN or infinite pixel values.")
     if image.ndim == 3 and image.shape[2] in (3, 4):
         image = image[..., [2, 1, 0, 3][: image.shape[2]]]  # OpenCV BGR(A) -> file RGB(A)
     if channels is None:

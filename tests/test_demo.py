@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -68,12 +70,43 @@ def test_the_page_returns_predicts_mask_and_area(client, gradio_client, tiny_che
     assert cv2.imread(overlay).shape[:2] == cv2.imread(probability).shape[:2] == (70, 90)
 
 
-@pytest.mark.parametrize(("content", "message"), [(b"not an image", "not a readable image"), (b"", "is empty")])
-def test_bad_uploads_get_one_message(client, gradio_client, tmp_path, content, message):
-    bad = tmp_path / "bad.png"
-    bad.write_bytes(content)
-    with pytest.raises(gradio_client.exceptions.AppError, match=message):
+def write_bad_slice(path: Path, kind: str) -> Path:
+    """A file ``predict`` refuses: ``pages`` a 2-page TIFF, ``nan`` a float TIFF with a NaN pixel, else the bytes."""
+    if kind == "pages":
+        cv2.imwritemulti(str(path), [np.full((16, 16), value, np.uint8) for value in (10, 200)])
+    elif kind == "nan":
+        image = np.ones((16, 16), np.float32)
+        image[3, 4] = np.nan
+        cv2.imwrite(str(path), image)
+    else:
+        path.write_bytes(kind.encode())
+    return path
+
+
+BAD_UPLOADS = [("bad.png", "not an image", "bad.png: not a readable image (PNG, JPEG, TIFF or BMP)."),
+               ("bad.png", "", "bad.png is empty"),
+               ("stack.tif", "pages", "stack.tif: holds 2 pages (a volume or a stack), not one slice"),
+               ("nan.tif", "nan", "nan.tif: holds NaN or infinite pixel values.")]
+
+
+@pytest.mark.parametrize(("name", "kind", "message"), BAD_UPLOADS)
+def test_bad_uploads_get_one_message_naming_the_reason(client, gradio_client, tmp_path, name, kind, message):
+    bad = write_bad_slice(tmp_path / name, kind)
+    with pytest.raises(gradio_client.exceptions.AppError, match=re.escape(message)):
         client.predict(gradio_client.handle_file(str(bad)), 0.5, False, False, 0, api_name="/segment")
+
+
+@pytest.mark.parametrize(("channels", "planes"), [(None, 1), ([0], 1), ([1], 3), ([0, 1, 2], 3), ([3], 4)])
+def test_example_slices_have_the_channels_the_model_reads(tmp_path, channels, planes):
+    examples = example_slices(tmp_path, 2, channels)
+    assert len(examples) == 2
+    for path in examples:
+        stored = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        assert (stored.shape[2] if stored.ndim == 3 else 1) == planes
+        gray = read_channels(tmp_path / "synthetic" / "images" / path.name, None)
+        assert np.array_equal(read_channels(path, None if channels is None else tuple(channels)),
+                              np.repeat(gray, 1 if channels is None else len(channels), axis=0))
+    assert example_slices(tmp_path, 2, [4]) == []  # no PNG has a fifth plane
 
 
 def test_area_text_counts_pixels_and_percent():

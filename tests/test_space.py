@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -10,11 +11,13 @@ import cv2
 import numpy as np
 import pytest
 
+from bts_lightning.data.io import UnreadableImageError, read_channels
 from bts_lightning.errors import ConfigError
 from bts_lightning.export import export
 from bts_lightning.predict import predict
 from tests import fixtures_checkpoint
 from tests.fixtures_checkpoint import compose_app
+from tests.test_demo import BAD_UPLOADS, write_bad_slice
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("gradio")
@@ -106,3 +109,14 @@ def test_space_app_applies_the_models_slice_decision_as_predict(tiny_checkpoint,
     assert np.array_equal(cv2.imread(str(tmp_path / "m.png"), cv2.IMREAD_UNCHANGED), expected)
     assert (not expected.any()) == rejected
     assert ("No tumor detected (slice score" in result.stdout) == rejected
+
+
+@pytest.mark.parametrize(("name", "kind", "message"), [case for case in BAD_UPLOADS if case[1]])
+def test_space_app_refuses_the_files_predict_refuses(tmp_path, name, kind, message):
+    from bts_lightning import space_app
+
+    bad = write_bad_slice(tmp_path / name, kind)
+    with pytest.raises(UnreadableImageError):
+        read_channels(bad, None)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        space_app.read_slice(bad, None)
