@@ -136,10 +136,25 @@ def _slice_order(path: Path) -> tuple[str, int, str]:
 
 
 def output_names(files: list[Path]) -> dict[Path, str]:
-    """Output name stem per input: its file stem, or ``<stem>_<ext>`` when stems collide (a.png, a.jpg)."""
-    counts = Counter(path.stem for path in files)
-    return {path: path.stem if counts[path.stem] == 1 else f"{path.stem}_{path.suffix.lstrip('.').lower()}"
-            for path in files}
+    """Output name stem per input, unique also ignoring case (as a case-insensitive disk stores them): its file stem,
+    ``<stem>_<ext>`` when stems collide (a.png, a.jpg), then ``_2``, ``_3``, ... in ``files`` order for what still
+    collides (``a_png.bmp`` beside those, ``b.tif`` beside ``b.TIF``)."""
+    stems = Counter(path.stem.casefold() for path in files)
+    first = {path: path.stem if stems[path.stem.casefold()] == 1 else f"{path.stem}_{path.suffix.lstrip('.').lower()}"
+             for path in files}
+    counts = Counter(name.casefold() for name in first.values())
+    taken = {name.casefold() for name in first.values() if counts[name.casefold()] == 1}
+    names: dict[Path, str] = {}
+    for path in files:
+        name = candidate = first[path]
+        if counts[name.casefold()] > 1:
+            number = 1
+            while candidate.casefold() in taken:
+                number += 1
+                candidate = f"{name}_{number}"
+            taken.add(candidate.casefold())
+        names[path] = candidate
+    return names
 
 
 class InputReader:

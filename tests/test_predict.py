@@ -139,6 +139,11 @@ def test_probabilities_are_resized_back_then_thresholded_and_cleaned(tmp_path):
 def test_output_names_stay_unique():
     files = [Path("x/a.png"), Path("x/a.JPG"), Path("x/b.tif")]
     assert output_names(files) == {files[0]: "a_png", files[1]: "a_jpg", files[2]: "b"}
+    clashing = [Path(name) for name in ("a.png", "a.jpg", "a_png.bmp", "b.tif", "b.TIF", "B_tif_2.png")]
+    names = output_names(clashing)
+    assert len({name.casefold() for name in names.values()}) == len(clashing), names
+    assert names == {clashing[0]: "a_png", clashing[1]: "a_jpg", clashing[2]: "a_png_2", clashing[3]: "b_tif",
+                     clashing[4]: "b_tif_3", clashing[5]: "B_tif_2"}
 
 
 # ---------------------------------------------------------------- the app
