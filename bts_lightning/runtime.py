@@ -22,7 +22,8 @@ from typing import Any, TypeVar
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import InstantiationException, OverrideParseException
 from hydra.experimental.callback import Callback
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
@@ -151,7 +152,7 @@ def hydra_app(
 
     @functools.wraps(hydra_main)
     def main() -> Any:
-        unknown = unknown_setting(config_name, sys.argv[1:])
+        unknown = unreadable_override(sys.argv[1:]) or unknown_setting(config_name, sys.argv[1:])
         if unknown:
             print(f"error: {unknown}", file=sys.stderr)
             raise SystemExit(2)
@@ -184,6 +185,25 @@ def app_settings(config_name: str) -> set[str]:
             if "@package _global_" in option.read_text().split("\n", 1)[0]:
                 keys.update(str(key) for key in OmegaConf.load(option) if key != "defaults")
     return keys - {"_self_"}
+
+
+def unreadable_override(arguments: list[str]) -> str | None:
+    """The error for the first command-line override Hydra's grammar cannot read (a value with non-ASCII letters,
+    a comma or brackets, unquoted: ``input=Ünï/a.png``, ``input=a, b.png``), saying how to quote it; ``None`` when
+    all parse (sweeps such as ``model=unet,fcn`` do)."""
+    parser = OverridesParser.create()
+    for argument in arguments:
+        if argument.startswith("-") or "=" not in argument:
+            continue
+        try:
+            parser.parse_overrides([argument])
+        except OverrideParseException:
+            key, value = argument.split("=", 1)
+            inner, outer = ('"', "'") if "'" in value else ("'", '"')
+            return (f"{argument} cannot be read as an override: a value with non-ASCII letters, commas, brackets or "
+                    f"quotes needs quotes inside the argument, e.g. {outer}{key}={inner}{value}{inner}{outer} (the "
+                    "outer ones for the shell).")
+    return None
 
 
 def unknown_setting(config_name: str, arguments: list[str]) -> str | None:
