@@ -154,7 +154,7 @@ def _metric_lines(metrics: Mapping[str, Any] | None) -> list[str]:
     shown = card_metrics(metrics)
     if not shown:
         return ["- No metrics recorded with this checkpoint (see `python -m bts_lightning.evaluate`)."]
-    test = {f"test {key}": value for key, value in shown.pop("test", {}).items()}
+    test = {key if key.startswith("test/") else f"test {key}": value for key, value in shown.pop("test", {}).items()}
     note = shown.pop("selection", {}).get("note")
     shown.pop("dataset", None)
     lines = [f"- {key}: {value}" if isinstance(value, int) else f"- {key}: {value:.4g}"
@@ -208,7 +208,7 @@ def _decision_lines(decision: Mapping[str, Any] | None) -> list[str]:
         return []
     described = SliceDecision.from_dict(decision).describe()
     return [(f"- Slice-level decision: tumor present when {described}; other slices get an empty mask "
-             "(`slice_decision=off` turns it off).")]
+             "(`slice_decision=off` turns it off in the bts_lightning apps).")]
 
 
 def _scan_context_lines(net: Mapping[str, Any]) -> list[str]:

@@ -114,8 +114,11 @@ def list_inputs(source: str | Path) -> list[Path]:
                  path)
     files = sorted(set(images) - set(masks), key=_slice_order)
     if not files:
+        folders = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+        inside = (f" Only the files directly inside it are read, not its {len(folders)} folder(s) ("
+                  f"{format_names(folders, 3)}): pass one of them, e.g. input={path / folders[0]}." if folders else "")
         raise DataError(f"No image files ({', '.join(sorted(IMAGE_SUFFIXES))}, or Figshare slice files N.mat) in "
-                        f"{path}.")
+                        f"{path}.{inside}")
     return files
 
 

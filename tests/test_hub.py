@@ -12,7 +12,7 @@ import torch
 
 from bts_lightning.checkpoint import CheckpointError
 from bts_lightning.errors import ConfigError
-from bts_lightning.hub import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, from_pretrained, save_pretrained
+from bts_lightning.hub import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, from_pretrained, model_card, save_pretrained
 from bts_lightning.inference import load_predictor, predict_probabilities
 from bts_lightning.predict import predict
 from tests import fixtures_checkpoint
@@ -39,6 +39,8 @@ def test_round_trip_gives_the_same_probabilities_and_contract(tiny_checkpoint, h
     card = (hub_folder / CARD_NAME).read_text()
     assert "library_name: bts_lightning" in card and "not for diagnosis" in card
     assert "Dataset: synthetic." in card and "- best_val_dice: " in card  # from the run's metrics.json
+    lines = model_card({}, {"best_val_dice": 0.5, "test": {"test/dice": 0.7}}).splitlines()
+    assert "- best_val_dice: 0.5" in lines and "- test/dice: 0.7" in lines  # not "test test/dice"
 
 
 def test_copies_of_a_folder_keep_its_training_data_and_numbers(hub_folder, tmp_path):

@@ -238,7 +238,12 @@ def test_bad_inputs_are_clear_user_errors(tiny_checkpoint, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "readme.txt").write_text("no images here")
-    with pytest.raises(DataError, match="No image files"):
+    with pytest.raises(DataError, match=r"No image files .* in \S+empty\.$"):
+        run(empty)
+    (empty / "TCGA_CS_4941").mkdir()  # a root of patient folders
+    (empty / "TCGA_CS_4942").mkdir()
+    with pytest.raises(DataError, match=r"not its 2 folder\(s\) \(TCGA_CS_4941, TCGA_CS_4942\): pass one of them, "
+                                        r"e\.g\. input=\S+TCGA_CS_4941\."):
         run(empty)
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -437,7 +442,7 @@ def test_the_masks_in_a_patient_folder_are_not_segmented(tmp_path, caplog):
     assert "Left out 2 mask file(s)" in caplog.text
 
 
-def test_figshare_slice_files_are_inputs_like_their_images(tiny_checkpoint, tmp_path):
+def test_figshare_slice_files_are_inputs_like_their_images(tiny_checkpoint, tmp_path, caplog):
     """A model trained with data=figshare_mat predicts on the release's own N.mat files (cjdata.image, scaled as in
     training): the same mask as for that image saved as a PNG; cvind.mat in the folder is no input."""
     from bts_lightning.visualize import to_uint8
@@ -451,10 +456,14 @@ def test_figshare_slice_files_are_inputs_like_their_images(tiny_checkpoint, tmp_
         write_v73_slice(release / f"{index}.mat", image, mask, 1, "MR001")
         cv2.imwrite(str(pngs / f"{index}.png"), to_uint8(image))
     (release / "cvind.mat").write_bytes(b"not a slice")
-    assert [path.name for path in list_inputs(release)] == ["1.mat", "2.mat"]
+    (release / "3.mat").write_bytes(b"not a slice either")
+    assert [path.name for path in list_inputs(release)] == ["1.mat", "2.mat", "3.mat"]
     for source in (release, pngs):
         predict(compose_app("predict", [f"ckpt_path={tiny_checkpoint.path}", f"input={source}",
                                         f"output={tmp_path / source.name / 'out'}"], tmp_path / source.name))
+    skipped = [record.getMessage() for record in caplog.records if record.getMessage().startswith("Skipping 3.mat")]
+    assert skipped == ["Skipping 3.mat: not a readable MATLAB .mat file (MATLAB v7.3/HDF5 or v5 expected): "
+                       + skipped[0].split("expected): ", 1)[-1]] and "release" not in skipped[0], skipped
     for index in (1, 2):
         from_mat, from_png = (cv2.imread(str(tmp_path / name / "out" / f"{index}_mask.png"), cv2.IMREAD_UNCHANGED)
                               for name in ("release", "pngs"))

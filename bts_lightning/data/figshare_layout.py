@@ -85,7 +85,7 @@ def read_mat_slice(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         image, mask = _hdf5_arrays(path) if is_hdf5(path) else _v5_arrays(path)
     except (DataError, OSError) as error:
-        raise UnreadableImageError(f"{path}: {error}") from error
+        raise UnreadableImageError(f"{path}: {str(error).removeprefix(f'{path}: ')}") from error
     for key, array in zip(ARRAYS, (image, mask)):
         if array.ndim != 2 or array.dtype.kind not in "biuf":
             raise UnreadableImageError(f"{path}: cjdata.{key} is {array.dtype} of shape {array.shape}, not a 2-D image")
