@@ -266,11 +266,13 @@ def calibrated_decision(
     split: str,
     dataset: str,
     target_on: str = "split",
+    tta: bool = False,
 ) -> SliceDecision:
     """The :class:`SliceDecision` calibrated by :func:`calibrate` on ``scores_empty``, recording the false-alarm
-    rate it reaches there and its sensitivity on ``scores_tumor`` (``None`` without tumor slices)."""
+    rate it reaches there, its sensitivity on ``scores_tumor`` (``None`` without tumor slices) and whether the scores
+    came from flip-TTA probabilities (``tta``), which the decision then needs to hold."""
     threshold = calibrate(scores_empty, target, target_on)
     calibration = {"split": split, "dataset": dataset, "n_empty": len(scores_empty), "n_tumor": len(scores_tumor),
                    "false_alarm_rate": rate_above(scores_empty, threshold),
-                   "sensitivity": rate_above(scores_tumor, threshold)}
+                   "sensitivity": rate_above(scores_tumor, threshold), "tta": bool(tta)}
     return SliceDecision(rule, threshold, float(pixel_threshold), float(target), calibration, target_on)

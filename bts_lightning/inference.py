@@ -674,7 +674,8 @@ def with_model_decision(options: InferenceOptions, cfg: Mapping[str, Any], contr
     """``options`` with the model's slice decision when ``cfg.slice_decision`` is ``auto`` and ``contract`` has one.
 
     Logs the decision applied; warns when a component rule was calibrated at another pixel threshold
-    than ``options.threshold``.
+    than ``options.threshold``, or the decision with another ``tta`` than ``options.tta`` (decisions stored before
+    it was recorded: not checked).
     """
     decision = contract.slice_decision if decision_setting(cfg) == "auto" else None
     if decision is None:
@@ -686,4 +687,9 @@ def with_model_decision(options: InferenceOptions, cfg: Mapping[str, Any], contr
         log.warning("The slice decision was calibrated at threshold=%g but threshold=%g: its false-alarm rate no "
                     "longer holds; pass threshold=%g, recalibrate, or slice_decision=off.",
                     decision.pixel_threshold, options.threshold, decision.pixel_threshold)
+    calibrated_tta = decision.calibration.get("tta")
+    if isinstance(calibrated_tta, bool) and calibrated_tta != options.tta:
+        log.warning("The slice decision was calibrated with tta=%s but tta=%s: its false-alarm rate no longer holds; "
+                    "pass tta=%s, recalibrate, or slice_decision=off.", str(calibrated_tta).lower(),
+                    str(options.tta).lower(), str(calibrated_tta).lower())
     return replace(options, decision=decision)

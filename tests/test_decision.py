@@ -102,7 +102,7 @@ def test_calibrated_decision_records_what_it_reaches():
     made = calibrated_decision([0.0, 0.0, 0.02, 0.3], [0.01, 0.2, 0.5], 0.25, "component_fraction", 0.5, "val", "lgg")
     assert made.threshold == 0.02
     assert made.calibration == {"split": "val", "dataset": "lgg", "n_empty": 4, "n_tumor": 3,
-                                "false_alarm_rate": 0.25, "sensitivity": pytest.approx(2 / 3)}
+                                "false_alarm_rate": 0.25, "sensitivity": pytest.approx(2 / 3), "tta": False}
     assert SliceDecision.from_dict(json.loads(json.dumps(made.to_dict()))) == made
     assert "component_fraction > 0.02" in made.describe() and "25.0 % false alarms on val of lgg" in made.describe()
     assert calibrated_decision([0.1], [], 0.0, "max_probability", 0.5, "val", "x").calibration["sensitivity"] is None
@@ -253,6 +253,16 @@ def test_contract_carries_the_decision_and_options_take_it(caplog):
     with caplog.at_level(logging.WARNING):
         with_model_decision(InferenceOptions(threshold=0.3), {}, contract)
     assert "calibrated at threshold=0.5 but threshold=0.3" in caplog.text
+    flipped = ModelContract(image_size=64, decision={**decision().to_dict(), "calibration": {"tta": True}})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        with_model_decision(InferenceOptions(tta=True), {}, flipped)
+        with_model_decision(InferenceOptions(), {}, contract)  # stored before tta was recorded: not checked
+    assert not caplog.text
+    with caplog.at_level(logging.WARNING):
+        with_model_decision(InferenceOptions(), {}, flipped)
+    assert ("calibrated with tta=true but tta=false: its false-alarm rate no longer holds; pass tta=true"
+            in caplog.text)
     with pytest.raises(ConfigError, match="slice_decision=maybe"):
         InferenceOptions.from_config({"slice_decision": "maybe"})
 
@@ -359,6 +369,7 @@ def test_calibrate_app_for_new_slices_is_stricter_and_refuses_too_few_empty_slic
     result = run_calibrate(ckpt, data, tmp_path / "new", "target_false_alarm_rate=0.25", "target_on=new_slices")
     stored = result["decision"]
     assert stored["target_on"] == "new_slices" and on_split["target_on"] == "split"
+    assert stored["calibration"]["tta"] is False
     assert stored["threshold"] >= on_split["threshold"]  # k = floor(0.25 * 5) - 1 = 0 against floor(0.25 * 4) = 1
     assert stored["calibration"]["false_alarm_rate"] == 0.0 and result["on_new_empty_slices"]["expected_false_alarm_rate"] \
         == pytest.approx(1 / 5)
@@ -374,6 +385,8 @@ def test_calibrate_app_for_new_slices_is_stricter_and_refuses_too_few_empty_slic
     assert torch.load(ckpt, map_location="cpu", weights_only=True)[DECISION_KEY] == stored  # left as it was
     with pytest.raises(ConfigError, match="target_on='always' must be one of split, new_slices"):
         run_calibrate(ckpt, data, tmp_path / "bad", "target_on=always")
+    with_tta = run_calibrate(ckpt, data, tmp_path / "tta", "target_false_alarm_rate=0.25", "tta=true")
+    assert with_tta["tta"] is True and with_tta["decision"]["calibration"]["tta"] is True  # stored with the decision
 
 
 def test_predict_returns_an_empty_mask_for_a_rejected_slice(tmp_path):
