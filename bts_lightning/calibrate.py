@@ -42,6 +42,7 @@ from bts_lightning.decision import (
 from bts_lightning.errors import ConfigError
 from bts_lightning.evaluate import load_split
 from bts_lightning.inference import CHECKPOINT_SUFFIXES, Predictor, predict_probabilities
+from bts_lightning.models.cascade import cascade_of
 from bts_lightning.runtime import flag_setting, hydra_app, number_setting, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -177,6 +178,13 @@ def calibrate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[s
                           "then export it again.")
     split = str(cfg.get("split", "val"))
     scoring = load_split(cfg, overrides, split, "calibrate")
+    cascade = cascade_of(scoring.predictor)
+    if cascade is not None and cascade.context:
+        log.warning("%s is a cascade with a scan context (%d slice(s) either side): evaluate and predict over scans "
+                    "decide with it, not with the slice decision calibrated here, which applies where slices are "
+                    "judged alone (scan_context=off, exported files, the demo; calibrated so, one slice at a time). "
+                    "To move the scan context's threshold, run cascade again with target_false_alarm_rate.",
+                    scoring.ckpt_path, cascade.context)
     batch_size = int(number_setting(cfg, "data.batch_size", 16, whole=True, minimum=1))
     decision = calibrate_checkpoint(scoring.ckpt_path, scoring.predictor, scoring.dataset, target, rule, threshold,
                                     split, scoring.datamodule.name, tta, batch_size,

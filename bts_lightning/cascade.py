@@ -18,6 +18,7 @@ in its scan, with its own threshold calibrated on the same empty slices, which `
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -89,10 +90,23 @@ def _presence_paths(cfg: DictConfig) -> list[Path]:
         raise ConfigError("presence=[] lists no checkpoint: give one (presence=RUN_B/checkpoints/best.ckpt) or "
                           "several (presence=[RUN_B/checkpoints/best.ckpt,RUN_C/checkpoints/best.ckpt]).")
     paths = [_checkpoint_path({"presence": item}, "presence") for item in value]
-    if len(set(paths)) < len(paths):
-        raise ConfigError(f"presence={[str(path) for path in paths]} lists a checkpoint twice; an ensemble averages "
-                          "different networks.")
+    seen: dict[str, Path] = {}
+    for path in paths:  # the same file however it is spelled, or a copy of it
+        first = seen.setdefault(_file_digest(path), path)
+        if first is not path:
+            same = "the same file" if first.resolve() == path.resolve() else "copies of one file"
+            raise ConfigError(f"presence={[str(path) for path in paths]} lists a checkpoint twice ({first} and "
+                              f"{path} are {same}); an ensemble averages different networks.")
     return paths
+
+
+def _file_digest(path: Path) -> str:
+    """The sha256 of the file at ``path``."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def check_compatible(segmentation: Path, presence: Path) -> None:

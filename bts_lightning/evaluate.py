@@ -48,7 +48,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,6 @@ from bts_lightning.inference import (
     contract_of,
     load_predictor,
     resolve_device,
-    with_model_decision,
 )
 from bts_lightning.metrics import (
     AREAS,
@@ -87,7 +86,7 @@ from bts_lightning.scan_context import (
     ScanContext,
     SegmentationPredictor,
     check_scan_layout,
-    model_context,
+    decision_or_context,
     presence_probabilities,
 )
 from bts_lightning.trained_split import (
@@ -411,14 +410,10 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[st
     output_dir = Path(cfg.paths.output_dir)
     scoring = load_split(cfg, overrides, split, "evaluate")
     predictor, datamodule, dataset, ckpt_path = scoring.predictor, scoring.datamodule, scoring.dataset, scoring.ckpt_path
-    options = with_model_decision(options, cfg, contract_of(predictor))
+    options, context = decision_or_context(options, cfg, predictor)
     batch_size = int(number_setting(cfg, "data.batch_size", 16, whole=True, minimum=1))
-    context = model_context(cfg, predictor)
     if context is not None:
         check_scan_layout(datamodule.found_layout, datamodule.root)
-        if options.decision is not None:
-            log.info("The scan context decides which slices keep their mask, in place of the slice decision.")
-        options = replace(options, decision=None)
 
     started = time.perf_counter()
     masks_of = _mask_predictor(predictor, options, context, dataset, batch_size)

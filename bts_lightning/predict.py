@@ -43,7 +43,6 @@ import logging
 import re
 from collections import Counter, OrderedDict
 from collections.abc import Mapping
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -76,14 +75,13 @@ from bts_lightning.inference import (
     load_predictor,
     predict_probabilities,
     resolve_device,
-    with_model_decision,
 )
 from bts_lightning.models.cascade import cascade_of
 from bts_lightning.runtime import as_number, hydra_app, make_directory, number_setting, write_bytes_atomic
 from bts_lightning.scan_context import (
     ScanContext,
     SegmentationPredictor,
-    model_context,
+    decision_or_context,
     presence_probabilities,
 )
 from bts_lightning.visualize import overlay, write_png
@@ -399,8 +397,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     check_input_size(predictor, image_size, "image_size")
     channels = input_channels(cfg.get("channels"), contract_of(predictor))
     reader = InputReader(files, channels, contract_of(predictor).neighbours)
-    options = with_model_decision(options, cfg, contract_of(predictor))
-    context = model_context(cfg, predictor)
+    options, context = decision_or_context(options, cfg, predictor)
     created = not output_dir.exists()
     make_directory(output_dir, "output")
     try:
@@ -420,7 +417,7 @@ def _predict_into(predictor: Predictor, files: list[Path], output_dir: Path, ima
         log.info("Scan context: the %d input slice(s) are one scan, in the order of the numbers their file names end "
                  "with (scan_context=off for unrelated slices); tumor present iff %s.", len(files), context.describe())
         scan_decisions = scan_presence(predictor, files, image_size, reader, context, batch_size)
-        options, predictor = replace(options, decision=None), SegmentationPredictor(predictor)
+        predictor = SegmentationPredictor(predictor)  # decision_or_context left options without a slice decision
     decisions: list[dict[str, Any]] = []
     written, skipped = predict_files(predictor, files, output_dir, image_size, options, batch_size, channels,
                                      decisions, scan_decisions, reader)

@@ -27,7 +27,16 @@ import torch
 
 from bts_lightning.data.neighbours import SCAN_LAYOUTS, Position
 from bts_lightning.errors import ConfigError
-from bts_lightning.inference import ModulePredictor, Predictor, auto_or_off, check_batch
+from bts_lightning.inference import (
+    InferenceOptions,
+    ModulePredictor,
+    Predictor,
+    auto_or_off,
+    check_batch,
+    contract_of,
+    decision_setting,
+    with_model_decision,
+)
 from bts_lightning.models.cascade import Cascade, cascade_of
 from bts_lightning.preprocessing import blank, standardize
 
@@ -101,6 +110,20 @@ def model_context(cfg: Mapping[str, Any], predictor: Predictor) -> ScanContext |
         log.info("Scan context off (scan_context=off): every slice is judged alone.")
         return None
     return ScanContext(cascade.context, float(cascade.context_threshold), cascade.presence_threshold)
+
+
+def decision_or_context(options: InferenceOptions, cfg: Mapping[str, Any],
+                        predictor: Predictor) -> tuple[InferenceOptions, ScanContext | None]:
+    """What decides which slices keep their mask: a cascade's scan context (:func:`model_context`), in place of the
+    model's slice decision, or else the slice decision (:func:`~bts_lightning.inference.with_model_decision`);
+    returns the options (with the decision, or none) and the context (or ``None``)."""
+    context = model_context(cfg, predictor)
+    if context is None:
+        return with_model_decision(options, cfg, contract_of(predictor)), None
+    if decision_setting(cfg) == "auto" and contract_of(predictor).slice_decision is not None:
+        log.info("The scan context decides which slices keep their mask, in place of the model's slice decision "
+                 "(which applies where slices are judged alone: scan_context=off, exported files, the demo).")
+    return options, context
 
 
 def check_scan_layout(layout: str | None, root: Path | str, key: str = "scan_context=off") -> None:

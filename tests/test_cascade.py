@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -297,7 +298,12 @@ def test_a_cascade_with_a_presence_ensemble_calibrates_their_mean_and_travels(tw
     folder = load_predictor(save_pretrained(output, tmp_path / "hub"), "cpu")
     assert torch.equal(predict_probabilities(folder, images), predict_probabilities(joined, images))
 
+    copied = tmp_path / "copy.ckpt"
+    shutil.copy(members[0], copied)
+    respelled = Path(members[0]).parent / ".." / "checkpoints" / Path(members[0]).name
     for presence, message in ((f"[{members[0]},{members[0]}]", "lists a checkpoint twice"),
+                              (f"[{members[0]},{respelled}]", r"lists a checkpoint twice \(.* are the same file\)"),
+                              (f"[{members[0]},{copied}]", r"lists a checkpoint twice \(.* are copies of one file\)"),
                               (f"[{members[0]},{two_runs['other_split']}]", "trained on different splits"),
                               ("[]", r"presence=\[\] lists no checkpoint")):
         bad = compose_app("cascade", [f"segmentation={two_runs['segmentation']}", f"presence={presence}"],

@@ -329,3 +329,25 @@ def test_held_out_is_judged_by_the_slices_whatever_root_they_are_read_from(scan_
     assert metrics["slices"]["training_slices_scored"] == n_train == metrics["n_images"]
     assert metrics["decision_note"] == (f"scan context calibrated on the val split, but {n_train} of the slices "
                                         "scored here were training slices (optimistic).")
+
+
+def test_a_decision_calibrated_on_a_context_cascade_applies_where_slices_are_judged_alone(scan_runs, tmp_path,
+                                                                                        caplog):
+    """``calibrate`` scores slices alone: it says so for a scan-context cascade, whose scans evaluate and predict
+    judge with the context instead (saying so once, without claiming the slice decision)."""
+    from bts_lightning.calibrate import calibrate
+
+    copy = tmp_path / "cascade.ckpt"
+    shutil.copy(scan_runs["cascade"], copy)
+    overrides = [f"ckpt_path={copy}", "target_false_alarm_rate=0.2"]
+    with caplog.at_level(logging.INFO):
+        calibrate(compose_app("calibrate", overrides, tmp_path / "cal"), overrides)
+    assert "is a cascade with a scan context (1 slice(s) either side)" in caplog.text
+    caplog.clear()
+    scanned = [f"ckpt_path={copy}", "split=val"]
+    with caplog.at_level(logging.INFO):
+        metrics = evaluate(compose_app("evaluate", scanned, tmp_path / "scans"), scanned)
+    assert metrics["inference"]["decision"] is None and metrics["inference"]["scan_context"] is not None
+    assert "in place of the model's slice decision" in caplog.text and "Slice decision: tumor present iff" not in caplog.text
+    alone = [*scanned, "scan_context=off"]
+    assert evaluate(compose_app("evaluate", alone, tmp_path / "alone"), alone)["inference"]["decision"] is not None
