@@ -250,6 +250,7 @@ def export_model(
     opset: int = 17,
     onnx_exporter: str = "legacy",
     contract: ModelContract | None = None,
+    name: str | None = None,
 ) -> Path:
     """Export ``module`` (a SegmentationModule) to ``output``; the file appears only when complete.
 
@@ -269,6 +270,7 @@ def export_model(
             ``ModelContract.from_module``: the network's facts and the module's ``data_settings`` (the training
             size, channels and scan neighbours of a fitted or loaded module; unknown: no size, the first
             ``in_channels`` file channels, gray for one, slices alone).
+        name: what the log calls the file (default ``output``'s name; the export app's staged file is its output's).
     """
     output = Path(output)
     format = resolve_format(format, output)
@@ -284,7 +286,7 @@ def export_model(
     if cascade is not None and cascade.context:
         log.warning("The cascade's scan context (%d slice(s) either side) is not part of %s: the exported model judges "
                     "each slice alone (presence threshold %.6g). Evaluate or predict with the checkpoint for the scan "
-                    "context.", cascade.context, output.name, cascade.presence_threshold)
+                    "context.", cascade.context, name or output.name, cascade.presence_threshold)
     contract = exported_contract(module, int(image_size), contract)
     model = probability_model(module)
     contract = with_parts(contract, module)
@@ -384,7 +386,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     staging = output.with_name(f".{output.stem}.unverified{output.suffix}") if verify and format in FORMATS else None
     try:
         if format not in FOLDER_FORMATS:
-            export_model(module, staging or output, format, image_size, contract=contract, **onnx)
+            export_model(module, staging or output, format, image_size, contract=contract, name=output.name, **onnx)
         if format != HUB_FORMAT:  # the file's own contract
             contract = with_parts(contract, module)
         summary: dict[str, Any] = {"output": str(output), "format": format, "model": contract.model,

@@ -20,7 +20,7 @@ from bts_lightning.data.neighbours import slice_position
 from bts_lightning.decision import false_alarm_bound
 from bts_lightning.errors import ConfigError
 from bts_lightning.evaluate import evaluate
-from bts_lightning.export import export_model
+from bts_lightning.export import export, export_model
 from bts_lightning.hub import save_pretrained
 from bts_lightning.inference import load_predictor, predict_probabilities
 from bts_lightning.models.cascade import build_cascade, cascade_of
@@ -351,3 +351,7 @@ def test_a_decision_calibrated_on_a_context_cascade_applies_where_slices_are_jud
     assert "in place of the model's slice decision" in caplog.text and "Slice decision: tumor present iff" not in caplog.text
     alone = [*scanned, "scan_context=off"]
     assert evaluate(compose_app("evaluate", alone, tmp_path / "alone"), alone)["inference"]["decision"] is not None
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="bts_lightning.export"):
+        export(compose_app("export", [f"ckpt_path={copy}", f"output={tmp_path / 'joined.onnx'}"], tmp_path / "ex"))
+    assert "is not part of joined.onnx" in caplog.text  # the file written, not the file it was checked in
