@@ -241,6 +241,10 @@ def check_scored_slices(
                     overlap_text)
     elif overlap:
         log.warning("Of the %d scored slices, %s.", len(ids), overlap_text)
+    elif by_name_only and matches:
+        log.warning("The %d scored slices match the checkpoint's %s split by file names only (trained from %s, read "
+                    "from %s): the same slices copied elsewhere, or other data named alike.", len(ids), split,
+                    record["settings"].get("root"), current["settings"].get("root"))
     return {**scored, "matches_trained_split": matches, "training_slices_scored": overlap,
             "in_trained_subsets": in_subsets, "matched_by": "file names only" if by_name_only else "slice"}
 

@@ -6,6 +6,7 @@ import csv
 import json
 import logging
 import math
+import shutil
 from pathlib import Path
 
 import cv2
@@ -28,7 +29,7 @@ from bts_lightning.metrics import (
 from bts_lightning.runtime import run_app
 from tests import fixtures_checkpoint
 from tests.conftest import run_cli
-from tests.fixtures_checkpoint import compose_app
+from tests.fixtures_checkpoint import SYNTHETIC, compose_app
 
 tiny_checkpoint = fixtures_checkpoint.tiny_checkpoint  # the pytest fixture, requested by name below
 
@@ -348,7 +349,7 @@ def test_evaluate_scores_the_split_the_checkpoint_was_trained_with(tmp_path, cap
     """A model trained with data.val_fold=3 is scored on fold 3, not on the config's default fold 1."""
     from bts_lightning.train import train
     from tests.conftest import compose_train
-    from tests.fixtures_checkpoint import SYNTHETIC, TINY_MODEL
+    from tests.fixtures_checkpoint import TINY_MODEL
 
     data = [*SYNTHETIC, f"paths.data_dir={tmp_path / 'data'}"]
     train(compose_train([*data, *TINY_MODEL, "trainer=cpu", "debug=limit", "trainer.max_epochs=1", "logger=csv",
@@ -420,3 +421,11 @@ def test_training_slices_of_another_root_are_matched_by_name_only_and_say_so(tin
             f"{tiny_checkpoint.data_dir.resolve()}") in caplog.text
     overrides = [f"ckpt_path={tiny_checkpoint.path}", *tiny_checkpoint.data_overrides, "split=all", "worst_k=0"]
     assert evaluate(compose_app("evaluate", overrides, tmp_path / "own"))["slices"]["matched_by"] == "slice"
+    copy = tmp_path / "copy"  # the same slices elsewhere: its test split is the trained one, by their names
+    shutil.copytree(tiny_checkpoint.data_dir, copy)
+    overrides = [f"ckpt_path={tiny_checkpoint.path}", *SYNTHETIC, f"paths.data_dir={copy}", "split=test", "worst_k=0"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        metrics = evaluate(compose_app("evaluate", overrides, tmp_path / "copied"), overrides)
+    assert metrics["slices"]["matches_trained_split"] and metrics["slices"]["matched_by"] == "file names only"
+    assert "The 8 scored slices match the checkpoint's test split by file names only" in caplog.text
