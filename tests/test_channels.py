@@ -90,3 +90,24 @@ def test_standardize_z_scores_each_channel_and_matches_the_one_channel_rule():
     one = batch[:, :1]
     expected = (one - one.mean(dim=(1, 2, 3), keepdim=True)) / one.std(dim=(1, 2, 3), keepdim=True)
     torch.testing.assert_close(standardize(one), expected)
+
+
+def test_a_channel_no_image_has_is_the_setting_to_change_and_one_some_lack_names_them(tmp_path):
+    from bts_lightning.data.dataset import scan_pairs
+    from bts_lightning.data.discovery import SlicePair
+    from bts_lightning.errors import DataError
+
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:16, 8:16] = 255
+    cv2.imwrite(str(tmp_path / "mask.png"), mask)
+    pairs = []
+    for name, planes in (("rgb", 3), ("gray", 1)):
+        image = np.random.default_rng(0).integers(0, 255, (32, 32, planes), dtype=np.uint8)
+        cv2.imwrite(str(tmp_path / f"{name}.png"), image if planes == 3 else image[..., 0])
+        pairs.append(SlicePair(name, tmp_path / f"{name}.png", tmp_path / "mask.png"))
+    with pytest.raises(DataError, match=r"1 image\(s\) with 1 channel\(s\), fewer than data.channels=\[1\] needs .*: "
+                                        r"gray.png\. Replace or remove these slices"):
+        scan_pairs(pairs, 32, keep=False, channels=(1,))
+    with pytest.raises(ConfigError, match=r"^data.channels=\[5\]: every image \(2\) has 1 or 3 channel\(s\); choose "
+                                          r"indices below 1, or gray\.$"):
+        scan_pairs(pairs, 32, keep=False, channels=(5,))

@@ -237,8 +237,8 @@ def test_negatives_errors_name_the_setting(tumor_root, tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         datamodule(tumor_root, negatives={"root": str(tmp_path / "missing")}).setup("fit")
     # Negatives whose files lack a channel the negatives' own setting asks for: named by that setting and root.
-    with pytest.raises(DataError, match=rf"^data.negatives.root={tumor_root}: .* fewer than "
-                                        r"data.negatives.channels=\[1\] needs"):
+    with pytest.raises(ConfigError, match=rf"^data.negatives.root={tumor_root}: data.negatives.channels=\[1\]: "
+                                          r"every image \(\d+\) has 1 channel\(s\); choose indices below 1, or gray"):
         datamodule(tumor_root, channels=[0], negatives={"root": str(tumor_root), "channels": [1]}).setup("fit")
     evaluation = datamodule(tumor_root, negatives={"root": str(tmp_path / "missing")})
     evaluation.setup("test")  # negatives are training input only

@@ -366,8 +366,8 @@ class BrainTumorDataModule(L.LightningDataModule):
         try:
             scan = scan_pairs(pairs, self.image_size, keep=self.cache, channels=negatives.channels,
                               key="data.negatives.channels")
-        except DataError as error:
-            raise DataError(f"data.negatives.root={root}: {error}") from None
+        except (DataError, ConfigError) as error:
+            raise type(error)(f"data.negatives.root={root}: {error}") from None
         threshold = mask_threshold(int(scan.mask_max.max()))
         empty = np.flatnonzero(scan.mask_max <= threshold)
         if not len(empty):

@@ -32,7 +32,7 @@ from bts_lightning.data.io import (
 )
 from bts_lightning.data.neighbours import Position, own_channel, slice_position, stack_window
 from bts_lightning.distance_maps import signed_distance_map
-from bts_lightning.errors import DataError, format_names
+from bts_lightning.errors import ConfigError, DataError, format_names
 
 
 def _named(path: Path) -> str:
@@ -146,6 +146,9 @@ def scan_pairs(pairs: Sequence[SlicePair], size: int, keep: bool, channels: Chan
     if lacking:
         names = sorted(name for group in lacking.values() for name in group)
         counts = " or ".join(map(str, sorted(lacking)))
+        if len(names) == len(pairs):  # the setting, not the slices, is what to change
+            raise ConfigError(f"{key}={list(channels or ())}: every image ({len(names)}) has {counts} channel(s); "
+                              f"choose indices below {min(lacking)}, or gray.")
         problems.append(
             f"{len(names)} image(s) with {counts} channel(s), fewer than {key}={list(channels or ())} needs "
             f"(choose indices below {min(lacking)}, or gray): {format_names(names)}"
