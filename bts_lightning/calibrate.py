@@ -178,6 +178,10 @@ def calibrate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[s
                           "then export it again.")
     split = str(cfg.get("split", "val"))
     scoring = load_split(cfg, overrides, split, "calibrate")
+    if scoring.scored.get("training_slices_scored"):
+        log.warning("The decision is calibrated partly on %d training slices, whose scores the network learned: its "
+                    "false-alarm rate on new slices will be higher than here. Calibrate on held-out slices (split=val).",
+                    scoring.scored["training_slices_scored"])
     cascade = cascade_of(scoring.predictor)
     if cascade is not None and cascade.context:
         log.warning("%s is a cascade with a scan context (%d slice(s) either side): evaluate and predict over scans "

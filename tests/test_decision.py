@@ -363,7 +363,7 @@ def test_calibration_errors_are_one_clear_line(calibration_setup, tiny_checkpoin
 
 
 def test_calibrate_app_for_new_slices_is_stricter_and_refuses_too_few_empty_slices(calibration_setup, tmp_path,
-                                                                                     capsys):
+                                                                                     capsys, caplog):
     ckpt, data = calibration_setup  # 4 empty val slices
     on_split = run_calibrate(ckpt, data, tmp_path / "split", "target_false_alarm_rate=0.25")["decision"]
     result = run_calibrate(ckpt, data, tmp_path / "new", "target_false_alarm_rate=0.25", "target_on=new_slices")
@@ -387,6 +387,9 @@ def test_calibrate_app_for_new_slices_is_stricter_and_refuses_too_few_empty_slic
         run_calibrate(ckpt, data, tmp_path / "bad", "target_on=always")
     with_tta = run_calibrate(ckpt, data, tmp_path / "tta", "target_false_alarm_rate=0.25", "tta=true")
     assert with_tta["tta"] is True and with_tta["decision"]["calibration"]["tta"] is True  # stored with the decision
+    with caplog.at_level(logging.WARNING):
+        run_calibrate(ckpt, data, tmp_path / "all", "target_false_alarm_rate=0.25", "split=all")
+    assert "The decision is calibrated partly on" in caplog.text and "Calibrate on held-out slices" in caplog.text
 
 
 def test_predict_returns_an_empty_mask_for_a_rejected_slice(tmp_path):
