@@ -26,6 +26,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import InstantiationException, OverrideParseException
 from hydra.experimental.callback import Callback
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -91,8 +92,13 @@ def refused_settings(error: BaseException) -> ConfigError | None:
     return None
 
 
+# The shell's status for a process ended by SIGTERM (128 + 15), which schedulers and `&&` chains read as a failure.
+SIGTERM_STATUS = 143
+
+
 def run_app(app: Callable[..., T], *args: Any) -> T:
-    """Run ``app``; a user error becomes one ``error:`` line on stderr and exit status 2.
+    """Run ``app``; a user error becomes one ``error:`` line on stderr and exit status 2; a SIGTERM that Lightning
+    caught (it stops training) one ``error:`` line and :data:`SIGTERM_STATUS`.
 
     The failure also goes to the run's log files (the root logger's file handlers, e.g. Hydra's
     ``<run dir>/<app>.log``): the ``error:`` line, or the traceback of an unexpected exception,
@@ -100,6 +106,11 @@ def run_app(app: Callable[..., T], *args: Any) -> T:
     """
     try:
         return app(*args)
+    except SIGTERMException:  # Lightning's: a SystemExit without a status, which would read as success
+        if not is_other_rank():
+            tqdm.write("error: stopped by SIGTERM; a training run resumes with ckpt_path=last.", file=sys.stderr)
+        _log_to_files("error: stopped by SIGTERM; a training run resumes with ckpt_path=last.")
+        raise SystemExit(SIGTERM_STATUS) from None
     except Exception as error:
         user_error, refused = user_error_of(error), None
         if user_error is None:

@@ -361,3 +361,25 @@ def test_a_user_error_is_printed_by_rank_zero_only(rank, printed, tmp_path, caps
         run_app(user_error)
     assert stop.value.code == 2
     assert capsys.readouterr().err == ("error: no slices\n" if printed else "")
+
+
+def test_a_run_stopped_by_sigterm_fails_and_says_how_to_resume(tmp_path, capsys):
+    """Lightning turns SIGTERM into a SystemExit without a status (success to a shell, SLURM or a sweep)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    root = logging.getLogger()
+    log_file = logging.FileHandler(tmp_path / "app.log")
+    root.addHandler(log_file)
+
+    def stopped() -> None:
+        raise SIGTERMException
+
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            run_app(stopped)
+    finally:
+        root.removeHandler(log_file)
+        log_file.close()
+    assert exit_info.value.code == 143
+    message = "error: stopped by SIGTERM; a training run resumes with ckpt_path=last.\n"
+    assert capsys.readouterr().err == message and (tmp_path / "app.log").read_text() == message
