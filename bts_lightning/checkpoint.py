@@ -162,11 +162,12 @@ def _differences(prefix: str, then: Any, now: Any) -> list[str]:
 
 
 def check_resume_settings(ckpt_path: str | Path, hparams: Mapping[str, Any], data_settings: Mapping[str, Any],
-                          split: Mapping[str, Any]) -> None:
+                          split: Mapping[str, Any], seed: int | None = None) -> None:
     """Resuming continues the same run, so what it trains with now must be what ``ckpt_path`` was trained with: the
     module's ``hparams`` (loss, optimizer, scheduler, ...; ``net`` is :func:`resolve_resume`'s), the input
     (``data_settings``: image size, channels, neighbours) and the train/val/test slices (``split``, the data module's
-    :meth:`split_record`). Lightning restores the optimizer's state over a changed optimizer (another class crashes,
+    :meth:`split_record`), and the ``seed`` every epoch is seeded from (``EpochSeed``'s, when the checkpoint has it).
+    Lightning restores the optimizer's state over a changed optimizer (another class crashes,
     another learning rate is silently replaced), mixes input sizes in one run, and with another split ``best.ckpt``
     compares scores of different slices while trained slices could be validated. Raises :class:`CheckpointError`
     naming what differs; entries the checkpoint does not record pass."""
@@ -177,6 +178,10 @@ def check_resume_settings(ckpt_path: str | Path, hparams: Mapping[str, Any], dat
     trained_data = checkpoint.get(DATA_SETTINGS_KEY) or {}
     differ += [line for key in sorted(set(trained_data) & set(data_settings))
                for line in _differences(f"data.{key}", trained_data[key], data_settings[key])]
+    seeded = [state.get("seed") for key, state in (checkpoint.get("callbacks") or {}).items()
+              if "EpochSeed" in str(key) and isinstance(state, Mapping) and "seed" in state]
+    if seed is not None and seeded and seeded[0] != seed:
+        differ.append(f"seed: {seeded[0]!r} then, {seed!r} now")
     trained = (checkpoint.get(DATAMODULE_STATE_KEY) or {}).get("split")
     if isinstance(trained, Mapping):
         subsets = [name for name in split["subsets"]

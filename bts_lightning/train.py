@@ -31,7 +31,7 @@ from bts_lightning.inference import load_predictor
 from bts_lightning.losses import uses_distance_maps
 from bts_lightning.metrics import SLICE_SCORES, VAL_DICE, VAL_IOU
 from bts_lightning.models import check_input_size
-from bts_lightning.runtime import flag_setting, hydra_app, user_error_of, write_json_atomic
+from bts_lightning.runtime import flag_setting, hydra_app, number_setting, user_error_of, write_json_atomic
 from bts_lightning.segmentation_module import SegmentationModule, data_settings_of
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,18 @@ def check_batches(trainer: DictConfig) -> None:
     if accumulate is not None and (not isinstance(accumulate, int) or isinstance(accumulate, bool) or accumulate < 1):
         raise ConfigError(f"trainer.accumulate_grad_batches={accumulate} must be a whole number >= 1 (1: an "
                           "optimizer step every batch).")
+
+
+# Seeds are drawn from [0, 2**31): every epoch's seed + epoch (EpochSeed) stays within what NumPy takes.
+MAX_SEED = 2**31 - 1
+
+
+def check_seed(cfg: DictConfig) -> int:
+    """The run's ``seed``: a whole number from 0 to :data:`MAX_SEED` (``ConfigError`` naming it otherwise)."""
+    seed = int(number_setting(cfg, "seed", 0, whole=True, minimum=0))
+    if seed > MAX_SEED:
+        raise ConfigError(f"seed={seed} must be at most {MAX_SEED}.")
+    return seed
 
 
 def check_monitor(monitor: DictConfig | None) -> tuple[str, str]:
@@ -249,6 +261,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     check_epochs(cfg.trainer)
     check_batches(cfg.trainer)
+    seed = check_seed(cfg)
     check_sweep_objective(cfg.get("callbacks"))
     monitor, mode = check_monitor(cfg.get("monitor"))
     test = flag_setting(cfg, "test", False)
@@ -256,15 +269,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("Cross-dataset channels: %s", check_cross_data(cfg, int(cfg.model.net.get("in_channels", 1))))
     network = OmegaConf.to_container(cfg.model.net, resolve=True)
     resume_from = resolve_resume(cfg.get("ckpt_path"), output_dir, network, cfg.trainer.get("max_epochs"))
-    L.seed_everything(cfg.seed, workers=True, verbose=False)  # Lightning would print this on stderr, before any error
-    log.info("Seed %s (Python, NumPy, PyTorch and the loader workers)", cfg.seed)
+    L.seed_everything(seed, workers=True, verbose=False)  # Lightning would print this on stderr, before any error
+    log.info("Seed %s (Python, NumPy, PyTorch and the loader workers)", seed)
     datamodule = instantiate(cfg.data)
     module = build_module(cfg)
     check_input_channels(int(cfg.model.net.get("in_channels", 1)), datamodule)
     check_input_size(module.net, datamodule.image_size, "data.image_size")  # before data is read or generated
     datamodule.setup("fit")  # validates every file before anything heavy starts
     if resume_from is not None:
-        check_resume_settings(resume_from, module.hparams, data_settings_of(datamodule), datamodule.split_record())
+        check_resume_settings(resume_from, module.hparams, data_settings_of(datamodule), datamodule.split_record(),
+                              seed)
     decision_aim = check_decision(cfg.get("decision"), datamodule)
     if datamodule.distance_maps is None:  # data.distance_maps: null = when the loss takes them
         datamodule.distance_maps = uses_distance_maps(module.criterion)

@@ -193,6 +193,9 @@ def test_checkpoint_records_the_training_image_size(tmp_path):
         ("+model.presence_loss_weight=nan", "model.presence_loss_weight=nan must be a number >= 0"),
         ("model.net.num_classes=3", "model.net.num_classes=3: the network segments tumor against background, 2"),
         ("model.net.in_channels=3", "model.net.in_channels=3, but the data gives 1 channel"),
+        ("seed=abc", 'seed="abc" is not a whole number'),
+        ("seed=null", "seed=null is not a whole number"),
+        ("seed=-1", "seed=-1 must be >= 0"),
         ("+trainer.limit_train_batches=0", "trainer.limit_train_batches=0 trains no batch"),
         ("+trainer.limit_val_batches=0.0", "trainer.limit_val_batches=0.0 validates no batch"),
         ("+trainer.max_steps=0", "trainer.max_steps=0 trains no step"),
@@ -238,6 +241,7 @@ def test_resume_needs_a_matching_readable_checkpoint(tmp_path):
         ("optimizer=sgd", "optimizer._target_: 'torch.optim.AdamW' then, 'torch.optim.SGD' now"),
         ("optimizer.lr=0.1", "optimizer.lr: 0.002 then, 0.1 now"),
         ("loss=dice", "loss._target_: "),
+        ("seed=1", "seed: 42 then, 1 now"),
     ):
         with pytest.raises(CheckpointError, match=r"last.ckpt: its run was trained with other settings \(.*"
                                                   + re.escape(message)):

@@ -20,6 +20,10 @@ class EpochSeed(Callback):
     def __init__(self, seed: int) -> None:
         self.seed = seed
 
+    def state_dict(self) -> dict[str, int]:
+        """Kept in checkpoints, so a resume can check it continues with the same seed."""
+        return {"seed": self.seed}
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch_seed = self.seed + trainer.current_epoch
         L.seed_everything(epoch_seed, workers=True, verbose=False)
