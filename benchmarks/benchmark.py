@@ -199,8 +199,8 @@ def compose_config(
         "scheduler=none",  # ReduceLROnPlateau needs val/dice, and validation is off; epoch-level anyway
         f"trainer.max_epochs={args.repeats}",
         "trainer.min_epochs=1",
-        f"+trainer.limit_train_batches={args.lightning_warmup + args.steps}",
-        "+trainer.limit_val_batches=0",
+        f"trainer.limit_train_batches={args.lightning_warmup + args.steps}",
+        "trainer.limit_val_batches=0",
         "+trainer.num_sanity_val_steps=0",
         "+trainer.enable_checkpointing=false",
         "+trainer.enable_model_summary=false",

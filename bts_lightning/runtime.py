@@ -211,7 +211,7 @@ def unreadable_override(arguments: list[str]) -> str | None:
         except OverrideParseException:
             key, value = argument.split("=", 1)
             inner, outer = ('"', "'") if "'" in value else ("'", '"')
-            return (f"{argument} cannot be read as an override: a value with non-ASCII letters, commas, brackets or "
+            return (f"{argument} cannot be read as an override: a value with non-ASCII letters, '=', commas, brackets or "
                     f"quotes needs quotes inside the argument, e.g. {outer}{key}={inner}{value}{inner}{outer} (the "
                     "outer ones for the shell).")
     return None
@@ -235,6 +235,10 @@ def unknown_setting(config_name: str, arguments: list[str]) -> str | None:
             hint = f" (did you mean {close[0]}?)" if close else ""
             return (f"{argument}: {top} is not a setting of {config_name}{hint}. Its settings: "
                     f"{', '.join(sorted(known - {'hydra'}))}.")
+        group = Path(CONFIG_DIR) / key
+        if key == top and group.is_dir() and argument.split("=", 1)[1] in ("null", "None", ""):
+            options = sorted(path.stem for path in group.glob("*.yaml"))
+            return f"{argument}: {key} is a config group, whose value names one of its options: {', '.join(options)}."
     return None
 
 

@@ -17,6 +17,7 @@ from bts_lightning.losses import FactoredLoss, uses_distance_maps
 from bts_lightning.metrics import SLICE_SCORES, SliceDetection, overlap_metrics
 from bts_lightning.models.presence import PresenceGated
 from bts_lightning.preprocessing import standardize
+from bts_lightning.runtime import as_number
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,9 @@ class SegmentationModule(L.LightningModule):
             raise ConfigError(f"model.compile={compile!r} must be true or false.")
         self.save_hyperparameters({
             "net": _plain(net), "loss": _plain(loss), "optimizer": _plain(optimizer), "scheduler": _plain(scheduler),
-            "compile": compile, "freeze_backbone_epochs": int(freeze_backbone_epochs),
+            "compile": compile,
+            "freeze_backbone_epochs": int(as_number("model.freeze_backbone_epochs", freeze_backbone_epochs, whole=True,
+                                                    minimum=0)),
             "aux_loss_weight": _check_loss_weight("aux_loss_weight", aux_loss_weight),
             "presence_loss_weight": _check_loss_weight("presence_loss_weight", presence_loss_weight),
         })

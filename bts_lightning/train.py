@@ -10,6 +10,7 @@ from typing import Any
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from bts_lightning.calibrate import (
@@ -31,7 +32,14 @@ from bts_lightning.inference import load_predictor
 from bts_lightning.losses import uses_distance_maps
 from bts_lightning.metrics import SLICE_SCORES, VAL_DICE, VAL_IOU
 from bts_lightning.models import check_input_size
-from bts_lightning.runtime import flag_setting, hydra_app, number_setting, user_error_of, write_json_atomic
+from bts_lightning.runtime import (
+    as_number,
+    flag_setting,
+    hydra_app,
+    number_setting,
+    user_error_of,
+    write_json_atomic,
+)
 from bts_lightning.segmentation_module import SegmentationModule, data_settings_of
 
 log = logging.getLogger(__name__)
@@ -108,6 +116,9 @@ def check_batches(trainer: DictConfig) -> None:
     if _is_number(every) and (every < 1 or _is_number(epochs) and epochs >= 1 and every > epochs):
         raise ConfigError(f"trainer.check_val_every_n_epoch={every} validates on no epoch of trainer.max_epochs="
                           f"{epochs}, but validation chooses best.ckpt: set a whole number from 1 to {epochs}.")
+    clip = trainer.get("gradient_clip_val")
+    if clip is not None and not (_is_number(clip) and clip >= 0):
+        raise ConfigError(f"trainer.gradient_clip_val={clip} must be a number >= 0 (null or 0: no clipping).")
     accumulate = trainer.get("accumulate_grad_batches")
     if accumulate is not None and (not isinstance(accumulate, int) or isinstance(accumulate, bool) or accumulate < 1):
         raise ConfigError(f"trainer.accumulate_grad_batches={accumulate} must be a whole number >= 1 (1: an "
@@ -116,6 +127,14 @@ def check_batches(trainer: DictConfig) -> None:
 
 # Seeds are drawn from [0, 2**31): every epoch's seed + epoch (EpochSeed) stays within what NumPy takes.
 MAX_SEED = 2**31 - 1
+
+
+def check_callback_settings(callbacks: DictConfig | None) -> None:
+    """``ConfigError`` for early-stopping settings the callback takes but fails on later (``patience=abc``)."""
+    for name, node in (callbacks or {}).items():
+        if isinstance(node, DictConfig) and str(node.get("_target_", "")).endswith("EarlyStopping"):
+            as_number(f"callbacks.{name}.patience", node.get("patience", 3), whole=True, minimum=0)
+            as_number(f"callbacks.{name}.min_delta", node.get("min_delta", 0.0), minimum=0)
 
 
 def check_seed(cfg: DictConfig) -> int:
@@ -262,6 +281,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_epochs(cfg.trainer)
     check_batches(cfg.trainer)
     seed = check_seed(cfg)
+    check_callback_settings(cfg.get("callbacks"))
     check_sweep_objective(cfg.get("callbacks"))
     monitor, mode = check_monitor(cfg.get("monitor"))
     test = flag_setting(cfg, "test", False)
@@ -285,7 +305,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if datamodule.distance_maps:
         log.info("Loader workers compute the masks' distance maps for the loss (data.distance_maps)")
     callbacks = _instantiate_all(cfg.get("callbacks"))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=_instantiate_all(cfg.get("logger")) or False)
+    loggers = _instantiate_all(cfg.get("logger"))
+    if not loggers and any(isinstance(callback, LearningRateMonitor) for callback in callbacks):
+        log.info("No logger: the learning-rate monitor, which writes to one, is left out.")
+        callbacks = [callback for callback in callbacks if not isinstance(callback, LearningRateMonitor)]
+    # Without the project's checkpoint callbacks, none: not Lightning's own in the logger's folder either.
+    own_checkpoints = {} if any(isinstance(callback, ModelCheckpoint) for callback in callbacks) or \
+        cfg.trainer.get("enable_checkpointing") is not None else {"enable_checkpointing": False}
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **own_checkpoints)
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     train_time = time.perf_counter() - started
@@ -309,10 +336,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "mode": mode,
             "chosen_on": "val" if best_path else None,
             "scored_on": "test" if tested else None,
-            "note": f"best_val_dice is {VAL_DICE} at the epoch with the best {monitor} on the split that chose "
-            f"best.ckpt (optimistic); " + (f"test is {scored} scored on the held-out test split (the network's own masks; "
-                                           "test_with_decision, when present, with the slice decision)." if tested
-                                           else "there is no test split."),
+            "note": (f"best_val_dice is {VAL_DICE} at the epoch with the best {monitor} on the split that chose "
+                     "best.ckpt (optimistic); " if best_path else "no checkpoint callback chose a best epoch; ")
+            + (f"test is {scored} scored on the held-out test split (the network's own masks; test_with_decision, when "
+               "present, with the slice decision)." if tested else "there is no test split."),
         },
         "best_val_dice": best.get(VAL_DICE) if best else None,
         **slice_scores("best_val_", best),
@@ -347,8 +374,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         write_json_atomic(output_dir / "metrics.json", metrics)
         chosen_by = "" if monitor == VAL_DICE or not best else f" (chosen by {monitor} {best.get(monitor)})"
-        log.info("Best %s %s at epoch %s%s; metrics in %s", VAL_DICE, metrics["best_val_dice"], metrics["best_epoch"],
-                 chosen_by, output_dir)
+        if best:
+            log.info("Best %s %s at epoch %s%s; metrics in %s", VAL_DICE, metrics["best_val_dice"],
+                     metrics["best_epoch"], chosen_by, output_dir)
+        else:
+            log.info("No best epoch (no metric history or checkpoint callback); metrics in %s", output_dir)
     return metrics
 
 

@@ -103,6 +103,8 @@ def test_every_documented_command_passes_the_unknown_setting_check():
     assert commands > 80
     assert "cross_data is not" not in str(unknown_setting("train", ["experiment=cross_dataset", "cross_data.root=x"]))
     assert unknown_setting("train", ["--config-dir", "my_conf", "--config-name=mine", "my_key=1"]) is None
+    assert unknown_setting("train", ["logger=null"]) == ("logger=null: logger is a config group, whose value names "
+                                                          "one of its options: csv, none, tensorboard.")
     from bts_lightning.runtime import unreadable_override
     assert unreadable_override(["-m", "model=unet,fcn", "input='Ünï dir/a.png'", "--config-name", "train"]) is None
     assert unreadable_override(["model=unet", "input=a, b=c.png"]).startswith("input=a, b=c.png cannot be read")

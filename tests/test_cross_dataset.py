@@ -260,8 +260,8 @@ def test_cross_dataset_both_ways_then_evaluate_and_report(tmp_path, datasets, ca
 def test_real_brain_tumor_to_lgg_sample(tmp_path):
     run = tmp_path / "run"
     metrics = train(compose_train(["experiment=cross_dataset", f"data.root={REAL_DATA}", f"cross_data.root={LGG_SAMPLE}",
-                                   *TINY_RUN, "data.image_size=64", "+trainer.limit_train_batches=2",
-                                   "+trainer.limit_val_batches=2", "data.batch_size=8"], run))
+                                   *TINY_RUN, "data.image_size=64", "trainer.limit_train_batches=2",
+                                   "trainer.limit_val_batches=2", "data.batch_size=8"], run))
     in_domain, other = metrics["cross_dataset"]["evaluations"]
     assert (in_domain["dataset"], in_domain["split"], in_domain["n_images"]) == ("brain_tumor", "val", 570)
     assert in_domain["chose_checkpoint"] and in_domain["empty_slices"]["n"] == 0

@@ -353,8 +353,8 @@ def test_lgg_sample_reads_flair_with_patient_wise_folds(tmp_path):
 @pytest.mark.slow  # ~40 s: the train app as users run it, then a 4-fold cross-validation
 def test_lgg_trains_patient_wise_and_cross_validates(tmp_path):
     common = ["data=lgg", f"data.root={LGG_SAMPLE}", "trainer=cpu", "data.image_size=64", "data.num_workers=0"]
-    result = run_cli(["bts_lightning.train", *common, "trainer.max_epochs=1", "+trainer.limit_train_batches=2",
-                      "+trainer.limit_val_batches=2", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    result = run_cli(["bts_lightning.train", *common, "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+                      "trainer.limit_val_batches=2", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     split = json.loads((tmp_path / "run" / "metrics.json").read_text())["split"]
     assert (split["method"], split["leaky"], split["n_train"] + split["n_val"]) == ("patient_folds", False, 413)

@@ -286,10 +286,10 @@ def test_a_true_or_false_setting_given_anything_else_is_one_error_naming_it(tiny
     ("predict", "+treshold=0.3", "+treshold=0.3: treshold is not a setting of predict (did you mean threshold?)"),
     ("report", "dir=runs", "dir=runs: dir is not a setting of report (did you mean dirs?). Its settings: dirs, out,"),
     ("predict", "input=Ünï dir/a.png", ("input=Ünï dir/a.png cannot be read as an override: a value with non-ASCII "
-                                       "letters, commas, brackets or quotes needs quotes inside the argument, e.g. "
+                                       "letters, '=', commas, brackets or quotes needs quotes inside the argument, e.g. "
                                        "\"input='Ünï dir/a.png'\" (the outer ones for the shell).")),
     ("predict", "input=it's, here.png", ("input=it's, here.png cannot be read as an override: a value with non-ASCII "
-                                        "letters, commas, brackets or quotes needs quotes inside the argument, e.g. "
+                                        "letters, '=', commas, brackets or quotes needs quotes inside the argument, e.g. "
                                         "'input=\"it's, here.png\"' (the outer ones for the shell).")),
 ])
 def test_a_misspelled_setting_is_one_error_with_the_likely_key(tmp_path, app, setting, message):

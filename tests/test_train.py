@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -193,13 +194,16 @@ def test_checkpoint_records_the_training_image_size(tmp_path):
         ("+model.presence_loss_weight=nan", "model.presence_loss_weight=nan must be a number >= 0"),
         ("model.net.num_classes=3", "model.net.num_classes=3: the network segments tumor against background, 2"),
         ("model.net.in_channels=3", "model.net.in_channels=3, but the data gives 1 channel"),
+        ("callbacks.early_stopping.patience=abc", 'callbacks.early_stopping.patience="abc" is not a whole number'),
+        ("model.freeze_backbone_epochs=-1", "model.freeze_backbone_epochs=-1 must be >= 0"),
+        ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val=-1 must be a number >= 0"),
         ("seed=abc", 'seed="abc" is not a whole number'),
         ("seed=null", "seed=null is not a whole number"),
         ("seed=-1", "seed=-1 must be >= 0"),
-        ("+trainer.limit_train_batches=0", "trainer.limit_train_batches=0 trains no batch"),
-        ("+trainer.limit_val_batches=0.0", "trainer.limit_val_batches=0.0 validates no batch"),
-        ("+trainer.max_steps=0", "trainer.max_steps=0 trains no step"),
-        ("+trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0 must be a whole number >= 1"),
+        ("trainer.limit_train_batches=0", "trainer.limit_train_batches=0 trains no batch"),
+        ("trainer.limit_val_batches=0.0", "trainer.limit_val_batches=0.0 validates no batch"),
+        ("trainer.max_steps=0", "trainer.max_steps=0 trains no step"),
+        ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0 must be a whole number >= 1"),
         ("trainer.check_val_every_n_epoch=31", ("trainer.check_val_every_n_epoch=31 validates on no epoch of "
                                                "trainer.max_epochs=30")),
     ],
@@ -294,7 +298,19 @@ def test_callbacks_none_means_no_callbacks(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
     assert saved["best_checkpoint"] is None and saved["val_history"] == [] and saved["best_val_dice"] is None
     assert saved["selection"]["chosen_on"] is None and "final weights" in saved["selection"]["note"]
+    assert saved["selection"]["note"].startswith("no checkpoint callback chose a best epoch")
+    assert not list((tmp_path / "run").rglob("*.ckpt"))  # nor Lightning's own checkpoint in the logger's folder
     assert set(saved["test"]) == {"test/dice", "test/iou", "test/loss", "test/dice_tumor", "test/sensitivity"}
+
+
+def test_logger_none_trains_without_logs_or_the_learning_rate_monitor(tmp_path, caplog):
+    cfg = compose_train([*SMALL_SYNTHETIC, f"paths.data_dir={tmp_path / 'data'}", "trainer=cpu", "debug=limit",
+                         "trainer.max_epochs=1", "data.num_workers=0", "logger=none", "test=false"], tmp_path / "run")
+    assert not cfg.logger and cfg.callbacks.lr_monitor
+    with caplog.at_level(logging.INFO):
+        saved = train(cfg)
+    assert saved["best_epoch"] == 0 and "the learning-rate monitor, which writes to one, is left out" in caplog.text
+    assert not (tmp_path / "run" / "tensorboard").exists() and not (tmp_path / "run" / "csv").exists()
 
 
 def test_one_monitor_key_drives_checkpoint_early_stopping_and_scheduler(tmp_path):
@@ -328,7 +344,7 @@ def test_validating_every_second_epoch_steps_the_plateau_scheduler_on_those_epoc
 def test_several_validations_an_epoch_report_the_one_that_chose_best_ckpt(tmp_path):
     """With ``trainer.val_check_interval=0.5`` ModelCheckpoint compares every validation, so the history keeps each."""
     cfg = compose_train([*SMALL_SYNTHETIC, f"paths.data_dir={tmp_path / 'data'}", "trainer=cpu", "trainer.max_epochs=2",
-                         "+trainer.val_check_interval=0.5", "data.num_workers=0", "test=false"], tmp_path / "run")
+                         "trainer.val_check_interval=0.5", "data.num_workers=0", "test=false"], tmp_path / "run")
     saved = train(cfg)
     history = saved["val_history"]
     epochs = [row["epoch"] for row in history]
