@@ -21,7 +21,7 @@ from bts_lightning.calibrate import (
     reached_line,
     warn_if_chance,
 )
-from bts_lightning.callbacks import MetricHistory
+from bts_lightning.callbacks import MetricHistory, TrainingTime
 from bts_lightning.checkpoint import check_resume_settings, resolve_resume
 from bts_lightning.cross_dataset import check_cross_data, checkpoint_to_score, evaluate_across, evaluation_row
 from bts_lightning.data.channels import channels_setting
@@ -315,7 +315,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **own_checkpoints)
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
-    train_time = time.perf_counter() - started
+    clock = next((callback for callback in trainer.callbacks if isinstance(callback, TrainingTime)), None)
+    train_time = clock.seconds() if clock else time.perf_counter() - started  # a resumed run: all its processes
 
     history = next((cb for cb in trainer.callbacks if isinstance(cb, MetricHistory)), None)
     best = history.best(monitor, mode) if history else None

@@ -212,10 +212,16 @@ def test_training_saves_checkpoints_atomically_and_resumes_from_them(tiny_checkp
         original(self, checkpoint, path, storage_options)
 
     monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", recording)
+    resumed = torch.load(tiny_checkpoint.path, weights_only=False)
+    clock = next(key for key in resumed["callbacks"] if key.startswith("TrainingTime"))
+    assert resumed["callbacks"][clock]["seconds"] > 0
+    resumed["callbacks"][clock]["seconds"] = 1000.0  # as if epoch 0 had taken that long
+    torch.save(resumed, tmp_path / "resumed.ckpt")
     overrides = [*SYNTHETIC, *TINY_MODEL, f"paths.data_dir={tiny_checkpoint.data_dir}", "trainer=cpu", "logger=csv",
-                 "test=false", "trainer.max_epochs=2", f"ckpt_path={tiny_checkpoint.path}"]
+                 "test=false", "trainer.max_epochs=2", f"ckpt_path={tmp_path / 'resumed.ckpt'}"]
     metrics = train(compose_train(overrides, tmp_path / "run"))  # resumes after the fixture's epoch 0
     assert metrics["epochs_trained"] == 2 and [row["epoch"] for row in metrics["val_history"]] == [0, 1]
+    assert metrics["train_time_s"] > 1000  # epoch 0's process counts too
     checkpoints = tmp_path / "run" / "checkpoints"
     assert sorted(saved) == ["best.ckpt", "last.ckpt"]
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best.ckpt", "last.ckpt"]
