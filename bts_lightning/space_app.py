@@ -180,10 +180,15 @@ def build(model: Model) -> Any:
         cv2.imwrite(str(mask_path), mask)
         return overlay, area, str(mask_path)
 
+    # The controls start where the slice decision was calibrated (its pixel threshold, with or without TTA).
+    decision = model.decision or {}
+    threshold = float(decision.get("pixel_threshold", 0.5)) if decision.get("rule") == "component_fraction" else 0.5
+    tta = bool((decision.get("calibration") or {}).get("tta", False))
     with gr.Blocks(title="Brain tumor segmentation") as page:
         gr.Markdown("# Brain tumor segmentation\nResearch demo: **not for diagnosis.**")
         file = gr.File(label="Slice", file_types=["image", ".tif", ".tiff"], type="filepath")
-        controls = [gr.Slider(0.0, 0.99, value=0.5, step=0.01, label="Threshold"), gr.Checkbox(label="Flip TTA"),
+        controls = [gr.Slider(0.0, 0.99, value=threshold, step=0.01, label="Threshold"),
+                    gr.Checkbox(value=tta, label="Flip TTA"),
                     gr.Checkbox(label="Largest component only"), gr.Number(0, precision=0, label="Minimum component (px)")]
         outputs = [gr.Image(label="Overlay"), gr.Textbox(label="Area"), gr.File(label="Mask PNG")]
         examples = sorted((HERE / "examples").glob("*.png"))

@@ -120,3 +120,17 @@ def test_space_app_refuses_the_files_predict_refuses(tmp_path, name, kind, messa
         read_channels(bad, None)
     with pytest.raises(ValueError, match=re.escape(message)):
         space_app.read_slice(bad, None)
+
+
+def test_space_page_starts_where_the_slice_decision_was_calibrated():
+    from bts_lightning import space_app
+
+    def controls(decision: dict | None) -> dict:
+        page = space_app.build(space_app.Model(None, 64, None, decision))
+        return {block.label: block.value for block in page.blocks.values() if getattr(block, "label", None) in
+                ("Threshold", "Flip TTA")}
+
+    assert controls(None) == {"Threshold": 0.5, "Flip TTA": False}
+    calibrated = {"rule": "component_fraction", "threshold": 0.01, "pixel_threshold": 0.3,
+                  "target_false_alarm_rate": 0.05, "calibration": {"tta": True}}
+    assert controls(calibrated) == {"Threshold": 0.3, "Flip TTA": True}
