@@ -270,7 +270,8 @@ def load_split(cfg: DictConfig, overrides: Sequence[str] | None, split: str, app
     trained = {"name": (record or {}).get("settings", {}).get("name"), "channels": contract.channels}
     channels = channel_mapping(contract.slice_channels, trained, datamodule.channels, datamodule.name)
     if contract.neighbours:
-        channels += f", with the {contract.neighbours} slice(s) before and after each in its scan (data.neighbours)"
+        channels += (f", with the {contract.neighbours} slice(s) before and after each in its scan (data.neighbours): "
+                     f"{contract.in_channels} input channels")
     log.info("Channels: %s", channels)
     check_input_size(predictor, datamodule.image_size, "data.image_size")
     if contract.neighbours:

@@ -240,7 +240,8 @@ def test_a_trained_model_records_its_window_and_evaluate_reads_its_data_with_it(
     assert load_module(tmp_path / "older.ckpt").data_settings == kept
     metrics = evaluate(compose_app("evaluate", [f"ckpt_path={neighbour_runs['window']}", "split=val"],
                                    tmp_path / "eval"), [])
-    assert metrics["n_images"] > 0 and "before and after each in its scan" in metrics["channels"]
+    assert metrics["n_images"] > 0 and metrics["channels"].endswith("before and after each in its scan (data.neighbours): 3 "
+                                                                     "input channels")
     wrong = [f"ckpt_path={neighbour_runs['window']}", "split=val", "data.neighbours=0"]
     with pytest.raises(ConfigError, match=r"data.neighbours=0, but the model was trained with data.neighbours=1"):
         evaluate(compose_app("evaluate", wrong, tmp_path / "wrong"), wrong)
