@@ -125,16 +125,16 @@ def check_batches(trainer: DictConfig) -> None:
                           "optimizer step every batch).")
 
 
-# Seeds are drawn from [0, 2**31): every epoch's seed + epoch (EpochSeed) stays within what NumPy takes.
-MAX_SEED = 2**31 - 1
-
-
 def check_callback_settings(callbacks: DictConfig | None) -> None:
     """``ConfigError`` for early-stopping settings the callback takes but fails on later (``patience=abc``)."""
     for name, node in (callbacks or {}).items():
         if isinstance(node, DictConfig) and str(node.get("_target_", "")).endswith("EarlyStopping"):
             as_number(f"callbacks.{name}.patience", node.get("patience", 3), whole=True, minimum=0)
             as_number(f"callbacks.{name}.min_delta", node.get("min_delta", 0.0), minimum=0)
+
+
+# Seeds are drawn from [0, 2**31): every epoch's seed + epoch (EpochSeed) stays within what NumPy takes.
+MAX_SEED = 2**31 - 1
 
 
 def check_seed(cfg: DictConfig) -> int:
