@@ -131,7 +131,7 @@ def test_browser_shows_one_message_for_a_file_that_is_not_an_image(page, tmp_pat
     try:
         upload_and_segment(driver, page, bad)
         WebDriverWait(driver, WAIT_S).until(
-            lambda d: "notes.png is not a readable image" in d.find_element(By.TAG_NAME, "body").text)
+            lambda d: "notes.png: not a readable image" in d.find_element(By.TAG_NAME, "body").text)
         assert shown_area(driver) is False and "Traceback" not in driver.find_element(By.TAG_NAME, "body").text
     finally:
         driver.quit()
