@@ -108,5 +108,7 @@ def test_every_documented_command_passes_the_unknown_setting_check():
     from bts_lightning.runtime import unreadable_override
     assert unreadable_override(["-m", "model=unet,fcn", "input='Ünï dir/a.png'", "--config-name", "train"]) is None
     assert unreadable_override(["model=unet", "input=a, b=c.png"]).startswith("input=a, b=c.png cannot be read")
+    assert unreadable_override(["input=it's, here.png"]).endswith(  # a value with ' is quoted with "
+        "e.g. 'input=\"it's, here.png\"' (the outer ones for the shell).")
     assert unknown_setting("train", ["trainr.max_epochs=1"]).startswith("trainr.max_epochs=1: trainr is not a setting "
                                                                          "of train (did you mean trainer?)")
