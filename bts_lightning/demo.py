@@ -130,7 +130,7 @@ PNG_PLANES = (3, 4)
 def example_slices(folder: Path, count: int = 3, channels: Sequence[int] | None = None) -> list[Path]:
     """Write ``count`` synthetic slices (128 px, with tumors where the generator put them) under ``folder`` as PNGs a
     model reading file ``channels`` takes: gray for ``None`` (or ``[0]``), else the gray slice in every plane (3, or 4
-    when it reads channel 3). None when it reads a channel past 3, which no PNG has."""
+    when it reads channel 3). No example when it reads a channel past 3, which no PNG has."""
     root = generate_dataset(folder / "synthetic", n=max(count, 5), size=128, seed=0, slices_per_patient=1)
     images = sorted((root / "images").iterdir())[:count]
     if not channels or max(channels) == 0:

@@ -200,8 +200,8 @@ def app_settings(config_name: str) -> set[str]:
 
 def unreadable_override(arguments: list[str]) -> str | None:
     """The error for the first command-line override Hydra's grammar cannot read (a value with non-ASCII letters,
-    a comma or brackets, unquoted: ``input=Ünï/a.png``, ``input=a, b.png``), saying how to quote it; ``None`` when
-    all parse (sweeps such as ``model=unet,fcn`` do)."""
+    a second ``=`` or brackets, unquoted: ``input=Ünï/a.png``, ``input=a, b=c.png``), saying how to quote it; ``None``
+    when all parse (sweeps such as ``model=unet,fcn`` do)."""
     parser = OverridesParser.create()
     for argument in arguments:
         if argument.startswith("-") or "=" not in argument:

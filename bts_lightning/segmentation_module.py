@@ -289,7 +289,7 @@ class SegmentationModule(L.LightningModule):
         if not schedule.get("scheduler"):
             return optimizer
         scheduler = instantiate(schedule.pop("scheduler"))(optimizer)
-        every = getattr(self._trainer, "check_val_every_n_epoch", None) if self._trainer is not None else None
+        every = getattr(self._trainer, "check_val_every_n_epoch", None)  # None before a trainer is attached
         if schedule.get("monitor") and schedule.get("interval", "epoch") == "epoch" and isinstance(every, int):
             schedule.setdefault("frequency", every)  # a validation metric's scheduler steps on the validating epochs
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, **schedule}}
