@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -92,13 +92,25 @@ def refused_settings(error: BaseException) -> ConfigError | None:
     return None
 
 
-# The shell's status for a process ended by SIGTERM (128 + 15), which schedulers and `&&` chains read as a failure.
+# The shell's statuses for a process ended by SIGTERM (128 + 15) or SIGINT (128 + 2, Ctrl-C), which schedulers and
+# `&&` chains read as a failure.
 SIGTERM_STATUS = 143
+SIGINT_STATUS = 130
+
+
+def _stopped_by(signal_name: str, status: int) -> NoReturn:
+    """Say once (stderr and the run's log files) that ``signal_name`` stopped the run, and exit with ``status``."""
+    message = f"error: stopped by {signal_name}; a training run resumes with ckpt_path=last."
+    if not is_other_rank():
+        tqdm.write(message, file=sys.stderr)
+    _log_to_files(message)
+    raise SystemExit(status) from None
 
 
 def run_app(app: Callable[..., T], *args: Any) -> T:
-    """Run ``app``; a user error becomes one ``error:`` line on stderr and exit status 2; a SIGTERM that Lightning
-    caught (it stops training) one ``error:`` line and :data:`SIGTERM_STATUS`.
+    """Run ``app``; a user error becomes one ``error:`` line on stderr and exit status 2; a SIGTERM or Ctrl-C
+    (which Lightning catches to stop training) one ``error:`` line and :data:`SIGTERM_STATUS` or
+    :data:`SIGINT_STATUS`.
 
     The failure also goes to the run's log files (the root logger's file handlers, e.g. Hydra's
     ``<run dir>/<app>.log``): the ``error:`` line, or the traceback of an unexpected exception,
@@ -107,10 +119,13 @@ def run_app(app: Callable[..., T], *args: Any) -> T:
     try:
         return app(*args)
     except SIGTERMException:  # Lightning's: a SystemExit without a status, which would read as success
-        if not is_other_rank():
-            tqdm.write("error: stopped by SIGTERM; a training run resumes with ckpt_path=last.", file=sys.stderr)
-        _log_to_files("error: stopped by SIGTERM; a training run resumes with ckpt_path=last.")
-        raise SystemExit(SIGTERM_STATUS) from None
+        _stopped_by("SIGTERM", SIGTERM_STATUS)
+    except KeyboardInterrupt:
+        _stopped_by("Ctrl-C (SIGINT)", SIGINT_STATUS)
+    except SystemExit as exit_:
+        if exit_.code == 1 and isinstance(exit_.__context__, KeyboardInterrupt):  # Lightning's answer to Ctrl-C
+            _stopped_by("Ctrl-C (SIGINT)", SIGINT_STATUS)
+        raise
     except Exception as error:
         user_error, refused = user_error_of(error), None
         if user_error is None:

@@ -389,3 +389,30 @@ def test_a_run_stopped_by_sigterm_fails_and_says_how_to_resume(tmp_path, capsys)
     assert exit_info.value.code == 143
     message = "error: stopped by SIGTERM; a training run resumes with ckpt_path=last.\n"
     assert capsys.readouterr().err == message and (tmp_path / "app.log").read_text() == message
+
+
+def _ctrl_c_in_lightning() -> None:
+    """What Lightning's ``_call_and_handle_interrupt`` does on Ctrl-C: ``sys.exit(1)`` while handling it."""
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        sys.exit(1)
+
+
+def _ctrl_c_elsewhere() -> None:
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("interrupted", [_ctrl_c_in_lightning, _ctrl_c_elsewhere])
+def test_a_run_stopped_by_ctrl_c_fails_with_the_shells_status_and_says_how_to_resume(interrupted, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_app(interrupted)
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == ("error: stopped by Ctrl-C (SIGINT); a training run resumes with "
+                                       "ckpt_path=last.\n")
+
+
+def test_an_app_that_exits_1_on_its_own_keeps_its_status(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_app(sys.exit, 1)
+    assert exit_info.value.code == 1 and capsys.readouterr().err == ""
