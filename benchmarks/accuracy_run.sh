@@ -23,7 +23,7 @@ for model in "${models[@]}"; do
   run=$work/$model
   train=(python -m bts_lightning.train "model=$model" "data.root=$root" "data.val_fold=${VAL_FOLD:-1}" data.test_fold=null
          "trainer=${TRAINER:-gpu}" "trainer.precision=${PRECISION:-bf16-mixed}" "trainer.max_epochs=${MAX_EPOCHS:-100}"
-         "+trainer.max_time=${MAX_TIME:-00:00:01:40}" ${EXTRA:-} "hydra.run.dir=$run")
+         "++trainer.max_time=${MAX_TIME:-00:00:01:40}" ${EXTRA:-} "hydra.run.dir=$run")
   echo "${train[*]}" > "$work/$model.command"
   "${train[@]}" > "$work/$model.train.log" 2>&1 || { echo "$model: training failed (see $work/$model.train.log)"; continue; }
   for which in last best; do

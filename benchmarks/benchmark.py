@@ -201,9 +201,9 @@ def compose_config(
         "trainer.min_epochs=1",
         f"trainer.limit_train_batches={args.lightning_warmup + args.steps}",
         "trainer.limit_val_batches=0",
-        "+trainer.num_sanity_val_steps=0",
-        "+trainer.enable_checkpointing=false",
-        "+trainer.enable_model_summary=false",
+        "++trainer.num_sanity_val_steps=0",
+        "++trainer.enable_checkpointing=false",
+        "++trainer.enable_model_summary=false",
         "test=false",
     ]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
