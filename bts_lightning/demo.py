@@ -15,6 +15,7 @@ Bad uploads (not an image, empty, too large) show one message in the page. Needs
 from __future__ import annotations
 
 import logging
+import shutil
 import socket
 import tempfile
 from collections.abc import Sequence
@@ -148,13 +149,24 @@ def example_slices(folder: Path, count: int = 3, channels: Sequence[int] | None 
     return written
 
 
+def keep_newest(folder: Path, count: int | None) -> None:
+    """Delete all but the ``count`` most recently modified subfolders of ``folder`` (``None``: keep every one)."""
+    if count is None:
+        return
+    requests = sorted((path for path in folder.iterdir() if path.is_dir()), key=lambda path: path.stat().st_mtime_ns)
+    for old in requests[:max(len(requests) - count, 0)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def build_demo(predictor: Predictor, options: InferenceOptions, output_dir: Path, examples: list[Path] | None = None,
-               image_size: int | None = None) -> Any:
+               image_size: int | None = None, keep_masks: int | None = None) -> Any:
     """The Gradio ``Blocks`` page over ``predictor``, its controls starting at ``options``.
 
     API: ``/segment`` (file, threshold, tta, largest_component, min_size) -> (overlay, probability map,
-    area text, mask PNG file). The mask files are written under ``output_dir`` (created; serve it with
-    ``allowed_paths``). Bad uploads raise ``gr.Error`` with one message.
+    area text, mask PNG file). Each request's mask file is written to a folder of its own under ``output_dir``
+    (created; serve it with ``allowed_paths``), of which the newest ``keep_masks`` are kept (``None``: all).
+    Gradio's own copies of uploads and results are deleted after a day. Bad uploads raise ``gr.Error`` with one
+    message.
     """
     gr = require_gradio()
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -168,9 +180,10 @@ def build_demo(predictor: Predictor, options: InferenceOptions, output_dir: Path
             raise gr.Error(str(error)) from None
         mask_path = Path(tempfile.mkdtemp(dir=output_dir)) / f"{Path(str(file)).stem}_mask.png"
         write_png(mask_path, result.mask * 255)
+        keep_newest(output_dir, keep_masks)
         return result.overlay, result.probability, result.area, str(mask_path)
 
-    with gr.Blocks(title="Brain tumor segmentation") as page:
+    with gr.Blocks(title="Brain tumor segmentation", delete_cache=(3600, 86400)) as page:
         gr.Markdown("# Brain tumor segmentation\nResearch demo: **not for diagnosis.** Upload one MRI slice.")
         with gr.Row():
             with gr.Column():
@@ -227,6 +240,9 @@ def demo(cfg: DictConfig) -> None:
     if image_size is not None:
         image_size = int(as_number("image_size", image_size, whole=True, minimum=1))
     count = int(number_setting(cfg, "examples", 3, whole=True, minimum=0))
+    keep_masks = cfg.get("keep_masks")
+    if keep_masks is not None:
+        keep_masks = int(as_number("keep_masks", keep_masks, whole=True, minimum=1))
     host, port = serving_address(cfg)
     predictor = load_predictor(ckpt_path, resolve_device(cfg.get("device", "auto")))
     if image_size is not None:
@@ -244,7 +260,7 @@ def demo(cfg: DictConfig) -> None:
                  cascade.context, cascade.presence_threshold)
     run_dir = Path(cfg.paths.output_dir)
     examples = example_slices(run_dir / "examples", count, contract.channel_indices) if count else []
-    page = build_demo(predictor, options, run_dir / "masks", examples, image_size)
+    page = build_demo(predictor, options, run_dir / "masks", examples, image_size, keep_masks)
     served = [run_dir / "masks", *([examples[0].parent] if examples else [])]
     page.launch(server_name=host, server_port=port, share=flag_setting(cfg, "share", False), css=CSS,
                 max_file_size=MAX_UPLOAD_BYTES, allowed_paths=[str(path) for path in served])

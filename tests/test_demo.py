@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from bts_lightning.data.io import read_channels
-from bts_lightning.demo import area_text, build_demo, demo, example_slices
+from bts_lightning.demo import area_text, build_demo, demo, example_slices, keep_newest
 from bts_lightning.errors import ConfigError
 from bts_lightning.inference import InferenceOptions, load_predictor
 from bts_lightning.predict import predict, segment
@@ -32,7 +32,8 @@ def gradio_client():
 def client(tiny_checkpoint, tmp_path_factory, gradio_client):
     examples = example_slices(tmp_path_factory.mktemp("examples"))
     masks = tmp_path_factory.mktemp("demo") / "masks"
-    page = build_demo(load_predictor(tiny_checkpoint.path, "cpu"), InferenceOptions(), masks, examples)
+    page = build_demo(load_predictor(tiny_checkpoint.path, "cpu"), InferenceOptions(), masks, examples,
+                      keep_masks=2)
     page.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
     try:
         client = gradio_client.Client(page.local_url, verbose=False)
@@ -68,6 +69,9 @@ def test_the_page_returns_predicts_mask_and_area(client, gradio_client, tiny_che
     assert 0 < np.count_nonzero(mask) < mask.size
     assert area == area_text(expected > 0)
     assert cv2.imread(overlay).shape[:2] == cv2.imread(probability).shape[:2] == (70, 90)
+    for _ in range(2):  # the page keeps the newest keep_masks=2 requests' folders
+        client.predict(gradio_client.handle_file(str(image)), threshold, False, False, 0, api_name="/segment")
+    assert len([path for path in client.mask_dir.iterdir() if path.is_dir()]) == 2
 
 
 def write_bad_slice(path: Path, kind: str) -> Path:
@@ -139,7 +143,8 @@ def test_serving_settings_are_checked_before_the_page_starts(tiny_checkpoint, tm
         cases = {f"port={taken.getsockname()[1]}": r"Cannot serve on host=127\.0\.0\.1 port=\d+ \(.*\): pass a free port",
                  "port=99999": r"port=99999 must be at most 65535",
                  "host=999.1.1.1": r"Cannot serve on host=999\.1\.1\.1 port=",
-                 "image_size=70": r"image_size=70 .*multiple of"}
+                 "image_size=70": r"image_size=70 .*multiple of",
+                 "keep_masks=0": r"keep_masks"}
         for setting, message in cases.items():
             with pytest.raises(ConfigError, match=message):
                 demo(compose_app("demo", [model, setting, f"port={free_port()}"] if "port" not in setting
@@ -148,3 +153,20 @@ def test_serving_settings_are_checked_before_the_page_starts(tiny_checkpoint, tm
     demo(compose_app("demo", [model, "examples=0", f"port={free_port()}"], tmp_path / "quiet"))
     assert launched and launched[0]["allowed_paths"] == [str(tmp_path / "quiet" / "masks")]
     assert not (tmp_path / "quiet" / "examples").exists()
+
+
+def test_keep_newest_deletes_the_oldest_request_folders_only(tmp_path):
+    """A public page keeps a bounded number of mask folders (``keep_masks``); files beside them stay."""
+    import os
+
+    for age, name in enumerate(["newest", "middle", "oldest"]):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "slice_mask.png").write_bytes(b"png")
+        os.utime(tmp_path / name, ns=(10**18 - age * 10**9,) * 2)
+    (tmp_path / "note.txt").write_text("kept")
+    keep_newest(tmp_path, None)
+    assert len(list(tmp_path.iterdir())) == 4
+    keep_newest(tmp_path, 2)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["middle", "newest", "note.txt"]
+    keep_newest(tmp_path, 5)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["middle", "newest", "note.txt"]
