@@ -10,6 +10,7 @@ so nothing is ever downloaded to load a checkpoint.
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from omegaconf import OmegaConf
 from bts_lightning.errors import BtsError, first_line
 from bts_lightning.runtime import atomic_path, user_error_of
 from bts_lightning.segmentation_module import DATA_SETTINGS_KEY, DECISION_KEY, SegmentationModule
+
+log = logging.getLogger(__name__)
 
 _REQUIRED_HPARAMS = ("net", "loss", "optimizer")
 # Module settings that checkpoints written before the model config became the module's kept in "model".
@@ -116,7 +119,9 @@ def resolve_resume(ckpt_path: str | Path | None, run_dir: str | Path, net: Mappi
     ``None`` = start fresh. ``last`` = ``RUN_DIR/checkpoints/last.ckpt``, which must exist (resuming
     happens in the killed run's own directory). The file must be a readable bts_lightning checkpoint
     of the same network as ``net`` (the ``model.net`` config; ``weights`` may differ), saved before epoch
-    ``max_epochs`` (else nothing would be trained). Raises :class:`CheckpointError` otherwise, naming the file and
+    ``max_epochs`` (else nothing would be trained), unless it is the last checkpoint of a run killed after its last
+    epoch, before it wrote ``RUN_DIR/metrics.json``: resuming then does what that run had left (the test of
+    ``best.ckpt``, calibration, ``metrics.json``). Raises :class:`CheckpointError` otherwise, naming the file and
     what to do.
     """
     if ckpt_path is None or str(ckpt_path) == "":
@@ -143,7 +148,12 @@ def resolve_resume(ckpt_path: str | Path | None, run_dir: str | Path, net: Mappi
             f"Cannot resume from {path}: it holds another network ({'; '.join(differences)}). Pass the model "
             "overrides the run was trained with, or start a new run without ckpt_path."
         )
-    if isinstance(max_epochs, int) and max_epochs > 0 and isinstance(epoch, int) and epoch + 1 >= max_epochs:
+    trained = isinstance(max_epochs, int) and max_epochs > 0 and isinstance(epoch, int) and epoch + 1 >= max_epochs
+    unfinished = str(ckpt_path) == "last" and not (Path(run_dir) / "metrics.json").is_file()
+    if trained and unfinished:
+        log.info("%s finished epoch %d of trainer.max_epochs=%d, but the run stopped before metrics.json: this run "
+                 "trains nothing and does the steps after training.", path, epoch + 1, max_epochs)
+    elif trained:
         raise CheckpointError(f"{path} finished epoch {epoch + 1} of trainer.max_epochs={max_epochs} already, so "
                               "resuming would train nothing: raise trainer.max_epochs to train on from it.")
     return path

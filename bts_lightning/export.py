@@ -35,7 +35,7 @@ import os
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +74,7 @@ SPACE_FORMAT = "space"  # a folder: Gradio Space over model.onnx, without PyTorc
 FOLDER_FORMATS = (HUB_FORMAT, SPACE_FORMAT)
 PER_SLICE_OUTPUTS = (PARTS_NAMES[1],)  # outputs with one value per slice (no height and width)
 ONNX_EXPORTERS = ("legacy", "dynamo")
-# Largest |exported - PyTorch| probability accepted by the check after export.
+# Largest |exported - exact| probability the check after export accepts (twice PyTorch float32's own error if larger).
 VERIFY_TOLERANCE = 1e-3
 # Tracing size when neither image_size nor the checkpoint's training size is known.
 DEFAULT_IMAGE_SIZE = 256
@@ -344,14 +344,42 @@ def _example_input(model: nn.Module, image_size: int, channels: int) -> torch.Te
     return example
 
 
-def max_difference(module: nn.Module, exported: Any, image_size: int, batch_size: int = 2) -> float:
-    """Largest |exported - PyTorch| tumor probability on a random batch of ``batch_size`` slices
-    (with the channel count of ``exported``'s contract)."""
+@dataclass(frozen=True)
+class Agreement:
+    """How close an exported model's tumor probabilities are to PyTorch's on one random batch.
+
+    ``difference``: largest |exported - PyTorch float32|. ``exported_error`` and ``float32_error``: the largest
+    |exported - exact| and |PyTorch float32 - exact|, "exact" being PyTorch's run in float64. A network whose
+    float32 result is itself far from exact (e.g. an undertrained one with large activations) is held to its own
+    rounding, not to a fixed tolerance that PyTorch would fail too.
+    """
+
+    difference: float
+    exported_error: float
+    float32_error: float
+
+    @property
+    def tolerance(self) -> float:
+        """The most ``exported_error`` may be: :data:`VERIFY_TOLERANCE`, or twice PyTorch's own float32 error."""
+        return max(VERIFY_TOLERANCE, 2 * self.float32_error)
+
+    @property
+    def holds(self) -> bool:
+        return self.exported_error <= self.tolerance
+
+
+def agreement(module: nn.Module, exported: Any, image_size: int, batch_size: int = 2) -> Agreement:
+    """:class:`Agreement` of ``exported`` with ``module`` on a random batch of ``batch_size`` slices (with the
+    channel count of ``exported``'s contract)."""
     generator = torch.Generator().manual_seed(1)
     channels = contract_of(exported).in_channels
     images = torch.rand(batch_size, channels, image_size, image_size, generator=generator) * 255
-    expected = probability_model(module)(images)
-    return float((exported(images).cpu() - expected).abs().max())
+    model = probability_model(module)
+    float32 = model(images).double()
+    exact = copy.deepcopy(model.net).double()(standardize(images).double())["out"].softmax(dim=1)[:, 1]
+    output = exported(images).cpu().double()
+    return Agreement(difference=float((output - float32).abs().max()), exported_error=float((output - exact).abs().max()),
+                     float32_error=float((float32 - exact).abs().max()))
 
 
 # ------------------------------------------------------------------------------------------- app
@@ -393,13 +421,15 @@ def export(cfg: DictConfig) -> dict[str, Any]:
                                    "contract": contract.to_dict()}
         if verify:
             exported = output / "model.onnx" if format == SPACE_FORMAT else staging or output
-            difference = max_difference(module, load_predictor(exported, device="cpu"), image_size)
-            summary["max_abs_difference"] = difference
-            if not difference <= VERIFY_TOLERANCE:
+            check = agreement(module, load_predictor(exported, device="cpu"), image_size)
+            summary["max_abs_difference"] = check.difference
+            summary["max_abs_error_vs_float64"] = {"exported": check.exported_error, "pytorch": check.float32_error}
+            if not check.holds:
                 kept = f"; {output} was not replaced" if staging else ""
                 raise BtsError(
-                    f"Exported model {output} disagrees with PyTorch (max probability difference {difference:.3g} > "
-                    f"{VERIFY_TOLERANCE}){kept}; try onnx_exporter=dynamo or format=torchscript."
+                    f"Exported model {output} disagrees with PyTorch (max probability error {check.exported_error:.3g} "
+                    f"against PyTorch in float64 > {check.tolerance:.3g}; PyTorch's own in float32: "
+                    f"{check.float32_error:.3g}){kept}; try onnx_exporter=dynamo or format=torchscript."
                 )
         if staging is not None:
             os.replace(staging, output)

@@ -164,6 +164,7 @@ def hydra_app(
     not Hydra's 1, which is left to crashes of the app itself.
     """
     started = False
+    save_run_record_atomically()
 
     @functools.wraps(app)  # Hydra names the job (and its log file) after app's module
     def task(cfg: DictConfig) -> Any:
@@ -171,7 +172,14 @@ def hydra_app(
         started = True
         log.debug("Config:\n%s", OmegaConf.to_yaml(cfg))
         args = (cfg, list(HydraConfig.get().overrides.task)) if pass_overrides else (cfg,)
-        value = run_app(app, *args)
+        try:
+            value = run_app(app, *args)
+        except SystemExit as stop:
+            if stop.code == 2:  # refused input (e.g. a resume of another network) changes nothing in the run folder
+                restore_run_record()
+            raise
+        finally:
+            _replaced_record.clear()
         return result(value) if result is not None else None
 
     hydra_main = hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=config_name)(task)
@@ -185,6 +193,8 @@ def hydra_app(
         try:
             return hydra_main()
         except SystemExit as stop:
+            if not started:  # the job's record could not be written (_save_config), or Hydra could not compose
+                restore_run_record()
             if stop.code == 1 and not started:  # Hydra's exit after a config it could not compose
                 raise SystemExit(2) from None
             raise
@@ -434,6 +444,42 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
 def write_json_atomic(path: str | Path, data: Any) -> None:
     """Write ``data`` as indented JSON through :func:`atomic_path`: readers never see a partial file."""
     write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+# Run-record files (Hydra's ``.hydra/config.yaml``, ``hydra.yaml``, ``overrides.yaml``) that this job replaced, with
+# their previous content: put back when the app refuses its input, e.g. a ``ckpt_path=last`` resume of another network
+# in the run's own folder, whose record would otherwise name the refused settings.
+_replaced_record: dict[Path, bytes] = {}
+
+
+def _save_config(cfg: DictConfig, filename: str, output_dir: Path) -> None:
+    """Hydra's ``hydra.core.utils._save_config`` through :func:`write_bytes_atomic`, remembering the file it replaces.
+
+    A full disk or unwritable folder is one ``error:`` line and exit status 2 (Hydra's own was a traceback that
+    left the file truncated)."""
+    path = Path(output_dir) / filename
+
+    def save() -> None:
+        if path.is_file():
+            _replaced_record.setdefault(path, path.read_bytes())
+        write_bytes_atomic(path, OmegaConf.to_yaml(cfg).encode())
+
+    run_app(save)
+
+
+def save_run_record_atomically() -> None:
+    """Make Hydra write each job's ``.hydra/*.yaml`` with :func:`_save_config` (``run_job`` looks the name up in
+    ``hydra.core.utils`` at call time)."""
+    import hydra.core.utils
+
+    hydra.core.utils._save_config = _save_config
+
+
+def restore_run_record() -> None:
+    """Put back the run-record files this job replaced (see :data:`_replaced_record`)."""
+    for path, previous in _replaced_record.items():
+        with suppress(BtsError):
+            write_bytes_atomic(path, previous)
 
 
 class CreateRunDirectory(Callback):

@@ -313,6 +313,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     own_checkpoints = {} if any(isinstance(callback, ModelCheckpoint) for callback in callbacks) or \
         cfg.trainer.get("enable_checkpointing") is not None else {"enable_checkpointing": False}
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **own_checkpoints)
+    stale = output_dir / "metrics.json"
+    if resume_from is not None and trainer.is_global_zero and stale.is_file():  # it would describe the old best.ckpt
+        stale.unlink()
+        log.info("Resuming: removed the earlier process's %s; this run writes it again when it ends.", stale)
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     clock = next((callback for callback in trainer.callbacks if isinstance(callback, TrainingTime)), None)

@@ -416,3 +416,35 @@ def test_an_app_that_exits_1_on_its_own_keeps_its_status(capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_app(sys.exit, 1)
     assert exit_info.value.code == 1 and capsys.readouterr().err == ""
+
+
+def test_the_run_record_is_written_atomically_and_put_back_when_the_job_refuses_its_input(tmp_path, capsys):
+    """Hydra's .hydra/*.yaml: a full disk keeps the old file (one error line); a refused job restores it."""
+    import hydra.core.utils
+    from omegaconf import OmegaConf
+
+    from bts_lightning import runtime
+
+    runtime.save_run_record_atomically()
+    assert hydra.core.utils._save_config is runtime._save_config  # run_job looks the name up here
+    record = tmp_path / ".hydra"
+    record.mkdir()
+    (record / "overrides.yaml").write_text("- model=unet\n")
+    try:
+        runtime._save_config(OmegaConf.create(["model=attention_unet"]), "overrides.yaml", record)
+        runtime._save_config(OmegaConf.create({"a": 1}), "config.yaml", record)  # a new file: nothing to put back
+        assert (record / "overrides.yaml").read_text() == "- model=attention_unet\n"
+        runtime.restore_run_record()
+        assert (record / "overrides.yaml").read_text() == "- model=unet\n"
+
+        def full_disk(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(runtime, "_fsync", full_disk)
+            with pytest.raises(SystemExit) as exit_info:
+                runtime._save_config(OmegaConf.create(["x=1"]), "overrides.yaml", record)
+        assert exit_info.value.code == 2 and (record / "overrides.yaml").read_text() == "- model=unet\n"
+        assert capsys.readouterr().err.startswith(f"error: Could not write {record / 'overrides.yaml'}")
+    finally:
+        runtime._replaced_record.clear()

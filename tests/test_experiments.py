@@ -47,6 +47,11 @@ def test_killed_run_resumes_from_last_checkpoint_and_matches_uninterrupted(tmp_p
     epoch_at_kill = torch.load(last, map_location="cpu", weights_only=False)["epoch"]
     assert epoch_at_kill < 3
 
+    record = {path.name: path.read_bytes() for path in (run / ".hydra").iterdir()}
+    refused = run_cli([*args, "model=attention_unet", f"hydra.run.dir={run}", "ckpt_path=last"], cwd=tmp_path)
+    assert refused.returncode == 2 and "it holds another network" in refused.stderr
+    assert {path.name: path.read_bytes() for path in (run / ".hydra").iterdir()} == record  # the run's own record
+
     resumed = run_cli([*args, f"hydra.run.dir={run}", "ckpt_path=last"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     saved = json.loads((run / "metrics.json").read_text())

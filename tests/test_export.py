@@ -127,7 +127,7 @@ def test_an_export_that_fails_its_check_leaves_the_previous_file(tmp_path, monke
     cfg = _compose_export([f"ckpt_path={checkpoint}", f"output={output}", f"image_size={SIZE}"], tmp_path / "run")
     export(cfg)
     good = output.read_bytes()
-    monkeypatch.setattr(export_module, "max_difference", lambda *args, **kwargs: 0.5)
+    monkeypatch.setattr(export_module, "agreement", lambda *args, **kwargs: export_module.Agreement(0.5, 0.5, 0.0))
     with pytest.raises(BtsError, match=f"disagrees with PyTorch .*; {output} was not replaced"):
         export(cfg)
     assert output.read_bytes() == good and [p.name for p in output.parent.iterdir()] == [output.name]

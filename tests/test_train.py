@@ -7,6 +7,7 @@ import logging
 import re
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -239,6 +240,12 @@ def test_resume_needs_a_matching_readable_checkpoint(tmp_path):
                                               r"resuming would train nothing: raise trainer.max_epochs"):
         train(compose_train([*overrides, "ckpt_path=last"], tmp_path / "run"))
     before = last.read_bytes()
+    finished = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    (tmp_path / "run" / "metrics.json").unlink()  # killed after its last epoch (in test or calibration)
+    again = train(compose_train([*overrides, "ckpt_path=last"], tmp_path / "run"))  # finishes it, training nothing
+    assert last.read_bytes() == before and json.loads((tmp_path / "run" / "metrics.json").read_text()) == again
+    assert {key: again[key] for key in ("best_epoch", "best_val_dice", "epochs_trained", "val_history")} == \
+        {key: finished[key] for key in ("best_epoch", "best_val_dice", "epochs_trained", "val_history")}
     for changed, message in (
         ("data.val_fold=3", "the train, val slices of the split (data.val_fold: 1 then, 3 now)"),
         ("data.image_size=32", "data.image_size: 64 then, 32 now"),
@@ -251,6 +258,22 @@ def test_resume_needs_a_matching_readable_checkpoint(tmp_path):
                                                   + re.escape(message)):
             train(compose_train([*overrides, "trainer.max_epochs=2", changed, "ckpt_path=last"], tmp_path / "run"))
     assert last.read_bytes() == before  # refused before training
+    assert (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_a_resume_removes_the_metrics_of_the_process_it_continues(tmp_path, monkeypatch):
+    """Killed while resuming, a run must not keep a metrics.json that describes the earlier best.ckpt."""
+    overrides = [*SMALL_SYNTHETIC, f"paths.data_dir={tmp_path / 'data'}", "trainer=cpu", "data.num_workers=0",
+                 "debug=limit", "test=false"]
+    train(compose_train([*overrides, "trainer.max_epochs=1"], tmp_path / "run"))
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(L.Trainer, "fit", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(compose_train([*overrides, "trainer.max_epochs=2", "ckpt_path=last"], tmp_path / "run"))
+    assert not (tmp_path / "run" / "metrics.json").exists()
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
