@@ -792,10 +792,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = run(args)
     print(report(results), flush=True)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2, default=str) + "\n")
-        log(f"wrote {out}")
+        from bts_lightning.runtime import write_bytes_atomic  # creates the folder; all or nothing
+
+        write_bytes_atomic(args.out, (json.dumps(results, indent=2, default=str) + "\n").encode())
+        log(f"wrote {args.out}")
     return results
 
 

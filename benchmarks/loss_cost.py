@@ -33,7 +33,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,6 +42,7 @@ from torch import nn
 
 from bts_lightning.distance_maps import signed_distance_maps
 from bts_lightning.losses import uses_distance_maps
+from bts_lightning.runtime import write_bytes_atomic
 
 ALL_LOSSES = ("dice", "dice_ce", "dice_boundary", "dice_hausdorff")
 
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           flush=True)
     print(markdown_table(results["rows"]), flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2, default=str) + "\n")
+        write_bytes_atomic(args.out, (json.dumps(results, indent=2, default=str) + "\n").encode())
         log(f"wrote {args.out}")
     return results
 

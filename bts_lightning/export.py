@@ -62,7 +62,15 @@ from bts_lightning.inference import (
 from bts_lightning.models.cascade import cascade_of
 from bts_lightning.models.presence import presence_logits
 from bts_lightning.preprocessing import standardize
-from bts_lightning.runtime import as_number, flag_setting, hydra_app, make_directory, number_setting, write_bytes_atomic
+from bts_lightning.runtime import (
+    as_number,
+    flag_setting,
+    hydra_app,
+    make_directory,
+    number_setting,
+    output_error,
+    write_bytes_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -394,6 +402,8 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     format = resolve_format(cfg.get("format"), output)
     default_name = format if format in FOLDER_FORMATS else f"model{FORMATS[format][0]}"
     output = Path(str(output)) if output else Path(cfg.paths.output_dir) / default_name
+    if format not in FOLDER_FORMATS and output.is_dir():
+        raise ConfigError(f"output={output} is a folder; name the file to write, e.g. output={output / default_name}.")
     predictor = load_predictor(str(cfg.ckpt_path), device="cpu")
     if not isinstance(predictor, ModulePredictor):
         raise ConfigError(f"ckpt_path={cfg.ckpt_path} is an exported model already; export the training checkpoint "
@@ -432,7 +442,10 @@ def export(cfg: DictConfig) -> dict[str, Any]:
                     f"{check.float32_error:.3g}){kept}; try onnx_exporter=dynamo or format=torchscript."
                 )
         if staging is not None:
-            os.replace(staging, output)
+            try:
+                os.replace(staging, output)
+            except OSError as error:
+                raise output_error(output, error) from None
     finally:
         if staging is not None:
             with suppress(OSError):  # e.g. its folder could not be made: the error that says so stands

@@ -18,6 +18,7 @@ needed; huggingface_hub never is), and :func:`load_folder` gives its predictor, 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 from collections.abc import Collection, Mapping
@@ -37,6 +38,8 @@ from bts_lightning.segmentation_module import SegmentationModule
 log = logging.getLogger(__name__)
 
 CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = "config.json", "model.safetensors", "README.md"
+# config.json's record of the weights file it belongs with.
+WEIGHTS_HASH_KEY = "weights_sha256"
 HUB_FORMAT_VERSION = 1
 INSTALL_HINT = "pip install safetensors"
 
@@ -129,9 +132,12 @@ def save_pretrained(
     directory = make_directory(directory, "output")
     config = hub_config(module, contract, metrics)
     state = {key: tensor.detach().cpu().contiguous().clone() for key, tensor in module.net.state_dict().items()}
-    write_bytes_atomic(directory / WEIGHTS_NAME, _safetensors().save(state, metadata={"format": "pt"}))
-    write_json_atomic(directory / CONFIG_NAME, config)
+    weights = _safetensors().save(state, metadata={"format": "pt"})
+    config[WEIGHTS_HASH_KEY] = hashlib.sha256(weights).hexdigest()
+    # config.json last, naming its weights: a folder whose export was killed midway does not load as a mix of two.
+    write_bytes_atomic(directory / WEIGHTS_NAME, weights)
     write_bytes_atomic(directory / CARD_NAME, model_card(config, metrics).encode())
+    write_json_atomic(directory / CONFIG_NAME, config)
     return directory
 
 
@@ -233,6 +239,14 @@ def _required(directory: Path, name: str) -> Path:
     return path
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def read_config(directory: str | Path) -> dict[str, Any]:
     """The checked ``config.json`` of model folder ``directory``; ``CheckpointError`` naming the file otherwise."""
     path = _required(Path(directory), CONFIG_NAME)
@@ -259,6 +273,11 @@ def from_pretrained(directory: str | Path, device: str | torch.device | None = "
     weights = _required(directory, WEIGHTS_NAME)
     hparams = copy.deepcopy(config["module"])
     hparams["net"] = config["net"]
+    expected = config.get(WEIGHTS_HASH_KEY)  # absent in folders written before it was recorded
+    if expected is not None and _sha256(weights) != expected:
+        raise CheckpointError(f"{weights} is not the file {directory / CONFIG_NAME} was written with ({WEIGHTS_HASH_KEY} "
+                              "differs): an export into this folder was interrupted, or a file was replaced. Export "
+                              "the model into it again.")
     try:
         state = _safetensors().load_file(str(weights))
     except Exception as error:  # noqa: BLE001 - truncated or foreign file

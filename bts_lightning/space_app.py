@@ -177,7 +177,8 @@ def build(model: Model) -> Any:
         except ValueError as error:
             raise gr.Error(str(error)) from None
         mask_path = Path(file).with_name(f"{Path(file).stem}_mask.png")
-        cv2.imwrite(str(mask_path), mask)
+        if not cv2.imwrite(str(mask_path), mask):
+            raise gr.Error(f"Could not write the mask file {mask_path.name} (is the disk full?).")
         return overlay, area, str(mask_path)
 
     # The controls start where the slice decision was calibrated (its pixel threshold, with or without TTA).

@@ -133,6 +133,17 @@ def test_an_export_that_fails_its_check_leaves_the_previous_file(tmp_path, monke
     assert output.read_bytes() == good and [p.name for p in output.parent.iterdir()] == [output.name]
 
 
+def test_an_output_that_is_a_folder_is_one_error_naming_it(tmp_path):
+    checkpoint = _write_checkpoint("unet", tmp_path)
+    folder = tmp_path / "model.onnx"
+    folder.mkdir()
+    cfg = _compose_export([f"ckpt_path={checkpoint}", f"output={folder}", f"image_size={SIZE}"], tmp_path / "run")
+    with pytest.raises(ConfigError, match=f"output={folder} is a folder; name the file to write, e.g. "
+                                          f"output={folder / 'model.onnx'}"):
+        export(cfg)
+    assert not any(folder.iterdir())
+
+
 @pytest.mark.slow  # a subprocess (~10 s); export(cfg) runs in-process in the quick tier
 def test_cli_exports_a_checkpoint(tmp_path):
     checkpoint = _write_checkpoint("unet", tmp_path)

@@ -80,6 +80,18 @@ def test_a_folder_missing_a_file_is_a_clear_error(hub_folder, tmp_path, missing)
         load_predictor(broken, "cpu")
 
 
+def test_a_folder_whose_weights_are_not_its_configs_is_refused(hub_folder, tmp_path):
+    """An export into a folder killed after the new weights, before the new config.json, must not load as a mix."""
+    from safetensors.torch import load_file, save_file
+
+    mixed = shutil.copytree(hub_folder, tmp_path / "mixed")
+    state = load_file(str(mixed / WEIGHTS_NAME))
+    save_file({key: tensor + 1 for key, tensor in state.items()}, str(mixed / WEIGHTS_NAME))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is not the file .*config\.json was written with "
+                                              r"\(weights_sha256 differs\): an export into this folder was interrupted"):
+        load_predictor(mixed, "cpu")
+
+
 def test_export_app_writes_a_hub_folder(tiny_checkpoint, tmp_path):
     from bts_lightning.export import export
 
