@@ -143,7 +143,8 @@ def save_pretrained(
 
 def run_metrics(ckpt_path: Path) -> dict[str, Any] | None:
     """The numbers of the model's training run, if known: a hub folder's ``config.json`` ``metrics``, else the
-    ``metrics.json`` of the checkpoint's run (``RUN/checkpoints/x.ckpt`` -> ``RUN/metrics.json``), if readable."""
+    ``metrics.json`` of the checkpoint's run (``RUN/checkpoints/x.ckpt`` -> ``RUN/metrics.json``), if readable and
+    ``x.ckpt`` is the run's ``best_checkpoint`` (the one its numbers score; ``last.ckpt``'s weights are others)."""
     if ckpt_path.is_dir():
         return read_config(ckpt_path).get("metrics")
     path = ckpt_path.resolve().parent.parent / "metrics.json"
@@ -151,7 +152,25 @@ def run_metrics(ckpt_path: Path) -> dict[str, Any] | None:
         metrics = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return metrics if isinstance(metrics, dict) else None
+    if not isinstance(metrics, dict):
+        return None
+    scored = ckpt_path.parent / Path(str(metrics.get("best_checkpoint") or "final.ckpt")).name  # final: no callback
+    if scored.name != ckpt_path.name and (_saved_at_step(scored) is None
+                                          or _saved_at_step(scored) != _saved_at_step(ckpt_path)):
+        log.info("The model card shows no run metrics: %s holds other weights than %s, which %s scores.", ckpt_path,
+                 scored.name, path)
+        return None
+    return metrics
+
+
+def _saved_at_step(path: Path) -> int | None:
+    """The training step checkpoint ``path`` was saved at (None when unreadable): two of one run saved at the same
+    step (``best.ckpt`` and ``last.ckpt`` of the best epoch) hold the same weights."""
+    try:
+        step = torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("global_step")
+    except Exception:  # noqa: BLE001 - a missing or foreign file: not known to be the same weights
+        return None
+    return step if isinstance(step, int) else None
 
 
 def _metric_lines(metrics: Mapping[str, Any] | None) -> list[str]:

@@ -19,11 +19,14 @@ cross-dataset evaluation side by side, with tumor-slice Dice, false-alarm rate a
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
+import re
 import statistics
 import sys
 from collections.abc import Iterable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +35,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
-from bts_lightning.errors import BtsError, ConfigError
+from bts_lightning.errors import BtsError, ConfigError, format_names
 from bts_lightning.runtime import as_path, atomic_path, hydra_app, make_directory, path_setting, write_bytes_atomic
 from bts_lightning.visualize import BarSeries, score_bar_chart
 
@@ -303,7 +306,7 @@ def find_runs(directories: Sequence[str | Path]) -> list[Run]:
     if missing:
         raise BtsError(f"Not a directory: {', '.join(missing)}.")
     seen: set[Path] = set()
-    checkpoints: dict[str, Path] = {}  # best_checkpoint -> the run that recorded it first
+    checkpoints: dict[str, Path] = {}  # best_checkpoint (else the metrics.json bytes) -> the run that had it first
     runs: list[Run] = []
     others, debug = 0, 0
     for directory in directories:
@@ -316,12 +319,18 @@ def find_runs(directories: Sequence[str | Path]) -> list[Run]:
                 others += 1  # e.g. bts_lightning.evaluate runs, which also write metrics.json
             elif isinstance(run, Run) and run.get("trainer.fast_dev_run"):
                 debug += 1  # one batch of each split, no best.ckpt: a smoke test, not a result
-            elif isinstance(run, Run) and (first := checkpoints.get(str(run.metrics.get("best_checkpoint")))):
-                _warn(f"skipped {run.directory}: a copy of {first} (the same best_checkpoint); a copy is not a repeat")
+            elif isinstance(run, Run) and (first := checkpoints.get(_copy_key(run, metrics_path))):
+                _warn(f"skipped {run.directory}: a copy of {first} (the same "
+                      f"{'best_checkpoint' if run.metrics.get('best_checkpoint') else 'metrics.json'}); a copy is not "
+                      "a repeat")
             elif run is not None:
-                if run.metrics.get("best_checkpoint"):
-                    checkpoints[str(run.metrics["best_checkpoint"])] = run.directory
+                checkpoints[_copy_key(run, metrics_path)] = run.directory
                 runs.append(run)
+    unfinished = unfinished_runs(directories)
+    if unfinished:
+        print(f"note: {len(unfinished)} training run(s) without metrics.json (killed, crashed or still running) are "
+              f"not in the report: {format_names([str(path) for path in unfinished], 5)}; a killed run finishes with "
+              "python -m bts_lightning.train <its overrides> hydra.run.dir=RUN ckpt_path=last", file=sys.stderr)
     if others:
         print(f"note: skipped {others} metrics.json not written by training (evaluate runs or others)", file=sys.stderr)
     if debug:
@@ -330,9 +339,33 @@ def find_runs(directories: Sequence[str | Path]) -> list[Run]:
     if not runs:
         raise BtsError(
             f"No runs found under {', '.join(str(d) for d in directories)}: expected run directories "
-            "with metrics.json and .hydra/config.yaml (written by python -m bts_lightning.train)."
+            "with metrics.json and .hydra/config.yaml (written by python -m bts_lightning.train)"
+            + (" when they finish; the unfinished ones are noted above." if unfinished else ".")
         )
     return runs
+
+
+def _copy_key(run: Run, metrics_path: Path) -> str:
+    """What a copy of ``run``'s folder shares with it: its ``best_checkpoint``, else (no checkpoint callback) the
+    bytes of its ``metrics.json`` (two trainings never write the same: ``train_time_s``, histories)."""
+    best = run.metrics.get("best_checkpoint")
+    return f"checkpoint:{best}" if best else f"metrics:{hashlib.sha256(metrics_path.read_bytes()).hexdigest()}"
+
+
+def unfinished_runs(directories: Sequence[str | Path]) -> list[Path]:
+    """Training-run folders below ``directories`` (a ``.hydra/config.yaml`` of ``task_name: train``) without a
+    ``metrics.json``: killed, crashed or still running."""
+    found = set()
+    for directory in directories:
+        for config in Path(directory).rglob(".hydra/config.yaml"):
+            run = config.parent.parent
+            with suppress(OSError):
+                if not (run / "metrics.json").exists() and _TRAIN_TASK.search(config.read_text()):
+                    found.add(run)
+    return sorted(found)
+
+
+_TRAIN_TASK = re.compile(r"^task_name: train$", re.MULTILINE)
 
 
 def _warn(message: str) -> None:
@@ -371,16 +404,27 @@ def _load_run(metrics_path: Path) -> Run | str | None:
     return "other" if run.get("task_name", "train") != "train" else run
 
 
-def ranking_metric(rows: Sequence[ConfigurationRow], metrics: Sequence[str] = ("test/dice", "last_val_dice")) -> str:
-    """What ranks the configurations: the held-out test Dice when every run has one, else the
-    last-epoch validation Dice (when every run has it), else the best validation Dice.
+def ranking_metric(rows: Sequence[ConfigurationRow]) -> str:
+    """What ranks the configurations: the held-out test Dice when every run has one, else
+    :func:`validation_metric`. Rows without a value of it are listed last, unranked (:func:`unranked`)."""
+    if all(len(row.values("test/dice")) == len(row.runs) for row in rows):
+        return "test/dice"
+    return validation_metric(rows)
 
-    ``metrics``: the candidates, in order of preference, before the best validation Dice.
-    """
-    for metric in metrics:
-        if all(len(row.values(metric)) == len(row.runs) for row in rows):
-            return metric
+
+def validation_metric(rows: Sequence[ConfigurationRow]) -> str:
+    """The last-epoch validation Dice, unless some run has a best validation Dice but no last one (written before
+    ``metrics.json`` recorded it): then the best, the only one they share (optimistic: chosen on that split)."""
+    if all(len(row.values("last_val_dice")) >= len(row.values("best_val_dice")) for row in rows):
+        return "last_val_dice"
     return "best_val_dice"
+
+
+def unranked(rows: Sequence[ConfigurationRow]) -> list[ConfigurationRow]:
+    """The rows with no value of :func:`ranking_metric` in any run (e.g. trained with ``callbacks=none``, which
+    records no validation Dice, among runs without a test split)."""
+    metric = ranking_metric(rows)
+    return [row for row in rows if not row.values(metric)]
 
 
 def group_runs(runs: Iterable[Run]) -> list[ConfigurationRow]:
@@ -396,7 +440,11 @@ def group_runs(runs: Iterable[Run]) -> list[ConfigurationRow]:
         mean = row.mean_std(metric)[0]
         return (-mean if mean is not None else math.inf, row.label)
 
-    return sorted(rows, key=sort_key)
+    rows = sorted(rows, key=sort_key)
+    for row in unranked(rows):
+        _warn(f"{row.label}: no {SHORT_NAMES[metric]} (no test split, and no validation Dice recorded: e.g. trained "
+              "with callbacks=none), so it is listed last, unranked")
+    return rows
 
 
 def _override_key(override: str) -> str:
@@ -524,9 +572,9 @@ def write_csv(rows: Sequence[ConfigurationRow], path: Path) -> None:
     with atomic_path(path) as temporary, temporary.open("w", newline="") as stream:
         writer = csv.DictWriter(stream, fieldnames=CSV_COLUMNS)
         writer.writeheader()
-        ranked_by = ranking_metric(rows)
+        ranked_by, left_out = ranking_metric(rows), unranked(rows)
         for rank, row in enumerate(rows, start=1):
-            values = {"rank": rank, **row.fields(), "ranked_by": ranked_by}
+            values = {"rank": None if row in left_out else rank, **row.fields(), "ranked_by": ranked_by}
             writer.writerow({k: "" if values.get(k) is None else values[k] for k in CSV_COLUMNS})
 
 
@@ -561,7 +609,7 @@ def render_markdown(rows: Sequence[ConfigurationRow], directories: Sequence[str 
               "dataset", "split", "runs", "epochs", "training time", "best val Dice", "last val Dice", "val tumor-slice Dice", "val sensitivity",
               "val false-alarm rate", "test Dice"]
     lines += ["", "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
-    ranked_by = ranking_metric(rows)
+    ranked_by, left_out = ranking_metric(rows), unranked(rows)
     for rank, row in enumerate(rows, start=1):
         f = row.fields()
         dice = {metric: _mean_std(f[f"{column}_mean"], f[f"{column}_std"])
@@ -572,7 +620,7 @@ def render_markdown(rows: Sequence[ConfigurationRow], directories: Sequence[str 
         if f["test_runs"] and f["test_runs"] != f["runs"]:
             test += f" ({f['test_runs']} of {f['runs']})"
         cells = [
-            str(rank),
+            "–" if row in left_out else str(rank),
             f["config"].replace("|", "\\|"),
             _number(f["model"]),
             _number(f["loss"]),
@@ -592,6 +640,9 @@ def render_markdown(rows: Sequence[ConfigurationRow], directories: Sequence[str 
             test,
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    if left_out:
+        lines += ["", (f"Unranked (–), listed last: {', '.join(row.label for row in left_out)}: no "
+                       f"{SHORT_NAMES[ranked_by]} (no test split, and no validation Dice recorded, e.g. callbacks=none).")]
     if chart:
         lines += ["", f"![Dice per configuration]({chart})"]
     lines += decision_test_markdown(rows)
@@ -679,13 +730,13 @@ def _bars(rows: Sequence[ConfigurationRow], metric: str, name: str, color: str) 
 
 
 def plot(rows: Sequence[ConfigurationRow], path: Path) -> bool:
-    """Write ``path``: bars of validation Dice (last epoch when every run has it, else best) and test Dice
+    """Write ``path``: bars of validation Dice (:func:`validation_metric`) and test Dice
     (mean, std error bars) per configuration, in ranking order (:func:`~bts_lightning.visualize.score_bar_chart`).
 
     Rendered in memory, then written all or nothing. Returns False (after a warning) when
     matplotlib is not installed.
     """
-    val_metric = ranking_metric(rows, ("last_val_dice",))
+    val_metric = validation_metric(rows)
     series = [_bars(rows, val_metric, SHORT_NAMES[val_metric], "#1f77b4")]
     test = _bars(rows, "test/dice", "test Dice (best checkpoint)", "#ff7f0e")
     if any(not math.isnan(mean) for mean in test.means):
@@ -736,11 +787,12 @@ def report_app(cfg: DictConfig) -> list[ConfigurationRow]:
     directories = _directories(cfg)
     out_dir = path_setting(cfg, "out") or directories[0]
     rows = report(directories, out_dir)
-    ranked_by = ranking_metric(rows)
+    ranked_by, left_out = ranking_metric(rows), unranked(rows)
     print(f"Ranked by {SHORT_NAMES[ranked_by]}")
     for rank, row in enumerate(rows, start=1):
         mean, std = row.mean_std(ranked_by)
-        print(f"{rank:>3}. {_mean_std(mean, std)}  {row.label}  ({len(row.runs)} run{'s' * (len(row.runs) != 1)})")
+        place = "  -" if row in left_out else f"{rank:>3}"
+        print(f"{place}. {_mean_std(mean, std)}  {row.label}  ({len(row.runs)} run{'s' * (len(row.runs) != 1)})")
     cross = cross_dataset_rows(rows)
     if cross:
         print("In-domain and cross-dataset: tumor-slice Dice / false-alarm rate / all-slice Dice")

@@ -80,6 +80,17 @@ def test_a_folder_missing_a_file_is_a_clear_error(hub_folder, tmp_path, missing)
         load_predictor(broken, "cpu")
 
 
+def test_a_checkpoint_other_than_the_scored_one_gets_no_run_metrics(tiny_checkpoint, tmp_path):
+    """The run's metrics.json scores best.ckpt; last.ckpt of a later epoch holds other weights (1-epoch run: the same)."""
+    run = shutil.copytree(tiny_checkpoint.path.parent.parent, tmp_path / "run")
+    assert "best_val_dice" in (save_pretrained(run / "checkpoints" / "last.ckpt", tmp_path / "same") / CARD_NAME).read_text()
+    later = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    later["global_step"] += 1
+    torch.save(later, run / "checkpoints" / "last.ckpt")
+    card = (save_pretrained(run / "checkpoints" / "last.ckpt", tmp_path / "later") / CARD_NAME).read_text()
+    assert "best_val_dice" not in card and "No metrics recorded with this checkpoint" in card
+
+
 def test_a_folder_whose_weights_are_not_its_configs_is_refused(hub_folder, tmp_path):
     """An export into a folder killed after the new weights, before the new config.json, must not load as a mix."""
     from safetensors.torch import load_file, save_file

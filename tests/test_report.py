@@ -381,3 +381,37 @@ def test_the_chart_fits_long_run_labels_and_its_legend():
     assert image.shape[1] == 9 * 120
     # Nothing is drawn on the left edge (no label runs off it) nor on the bottom edge (the legend sits above it).
     assert image[:, :3].min() > 200 and image[-3:, :].min() > 200
+
+
+def test_a_run_without_validation_scores_is_unranked_not_a_reason_to_rank_by_best_val(tmp_path, capsys):
+    """callbacks=none records no validation Dice: among cross-validation runs (no test split) it is listed last,
+    unranked, and the others stay ranked by last val Dice; a copy of it is skipped like any other copy; a training run
+    without metrics.json (killed) is noted, not silently left out."""
+    root = tmp_path / "runs"
+    _write_run(root / "cv" / "0", "unet", seed=1, val_fold=1, val_dice=0.9, test_dice=None, last_val_dice=0.5)
+    _write_run(root / "cv" / "1", "lraspp", seed=1, val_fold=1, val_dice=0.6, test_dice=None, last_val_dice=0.55)
+    _write_run(root / "nocallbacks", "fcn", seed=1, val_fold=1, val_dice=None, test_dice=0.7)
+    shutil.copytree(root / "nocallbacks", root / "nocallbacks_copy")
+    (root / "killed" / ".hydra").mkdir(parents=True)
+    (root / "killed" / ".hydra" / "config.yaml").write_text("task_name: train\nseed: 1\n")
+
+    rows = group_runs(find_runs([root]))
+    assert [row.label for row in rows] == ["model=lraspp", "model=unet", "model=fcn"]  # last val 0.55 > 0.5
+    err = capsys.readouterr().err
+    assert f"skipped {root / 'nocallbacks_copy'}: a copy of {root / 'nocallbacks'} (the same metrics.json)" in err
+    assert f"1 training run(s) without metrics.json (killed, crashed or still running) are not in the report: " \
+           f"{root / 'killed'}" in err
+    assert "model=fcn: no last val Dice (no test split, and no validation Dice recorded" in err
+    report_app(compose_app("report", [f"dirs={root}"], tmp_path / "app"))
+    printed = capsys.readouterr().out
+    assert "Ranked by last val Dice" in printed and "  -. –  model=fcn  (1 run)" in printed
+    table = _read_csv(root / "report.csv")
+    assert [(row["rank"], row["ranked_by"]) for row in table] == [("1", "last_val_dice"), ("2", "last_val_dice"),
+                                                                  ("", "last_val_dice")]
+    assert "Unranked (–), listed last: model=fcn" in (root / "report.md").read_text()
+
+    shutil.rmtree(root / "cv")
+    shutil.rmtree(root / "nocallbacks")
+    shutil.rmtree(root / "nocallbacks_copy")
+    with pytest.raises(BtsError, match="No runs found under .*when they finish; the unfinished ones are noted above"):
+        find_runs([root])
