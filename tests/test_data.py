@@ -17,7 +17,7 @@ from torch.utils.data import DistributedSampler
 
 from bts_lightning.data.datamodule import BrainTumorDataModule
 from bts_lightning.data.discovery import find_pairs, natural_key, read_metadata
-from bts_lightning.data.io import binarize_mask, mask_threshold, read_grayscale
+from bts_lightning.data.io import binarize_mask, mask_threshold, read_mask
 from bts_lightning.data.sampling import EpochShuffleSampler, RankShare
 from bts_lightning.data.splits import slice_ids_digest
 from bts_lightning.errors import ConfigError, DataError
@@ -45,6 +45,11 @@ def test_pairs_by_stem_across_formats_in_natural_order(make_dataset):
     assert pairs[2].image.name == "3.jpg" and pairs[2].mask.name == "3.png"
     assert pairs[0].mask.suffix == ".tif"
     assert sorted(["b", "10", "a", "9", "010"], key=natural_key) == ["9", "10", "010", "a", "b"]
+    assert sorted(["\u00b2", "10", "\u0663"], key=natural_key) == ["\u0663", "10", "\u00b2"]  # ² is no number; ٣ is 3
+    from bts_lightning.data.splits import split_by_folds
+    from bts_lightning.data.suffix_layout import id_key
+
+    assert id_key("\u00b2") == ["\u00b2"] and split_by_folds(["1", "\u00b2", "2"], 1, None).val == [0]
 
 
 def test_missing_root_says_where_to_put_data(tmp_path):
@@ -90,6 +95,19 @@ def test_corrupt_and_mismatched_files_fail_setup_with_names(make_dataset):
     assert "images/6.png is 32x32 but its mask masks/6.png is 32x20" in message and "size mismatch" in message
 
 
+def test_unreadable_files_are_named_with_the_reason(make_dataset):
+    """A stack of pages is not "corrupt": the message says what it is and what to do."""
+    root = make_dataset([str(i) for i in range(1, 5)])
+    (root / "images" / "2.png").unlink()
+    cv2.imwritemulti(str(root / "images" / "2.tif"), [np.zeros((32, 32), np.uint8)] * 2)
+    (root / "images" / "3.png").write_text("notes")
+    with pytest.raises(DataError) as error:
+        datamodule(root, split_by="slice").setup("fit")
+    assert re.search(r"1 unreadable file\(s\) \(.*images/2\.tif\): holds 2 pages \(a volume or a stack\), not one "
+                     r"slice; save each slice as its own image file; 1 unreadable file\(s\) \(.*images/3\.png\): not a "
+                     r"readable image \(corrupt or unsupported format\)", str(error.value))
+
+
 def test_a_float_image_with_a_nan_pixel_is_named_not_read_as_black(make_dataset):
     """Min-max scaling with a NaN makes every pixel 0: such a file is refused, in training and in predict's reader."""
     root = make_dataset([str(i) for i in range(1, 5)])
@@ -101,10 +119,10 @@ def test_a_float_image_with_a_nan_pixel_is_named_not_read_as_black(make_dataset)
                                         r"0-255 cannot be told: .*images/2\.tif"):
         datamodule(root, split_by="slice").setup("fit")
     with pytest.raises(ValueError, match=r"2\.tif: holds NaN or infinite pixel values"):
-        read_grayscale(root / "images" / "2.tif")
+        read_mask(root / "images" / "2.tif")
     image[3, 4] = 0.5
     cv2.imwrite(str(root / "images" / "2.tif"), image)
-    assert read_grayscale(root / "images" / "2.tif").max() == 255  # finite floats are scaled as before
+    assert read_mask(root / "images" / "2.tif").max() == 255  # finite floats are scaled as before
 
 
 def test_metadata_rows_must_match_files(make_dataset):
@@ -127,11 +145,17 @@ def test_unknown_fold_lists_available_folds(make_dataset):
 def test_reads_16bit_rgb_and_binarizes_by_the_dataset_rule(tmp_path):
     ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).astype(np.uint16)
     cv2.imwrite(str(tmp_path / "deep.tif"), ramp)
-    image = read_grayscale(tmp_path / "deep.tif")
+    image = read_mask(tmp_path / "deep.tif")
     assert image.dtype == np.uint8 and image.min() == 0 and image.max() == 255
     assert image.ravel()[12] == 49  # 12000 / 63000 * 255 = 48.57: min-max scaled to the nearest level
     cv2.imwrite(str(tmp_path / "rgb.png"), np.full((4, 4, 3), 200, np.uint8))
-    assert read_grayscale(tmp_path / "rgb.png").shape == (4, 4)
+    assert read_mask(tmp_path / "rgb.png").shape == (4, 4)
+    for colour in range(3):  # a tumor drawn in blue, green or red (OpenCV's BGR), with an opaque alpha plane
+        drawn = np.zeros((4, 4, 4), np.uint8)
+        drawn[..., 3] = 255
+        drawn[1:3, 1:3, colour] = 255
+        cv2.imwrite(str(tmp_path / "colour.png"), drawn)
+        assert read_mask(tmp_path / "colour.png").tolist() == (drawn[..., colour]).tolist()  # luma: 29, 150, 76
     assert (mask_threshold(0), mask_threshold(1), mask_threshold(2), mask_threshold(255)) == (0, 0, 127, 127)
     mask = np.array([[0, 1], [3, 128]], np.uint8)
     assert binarize_mask(mask, 0).tolist() == [[0, 1], [1, 1]]
@@ -365,7 +389,7 @@ def masks_by_stem(dm: BrainTumorDataModule) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("cache", [True, False])
-def test_masks_are_binarized_by_one_rule_for_the_whole_dataset(tmp_path, cache):
+def test_masks_are_binarized_by_one_rule_for_the_whole_dataset(tmp_path, cache, caplog):
     tumor = np.zeros((32, 32), np.uint8)
     tumor[4:8, 4:8] = 1  # the 8:16 block of the 64x64 masks at image_size 32 (nearest)
     binary = write_slices(tmp_path / "binary", {"1": block(1), "2": block(1), "3": block(0)})
@@ -380,10 +404,14 @@ def test_masks_are_binarized_by_one_rule_for_the_whole_dataset(tmp_path, cache):
     masks = {"1": block(255), "2": noise, "3": block(65535, np.uint16), "4": block(1, np.uint16), "5": block(255)}
     eight_bit = write_slices(tmp_path / "eight_bit", masks)
     dm = datamodule(eight_bit, cache=cache)
-    dm.setup("fit")
+    with caplog.at_level("WARNING"):
+        dm.setup("fit")
     assert dm.mask_threshold == 127
     got = masks_by_stem(dm)
     assert got["2"].sum() == 0
+    # Said, in case it is a 0/1 mask among 0/255 ones (a tumor, silently lost otherwise):
+    assert (f"1 mask(s) are read as empty though they hold values up to 3 ({eight_bit / 'masks' / '2.png'}): tumor is "
+            "a value above 127") in caplog.text
     for stem in "1345":
         np.testing.assert_array_equal(got[stem], tumor, err_msg=stem)
 

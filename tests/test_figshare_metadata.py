@@ -220,6 +220,9 @@ def test_missing_dir_and_no_slice_files(tmp_path: Path) -> None:
     write_cvind(tmp_path / "cvind.mat", [1])
     with pytest.raises(DataError, match=r"no <index>\.mat slice files"):
         fm.build_metadata(tmp_path)
+    (tmp_path / "0.mat").write_bytes(b"a slice numbered 0 would take cvind's last fold")
+    with pytest.raises(DataError, match=r"0\.mat: the release numbers its slices from 1"):
+        fm.build_metadata(tmp_path)
 
 
 def figshare_app(overrides: list[str], run_dir: Path) -> Path:

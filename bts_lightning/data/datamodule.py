@@ -419,8 +419,17 @@ class BrainTumorDataModule(L.LightningDataModule):
         return {"train": self.split.train, "val": self.split.val, "test": self.split.test}
 
     def _check_training_masks(self, scan: Scan) -> None:
-        """Raise :class:`DataError` when no training mask has a tumor pixel (e.g. 0/1/2 class-label masks)."""
+        """Raise :class:`DataError` when no training mask has a tumor pixel (e.g. 0/1/2 class-label masks); warn about
+        masks read as empty though they hold values (largest at most the threshold: 0/1 masks among 0/255 ones)."""
         train = self._subsets()["train"]
+        faint = np.flatnonzero((scan.mask_max > 0) & (scan.mask_max <= self.mask_threshold))
+        if len(faint) and (scan.mask_max > self.mask_threshold).any():
+            log.warning(
+                "%d mask(s) are read as empty though they hold values up to %d (%s): tumor is a value above %d in "
+                "%s, whose largest mask value is %d. If they mark a tumor (e.g. 0/1 masks among 0/255 ones), save "
+                "them as 0/255.", len(faint), int(scan.mask_max[faint].max()),
+                format_names(sorted(str(self.pairs[i].mask) for i in faint), 5), self.mask_threshold, self.data_root,
+                int(scan.mask_max.max()))
         if (scan.mask_max[train] > self.mask_threshold).any():
             return
         largest = int(scan.mask_max.max())

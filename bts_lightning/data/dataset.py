@@ -26,7 +26,7 @@ from bts_lightning.data.io import (
     binarize_mask,
     mask_problem,
     read_channels,
-    read_grayscale,
+    read_mask,
     resize,
     to_channels,
 )
@@ -51,7 +51,7 @@ def read_pair(pair: SlicePair, channels: Channels = None) -> tuple[np.ndarray, n
         raw, raw_mask = read_mat_slice(pair.image)
         image, mask = to_channels(raw, channels), (raw_mask > 0).astype(np.uint8)
     else:
-        image, mask = read_channels(pair.image, channels), read_grayscale(pair.mask)
+        image, mask = read_channels(pair.image, channels), read_mask(pair.mask)
     if image.shape[1:] != mask.shape:
         raise ValueError(
             f"{_named(pair.image)} is {image.shape[2]}x{image.shape[1]} but its mask "
@@ -121,7 +121,7 @@ def scan_pairs(pairs: Sequence[SlicePair], size: int, keep: bool, channels: Chan
             non_finite.append(str(error).split(": ")[0])
             return
         except UnreadableImageError as error:
-            unreadable.append(str(error).split(": ")[0])
+            unreadable.append(str(error))  # "PATH: why"
             return
         except ChannelError as error:
             lacking[error.count].append(pairs[index].image.name)
@@ -138,8 +138,12 @@ def scan_pairs(pairs: Sequence[SlicePair], size: int, keep: bool, channels: Chan
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         list(pool.map(scan, range(len(pairs))))
     problems = []
-    if unreadable:
-        problems.append(f"{len(unreadable)} unreadable or corrupt file(s): {format_names(sorted(unreadable))}")
+    reasons: dict[str, list[str]] = defaultdict(list)
+    for message in unreadable:
+        path, _, why = message.partition(": ")
+        reasons[why].append(path)
+    for why, paths in sorted(reasons.items()):
+        problems.append(f"{len(paths)} unreadable file(s) ({format_names(sorted(paths))}): {why}")
     if non_finite:
         problems.append(f"{len(non_finite)} float file(s) with NaN or infinite pixel values, whose scaling to 0-255 "
                         f"cannot be told: {format_names(sorted(non_finite))}")

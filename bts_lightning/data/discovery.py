@@ -117,7 +117,7 @@ def natural_key(stem: str) -> tuple[int, int | str]:
 
     ``sorted(stems, key=natural_key)``; for files, ``key=lambda p: (natural_key(p.stem), p.name)``.
     """
-    return (0, int(stem)) if stem.isdigit() else (1, stem)
+    return (0, int(stem)) if stem.isdecimal() else (1, stem)
 
 
 def read_metadata(root: str | Path, stems: list[str]) -> dict[str, dict[str, str]] | None:

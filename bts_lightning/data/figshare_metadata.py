@@ -221,6 +221,9 @@ def find_slice_files(mat_dir: str | Path) -> dict[int, Path]:
             found[int(match.group(1))].append(path)
     if not found:
         raise DataError(f"{mat_dir}: no <index>.mat slice files (1.mat, 2.mat, ...) here or in its subfolders.")
+    if 0 in found:  # cvind.mat's entry i is slice i.mat's fold, from 1
+        raise DataError(f"{found[0][0]}: the release numbers its slices from 1 (1.mat ... 3064.mat); rename or remove "
+                        "this file.")
     duplicates = [" / ".join(str(p.relative_to(mat_dir)) for p in paths) for paths in found.values() if len(paths) > 1]
     if duplicates:
         raise DataError(f"{mat_dir}: several files have the same slice number: {format_names(duplicates)}.")

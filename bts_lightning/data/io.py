@@ -83,12 +83,17 @@ def read_channels(path: str | Path, channels: Channels) -> np.ndarray:
     return to_channels(decode(path), channels)
 
 
-def read_grayscale(path: str | Path) -> np.ndarray:
-    """Decode any common format (8/16-bit, float, gray/RGB/RGBA) into a 2-D uint8 array.
+def read_mask(path: str | Path) -> np.ndarray:
+    """Decode a mask file of any common format (8/16-bit, float, gray/RGB/RGBA) into a 2-D uint8 array.
 
-    Non-8-bit images are min-max scaled to 0-255.
+    A colour mask's value at a pixel is its brightest colour channel (alpha left out): a tumor drawn in red or blue,
+    dark in luma (76, 29), stays 255. Non-8-bit masks are min-max scaled to 0-255.
     """
-    return read_channels(path, None)[0]
+    mask = decode(path)
+    if mask.ndim == 3:
+        colours = {2: 1, 3: 3, 4: 3}.get(mask.shape[2], mask.shape[2])  # gray + alpha, RGB, RGBA
+        mask = mask[..., :colours].max(axis=2)
+    return mask if mask.dtype == np.uint8 else to_uint8(mask)
 
 
 def mask_threshold(largest_value: int) -> int:

@@ -43,7 +43,7 @@ def slice_ids_digest(ids: Iterable[str]) -> str:
 
 def split_by_folds(folds: list[str], val_fold: int | str, test_fold: int | str | None) -> Split:
     """Validation and test are whole folds; every other fold trains."""
-    available = sorted(set(folds), key=lambda f: (not f.isdigit(), int(f) if f.isdigit() else f))
+    available = sorted(set(folds), key=lambda f: (not f.isdecimal(), int(f) if f.isdecimal() else f))
     chosen = {"data.val_fold": val_fold, "data.test_fold": test_fold}
     for key, fold in chosen.items():
         if fold is not None and str(fold) not in available:

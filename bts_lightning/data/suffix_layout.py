@@ -22,7 +22,7 @@ MASK_SUFFIX = "_mask"  # the default: X_mask.tif beside X.tif, as in the LGG set
 
 def id_key(slice_id: str) -> list[str | int]:
     """Sort key putting numbered names in numeric order (``p/s_2`` before ``p/s_10``)."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", slice_id)]
+    return [int(part) if part.isdecimal() else part for part in re.split(r"(\d+)", slice_id)]
 
 
 def image_files(root: Path) -> list[Path]:
