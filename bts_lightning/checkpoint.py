@@ -10,8 +10,10 @@ so nothing is ever downloaded to load a checkpoint.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from bts_lightning.errors import BtsError, first_line
-from bts_lightning.runtime import atomic_path, user_error_of
+from bts_lightning.runtime import atomic_path, user_error_of, write_json_atomic
 from bts_lightning.segmentation_module import DATA_SETTINGS_KEY, DECISION_KEY, SegmentationModule
 
 log = logging.getLogger(__name__)
@@ -112,17 +114,49 @@ def load_module(ckpt_path: str | Path, map_location: str | torch.device = "cpu")
 _RESUMABLE_NET_KEYS = ("weights",)
 
 
+# In a run's checkpoints/: written when fitting ended on its own (max_epochs, early stopping, max_time, max_steps),
+# naming the training step of its last.ckpt. Without metrics.json beside the checkpoints, the run was stopped after
+# fitting (in its test, calibration or cross-dataset scoring).
+FIT_FINISHED_NAME = "fit_finished.json"
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where a training run resumes from. ``finish_epochs``: set when fitting had ended (see
+    :data:`FIT_FINISHED_NAME`): the epoch count to fit to, which trains nothing, before the steps after fitting."""
+
+    path: Path
+    finish_epochs: int | None = None
+
+
+def mark_fit_finished(checkpoint_dir: Path, global_step: int, epochs: int) -> None:
+    """Record in ``checkpoint_dir`` that fitting ended on its own at ``global_step`` after ``epochs`` epochs."""
+    write_json_atomic(checkpoint_dir / FIT_FINISHED_NAME, {"global_step": global_step, "epochs": epochs})
+
+
+def _finished_fit_epochs(checkpoint_dir: Path, checkpoint: Mapping[str, Any]) -> int | None:
+    """The epochs of a fit that ended on its own with ``checkpoint`` (its last.ckpt) as final state, else None."""
+    try:
+        record = json.loads((checkpoint_dir / FIT_FINISHED_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("global_step") != checkpoint.get("global_step"):
+        return None
+    epochs = record.get("epochs")
+    return epochs if isinstance(epochs, int) and epochs > 0 else None
+
+
 def resolve_resume(ckpt_path: str | Path | None, run_dir: str | Path, net: Mapping[str, Any],
-                   max_epochs: int | None = None) -> Path | None:
+                   max_epochs: int | None = None) -> Resume | None:
     """The checkpoint a training run resumes from, checked before anything is fitted.
 
     ``None`` = start fresh. ``last`` = ``RUN_DIR/checkpoints/last.ckpt``, which must exist (resuming
     happens in the killed run's own directory). The file must be a readable bts_lightning checkpoint
     of the same network as ``net`` (the ``model.net`` config; ``weights`` may differ), saved before epoch
-    ``max_epochs`` (else nothing would be trained), unless it is the last checkpoint of a run killed after its last
-    epoch, before it wrote ``RUN_DIR/metrics.json``: resuming then does what that run had left (the test of
-    ``best.ckpt``, calibration, ``metrics.json``). Raises :class:`CheckpointError` otherwise, naming the file and
-    what to do.
+    ``max_epochs`` (else nothing would be trained), unless its fit had ended (early stopping included) and the run
+    was stopped before writing ``RUN_DIR/metrics.json``: resuming then trains nothing and does what that run had
+    left (the test of ``best.ckpt``, calibration, ``metrics.json``; :attr:`Resume.finish_epochs`). Raises
+    :class:`CheckpointError` otherwise, naming the file and what to do.
     """
     if ckpt_path is None or str(ckpt_path) == "":
         return None
@@ -148,15 +182,15 @@ def resolve_resume(ckpt_path: str | Path | None, run_dir: str | Path, net: Mappi
             f"Cannot resume from {path}: it holds another network ({'; '.join(differences)}). Pass the model "
             "overrides the run was trained with, or start a new run without ckpt_path."
         )
-    trained = isinstance(max_epochs, int) and max_epochs > 0 and isinstance(epoch, int) and epoch + 1 >= max_epochs
-    unfinished = str(ckpt_path) == "last" and not (Path(run_dir) / "metrics.json").is_file()
-    if trained and unfinished:
-        log.info("%s finished epoch %d of trainer.max_epochs=%d, but the run stopped before metrics.json: this run "
-                 "trains nothing and does the steps after training.", path, epoch + 1, max_epochs)
-    elif trained:
+    finished = _finished_fit_epochs(path.parent, checkpoint) if str(ckpt_path) == "last" else None
+    if finished is not None and not (Path(run_dir) / "metrics.json").is_file():
+        log.info("%s is the end of a fit (%d epochs) whose run stopped before writing metrics.json: this run trains "
+                 "nothing and does the steps after fitting.", path, finished)
+        return Resume(path, finish_epochs=finished)
+    if isinstance(max_epochs, int) and max_epochs > 0 and isinstance(epoch, int) and epoch + 1 >= max_epochs:
         raise CheckpointError(f"{path} finished epoch {epoch + 1} of trainer.max_epochs={max_epochs} already, so "
                               "resuming would train nothing: raise trainer.max_epochs to train on from it.")
-    return path
+    return Resume(path)
 
 
 # Lightning saves the data module's state (BrainTumorDataModule.state_dict: {"split": split record}) under its class name.

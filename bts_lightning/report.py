@@ -353,14 +353,15 @@ def _copy_key(run: Run, metrics_path: Path) -> str:
 
 
 def unfinished_runs(directories: Sequence[str | Path]) -> list[Path]:
-    """Training-run folders below ``directories`` (a ``.hydra/config.yaml`` of ``task_name: train``) without a
-    ``metrics.json``: killed, crashed or still running."""
+    """Training-run folders below ``directories`` (a ``.hydra/config.yaml`` of ``task_name: train``) with a
+    ``checkpoints/last.ckpt`` to resume from but no ``metrics.json``: killed, crashed or still running."""
     found = set()
     for directory in directories:
         for config in Path(directory).rglob(".hydra/config.yaml"):
             run = config.parent.parent
             with suppress(OSError):
-                if not (run / "metrics.json").exists() and _TRAIN_TASK.search(config.read_text()):
+                if (run / "checkpoints" / "last.ckpt").is_file() and not (run / "metrics.json").exists() \
+                        and _TRAIN_TASK.search(config.read_text()):
                     found.add(run)
     return sorted(found)
 
@@ -442,8 +443,8 @@ def group_runs(runs: Iterable[Run]) -> list[ConfigurationRow]:
 
     rows = sorted(rows, key=sort_key)
     for row in unranked(rows):
-        _warn(f"{row.label}: no {SHORT_NAMES[metric]} (no test split, and no validation Dice recorded: e.g. trained "
-              "with callbacks=none), so it is listed last, unranked")
+        _warn(f"{row.label}: no {SHORT_NAMES[metric]} (e.g. trained with callbacks=none, which records no validation "
+              "Dice), so it is listed last, unranked")
     return rows
 
 
@@ -642,7 +643,7 @@ def render_markdown(rows: Sequence[ConfigurationRow], directories: Sequence[str 
         lines.append("| " + " | ".join(cells) + " |")
     if left_out:
         lines += ["", (f"Unranked (–), listed last: {', '.join(row.label for row in left_out)}: no "
-                       f"{SHORT_NAMES[ranked_by]} (no test split, and no validation Dice recorded, e.g. callbacks=none).")]
+                       f"{SHORT_NAMES[ranked_by]} (e.g. trained with callbacks=none, which records no validation Dice).")]
     if chart:
         lines += ["", f"![Dice per configuration]({chart})"]
     lines += decision_test_markdown(rows)

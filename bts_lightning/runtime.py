@@ -475,6 +475,12 @@ def save_run_record_atomically() -> None:
     hydra.core.utils._save_config = _save_config
 
 
+def keep_run_record() -> None:
+    """Make this job's run record final (e.g. once training starts): a later refusal no longer puts the previous
+    one back, since the run folder then holds what this job did."""
+    _replaced_record.clear()
+
+
 def restore_run_record() -> None:
     """Put back the run-record files this job replaced (see :data:`_replaced_record`)."""
     for path, previous in _replaced_record.items():

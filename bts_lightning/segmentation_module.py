@@ -46,6 +46,8 @@ def _check_loss_weight(key: str, value: Any) -> float:
 DATA_SETTINGS_KEY = "bts_data_settings"
 # Top-level checkpoint key holding the calibrated slice decision (``SliceDecision.to_dict()``), written by calibrate.
 DECISION_KEY = "bts_decision"
+# The last validation's {"tumor_slices": n, "empty_slices": m}, for a resumed run's metrics.json.
+VAL_SLICES_KEY = "bts_val_slices"
 
 
 def data_settings_of(datamodule: Any) -> dict[str, Any]:
@@ -253,18 +255,23 @@ class SegmentationModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.decision = None  # calibrated for the weights fitting changes
-        self.slice_counts.pop("val", None)
+        if self.trainer.ckpt_path is None:  # a resumed fit keeps the count its checkpoint restored
+            self.slice_counts.pop("val", None)
         settings = data_settings_of(getattr(self.trainer, "datamodule", None))
         if settings:
             self.data_settings = settings
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[DATA_SETTINGS_KEY] = dict(self.data_settings)
+        checkpoint[VAL_SLICES_KEY] = self.slice_counts.get("val")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """``SegmentationModule.load_from_checkpoint`` and resumed fits get the data settings (and any slice decision)
-        back."""
+        """``SegmentationModule.load_from_checkpoint`` and resumed fits get the data settings (and any slice decision,
+        and the last validation's slice counts) back."""
         self.data_settings = dict(checkpoint.get(DATA_SETTINGS_KEY) or {})
+        counts = checkpoint.get(VAL_SLICES_KEY)
+        if isinstance(counts, Mapping):
+            self.slice_counts["val"] = dict(counts)
         decision = checkpoint.get(DECISION_KEY)
         self.decision = dict(decision) if isinstance(decision, Mapping) else None
 

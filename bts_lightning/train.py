@@ -22,7 +22,7 @@ from bts_lightning.calibrate import (
     warn_if_chance,
 )
 from bts_lightning.callbacks import MetricHistory, TrainingTime
-from bts_lightning.checkpoint import check_resume_settings, resolve_resume
+from bts_lightning.checkpoint import FIT_FINISHED_NAME, check_resume_settings, mark_fit_finished, resolve_resume
 from bts_lightning.cross_dataset import check_cross_data, checkpoint_to_score, evaluate_across, evaluation_row
 from bts_lightning.data.channels import channels_setting
 from bts_lightning.data.neighbours import window_size
@@ -36,6 +36,7 @@ from bts_lightning.runtime import (
     as_number,
     flag_setting,
     hydra_app,
+    keep_run_record,
     number_setting,
     user_error_of,
     write_json_atomic,
@@ -288,7 +289,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("cross_data") is not None:
         log.info("Cross-dataset channels: %s", check_cross_data(cfg, int(cfg.model.net.get("in_channels", 1))))
     network = OmegaConf.to_container(cfg.model.net, resolve=True)
-    resume_from = resolve_resume(cfg.get("ckpt_path"), output_dir, network, cfg.trainer.get("max_epochs"))
+    resume = resolve_resume(cfg.get("ckpt_path"), output_dir, network, cfg.trainer.get("max_epochs"))
+    resume_from = resume.path if resume else None
     L.seed_everything(seed, workers=True, verbose=False)  # Lightning would print this on stderr, before any error
     log.info("Seed %s (Python, NumPy, PyTorch and the loader workers)", seed)
     datamodule = instantiate(cfg.data)
@@ -312,13 +314,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # Without the project's checkpoint callbacks, none: not Lightning's own in the logger's folder either.
     own_checkpoints = {} if any(isinstance(callback, ModelCheckpoint) for callback in callbacks) or \
         cfg.trainer.get("enable_checkpointing") is not None else {"enable_checkpointing": False}
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **own_checkpoints)
-    stale = output_dir / "metrics.json"
-    if resume_from is not None and trainer.is_global_zero and stale.is_file():  # it would describe the old best.ckpt
-        stale.unlink()
-        log.info("Resuming: removed the earlier process's %s; this run writes it again when it ends.", stale)
+    finishing = {"max_epochs": resume.finish_epochs} if resume and resume.finish_epochs else {}  # fit nothing more
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **own_checkpoints,
+                                     **finishing)
+    keep_run_record()  # settings accepted: the run's .hydra record is this process's from here on
+    if resume_from is not None and trainer.is_global_zero:
+        for stale in (output_dir / "metrics.json", output_dir / "checkpoints" / FIT_FINISHED_NAME):
+            if stale.is_file():  # it would describe the earlier best.ckpt / fit
+                stale.unlink()
+                log.info("Resuming: removed the earlier process's %s; this run writes it again.", stale)
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    if trainer.is_global_zero and (output_dir / "checkpoints" / "last.ckpt").is_file():
+        mark_fit_finished(output_dir / "checkpoints", trainer.global_step, trainer.current_epoch)
     clock = next((callback for callback in trainer.callbacks if isinstance(callback, TrainingTime)), None)
     train_time = clock.seconds() if clock else time.perf_counter() - started  # a resumed run: all its processes
 

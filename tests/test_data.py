@@ -108,6 +108,15 @@ def test_unreadable_files_are_named_with_the_reason(make_dataset):
                      r"readable image \(corrupt or unsupported format\)", str(error.value))
 
 
+def test_many_reasons_are_one_clause_with_an_example(make_dataset):
+    root = make_dataset([str(i) for i in range(1, 6)])
+    for stem, pages in zip("2345", (2, 3, 4, 5)):
+        (root / "images" / f"{stem}.png").unlink()
+        cv2.imwritemulti(str(root / "images" / f"{stem}.tif"), [np.zeros((32, 32), np.uint8)] * pages)
+    with pytest.raises(DataError, match=r"4 unreadable file\(s\) \(.*2\.tif, .*5\.tif\), e\.g\. holds 2 pages"):
+        datamodule(root, split_by="slice").setup("fit")
+
+
 def test_a_float_image_with_a_nan_pixel_is_named_not_read_as_black(make_dataset):
     """Min-max scaling with a NaN makes every pixel 0: such a file is refused, in training and in predict's reader."""
     root = make_dataset([str(i) for i in range(1, 5)])
@@ -156,6 +165,14 @@ def test_reads_16bit_rgb_and_binarizes_by_the_dataset_rule(tmp_path):
         drawn[1:3, 1:3, colour] = 255
         cv2.imwrite(str(tmp_path / "colour.png"), drawn)
         assert read_mask(tmp_path / "colour.png").tolist() == (drawn[..., colour]).tolist()  # luma: 29, 150, 76
+    drawn = np.full((4, 4, 4), 255, np.uint8)  # white, transparent outside the tumor
+    drawn[..., 3] = 0
+    drawn[1:3, 1:3, 3] = 255
+    cv2.imwrite(str(tmp_path / "transparent.png"), drawn)
+    assert read_mask(tmp_path / "transparent.png").tolist() == drawn[..., 3].tolist()
+    drawn[..., :3] = 0  # the tumor in the alpha plane only
+    cv2.imwrite(str(tmp_path / "alpha.png"), drawn)
+    assert read_mask(tmp_path / "alpha.png").tolist() == drawn[..., 3].tolist()
     assert (mask_threshold(0), mask_threshold(1), mask_threshold(2), mask_threshold(255)) == (0, 0, 127, 127)
     mask = np.array([[0, 1], [3, 128]], np.uint8)
     assert binarize_mask(mask, 0).tolist() == [[0, 1], [1, 1]]

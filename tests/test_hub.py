@@ -84,6 +84,8 @@ def test_a_checkpoint_other_than_the_scored_one_gets_no_run_metrics(tiny_checkpo
     """The run's metrics.json scores best.ckpt; last.ckpt of a later epoch holds other weights (1-epoch run: the same)."""
     run = shutil.copytree(tiny_checkpoint.path.parent.parent, tmp_path / "run")
     assert "best_val_dice" in (save_pretrained(run / "checkpoints" / "last.ckpt", tmp_path / "same") / CARD_NAME).read_text()
+    (tmp_path / "model.ckpt").symlink_to(run / "checkpoints" / "best.ckpt")  # a link is the file it names
+    assert "best_val_dice" in (save_pretrained(tmp_path / "model.ckpt", tmp_path / "linked") / CARD_NAME).read_text()
     later = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     later["global_step"] += 1
     torch.save(later, run / "checkpoints" / "last.ckpt")

@@ -392,8 +392,11 @@ def test_a_run_without_validation_scores_is_unranked_not_a_reason_to_rank_by_bes
     _write_run(root / "cv" / "1", "lraspp", seed=1, val_fold=1, val_dice=0.6, test_dice=None, last_val_dice=0.55)
     _write_run(root / "nocallbacks", "fcn", seed=1, val_fold=1, val_dice=None, test_dice=0.7)
     shutil.copytree(root / "nocallbacks", root / "nocallbacks_copy")
-    (root / "killed" / ".hydra").mkdir(parents=True)
-    (root / "killed" / ".hydra" / "config.yaml").write_text("task_name: train\nseed: 1\n")
+    for name in ("killed", "refused"):  # only the killed one has a last.ckpt to resume from
+        (root / name / ".hydra").mkdir(parents=True)
+        (root / name / ".hydra" / "config.yaml").write_text("task_name: train\nseed: 1\n")
+    (root / "killed" / "checkpoints").mkdir()
+    (root / "killed" / "checkpoints" / "last.ckpt").write_bytes(b"weights")
 
     rows = group_runs(find_runs([root]))
     assert [row.label for row in rows] == ["model=lraspp", "model=unet", "model=fcn"]  # last val 0.55 > 0.5
@@ -401,7 +404,7 @@ def test_a_run_without_validation_scores_is_unranked_not_a_reason_to_rank_by_bes
     assert f"skipped {root / 'nocallbacks_copy'}: a copy of {root / 'nocallbacks'} (the same metrics.json)" in err
     assert f"1 training run(s) without metrics.json (killed, crashed or still running) are not in the report: " \
            f"{root / 'killed'}" in err
-    assert "model=fcn: no last val Dice (no test split, and no validation Dice recorded" in err
+    assert "model=fcn: no last val Dice (e.g. trained with callbacks=none" in err and "refused" not in err
     report_app(compose_app("report", [f"dirs={root}"], tmp_path / "app"))
     printed = capsys.readouterr().out
     assert "Ranked by last val Dice" in printed and "  -. –  model=fcn  (1 run)" in printed

@@ -244,8 +244,13 @@ def test_resume_needs_a_matching_readable_checkpoint(tmp_path):
     (tmp_path / "run" / "metrics.json").unlink()  # killed after its last epoch (in test or calibration)
     again = train(compose_train([*overrides, "ckpt_path=last"], tmp_path / "run"))  # finishes it, training nothing
     assert last.read_bytes() == before and json.loads((tmp_path / "run" / "metrics.json").read_text()) == again
-    assert {key: again[key] for key in ("best_epoch", "best_val_dice", "epochs_trained", "val_history")} == \
-        {key: finished[key] for key in ("best_epoch", "best_val_dice", "epochs_trained", "val_history")}
+    assert {key: value for key, value in again.items() if key != "train_time_s"} == \
+        {key: value for key, value in finished.items() if key != "train_time_s"}
+    (tmp_path / "run" / "metrics.json").unlink()  # and killed inside its last epoch, after that epoch's last.ckpt:
+    (tmp_path / "run" / "checkpoints" / "fit_finished.json").unlink()  # its fit never ended
+    with pytest.raises(CheckpointError, match=r"finished epoch 1 of trainer.max_epochs=1 already"):
+        train(compose_train([*overrides, "ckpt_path=last"], tmp_path / "run"))
+    (tmp_path / "run" / "metrics.json").write_text(json.dumps(again))  # refused resumes below must keep it
     for changed, message in (
         ("data.val_fold=3", "the train, val slices of the split (data.val_fold: 1 then, 3 now)"),
         ("data.image_size=32", "data.image_size: 64 then, 32 now"),
@@ -259,6 +264,20 @@ def test_resume_needs_a_matching_readable_checkpoint(tmp_path):
             train(compose_train([*overrides, "trainer.max_epochs=2", changed, "ckpt_path=last"], tmp_path / "run"))
     assert last.read_bytes() == before  # refused before training
     assert (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_a_run_stopped_early_then_killed_is_finished_without_training(tmp_path):
+    """Early stopping ends the fit before max_epochs: resuming such a run must not train on (and move best.ckpt)."""
+    overrides = [*SMALL_SYNTHETIC, f"paths.data_dir={tmp_path / 'data'}", "trainer=cpu", "data.num_workers=0",
+                 "debug=limit", "test=false", "trainer.max_epochs=5", "callbacks.early_stopping.patience=1",
+                 "+callbacks.early_stopping.min_delta=10"]  # never improves enough: stops after 2 epochs
+    finished = train(compose_train(overrides, tmp_path / "run"))
+    assert finished["epochs_trained"] == 2
+    checkpoints = {path.name: path.read_bytes() for path in (tmp_path / "run" / "checkpoints").glob("*.ckpt")}
+    (tmp_path / "run" / "metrics.json").unlink()
+    again = train(compose_train([*overrides, "ckpt_path=last"], tmp_path / "run"))
+    assert again["epochs_trained"] == 2 and again["val_history"] == finished["val_history"]
+    assert {path.name: path.read_bytes() for path in (tmp_path / "run" / "checkpoints").glob("*.ckpt")} == checkpoints
 
 
 def test_a_resume_removes_the_metrics_of_the_process_it_continues(tmp_path, monkeypatch):

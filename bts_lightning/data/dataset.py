@@ -94,6 +94,10 @@ MASK_PROBLEMS = {
     ),
 }
 
+# Distinct reasons an error lists file by file; beyond it (e.g. truncated files, each with its own byte counts) the
+# files are listed together with one example reason.
+MAX_REASONS = 3
+
 
 def scan_pairs(pairs: Sequence[SlicePair], size: int, keep: bool, channels: Channels = None,
                key: str = "data.channels") -> Scan:
@@ -108,7 +112,7 @@ def scan_pairs(pairs: Sequence[SlicePair], size: int, keep: bool, channels: Chan
     mask_max = np.zeros(len(pairs), np.uint8)
     images = np.empty((len(pairs), count, size, size), np.uint8) if keep else None
     masks = np.empty((len(pairs), size, size), np.uint8) if keep else None
-    unreadable: list[str] = []
+    unreadable: list[tuple[str, str]] = []  # (path, why)
     non_finite: list[str] = []
     lacking: dict[int, list[str]] = defaultdict(list)  # channel count -> image names
     mismatched: list[str] = []
@@ -121,7 +125,10 @@ def scan_pairs(pairs: Sequence[SlicePair], size: int, keep: bool, channels: Chan
             non_finite.append(str(error).split(": ")[0])
             return
         except UnreadableImageError as error:
-            unreadable.append(str(error))  # "PATH: why"
+            message = str(error)
+            path = next((str(f) for f in (pairs[index].image, pairs[index].mask) if message.startswith(f"{f}: ")),
+                        str(pairs[index].image))
+            unreadable.append((path, message.removeprefix(f"{path}: ")))
             return
         except ChannelError as error:
             lacking[error.count].append(pairs[index].image.name)
@@ -139,11 +146,14 @@ def scan_pairs(pairs: Sequence[SlicePair], size: int, keep: bool, channels: Chan
         list(pool.map(scan, range(len(pairs))))
     problems = []
     reasons: dict[str, list[str]] = defaultdict(list)
-    for message in unreadable:
-        path, _, why = message.partition(": ")
+    for path, why in unreadable:
         reasons[why].append(path)
-    for why, paths in sorted(reasons.items()):
-        problems.append(f"{len(paths)} unreadable file(s) ({format_names(sorted(paths))}): {why}")
+    if len(reasons) > MAX_REASONS:  # e.g. truncated files, each with its own byte counts
+        paths = sorted(path for path, _ in unreadable)
+        problems.append(f"{len(paths)} unreadable file(s) ({format_names(paths)}), e.g. {min(unreadable)[1]}")
+    else:
+        for why, paths in sorted(reasons.items()):
+            problems.append(f"{len(paths)} unreadable file(s) ({format_names(sorted(paths))}): {why}")
     if non_finite:
         problems.append(f"{len(non_finite)} float file(s) with NaN or infinite pixel values, whose scaling to 0-255 "
                         f"cannot be told: {format_names(sorted(non_finite))}")

@@ -86,13 +86,16 @@ def read_channels(path: str | Path, channels: Channels) -> np.ndarray:
 def read_mask(path: str | Path) -> np.ndarray:
     """Decode a mask file of any common format (8/16-bit, float, gray/RGB/RGBA) into a 2-D uint8 array.
 
-    A colour mask's value at a pixel is its brightest colour channel (alpha left out): a tumor drawn in red or blue,
-    dark in luma (76, 29), stays 255. Non-8-bit masks are min-max scaled to 0-255.
+    A colour mask's value at a pixel is its brightest colour channel: a tumor drawn in red or blue, dark in luma
+    (76, 29), stays 255. With an alpha plane (gray + alpha, RGBA), transparent pixels are 0 whatever their colour,
+    and a mask whose colours are all 0 is its alpha plane. Non-8-bit masks are min-max scaled to 0-255.
     """
     mask = decode(path)
-    if mask.ndim == 3:
-        colours = {2: 1, 3: 3, 4: 3}.get(mask.shape[2], mask.shape[2])  # gray + alpha, RGB, RGBA
-        mask = mask[..., :colours].max(axis=2)
+    if mask.ndim == 3 and mask.shape[2] in (2, 4):
+        colour, alpha = mask[..., :-1].max(axis=2), mask[..., -1]
+        mask = np.where(alpha > 0, colour, 0).astype(mask.dtype) if colour.any() else alpha
+    elif mask.ndim == 3:
+        mask = mask.max(axis=2)
     return mask if mask.dtype == np.uint8 else to_uint8(mask)
 
 
