@@ -270,9 +270,13 @@ def calibrated_decision(
 ) -> SliceDecision:
     """The :class:`SliceDecision` calibrated by :func:`calibrate` on ``scores_empty``, recording the false-alarm
     rate it reaches there, its sensitivity on ``scores_tumor`` (``None`` without tumor slices) and whether the scores
-    came from flip-TTA probabilities (``tta``), which the decision then needs to hold."""
+    came from flip-TTA probabilities (``tta``), which the decision then needs to hold.
+
+    The rates count what ``evaluate`` counts, a slice kept by the decision whose mask has a tumor pixel: under
+    ``max_probability`` that is a score above both the threshold and ``pixel_threshold``."""
     threshold = calibrate(scores_empty, target, target_on)
+    flagged = max(threshold, float(pixel_threshold)) if check_rule(rule) == "max_probability" else threshold
     calibration = {"split": split, "dataset": dataset, "n_empty": len(scores_empty), "n_tumor": len(scores_tumor),
-                   "false_alarm_rate": rate_above(scores_empty, threshold),
-                   "sensitivity": rate_above(scores_tumor, threshold), "tta": bool(tta)}
+                   "false_alarm_rate": rate_above(scores_empty, flagged),
+                   "sensitivity": rate_above(scores_tumor, flagged), "tta": bool(tta)}
     return SliceDecision(rule, threshold, float(pixel_threshold), float(target), calibration, target_on)

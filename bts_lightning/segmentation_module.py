@@ -16,7 +16,7 @@ from bts_lightning.errors import ConfigError
 from bts_lightning.losses import FactoredLoss, uses_distance_maps
 from bts_lightning.metrics import SLICE_SCORES, SliceDetection, overlap_metrics
 from bts_lightning.models.presence import PresenceGated
-from bts_lightning.preprocessing import standardize
+from bts_lightning.preprocessing import blank, standardize
 from bts_lightning.runtime import as_number
 
 log = logging.getLogger(__name__)
@@ -216,6 +216,7 @@ class SegmentationModule(L.LightningModule):
         self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=len(masks))
         metrics = self.val_metrics if stage == "val" else self.test_metrics
         preds = outputs["out"].argmax(dim=1)
+        preds = torch.where(blank(batch["image"])[:, None, None], 0, preds)  # as inference: nothing on a blank slice
         metrics.update(preds, masks)
         self.log_dict(metrics, prog_bar=stage == "val")
         (self.val_detection if stage == "val" else self.test_detection).update(preds, masks)

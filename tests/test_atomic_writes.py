@@ -224,9 +224,10 @@ def test_training_saves_checkpoints_atomically_and_resumes_from_them(tiny_checkp
     assert metrics["train_time_s"] > 1000  # epoch 0's process counts too
     checkpoints = tmp_path / "run" / "checkpoints"
     assert sorted(saved) == ["best.ckpt", "last.ckpt"]
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best.ckpt", "fit_finished.json", "last.ckpt"]
     assert torch.load(checkpoints / "last.ckpt", weights_only=False)["epoch"] == 1
-    assert sorted(p.name for p in tiny_checkpoint.path.parent.iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in tiny_checkpoint.path.parent.iterdir()) == ["best.ckpt", "fit_finished.json",
+                                                                              "last.ckpt"]
 
 
 @pytest.mark.parametrize("trainer", ["default", "cpu", "ddp_cpu"])

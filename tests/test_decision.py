@@ -106,6 +106,11 @@ def test_calibrated_decision_records_what_it_reaches():
     assert SliceDecision.from_dict(json.loads(json.dumps(made.to_dict()))) == made
     assert "component_fraction > 0.02" in made.describe() and "25.0 % false alarms on val of lgg" in made.describe()
     assert calibrated_decision([0.1], [], 0.0, "max_probability", 0.5, "val", "x").calibration["sensitivity"] is None
+    # A max_probability threshold below the pixel threshold: slices between the two have empty masks, which evaluate
+    # counts as neither a false alarm nor a detection.
+    low = calibrated_decision([0.1, 0.3, 0.45, 0.6], [0.4, 0.48, 0.9], 0.5, "max_probability", 0.5, "val", "x")
+    assert low.threshold == 0.3 and low.calibration["false_alarm_rate"] == 0.25
+    assert low.calibration["sensitivity"] == pytest.approx(1 / 3)
 
 
 @pytest.mark.parametrize("n_empty", [19, 70])

@@ -429,3 +429,22 @@ def test_training_slices_of_another_root_are_matched_by_name_only_and_say_so(tin
         metrics = evaluate(compose_app("evaluate", overrides, tmp_path / "copied"), overrides)
     assert metrics["slices"]["matches_trained_split"] and metrics["slices"]["matched_by"] == "file names only"
     assert "The 8 scored slices match the checkpoint's test split by file names only" in caplog.text
+
+
+def test_training_scores_a_blank_slice_as_inference_does(tiny_checkpoint):
+    """Inference empties a blank slice (every channel one value); validation in training must count the same masks, or
+    its val/test scores differ from evaluate's on data with blank slices (the LGG sample has one)."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    module = load_module(tiny_checkpoint.path, "cpu")
+    module.forward = lambda images: {"out": torch.stack([torch.zeros_like(images[:, 0], dtype=torch.float32),
+                                                        torch.ones_like(images[:, 0], dtype=torch.float32)], dim=1)}
+    images = torch.zeros(2, 1, 32, 32, dtype=torch.uint8)
+    images[1, 0, :, :16] = 200  # not blank: the tumor-everywhere model's false alarm
+    batch = {"image": images, "mask": torch.zeros(2, 32, 32, dtype=torch.long)}
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.validate(module, DataLoader([batch], batch_size=None), verbose=False)
+    assert trainer.callback_metrics["val/false_alarm_rate"] == pytest.approx(0.5)
+    assert trainer.callback_metrics["val/dice"] == pytest.approx(0.5)  # the blank slice: both empty, Dice 1
