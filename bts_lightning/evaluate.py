@@ -467,18 +467,20 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[st
         images, truths = zip(*(dataset.load(position) for position in worst))
         predictions = masks_of(worst, np.stack(images))
         panels = [
-            captioned(panel(image[dataset.own_channel], truth, prediction),
-                       f"{rows[i]['stem']}  Dice {rows[i]['dice']:.3f}  HD95 {rows[i]['hd95']:.1f}")
+            captioned(panel(image[dataset.own_channel], truth, prediction), rows[i]["stem"],
+                      f"Dice {rows[i]['dice']:.3f}  HD95 {rows[i]['hd95']:.1f}")
             for i, image, truth, prediction in zip(worst, images, truths, predictions)
         ]
         write_png(output_dir / "worst_slices.png", cv2.cvtColor(panel_grid(panels), cv2.COLOR_RGB2BGR))
+    elif (output_dir / "worst_slices.png").is_file():  # an earlier evaluation's, in a reused run folder
+        (output_dir / "worst_slices.png").unlink()
     write_json_atomic(output_dir / "metrics.json", metrics)
     print(format_table(metrics), flush=True)
     log.info("%s: %s", datamodule.name, "; ".join(by_truth_lines(metrics)))
     check = metrics["false_alarm_check"]
     if check is not None and check["unlike_calibration"]:
         log.warning(false_alarm_check_line(check))
-    log.info("Wrote metrics.json, per_image.csv and worst_slices.png to %s", output_dir)
+    log.info("Wrote metrics.json, per_image.csv%s to %s", " and worst_slices.png" if worst else "", output_dir)
     return metrics
 
 

@@ -61,13 +61,33 @@ def panel(image: np.ndarray, truth: np.ndarray, prediction: np.ndarray) -> np.nd
     return np.concatenate(row, axis=1)
 
 
-def captioned(row: np.ndarray, text: str) -> np.ndarray:
-    """A panel row with a dark caption band above it."""
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+# Smallest font scale a caption shrinks to (about 7 px capitals); past it a line loses its start instead.
+MIN_CAPTION_SCALE = 0.3
+
+
+def fitted_caption(text: str, width: int, scale: float) -> tuple[str, float]:
+    """``(text, scale)`` that fit ``width`` pixels: the scale shrunk (down to :data:`MIN_CAPTION_SCALE`), then the
+    start of the text replaced by ``...``, keeping its end (a slice id ends with the slice's number)."""
+    wide = cv2.getTextSize(text, _FONT, scale, 1)[0][0]
+    if wide > width:
+        scale = max(MIN_CAPTION_SCALE, scale * width / wide)
+    while len(text) > 4 and cv2.getTextSize(text, _FONT, scale, 1)[0][0] > width:
+        text = "..." + text[4:]
+    return text, scale
+
+
+def captioned(row: np.ndarray, *lines: str) -> np.ndarray:
+    """A panel row with a dark caption band above it, one line of text each, fitted to the row's width
+    (:func:`fitted_caption`)."""
     height = max(14, row.shape[0] // 12)
-    band = np.full((height, row.shape[1], 3), 32, np.uint8)
-    cv2.putText(band, text, (3, height - max(3, height // 5)), cv2.FONT_HERSHEY_SIMPLEX, height / 32, (255, 255, 255),
-                1, cv2.LINE_AA)
-    return np.concatenate([band, row], axis=0)
+    bands = []
+    for line in lines:
+        band = np.full((height, row.shape[1], 3), 32, np.uint8)
+        text, scale = fitted_caption(line, row.shape[1] - 6, height / 32)
+        cv2.putText(band, text, (3, height - max(3, height // 5)), _FONT, scale, (255, 255, 255), 1, cv2.LINE_AA)
+        bands.append(band)
+    return np.concatenate([*bands, row], axis=0)
 
 
 def panel_grid(rows: list[np.ndarray]) -> np.ndarray:

@@ -245,6 +245,7 @@ def test_evaluate_app_writes_consistent_outputs(tiny_checkpoint, tmp_path):
 def test_evaluate_all_slices_with_tta_and_postprocessing(tiny_checkpoint, tmp_path):
     overrides = [f"ckpt_path={tiny_checkpoint.path}", *tiny_checkpoint.data_overrides, "split=all", "tta=true",
                  "postprocess.largest_component=true", "worst_k=0", "device=cpu"]
+    (tmp_path / "worst_slices.png").write_bytes(b"an earlier evaluation's, in this reused folder")
     metrics = evaluate(compose_app("evaluate", overrides, tmp_path))
     assert metrics["n_images"] == 40 and metrics["split"] == "all"
     assert metrics["inference"] == {"threshold": 0.5, "tta": True, "largest_component": True, "min_size": 0,
@@ -448,3 +449,17 @@ def test_training_scores_a_blank_slice_as_inference_does(tiny_checkpoint):
     trainer.validate(module, DataLoader([batch], batch_size=None), verbose=False)
     assert trainer.callback_metrics["val/false_alarm_rate"] == pytest.approx(0.5)
     assert trainer.callback_metrics["val/dice"] == pytest.approx(0.5)  # the blank slice: both empty, Dice 1
+
+
+def test_captions_fit_their_panel_and_keep_the_end_of_a_long_slice_id():
+    """LGG slice ids are long: at 64 px the worst-slice captions lost the slice number and the scores."""
+    from bts_lightning.visualize import MIN_CAPTION_SCALE, captioned, fitted_caption
+
+    stem = "kaggle_3m/TCGA_DU_5852_19950709/TCGA_DU_5852_19950709_12"
+    text, scale = fitted_caption(stem, 256, 0.5)
+    assert text.startswith("...") and text.endswith("_19950709_12") and scale == MIN_CAPTION_SCALE
+    assert cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0] <= 256
+    assert fitted_caption("Dice 0.123  HD95 4.5", 256, 0.5) == ("Dice 0.123  HD95 4.5", 0.5)  # fits: unchanged
+    row = np.zeros((64, 262, 3), np.uint8)
+    shown = captioned(row, stem, "Dice 0.123  HD95 4.5")
+    assert shown.shape == (64 + 2 * 14, 262, 3) and (shown[:28, -3:] == 32).all()  # two bands, text off the edge

@@ -46,6 +46,8 @@ def test_short_run_writes_checkpoints_tensorboard_and_metrics(tmp_path):
     assert {"train/loss_epoch", "val/dice", "val/iou", "val/loss"} <= set(events.Tags()["scalars"])
     assert any(tag.startswith("lr-") for tag in events.Tags()["scalars"])
     assert "val/examples" in events.Tags()["images"]
+    # Each epoch's panels sit at the step of its validation scores, so a picture lines up with its Dice.
+    assert [image.step for image in events.Images("val/examples")] == [row.step for row in events.Scalars("val/dice")]
 
 
 @pytest.mark.slow

@@ -29,4 +29,6 @@ class ValidationImages(Callback):
         predictions = (pl_module.predict_probabilities(images.to(pl_module.device)) > 0.5).cpu().numpy()
         own = dataset.own_channel  # the slice itself, not a scan neighbour (data.neighbours)
         grid = panel_grid([panel(image[own], mask, pred) for (image, mask), pred in zip(slices, predictions)])
-        logger.experiment.add_image(self.tag, grid, global_step=trainer.global_step, dataformats="HWC")
+        # The step Lightning logs this validation's scores at: the optimizer step of the batch before it ran.
+        step = max(trainer.global_step - 1, 0)
+        logger.experiment.add_image(self.tag, grid, global_step=step, dataformats="HWC")
