@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 from bts_lightning.calibrate import (
@@ -21,12 +23,12 @@ from bts_lightning.calibrate import (
     reached_line,
     warn_if_chance,
 )
-from bts_lightning.callbacks import MetricHistory, TrainingTime
+from bts_lightning.callbacks import MetricHistory, TrainingTime, ValidationImages
 from bts_lightning.checkpoint import FIT_FINISHED_NAME, check_resume_settings, mark_fit_finished, resolve_resume
 from bts_lightning.cross_dataset import check_cross_data, checkpoint_to_score, evaluate_across, evaluation_row
 from bts_lightning.data.channels import channels_setting
 from bts_lightning.data.neighbours import window_size
-from bts_lightning.errors import ConfigError
+from bts_lightning.errors import ConfigError, first_line
 from bts_lightning.evaluate import evaluate
 from bts_lightning.inference import load_predictor
 from bts_lightning.losses import uses_distance_maps
@@ -50,8 +52,52 @@ MONITOR_MODES = ("max", "min")
 DECISION_PIXEL_THRESHOLD = 0.5
 
 
-def _instantiate_all(configs: DictConfig | None) -> list[Any]:
-    return [instantiate(config) for config in (configs or {}).values() if config]
+def _instantiate_all(configs: DictConfig | None, group: str) -> list[Any]:
+    """The objects of group ``group``'s nodes (``callbacks``, ``logger``). A node that names no class (``_target_``)
+    only holds options an experiment or override gave an entry that ``callbacks=none`` or a debug config removed
+    (e.g. ``experiment=empty_slices callbacks=none``): it is left out, with a warning naming it."""
+    built = []
+    for name, config in (configs or {}).items():
+        if not config:
+            continue
+        if isinstance(config, DictConfig) and "_target_" not in config:
+            log.warning("%s.%s (%s) names no class (_target_): left out. Its options come from an experiment or "
+                        "override, on an entry that %s=none or a debug config removed.", group, name,
+                        ", ".join(f"{key}={value}" for key, value in config.items()), group)
+            continue
+        built.append(instantiate(config))
+    return built
+
+
+def check_scheduler(cfg: DictConfig) -> None:
+    """Check ``cfg.scheduler`` before training (its errors came after the first epoch, as tracebacks).
+
+    A ``scheduler.scheduler`` node without ``_target_`` (options an experiment gives a scheduler that
+    ``scheduler=none`` removed) is dropped with a warning; one that its class refuses (an option another scheduler
+    takes, e.g. ``patience`` for ``scheduler=cosine``) or a ``T_max`` that is not a whole number >= 1 (``cosine`` with
+    ``trainer.max_epochs=-1``) is a ``ConfigError``.
+    """
+    node = (cfg.get("scheduler") or {}).get("scheduler")
+    if not node:
+        return
+    options = ", ".join(f"{key}={value}" for key, value in node.items() if key != "_target_")
+    if "_target_" not in node:
+        log.warning("scheduler.scheduler (%s) names no class (_target_): no learning-rate scheduler. Its options come "
+                    "from an experiment or override, on a scheduler that scheduler=none removed.", options)
+        cfg.scheduler = None
+        return
+    t_max = node.get("T_max")
+    if "T_max" in node and not (isinstance(t_max, int) and t_max >= 1):
+        raise ConfigError(f"scheduler.scheduler.T_max={t_max} must be a whole number >= 1 (the epochs to anneal over; "
+                          "cosine takes trainer.max_epochs): set trainer.max_epochs, or scheduler.scheduler.T_max.")
+    stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    try:
+        instantiate(node)(stand_in)
+    except Exception as error:  # noqa: BLE001 - whatever the class refuses, it refuses before training
+        reason = first_line(error.__cause__ or error)
+        raise ConfigError(f"{node['_target_']} refused its settings ({options}): {reason}. An experiment may set "
+                          "options of another scheduler (experiment=presence: plateau's patience); choose that "
+                          "scheduler, or correct the override.") from None
 
 
 def check_sweep_objective(callbacks: DictConfig | None) -> None:
@@ -283,6 +329,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_batches(cfg.trainer)
     seed = check_seed(cfg)
     check_callback_settings(cfg.get("callbacks"))
+    check_scheduler(cfg)
     check_sweep_objective(cfg.get("callbacks"))
     monitor, mode = check_monitor(cfg.get("monitor"))
     test = flag_setting(cfg, "test", False)
@@ -306,11 +353,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         datamodule.distance_maps = uses_distance_maps(module.criterion)
     if datamodule.distance_maps:
         log.info("Loader workers compute the masks' distance maps for the loss (data.distance_maps)")
-    callbacks = _instantiate_all(cfg.get("callbacks"))
-    loggers = _instantiate_all(cfg.get("logger"))
+    callbacks = _instantiate_all(cfg.get("callbacks"), "callbacks")
+    loggers = _instantiate_all(cfg.get("logger"), "logger")
     if not loggers and any(isinstance(callback, LearningRateMonitor) for callback in callbacks):
         log.info("No logger: the learning-rate monitor, which writes to one, is left out.")
         callbacks = [callback for callback in callbacks if not isinstance(callback, LearningRateMonitor)]
+    if not any(isinstance(logger, TensorBoardLogger) for logger in loggers) and \
+            any(isinstance(callback, ValidationImages) for callback in callbacks):
+        log.info("No TensorBoard logger: the validation images, which are written to it, are left out.")
+        callbacks = [callback for callback in callbacks if not isinstance(callback, ValidationImages)]
     # Without the project's checkpoint callbacks, none: not Lightning's own in the logger's folder either.
     own_checkpoints = {} if any(isinstance(callback, ModelCheckpoint) for callback in callbacks) or \
         cfg.trainer.get("enable_checkpointing") is not None else {"enable_checkpointing": False}

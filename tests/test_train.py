@@ -421,3 +421,35 @@ def test_train_warns_when_the_monitor_never_beats_the_first_epoch(tmp_path, capl
     assert len(saved["val_history"]) == 3
     assert saved["selection"]["warning"] in caplog.messages
     assert "val/sensitivity never beat its value there (1)" in saved["selection"]["warning"]
+
+
+def test_experiment_options_on_a_removed_entry_are_left_out_with_a_warning_or_refused(tmp_path, caplog):
+    """experiment=empty_slices/presence set options of early stopping and of the plateau scheduler: with
+    callbacks=none or scheduler=none those options are all that is left of the entry (no class), which crashed
+    mid-training; a scheduler that refuses them (cosine: patience) crashed after the first epoch."""
+    base = ["data=synthetic_empty", "data.synthetic.n=40", "data.synthetic.size=64", "data.image_size=64",
+            f"paths.data_dir={tmp_path / 'data'}", "trainer=cpu", "data.num_workers=0", "debug=limit",
+            "trainer.max_epochs=1", "test=false"]
+    with caplog.at_level(logging.WARNING):
+        train(compose_train([*base, "experiment=presence", "callbacks=none", "scheduler=none",
+                             "trainer.max_epochs=1"], tmp_path / "none"))
+    assert "callbacks.early_stopping (patience=30) names no class (_target_): left out" in caplog.text
+    assert "scheduler.scheduler (patience=8) names no class (_target_): no learning-rate scheduler" in caplog.text
+    with pytest.raises(ConfigError, match=r"torch\.optim\.lr_scheduler\.CosineAnnealingLR refused its settings "
+                                          r"\(.*patience=8\): .*patience"):
+        train(compose_train([*base, "experiment=presence", "scheduler=cosine", "trainer.max_epochs=1"],
+                            tmp_path / "cosine"))
+    with pytest.raises(ConfigError, match=r"scheduler\.scheduler\.T_max=-1 must be a whole number >= 1"):
+        train(compose_train([*base, "scheduler=cosine", "trainer.max_epochs=-1", "trainer.max_steps=4"],
+                            tmp_path / "steps"))
+    assert not (tmp_path / "cosine" / "checkpoints").exists() and not (tmp_path / "steps" / "checkpoints").exists()
+
+
+def test_settings_with_nothing_to_act_on_are_said(tmp_path, caplog):
+    """Silently ignored before: freezing a backbone the network lacks; validation images without TensorBoard."""
+    overrides = [*SMALL_SYNTHETIC, f"paths.data_dir={tmp_path / 'data'}", "trainer=cpu", "data.num_workers=0",
+                 "debug=limit", "trainer.max_epochs=1", "test=false", "model.freeze_backbone_epochs=2", "logger=csv"]
+    with caplog.at_level(logging.INFO):
+        train(compose_train(overrides, tmp_path / "run"))
+    assert "model.freeze_backbone_epochs=2 is ignored: this network has no pretrained backbone to freeze" in caplog.text
+    assert "No TensorBoard logger: the validation images, which are written to it, are left out." in caplog.text

@@ -48,8 +48,19 @@ class BackboneFreeze(Callback):
     def __init__(self, epochs: int | None = None) -> None:
         self.epochs = epochs
 
+    def _epochs(self, pl_module: L.LightningModule) -> int:
+        return self.epochs if self.epochs is not None else int(pl_module.hparams.get("freeze_backbone_epochs", 0))
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Say once when the setting has nothing to act on, rather than ignore it silently."""
+        epochs, backbone = self._epochs(pl_module), backbone_of(pl_module.net)
+        if epochs > 0 and trainer.is_global_zero and (backbone is None or not pl_module.pretrained):
+            log.warning("model.freeze_backbone_epochs=%d is ignored: %s.", epochs,
+                        "this network has no pretrained backbone to freeze" if backbone is None else
+                        "no pretrained weights were loaded (model.net.weights)")
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        epochs = self.epochs if self.epochs is not None else int(pl_module.hparams.get("freeze_backbone_epochs", 0))
+        epochs = self._epochs(pl_module)
         backbone = backbone_of(pl_module.net)
         if epochs <= 0 or backbone is None or not pl_module.pretrained:
             return
