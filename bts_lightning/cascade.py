@@ -18,7 +18,6 @@ in its scan, with its own threshold calibrated on the same empty slices, which `
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -50,7 +49,14 @@ from bts_lightning.errors import ConfigError
 from bts_lightning.evaluate import load_split
 from bts_lightning.inference import CHECKPOINT_SUFFIXES, ModelContract, ModulePredictor
 from bts_lightning.models.cascade import Cascade
-from bts_lightning.runtime import atomic_path, flag_setting, hydra_app, number_setting, write_json_atomic
+from bts_lightning.runtime import (
+    atomic_path,
+    file_sha256,
+    flag_setting,
+    hydra_app,
+    number_setting,
+    write_json_atomic,
+)
 from bts_lightning.scan_context import (
     Position,
     ScanContext,
@@ -92,21 +98,12 @@ def _presence_paths(cfg: DictConfig) -> list[Path]:
     paths = [_checkpoint_path({"presence": item}, "presence") for item in value]
     seen: dict[str, Path] = {}
     for path in paths:  # the same file however it is spelled, or a copy of it
-        first = seen.setdefault(_file_digest(path), path)
+        first = seen.setdefault(file_sha256(path), path)
         if first is not path:
             same = "the same file" if first.resolve() == path.resolve() else "copies of one file"
             raise ConfigError(f"presence={[str(path) for path in paths]} lists a checkpoint twice ({first} and "
                               f"{path} are {same}); an ensemble averages different networks.")
     return paths
-
-
-def _file_digest(path: Path) -> str:
-    """The sha256 of the file at ``path``."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_compatible(segmentation: Path, presence: Path) -> None:

@@ -32,7 +32,7 @@ from bts_lightning.checkpoint import CheckpointError
 from bts_lightning.decision import SliceDecision
 from bts_lightning.errors import BtsError, ConfigError, first_line, format_names
 from bts_lightning.inference import ModelContract, ModulePredictor, load_predictor, resolve_device
-from bts_lightning.runtime import make_directory, write_bytes_atomic, write_json_atomic
+from bts_lightning.runtime import file_sha256, make_directory, write_bytes_atomic, write_json_atomic
 from bts_lightning.segmentation_module import SegmentationModule
 
 log = logging.getLogger(__name__)
@@ -259,14 +259,6 @@ def _required(directory: Path, name: str) -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_config(directory: str | Path) -> dict[str, Any]:
     """The checked ``config.json`` of model folder ``directory``; ``CheckpointError`` naming the file otherwise."""
     path = _required(Path(directory), CONFIG_NAME)
@@ -294,7 +286,7 @@ def from_pretrained(directory: str | Path, device: str | torch.device | None = "
     hparams = copy.deepcopy(config["module"])
     hparams["net"] = config["net"]
     expected = config.get(WEIGHTS_HASH_KEY)  # absent in folders written before it was recorded
-    if expected is not None and _sha256(weights) != expected:
+    if expected is not None and file_sha256(weights) != expected:
         raise CheckpointError(f"{weights} is not the file {directory / CONFIG_NAME} was written with ({WEIGHTS_HASH_KEY} "
                               "differs): an export into this folder was interrupted, or a file was replaced. Export "
                               "the model into it again.")

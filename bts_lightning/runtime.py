@@ -6,6 +6,7 @@ import difflib
 import errno
 import functools
 import glob
+import hashlib
 import importlib.resources
 import json
 import logging
@@ -433,6 +434,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
     with suppress(OSError):  # make the rename itself durable; some filesystems cannot sync folders
         _fsync(path.parent)
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 hex digest of the file at ``path``, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
