@@ -80,7 +80,7 @@ def check_scheduler(cfg: DictConfig) -> None:
     node = (cfg.get("scheduler") or {}).get("scheduler")
     if not node:
         return
-    options = ", ".join(f"{key}={value}" for key, value in node.items() if key != "_target_")
+    options = ", ".join(f"{key}={value}" for key, value in node.items() if not str(key).startswith("_"))
     if "_target_" not in node:
         log.warning("scheduler.scheduler (%s) names no class (_target_): no learning-rate scheduler. Its options come "
                     "from an experiment or override, on a scheduler that scheduler=none removed.", options)
@@ -329,9 +329,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_batches(cfg.trainer)
     seed = check_seed(cfg)
     check_callback_settings(cfg.get("callbacks"))
-    check_scheduler(cfg)
     check_sweep_objective(cfg.get("callbacks"))
     monitor, mode = check_monitor(cfg.get("monitor"))
+    check_scheduler(cfg)  # after the monitor, whose mode the plateau scheduler takes
     test = flag_setting(cfg, "test", False)
     if cfg.get("cross_data") is not None:
         log.info("Cross-dataset channels: %s", check_cross_data(cfg, int(cfg.model.net.get("in_channels", 1))))
