@@ -156,8 +156,8 @@ def run_metrics(ckpt_path: Path) -> dict[str, Any] | None:
         return None
     checkpoint = ckpt_path.resolve()  # a link to RUN/checkpoints/best.ckpt is best.ckpt
     scored = checkpoint.parent / Path(str(metrics.get("best_checkpoint") or "final.ckpt")).name  # final: no callback
-    if scored.name != checkpoint.name and (_saved_at_step(scored) is None
-                                           or _saved_at_step(scored) != _saved_at_step(checkpoint)):
+    scored_step = _saved_at_step(scored) if scored.name != checkpoint.name else None
+    if scored.name != checkpoint.name and (scored_step is None or scored_step != _saved_at_step(checkpoint)):
         log.info("The model card shows no run metrics: %s holds other weights than %s, which %s scores.", ckpt_path,
                  scored.name, path)
         return None

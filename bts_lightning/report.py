@@ -19,7 +19,6 @@ cross-dataset evaluation side by side, with tumor-slice Dice, false-alarm rate a
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 import re
@@ -36,7 +35,15 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
 from bts_lightning.errors import BtsError, ConfigError, format_names
-from bts_lightning.runtime import as_path, atomic_path, hydra_app, make_directory, path_setting, write_bytes_atomic
+from bts_lightning.runtime import (
+    as_path,
+    atomic_path,
+    file_sha256,
+    hydra_app,
+    make_directory,
+    path_setting,
+    write_bytes_atomic,
+)
 from bts_lightning.visualize import BarSeries, score_bar_chart
 
 USAGE = "python -m bts_lightning.report dirs=RUNS_DIR [out=DIR]; several folders: dirs='[DIR,DIR]'"
@@ -349,7 +356,11 @@ def _copy_key(run: Run, metrics_path: Path) -> str:
     """What a copy of ``run``'s folder shares with it: its ``best_checkpoint``, else (no checkpoint callback) the
     bytes of its ``metrics.json`` (two trainings never write the same: ``train_time_s``, histories)."""
     best = run.metrics.get("best_checkpoint")
-    return f"checkpoint:{best}" if best else f"metrics:{hashlib.sha256(metrics_path.read_bytes()).hexdigest()}"
+    return f"checkpoint:{best}" if best else f"metrics:{file_sha256(metrics_path)}"
+
+
+# A run's .hydra/config.yaml line naming the train app (evaluate, calibrate, ... runs have their own).
+_TRAIN_TASK = re.compile(r"^task_name: train$", re.MULTILINE)
 
 
 def unfinished_runs(directories: Sequence[str | Path]) -> list[Path]:
@@ -364,9 +375,6 @@ def unfinished_runs(directories: Sequence[str | Path]) -> list[Path]:
                         and _TRAIN_TASK.search(config.read_text()):
                     found.add(run)
     return sorted(found)
-
-
-_TRAIN_TASK = re.compile(r"^task_name: train$", re.MULTILINE)
 
 
 def _warn(message: str) -> None:
