@@ -385,6 +385,24 @@ def test_validating_every_second_epoch_steps_the_plateau_scheduler_on_those_epoc
     assert [row["epoch"] for row in saved["val_history"]] == [1] and saved["best_epoch"] == 1
 
 
+def test_last_ckpt_holds_the_epochs_after_the_last_validation(tmp_path):
+    """With ``check_val_every_n_epoch=2`` and 3 epochs, the third epoch trains after the last validation: last.ckpt
+    must hold it (Lightning saves after validations only by default), so the fit's end can be finished from it."""
+    overrides = [*SMALL_SYNTHETIC, f"paths.data_dir={tmp_path / 'data'}", "trainer=cpu", "debug=limit",
+                 "trainer.max_epochs=3", "trainer.check_val_every_n_epoch=2", "data.num_workers=0", "test=false"]
+    finished = train(compose_train(overrides, tmp_path / "run"))
+    checkpoints = tmp_path / "run" / "checkpoints"
+    last = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
+    marker = json.loads((checkpoints / "fit_finished.json").read_text())
+    assert last["epoch"] == 2 and last["global_step"] == marker["global_step"] and marker["epochs"] == 3
+    before = (checkpoints / "last.ckpt").read_bytes()
+    (tmp_path / "run" / "metrics.json").unlink()  # killed after fitting
+    again = train(compose_train([*overrides, "ckpt_path=last"], tmp_path / "run"))  # finishes without training
+    assert (checkpoints / "last.ckpt").read_bytes() == before
+    assert {key: value for key, value in again.items() if key != "train_time_s"} == \
+        {key: value for key, value in finished.items() if key != "train_time_s"}
+
+
 def test_several_validations_an_epoch_report_the_one_that_chose_best_ckpt(tmp_path):
     """With ``trainer.val_check_interval=0.5`` ModelCheckpoint compares every validation, so the history keeps each."""
     cfg = compose_train([*SMALL_SYNTHETIC, f"paths.data_dir={tmp_path / 'data'}", "trainer=cpu", "trainer.max_epochs=2",
