@@ -414,33 +414,38 @@ def export(cfg: DictConfig) -> dict[str, Any]:
                   else contract.image_size or DEFAULT_IMAGE_SIZE)
     contract = exported_contract(module, image_size, contract)
     onnx = {"opset": int(number_setting(cfg, "opset", 17, whole=True)), "onnx_exporter": str(cfg.get("onnx_exporter", "legacy"))}
+    checks: dict[str, Any] = {}
+
+    def verified(exported: Path, staged: bool = True) -> None:
+        """Check the model file ``exported`` (``staged``: not yet in its place) against PyTorch; BtsError when it
+        disagrees."""
+        check = agreement(module, load_predictor(exported, device="cpu"), image_size)
+        checks["max_abs_difference"] = check.difference
+        checks["max_abs_error_vs_float64"] = {"exported": check.exported_error, "pytorch": check.float32_error}
+        if not check.holds:
+            raise BtsError(
+                f"Exported model {output} disagrees with PyTorch (max probability error {check.exported_error:.3g} "
+                f"against PyTorch in float64 > {check.tolerance:.3g}; PyTorch's own in float32: "
+                f"{check.float32_error:.3g}){f'; {output} was not replaced' if staged else ''}; try "
+                "onnx_exporter=dynamo or format=torchscript."
+            )
+
     if format == HUB_FORMAT:
         save_pretrained(module, output, contract, run_metrics(Path(str(cfg.ckpt_path))))
     elif format == SPACE_FORMAT:
         from bts_lightning.space import write_space  # space builds on export_model
 
-        write_space(module, output, contract, image_size, run_metrics(Path(str(cfg.ckpt_path))), **onnx)
+        write_space(module, output, contract, image_size, run_metrics(Path(str(cfg.ckpt_path))),
+                    check=verified if verify else None, **onnx)
     # A model file is checked before it takes the place of ``output``, so a failed check leaves the previous file.
     staging = output.with_name(f".{output.stem}.unverified{output.suffix}") if verify and format in FORMATS else None
     try:
         if format not in FOLDER_FORMATS:
             export_model(module, staging or output, format, image_size, contract=contract, name=output.name, **onnx)
+            if staging is not None:
+                verified(staging)
         if format != HUB_FORMAT:  # the file's own contract
             contract = with_parts(contract, module)
-        summary: dict[str, Any] = {"output": str(output), "format": format, "model": contract.model,
-                                   "contract": contract.to_dict()}
-        if verify:
-            exported = output / "model.onnx" if format == SPACE_FORMAT else staging or output
-            check = agreement(module, load_predictor(exported, device="cpu"), image_size)
-            summary["max_abs_difference"] = check.difference
-            summary["max_abs_error_vs_float64"] = {"exported": check.exported_error, "pytorch": check.float32_error}
-            if not check.holds:
-                kept = f"; {output} was not replaced" if staging else ""
-                raise BtsError(
-                    f"Exported model {output} disagrees with PyTorch (max probability error {check.exported_error:.3g} "
-                    f"against PyTorch in float64 > {check.tolerance:.3g}; PyTorch's own in float32: "
-                    f"{check.float32_error:.3g}){kept}; try onnx_exporter=dynamo or format=torchscript."
-                )
         if staging is not None:
             try:
                 os.replace(staging, output)
@@ -450,6 +455,10 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         if staging is not None:
             with suppress(OSError):  # e.g. its folder could not be made: the error that says so stands
                 staging.unlink(missing_ok=True)
+    if verify and format == HUB_FORMAT:  # written whole by save_pretrained; checked as it loads
+        verified(output, staged=False)
+    summary: dict[str, Any] = {"output": str(output), "format": format, "model": contract.model,
+                               "contract": contract.to_dict(), **checks}
     size_mb = sum(path.stat().st_size for path in (output.rglob("*") if output.is_dir() else [output])) / 2**20
     log.info(
         "Exported %s (%s) from %s to %s (%.1f MiB)%s", summary["model"], format, cfg.ckpt_path, output, size_mb,

@@ -11,7 +11,8 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.resources
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from bts_lightning.errors import ConfigError
 from bts_lightning.export import export_model
 from bts_lightning.hub import check_upload_folder, hub_config, model_card
 from bts_lightning.inference import ModelContract
-from bts_lightning.runtime import make_directory, write_bytes_atomic
+from bts_lightning.runtime import atomic_path, make_directory
 
 # What write_space puts in its folder; anything else there would be uploaded with it.
 BUNDLE_FILES = ("app.py", "requirements.txt", "README.md", "model.onnx", "examples")
@@ -38,23 +39,32 @@ def gradio_version() -> str:
 
 
 def write_space(module: nn.Module, output: str | Path, contract: ModelContract, image_size: int,
-                metrics: Mapping[str, Any] | None = None, **onnx: Any) -> Path:
+                metrics: Mapping[str, Any] | None = None, check: Callable[[Path], None] | None = None,
+                **onnx: Any) -> Path:
     """Write the Space bundle of ``module`` (trained under ``contract``) into folder ``output``; returns it.
 
-    ``onnx``: ``opset`` and ``onnx_exporter`` for :func:`~bts_lightning.export.export_model`.
+    ``check``: called with the staged ``model.onnx`` before any file takes its place; what it raises leaves the folder
+    as it was. ``onnx``: ``opset`` and ``onnx_exporter`` for :func:`~bts_lightning.export.export_model`.
     """
     version = gradio_version()
     check_upload_folder(output, BUNDLE_FILES, "Space")
     output = make_directory(output, "output")
-    export_model(module, output / "model.onnx", "onnx", image_size, contract=contract, **onnx)
     app = importlib.resources.files("bts_lightning").joinpath("space_app.py").read_bytes()
-    write_bytes_atomic(output / "app.py", app)
-    write_bytes_atomic(output / "requirements.txt", "\n".join([*REQUIREMENTS, f"gradio=={version}", ""]).encode())
     front = ("title: Brain tumor segmentation", "sdk: gradio", f"sdk_version: {version}", "app_file: app.py",
              "pinned: false", "tags:", "- image-segmentation", "- medical-imaging")
     card = model_card(hub_config(module, contract), metrics, front)
-    write_bytes_atomic(output / "README.md", card.replace("ckpt_path=THIS_FOLDER", "ckpt_path=model.onnx").encode())
     with tempfile.TemporaryDirectory() as scratch:
-        for path in example_slices(Path(scratch), 3, contract.channel_indices):
-            write_bytes_atomic(output / "examples" / path.name, path.read_bytes())
+        model = export_model(module, Path(scratch) / "model.onnx", "onnx", image_size, contract=contract, **onnx)
+        if check is not None:
+            check(model)
+        files = {"model.onnx": model.read_bytes(), "app.py": app,
+                 "requirements.txt": "\n".join([*REQUIREMENTS, f"gradio=={version}", ""]).encode(),
+                 "README.md": card.replace("ckpt_path=THIS_FOLDER", "ckpt_path=model.onnx").encode(),
+                 **{f"examples/{path.name}": path.read_bytes()
+                    for path in example_slices(Path(scratch), 3, contract.channel_indices)}}
+    # Every file is staged beside its place and all are renamed at the end, so a failed or killed export leaves the
+    # folder's previous bundle whole (never a new model under an old card); only a kill within the renames can split it.
+    with ExitStack() as staged:
+        for name, data in files.items():
+            staged.enter_context(atomic_path(output / name)).write_bytes(data)
     return output

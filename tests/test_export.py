@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning
@@ -17,7 +18,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from bts_lightning.checkpoint import load_module
-from bts_lightning.errors import BtsError, ConfigError
+from bts_lightning.errors import BtsError, ConfigError, OutputError
 from bts_lightning.export import export, export_model, probability_model, resolve_format
 from bts_lightning.inference import (
     ONNX_CONTRACT_KEY,
@@ -131,6 +132,50 @@ def test_an_export_that_fails_its_check_leaves_the_previous_file(tmp_path, monke
     with pytest.raises(BtsError, match=f"disagrees with PyTorch .*; {output} was not replaced"):
         export(cfg)
     assert output.read_bytes() == good and [p.name for p in output.parent.iterdir()] == [output.name]
+
+
+def test_a_space_export_that_fails_leaves_the_previous_bundle_whole(tmp_path, monkeypatch):
+    """Re-exporting another model into a Space folder replaces all its files or none: a failed check or a failure while
+    the files are written (a full disk) must not leave the new model under the old card, or half the examples."""
+    pytest.importorskip("gradio")
+    import bts_lightning.export as export_module
+    import bts_lightning.space as space_module
+
+    first = _write_checkpoint("unet", tmp_path)
+    bundle = tmp_path / "space"
+    export(_compose_export([f"ckpt_path={first}", "format=space", f"output={bundle}", f"image_size={SIZE}"],
+                           tmp_path / "run"))
+    before = {path.relative_to(bundle): path.read_bytes() for path in sorted(bundle.rglob("*")) if path.is_file()}
+    assert {"model.onnx", "README.md", "app.py"} <= {path.as_posix() for path in before}
+    second = tmp_path / "other.ckpt"  # other weights: a partly replaced model.onnx would show
+    checkpoint = torch.load(first, map_location="cpu", weights_only=False)
+    checkpoint["state_dict"] = {key: value + 0.01 if value.is_floating_point() else value
+                                for key, value in checkpoint["state_dict"].items()}
+    torch.save(checkpoint, second)
+    cfg = _compose_export([f"ckpt_path={second}", "format=space", f"output={bundle}", f"image_size={SIZE}"],
+                          tmp_path / "run")
+    with monkeypatch.context() as patched:
+        patched.setattr(export_module, "agreement", lambda *args, **kwargs: export_module.Agreement(0.5, 0.5, 0.0))
+        with pytest.raises(BtsError, match=f"disagrees with PyTorch .*; {bundle} was not replaced"):
+            export(cfg)
+    assert {path.relative_to(bundle): path.read_bytes() for path in sorted(bundle.rglob("*")) if path.is_file()} == before
+
+    real_atomic_path = space_module.atomic_path
+
+    @contextmanager
+    def full_disk_at_the_examples(path):
+        with real_atomic_path(path) as temporary:
+            yield temporary
+            if path.parent.name == "examples":  # the last files the bundle writes
+                raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(space_module, "atomic_path", full_disk_at_the_examples)
+        with pytest.raises(OutputError, match=r"Could not write .*examples.*: No space left on device"):
+            export(cfg)
+    assert {path.relative_to(bundle): path.read_bytes() for path in sorted(bundle.rglob("*")) if path.is_file()} == before
+    export(cfg)
+    assert (bundle / "model.onnx").read_bytes() != before[Path("model.onnx")]
 
 
 def test_an_output_that_is_a_folder_is_one_error_naming_it(tmp_path):
