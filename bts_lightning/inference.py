@@ -619,11 +619,13 @@ class InferenceOptions:
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> InferenceOptions:
         """From an app config with ``threshold``, ``tta`` and ``postprocess.{largest_component,min_size}``
-        (no decision: see :func:`with_model_decision`); also checks its ``slice_decision`` setting."""
+        (``null`` threshold / tta: 0.5 / false here, the calibrated ones under a decision: see
+        :func:`with_model_decision`); also checks its ``slice_decision`` setting."""
         decision_setting(cfg)
         post = cfg.get("postprocess") or {}
+        threshold = cfg.get("threshold")
         return cls(
-            threshold=float(as_number("threshold", cfg.get("threshold", 0.5))),
+            threshold=0.5 if threshold is None else float(as_number("threshold", threshold)),
             tta=as_flag("tta", cfg.get("tta"), False),
             largest_component=as_flag("postprocess.largest_component", post.get("largest_component"), False),
             min_size=int(as_number("postprocess.min_size", post.get("min_size", 0), whole=True)),
@@ -673,9 +675,9 @@ def decision_setting(cfg: Mapping[str, Any]) -> str:
 def with_model_decision(options: InferenceOptions, cfg: Mapping[str, Any], contract: ModelContract) -> InferenceOptions:
     """``options`` with the model's slice decision when ``cfg.slice_decision`` is ``auto`` and ``contract`` has one.
 
-    Logs the decision applied; warns when a component rule was calibrated at another pixel threshold
-    than ``options.threshold``, or the decision with another ``tta`` than ``options.tta`` (decisions stored before
-    it was recorded: not checked).
+    ``threshold`` and ``tta`` left ``null`` in ``cfg`` become those the decision was calibrated with (its pixel
+    threshold; its ``tta``, when recorded), so its false-alarm rate holds. Logs the decision applied; warns when it is
+    applied at another ``threshold`` (rule ``component_fraction``) or ``tta`` than it was calibrated with.
     """
     decision = contract.slice_decision if decision_setting(cfg) == "auto" else None
     if decision is None:
@@ -683,12 +685,19 @@ def with_model_decision(options: InferenceOptions, cfg: Mapping[str, Any], contr
             log.info("Slice decision off (slice_decision=off): every slice keeps its mask.")
         return options
     log.info("Slice decision: tumor present iff %s", decision.describe())
+    calibrated_tta = decision.calibration.get("tta")
+    calibrated = {"threshold": decision.pixel_threshold,
+                  "tta": calibrated_tta if isinstance(calibrated_tta, bool) else None}
+    followed = {key: value for key, value in calibrated.items() if value is not None and cfg.get(key) is None}
+    if followed:
+        options = replace(options, **followed)
+        log.info("%s as the slice decision was calibrated (set them to choose others).",
+                 " and ".join(f"{key}={str(value).lower()}" for key, value in followed.items()))
     if decision.rule == "component_fraction" and decision.pixel_threshold != options.threshold:
         log.warning("The slice decision was calibrated at threshold=%g but threshold=%g: its false-alarm rate no "
                     "longer holds; pass threshold=%g, recalibrate, or slice_decision=off.",
                     decision.pixel_threshold, options.threshold, decision.pixel_threshold)
-    calibrated_tta = decision.calibration.get("tta")
-    if isinstance(calibrated_tta, bool) and calibrated_tta != options.tta:
+    if calibrated["tta"] is not None and calibrated["tta"] != options.tta:
         log.warning("The slice decision was calibrated with tta=%s but tta=%s: its false-alarm rate no longer holds; "
                     "pass tta=%s, recalibrate, or slice_decision=off.", str(calibrated_tta).lower(),
                     str(options.tta).lower(), str(calibrated_tta).lower())

@@ -256,18 +256,28 @@ def test_contract_carries_the_decision_and_options_take_it(caplog):
     assert with_model_decision(options, {"slice_decision": "off"}, contract).decision is None
     assert with_model_decision(options, {}, ModelContract()).decision is None
     with caplog.at_level(logging.WARNING):
-        with_model_decision(InferenceOptions(threshold=0.3), {}, contract)
+        with_model_decision(InferenceOptions(threshold=0.3), {"threshold": 0.3}, contract)
     assert "calibrated at threshold=0.5 but threshold=0.3" in caplog.text
-    flipped = ModelContract(image_size=64, decision={**decision().to_dict(), "calibration": {"tta": True}})
+    flipped = ModelContract(image_size=64, decision={**decision().to_dict(), "pixel_threshold": 0.3,
+                                                     "calibration": {"tta": True}})
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        with_model_decision(InferenceOptions(tta=True), {}, flipped)
-        with_model_decision(InferenceOptions(), {}, contract)  # stored before tta was recorded: not checked
+        with_model_decision(InferenceOptions(threshold=0.3, tta=True), {"threshold": 0.3, "tta": True}, flipped)
+        with_model_decision(InferenceOptions(), {"tta": False}, contract)  # stored before tta was recorded: not checked
     assert not caplog.text
     with caplog.at_level(logging.WARNING):
-        with_model_decision(InferenceOptions(), {}, flipped)
+        with_model_decision(InferenceOptions(threshold=0.3), {"threshold": 0.3, "tta": False}, flipped)
     assert ("calibrated with tta=true but tta=false: its false-alarm rate no longer holds; pass tta=true"
             in caplog.text)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):  # left unset (null), both follow the decision, which then holds
+        followed = with_model_decision(InferenceOptions.from_config({"threshold": None, "tta": None}), {}, flipped)
+    assert (followed.threshold, followed.tta) == (0.3, True) and "WARNING" not in caplog.text
+    assert "threshold=0.3 and tta=true as the slice decision was calibrated" in caplog.text
+    assert (with_model_decision(InferenceOptions(), {"threshold": None}, contract).threshold,  # tta not recorded
+            with_model_decision(InferenceOptions(), {"threshold": None}, contract).tta) == (0.5, False)
+    unset = InferenceOptions.from_config({"threshold": None, "tta": None})  # no decision: 0.5 and no flips
+    assert (with_model_decision(unset, {}, ModelContract()).threshold, unset.tta) == (0.5, False)
     with pytest.raises(ConfigError, match="slice_decision=maybe"):
         InferenceOptions.from_config({"slice_decision": "maybe"})
 
@@ -449,6 +459,27 @@ def test_every_exported_form_carries_and_applies_the_decision(tiny_checkpoint, t
         assert load_predictor(save_pretrained(module, tmp_path / f"{name}_copy"), "cpu").contract.decision == stored
         export_model(module, tmp_path / f"{name}.onnx", "onnx", 64)
         assert load_predictor(tmp_path / f"{name}.onnx", "cpu").contract.decision == stored
+
+
+def test_apps_left_at_their_defaults_apply_the_decision_as_it_was_calibrated(calibration_setup, tmp_path):
+    """``threshold`` and ``tta`` are null by default: under a decision calibrated at pixel threshold 0.3 with flip TTA,
+    predict and evaluate use those (the calibrated false-alarm rate holds), not 0.5 without flips."""
+    ckpt, data = calibration_setup
+    write_decision(ckpt, SliceDecision("component_fraction", 0.0, 0.3, 0.05, {"split": "val", "tta": True}).to_dict())
+    image = min((Path(data[0].split("=", 1)[1]) / "images").iterdir())
+
+    def predicted(*options: str) -> np.ndarray:
+        out = tmp_path / "_".join(["p", *options]).replace("=", "")
+        summary = predict(compose_app("predict", [f"ckpt_path={ckpt}", f"input={image}", f"output={out}", *options],
+                                      tmp_path / "run"))
+        return cv2.imread(summary["written"][0], cv2.IMREAD_UNCHANGED)
+
+    calibrated = predicted("threshold=0.3", "tta=true")
+    assert np.array_equal(predicted(), calibrated)
+    assert not np.array_equal(predicted("threshold=0.5", "tta=false"), calibrated)  # what the defaults were
+    overrides = [f"ckpt_path={ckpt}", *data, "split=val", "worst_k=0"]
+    metrics = evaluate(compose_app("evaluate", overrides, tmp_path / "evaluate"), overrides)
+    assert (metrics["inference"]["threshold"], metrics["inference"]["tta"]) == (0.3, True)
 
 
 def test_demo_says_no_tumor_detected_with_the_score(tmp_path):

@@ -298,7 +298,7 @@ def test_a_misspelled_setting_is_one_error_with_the_likely_key(tmp_path, app, se
 
 @pytest.mark.parametrize(("app", "setting", "message"), [
     ("predict", "threshold=abc", 'threshold="abc" is not a number'),
-    ("predict", "threshold=null", "threshold=null is not a number"),
+    ("calibrate", "threshold=null", "threshold=null is not a number"),  # predict's: the decision's, else 0.5
     ("predict", "postprocess.min_size=2.5", "postprocess.min_size=2.5 is not a whole number"),
     ("predict", "batch_size=0", "batch_size=0 must be >= 1"),
     ("predict", "image_size=abc", 'image_size="abc" is not a whole number'),
