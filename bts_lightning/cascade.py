@@ -179,7 +179,7 @@ def calibrate_context(scores: list[float], tumor: list[bool], positions: list[Po
     neighbour through (``target_on`` as in :func:`~bts_lightning.decision.calibrate`; slices without one are judged
     alone, against ``slice_threshold``), and its record for ``cascade.json``: the thresholds, and the false-alarm
     rate and sensitivity it reaches on the split."""
-    means = context_means(scores, positions, context)
+    means = context_means(scores, positions, context, fix="pass context=0")
     empty = [mean for mean, has_tumor in zip(means, tumor) if mean is not None and not has_tumor]
     if not empty:
         raise ConfigError(f"No empty slice of the {split} split has a neighbouring slice in its scan, so the scan "

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bts_lightning.data.neighbours import SCAN_LAYOUTS, Position
+from bts_lightning.data.neighbours import SCAN_LAYOUTS, Position, position_index
 from bts_lightning.errors import ConfigError
 from bts_lightning.inference import (
     InferenceOptions,
@@ -42,10 +42,14 @@ from bts_lightning.preprocessing import blank, standardize
 
 log = logging.getLogger(__name__)
 
-def context_means(values: Sequence[float], positions: Sequence[Position], context: int) -> list[float | None]:
+def context_means(values: Sequence[float], positions: Sequence[Position], context: int,
+                  fix: str = "pass scan_context=off (each slice judged alone)") -> list[float | None]:
     """Each value averaged with those of the slices numbered up to ``context`` below and above it in the same scan
-    (the ones among ``positions``); ``None`` for a slice with none of them (judged alone)."""
-    at = {position: float(value) for position, value in zip(positions, values) if position is not None}
+    (the ones among ``positions``); ``None`` for a slice with none of them (judged alone). Raises
+    :class:`~bts_lightning.errors.DataError` ending with ``fix`` when two slices claim one position (two scans in one
+    folder, whose slices would be averaged together)."""
+    at = {position: float(values[index])
+          for position, index in position_index(positions, "a cascade's scan context", fix).items()}
     means: list[float | None] = []
     for position, value in zip(positions, values):
         if position is None:

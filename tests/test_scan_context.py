@@ -18,7 +18,7 @@ from bts_lightning.checkpoint import load_module
 from bts_lightning.data.io import read_channels
 from bts_lightning.data.neighbours import slice_position
 from bts_lightning.decision import false_alarm_bound
-from bts_lightning.errors import ConfigError
+from bts_lightning.errors import ConfigError, DataError
 from bts_lightning.evaluate import evaluate
 from bts_lightning.export import export, export_model
 from bts_lightning.hub import save_pretrained
@@ -68,6 +68,8 @@ def test_each_presence_is_averaged_with_the_neighbours_present_in_its_own_scan()
     assert context_means(values, positions, 1) == pytest.approx([0.6, 0.6, 0.45, None, None, None], nan_ok=False)
     two = context_means(values, positions, 2)
     assert two[:4] == pytest.approx([0.6, 0.6, (0.9 + 0.3 + 0.6 + 0.2) / 4, 0.4]) and two[4:] == [None, None]
+    with pytest.raises(DataError, match=r"a: slice 2\); a cascade's scan context needs .*, or pass context=0"):
+        context_means([0.9, 0.1, 0.1], [("a", 1), ("a", 2), ("a", 2)], 1, fix="pass context=0")  # two scans in "a"
 
 
 def test_slices_with_neighbours_use_the_context_threshold_and_lone_slices_the_slice_threshold():
@@ -270,6 +272,15 @@ def test_predict_takes_the_folder_as_one_scan_and_a_lone_file_alone(scan_runs, t
     assert lone["slices"][0]["score"] == pytest.approx(scores[0])
     joined = load_predictor(scan_runs["cascade"], "cpu")  # the network's own slice-alone gate
     assert lone["slices"][0]["tumor_present"] == bool((predict_probabilities(joined, images[:1]) > 0.5).any())
+
+    two_scans = tmp_path / "two_scans"  # another scan's slices with the same numbers in the folder: not one scan
+    shutil.copytree(scan, two_scans)
+    for path in files[:2]:
+        shutil.copy(path, two_scans / f"other_{path.stem.rsplit('_', 1)[1]}.png")
+    with pytest.raises(DataError, match=r"2 slice number\(s\) occur more than once in one folder .*a cascade's scan "
+                                        r"context needs .*, or pass scan_context=off"):
+        predict(compose_app("predict", [f"ckpt_path={scan_runs['cascade']}", f"input={two_scans}",
+                                        f"output={tmp_path / 'two_out'}"], tmp_path))
 
     folder = save_pretrained(scan_runs["cascade"], tmp_path / "hub")  # a hub folder keeps the scan context
     assert "Scan context:" in (folder / "README.md").read_text()

@@ -46,14 +46,10 @@ def window_size(neighbours: int) -> int:
     return 2 * neighbours + 1
 
 
-def neighbour_windows(positions: Sequence[Position], neighbours: int,
-                      fix: str = "set data.neighbours=0") -> list[tuple[int, ...]]:
-    """For every slice, the indices (into ``positions``) of slices ``n - K .. n + K`` of its scan, in that order.
-
-    A missing slice is replaced by the nearest one towards ``n`` that is present; a slice without a position has
-    only itself. Raises :class:`DataError` when two slices claim the same position (one folder holding two scans),
-    ending with ``fix``.
-    """
+def position_index(positions: Sequence[Position], needs: str, fix: str) -> dict[tuple[str, int], int]:
+    """The index (into ``positions``) of every slice position. Raises :class:`DataError` when two slices claim one
+    position (one folder holding two scans whose numbers overlap): saying that ``needs`` (what reads the scan order)
+    needs distinct numbers per folder, and ending with ``fix``."""
     at: dict[tuple[str, int], int] = {}
     clashes: dict[tuple[str, int], list[int]] = defaultdict(list)
     for index, position in enumerate(positions):
@@ -66,8 +62,20 @@ def neighbour_windows(positions: Sequence[Position], neighbours: int,
     if clashes:
         names = [f"{scan}: slice {number}" for scan, number in sorted(clashes)]
         raise DataError(f"{len(clashes)} slice number(s) occur more than once in one folder ({format_names(names)}); "
-                        "a model with scan neighbours needs each folder to be one scan whose file names end with "
-                        f"distinct slice numbers. Put each scan in its own folder, or {fix}.")
+                        f"{needs} needs each folder to be one scan whose file names end with distinct slice numbers. "
+                        f"Put each scan in its own folder, or {fix}.")
+    return at
+
+
+def neighbour_windows(positions: Sequence[Position], neighbours: int,
+                      fix: str = "set data.neighbours=0") -> list[tuple[int, ...]]:
+    """For every slice, the indices (into ``positions``) of slices ``n - K .. n + K`` of its scan, in that order.
+
+    A missing slice is replaced by the nearest one towards ``n`` that is present; a slice without a position has
+    only itself. Raises :class:`DataError` when two slices claim the same position (one folder holding two scans),
+    ending with ``fix``.
+    """
+    at = position_index(positions, "a model with scan neighbours", fix)
     windows = []
     for index, position in enumerate(positions):
         if position is None:
