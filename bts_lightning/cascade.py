@@ -18,6 +18,7 @@ in its scan, with its own threshold calibrated on the same empty slices, which `
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -51,7 +52,6 @@ from bts_lightning.inference import CHECKPOINT_SUFFIXES, ModelContract, ModulePr
 from bts_lightning.models.cascade import Cascade
 from bts_lightning.runtime import (
     atomic_path,
-    file_sha256,
     flag_setting,
     hydra_app,
     number_setting,
@@ -97,13 +97,34 @@ def _presence_paths(cfg: DictConfig) -> list[Path]:
                           "several (presence=[RUN_B/checkpoints/best.ckpt,RUN_C/checkpoints/best.ckpt]).")
     paths = [_checkpoint_path({"presence": item}, "presence") for item in value]
     seen: dict[str, Path] = {}
-    for path in paths:  # the same file however it is spelled, or a copy of it
-        first = seen.setdefault(file_sha256(path), path)
+    for path in paths:  # the same file however it is spelled, or a copy of its network (calibrated or not)
+        first = seen.setdefault(weights_sha256(path), path)
         if first is not path:
-            same = "the same file" if first.resolve() == path.resolve() else "copies of one file"
+            same = "the same file" if first.resolve() == path.resolve() else "copies of one network"
             raise ConfigError(f"presence={[str(path) for path in paths]} lists a checkpoint twice ({first} and "
                               f"{path} are {same}); an ensemble averages different networks.")
     return paths
+
+
+def weights_sha256(path: Path) -> str:
+    """The sha256 of checkpoint ``path``'s network weights (names and bytes), whatever else its file holds (a
+    calibrated copy keeps the weights of the file it was copied from)."""
+    digest = hashlib.sha256()
+    state = read_checkpoint(path)["state_dict"]
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{tensor.dtype}:{tuple(state[name].shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_output(output: Path, inputs: Sequence[Path]) -> None:
+    """``ConfigError`` when ``output`` is one of the ``inputs`` (it would replace that training checkpoint)."""
+    for path in inputs:
+        if output.resolve() == path.resolve() or (output.exists() and output.samefile(path)):  # links too
+            raise ConfigError(f"output={output} is one of the checkpoints it joins ({path}): writing the cascade there "
+                              "would replace it. Choose another file, e.g. output=cascade.ckpt, or leave output out "
+                              "(the run folder's checkpoints/cascade.ckpt).")
 
 
 def check_compatible(segmentation: Path, presence: Path) -> None:
@@ -226,6 +247,7 @@ def cascade(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[str
     for path in presence:
         check_compatible(segmentation, path)
     output = Path(str(cfg.get("output") or Path(cfg.paths.output_dir) / "checkpoints" / "cascade.ckpt"))
+    check_output(output, [segmentation, *presence])
 
     scoring_cfg = copy.deepcopy(cfg)
     with open_dict(scoring_cfg):

@@ -14,7 +14,8 @@ from hydra.utils import instantiate
 from torch import nn
 
 from bts_lightning.cascade import cascade
-from bts_lightning.checkpoint import DECISION_KEY, load_module
+from bts_lightning.checkpoint import DECISION_KEY, load_module, write_decision
+from bts_lightning.decision import SliceDecision
 from bts_lightning.errors import ConfigError
 from bts_lightning.evaluate import evaluate
 from bts_lightning.export import export_model
@@ -300,16 +301,27 @@ def test_a_cascade_with_a_presence_ensemble_calibrates_their_mean_and_travels(tw
 
     copied = tmp_path / "copy.ckpt"
     shutil.copy(members[0], copied)
+    calibrated = tmp_path / "calibrated.ckpt"  # a copy whose file differs: a decision stored in it
+    shutil.copy(members[0], calibrated)
+    write_decision(calibrated, SliceDecision("component_fraction", 0.01, 0.5, 0.05, {"split": "val"}).to_dict())
     respelled = Path(members[0]).parent / ".." / "checkpoints" / Path(members[0]).name
     for presence, message in ((f"[{members[0]},{members[0]}]", "lists a checkpoint twice"),
                               (f"[{members[0]},{respelled}]", r"lists a checkpoint twice \(.* are the same file\)"),
-                              (f"[{members[0]},{copied}]", r"lists a checkpoint twice \(.* are copies of one file\)"),
+                              (f"[{members[0]},{copied}]", r"lists a checkpoint twice \(.* are copies of one network\)"),
+                              (f"[{members[0]},{calibrated}]", r"lists a checkpoint twice \(.* are copies of one net"),
                               (f"[{members[0]},{two_runs['other_split']}]", "trained on different splits"),
                               ("[]", r"presence=\[\] lists no checkpoint")):
         bad = compose_app("cascade", [f"segmentation={two_runs['segmentation']}", f"presence={presence}"],
                           tmp_path / "bad")
         with pytest.raises(ConfigError, match=message):
             cascade(bad, [])
+    before = Path(members[1]).read_bytes()
+    for output in (members[1], respelled):  # would replace a training checkpoint it joins
+        bad = compose_app("cascade", [f"segmentation={two_runs['segmentation']}", f"presence=[{members[0]},{members[1]}]",
+                                      f"output={output}"], tmp_path / "bad")
+        with pytest.raises(ConfigError, match=r"output=.* is one of the checkpoints it joins"):
+            cascade(bad, [])
+    assert Path(members[1]).read_bytes() == before
 
 
 @pytest.mark.slow  # an app subprocess
