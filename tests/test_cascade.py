@@ -133,6 +133,14 @@ def _join(two_runs: dict[str, Path], out: Path, *extra: str) -> dict:
     return cascade(cfg, [])
 
 
+def _clear_of(threshold: float, scores) -> torch.Tensor:
+    """Slices whose presence probability is not within float32 rounding of ``threshold``: an exported file may judge
+    those otherwise than PyTorch (its gate is a step there), and calibration puts one val slice exactly at it."""
+    clear = torch.as_tensor(np.abs(np.asarray(scores, dtype=np.float64) - threshold) > 1e-4)
+    assert int((~clear).sum()) <= 1
+    return clear
+
+
 def test_the_cascade_app_joins_calibrates_and_writes_an_ordinary_checkpoint(two_runs, tmp_path):
     """The presence threshold is the calibrated one of the presence run's flip-averaged probabilities on the val
     split; the joined checkpoint's masks are the segmentation run's on the slices above it; evaluate and export take it."""
@@ -161,6 +169,11 @@ def test_the_cascade_app_joins_calibrates_and_writes_an_ordinary_checkpoint(two_
     segmentation = predict_probabilities(load_predictor(two_runs["segmentation"], "cpu"), images)
     keep = torch.as_tensor(scores > result["presence_threshold"])[:, None, None]
     assert torch.equal(predict_probabilities(joined, images) > 0.5, (segmentation > 0.5) & keep)
+    # A slice that passes keeps the segmentation's own probabilities (so its mask at any pixel threshold, or resized
+    # before thresholding as predict does, is the segmentation's); the others have none.
+    probabilities, kept = predict_probabilities(joined, images), keep[:, 0, 0]
+    assert kept.any() and (~kept).any()
+    assert torch.allclose(probabilities[kept], segmentation[kept], atol=1e-4) and not probabilities[~kept].any()
     # Flip TTA averages the segmentation only: the presence, decided on the slice as given, passes the same slices.
     segmentation_tta = predict_probabilities(load_predictor(two_runs["segmentation"], "cpu"), images, tta=True)
     assert torch.equal(predict_probabilities(joined, images, tta=True) > 0.5, (segmentation_tta > 0.5) & keep)
@@ -172,7 +185,9 @@ def test_the_cascade_app_joins_calibrates_and_writes_an_ordinary_checkpoint(two_
                                   "flips": True, "context": 0, "context_threshold": None}
     module = load_module(output)
     onnx = load_predictor(export_model(module, tmp_path / "cascade.onnx", image_size=SIZE), "cpu")
-    assert torch.allclose(predict_probabilities(onnx, images), predict_probabilities(joined, images), atol=1e-4)
+    clear = _clear_of(result["presence_threshold"], scores)
+    assert torch.allclose(predict_probabilities(onnx, images)[clear], predict_probabilities(joined, images)[clear],
+                          atol=1e-4)
     folder = load_predictor(save_pretrained(output, tmp_path / "hub"), "cpu")
     assert folder.contract.model == "cascade" and folder.contract.decision == joined.contract.decision
     assert torch.equal(predict_probabilities(folder, images), predict_probabilities(joined, images))
@@ -237,16 +252,20 @@ def test_an_exported_cascade_does_flip_tta_as_its_checkpoint(two_runs, tmp_path,
     with torch.no_grad():
         gates = torch.sigmoid(cascade_of(joined).gate_logit(standardize(images)))
         segmentation_expected = cascade_of(joined).segmentation_probability(standardize(images))
-    assert (gates > 0.5).any() and (gates <= 0.5).any()  # some slices pass the presence threshold, some do not
+        clear = _clear_of(cascade_of(joined).presence_threshold,
+                          cascade_of(joined).presence_probability(standardize(images)))
+    # a step: some slices pass the presence threshold (gate open), the others do not (shut)
+    assert ((gates == 0) | (gates == 1)).all() and (gates == 1).any() and (gates == 0).any()
     for name in ("cascade.onnx", "cascade.pt"):
         exported = load_predictor(export_model(load_module(output), tmp_path / name, image_size=SIZE), "cpu")
         assert exported.contract.cascade_parts
         segmentation, file_gates = exported.parts(images)
-        torch.testing.assert_close(file_gates, gates, atol=1e-5, rtol=0)
+        torch.testing.assert_close(file_gates[clear], gates[clear], atol=1e-5, rtol=0)
         torch.testing.assert_close(segmentation, segmentation_expected, atol=1e-4, rtol=0)
-        torch.testing.assert_close(predict_probabilities(exported, images, tta=True), expected, atol=1e-4, rtol=0)
-        torch.testing.assert_close(predict_probabilities(exported, images), predict_probabilities(joined, images),
-                                   atol=1e-4, rtol=0)
+        torch.testing.assert_close(predict_probabilities(exported, images, tta=True)[clear], expected[clear], atol=1e-4,
+                                   rtol=0)
+        torch.testing.assert_close(predict_probabilities(exported, images)[clear],
+                                   predict_probabilities(joined, images)[clear], atol=1e-4, rtol=0)
     # Not a cascade: no parts.
     plain = load_predictor(export_model(load_module(two_runs["segmentation"]), tmp_path / "plain.onnx",
                                         image_size=SIZE), "cpu")
@@ -267,7 +286,7 @@ def test_an_exported_cascade_does_flip_tta_as_its_checkpoint(two_runs, tmp_path,
     model = space_app.Model.load(tmp_path / "cascade.onnx")
     assert model.cascade_parts and not space_app.Model.load(tmp_path / "older.onnx").cascade_parts
     found = np.stack([space_app.probabilities(model, image, tta=True) for image in images.numpy()])
-    np.testing.assert_allclose(found, expected.numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(found[clear.numpy()], expected[clear].numpy(), atol=1e-4, rtol=0)
 
 
 def test_a_cascade_with_a_presence_ensemble_calibrates_their_mean_and_travels(two_runs, tmp_path):
@@ -295,7 +314,9 @@ def test_a_cascade_with_a_presence_ensemble_calibrates_their_mean_and_travels(tw
     keep = torch.as_tensor(scores > result["presence_threshold"])[:, None, None]
     assert torch.equal(predict_probabilities(joined, images) > 0.5, (segmentation > 0.5) & keep)
     onnx = load_predictor(export_model(load_module(output), tmp_path / "cascade.onnx", image_size=SIZE), "cpu")
-    assert torch.allclose(predict_probabilities(onnx, images), predict_probabilities(joined, images), atol=1e-4)
+    clear = _clear_of(result["presence_threshold"], scores)
+    assert torch.allclose(predict_probabilities(onnx, images)[clear], predict_probabilities(joined, images)[clear],
+                          atol=1e-4)
     folder = load_predictor(save_pretrained(output, tmp_path / "hub"), "cpu")
     assert torch.equal(predict_probabilities(folder, images), predict_probabilities(joined, images))
 

@@ -30,6 +30,10 @@ from bts_lightning.preprocessing import flip_mean
 
 # Probabilities are kept this far from 0 and 1 so that their logits stay finite.
 _EPSILON = 1e-6
+# The gate's logit: sigmoid(+GATE_LOGIT) is 1 and exp(-GATE_LOGIT) 0 in float32, so a slice's gate is open or shut.
+# (A gate sigmoid(logit P - logit threshold) near 0.5 capped the probabilities of a slice that just passed: its mask
+# shrank under bilinear resizing and vanished at a pixel threshold above 0.5.)
+GATE_LOGIT = 1e4
 
 
 def _fraction(value: float) -> float:
@@ -40,8 +44,8 @@ class Cascade(nn.Module):
     """``segmentation``'s 2-class logits and a presence map from ``presence``, as :func:`~bts_lightning.models.presence.gate` reads them.
 
     ``forward(x)`` returns ``{"out": (N, 3, H, W)}``: channels 0-1 are ``segmentation``'s logits; channel 2
-    is constant over the slice, ``logit(P) - logit(presence_threshold)`` with ``P`` from
-    :meth:`presence_probability`, so it is positive exactly when ``P > presence_threshold``. Both networks
+    is constant over the slice, :meth:`gate_logit`: ``+GATE_LOGIT`` exactly when ``P > presence_threshold`` (``P``
+    from :meth:`presence_probability`), else ``-GATE_LOGIT``. Both networks
     take the same input and return ``{"out": 2-class logits, ...}``. ``presence`` is one network or a sequence of
     them (an ensemble: their tumor probability maps are averaged; one network's weights keep the names of a single one).
     """
@@ -76,11 +80,13 @@ class Cascade(nn.Module):
         return probability.flatten(1).amax(dim=1)
 
     def gate_logit(self, x: torch.Tensor) -> torch.Tensor:
-        """(N,) ``logit(P) - logit(presence_threshold)``, ``P`` from :meth:`presence_probability`: positive exactly
-        when the slice passes the threshold."""
+        """(N,) ``+GATE_LOGIT`` where the slice passes the threshold (``P`` from :meth:`presence_probability` above
+        ``presence_threshold``), else ``-GATE_LOGIT``: a step, so the gated probability is the segmentation's own on a
+        slice that passes and 0 elsewhere, whatever the pixel threshold, resizing or flip averaging applied to it."""
         probability = self.presence_probability(x).clamp(_EPSILON, 1.0 - _EPSILON)
-        return torch.logit(probability) - math.log(_fraction(self.presence_threshold)
-                                                   / (1.0 - _fraction(self.presence_threshold)))
+        margin = torch.logit(probability) - math.log(_fraction(self.presence_threshold)
+                                                     / (1.0 - _fraction(self.presence_threshold)))
+        return torch.where(margin > 0, GATE_LOGIT, -GATE_LOGIT)
 
     def segmentation_probability(self, x: torch.Tensor) -> torch.Tensor:
         """(N, H, W) ``segmentation``'s tumor probability, not gated."""
