@@ -193,6 +193,20 @@ def resolve_resume(ckpt_path: str | Path | None, run_dir: str | Path, net: Mappi
     return Resume(path)
 
 
+def check_new_run_dir(run_dir: str | Path) -> None:
+    """``CheckpointError`` when ``run_dir`` holds a training run (its checkpoints or ``metrics.json``): a new run
+    there would replace that run's checkpoints, and until it wrote its own ``metrics.json`` the folder would show the
+    earlier run's scores under the new run's config."""
+    run_dir = Path(run_dir)
+    found = [name for name in ("checkpoints/best.ckpt", "checkpoints/last.ckpt", "metrics.json")
+             if (run_dir / name).is_file()]
+    if found:
+        raise CheckpointError(
+            f"hydra.run.dir={run_dir} holds a training run already ({', '.join(found)}), which a new run would "
+            "replace. Resume it with ckpt_path=last, or train into a new folder (without hydra.run.dir: a dated one)."
+        )
+
+
 # Lightning saves the data module's state (BrainTumorDataModule.state_dict: {"split": split record}) under its class name.
 DATAMODULE_STATE_KEY = "BrainTumorDataModule"
 

@@ -24,7 +24,13 @@ from bts_lightning.calibrate import (
     warn_if_chance,
 )
 from bts_lightning.callbacks import MetricHistory, TrainingTime, ValidationImages
-from bts_lightning.checkpoint import FIT_FINISHED_NAME, check_resume_settings, mark_fit_finished, resolve_resume
+from bts_lightning.checkpoint import (
+    FIT_FINISHED_NAME,
+    check_new_run_dir,
+    check_resume_settings,
+    mark_fit_finished,
+    resolve_resume,
+)
 from bts_lightning.cross_dataset import check_cross_data, checkpoint_to_score, evaluate_across, evaluation_row
 from bts_lightning.data.channels import channels_setting
 from bts_lightning.data.neighbours import window_size
@@ -338,6 +344,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     network = OmegaConf.to_container(cfg.model.net, resolve=True)
     resume = resolve_resume(cfg.get("ckpt_path"), output_dir, network, cfg.trainer.get("max_epochs"))
     resume_from = resume.path if resume else None
+    if resume is None:
+        check_new_run_dir(output_dir)
     L.seed_everything(seed, workers=True, verbose=False)  # Lightning would print this on stderr, before any error
     log.info("Seed %s (Python, NumPy, PyTorch and the loader workers)", seed)
     datamodule = instantiate(cfg.data)

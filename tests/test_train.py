@@ -282,6 +282,20 @@ def test_a_run_stopped_early_then_killed_is_finished_without_training(tmp_path):
     assert {path.name: path.read_bytes() for path in (tmp_path / "run" / "checkpoints").glob("*.ckpt")} == checkpoints
 
 
+def test_a_new_run_in_a_finished_runs_folder_is_refused(tmp_path):
+    """It would replace that run's checkpoints, and until its own metrics.json the folder would show the old scores
+    under the new config (``report``)."""
+    overrides = [*SMALL_SYNTHETIC, f"paths.data_dir={tmp_path / 'data'}", "trainer=cpu", "data.num_workers=0",
+                 "debug=limit", "test=false", "trainer.max_epochs=1"]
+    train(compose_train(overrides, tmp_path / "run"))
+    kept = {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file()
+            and ".hydra" not in path.parts and "tensorboard" not in path.parts}
+    with pytest.raises(CheckpointError, match=r"run holds a training run already \(checkpoints/best.ckpt, "
+                                              r"checkpoints/last.ckpt, metrics.json\), .* Resume it with ckpt_path=last"):
+        train(compose_train([*overrides, "optimizer.lr=0.01"], tmp_path / "run"))
+    assert {path: path.read_bytes() for path in kept} == kept
+
+
 def test_a_resume_removes_the_metrics_of_the_process_it_continues(tmp_path, monkeypatch):
     """Killed while resuming, a run must not keep a metrics.json that describes the earlier best.ckpt."""
     overrides = [*SMALL_SYNTHETIC, f"paths.data_dir={tmp_path / 'data'}", "trainer=cpu", "data.num_workers=0",
