@@ -25,7 +25,11 @@ for model in "${models[@]}"; do
          "trainer=${TRAINER:-gpu}" "trainer.precision=${PRECISION:-bf16-mixed}" "trainer.max_epochs=${MAX_EPOCHS:-100}"
          "++trainer.max_time=${MAX_TIME:-00:00:01:40}" ${EXTRA:-} "hydra.run.dir=$run")
   echo "${train[*]}" > "$work/$model.command"
-  "${train[@]}" > "$work/$model.train.log" 2>&1 || { echo "$model: training failed (see $work/$model.train.log)"; continue; }
+  if [ -f "$run/metrics.json" ]; then
+    echo "$model: trained already in $run (kept; remove the folder to train it again)"
+  else
+    "${train[@]}" > "$work/$model.train.log" 2>&1 || { echo "$model: training failed (see $work/$model.train.log)"; continue; }
+  fi
   for which in last best; do
     python -m bts_lightning.evaluate "ckpt_path=$run/checkpoints/$which.ckpt" split=val "hydra.run.dir=$run/evaluate_$which" \
         > "$work/$model.evaluate_$which.log" 2>&1 || echo "$model: evaluate of $which.ckpt failed"

@@ -70,7 +70,7 @@ for name in "${names[@]}"; do
     synthetic_*) base=("${synthetic[@]}") ;;
     *) base=("${lgg_data[@]}") ;;
   esac
-  python -m bts_lightning.train "${base[@]}" "${extra[@]}" "hydra.run.dir=$run/train"
+  [ -f "$run/train/metrics.json" ] || python -m bts_lightning.train "${base[@]}" "${extra[@]}" "hydra.run.dir=$run/train"
   ckpt=$run/train/checkpoints/best.ckpt
   python -m bts_lightning.evaluate "ckpt_path=$ckpt" split=test slice_decision=off "hydra.run.dir=$run/test_raw"
   python -m bts_lightning.calibrate "ckpt_path=$ckpt" split=val target_false_alarm_rate=0.05 "hydra.run.dir=$run/calibrate"
