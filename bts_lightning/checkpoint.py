@@ -27,6 +27,8 @@ from bts_lightning.segmentation_module import DATA_SETTINGS_KEY, DECISION_KEY, S
 log = logging.getLogger(__name__)
 
 _REQUIRED_HPARAMS = ("net", "loss", "optimizer")
+# Suffixes of exported models (bts_lightning.inference.EXPORTED_SUFFIXES, which imports this module).
+_EXPORTED_SUFFIXES = (".onnx", ".pt", ".ts")
 # Module settings that checkpoints written before the model config became the module's kept in "model".
 _LEGACY_MODULE_KEYS = ("compile", "freeze_backbone_epochs", "aux_loss_weight")
 
@@ -49,10 +51,19 @@ def read_checkpoint(ckpt_path: str | Path, map_location: str | torch.device = "c
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # noqa: BLE001 - corrupt file, not a torch file, unsupported pickled objects...
+        if path.suffix.lower() in _EXPORTED_SUFFIXES:
+            raise CheckpointError(
+                f"Checkpoint {path} could not be read: it is an exported model ({path.suffix}), which predict, evaluate "
+                "and the demo take, but this needs a training checkpoint: the checkpoints/best.ckpt (or last.ckpt) "
+                "of a training run."
+            ) from None
+        reason = ("it holds Python objects besides tensors and plain data, which are never loaded (no code in a file "
+                  "runs)" if "weights only load failed" in str(error).lower()
+                  else f"{type(error).__name__}: {first_line(error)}")
         raise CheckpointError(
-            f"Checkpoint {path} could not be read ({type(error).__name__}: {first_line(error)}): it is not a PyTorch "
-            "checkpoint, or it is damaged (an interrupted copy or download); give the checkpoints/best.ckpt (or "
-            "last.ckpt) of a training run, or copy it again."
+            f"Checkpoint {path} could not be read ({reason}): it is not a PyTorch checkpoint of bts_lightning, or it "
+            "is damaged (an interrupted copy or download); give the checkpoints/best.ckpt (or last.ckpt) of a "
+            "training run, or copy it again."
         ) from None
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if isinstance(hparams, dict) and isinstance(hparams.get("model"), dict) and "net" not in hparams:

@@ -307,11 +307,13 @@ def find_runs(directories: Sequence[str | Path]) -> list[Run]:
     """Every run below ``directories`` (recursively), each once, in path order.
 
     Raises:
-        BtsError: a directory does not exist, or no ``metrics.json`` is found under any of them.
+        ConfigError: a directory does not exist. BtsError: no ``metrics.json`` is found under any of them.
     """
     missing = [str(d) for d in directories if not Path(d).is_dir()]
     if missing:
-        raise BtsError(f"Not a directory: {', '.join(missing)}.")
+        verb = "is not a folder" if len(missing) == 1 else "are not folders"
+        raise ConfigError(f"dirs: {', '.join(missing)} {verb}; give the folders holding the training runs "
+                          "to compare, e.g. dirs=logs/train or dirs='[logs/train/multiruns/DATE,runs_elsewhere]'.")
     seen: set[Path] = set()
     checkpoints: dict[str, Path] = {}  # best_checkpoint (else the metrics.json bytes) -> the run that had it first
     runs: list[Run] = []

@@ -99,9 +99,15 @@ SIGTERM_STATUS = 143
 SIGINT_STATUS = 130
 
 
-def _stopped_by(signal_name: str, status: int) -> NoReturn:
-    """Say once (stderr and the run's log files) that ``signal_name`` stopped the run, and exit with ``status``."""
-    message = f"error: stopped by {signal_name}; a training run resumes with ckpt_path=last."
+# Apps (by function name) whose stopped runs resume with ``ckpt_path=last``.
+RESUMABLE_APPS = ("train",)
+
+
+def _stopped_by(signal_name: str, status: int, app: Callable[..., Any]) -> NoReturn:
+    """Say once (stderr and the run's log files) that ``signal_name`` stopped ``app``'s run (and, for a training run,
+    how to resume it), and exit with ``status``."""
+    resumes = "; a training run resumes with ckpt_path=last" if getattr(app, "__name__", "") in RESUMABLE_APPS else ""
+    message = f"error: stopped by {signal_name}{resumes}."
     if not is_other_rank():
         tqdm.write(message, file=sys.stderr)
     _log_to_files(message)
@@ -120,12 +126,12 @@ def run_app(app: Callable[..., T], *args: Any) -> T:
     try:
         return app(*args)
     except SIGTERMException:  # Lightning's: a SystemExit without a status, which would read as success
-        _stopped_by("SIGTERM", SIGTERM_STATUS)
+        _stopped_by("SIGTERM", SIGTERM_STATUS, app)
     except KeyboardInterrupt:
-        _stopped_by("Ctrl-C (SIGINT)", SIGINT_STATUS)
+        _stopped_by("Ctrl-C (SIGINT)", SIGINT_STATUS, app)
     except SystemExit as exit_:
         if exit_.code == 1 and isinstance(exit_.__context__, KeyboardInterrupt):  # Lightning's answer to Ctrl-C
-            _stopped_by("Ctrl-C (SIGINT)", SIGINT_STATUS)
+            _stopped_by("Ctrl-C (SIGINT)", SIGINT_STATUS, app)
         raise
     except Exception as error:
         user_error, refused = user_error_of(error), None

@@ -378,12 +378,12 @@ def test_a_run_stopped_by_sigterm_fails_and_says_how_to_resume(tmp_path, capsys)
     log_file = logging.FileHandler(tmp_path / "app.log")
     root.addHandler(log_file)
 
-    def stopped() -> None:
+    def train() -> None:  # a training run: it says how to resume
         raise SIGTERMException
 
     try:
         with pytest.raises(SystemExit) as exit_info:
-            run_app(stopped)
+            run_app(train)
     finally:
         root.removeHandler(log_file)
         log_file.close()
@@ -405,7 +405,12 @@ def _ctrl_c_elsewhere() -> None:
 
 
 @pytest.mark.parametrize("interrupted", [_ctrl_c_in_lightning, _ctrl_c_elsewhere])
-def test_a_run_stopped_by_ctrl_c_fails_with_the_shells_status_and_says_how_to_resume(interrupted, capsys):
+def test_a_run_stopped_by_ctrl_c_fails_with_the_shells_status_and_says_how_to_resume(interrupted, capsys,
+                                                                                   monkeypatch):
+    with pytest.raises(SystemExit) as exit_info:
+        run_app(interrupted)  # another app (evaluate, predict...): nothing to resume
+    assert exit_info.value.code == 130 and capsys.readouterr().err == "error: stopped by Ctrl-C (SIGINT).\n"
+    monkeypatch.setattr(interrupted, "__name__", "train")
     with pytest.raises(SystemExit) as exit_info:
         run_app(interrupted)
     assert exit_info.value.code == 130

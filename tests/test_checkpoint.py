@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bts_lightning.checkpoint import CheckpointError, load_module, upgrade_hparams
+from bts_lightning.checkpoint import CheckpointError, load_module, read_checkpoint, upgrade_hparams
 from bts_lightning.train import build_module
 from tests.conftest import compose_train
 
@@ -57,3 +57,19 @@ def test_weights_of_another_network_are_a_checkpoint_error(tmp_path):
     with pytest.raises(Exception, match="Unknown model 'unetx'") as raised:
         load_module(path)
     assert type(raised.value).__name__ == "ConfigError"
+
+
+def test_a_file_that_is_no_checkpoint_says_what_it_is(tmp_path):
+    """An exported model passed as a checkpoint is named as one; a pickle with other objects is refused unread, without
+    PyTorch's advice to load it with ``weights_only=False``."""
+    exported = tmp_path / "model.onnx"
+    exported.write_bytes(b"\x08\x07\x12\x07pytorch")  # the start of an ONNX protobuf
+    with pytest.raises(CheckpointError, match=r"model.onnx could not be read: it is an exported model \(.onnx\), which "
+                                              r"predict, evaluate and the demo take, but this needs a training"):
+        read_checkpoint(exported)
+    pickled = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"net": CheckpointError}}, pickled)  # a class: not plain data
+    with pytest.raises(CheckpointError, match=r"other.ckpt could not be read \(it holds Python objects besides tensors "
+                                              r"and plain data, which are never loaded") as error:
+        read_checkpoint(pickled)
+    assert "weights_only" not in str(error.value)

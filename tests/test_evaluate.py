@@ -187,7 +187,7 @@ def test_bad_checkpoints_raise_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="missing.ckpt does not exist"):
         load_module(tmp_path / "missing.ckpt")
     (tmp_path / "garbage.ckpt").write_bytes(b"not a checkpoint at all")
-    with pytest.raises(CheckpointError, match=r"garbage.ckpt could not be read .*: it is not a PyTorch checkpoint, or it is damaged"):
+    with pytest.raises(CheckpointError, match=r"garbage.ckpt could not be read .*: it is not a PyTorch checkpoint of bts_lightning, or it is damaged"):
         load_module(tmp_path / "garbage.ckpt")
     torch.save({"state_dict": {}, "hyper_parameters": {"lr": 1}}, tmp_path / "other.ckpt")
     with pytest.raises(CheckpointError, match="other.ckpt is not a bts_lightning checkpoint"):

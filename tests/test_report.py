@@ -195,7 +195,7 @@ def test_no_runs_is_one_clear_error(tmp_path):
     result = run_cli(["bts_lightning.report", f"dirs=[{tmp_path / 'empty'},{tmp_path}]"], cwd=tmp_path, timeout=120)
     error = assert_one_error_line(result, "No runs found under", str(tmp_path / "empty"))
     assert error.startswith("error: No runs found under")
-    with pytest.raises(BtsError, match="Not a directory"):
+    with pytest.raises(ConfigError, match=r"dirs: .*missing is not a folder; give the folders holding the training"):
         _report([f"dirs={tmp_path / 'missing'}"], tmp_path / "run")
 
 
