@@ -185,6 +185,7 @@ def test_a_fold_count_that_the_datas_own_folds_override_is_warned_about(caplog):
     with caplog.at_level(logging.WARNING):
         assert split(WITH_FOLDS, num_folds=5).method == "folds"
     assert "data.num_folds=5 is not used: /data/root has 3 folds of its own" in caplog.text
+    assert "a cross-validation validates each of them: data.val_fold=1,2,3 (experiment=cv sweeps" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         split(WITH_FOLDS, num_folds=3)  # the same count: nothing to say

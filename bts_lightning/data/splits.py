@@ -220,7 +220,9 @@ def make_split(
             own = len({metadata[s]["fold"] for s in stems})
             if num_folds is not None and num_folds != own:
                 log.warning("data.num_folds=%d is not used: %s has %d folds of its own, which the split uses "
-                            "(data.num_folds only makes folds for data without them).", num_folds, source, own)
+                            "(data.num_folds only makes folds for data without them), so a cross-validation validates "
+                            "each of them: data.val_fold=%s (experiment=cv sweeps 1,2,3,4).", num_folds, source, own,
+                            ",".join(str(fold) for fold in sorted({metadata[s]["fold"] for s in stems})))
             return split_by_folds([metadata[s]["fold"] for s in stems], val_fold, test_fold)
         pids = [metadata[s]["pid"] for s in stems]
         labels = [metadata[s]["label"] for s in stems] if "label" in columns else None
