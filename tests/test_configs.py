@@ -112,3 +112,15 @@ def test_every_documented_command_passes_the_unknown_setting_check():
         "e.g. 'input=\"it's, here.png\"' (the outer ones for the shell).")
     assert unknown_setting("train", ["trainr.max_epochs=1"]).startswith("trainr.max_epochs=1: trainr is not a setting "
                                                                          "of train (did you mean trainer?)")
+
+
+@pytest.mark.parametrize("app", [app for app in sorted(set(APPS.values())) if app != "train"])
+def test_help_of_apps_without_config_groups_lists_their_settings_only(app):
+    """Hydra's help lists every group under conf/ (model, loss, trainer...), which these apps refuse."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name=app, return_hydra_config=True)
+    assert "$APP_CONFIG_GROUPS" not in cfg.hydra.help.template and "$CONFIG" in cfg.hydra.help.template
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        assert "$APP_CONFIG_GROUPS" in compose(config_name="train", return_hydra_config=True).hydra.help.template
