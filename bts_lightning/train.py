@@ -395,7 +395,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     checkpoint = next((cb for cb in trainer.checkpoint_callbacks if getattr(cb, "monitor", None) == monitor), None)
     best_path = checkpoint.best_model_path if checkpoint and checkpoint.best_model_path else None
     tested = test and datamodule.has_test
-    scored = "best.ckpt" if best_path else "the final weights (no checkpoint callback chose a best epoch)"
+    scored = "best.ckpt" if best_path else "the final weights"
     metrics: dict[str, Any] = {
         "model": cfg.model.net.name,
         "dataset": datamodule.name,

@@ -356,7 +356,7 @@ def test_callbacks_none_means_no_callbacks(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
     assert saved["best_checkpoint"] is None and saved["val_history"] == [] and saved["best_val_dice"] is None
     assert saved["selection"]["chosen_on"] is None and "final weights" in saved["selection"]["note"]
-    assert saved["selection"]["note"].startswith("no checkpoint callback chose a best epoch")
+    assert saved["selection"]["note"].startswith("no checkpoint callback chose a best epoch; test is the final weights")
     assert not list((tmp_path / "run").rglob("*.ckpt"))  # nor Lightning's own checkpoint in the logger's folder
     assert set(saved["test"]) == {"test/dice", "test/iou", "test/loss", "test/dice_tumor", "test/sensitivity"}
 
