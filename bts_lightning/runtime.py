@@ -216,18 +216,32 @@ _OTHER_CONFIG_FLAGS = ("--config-name", "-cn", "--config-dir", "-cd", "--config-
 def app_settings(config_name: str) -> set[str]:
     """The top-level keys ``conf/<config_name>.yaml`` composes to: its own keys, its defaults' groups, and the keys
     that group options written for the whole config (``# @package _global_``, e.g. ``experiment=cross_dataset``'s
-    ``cross_data``) can add when chosen."""
+    ``cross_data``) can add when chosen (:func:`option_settings`)."""
+    return _own_settings(config_name) | set(option_settings(config_name))
+
+
+def _own_settings(config_name: str) -> set[str]:
+    """``conf/<config_name>.yaml``'s own top-level keys and its defaults' groups."""
     config = OmegaConf.load(Path(CONFIG_DIR) / f"{config_name}.yaml")
     keys = {str(key) for key in config if key != "defaults"}
     for entry in config.get("defaults") or []:
         names = entry.keys() if isinstance(entry, Mapping) else [] if entry == "_self_" else [entry]
         keys.update(str(name).removeprefix("override ").split("/")[0].split("@")[0] for name in names)
-    groups = {key for key in keys if (Path(CONFIG_DIR) / key).is_dir()}
-    for group in groups:
-        for option in (Path(CONFIG_DIR) / group).glob("*.yaml"):
-            if "@package _global_" in option.read_text().split("\n", 1)[0]:
-                keys.update(str(key) for key in OmegaConf.load(option) if key != "defaults")
     return keys - {"_self_"}
+
+
+def option_settings(config_name: str) -> dict[str, list[str]]:
+    """Top-level keys that only a group option written for the whole config (``# @package _global_``) adds to
+    ``conf/<config_name>.yaml``, each with the options (``experiment=cross_dataset``) that add it."""
+    own = _own_settings(config_name)
+    added: dict[str, list[str]] = {}
+    for group in sorted(key for key in own if (Path(CONFIG_DIR) / key).is_dir()):
+        for option in sorted((Path(CONFIG_DIR) / group).glob("*.yaml")):
+            if "@package _global_" in option.read_text().split("\n", 1)[0]:
+                for key in OmegaConf.load(option):
+                    if key != "defaults" and str(key) not in own:
+                        added.setdefault(str(key), []).append(f"{group}={option.stem}")
+    return added
 
 
 def unreadable_override(arguments: list[str]) -> str | None:
@@ -256,12 +270,19 @@ def unknown_setting(config_name: str, arguments: list[str]) -> str | None:
     config (``--config-name``, ``--config-dir``, ``--config-path``), whose keys this cannot know."""
     if any(argument.split("=", 1)[0] in _OTHER_CONFIG_FLAGS for argument in arguments):
         return None
-    known = app_settings(config_name) | {"hydra"}
+    known, added = app_settings(config_name) | {"hydra"}, option_settings(config_name)
+    chosen = {f"{name}={value}" for name, values in (argument.lstrip("+").split("=", 1) for argument in arguments
+                                                     if "=" in argument) for value in values.split(",")}
     for argument in arguments:
         if argument.startswith(("-", "++", "~")) or "=" not in argument:
             continue
         key = argument.split("=", 1)[0].removeprefix("+")
         top = key.split(".")[0].split("/")[0].split("@")[0]  # data.root, hydra/launcher=..., data@x=...
+        if top in added and not chosen & set(added[top]):
+            options = " or ".join(added[top])
+            plus = " (and leave out the +)" if argument.startswith("+") else ""
+            return (f"{argument}: {top} is a setting of {options}, which this command does not choose; add "
+                    f"{added[top][0]}{plus}.")
         if top and top not in known:
             close = difflib.get_close_matches(top, sorted(known), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
