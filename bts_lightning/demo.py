@@ -18,6 +18,7 @@ import logging
 import shutil
 import socket
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -83,7 +84,31 @@ def check_upload(path: str | Path | None) -> Path:
     if size > MAX_UPLOAD_BYTES:
         raise ValueError(f"{path.name} is {size / 2**20:.0f} MiB; the demo takes slices up to "
                          f"{MAX_UPLOAD_BYTES // 2**20} MiB.")
+    dimensions = header_size(path)  # before decoding: a small compressed file can hold a huge image
+    if dimensions is not None and dimensions[0] * dimensions[1] > MAX_PIXELS:
+        raise ValueError(f"{path.name} is {dimensions[0]}x{dimensions[1]} px; the demo takes up to {MAX_PIXELS} "
+                         "pixels.")
     return path
+
+
+def header_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) from the image file's header, read by Pillow (gradio's dependency) without decoding its
+    pixels; ``None`` when Pillow cannot tell (the full read then checks the size). ValueError for an image over
+    Pillow's own limit (twice ``PIL.Image.MAX_IMAGE_PIXELS``), far over :data:`MAX_PIXELS`."""
+    try:
+        from PIL import Image
+    except ImportError:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's warning for large images: the caller checks the size
+            with Image.open(path) as image:
+                return image.size
+    except Image.DecompressionBombError:
+        raise ValueError(f"{path.name} holds over {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels; the demo takes up to "
+                         f"{MAX_PIXELS} pixels.") from None
+    except Exception:  # noqa: BLE001 - not a format Pillow reads: the decoder decides
+        return None
 
 
 def analyze(predictor: Predictor, path: str | Path | None, options: InferenceOptions,
@@ -189,15 +214,18 @@ def build_demo(predictor: Predictor, options: InferenceOptions, output_dir: Path
             with gr.Column():
                 file = gr.File(label="Slice (PNG, JPEG, TIFF, BMP)", file_types=["image", ".tif", ".tiff"],
                                type="filepath")
-                threshold = gr.Slider(0.0, 0.99, value=options.threshold, step=0.01, label="Threshold")
+                threshold = gr.Slider(0.0, max(0.99, options.threshold), value=options.threshold, step=0.01,
+                                      label="Threshold")
                 tta = gr.Checkbox(value=options.tta, label="Flip test-time augmentation")
                 largest = gr.Checkbox(value=options.largest_component, label="Keep largest component only")
                 min_size = gr.Number(value=options.min_size, precision=0, minimum=0, label="Minimum component (px)")
                 button = gr.Button("Segment", variant="primary")
             with gr.Column():
-                shown = gr.Image(label="Overlay (prediction in red)", type="numpy", height=320,
+                # PNG: Gradio's default WebP is lossy (it smeared the 1-px outline and filled small mask holes)
+                shown = gr.Image(label="Overlay (prediction in red)", type="numpy", height=320, format="png",
                                  elem_classes=SLICE_VIEW)
-                heat = gr.Image(label="Tumor probability", type="numpy", height=320, elem_classes=SLICE_VIEW)
+                heat = gr.Image(label="Tumor probability", type="numpy", height=320, format="png",
+                                elem_classes=SLICE_VIEW)
                 area = gr.Textbox(label="Area")
                 mask = gr.File(label="Mask PNG (0/255)")
         inputs, outputs = [file, threshold, tta, largest, min_size], [shown, heat, area, mask]
@@ -223,7 +251,7 @@ def serving_address(cfg: DictConfig) -> tuple[str, int]:
     if port > MAX_PORT:
         raise ConfigError(f"port={port} must be at most {MAX_PORT}.")
     try:
-        with socket.create_server((host, port)):
+        with socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET):
             pass
     except OSError as error:
         raise ConfigError(f"Cannot serve on host={host} port={port} ({error.strerror or error}): pass a free port=N, "

@@ -13,6 +13,7 @@ slice's own planes in their place, as bts_lightning does for a slice without nei
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,8 +64,30 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
     return np.round((image - low) * (255.0 / (high - low))).astype(np.uint8)
 
 
+def header_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) from the image file's header, read by Pillow (gradio's dependency) without decoding its
+    pixels; ``None`` when Pillow cannot tell. ValueError for an image over Pillow's own limit."""
+    try:
+        from PIL import Image
+    except ImportError:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as image:
+                return image.size
+    except Image.DecompressionBombError:
+        raise ValueError(f"{path.name} is too large (up to {MAX_PIXELS} pixels).") from None
+    except Exception:  # noqa: BLE001 - not a format Pillow reads: the decoder decides
+        return None
+
+
 def read_slice(path: str | Path, channels: list[int] | None) -> np.ndarray:
     """(C, H, W) uint8 of an image file: gray, or the file-order ``channels``; ValueError with the reason."""
+    dimensions = header_size(Path(path))  # before decoding: a small compressed file can hold a huge image
+    if dimensions is not None and dimensions[0] * dimensions[1] > MAX_PIXELS:
+        raise ValueError(f"{Path(path).name} is too large ({dimensions[0]}x{dimensions[1]} px; up to {MAX_PIXELS} "
+                         "pixels).")
     data = np.fromfile(str(path), dtype=np.uint8)
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if image is None:
@@ -188,10 +211,10 @@ def build(model: Model) -> Any:
     with gr.Blocks(title="Brain tumor segmentation") as page:
         gr.Markdown("# Brain tumor segmentation\nResearch demo: **not for diagnosis.**")
         file = gr.File(label="Slice", file_types=["image", ".tif", ".tiff"], type="filepath")
-        controls = [gr.Slider(0.0, 0.99, value=threshold, step=0.01, label="Threshold"),
+        controls = [gr.Slider(0.0, max(0.99, threshold), value=threshold, step=0.01, label="Threshold"),
                     gr.Checkbox(value=tta, label="Flip TTA"),
                     gr.Checkbox(label="Largest component only"), gr.Number(0, precision=0, label="Minimum component (px)")]
-        outputs = [gr.Image(label="Overlay"), gr.Textbox(label="Area"), gr.File(label="Mask PNG")]
+        outputs = [gr.Image(label="Overlay", format="png"), gr.Textbox(label="Area"), gr.File(label="Mask PNG")]
         examples = sorted((HERE / "examples").glob("*.png"))
         if examples:
             gr.Examples([[str(path)] for path in examples], inputs=[file])

@@ -153,6 +153,43 @@ def test_serving_settings_are_checked_before_the_page_starts(tiny_checkpoint, tm
     demo(compose_app("demo", [model, "examples=0", f"port={free_port()}"], tmp_path / "quiet"))
     assert launched and launched[0]["allowed_paths"] == [str(tmp_path / "quiet" / "masks")]
     assert not (tmp_path / "quiet" / "examples").exists()
+    try:  # the IPv6 loopback, where the machine has one (it was refused: "Address family not supported")
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError:
+        return
+    demo(compose_app("demo", [model, "examples=0", "host=::1", f"port={free_port()}"], tmp_path / "ipv6"))
+    assert launched[-1]["server_name"] == "::1"
+
+
+def huge_png_header(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header says ``width`` x ``height`` (gray, 8 bit) and which holds no pixel data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_a_huge_image_in_a_small_file_is_refused_before_it_is_decoded(tmp_path, monkeypatch):
+    """A few-KB PNG can hold 20000 x 20000 pixels (6.7 GB decoded): the size in its header is checked first."""
+    pytest.importorskip("PIL")
+    import bts_lightning.demo as demo_module
+
+    over = tmp_path / "over.png"
+    cv2.imwrite(str(over), np.zeros((4097, 4097), np.uint8))  # just over 4096² pixels, a few KB
+    assert over.stat().st_size < 2**20
+    monkeypatch.setattr(demo_module, "read_channels", lambda *args: pytest.fail("decoded"))
+    with pytest.raises(ValueError, match=r"over.png is 4097x4097 px; the demo takes up to 16777216 pixels"):
+        demo_module.analyze(None, over, InferenceOptions())
+    with pytest.raises(ValueError, match=r"bomb.png holds over \d+ pixels; the demo takes up to 16777216"):
+        demo_module.check_upload(huge_png_header(tmp_path / "bomb.png", 20000, 20000))
+    fits = tmp_path / "fits.png"
+    cv2.imwrite(str(fits), np.zeros((64, 48), np.uint8))
+    assert demo_module.check_upload(fits) == fits and demo_module.header_size(fits) == (48, 64)
 
 
 def test_keep_newest_deletes_the_oldest_request_folders_only(tmp_path):
@@ -170,3 +207,19 @@ def test_keep_newest_deletes_the_oldest_request_folders_only(tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["middle", "newest", "note.txt"]
     keep_newest(tmp_path, 5)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["middle", "newest", "note.txt"]
+
+
+def test_the_page_starts_at_any_valid_threshold_and_shows_lossless_images(tiny_checkpoint, tmp_path):
+    """threshold=0.995 is valid (below 1) but was above the slider's 0.99, so every click failed; Gradio's default
+    WebP images smeared the overlay's 1-px outline."""
+    pytest.importorskip("gradio")
+    from bts_lightning import space_app
+
+    page = build_demo(load_predictor(tiny_checkpoint.path, "cpu"), InferenceOptions(threshold=0.995), tmp_path)
+    decision = {"rule": "component_fraction", "threshold": 0.01, "pixel_threshold": 0.995}
+    space = space_app.build(space_app.Model(None, 64, None, decision))
+    for blocks in (page.blocks.values(), space.blocks.values()):
+        (slider,) = [block for block in blocks if getattr(block, "label", None) == "Threshold"]
+        assert slider.value == 0.995 <= slider.maximum
+        images = [block for block in blocks if type(block).__name__ == "Image"]
+        assert images and all(image.format == "png" for image in images)

@@ -134,3 +134,16 @@ def test_space_page_starts_where_the_slice_decision_was_calibrated():
     calibrated = {"rule": "component_fraction", "threshold": 0.01, "pixel_threshold": 0.3,
                   "target_false_alarm_rate": 0.05, "calibration": {"tta": True}}
     assert controls(calibrated) == {"Threshold": 0.3, "Flip TTA": True}
+
+
+def test_space_app_refuses_a_huge_image_before_decoding_it(tmp_path, monkeypatch):
+    from bts_lightning import space_app
+    from tests.test_demo import huge_png_header
+
+    over = tmp_path / "over.png"
+    cv2.imwrite(str(over), np.zeros((4097, 4097), np.uint8))
+    monkeypatch.setattr(space_app.cv2, "imdecode", lambda *args: pytest.fail("decoded"))
+    with pytest.raises(ValueError, match=r"over.png is too large \(4097x4097 px; up to 16777216 pixels\)"):
+        space_app.read_slice(over, None)
+    with pytest.raises(ValueError, match=r"bomb.png is too large \(up to 16777216 pixels\)"):
+        space_app.read_slice(huge_png_header(tmp_path / "bomb.png", 20000, 20000), None)
