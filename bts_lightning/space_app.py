@@ -25,6 +25,7 @@ import onnxruntime
 HERE = Path(__file__).resolve().parent
 CONTRACT_KEY = "bts_lightning.contract"
 MAX_PIXELS = 4096 * 4096
+MAX_UPLOAD_BYTES = 50 * 2**20
 _TO_GRAY = {3: cv2.COLOR_RGB2GRAY, 4: cv2.COLOR_RGBA2GRAY}
 
 
@@ -184,6 +185,8 @@ def segment(model: Model, path: str | Path, threshold: float = 0.5, tta: bool = 
             area = f"No tumor detected (slice score {score:.4g} <= threshold {model.decision['threshold']:.4g})"
     rgb = cv2.cvtColor(_to_uint8(image[0]), cv2.COLOR_GRAY2RGB)
     rgb[mask > 0] = (0.65 * rgb[mask > 0] + 0.35 * np.array([255, 0, 0], np.float32)).astype(np.uint8)
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    cv2.drawContours(rgb, contours, -1, (255, 0, 0), 1)  # outlined in red, as predict's overlays
     pixels = int(mask.sum())
     return rgb, mask * 255, area or f"Tumor area: {pixels} px ({100.0 * pixels / mask.size:.2f} % of the slice)"
 
@@ -195,6 +198,8 @@ def build(model: Model) -> Any:
     def run(file: str | None, threshold: float, tta: bool, largest: bool, min_size: float) -> tuple[Any, ...]:
         if not file or not Path(file).is_file() or Path(file).stat().st_size == 0:
             raise gr.Error("Upload a non-empty slice (PNG, JPEG, TIFF or BMP).")
+        if not 0.0 <= float(threshold) < 1.0 or float(min_size or 0) < 0:  # the API is not held by the controls
+            raise gr.Error(f"threshold={threshold} must be in [0, 1) and min_size={min_size} >= 0.")
         try:
             overlay, mask, area = segment(model, file, threshold, tta, largest, int(min_size or 0))
         except ValueError as error:
@@ -206,15 +211,16 @@ def build(model: Model) -> Any:
 
     # The controls start where the slice decision was calibrated (its pixel threshold, with or without TTA).
     decision = model.decision or {}
-    threshold = float(decision.get("pixel_threshold", 0.5)) if decision.get("rule") == "component_fraction" else 0.5
+    threshold = float(decision.get("pixel_threshold", 0.5))
     tta = bool((decision.get("calibration") or {}).get("tta", False))
-    with gr.Blocks(title="Brain tumor segmentation") as page:
+    with gr.Blocks(title="Brain tumor segmentation", delete_cache=(3600, 86400)) as page:  # uploads: a day
         gr.Markdown("# Brain tumor segmentation\nResearch demo: **not for diagnosis.**")
         file = gr.File(label="Slice", file_types=["image", ".tif", ".tiff"], type="filepath")
         controls = [gr.Slider(0.0, max(0.99, threshold), value=threshold, step=0.01, label="Threshold"),
                     gr.Checkbox(value=tta, label="Flip TTA"),
                     gr.Checkbox(label="Largest component only"), gr.Number(0, precision=0, label="Minimum component (px)")]
-        outputs = [gr.Image(label="Overlay", format="png"), gr.Textbox(label="Area"), gr.File(label="Mask PNG")]
+        outputs = [gr.Image(label="Overlay (prediction in red)", format="png"), gr.Textbox(label="Area"),
+                   gr.File(label="Mask PNG (0/255)")]
         examples = sorted((HERE / "examples").glob("*.png"))
         if examples:
             gr.Examples([[str(path)] for path in examples], inputs=[file])
@@ -223,4 +229,4 @@ def build(model: Model) -> Any:
 
 
 if __name__ == "__main__":
-    build(Model.load()).launch()
+    build(Model.load()).launch(max_file_size=MAX_UPLOAD_BYTES)

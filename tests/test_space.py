@@ -66,6 +66,18 @@ def test_space_app_gives_predicts_mask_without_torch(tiny_checkpoint, tmp_path, 
     mask = cv2.imread(str(tmp_path / "m.png"), cv2.IMREAD_UNCHANGED)
     assert np.array_equal(mask, expected) and 0 < np.count_nonzero(mask) < mask.size
     assert f"Tumor area: {np.count_nonzero(expected)} px" in result.stdout
+    from bts_lightning import space_app  # its overlay is predict's too: tinted and outlined in red
+
+    model = space_app.Model.load(bundle / "model.onnx")
+    overlay, _, _ = space_app.segment(model, image, threshold, tta, False, 3)
+    predicted = cv2.imread(str(tmp_path / "p" / f"{image.stem}_overlay.png"), cv2.IMREAD_COLOR)
+    assert np.array_equal(overlay, cv2.cvtColor(predicted, cv2.COLOR_BGR2RGB))
+    run = next(block.fn for block in space_app.build(model).fns.values() if block.api_name == "segment")
+    import gradio as gr
+
+    for threshold_, min_size in ((-1.0, 0), (1.0, 0), (0.5, -2)):  # the API is not held by the page's controls
+        with pytest.raises(gr.Error, match=r"must be in \[0, 1\) and min_size=.* >= 0"):
+            run(str(image), threshold_, False, False, min_size)
     (bundle / "notes.txt").write_text("a user's file")  # would be uploaded with the Space
     with pytest.raises(ConfigError, match=r"space already holds notes.txt: a Space folder is uploaded as a whole"):
         export(compose_app("export", [f"ckpt_path={tiny_checkpoint.path}", "format=space", f"output={bundle}"],
