@@ -27,8 +27,10 @@ for model in "${models[@]}"; do
   echo "${train[*]}" > "$work/$model.command"
   if [ -f "$run/metrics.json" ]; then
     echo "$model: trained already in $run (kept; remove the folder to train it again)"
-  else
-    "${train[@]}" > "$work/$model.train.log" 2>&1 || { echo "$model: training failed (see $work/$model.train.log)"; continue; }
+  else  # a run killed before its metrics.json resumes from its last.ckpt
+    resume=(); [ -f "$run/checkpoints/last.ckpt" ] && resume=(ckpt_path=last)
+    "${train[@]}" "${resume[@]}" > "$work/$model.train.log" 2>&1 ||
+      { echo "$model: training failed (see $work/$model.train.log)"; continue; }
   fi
   for which in last best; do
     python -m bts_lightning.evaluate "ckpt_path=$run/checkpoints/$which.ckpt" split=val "hydra.run.dir=$run/evaluate_$which" \

@@ -28,13 +28,16 @@ for pair in "${pairs[@]}"; do
   val=${pair%/*} test=${pair#*/}
   run=$out/val${val}_test${test}
   data=(data=lgg "data.root=$lgg" data.image_size=128 "data.val_fold=$val" "data.test_fold=$test" "trainer=${TRAINER:-cpu}")
-  [ -f "$run/tumor_only/checkpoints/best.ckpt" ] ||
+  # A finished run (metrics.json) is kept; one killed before it resumes from its last.ckpt.
+  resume=(); [ -f "$run/tumor_only/checkpoints/last.ckpt" ] && resume=(ckpt_path=last)
+  [ -f "$run/tumor_only/metrics.json" ] ||
     python -m bts_lightning.train "${data[@]}" trainer.max_epochs=60 data.empty_fraction=0 monitor.metric=val/dice_tumor \
-        callbacks.early_stopping.patience=15 ${EXTRA:-} "hydra.run.dir=$run/tumor_only"
-  [ -f "$run/presence/checkpoints/best.ckpt" ] ||
+        callbacks.early_stopping.patience=15 ${EXTRA:-} "${resume[@]}" "hydra.run.dir=$run/tumor_only"
+  resume=(); [ -f "$run/presence/checkpoints/last.ckpt" ] && resume=(ckpt_path=last)
+  [ -f "$run/presence/metrics.json" ] ||
     python -m bts_lightning.train "${data[@]}" experiment=empty_slices trainer.max_epochs=120 \
         callbacks.early_stopping.patience=30 scheduler.scheduler.patience=8 ${EXTRA:-} ${PRESENCE_EXTRA:-} \
-        "hydra.run.dir=$run/presence"
+        "${resume[@]}" "hydra.run.dir=$run/presence"
   presence=$run/presence/checkpoints/best.ckpt
   for other in ${ENSEMBLE_WITH:-}; do
     presence="$presence,$other/val${val}_test${test}/presence/checkpoints/best.ckpt"

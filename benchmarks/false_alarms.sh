@@ -70,7 +70,9 @@ for name in "${names[@]}"; do
     synthetic_*) base=("${synthetic[@]}") ;;
     *) base=("${lgg_data[@]}") ;;
   esac
-  [ -f "$run/train/metrics.json" ] || python -m bts_lightning.train "${base[@]}" "${extra[@]}" "hydra.run.dir=$run/train"
+  resume=(); [ -f "$run/train/checkpoints/last.ckpt" ] && resume=(ckpt_path=last)  # a killed run resumes
+  [ -f "$run/train/metrics.json" ] ||
+    python -m bts_lightning.train "${base[@]}" "${extra[@]}" "${resume[@]}" "hydra.run.dir=$run/train"
   ckpt=$run/train/checkpoints/best.ckpt
   python -m bts_lightning.evaluate "ckpt_path=$ckpt" split=test slice_decision=off "hydra.run.dir=$run/test_raw"
   python -m bts_lightning.calibrate "ckpt_path=$ckpt" split=val target_false_alarm_rate=0.05 "hydra.run.dir=$run/calibrate"

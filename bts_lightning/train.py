@@ -344,8 +344,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     network = OmegaConf.to_container(cfg.model.net, resolve=True)
     resume = resolve_resume(cfg.get("ckpt_path"), output_dir, network, cfg.trainer.get("max_epochs"))
     resume_from = resume.path if resume else None
-    if resume is None:
-        check_new_run_dir(output_dir)
+    if resume is None or resume.path.resolve() != (output_dir / "checkpoints" / "last.ckpt").resolve():
+        check_new_run_dir(output_dir)  # a new run, or another run's checkpoint continued here
     L.seed_everything(seed, workers=True, verbose=False)  # Lightning would print this on stderr, before any error
     log.info("Seed %s (Python, NumPy, PyTorch and the loader workers)", seed)
     datamodule = instantiate(cfg.data)
@@ -378,7 +378,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                                      **finishing)
     keep_run_record()  # settings accepted: the run's .hydra record is this process's from here on
     if resume_from is not None and trainer.is_global_zero:
-        for stale in (output_dir / "metrics.json", output_dir / "checkpoints" / FIT_FINISHED_NAME):
+        # A finished fit keeps its marker: under DDP the other ranks, started inside fit, read it to train nothing too.
+        finished = [] if resume.finish_epochs else [output_dir / "checkpoints" / FIT_FINISHED_NAME]
+        for stale in (output_dir / "metrics.json", *finished):
             if stale.is_file():  # it would describe the earlier best.ckpt / fit
                 stale.unlink()
                 log.info("Resuming: removed the earlier process's %s; this run writes it again.", stale)

@@ -293,7 +293,29 @@ def test_a_new_run_in_a_finished_runs_folder_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"run holds a training run already \(checkpoints/best.ckpt, "
                                               r"checkpoints/last.ckpt, metrics.json\), .* Resume it with ckpt_path=last"):
         train(compose_train([*overrides, "optimizer.lr=0.01"], tmp_path / "run"))
+    train(compose_train(overrides, tmp_path / "other"))
+    with pytest.raises(CheckpointError, match=r"run holds a training run already"):  # another run continued here
+        train(compose_train([*overrides, "trainer.max_epochs=2",
+                             f"ckpt_path={tmp_path / 'other' / 'checkpoints' / 'last.ckpt'}"], tmp_path / "run"))
     assert {path: path.read_bytes() for path in kept} == kept
+
+
+def test_finishing_a_finished_fit_keeps_its_marker_while_fitting(tmp_path, monkeypatch):
+    """Under DDP the other ranks start inside ``Trainer.fit`` and run ``train`` again: they must still find
+    fit_finished.json, or they refuse the resume (and the marker was gone for good)."""
+    overrides = [*SMALL_SYNTHETIC, f"paths.data_dir={tmp_path / 'data'}", "trainer=cpu", "data.num_workers=0",
+                 "debug=limit", "test=false", "trainer.max_epochs=1"]
+    train(compose_train(overrides, tmp_path / "run"))
+    (tmp_path / "run" / "metrics.json").unlink()  # killed after fitting
+    marker, seen, fit = tmp_path / "run" / "checkpoints" / "fit_finished.json", [], L.Trainer.fit
+
+    def fit_seeing_the_marker(self, *args, **kwargs):
+        seen.append(marker.is_file())
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(L.Trainer, "fit", fit_seeing_the_marker)
+    train(compose_train([*overrides, "ckpt_path=last"], tmp_path / "run"))
+    assert seen == [True] and marker.is_file()
 
 
 def test_a_resume_removes_the_metrics_of_the_process_it_continues(tmp_path, monkeypatch):
