@@ -91,10 +91,16 @@ def check_upload(path: str | Path | None) -> Path:
     return path
 
 
+# How a TIFF file starts (little- and big-endian, classic and BigTIFF): the one format the page takes whose header
+# Pillow may not read, left to the decoder.
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
 def header_size(path: Path) -> tuple[int, int] | None:
     """(width, height) from the image file's header, read by Pillow (gradio's dependency) without decoding its
-    pixels; ``None`` when Pillow cannot tell (the full read then checks the size). ValueError for an image over
-    Pillow's own limit (twice ``PIL.Image.MAX_IMAGE_PIXELS``), far over :data:`MAX_PIXELS`."""
+    pixels; ``None`` for a TIFF Pillow cannot read (the full read then checks the size). ValueError for any other
+    file Pillow cannot read (OpenCV would decode it whatever its name, e.g. a huge Radiance HDR named .png), and for
+    an image over Pillow's own limit (twice ``PIL.Image.MAX_IMAGE_PIXELS``), far over :data:`MAX_PIXELS`."""
     try:
         from PIL import Image
     except ImportError:
@@ -107,8 +113,11 @@ def header_size(path: Path) -> tuple[int, int] | None:
     except Image.DecompressionBombError:
         raise ValueError(f"{path.name} holds over {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels; the demo takes up to "
                          f"{MAX_PIXELS} pixels.") from None
-    except Exception:  # noqa: BLE001 - not a format Pillow reads: the decoder decides
-        return None
+    except Exception:  # noqa: BLE001 - not a format Pillow reads: only a TIFF goes on to the decoder
+        with path.open("rb") as stream:
+            if stream.read(4) in TIFF_MAGIC:
+                return None
+        raise ValueError(f"{path.name}: not a readable image (PNG, JPEG, TIFF or BMP).") from None
 
 
 def analyze(predictor: Predictor, path: str | Path | None, options: InferenceOptions,
@@ -250,13 +259,14 @@ def serving_address(cfg: DictConfig) -> tuple[str, int]:
     host, port = str(cfg.get("host", "127.0.0.1")), int(number_setting(cfg, "port", 7860, whole=True, minimum=1))
     if port > MAX_PORT:
         raise ConfigError(f"port={port} must be at most {MAX_PORT}.")
+    address = host.removeprefix("[").removesuffix("]")  # an IPv6 address, bare or bracketed as in URLs
     try:
-        with socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET):
+        with socket.create_server((address, port), family=socket.AF_INET6 if ":" in address else socket.AF_INET):
             pass
     except OSError as error:
         raise ConfigError(f"Cannot serve on host={host} port={port} ({error.strerror or error}): pass a free port=N, "
                           "or host=127.0.0.1 (this machine) / host=0.0.0.0 (every interface).") from None
-    return host, port
+    return (f"[{address}]" if ":" in address else address), port  # Gradio builds its URL from it: brackets
 
 
 def demo(cfg: DictConfig) -> None:

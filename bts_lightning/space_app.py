@@ -67,7 +67,8 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
 
 def header_size(path: Path) -> tuple[int, int] | None:
     """(width, height) from the image file's header, read by Pillow (gradio's dependency) without decoding its
-    pixels; ``None`` when Pillow cannot tell. ValueError for an image over Pillow's own limit."""
+    pixels; ``None`` for a TIFF Pillow cannot read (left to the decoder). ValueError for any other file Pillow cannot
+    read (OpenCV decodes by content, whatever the name) and for an image over Pillow's own limit."""
     try:
         from PIL import Image
     except ImportError:
@@ -79,8 +80,11 @@ def header_size(path: Path) -> tuple[int, int] | None:
                 return image.size
     except Image.DecompressionBombError:
         raise ValueError(f"{path.name} is too large (up to {MAX_PIXELS} pixels).") from None
-    except Exception:  # noqa: BLE001 - not a format Pillow reads: the decoder decides
-        return None
+    except Exception:  # noqa: BLE001 - not a format Pillow reads: only a TIFF goes on to the decoder
+        with path.open("rb") as stream:
+            if stream.read(4) in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+                return None
+        raise ValueError(f"{path.name}: not a readable image (PNG, JPEG, TIFF or BMP).") from None
 
 
 def read_slice(path: str | Path, channels: list[int] | None) -> np.ndarray:

@@ -158,7 +158,7 @@ def test_serving_settings_are_checked_before_the_page_starts(tiny_checkpoint, tm
     except OSError:
         return
     demo(compose_app("demo", [model, "examples=0", "host=::1", f"port={free_port()}"], tmp_path / "ipv6"))
-    assert launched[-1]["server_name"] == "::1"
+    assert launched[-1]["server_name"] == "[::1]"  # Gradio builds its URL from the name: bracketed (::1 crashed it)
 
 
 def huge_png_header(path: Path, width: int, height: int) -> Path:
@@ -187,6 +187,10 @@ def test_a_huge_image_in_a_small_file_is_refused_before_it_is_decoded(tmp_path, 
         demo_module.analyze(None, over, InferenceOptions())
     with pytest.raises(ValueError, match=r"bomb.png holds over \d+ pixels; the demo takes up to 16777216"):
         demo_module.check_upload(huge_png_header(tmp_path / "bomb.png", 20000, 20000))
+    disguised = tmp_path / "disguised.hdr"  # a format OpenCV decodes by content, Pillow cannot read: named .png
+    cv2.imwrite(str(disguised), np.zeros((64, 64, 3), np.float32))
+    with pytest.raises(ValueError, match=r"^disguised.png: not a readable image \(PNG, JPEG, TIFF or BMP\)\.$"):
+        demo_module.check_upload(disguised.rename(tmp_path / "disguised.png"))
     fits = tmp_path / "fits.png"
     cv2.imwrite(str(fits), np.zeros((64, 48), np.uint8))
     assert demo_module.check_upload(fits) == fits and demo_module.header_size(fits) == (48, 64)

@@ -159,3 +159,7 @@ def test_space_app_refuses_a_huge_image_before_decoding_it(tmp_path, monkeypatch
         space_app.read_slice(over, None)
     with pytest.raises(ValueError, match=r"bomb.png is too large \(up to 16777216 pixels\)"):
         space_app.read_slice(huge_png_header(tmp_path / "bomb.png", 20000, 20000), None)
+    disguised = tmp_path / "disguised.hdr"  # OpenCV decodes by content whatever the name; Pillow cannot read it
+    cv2.imwrite(str(disguised), np.zeros((64, 64, 3), np.float32))
+    with pytest.raises(ValueError, match=r"disguised.png: not a readable image"):
+        space_app.read_slice(disguised.rename(tmp_path / "disguised.png"), None)
