@@ -318,6 +318,33 @@ def test_finishing_a_finished_fit_keeps_its_marker_while_fitting(tmp_path, monke
     assert seen == [True] and marker.is_file()
 
 
+class StopAtEpoch(Callback):
+    """Ctrl-C as epoch ``epoch`` starts: the run is killed after the previous epoch's last.ckpt."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("scheduler", [["scheduler=plateau", "scheduler.scheduler.patience=0", "monitor.mode=min"],
+                                       ["scheduler=cosine"]])
+def test_a_resumed_run_takes_the_scheduler_step_of_the_epoch_it_resumes_after(tmp_path, scheduler):
+    """Lightning steps epoch schedulers after saving last.ckpt and skips that step on resume: the plateau scheduler
+    (here lowering the learning rate every epoch) then acted one epoch late, so the resumed run's scores differed."""
+    overrides = [*SMALL_SYNTHETIC, f"paths.data_dir={tmp_path / 'data'}", "trainer=cpu", "data.num_workers=0",
+                 "test=false", "trainer.max_epochs=4", "callbacks.early_stopping.patience=10", *scheduler]
+    straight = train(compose_train(overrides, tmp_path / "straight"))
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        train(compose_train([*overrides, "+callbacks.stop._target_=tests.test_train.StopAtEpoch",
+                             "+callbacks.stop.epoch=2"], tmp_path / "resumed"))
+    resumed = train(compose_train([*overrides, "ckpt_path=last"], tmp_path / "resumed"))
+    assert [row["val/dice"] for row in resumed["val_history"]] == [row["val/dice"] for row in straight["val_history"]]
+    assert resumed["val_history"] == straight["val_history"]
+
+
 def test_a_resume_removes_the_metrics_of_the_process_it_continues(tmp_path, monkeypatch):
     """Killed while resuming, a run must not keep a metrics.json that describes the earlier best.ckpt."""
     overrides = [*SMALL_SYNTHETIC, f"paths.data_dir={tmp_path / 'data'}", "trainer=cpu", "data.num_workers=0",
