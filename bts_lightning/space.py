@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.resources
+import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
@@ -48,7 +49,7 @@ def write_space(module: nn.Module, output: str | Path, contract: ModelContract, 
     """
     version = gradio_version()
     check_upload_folder(output, BUNDLE_FILES, "Space")
-    output = make_directory(output, "output")
+    output = Path(output)
     app = importlib.resources.files("bts_lightning").joinpath("space_app.py").read_bytes()
     front = ("title: Brain tumor segmentation", "sdk: gradio", f"sdk_version: {version}", "app_file: app.py",
              "pinned: false", "tags:", "- image-segmentation", "- medical-imaging")
@@ -64,7 +65,14 @@ def write_space(module: nn.Module, output: str | Path, contract: ModelContract, 
                     for path in example_slices(Path(scratch), 3, contract.channel_indices)}}
     # Every file is staged beside its place and all are renamed at the end, so a failed or killed export leaves the
     # folder's previous bundle whole (never a new model under an old card); only a kill within the renames can split it.
-    with ExitStack() as staged:
-        for name, data in files.items():
-            staged.enter_context(atomic_path(output / name)).write_bytes(data)
+    new_folder = not output.exists()
+    try:
+        make_directory(output, "output")
+        with ExitStack() as staged:
+            for name, data in files.items():
+                staged.enter_context(atomic_path(output / name)).write_bytes(data)
+    except BaseException:
+        if new_folder:  # a failed export leaves no folder of its own behind
+            shutil.rmtree(output, ignore_errors=True)
+        raise
     return output

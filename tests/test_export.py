@@ -176,6 +176,13 @@ def test_a_space_export_that_fails_leaves_the_previous_bundle_whole(tmp_path, mo
     assert {path.relative_to(bundle): path.read_bytes() for path in sorted(bundle.rglob("*")) if path.is_file()} == before
     export(cfg)
     assert (bundle / "model.onnx").read_bytes() != before[Path("model.onnx")]
+    fresh = _compose_export([f"ckpt_path={second}", "format=space", f"output={tmp_path / 'new_space'}",
+                             f"image_size={SIZE}"], tmp_path / "run")
+    with monkeypatch.context() as patched:  # a failed first export leaves no folder behind
+        patched.setattr(space_module, "atomic_path", full_disk_at_the_examples)
+        with pytest.raises(OutputError):
+            export(fresh)
+    assert not (tmp_path / "new_space").exists()
 
 
 def test_an_output_that_is_a_folder_is_one_error_naming_it(tmp_path):
