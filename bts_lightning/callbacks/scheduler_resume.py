@@ -23,6 +23,9 @@ class ResumeSchedulerStep(Callback):
         self.pending: dict[str, Any] | None = None  # {"epoch": N, "values": [metric or None per scheduler]}
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.fit_loop.epoch_loop._num_ready_batches_reached():  # stopped mid-epoch: Lightning steps none
+            self.pending = None
+            return
         values = []
         for config in trainer.lr_scheduler_configs:
             value = trainer.callback_metrics.get(config.monitor) if config.reduce_on_plateau else None
