@@ -23,7 +23,9 @@ class ResumeSchedulerStep(Callback):
         self.pending: dict[str, Any] | None = None  # {"epoch": N, "values": [metric or None per scheduler]}
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.fit_loop.epoch_loop._num_ready_batches_reached():  # stopped mid-epoch: Lightning steps none
+        # Stopped before the epoch's last batch (max_time, max_steps): Lightning steps no scheduler for it. (Its own
+        # test; a Lightning without it is taken as every epoch finishing.)
+        if not getattr(trainer.fit_loop.epoch_loop, "_num_ready_batches_reached", lambda: True)():
             self.pending = None
             return
         values = []
