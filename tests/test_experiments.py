@@ -28,7 +28,10 @@ def history(run: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_killed_run_resumes_from_last_checkpoint_and_matches_uninterrupted(tmp_path):
-    args = ["bts_lightning.train", *QUICK, "trainer.max_epochs=4", f"paths.data_dir={tmp_path / 'data'}"]
+    # 120 slices: epochs long enough to kill the run inside the one after its first last.ckpt (with 40, an idle
+    # machine finished the remaining epochs within the half second the test used to wait)
+    args = ["bts_lightning.train", *QUICK, "data.synthetic.n=120", "trainer.max_epochs=4",
+            f"paths.data_dir={tmp_path / 'data'}"]
     reference = run_cli([*args, f"hydra.run.dir={tmp_path / 'reference'}"], cwd=tmp_path)
     assert reference.returncode == 0, reference.stderr[-3000:]
 
@@ -39,8 +42,8 @@ def test_killed_run_resumes_from_last_checkpoint_and_matches_uninterrupted(tmp_p
     last = run / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
     while not last.exists() and time.time() < deadline and process.poll() is None:
-        time.sleep(0.2)
-    time.sleep(0.5)  # into the next epoch
+        time.sleep(0.05)
+    time.sleep(0.1)  # into the next epoch
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert last.exists() and not (run / "metrics.json").exists(), "the run finished before it could be killed"
