@@ -121,7 +121,7 @@ def weights_sha256(path: Path) -> str:
 def check_output(output: Path, inputs: Sequence[Path]) -> None:
     """``ConfigError`` when ``output`` is one of the ``inputs`` (it would replace that training checkpoint)."""
     for path in inputs:
-        if output.resolve() == path.resolve() or (output.exists() and output.samefile(path)):  # links too
+        if output.exists() and output.samefile(path):  # however spelled or linked
             raise ConfigError(f"output={output} is one of the checkpoints it joins ({path}): writing the cascade there "
                               "would replace it. Choose another file, e.g. output=cascade.ckpt, or leave output out "
                               "(the run folder's checkpoints/cascade.ckpt).")
