@@ -44,7 +44,7 @@ from bts_lightning.inference import (
 from bts_lightning.models.cascade import cascade_of
 from bts_lightning.predict import DEFAULT_IMAGE_SIZE, segment
 from bts_lightning.runtime import as_number, flag_setting, hydra_app, number_setting, path_setting
-from bts_lightning.visualize import overlay, to_uint8, write_png
+from bts_lightning.visualize import overlay, write_png
 
 log = logging.getLogger(__name__)
 
@@ -142,9 +142,18 @@ def analyze(predictor: Predictor, path: str | Path | None, options: InferenceOpt
     size = image_size or contract.image_size or DEFAULT_IMAGE_SIZE
     ((probability, mask),) = segment(predictor, [stack_window([image] * window_size(contract.neighbours))], size,
                                      options)
-    heat = cv2.cvtColor(cv2.applyColorMap(to_uint8(np.clip(probability, 0, 1) * 255), cv2.COLORMAP_INFERNO),
-                        cv2.COLOR_BGR2RGB)
-    return Result(overlay(image[0], mask), heat, mask, decision_text(options, probability) or area_text(mask))
+    return Result(overlay(image[0], mask), probability_colours(probability), mask, decision_text(options, probability) or area_text(mask))
+
+
+# The colours probability_colours gives these probabilities (the page has no colour bar).
+PROBABILITY_LABEL = "Tumor probability (black 0, purple 0.25, red 0.5, orange 0.75, pale yellow 1)"
+
+
+def probability_colours(probability: np.ndarray) -> np.ndarray:
+    """RGB uint8 (H, W, 3) of a probability map in [0, 1] on OpenCV's inferno scale, as :data:`PROBABILITY_LABEL`
+    names it."""
+    levels = np.round(np.clip(probability, 0, 1) * 255).astype(np.uint8)  # absolute: never stretched to the slice's range
+    return cv2.cvtColor(cv2.applyColorMap(levels, cv2.COLORMAP_INFERNO), cv2.COLOR_BGR2RGB)
 
 
 def decision_text(options: InferenceOptions, probability: np.ndarray) -> str | None:
@@ -233,8 +242,7 @@ def build_demo(predictor: Predictor, options: InferenceOptions, output_dir: Path
                 # PNG: Gradio's default WebP is lossy (it smeared the 1-px outline and filled small mask holes)
                 shown = gr.Image(label="Overlay (prediction in red)", type="numpy", height=320, format="png",
                                  elem_classes=SLICE_VIEW)
-                heat = gr.Image(label="Tumor probability", type="numpy", height=320, format="png",
-                                elem_classes=SLICE_VIEW)
+                heat = gr.Image(label=PROBABILITY_LABEL, type="numpy", height=320, format="png", elem_classes=SLICE_VIEW)
                 area = gr.Textbox(label="Area")
                 mask = gr.File(label="Mask PNG (0/255)")
         inputs, outputs = [file, threshold, tta, largest, min_size], [shown, heat, area, mask]

@@ -11,7 +11,15 @@ import numpy as np
 import pytest
 
 from bts_lightning.data.io import read_channels
-from bts_lightning.demo import area_text, build_demo, demo, example_slices, keep_newest
+from bts_lightning.demo import (
+    PROBABILITY_LABEL,
+    area_text,
+    build_demo,
+    demo,
+    example_slices,
+    keep_newest,
+    probability_colours,
+)
 from bts_lightning.errors import ConfigError
 from bts_lightning.inference import InferenceOptions, load_predictor
 from bts_lightning.predict import predict, segment
@@ -117,6 +125,23 @@ def test_area_text_counts_pixels_and_percent():
     mask = np.zeros((10, 20), np.uint8)
     mask[:2, :5] = 1
     assert area_text(mask) == "Tumor area: 10 px (5.00 % of the slice)"
+
+
+def test_the_probability_label_names_the_colours_the_map_shows():
+    """The page has no colour bar: its label names the colour of five probabilities, and they must be right."""
+    pairs = re.findall(r"([a-z ]+?) ([01](?:\.\d+)?)[,)]", PROBABILITY_LABEL)
+    named = {float(value): colour.strip() for colour, value in pairs}
+    assert sorted(named) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    looks = {"black": lambda r, g, b: max(r, g, b) < 30, "purple": lambda r, g, b: min(r, b) > 2 * g,
+             "red": lambda r, g, b: r > 1.5 * max(g, b), "orange": lambda r, g, b: r > g > 3 * b,
+             "pale yellow": lambda r, g, b: min(r, g) > 230 and b > 100}
+    for value, colour in named.items():
+        r, g, b = (int(c) for c in probability_colours(np.full((1, 1), value, np.float32))[0, 0])
+        assert looks[colour](r, g, b), (value, colour, (r, g, b))
+    # a slice whose highest probability is 0.1 shows no colour above 0.1's (it used to be stretched to yellow)
+    faint = probability_colours(np.linspace(0, 0.1, 64, dtype=np.float32).reshape(8, 8))
+    assert (faint == probability_colours(np.full((1, 1), 0.1, np.float32))[0, 0]).all(axis=-1).sum() == 1
+    assert faint.max() < 100
 
 
 def test_missing_gradio_and_missing_model_are_config_errors(monkeypatch, tmp_path):
