@@ -213,9 +213,9 @@ def check_new_run_dir(run_dir: str | Path) -> None:
              if (run_dir / name).is_file()]
     if found:
         raise CheckpointError(
-            f"hydra.run.dir={run_dir} holds a training run already ({', '.join(found)}), which a new run (or one "
+            f"The run folder {run_dir} holds a training run already ({', '.join(found)}), which a new run (or one "
             "continued from another folder's checkpoint) would replace. Resume it with ckpt_path=last, or train into "
-            "a new folder (without hydra.run.dir: a dated one)."
+            "a new folder (another hydra.run.dir, or hydra.sweep.dir in a -m sweep; without them, a dated one)."
         )
 
 

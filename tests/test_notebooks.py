@@ -27,10 +27,15 @@ def test_notebook_is_committed_without_outputs(path: Path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_executes(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_notebook_executes_and_runs_again(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Top to bottom, twice in the same folder ("Restart & Run All"): each execution trains into its own run folders."""
     monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    notebook = nbformat.read(path, as_version=4)
-    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    errors = [output for cell in notebook.cells for output in cell.get("outputs", []) if output.output_type == "error"]
-    assert not errors
-    assert (tmp_path / "notebook_runs").is_dir()
+    for _ in range(2):
+        notebook = nbformat.read(path, as_version=4)
+        NotebookClient(notebook, timeout=600, kernel_name="python3",
+                       resources={"metadata": {"path": str(tmp_path)}}).execute()
+        errors = [output for cell in notebook.cells for output in cell.get("outputs", [])
+                  if output.output_type == "error"]
+        assert not errors
+    executions = [folder for folder in (tmp_path / "notebook_runs" / path.stem).iterdir() if folder.name != "data"]
+    assert len(executions) == 2
