@@ -17,7 +17,7 @@ from torch.utils.data import DistributedSampler
 
 from bts_lightning.data.datamodule import BrainTumorDataModule
 from bts_lightning.data.discovery import find_pairs, natural_key, read_metadata
-from bts_lightning.data.io import binarize_mask, mask_threshold, read_mask
+from bts_lightning.data.io import binarize_mask, mask_threshold, read_mask, resize
 from bts_lightning.data.sampling import EpochShuffleSampler, RankShare
 from bts_lightning.data.splits import slice_ids_digest
 from bts_lightning.errors import ConfigError, DataError
@@ -431,6 +431,39 @@ def test_masks_are_binarized_by_one_rule_for_the_whole_dataset(tmp_path, cache, 
             "a value above 127") in caplog.text
     for stem in "1345":
         np.testing.assert_array_equal(got[stem], tumor, err_msg=stem)
+
+
+@pytest.mark.parametrize("source, size", [(256, 128), (256, 64), (256, 32), (100, 256), (64, 256)])
+def test_resized_masks_stay_on_their_resized_images(source, size):
+    """A mask resized for training lies where its resized image shows the tumor (OpenCV's INTER_NEAREST put it
+    0.375 px below and right at 64 px)."""
+    rng = np.random.default_rng(0)
+    rows, cols = np.indices((size, size))
+    shifts = []  # (rows, columns) of the mask's centroid minus the image's, in pixels at `size`
+    for _ in range(50):
+        mask = np.zeros((source, source), np.uint8)
+        top, left = rng.integers(0, source * 3 // 4, 2)
+        mask[top:top + rng.integers(source // 28, source // 5), left:left + rng.integers(source // 28, source // 5)] = 255
+        as_image = resize(mask, size, is_mask=False).astype(np.float64)
+        as_mask = binarize_mask(resize(mask, size, is_mask=True), mask_threshold(255)).astype(np.float64)  # the loader's
+        shifts.append([(grid * as_mask).sum() / as_mask.sum() - (grid * as_image).sum() / as_image.sum()
+                       for grid in (rows, cols)])
+    # each block's edges round by up to half a pixel either way; on average they must not lean one way
+    assert np.abs(np.mean(shifts, axis=0)).max() < 0.1, np.mean(shifts, axis=0)
+
+
+def test_empty_slice_counts_are_those_of_the_masks_training_sees(tmp_path):
+    """A tumor smaller than a pixel at ``image_size`` is gone from the resized mask, so the slice counts as empty."""
+    masks = {"1": block(255), "2": block(255)}
+    for stem, (row, col) in {"3": (8, 8), "4": (9, 9), "5": (8, 9), "6": (9, 8)}.items():  # one pixel each
+        masks[stem] = np.zeros((64, 64), np.uint8)
+        masks[stem][row, col] = 255
+    dm = datamodule(write_slices(tmp_path / "data", masks, val=("1", "3", "4")), image_size=32)
+    dm.setup("fit")
+    for name in ("train", "val"):
+        loaded = [dm.datasets[name].load(i)[1] for i in range(len(dm.datasets[name]))]
+        assert dm.empty_slices(name) == sum(int(mask.sum() == 0) for mask in loaded), name
+    assert dm.empty_slices("train") + dm.empty_slices("val") == 4  # each one-pixel tumor is a quarter of a pixel
 
 
 @pytest.mark.parametrize(

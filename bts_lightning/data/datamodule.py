@@ -247,7 +247,7 @@ class BrainTumorDataModule(L.LightningDataModule):
         self.train_empty: np.ndarray | None = None  # (len(training_set),) bool: tumor-free mask, after setup("fit")
         self.distance_maps = distance_maps
         self.trained_split: dict[str, Any] | None = None  # split record of a loaded checkpoint
-        self.mask_max: np.ndarray | None = None  # largest mask value of each slice (pairs order); after setup
+        self.sized_mask_max: np.ndarray | None = None  # largest value of each resized mask (pairs order); after setup
         self.windows: list[tuple[int, ...]] | None = None  # each slice's scan window (pairs order); after setup
 
     @property
@@ -297,7 +297,7 @@ class BrainTumorDataModule(L.LightningDataModule):
         self.data_root = root.resolve()
         scan = scan_pairs(self.pairs, self.image_size, keep=self.cache, channels=self.channels)
         self.mask_threshold = mask_threshold(int(scan.mask_max.max()))
-        self.mask_max = scan.mask_max
+        self.sized_mask_max = scan.sized_max
         self._check_training_masks(scan)
         if scan.images is not None and scan.masks is not None:
             self.cache_arrays = (scan.images, binarize_mask(scan.masks, self.mask_threshold))
@@ -341,7 +341,7 @@ class BrainTumorDataModule(L.LightningDataModule):
             self.negatives_dataset = self._load_negatives(self.negatives)
             log.info("Added %d tumor-free slices of %s to the training set (data.negatives)",
                      len(self.negatives_dataset), self.negatives_root)
-        in_domain = scan.mask_max[self._subsets()["train"]] <= self.mask_threshold
+        in_domain = scan.sized_max[self._subsets()["train"]] <= self.mask_threshold
         self.train_empty = np.concatenate([in_domain, np.ones(self.n_negatives, bool)])
         empty, total = int(self.train_empty.sum()), len(self.train_empty)
         target = ("as they come" if self.empty_fraction is None else
@@ -369,7 +369,7 @@ class BrainTumorDataModule(L.LightningDataModule):
         except (DataError, ConfigError) as error:
             raise type(error)(f"data.negatives.root={root}: {error}") from None
         threshold = mask_threshold(int(scan.mask_max.max()))
-        empty = np.flatnonzero(scan.mask_max <= threshold)
+        empty = np.flatnonzero(scan.sized_max <= threshold)
         if not len(empty):
             raise DataError(f"data.negatives.root={root} has no tumor-free slice: all {len(pairs)} masks ({layout} "
                             "layout) have tumor pixels. Choose a dataset with empty masks, or set data.negatives=null.")
@@ -406,8 +406,8 @@ class BrainTumorDataModule(L.LightningDataModule):
 
     def empty_slices(self, name: str) -> int:
         """Number of slices of subset ``name`` (train, val, test) whose mask has no tumor pixel (after setup)."""
-        assert self.mask_max is not None, "call setup() first"
-        return int(np.sum(self.mask_max[self._subsets()[name]] <= self.mask_threshold))
+        assert self.sized_mask_max is not None, "call setup() first"
+        return int(np.sum(self.sized_mask_max[self._subsets()[name]] <= self.mask_threshold))
 
     def make_dataset(self, indices: Sequence[int], transform: A.Compose | None = None) -> SliceDataset:
         """A :class:`SliceDataset` of slices ``indices`` with this module's size, channels, cache and mask rule."""

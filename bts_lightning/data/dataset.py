@@ -75,13 +75,16 @@ def load_pair(
 
 @dataclass
 class Scan:
-    """What :func:`scan_pairs` decoded: the largest raw value of every mask and, if kept, the resized slices.
+    """What :func:`scan_pairs` decoded: the largest raw value of every mask, as read and as resized, and, if kept, the
+    resized slices.
 
-    ``masks`` hold raw values (nearest-neighbour resizing commutes with thresholding), so they can be
-    binarized once the dataset-wide rule is known.
+    ``masks`` hold raw values resized (:func:`~bts_lightning.data.io.resize`), so they can be binarized once the
+    dataset-wide rule is known; ``sized_max`` says which are empty then (a tumor under half a pixel at the training
+    size is gone), ``mask_max`` which rule the files follow.
     """
 
-    mask_max: np.ndarray  # (N,) uint8
+    mask_max: np.ndarray  # (N,) uint8, of the masks as read
+    sized_max: np.ndarray  # (N,) uint8, of the masks resized to the training size
     images: np.ndarray | None  # (N, C, size, size) uint8
     masks: np.ndarray | None  # (N, size, size) uint8, not yet binarized
 
@@ -109,7 +112,7 @@ def scan_pairs(pairs: Sequence[SlicePair], size: int, keep: bool, channels: Chan
     for the in-memory cache.
     """
     count = 1 if channels is None else len(channels)
-    mask_max = np.zeros(len(pairs), np.uint8)
+    mask_max, sized_max = np.zeros(len(pairs), np.uint8), np.zeros(len(pairs), np.uint8)
     images = np.empty((len(pairs), count, size, size), np.uint8) if keep else None
     masks = np.empty((len(pairs), size, size), np.uint8) if keep else None
     unreadable: list[tuple[str, str]] = []  # (path, why)
@@ -138,9 +141,10 @@ def scan_pairs(pairs: Sequence[SlicePair], size: int, keep: bool, channels: Chan
             return
         if problem := mask_problem(mask, image):
             bad_masks[problem].append(str(pairs[index].mask))
-        mask_max[index] = mask.max()
+        resized = resize(mask, size, is_mask=True)
+        mask_max[index], sized_max[index] = mask.max(), resized.max()
         if keep:
-            images[index], masks[index] = resize_image(image, size), resize(mask, size, is_mask=True)
+            images[index], masks[index] = resize_image(image, size), resized
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         list(pool.map(scan, range(len(pairs))))
@@ -174,7 +178,7 @@ def scan_pairs(pairs: Sequence[SlicePair], size: int, keep: bool, channels: Chan
             problems.append(f"{len(names)} {MASK_PROBLEMS[problem]}: {format_names(sorted(names))}")
     if problems:
         raise DataError("; ".join(problems) + ". Replace or remove these slices (image and mask together).")
-    return Scan(mask_max, images, masks)
+    return Scan(mask_max, sized_max, images, masks)
 
 
 def _to_albumentations(image: np.ndarray) -> np.ndarray:

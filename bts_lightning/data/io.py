@@ -127,11 +127,19 @@ def mask_problem(mask: np.ndarray, image: np.ndarray) -> str | None:
 
 
 def resize(image: np.ndarray, size: int, is_mask: bool) -> np.ndarray:
-    """Resize to ``size`` x ``size``: area/linear for images, nearest for masks."""
+    """Resize to ``size`` x ``size``. Shrinking: area interpolation, for images and masks alike. Enlarging: linear for
+    images, the source pixel under each pixel's centre for masks (``INTER_NEAREST_EXACT``).
+
+    A mask keeps its raw values' scale (0/1 or 0/255, read as tumor above the dataset's :func:`mask_threshold`), so
+    :func:`binarize_mask` then marks the pixels that are tumor over more than half of their area, where the image
+    shows them. Nearest-neighbour shrinking cannot: at an even factor it samples one side of each pixel's centre, which
+    put a 256 px mask 0.375 px (at 64 px) below and right of its image (OpenCV's ``INTER_NEAREST``), 0.25 px above and
+    left at 128 px (``INTER_NEAREST_EXACT``).
+    """
     if image.shape == (size, size):
         return image
-    if is_mask:
-        interpolation = cv2.INTER_NEAREST
+    if image.shape[0] > size:
+        interpolation = cv2.INTER_AREA
     else:
-        interpolation = cv2.INTER_AREA if image.shape[0] > size else cv2.INTER_LINEAR
+        interpolation = cv2.INTER_NEAREST_EXACT if is_mask else cv2.INTER_LINEAR
     return cv2.resize(image, (size, size), interpolation=interpolation)
