@@ -106,6 +106,8 @@ def read_slice(path: str | Path, channels: list[int] | None) -> np.ndarray:
         image = image[..., [2, 1, 0, 3][: image.shape[2]]]  # OpenCV BGR(A) -> file RGB(A)
     if channels is None:
         if image.ndim == 3 and image.shape[2] in _TO_GRAY:
+            if image.dtype not in (np.uint8, np.uint16, np.float32):  # int16, float64, ...: OpenCV converts none
+                image = image.astype(np.float32)
             image = cv2.cvtColor(np.ascontiguousarray(image), _TO_GRAY[image.shape[2]])
         elif image.ndim == 3:
             image = image.mean(axis=2).astype(image.dtype)

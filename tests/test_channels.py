@@ -10,6 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from bts_lightning import space_app
 from bts_lightning.data.channels import channel_count, parse_channels
 from bts_lightning.data.io import ChannelError, read_channels, to_channels
 from bts_lightning.errors import ConfigError
@@ -77,6 +78,20 @@ def test_channels_are_read_in_file_order_and_deep_images_scaled_together(tmp_pat
     np.testing.assert_array_equal(to_channels(gray, (0,)), gray[None])  # a gray file's one channel is [0]
     int16 = np.array([[-100, 0], [100, 1100]], np.int16)
     assert to_channels(int16, None)[0].tolist() == [[0, 21], [42, 255]]  # int16 (Figshare): min-max per slice
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.int32, np.float64])
+@pytest.mark.parametrize("planes", [3, 4])
+def test_colour_images_of_any_depth_become_gray(tmp_path, dtype, planes):
+    """OpenCV's colour conversion takes 8/16-bit unsigned and float32 only; other depths are converted first."""
+    colour = np.random.default_rng(0).integers(-50, 3000, (6, 5, planes)).astype(dtype)
+    gray = to_channels(colour, None)
+    assert gray.shape == (1, 6, 5) and gray.dtype == np.uint8
+    np.testing.assert_array_equal(gray, to_channels(colour.astype(np.float32), None))
+    if dtype == np.int16:  # a file, as the Space app reads it too
+        assert cv2.imwrite(str(tmp_path / "colour.tif"), colour)
+        np.testing.assert_array_equal(read_channels(tmp_path / "colour.tif", None), space_app.read_slice(
+            tmp_path / "colour.tif", None))
 
 
 def test_standardize_z_scores_each_channel_and_matches_the_one_channel_rule():

@@ -66,6 +66,8 @@ def to_channels(image: np.ndarray, channels: Channels) -> np.ndarray:
     """
     if channels is None:
         if image.ndim == 3 and image.shape[2] in _TO_GRAY:
+            if image.dtype not in (np.uint8, np.uint16, np.float32):  # int16, float64, ...: OpenCV converts none
+                image = image.astype(np.float32)
             image = cv2.cvtColor(np.ascontiguousarray(image), _TO_GRAY[image.shape[2]])
         elif image.ndim == 3:
             image = image.mean(axis=2).astype(image.dtype)  # 1, 2 or 5+ channels: no standard luma; their mean
