@@ -16,6 +16,7 @@ import re
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -78,9 +79,15 @@ def refused_settings(error: BaseException) -> ConfigError | None:
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         if isinstance(current, InstantiationException):
+            if missing := re.match(r"Error locating target '([^']+)'", str(current)):
+                key = re.search(r"full_key: (\S+)", str(current))
+                lines = str(current.__cause__ or "").strip().splitlines()[1:]  # below Hydra's "Error loading 'X':"
+                reason = "; ".join(line.strip() for line in lines if line.strip()) or "not found"
+                return ConfigError(f"_target_: {missing[1]}{f' (at {key[1]})' if key else ''} cannot be imported: "
+                                   f"{reason} Correct the class path (module.Class), or install its package.")
             targets += re.findall(r"Error in call to target '([^']+)'", str(current))[:1]
-        elif isinstance(current, MisconfigurationException) or (isinstance(current, (ValueError, TypeError))
-                                                                 and targets):
+        elif (isinstance(current, MisconfigurationException)
+              or isinstance(current, (ValueError, TypeError)) and (targets or _lightning_refused(current))):
             reason = "; ".join(line.strip() for line in str(current).splitlines()
                                if line.strip() and not line.strip().startswith("For further information"))
             refuser = targets[-1] if targets else "Lightning"
@@ -91,6 +98,18 @@ def refused_settings(error: BaseException) -> ConfigError | None:
                                f"config file) that sets it{no_device}.")
         current = current.__cause__ or current.__context__
     return None
+
+
+# Trainer settings Lightning checks against the data only when fitting starts, with a plain ValueError.
+FIT_TIME_SETTINGS = ("val_check_interval",)
+
+
+def _lightning_refused(error: BaseException) -> bool:
+    """Whether ``error`` is Lightning refusing one of :data:`FIT_TIME_SETTINGS` (e.g. a ``val_check_interval`` of more
+    batches than an epoch has), raised in Lightning's own code."""
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and f"{os.sep}lightning{os.sep}" in frames[-1].filename and any(
+        name in str(error) for name in FIT_TIME_SETTINGS)
 
 
 # The shell's statuses for a process ended by SIGTERM (128 + 15) or SIGINT (128 + 2, Ctrl-C), which schedulers and

@@ -169,6 +169,10 @@ def check_batches(trainer: DictConfig) -> None:
     if _is_number(every) and (every < 1 or _is_number(epochs) and epochs >= 1 and every > epochs):
         raise ConfigError(f"trainer.check_val_every_n_epoch={every} validates on no epoch of trainer.max_epochs="
                           f"{epochs}, but validation chooses best.ckpt: set a whole number from 1 to {epochs}.")
+    interval = trainer.get("val_check_interval")
+    if interval is not None and not (_is_number(interval) and interval > 0 and (interval <= 1 or interval % 1 == 0)):
+        raise ConfigError(f"trainer.val_check_interval={interval} must be a fraction in (0, 1] of an epoch, or a whole "
+                          "number >= 1 of training batches (null: once per epoch).")
     clip = trainer.get("gradient_clip_val")
     if clip is not None and not (_is_number(clip) and clip >= 0):
         raise ConfigError(f"trainer.gradient_clip_val={clip} must be a number >= 0 (null or 0: no clipping).")

@@ -207,6 +207,8 @@ def test_checkpoint_records_the_training_image_size(tmp_path):
         ("trainer.limit_val_batches=0.0", "trainer.limit_val_batches=0.0 validates no batch"),
         ("trainer.max_steps=0", "trainer.max_steps=0 trains no step"),
         ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0 must be a whole number >= 1"),
+        ("trainer.val_check_interval=0", "trainer.val_check_interval=0 must be a fraction in"),
+        ("trainer.val_check_interval=1.5", "trainer.val_check_interval=1.5 must be a fraction"),
         ("trainer.check_val_every_n_epoch=31", ("trainer.check_val_every_n_epoch=31 validates on no epoch of "
                                                "trainer.max_epochs=30")),
     ],
@@ -370,6 +372,12 @@ def test_a_resume_removes_the_metrics_of_the_process_it_continues(tmp_path, monk
                                   "available")),
     (["debug=limit", "trainer.limit_train_batches=0.01"],  # refused by Lightning only when fitting starts
      "error: Lightning refused its settings: You requested to check 0.01 of the `train_dataloader`"),
+    (["debug=limit", "trainer.val_check_interval=500"],  # more batches than an epoch has: refused when fitting starts
+     ("error: Lightning refused its settings: `val_check_interval` (500) must be less than or equal to the number of "
+     "the training batches (3).")),
+    (["data.extra_augmentations=[{_target_: albumentations.NoSuchThing}]"],
+     ("error: _target_: albumentations.NoSuchThing (at data.extra_augmentations0) cannot be imported: "
+      "ModuleNotFoundError(\"No module named 'albumentations.NoSuchThing'\")")),
     (["data.extra_augmentations=[{_target_: bts_lightning.data.augment.TumorFreeCrop, p: 1.5}]"],
      ("error: bts_lightning.data.augment.TumorFreeCrop refused its settings: 1 validation error for InitSchema; p; "
       "Input should be less than or equal to 1")),
