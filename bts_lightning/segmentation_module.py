@@ -164,8 +164,11 @@ class SegmentationModule(L.LightningModule):
         return self.hparams.net.get("weights") is not None
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor | list[torch.Tensor]]:
-        """Logits dict (``out`` and, for some models, ``aux``) for an (N, C, H, W) batch of any scale."""
-        return self.net(standardize(images))
+        """Logits dict (``out`` and, for some models, ``aux``) for an (N, C, H, W) batch of any scale, standardized in
+        float32 and given to the network in its weights' dtype (``trainer.precision=bf16-true`` etc. convert them)."""
+        weight = next(self.net.parameters(), None)
+        standardized = standardize(images)
+        return self.net(standardized if weight is None else standardized.to(weight.dtype))
 
     @torch.no_grad()
     def predict_probabilities(self, images: torch.Tensor) -> torch.Tensor:

@@ -223,6 +223,15 @@ def test_values_nothing_else_checks_are_config_errors(override, message, tmp_pat
     assert not (tmp_path / "data").exists()  # refused before the synthetic slices are generated
 
 
+@pytest.mark.parametrize("precision", ["bf16-true", "64-true"])
+def test_true_precisions_train_in_the_weights_dtype(tmp_path, precision):
+    """Lightning converts the weights; the standardized float32 input follows them (it crashed in the first conv)."""
+    overrides = [*SMALL_SYNTHETIC, f"paths.data_dir={tmp_path / 'data'}", "trainer=cpu", "data.num_workers=0",
+                 "debug=limit", "trainer.max_epochs=1", f"trainer.precision={precision}"]
+    metrics = train(compose_train(overrides, tmp_path / "run"))
+    assert 0 <= metrics["test"]["test/dice"] <= 1
+
+
 def test_resume_needs_a_matching_readable_checkpoint(tmp_path):
     overrides = [*SMALL_SYNTHETIC, f"paths.data_dir={tmp_path / 'data'}", "trainer=cpu", "data.num_workers=0",
                  "debug=limit", "trainer.max_epochs=1", "test=false", "model.net.channels=[8,16,32]", "model.net.strides=[2,2]"]
