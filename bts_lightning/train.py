@@ -190,6 +190,33 @@ def check_callback_settings(callbacks: DictConfig | None) -> None:
             as_number(f"callbacks.{name}.min_delta", node.get("min_delta", 0.0), minimum=0)
 
 
+def check_callback_monitors(callbacks: DictConfig | None, monitor: str, mode: str) -> None:
+    """``ConfigError`` when the checkpoint callbacks choose ``best.ckpt`` by another metric than ``monitor.metric``
+    (none of them monitors it), or a checkpoint or early-stopping callback watches it in another mode: ``metrics.json``,
+    the scheduler and the decision follow ``monitor``, so they would describe another epoch than ``best.ckpt``'s."""
+    watching: dict[str, tuple[str, Any, Any]] = {}  # callback name -> (kind, its monitor, its mode)
+    for name, node in (callbacks or {}).items():
+        target = str(node.get("_target_", "")) if isinstance(node, DictConfig) else ""
+        for kind in ("ModelCheckpoint", "EarlyStopping"):
+            if target.endswith(kind) and node.get("monitor") is not None:
+                watching[name] = (kind, node.get("monitor"), node.get("mode", "min"))
+    for name, (_, metric, its_mode) in watching.items():
+        if metric == monitor and its_mode != mode:
+            raise ConfigError(f"callbacks.{name}.mode={its_mode} differs from monitor.mode={mode} for {monitor}: set "
+                              f"monitor.mode (the callbacks follow it) instead of callbacks.{name}.mode.")
+    checkpoints = {name: metric for name, (kind, metric, _) in watching.items() if kind == "ModelCheckpoint"}
+    if checkpoints and monitor not in checkpoints.values():
+        name, metric = next(iter(checkpoints.items()))
+        raise ConfigError(f"callbacks.{name}.monitor={metric} differs from monitor.metric={monitor}, which "
+                          "metrics.json, the scheduler and early stopping follow: set monitor.metric (and monitor.mode) "
+                          f"instead, e.g. monitor.metric={metric} monitor.mode=min for a loss.")
+
+
+# The direction each monitorable metric improves in.
+NATURAL_MODES = {VAL_DICE: "max", VAL_IOU: "max", "val/loss": "min", "val/dice_tumor": "max", "val/sensitivity": "max",
+                 "val/false_alarm_rate": "min"}
+
+
 # Seeds are drawn from [0, 2**31): every epoch's seed + epoch (EpochSeed) stays within what NumPy takes.
 MAX_SEED = 2**31 - 1
 
@@ -214,6 +241,10 @@ def check_monitor(monitor: DictConfig | None) -> tuple[str, str]:
     if mode not in MONITOR_MODES:
         raise ConfigError(f"monitor.mode={mode} must be max (val/dice, val/iou, val/dice_tumor, val/sensitivity) "
                           "or min (val/loss, val/false_alarm_rate).")
+    if NATURAL_MODES.get(metric, mode) != mode:
+        log.warning("monitor.mode=%s with monitor.metric=%s: best.ckpt, early stopping and the plateau scheduler take "
+                    "the epoch with the %s %s as the best one (the usual mode is %s).", mode, metric,
+                    "lowest" if mode == "min" else "highest", metric, NATURAL_MODES[metric])
     return metric, mode
 
 
@@ -341,6 +372,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_callback_settings(cfg.get("callbacks"))
     check_sweep_objective(cfg.get("callbacks"))
     monitor, mode = check_monitor(cfg.get("monitor"))
+    check_callback_monitors(cfg.get("callbacks"), monitor, mode)
     check_scheduler(cfg)  # after the monitor, whose mode the plateau scheduler takes
     test = flag_setting(cfg, "test", False)
     if cfg.get("cross_data") is not None:
@@ -417,7 +449,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "note": (f"best_val_dice is {VAL_DICE} at the epoch with the best {monitor} on the split that chose "
                      "best.ckpt (optimistic); " if best_path else "no checkpoint callback chose a best epoch; ")
             + (f"test is {scored} scored on the held-out test split (the network's own masks; test_with_decision, when "
-               "present, with the slice decision)." if tested else "there is no test split."),
+               "present, with the slice decision)." if tested else
+               "not tested (test=false)." if datamodule.has_test else "there is no test split."),
         },
         "best_val_dice": best.get(VAL_DICE) if best else None,
         **slice_scores("best_val_", best),

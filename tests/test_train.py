@@ -11,14 +11,14 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from bts_lightning.checkpoint import CheckpointError
 from bts_lightning.errors import ConfigError
 from bts_lightning.preprocessing import standardize
 from bts_lightning.runtime import run_app
-from bts_lightning.train import never_improved_warning, train
+from bts_lightning.train import check_monitor, never_improved_warning, train
 from tests import fixtures_demo
 from tests.conftest import REAL_DATA, compose_train, run_cli
 
@@ -208,6 +208,9 @@ def test_checkpoint_records_the_training_image_size(tmp_path):
         ("trainer.max_steps=0", "trainer.max_steps=0 trains no step"),
         ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0 must be a whole number >= 1"),
         ("trainer.val_check_interval=0", "trainer.val_check_interval=0 must be a fraction in"),
+        ("callbacks.model_checkpoint.monitor=val/loss", ("callbacks.model_checkpoint.monitor=val/loss differs from "
+                                                         "monitor.metric=val/dice")),
+        ("callbacks.early_stopping.mode=min", "callbacks.early_stopping.mode=min differs from monitor.mode=max"),
         ("trainer.val_check_interval=1.5", "trainer.val_check_interval=1.5 must be a fraction"),
         ("trainer.check_val_every_n_epoch=31", ("trainer.check_val_every_n_epoch=31 validates on no epoch of "
                                                "trainer.max_epochs=30")),
@@ -434,6 +437,7 @@ def test_logger_none_trains_without_logs_or_the_learning_rate_monitor(tmp_path, 
     with caplog.at_level(logging.INFO):
         saved = train(cfg)
     assert saved["best_epoch"] == 0 and "the learning-rate monitor, which writes to one, is left out" in caplog.text
+    assert saved["selection"]["note"].endswith("not tested (test=false).") and saved["split"]["n_test"] > 0
     assert not (tmp_path / "run" / "tensorboard").exists() and not (tmp_path / "run" / "csv").exists()
 
 
@@ -453,6 +457,16 @@ def test_one_monitor_key_drives_checkpoint_early_stopping_and_scheduler(tmp_path
     assert saved["best_val_dice"] == best_row["val/dice"]
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["epoch"] == saved["best_epoch"]
+
+
+def test_a_monitor_mode_against_its_metric_is_warned_about(caplog):
+    with caplog.at_level(logging.WARNING):
+        assert check_monitor(OmegaConf.create({"metric": "val/dice", "mode": "min"})) == ("val/dice", "min")
+    assert "monitor.mode=min with monitor.metric=val/dice" in caplog.text and "the usual mode is max" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        check_monitor(OmegaConf.create({"metric": "val/false_alarm_rate", "mode": "min"}))
+    assert not caplog.text
 
 
 def test_validating_every_second_epoch_steps_the_plateau_scheduler_on_those_epochs(tmp_path):
