@@ -27,6 +27,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import InstantiationException, OverrideParseException
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
@@ -187,25 +188,34 @@ def hydra_app(
     :func:`run_app`: a user error is one ``error:`` line and exit status 2. ``result`` maps the app's
     return value to what Hydra sweepers optimize (e.g. the best validation Dice). Overrides Hydra cannot
     compose (an unknown key or group option) keep Hydra's own message but exit with status 2 as well,
-    not Hydra's 1, which is left to crashes of the app itself.
+    not Hydra's 1, which is left to crashes of the app itself. In a sweep (``-m``) a job refused after another job ran
+    is skipped (an Optuna trial fails) and the others run; ``main()`` then names the refused ones and exits with 2.
     """
     started = False
+    finished_jobs, refused_jobs = 0, []  # of a sweep; each refused one's number and folder
     save_run_record_atomically()
 
     @functools.wraps(app)  # Hydra names the job (and its log file) after app's module
     def task(cfg: DictConfig) -> Any:
-        nonlocal started
+        nonlocal started, finished_jobs
         started = True
         log.debug("Config:\n%s", OmegaConf.to_yaml(cfg))
-        args = (cfg, list(HydraConfig.get().overrides.task)) if pass_overrides else (cfg,)
+        hydra_config = HydraConfig.get()
+        args = (cfg, list(hydra_config.overrides.task)) if pass_overrides else (cfg,)
         try:
             value = run_app(app, *args)
         except SystemExit as stop:
             if stop.code == 2:  # refused input (e.g. a resume of another network) changes nothing in the run folder
                 restore_run_record()
+                # A sweep goes on past a refused job once a job has run (an Optuna trial fails; main names them at the
+                # end); one whose first job is refused stops, as the settings every job shares are the likely cause.
+                if hydra_config.mode == RunMode.MULTIRUN and finished_jobs:
+                    refused_jobs.append(f"#{hydra_config.job.num} ({hydra_config.runtime.output_dir})")
+                    return None
             raise
         finally:
             _replaced_record.clear()
+        finished_jobs += 1
         return result(value) if result is not None else None
 
     hydra_main = hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=config_name)(task)
@@ -217,7 +227,12 @@ def hydra_app(
             print(f"error: {unknown}", file=sys.stderr)
             raise SystemExit(2)
         try:
-            return hydra_main()
+            value = hydra_main()
+            if refused_jobs:
+                print(f"error: {len(refused_jobs)} job(s) of the sweep were refused, each with its error above: "
+                      f"{', '.join(refused_jobs)}. The other jobs ran.", file=sys.stderr)
+                raise SystemExit(2)
+            return value
         except SystemExit as stop:
             if not started:  # the job's record could not be written (_save_config), or Hydra could not compose
                 restore_run_record()

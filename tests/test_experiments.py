@@ -164,24 +164,49 @@ def test_optuna_sweep_runs_two_trials_and_maximizes_val_dice(tmp_path):
     sweep = tmp_path / "optuna"
     result = run_cli(
         ["bts_lightning.train", "hparams_search=optuna", "hydra.sweeper.n_trials=2",
-         "hydra.sweeper.params.model='choice(unet,lraspp)'", *QUICK, "debug=limit", "trainer.max_epochs=1",
-         f"paths.data_dir={tmp_path / 'data'}", f"hydra.sweep.dir={sweep}"],
+         "hydra.sweeper.params.model='choice(unet,lraspp)'", *QUICK, "test=true", "debug=limit",
+         "trainer.max_epochs=1", f"paths.data_dir={tmp_path / 'data'}", f"hydra.sweep.dir={sweep}"],
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    jobs = [p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()]
+    jobs = sorted((p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
     assert len(jobs) == 2 and all((job / "metrics.json").is_file() for job in jobs)
     from omegaconf import OmegaConf
 
     best = OmegaConf.load(sweep / "optimization_results.yaml")
-    values = [json.loads((job / "metrics.json").read_text())["best_val_dice"] for job in jobs]
+    metrics = [json.loads((job / "metrics.json").read_text()) for job in jobs]
+    values = [job["best_val_dice"] for job in metrics]
     assert best.best_value == pytest.approx(max(values))
+    # what the best value is, and the chosen trial's score on the split that chose nothing
+    assert "chosen on the validation split twice" in best.best_value_is
+    chosen = values.index(max(values))
+    assert best.best_trial.job == chosen and best.best_trial.test_dice == metrics[chosen]["test"]["test/dice"]
+    assert f"the best trial is job #{chosen}" in result.stderr + result.stdout
 
     # without the metric history a trial has no best_val_dice to return: one error line before training
     result = run_cli(["bts_lightning.train", "hparams_search=optuna", "hydra.sweeper.n_trials=2", *QUICK,
                       "callbacks=none", f"paths.data_dir={tmp_path / 'data'}", f"hydra.sweep.dir={tmp_path / 'none'}"],
                      cwd=tmp_path)
     assert_one_error_line(result, "hparams_search=optuna maximizes best_val_dice", "callbacks=none")
+
+
+@pytest.mark.slow
+def test_a_sweep_goes_on_past_a_refused_job_and_names_it(tmp_path):
+    """Job #1 (val fold 2 = the test fold) is refused; #0 and #2 train, and the sweep ends with exit status 2 naming
+    #1. A sweep whose first job is refused stops there (the settings all jobs share are the likely cause)."""
+    common = ["bts_lightning.train", "-m", *QUICK, "debug=limit", "trainer.max_epochs=1", "data.test_fold=2",
+              f"paths.data_dir={tmp_path / 'data'}"]
+    result = run_cli([*common, "data.val_fold=1,2,3", f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and "data.val_fold and data.test_fold are both 2" in errors[0], errors
+    assert errors[1].startswith("error: 1 job(s) of the sweep were refused") and f"#1 ({tmp_path / 'sweep' / '1'})" in \
+        errors[1]
+    assert [(tmp_path / "sweep" / job / "metrics.json").is_file() for job in "012"] == [True, False, True]
+
+    result = run_cli([*common, "data.val_fold=2,1", f"hydra.sweep.dir={tmp_path / 'first'}"], cwd=tmp_path)
+    assert_one_error_line(result, "data.val_fold and data.test_fold are both 2")
+    assert not (tmp_path / "first" / "1").exists()
 
 
 def test_slurm_launcher_config_composes(tmp_path):

@@ -49,7 +49,8 @@ def split_by_folds(folds: list[str], val_fold: int | str, test_fold: int | str |
         if fold is not None and str(fold) not in available:
             raise ConfigError(f"{key}={fold} is not one of the data's folds; available folds: {', '.join(available)}.")
     if test_fold is not None and str(test_fold) == str(val_fold):
-        raise ConfigError(f"data.val_fold and data.test_fold are both {val_fold}; choose different folds.")
+        raise ConfigError(f"data.val_fold and data.test_fold are both {val_fold}; choose different folds (or "
+                          "data.test_fold=null: no test split, e.g. to sweep data.val_fold over every fold).")
     val = [i for i, f in enumerate(folds) if f == str(val_fold)]
     test = [i for i, f in enumerate(folds) if test_fold is not None and f == str(test_fold)]
     train = [i for i, f in enumerate(folds) if f not in {str(val_fold), str(test_fold)}]
