@@ -96,6 +96,11 @@ def check_scheduler(cfg: DictConfig) -> None:
     if "T_max" in node and not (isinstance(t_max, int) and t_max >= 1):
         raise ConfigError(f"scheduler.scheduler.T_max={t_max} must be a whole number >= 1 (the epochs to anneal over; "
                           "cosine takes trainer.max_epochs): set trainer.max_epochs, or scheduler.scheduler.T_max.")
+    steps = cfg.trainer.get("max_steps")
+    if "T_max" in node and _is_number(steps) and steps > 0:
+        log.warning("%s anneals over T_max=%s epochs, but trainer.max_steps=%s may end training sooner, the learning "
+                    "rate part-way down: set scheduler.scheduler.T_max to the epochs those steps take.",
+                    node["_target_"].rsplit(".", 1)[-1], t_max, steps)
     stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     try:
         instantiate(node)(stand_in)
@@ -345,6 +350,16 @@ def split_summary(datamodule: Any) -> dict[str, Any]:
             "n_negatives": datamodule.n_negatives}
 
 
+def partial_note(split: str, counts: dict[str, int] | None, size: int | None) -> str:
+    """`` The <split> scores cover N of its M slices (...).`` when fewer slices were scored than the split holds
+    (``trainer.limit_<split>_batches``, ``fast_dev_run``, ``debug=limit``), else ``""``."""
+    scored = sum(counts.values()) if counts else None
+    if scored is None or size is None or scored >= size:
+        return ""
+    return (f" The {split} scores cover {scored} of its {size} slices (trainer.limit_{split}_batches or fast_dev_run): "
+            "not a score of the whole split.")
+
+
 def slice_scores(prefix: str, row: dict[str, float] | None) -> dict[str, float | None]:
     """``{prefix}dice_tumor``, ``{prefix}sensitivity``, ``{prefix}false_alarm_rate`` of a history row (None when
     the row lacks them: no such row, or no tumor / no empty slice in the validation split)."""
@@ -464,6 +479,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "best_checkpoint": best_path,
         "val_history": history.history if history else [],
     }
+    metrics["selection"]["note"] += partial_note("val", metrics["val_slices"], metrics["split"].get("n_val"))
     stalled = never_improved_warning(history.history, best, monitor) if history else None
     if stalled:
         log.warning(stalled)
@@ -475,6 +491,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         results = trainer.test(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)
         metrics["test"] = {key: float(value) for key, value in results[0].items()}
         metrics["test_slices"] = module.slice_counts.get("test")
+        metrics["selection"]["note"] += partial_note("test", metrics["test_slices"], metrics["split"].get("n_test"))
         if metrics.get("decision") and trainer.is_global_zero:
             metrics["test_with_decision"] = test_with_decision(cfg, Path(best_path), output_dir / "test_with_decision")
     if cfg.get("cross_data") is not None:

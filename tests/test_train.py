@@ -18,7 +18,7 @@ from bts_lightning.checkpoint import CheckpointError
 from bts_lightning.errors import ConfigError
 from bts_lightning.preprocessing import standardize
 from bts_lightning.runtime import run_app
-from bts_lightning.train import check_monitor, never_improved_warning, train
+from bts_lightning.train import check_monitor, check_scheduler, never_improved_warning, train
 from tests import fixtures_demo
 from tests.conftest import REAL_DATA, compose_train, run_cli
 
@@ -230,9 +230,15 @@ def test_values_nothing_else_checks_are_config_errors(override, message, tmp_pat
 def test_true_precisions_train_in_the_weights_dtype(tmp_path, precision):
     """Lightning converts the weights; the standardized float32 input follows them (it crashed in the first conv)."""
     overrides = [*SMALL_SYNTHETIC, f"paths.data_dir={tmp_path / 'data'}", "trainer=cpu", "data.num_workers=0",
-                 "debug=limit", "trainer.max_epochs=1", f"trainer.precision={precision}"]
+                 "debug=limit", "trainer.max_epochs=1", f"trainer.precision={precision}", "data.batch_size=2"]
     metrics = train(compose_train(overrides, tmp_path / "run"))
     assert 0 <= metrics["test"]["test/dice"] <= 1
+    # debug=limit scores two batches of each split, and the note says so
+    scored = {name: sum(metrics[f"{name}_slices"].values()) for name in ("val", "test")}
+    for name in ("val", "test"):
+        assert scored[name] < metrics["split"][f"n_{name}"]
+        assert (f"The {name} scores cover {scored[name]} of its {metrics['split'][f'n_{name}']} slices "
+                f"(trainer.limit_{name}_batches or fast_dev_run)") in metrics["selection"]["note"]
 
 
 def test_resume_needs_a_matching_readable_checkpoint(tmp_path):
@@ -555,6 +561,15 @@ def test_experiment_options_on_a_removed_entry_are_left_out_with_a_warning_or_re
         train(compose_train([*base, "scheduler=cosine", "trainer.max_epochs=-1", "trainer.max_steps=4"],
                             tmp_path / "steps"))
     assert not (tmp_path / "cosine" / "checkpoints").exists() and not (tmp_path / "steps" / "checkpoints").exists()
+
+
+def test_a_cosine_schedule_cut_short_by_max_steps_is_warned_about(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        check_scheduler(compose_train([*SMALL_SYNTHETIC, "scheduler=cosine", "trainer.max_epochs=10",
+                                       "trainer.max_steps=6"], tmp_path / "run"))
+    assert "CosineAnnealingLR anneals over T_max=10 epochs, but trainer.max_steps=6 may end training sooner" in \
+        caplog.text
+    assert compose_train(["debug=overfit"], tmp_path / "overfit").scheduler.scheduler is None  # a constant rate
 
 
 def test_settings_with_nothing_to_act_on_are_said(tmp_path, caplog):
