@@ -195,10 +195,13 @@ class Run:
         return self.get("model.net.name") or self.get("model.name") or self.metrics.get("model")
 
     def identity(self) -> str:
-        """A canonical string of the configuration, without :data:`IGNORED_KEYS`."""
+        """A canonical string of the configuration, without :data:`IGNORED_KEYS`, but with whether it held out a test
+        fold (``data.test_fold`` null or not): that changes what it trained on and what it reports."""
         if self.config is None:
             return f"<no config> {self.directory}"
         config = OmegaConf.to_container(self.config, resolve=False)
+        data = config.get("data")
+        held_out = None if not isinstance(data, dict) else data.get("test_fold") is not None
         for key in IGNORED_KEYS:
             *parents, leaf = key.split(".")
             node = config
@@ -206,7 +209,7 @@ class Run:
                 node = node.get(parent) if isinstance(node, dict) else None
             if isinstance(node, dict):
                 node.pop(leaf, None)
-        return json.dumps(config, sort_keys=True, default=str)
+        return json.dumps({"config": config, "test_fold_held_out": held_out}, sort_keys=True, default=str)
 
 
 @dataclass
@@ -466,6 +469,8 @@ def _shown_override(override: str) -> bool:
     key = _override_key(override)
     if key.startswith(_IGNORED_OVERRIDE_PREFIXES):
         return False
+    if key == "data.test_fold" and override.split("=", 1)[-1].strip().lower() in ("null", "none", "~"):
+        return True  # no test fold held out: another configuration (Run.identity), named as such
     return not any(key == ignored or key.startswith(f"{ignored}.") for ignored in IGNORED_KEYS)
 
 
@@ -611,9 +616,20 @@ def render_markdown(rows: Sequence[ConfigurationRow], directories: Sequence[str 
         warning = (f"**Warning:** {', '.join(leaky)} split slices, not patients (`data.split_by=slice`): one "
                    "patient's slices can be in training and validation/test, so their scores are optimistic.")
         lines += ["", warning]
+    final = [row.label for row in rows if any("selection" in run.metrics and run.metrics.get("test")
+                                              and (run.metrics["selection"] or {}).get("chosen_on") is None
+                                              for run in row.runs)]
+    if final:
+        lines += ["", (f"**Note:** the test Dice of {', '.join(final)} scores the final weights: no checkpoint callback "
+                      "chose a best epoch (`callbacks=none`).")]
+    datasets = {row.dataset() for row in rows if row.dataset()}
+    if len(datasets) > 1:
+        lines += ["", (f"**Note:** these configurations were trained on different datasets ({', '.join(sorted(datasets))})"
+                      ": the ranking puts their scores side by side, but compare within a dataset.")]
     if repeated:
         lines.append(
-            "Runs that differ only in seed, `data.val_fold`/`data.test_fold` or paths are one configuration: "
+            "Runs that differ only in seed, `data.val_fold`/`data.test_fold` (not its presence) or paths are one "
+            "configuration: "
             "numbers are mean ± sample standard deviation over them."
         )
     header = ["#", "configuration", "model", "loss", "optimizer", "lr", "image size", "precision", "params",
@@ -661,7 +677,7 @@ def render_markdown(rows: Sequence[ConfigurationRow], directories: Sequence[str 
     lines += ["", "## Runs", ""]
     for rank, row in enumerate(rows, start=1):
         dirs = ", ".join(f"`{r.directory}`" for r in row.runs)
-        lines.append(f"{rank}. {row.label}: {dirs}")
+        lines.append(f"- (unranked) {row.label}: {dirs}" if row in left_out else f"{rank}. {row.label}: {dirs}")
     return "\n".join(lines) + "\n"
 
 
@@ -769,7 +785,9 @@ def report(directories: Sequence[str | Path], out: str | Path | None = None) -> 
     of ``experiment=cross_dataset`` are among them); returns the rows.
 
     Each file is replaced all or nothing; an unwritable ``out`` or a full disk raises
-    :class:`~bts_lightning.errors.OutputError`.
+    :class:`~bts_lightning.errors.OutputError`. A ``cross_dataset.csv`` or ``report.png`` of an earlier report in
+    ``out`` that this one does not write (no cross-dataset run now; matplotlib missing) is removed: it would describe
+    other runs than the new ``report.md``.
     """
     rows = group_runs(find_runs(directories))
     out_dir = Path(out) if out is not None else Path(directories[0])
@@ -780,6 +798,10 @@ def report(directories: Sequence[str | Path], out: str | Path | None = None) -> 
         write_cross_csv(cross, out_dir / CROSS_FILE)
     chart = "report.png" if plot(rows, out_dir / "report.png") else None
     write_bytes_atomic(out_dir / "report.md", render_markdown(rows, directories, chart).encode())
+    for name, written in ((CROSS_FILE, bool(cross)), ("report.png", chart is not None)):
+        if not written and (out_dir / name).is_file():
+            (out_dir / name).unlink()
+            _warn(f"removed {out_dir / name}, an earlier report's, which this report does not replace")
     return rows
 
 
@@ -812,7 +834,7 @@ def report_app(cfg: DictConfig) -> list[ConfigurationRow]:
                                                                               "all_slices_dice"))
             print(f"  {entry['config']}: {entry['trained_on']} -> {entry['dataset']} {entry['split']} "
                   f"({entry['role']}): {scores}")
-    written = [name for name in REPORT_FILES if (out_dir / name).is_file()] + ([CROSS_FILE] if cross else [])
+    written = [name for name in (*REPORT_FILES, CROSS_FILE) if (out_dir / name).is_file()]  # stale ones are removed
     print(f"Wrote {', '.join(str(out_dir / name) for name in written)}")
     return rows
 

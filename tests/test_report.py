@@ -84,13 +84,14 @@ scheduler: null
 
 def _write_run(directory: Path, model: str, seed: int, val_fold: int, val_dice: float, test_dice: float | None,
                lr: float = 0.001, data_dir: str = "data", last_val_dice: float | None = None,
-               split: dict | None = None, net_layout: bool = False) -> None:
+               split: dict | None = None, net_layout: bool = False, test_fold: int | None = None,
+               overrides: tuple[str, ...] = ()) -> None:
     """A training run's folder; its config has the model node of runs made before model.net (``model.name``)
     unless ``net_layout``."""
     (directory / ".hydra").mkdir(parents=True)
     (directory / ".hydra" / "config.yaml").write_text(
         f"seed: {seed}\n"
-        f"data:\n  image_size: 128\n  val_fold: {val_fold}\n  test_fold: null\n  seed: ${{seed}}\n"
+        f"data:\n  image_size: 128\n  val_fold: {val_fold}\n  test_fold: {test_fold or 'null'}\n  seed: ${{seed}}\n"
         + (NET_LAYOUT.format(model=model) if net_layout else f"model:\n  name: {model}\n")
         +
         "loss:\n  _target_: monai.losses.DiceFocalLoss\n"
@@ -100,6 +101,7 @@ def _write_run(directory: Path, model: str, seed: int, val_fold: int, val_dice: 
     )
     (directory / ".hydra" / "overrides.yaml").write_text(
         f"- model={model}\n- seed={seed}\n- data.val_fold={val_fold}\n- optimizer.lr={lr}\n- paths.data_dir={data_dir}\n"
+        + "".join(f"- {override}\n" for override in overrides)
     )
     metrics = {"model": model, "num_params": 1000, "epochs_trained": 10 + seed, "train_time_s": 60.0 * seed,
                "best_val_dice": val_dice, "best_epoch": 3, "best_checkpoint": None, "val_history": []}
@@ -153,6 +155,23 @@ def test_repeats_of_a_configuration_become_one_row_with_mean_and_std(tmp_path, c
     assert "0.7500 ± 0.0707" in markdown and "0.6300 ± 0.0424" in markdown
     assert "4 runs in 3 configurations" in markdown
     assert (out / "report.png").stat().st_size > 0
+
+
+def test_runs_with_and_without_a_test_fold_are_not_repeats(tmp_path, capsys):
+    """Another training set and no test score: ``data.test_fold=null`` is another configuration, named so."""
+    root = tmp_path / "runs"
+    for seed in (1, 2):
+        _write_run(root / f"held{seed}", "unet", seed=seed, val_fold=1, val_dice=0.7, test_dice=0.6, test_fold=2)
+    _write_run(root / "all", "unet", seed=1, val_fold=1, val_dice=0.8, test_dice=None,
+               overrides=("data.test_fold=null",))
+    rows = _report([f"dirs={root}"], tmp_path / "run")
+    assert sorted((row.label, len(row.runs)) for row in rows) == [("data.test_fold=null", 1), ("unet", 2)]
+    # ranked by last val Dice (one configuration has no test split); the other datasets' runs are said to differ
+    for run, dataset in (("held1", "synthetic"), ("held2", "synthetic"), ("all", "lgg")):
+        metrics = json.loads((root / run / "metrics.json").read_text())
+        (root / run / "metrics.json").write_text(json.dumps({**metrics, "dataset": dataset}))
+    _report([f"dirs={root}"], tmp_path / "run2")
+    assert "trained on different datasets (lgg, synthetic)" in (root / "report.md").read_text()
 
 
 def test_copies_and_fast_dev_runs_are_not_repeats(tmp_path, capsys):
@@ -306,6 +325,14 @@ def test_cross_dataset_rows_side_by_side_with_mean_and_std_over_repeats(tmp_path
         in markdown
     assert "| 1.0 k | brain_tumor | – | 2 |" in markdown  # params, the training dataset, split, runs
 
+    # A report of other runs into the same folder leaves no cross_dataset.csv of the earlier ones behind
+    _write_run(tmp_path / "plain" / "run", "unet", seed=1, val_fold=1, val_dice=0.7, test_dice=0.7)
+    capsys.readouterr()
+    _report([f"dirs={tmp_path / 'plain'}", f"out={root}"], tmp_path / "run2")
+    output = capsys.readouterr()
+    assert not (root / "cross_dataset.csv").exists() and "cross_dataset.csv" not in output.out.splitlines()[-1]
+    assert f"removed {root / 'cross_dataset.csv'}, an earlier report's" in output.err
+
 
 def _add_slice_scores(run: Path, tumor: tuple[int, float, float], empty: tuple[int, float | None]) -> None:
     """Give a run's metrics.json the slice-level scores training writes (last validation epoch and test)."""
@@ -411,7 +438,14 @@ def test_a_run_without_validation_scores_is_unranked_not_a_reason_to_rank_by_bes
     table = _read_csv(root / "report.csv")
     assert [(row["rank"], row["ranked_by"]) for row in table] == [("1", "last_val_dice"), ("2", "last_val_dice"),
                                                                   ("", "last_val_dice")]
-    assert "Unranked (–), listed last: model=fcn" in (root / "report.md").read_text()
+    markdown = (root / "report.md").read_text()
+    assert "Unranked (–), listed last: model=fcn" in markdown and f"- (unranked) model=fcn: `{root / 'nocallbacks'}`" \
+        in markdown and "the test Dice of" not in markdown  # metrics.json of old runs: no selection to tell
+    metrics = json.loads((root / "nocallbacks" / "metrics.json").read_text())
+    metrics["selection"] = {"chosen_on": None, "scored_on": "test"}
+    (root / "nocallbacks" / "metrics.json").write_text(json.dumps(metrics))
+    report_app(compose_app("report", [f"dirs={root}"], tmp_path / "app2"))
+    assert "the test Dice of model=fcn scores the final weights" in (root / "report.md").read_text()
 
     shutil.rmtree(root / "cv")
     shutil.rmtree(root / "nocallbacks")
