@@ -21,7 +21,9 @@ import copy
 import hashlib
 import json
 import logging
+import shutil
 from collections.abc import Collection, Mapping
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,7 @@ from bts_lightning.checkpoint import CheckpointError
 from bts_lightning.decision import SliceDecision
 from bts_lightning.errors import BtsError, ConfigError, first_line, format_names
 from bts_lightning.inference import ModelContract, ModulePredictor, load_predictor, resolve_device
-from bts_lightning.runtime import file_sha256, make_directory, write_bytes_atomic, write_json_atomic
+from bts_lightning.runtime import atomic_path, file_sha256, json_bytes, make_directory, user_error_of
 from bts_lightning.segmentation_module import SegmentationModule
 
 log = logging.getLogger(__name__)
@@ -129,16 +131,26 @@ def save_pretrained(
         module, contract = source, contract or ModelContract.from_module(source)
         metrics = metrics if metrics is not None else source.card_metrics
     check_upload_folder(directory, (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME), "hub model")
-    directory = make_directory(directory, "output")
     config = hub_config(module, contract, metrics)
     state = {key: tensor.detach().cpu().contiguous().clone() for key, tensor in module.net.state_dict().items()}
     weights = _safetensors().save(state, metadata={"format": "pt"})
     config[WEIGHTS_HASH_KEY] = hashlib.sha256(weights).hexdigest()
-    # config.json last, naming its weights: a folder whose export was killed midway does not load as a mix of two.
-    write_bytes_atomic(directory / WEIGHTS_NAME, weights)
-    write_bytes_atomic(directory / CARD_NAME, model_card(config, metrics).encode())
-    write_json_atomic(directory / CONFIG_NAME, config)
-    return directory
+    files = {CONFIG_NAME: json_bytes(config),
+             CARD_NAME: model_card(config, metrics).encode(), WEIGHTS_NAME: weights}
+    # Every file is staged beside its place first, so a failed or killed export (a full disk) leaves the folder's
+    # previous model whole. The renames run in reverse (weights, card, config.json last, naming its weights): a kill
+    # between them leaves a folder that is refused, never loaded as a mix of two models.
+    new_folder = not Path(directory).exists()
+    try:
+        directory = make_directory(directory, "output")
+        with ExitStack() as staged:
+            for name, data in files.items():
+                staged.enter_context(atomic_path(directory / name)).write_bytes(data)
+    except BaseException:
+        if new_folder:  # a failed first export leaves no folder behind
+            shutil.rmtree(directory, ignore_errors=True)
+        raise
+    return Path(directory)
 
 
 def run_metrics(ckpt_path: Path) -> dict[str, Any] | None:
@@ -199,6 +211,7 @@ def model_card(config: Mapping[str, Any], metrics: Mapping[str, Any] | None = No
     net = json.loads(json.dumps(config.get("net", {}), sort_keys=True))  # as config.json holds it: one order
     data = (metrics or {}).get("dataset") or "not recorded"
     settings = ", ".join(f"{key}={value}" for key, value in net.items() if key not in ("_target_", "weights", "name"))
+    size = f"{config['image_size']} px square slices" if config.get("image_size") else "a slice size it does not record"
     return "\n".join([
         "---", *front_matter, "---", "",
         f"# Brain tumor segmentation: {config.get('model') or 'network'}", "",
@@ -208,7 +221,7 @@ def model_card(config: Mapping[str, Any], metrics: Mapping[str, Any] | None = No
         "## Preprocessing", "",
         f"- Input: {config.get('input')}.",
         (f"- Channels: {config.get('channels')} ({config.get('in_channels')} channel(s)); "
-         f"trained at {config.get('image_size') or 'an unrecorded size'} px square slices."),
+         f"trained at {size}."),
         *([(f"- Scan neighbours: each input stacks those channels of the slice and the {config['neighbours']} "
            "slice(s) before and after it in its scan (data.neighbours), in scan order.")]
           if config.get("neighbours") else []),
@@ -304,14 +317,31 @@ def from_pretrained(directory: str | Path, device: str | torch.device | None = "
 
 def load_module_from(hparams: dict[str, Any], state: Mapping[str, torch.Tensor], source: Path) -> SegmentationModule:
     """A :class:`SegmentationModule` of ``hparams`` with network weights ``state`` (read from ``source``)."""
+    config = source.parent / CONFIG_NAME
     try:
         module = SegmentationModule(**hparams)
-        module.net.load_state_dict(state)
-    except Exception as error:  # noqa: BLE001 - whatever fails, the folder does not rebuild its module
-        raise CheckpointError(
-            f"{source} does not match {source.parent / CONFIG_NAME} ({type(error).__name__}): {first_line(error)}"
-        ) from None
+    except Exception as error:  # noqa: BLE001 - whatever fails, config.json does not describe a module
+        cause = user_error_of(error) or _innermost(error)
+        raise CheckpointError(f"{config} does not build a model ({type(cause).__name__}): {first_line(cause)}. "
+                              "Export the model into the folder again.") from None
+    expected = module.net.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    shapes = sorted(key for key in set(expected) & set(state) if expected[key].shape != state[key].shape)
+    if missing or unexpected or shapes:
+        problems = [f"{len(keys)} {what} ({format_names(keys, 3)})" for keys, what in (
+            (missing, "missing tensor(s)"), (unexpected, "unexpected tensor(s)"), (shapes, "tensor(s) of another shape"))
+            if keys]
+        raise CheckpointError(f"{source} does not hold the weights of the network {config} describes: "
+                              f"{'; '.join(problems)}. Export the model into the folder again.")
+    module.net.load_state_dict(state)
     return module
+
+
+def _innermost(error: BaseException) -> BaseException:
+    """The first exception of ``error``'s chain (Hydra wraps a constructor's error in its own)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
 
 
 def load_folder(directory: str | Path, device: str | torch.device | None = "auto") -> ModulePredictor:

@@ -512,9 +512,14 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
         temporary.write_bytes(data)
 
 
+def json_bytes(data: Any) -> bytes:
+    """``data`` as the project's JSON files hold it: indented, keys sorted, a final newline."""
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+
+
 def write_json_atomic(path: str | Path, data: Any) -> None:
     """Write ``data`` as indented JSON through :func:`atomic_path`: readers never see a partial file."""
-    write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+    write_bytes_atomic(path, json_bytes(data))
 
 
 # Run-record files (Hydra's ``.hydra/config.yaml``, ``hydra.yaml``, ``overrides.yaml``) that this job replaced, with

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import shutil
 
 import cv2
@@ -41,6 +43,8 @@ def test_round_trip_gives_the_same_probabilities_and_contract(tiny_checkpoint, h
     assert "Dataset: synthetic." in card and "- best_val_dice: " in card  # from the run's metrics.json
     lines = model_card({}, {"best_val_dice": 0.5, "test": {"test/dice": 0.7}}).splitlines()
     assert "- best_val_dice: 0.5" in lines and "- test/dice: 0.7" in lines  # not "test test/dice"
+    assert any(line.endswith("trained at a slice size it does not record.") for line in lines)
+    assert "trained at 64 px square slices." in card
 
 
 def test_copies_of_a_folder_keep_its_training_data_and_numbers(hub_folder, tmp_path):
@@ -80,6 +84,31 @@ def test_a_folder_missing_a_file_is_a_clear_error(hub_folder, tmp_path, missing)
         load_predictor(broken, "cpu")
 
 
+def test_weights_or_a_config_that_do_not_make_the_model_name_the_file_and_what_differs(hub_folder, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    renamed = shutil.copytree(hub_folder, tmp_path / "renamed")
+    state = load_file(str(renamed / WEIGHTS_NAME))
+    first = min(state)
+    state[f"{first}_renamed"] = state.pop(first)
+    save_file(state, str(renamed / WEIGHTS_NAME))
+    config = json.loads((renamed / CONFIG_NAME).read_text())
+    config["weights_sha256"] = hashlib.sha256((renamed / WEIGHTS_NAME).read_bytes()).hexdigest()
+    (renamed / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=rf"does not hold the weights of the network .*config\.json describes: 1 "
+                                              rf"missing tensor\(s\) \({re.escape(first)}\); 1 unexpected tensor\(s\) "
+                                              rf"\({re.escape(first)}_renamed\)"):
+        load_predictor(renamed, "cpu")
+
+    unknown = shutil.copytree(hub_folder, tmp_path / "unknown")
+    config = json.loads((unknown / CONFIG_NAME).read_text())
+    config["net"]["name"] = "nosuchnet"
+    (unknown / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"config\.json does not build a model \(ConfigError\): Unknown model "
+                                              r"'nosuchnet'"):
+        load_predictor(unknown, "cpu")
+
+
 def test_a_checkpoint_other_than_the_scored_one_gets_no_run_metrics(tiny_checkpoint, tmp_path):
     """The run's metrics.json scores best.ckpt; last.ckpt of a later epoch holds other weights (1-epoch run: the same)."""
     run = shutil.copytree(tiny_checkpoint.path.parent.parent, tmp_path / "run")
@@ -103,6 +132,30 @@ def test_a_folder_whose_weights_are_not_its_configs_is_refused(hub_folder, tmp_p
     with pytest.raises(CheckpointError, match=r"model\.safetensors is not the file .*config\.json was written with "
                                               r"\(weights_sha256 differs\): an export into this folder was interrupted"):
         load_predictor(mixed, "cpu")
+
+
+def test_a_failed_export_leaves_the_folders_model_whole(tiny_checkpoint, hub_folder, tmp_path, monkeypatch):
+    """A full disk while the card is written (after the weights were staged) leaves the earlier model loadable,
+    byte for byte; a failed first export leaves no folder."""
+    from bts_lightning import runtime
+
+    folder = shutil.copytree(hub_folder, tmp_path / "model")
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    real_fsync = runtime._fsync
+
+    def full_disk(path):
+        if path.name.startswith(f".{CARD_NAME}."):
+            raise OSError(28, "No space left on device")
+        real_fsync(path)
+
+    monkeypatch.setattr(runtime, "_fsync", full_disk)
+    with pytest.raises(Exception, match="No space left on device"):
+        save_pretrained(tiny_checkpoint.path, folder)
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+    load_predictor(folder, "cpu")
+    with pytest.raises(Exception, match="No space left on device"):
+        save_pretrained(tiny_checkpoint.path, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
 
 
 def test_export_app_writes_a_hub_folder(tiny_checkpoint, tmp_path):
