@@ -76,6 +76,23 @@ def test_unpaired_files_are_named(make_dataset):
     assert "mask(s) without an image" in message and "7.png" in message
 
 
+def test_masks_named_after_their_images_with_a_suffix_are_told_to_be_renamed(make_dataset):
+    root = make_dataset(["1", "2", "10"])
+    for mask in list((root / "masks").iterdir()):
+        mask.rename(mask.with_name(f"{mask.stem}_mask.png"))
+    with pytest.raises(DataError, match=r"The masks are named after their images plus '_mask' \((\d+)_mask.png for "
+                                        r"\1\): rename them without it"):
+        find_pairs(root)
+
+
+def test_hidden_files_are_not_slices(make_dataset):
+    """macOS copies leave ``._1.png`` resource forks beside each file; they are no images (nor metadata rows)."""
+    root = make_dataset(["1", "2"])
+    for folder in ("images", "masks"):
+        (root / folder / "._1.png").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    assert [pair.stem for pair in find_pairs(root)] == ["1", "2"]
+
+
 def test_duplicate_stems_are_rejected(make_dataset):
     root = make_dataset(["1"])
     cv2.imwrite(str(root / "images" / "1.jpg"), np.zeros((32, 32), np.uint8))

@@ -33,10 +33,12 @@ class SlicePair:
 
 
 def _files_by_stem(folder: Path) -> dict[str, Path]:
+    """The image files of ``folder`` by stem; hidden files (macOS ``._1.png`` resource forks) are not slices, as in the
+    suffix layout."""
     by_stem: dict[str, Path] = {}
     duplicates: list[str] = []
     for path in sorted(folder.iterdir()):
-        if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
+        if path.name.startswith(".") or not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
             continue
         if path.stem in by_stem:
             duplicates.append(f"{by_stem[path.stem].name} / {path.name}")
@@ -83,8 +85,27 @@ def find_pairs(root: str | Path) -> list[SlicePair]:
         names = [masks[stem].name for stem in orphans]
         problems.append(f"{len(orphans)} mask(s) without an image in {folders['images']}: {format_names(names)}")
     if problems:
-        raise DataError("; ".join(problems) + ". Every slice needs an image and a mask with the same name stem.")
+        hint = ""
+        if suffix := _shared_mask_suffix(missing, orphans):
+            example = next(stem for stem in orphans if stem.endswith(suffix))
+            hint = (f" The masks are named after their images plus '{suffix}' ({masks[example].name} for "
+                    f"{example[: -len(suffix)]}): rename them without it (images/X.png pairs with masks/X.png).")
+        raise DataError("; ".join(problems) + ". Every slice needs an image and a mask with the same name stem." + hint)
     return [SlicePair(stem, images[stem], masks[stem]) for stem in sorted(images, key=natural_key)]
+
+
+def _shared_mask_suffix(image_stems: list[str], mask_stems: list[str]) -> str | None:
+    """The suffix (``_mask``) that turns most unpaired image stems into unpaired mask stems, if it pairs half of them."""
+    unpaired = set(image_stems)
+    counts: dict[str, int] = {}
+    for stem in mask_stems:
+        for cut in range(1, len(stem)):
+            if stem[:cut] in unpaired:
+                counts[stem[cut:]] = counts.get(stem[cut:], 0) + 1
+    if not counts:
+        return None
+    suffix, paired = max(counts.items(), key=lambda item: item[1])
+    return suffix if 2 * paired >= max(len(image_stems), len(mask_stems)) else None
 
 
 def read_csv_rows(path: Path) -> dict[int, dict[str, str]]:
