@@ -270,7 +270,7 @@ class ConfigurationRow:
             "optimizer": target("optimizer"),
             "lr": run.get("optimizer.lr"),
             "image_size": run.get("data.image_size"),
-            "precision": run.get("trainer.precision"),
+            "precision": run.metrics.get("precision") or run.get("trainer.precision"),  # what ran, else what was set
             "num_params": run.metrics.get("num_params"),
             "dataset": self.dataset(),
             "runs": len(self.runs),

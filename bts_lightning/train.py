@@ -453,6 +453,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "model": cfg.model.net.name,
         "dataset": datamodule.name,
         "num_params": sum(p.numel() for p in module.parameters()),
+        "precision": str(trainer.precision),  # what ran: Lightning turns 16-mixed into bf16-mixed on a CPU
         "epochs_trained": trainer.current_epoch,
         "train_time_s": round(train_time, 2),
         "split": split_summary(datamodule),

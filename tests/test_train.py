@@ -226,13 +226,15 @@ def test_values_nothing_else_checks_are_config_errors(override, message, tmp_pat
     assert not (tmp_path / "data").exists()  # refused before the synthetic slices are generated
 
 
-@pytest.mark.parametrize("precision", ["bf16-true", "64-true"])
-def test_true_precisions_train_in_the_weights_dtype(tmp_path, precision):
-    """Lightning converts the weights; the standardized float32 input follows them (it crashed in the first conv)."""
+@pytest.mark.parametrize(("precision", "ran"), [("bf16-true", "bf16-true"), ("64-true", "64-true"),
+                                               ("16-mixed", "bf16-mixed")])  # a CPU has no fp16 autocast
+def test_true_precisions_train_in_the_weights_dtype(tmp_path, precision, ran):
+    """Lightning converts the weights; the standardized float32 input follows them (it crashed in the first conv).
+    metrics.json records the precision that ran."""
     overrides = [*SMALL_SYNTHETIC, f"paths.data_dir={tmp_path / 'data'}", "trainer=cpu", "data.num_workers=0",
                  "debug=limit", "trainer.max_epochs=1", f"trainer.precision={precision}", "data.batch_size=2"]
     metrics = train(compose_train(overrides, tmp_path / "run"))
-    assert 0 <= metrics["test"]["test/dice"] <= 1
+    assert 0 <= metrics["test"]["test/dice"] <= 1 and metrics["precision"] == ran
     # debug=limit scores two batches of each split, and the note says so
     scored = {name: sum(metrics[f"{name}_slices"].values()) for name in ("val", "test")}
     for name in ("val", "test"):
