@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import math
 
+import cv2
+import numpy as np
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -128,3 +130,14 @@ def test_bare_loop_loss_follows_the_module_rule_for_deep_supervision(tmp_path, g
     assert type(criterion) is type(module.criterion)
     actual = benchmark.training_loss(criterion, outputs, masks.unsqueeze(1).float(), module.aux_loss_weight)
     assert torch.allclose(actual, expected)
+
+
+def test_mask_area_counts_half_covered_pixels_as_the_project_does(tmp_path):
+    """A 3x3 block at 4 px: at 2 px each pixel is 1/4, 1/2, 1/2 and 1 tumor (exact area 9/4)."""
+    from benchmarks.mask_area import mask_areas
+
+    (tmp_path / "masks").mkdir()
+    mask = np.zeros((4, 4), np.uint8)
+    mask[1:4, 1:4] = 255
+    cv2.imwrite(str(tmp_path / "masks" / "1.png"), mask)
+    assert mask_areas(tmp_path, 2) == {"project": 3, "more_than_half": 1, "exact": 2.25}

@@ -133,8 +133,8 @@ def resize(image: np.ndarray, size: int, is_mask: bool) -> np.ndarray:
     images, the source pixel under each pixel's centre for masks (``INTER_NEAREST_EXACT``).
 
     A mask keeps its raw values' scale (0/1 or 0/255, read as tumor above the dataset's :func:`mask_threshold`), so
-    :func:`binarize_mask` then marks the pixels that are tumor over more than half of their area, where the image
-    shows them. Nearest-neighbour shrinking cannot: at an even factor it samples one side of each pixel's centre, which
+    :func:`binarize_mask` then marks the pixels that are tumor over at least half of their area (OpenCV rounds a
+    half-covered pixel up: 128 of 255, 1 of 1), where the image shows them. Nearest-neighbour shrinking cannot: at an even factor it samples one side of each pixel's centre, which
     put a 256 px mask 0.375 px (at 64 px) below and right of its image (OpenCV's ``INTER_NEAREST``), 0.25 px above and
     left at 128 px (``INTER_NEAREST_EXACT``).
     """
