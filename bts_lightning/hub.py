@@ -322,7 +322,7 @@ def load_module_from(hparams: dict[str, Any], state: Mapping[str, torch.Tensor],
         module = SegmentationModule(**hparams)
     except Exception as error:  # noqa: BLE001 - whatever fails, config.json does not describe a module
         cause = user_error_of(error) or _innermost(error)
-        raise CheckpointError(f"{config} does not build a model ({type(cause).__name__}): {first_line(cause)}. "
+        raise CheckpointError(f"{config} does not build a model ({type(cause).__name__}): {first_line(cause).rstrip('.')}. "
                               "Export the model into the folder again.") from None
     expected = module.net.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))

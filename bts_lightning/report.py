@@ -194,14 +194,17 @@ class Run:
         split of the model config, else metrics.json's ``model``."""
         return self.get("model.net.name") or self.get("model.name") or self.metrics.get("model")
 
+    def holds_out_test_fold(self) -> bool | None:
+        """Whether the run held out a test fold (``data.test_fold`` set); None without a config."""
+        return None if self.config is None else self.get("data.test_fold") is not None
+
     def identity(self) -> str:
         """A canonical string of the configuration, without :data:`IGNORED_KEYS`, but with whether it held out a test
         fold (``data.test_fold`` null or not): that changes what it trained on and what it reports."""
         if self.config is None:
             return f"<no config> {self.directory}"
         config = OmegaConf.to_container(self.config, resolve=False)
-        data = config.get("data")
-        held_out = None if not isinstance(data, dict) else data.get("test_fold") is not None
+        held_out = self.holds_out_test_fold()
         for key in IGNORED_KEYS:
             *parents, leaf = key.split(".")
             node = config
@@ -469,8 +472,6 @@ def _shown_override(override: str) -> bool:
     key = _override_key(override)
     if key.startswith(_IGNORED_OVERRIDE_PREFIXES):
         return False
-    if key == "data.test_fold" and override.split("=", 1)[-1].strip().lower() in ("null", "none", "~"):
-        return True  # no test fold held out: another configuration (Run.identity), named as such
     return not any(key == ignored or key.startswith(f"{ignored}.") for ignored in IGNORED_KEYS)
 
 
@@ -482,6 +483,9 @@ def _label(rows: list[ConfigurationRow]) -> None:
         distinct = [o for o in overrides if o not in common]
         model = row.first.model_name() or "run"
         row.label = ", ".join(distinct) if distinct else str(model)
+    if len({row.first.holds_out_test_fold() for row in rows}) > 1:  # another configuration (Run.identity): say which
+        for row in rows:
+            row.label += " (test fold held out)" if row.first.holds_out_test_fold() else " (no test fold)"
     counts: dict[str, int] = {}
     for row in rows:
         counts[row.label] = counts.get(row.label, 0) + 1

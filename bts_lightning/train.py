@@ -89,7 +89,7 @@ def check_scheduler(cfg: DictConfig) -> None:
     options = ", ".join(f"{key}={value}" for key, value in node.items() if not str(key).startswith("_"))
     if "_target_" not in node:
         log.warning("scheduler.scheduler (%s) names no class (_target_): no learning-rate scheduler. Its options come "
-                    "from an experiment or override, on a scheduler that scheduler=none removed.", options)
+                    "from an experiment or override, on a scheduler that scheduler=none (or a debug config) removed.", options)
         cfg.scheduler = None
         return
     t_max = node.get("T_max")
@@ -177,7 +177,8 @@ def check_batches(trainer: DictConfig) -> None:
     interval = trainer.get("val_check_interval")
     if interval is not None and not (_is_number(interval) and interval > 0 and (interval <= 1 or interval % 1 == 0)):
         raise ConfigError(f"trainer.val_check_interval={interval} must be a fraction in (0, 1] of an epoch, or a whole "
-                          "number >= 1 of training batches (null: once per epoch).")
+                          "number >= 1 of training batches (null: once per epoch); Lightning's time intervals "
+                          "('DD:HH:MM:SS', a dict) are not supported with the project's callbacks.")
     clip = trainer.get("gradient_clip_val")
     if clip is not None and not (_is_number(clip) and clip >= 0):
         raise ConfigError(f"trainer.gradient_clip_val={clip} must be a number >= 0 (null or 0: no clipping).")
@@ -356,8 +357,8 @@ def partial_note(split: str, counts: dict[str, int] | None, size: int | None) ->
     scored = sum(counts.values()) if counts else None
     if scored is None or size is None or scored >= size:
         return ""
-    return (f" The {split} scores cover {scored} of its {size} slices (trainer.limit_{split}_batches or fast_dev_run): "
-            "not a score of the whole split.")
+    return (f" The {split} scores cover {scored} of its {size} slices (trainer.limit_{split}_batches, overfit_batches or "
+            "fast_dev_run): not a score of the whole split.")
 
 
 def slice_scores(prefix: str, row: dict[str, float] | None) -> dict[str, float | None]:

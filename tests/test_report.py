@@ -165,7 +165,8 @@ def test_runs_with_and_without_a_test_fold_are_not_repeats(tmp_path, capsys):
     _write_run(root / "all", "unet", seed=1, val_fold=1, val_dice=0.8, test_dice=None,
                overrides=("data.test_fold=null",))
     rows = _report([f"dirs={root}"], tmp_path / "run")
-    assert sorted((row.label, len(row.runs)) for row in rows) == [("data.test_fold=null", 1), ("unet", 2)]
+    assert sorted((row.label, len(row.runs)) for row in rows) == [("unet (no test fold)", 1),
+                                                                   ("unet (test fold held out)", 2)]
     # ranked by last val Dice (one configuration has no test split); the other datasets' runs are said to differ
     for run, dataset in (("held1", "synthetic"), ("held2", "synthetic"), ("all", "lgg")):
         metrics = json.loads((root / run / "metrics.json").read_text())

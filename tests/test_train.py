@@ -240,7 +240,7 @@ def test_true_precisions_train_in_the_weights_dtype(tmp_path, precision, ran):
     for name in ("val", "test"):
         assert scored[name] < metrics["split"][f"n_{name}"]
         assert (f"The {name} scores cover {scored[name]} of its {metrics['split'][f'n_{name}']} slices "
-                f"(trainer.limit_{name}_batches or fast_dev_run)") in metrics["selection"]["note"]
+                f"(trainer.limit_{name}_batches, overfit_batches or fast_dev_run)") in metrics["selection"]["note"]
 
 
 def test_resume_needs_a_matching_readable_checkpoint(tmp_path):
