@@ -295,6 +295,18 @@ def load_split(cfg: DictConfig, overrides: Sequence[str] | None, split: str, app
     return SplitToScore(ckpt_path, device, predictor, datamodule, dataset, channels, scored)
 
 
+def split_note(scored: dict[str, Any]) -> str | None:
+    """Why the scores of the scored slices are optimistic, when they are: among them are the trained network's
+    validation slices (which chose its best.ckpt and drove early stopping and the scheduler) or its training slices.
+    None when neither (e.g. its test split, another dataset) or no split record tells."""
+    subsets = scored.get("in_trained_subsets") or {}
+    reasons = [f"{subsets[name]} of the {scored.get('n')} scored slices are the training run's {what}"
+               for name, what in (("val", ("validation slices, which chose its checkpoint (best.ckpt) and drove early "
+                                          "stopping and the scheduler")), ("train", "training slices"))
+               if subsets.get(name)]
+    return f"{'; '.join(reasons)}: these scores are optimistic." if reasons else None
+
+
 def decision_note(decision: SliceDecision | None, split: str, dataset: str, what: str = "slice decision",
                   subsets: Mapping[str, int] | None = None) -> str | None:
     """What the slice decision's numbers mean on ``split`` of ``dataset``: chosen on it (optimistic), scored on
@@ -451,6 +463,7 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[st
         "device": str(scoring.device),
         "inference": {**options.to_dict(), "scan_context": None if context is None else context.to_dict()},
         "cascade": None if joined is None else joined.record(),
+        "split_note": split_note(scoring.scored),
         "decision_note": decision_note(applied, split, datamodule.name,
                                        "slice decision" if context is None else "scan context", in_subsets),
         "summary": summarize(rows),
@@ -477,6 +490,8 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[st
     write_json_atomic(output_dir / "metrics.json", metrics)
     print(format_table(metrics), flush=True)
     log.info("%s: %s", datamodule.name, "; ".join(by_truth_lines(metrics)))
+    if metrics["split_note"]:
+        log.warning(metrics["split_note"])
     check = metrics["false_alarm_check"]
     if check is not None and check["unlike_calibration"]:
         log.warning(false_alarm_check_line(check))

@@ -369,6 +369,9 @@ def test_evaluate_scores_the_split_the_checkpoint_was_trained_with(tmp_path, cap
     metrics, stems = scored([], "plain")
     assert sorted(stems) == sorted(trained_val) and metrics["image_size"] == 64
     assert metrics["slices"]["matches_trained_split"] is True and metrics["slices"]["training_slices_scored"] == 0
+    assert metrics["split_note"] == (f"{len(stems)} of the {len(stems)} scored slices are the training run's "
+                                     "validation slices, which chose its checkpoint (best.ckpt) and drove early "
+                                     "stopping and the scheduler: these scores are optimistic.")
     # The data as in training, without data.val_fold: still fold 3 (the config's default is fold 1).
     metrics, stems = scored(data, "same_data")
     assert sorted(stems) == sorted(trained_val) and metrics["slices"]["settings"]["val_fold"] == 3
@@ -392,6 +395,8 @@ def test_evaluate_scores_the_split_the_checkpoint_was_trained_with(tmp_path, cap
     overrides = [f"ckpt_path={ckpt}", "split=all", "worst_k=0", "device=cpu"]
     metrics = evaluate(compose_app("evaluate", overrides, tmp_path / "all"), overrides)
     assert metrics["slices"]["training_slices_scored"] == record["subsets"]["train"]["n"]
+    assert f"{record['subsets']['train']['n']} of the {metrics['n_images']} scored slices are the training run's " \
+           "training slices" in metrics["split_note"]
 
 
 def test_a_model_file_without_its_split_says_to_name_the_data(tiny_checkpoint, tmp_path, monkeypatch):
@@ -463,3 +468,12 @@ def test_captions_fit_their_panel_and_keep_the_end_of_a_long_slice_id():
     row = np.zeros((64, 262, 3), np.uint8)
     shown = captioned(row, stem, "Dice 0.123  HD95 4.5")
     assert shown.shape == (64 + 2 * 14, 262, 3) and (shown[:28, -3:] == 32).all()  # two bands, text off the edge
+
+
+def test_a_split_note_only_when_scored_slices_chose_or_trained_the_model():
+    from bts_lightning.evaluate import split_note
+
+    assert split_note({"n": 8, "in_trained_subsets": {"train": 0, "val": 0, "test": 8, "none": 0}}) is None
+    assert split_note({"n": 8, "in_trained_subsets": None}) is None  # no split record: nothing to tell
+    assert split_note({"n": 8, "in_trained_subsets": {"train": 2, "val": 0, "test": 6}}) == (
+        "2 of the 8 scored slices are the training run's training slices: these scores are optimistic.")
