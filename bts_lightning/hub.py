@@ -34,7 +34,14 @@ from bts_lightning.checkpoint import CheckpointError
 from bts_lightning.decision import SliceDecision
 from bts_lightning.errors import BtsError, ConfigError, first_line, format_names
 from bts_lightning.inference import ModelContract, ModulePredictor, load_predictor, resolve_device
-from bts_lightning.runtime import atomic_path, file_sha256, json_bytes, make_directory, user_error_of
+from bts_lightning.runtime import (
+    atomic_path,
+    file_sha256,
+    first_missing_folder,
+    json_bytes,
+    make_directory,
+    user_error_of,
+)
 from bts_lightning.segmentation_module import SegmentationModule
 
 log = logging.getLogger(__name__)
@@ -140,15 +147,15 @@ def save_pretrained(
     # Every file is staged beside its place first, so a failed or killed export (a full disk) leaves the folder's
     # previous model whole. The renames run in reverse (weights, card, config.json last, naming its weights): a kill
     # between them leaves a folder that is refused, never loaded as a mix of two models.
-    new_folder = not Path(directory).exists()
+    created = first_missing_folder(directory)
     try:
         directory = make_directory(directory, "output")
         with ExitStack() as staged:
             for name, data in files.items():
                 staged.enter_context(atomic_path(directory / name)).write_bytes(data)
     except BaseException:
-        if new_folder:  # a failed first export leaves no folder behind
-            shutil.rmtree(directory, ignore_errors=True)
+        if created is not None:  # a failed first export leaves none of the folders it made behind
+            shutil.rmtree(created, ignore_errors=True)
         raise
     return Path(directory)
 

@@ -512,6 +512,18 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
         temporary.write_bytes(data)
 
 
+def first_missing_folder(path: str | Path) -> Path | None:
+    """The outermost folder of ``path`` (itself included) that does not exist yet: what creating ``path`` adds, and
+    what a failed first write into it removes again. None when ``path`` exists."""
+    path = Path(path).absolute()
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
 def json_bytes(data: Any) -> bytes:
     """``data`` as the project's JSON files hold it: indented, keys sorted, a final newline."""
     return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()

@@ -24,7 +24,7 @@ from bts_lightning.errors import ConfigError
 from bts_lightning.export import export_model
 from bts_lightning.hub import check_upload_folder, hub_config, model_card
 from bts_lightning.inference import ModelContract
-from bts_lightning.runtime import atomic_path, make_directory
+from bts_lightning.runtime import atomic_path, first_missing_folder, make_directory
 
 # What write_space puts in its folder; anything else there would be uploaded with it.
 BUNDLE_FILES = ("app.py", "requirements.txt", "README.md", "model.onnx", "examples")
@@ -65,14 +65,14 @@ def write_space(module: nn.Module, output: str | Path, contract: ModelContract, 
                     for path in example_slices(Path(scratch), 3, contract.channel_indices)}}
     # Every file is staged beside its place and all are renamed at the end, so a failed or killed export leaves the
     # folder's previous bundle whole (never a new model under an old card); only a kill within the renames can split it.
-    new_folder = not output.exists()
+    created = first_missing_folder(output)
     try:
         make_directory(output, "output")
         with ExitStack() as staged:
             for name, data in files.items():
                 staged.enter_context(atomic_path(output / name)).write_bytes(data)
     except BaseException:
-        if new_folder:  # a failed export leaves no folder of its own behind
-            shutil.rmtree(output, ignore_errors=True)
+        if created is not None:  # a failed first export leaves none of the folders it made behind
+            shutil.rmtree(created, ignore_errors=True)
         raise
     return output

@@ -154,8 +154,8 @@ def test_a_failed_export_leaves_the_folders_model_whole(tiny_checkpoint, hub_fol
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
     load_predictor(folder, "cpu")
     with pytest.raises(Exception, match="No space left on device"):
-        save_pretrained(tiny_checkpoint.path, tmp_path / "new")
-    assert not (tmp_path / "new").exists()
+        save_pretrained(tiny_checkpoint.path, tmp_path / "new" / "nested" / "model")
+    assert not (tmp_path / "new").exists()  # nor the folders above it that the export made
 
 
 def test_export_app_writes_a_hub_folder(tiny_checkpoint, tmp_path):
