@@ -50,7 +50,7 @@ CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = "config.json", "model.safetensors", "READ
 # config.json's record of the weights file it belongs with.
 WEIGHTS_HASH_KEY = "weights_sha256"
 HUB_FORMAT_VERSION = 1
-INSTALL_HINT = "pip install safetensors"
+INSTALL_HINT = "pip install 'bts_lightning[hub]'"
 
 
 def _safetensors() -> Any:

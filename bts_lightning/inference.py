@@ -68,7 +68,7 @@ EXPORTED_SUFFIXES = tuple(suffix for suffixes in EXPORT_FORMATS.values() for suf
 INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
 # An exported cascade's further ONNX outputs (ModelContract.cascade_parts): segmentation (N, H, W), presence gate (N,).
 PARTS_NAMES = ("segmentation_probabilities", "presence_gates")
-INSTALL_HINT = 'pip install -e ".[export]"'
+INSTALL_HINT = "pip install 'bts_lightning[export]'"
 
 # Where exported files carry their contract (JSON of ModelContract.to_json()).
 ONNX_CONTRACT_KEY = "bts_lightning.contract"

@@ -8,6 +8,7 @@ import functools
 import glob
 import hashlib
 import importlib.resources
+import importlib.util
 import json
 import logging
 import math
@@ -222,7 +223,8 @@ def hydra_app(
 
     @functools.wraps(hydra_main)
     def main() -> Any:
-        unknown = unreadable_override(sys.argv[1:]) or unknown_setting(config_name, sys.argv[1:])
+        unknown = (unreadable_override(sys.argv[1:]) or unknown_setting(config_name, sys.argv[1:])
+                   or missing_plugin(sys.argv[1:]))
         if unknown:
             print(f"error: {unknown}", file=sys.stderr)
             raise SystemExit(2)
@@ -241,6 +243,19 @@ def hydra_app(
             raise
 
     return main
+
+
+# Group options that need a Hydra plugin from an extra: (override, plugin module, extra).
+PLUGIN_OPTIONS = (("hparams_search=optuna", "hydra_plugins.hydra_optuna_sweeper", "sweep"),
+                  ("hydra/launcher=slurm", "hydra_plugins.hydra_submitit_launcher", "slurm"))
+
+
+def missing_plugin(arguments: list[str]) -> str | None:
+    """The error for an override whose Hydra plugin is not installed (Hydra would say it cannot find the config)."""
+    for override, module, extra in PLUGIN_OPTIONS:
+        if override in (argument.lstrip("+") for argument in arguments) and importlib.util.find_spec(module) is None:
+            return f"{override} needs the {extra} extra: pip install 'bts_lightning[{extra}]'."
+    return None
 
 
 # Hydra flags that make an app compose another config than its own.

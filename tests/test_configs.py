@@ -129,3 +129,16 @@ def test_help_of_apps_without_config_groups_lists_their_settings_only(app):
     assert "$APP_CONFIG_GROUPS" not in cfg.hydra.help.template and "$CONFIG" in cfg.hydra.help.template
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         assert "$APP_CONFIG_GROUPS" in compose(config_name="train", return_hydra_config=True).hydra.help.template
+
+
+def test_a_group_option_whose_plugin_is_missing_names_the_extra(monkeypatch):
+    import importlib.util
+
+    from bts_lightning.runtime import missing_plugin
+
+    assert missing_plugin(["hparams_search=optuna", "hydra/launcher=slurm"]) is None  # the dev install has both
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert missing_plugin(["hparams_search=optuna"]) == ("hparams_search=optuna needs the sweep extra: "
+                                                         "pip install 'bts_lightning[sweep]'.")
+    assert "pip install 'bts_lightning[slurm]'" in missing_plugin(["-m", "hydra/launcher=slurm"])
+    assert missing_plugin(["model=unet"]) is None

@@ -270,7 +270,7 @@ def test_loading_exported_files_errors(tmp_path, monkeypatch):
     with pytest.raises(BtsError, match="broken.pt could not be loaded as TorchScript"):
         load_predictor(tmp_path / "broken.pt")
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
-    with pytest.raises(BtsError, match=r'broken.onnx needs onnxruntime: pip install -e "\.\[export\]"'):
+    with pytest.raises(BtsError, match=r"broken.onnx needs onnxruntime: pip install 'bts_lightning\[export\]'"):
         load_predictor(tmp_path / "broken.onnx")
 
 

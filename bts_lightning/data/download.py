@@ -33,7 +33,8 @@ def resolve_root(root: str | Path, download: bool) -> Path:
         "or run on generated data with data=synthetic."
     )
     if not download or importlib.util.find_spec("kagglehub") is None:
-        raise DataError(how_to_fix + (" (pip install kagglehub to download it automatically.)" if download else ""))
+        automatic = " (pip install 'bts_lightning[kaggle]' to download it automatically.)"
+        raise DataError(how_to_fix + (automatic if download else ""))
     import kagglehub
 
     log.info("Dataset root %s is missing; fetching %s with kagglehub", root, KAGGLE_DATASET)

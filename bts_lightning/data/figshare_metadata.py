@@ -83,7 +83,8 @@ def open_hdf5(path: Path) -> Iterator[tuple[Any, Any]]:
     try:
         import h5py
     except ImportError as exc:
-        raise DataError(f"{path}: reading MATLAB v7.3 (HDF5) files needs h5py: pip install h5py") from exc
+        raise DataError(f"{path}: reading MATLAB v7.3 (HDF5) files needs h5py: "
+                        "pip install 'bts_lightning[figshare]'") from exc
     try:
         with h5py.File(path, "r") as handle:
             yield h5py, handle
