@@ -6,6 +6,8 @@ import csv
 import hashlib
 import logging
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import cv2
@@ -159,6 +161,10 @@ def write_inputs(folder: Path, slice_image: np.ndarray) -> dict[str, tuple[int, 
     assert cv2.imwrite(str(folder / "big_rgb.jpg"), big_rgb)
     assert cv2.imwrite(str(folder / "deep16.tif"), deep)
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+    huge = b"".join(struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+                    for kind, data in ((b"IHDR", struct.pack(">IIBBBBB", 40000, 40000, 8, 0, 0, 0, 0)),
+                                       (b"IDAT", zlib.compress(b"\x00" * 10)), (b"IEND", b"")))
+    (folder / "huge.png").write_bytes(b"\x89PNG\r\n\x1a\n" + huge)  # 69 bytes whose header claims 40000x40000 px
     (folder / "notes.txt").write_text("not an image, ignored")
     return {"small": (50, 70), "big_rgb": (200, 300), "deep16": (80, 90)}
 
@@ -175,7 +181,8 @@ def test_predict_app_keeps_sizes_skips_corrupt_files_and_leaves_input_alone(tiny
     )
     assert result.returncode == 0, result.stderr[-3000:]
     logs = result.stdout + result.stderr
-    assert "Skipping broken.png" in logs and "Skipped 1 unreadable file(s) of 4: broken.png" in logs
+    assert "Skipping broken.png" in logs and "Skipped 2 unreadable file(s) of 5: broken.png, huge.png" in logs
+    assert "Skipping huge.png: not a readable image (OpenCV refused its header" in logs  # cv2.error crashed predict
     assert folder_state(source) == before
     expected = {f"{stem}_{kind}.png" for stem in sizes for kind in ("mask", "overlay")}
     assert {p.name for p in out.iterdir()} == {*expected, "slices.csv"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import cv2
@@ -46,7 +47,13 @@ class ChannelError(ValueError):
 def decode(path: str | Path) -> np.ndarray:
     """Decode any common format (8/16-bit, float, gray/RGB/RGBA) as stored: 2-D, or (H, W, C) in file (RGB) order."""
     data = np.fromfile(str(path), dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    try:
+        image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    except cv2.error as error:  # e.g. a header claiming more pixels than OpenCV decodes (CV_IO_MAX_IMAGE_PIXELS)
+        check = re.search(r"error: \([^)]*\) (.*?)(?: in function|$)", str(error), re.MULTILINE)
+        raise UnreadableImageError(f"{path}: not a readable image (OpenCV refused its header"
+                                   f"{f': {check[1]}' if check else ''}: corrupt, or more pixels than it decodes)") \
+            from None
     if image is None:
         raise UnreadableImageError(f"{path}: not a readable image (corrupt or unsupported format)")
     if Path(path).suffix.lower() in (".tif", ".tiff") and (pages := cv2.imcount(str(path))) > 1:
