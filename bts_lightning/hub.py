@@ -21,9 +21,7 @@ import copy
 import hashlib
 import json
 import logging
-import shutil
 from collections.abc import Collection, Mapping
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +32,7 @@ from bts_lightning.checkpoint import CheckpointError
 from bts_lightning.decision import SliceDecision
 from bts_lightning.errors import BtsError, ConfigError, first_line, format_names
 from bts_lightning.inference import ModelContract, ModulePredictor, load_predictor, resolve_device
-from bts_lightning.runtime import (
-    atomic_path,
-    file_sha256,
-    first_missing_folder,
-    json_bytes,
-    make_directory,
-    user_error_of,
-)
+from bts_lightning.runtime import file_sha256, json_bytes, user_error_of, write_files_together
 from bts_lightning.segmentation_module import SegmentationModule
 
 log = logging.getLogger(__name__)
@@ -142,22 +133,10 @@ def save_pretrained(
     state = {key: tensor.detach().cpu().contiguous().clone() for key, tensor in module.net.state_dict().items()}
     weights = _safetensors().save(state, metadata={"format": "pt"})
     config[WEIGHTS_HASH_KEY] = hashlib.sha256(weights).hexdigest()
-    files = {CONFIG_NAME: json_bytes(config),
-             CARD_NAME: model_card(config, metrics).encode(), WEIGHTS_NAME: weights}
-    # Every file is staged beside its place first, so a failed or killed export (a full disk) leaves the folder's
-    # previous model whole. The renames run in reverse (weights, card, config.json last, naming its weights): a kill
-    # between them leaves a folder that is refused, never loaded as a mix of two models.
-    created = first_missing_folder(directory)
-    try:
-        directory = make_directory(directory, "output")
-        with ExitStack() as staged:
-            for name, data in files.items():
-                staged.enter_context(atomic_path(directory / name)).write_bytes(data)
-    except BaseException:
-        if created is not None:  # a failed first export leaves none of the folders it made behind
-            shutil.rmtree(created, ignore_errors=True)
-        raise
-    return Path(directory)
+    # config.json renamed last, naming its weights: a kill between the renames leaves a folder that is refused, never
+    # loaded as a mix of two models.
+    return write_files_together(directory, {WEIGHTS_NAME: weights, CARD_NAME: model_card(config, metrics).encode(),
+                                            CONFIG_NAME: json_bytes(config)})
 
 
 def run_metrics(ckpt_path: Path) -> dict[str, Any] | None:

@@ -14,12 +14,13 @@ import logging
 import math
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -537,6 +538,29 @@ def first_missing_folder(path: str | Path) -> Path | None:
             break
         missing = folder
     return missing
+
+
+def write_files_together(directory: str | Path, files: Mapping[str, bytes], setting: str = "output") -> Path:
+    """Write ``files`` (name relative to ``directory`` -> bytes) so that a failure leaves the folder as it was.
+
+    Every file is first written and synced beside its place (:func:`atomic_path`); only then are they renamed, in
+    ``files``' order and back to back, so a failed or killed write (a full disk, SIGKILL before the renames) changes
+    nothing, and only a kill in the instant of the renames can leave some files new and the rest old (name the file
+    that tells, e.g. a hub folder's ``config.json``, last). A failed first write removes the folders it made.
+    """
+    created = first_missing_folder(directory)
+    try:
+        directory = make_directory(directory, setting)
+        with ExitStack() as staged:
+            for name, data in reversed(list(files.items())):  # the stack renames the last entered first
+                temporary = staged.enter_context(atomic_path(directory / name))
+                temporary.write_bytes(data)
+                _fsync(temporary)
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+    return Path(directory)
 
 
 def json_bytes(data: Any) -> bytes:

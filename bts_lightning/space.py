@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.resources
-import shutil
 import tempfile
 from collections.abc import Callable, Mapping
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,7 @@ from bts_lightning.errors import ConfigError
 from bts_lightning.export import export_model
 from bts_lightning.hub import check_upload_folder, hub_config, model_card
 from bts_lightning.inference import ModelContract
-from bts_lightning.runtime import atomic_path, first_missing_folder, make_directory
+from bts_lightning.runtime import write_files_together
 
 # What write_space puts in its folder; anything else there would be uploaded with it.
 BUNDLE_FILES = ("app.py", "requirements.txt", "README.md", "model.onnx", "examples")
@@ -63,16 +61,6 @@ def write_space(module: nn.Module, output: str | Path, contract: ModelContract, 
                  "README.md": card.replace("ckpt_path=THIS_FOLDER", "ckpt_path=model.onnx").encode(),
                  **{f"examples/{path.name}": path.read_bytes()
                     for path in example_slices(Path(scratch), 3, contract.channel_indices)}}
-    # Every file is staged beside its place and all are renamed at the end, so a failed or killed export leaves the
-    # folder's previous bundle whole (never a new model under an old card); only a kill within the renames can split it.
-    created = first_missing_folder(output)
-    try:
-        make_directory(output, "output")
-        with ExitStack() as staged:
-            for name, data in files.items():
-                staged.enter_context(atomic_path(output / name)).write_bytes(data)
-    except BaseException:
-        if created is not None:  # a failed first export leaves none of the folders it made behind
-            shutil.rmtree(created, ignore_errors=True)
-        raise
-    return output
+    # The model card, which describes model.onnx, takes its place last.
+    card = files.pop("README.md")
+    return write_files_together(output, {**files, "README.md": card})

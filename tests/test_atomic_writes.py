@@ -454,3 +454,37 @@ def test_the_run_record_is_written_atomically_and_put_back_when_the_job_refuses_
         assert capsys.readouterr().err.startswith(f"error: Could not write {record / 'overrides.yaml'}")
     finally:
         runtime._replaced_record.clear()
+
+
+def test_files_written_together_take_their_places_in_order_after_all_are_written(tmp_path, monkeypatch):
+    """Every file is complete beside its place before the first rename; the renames follow the given order; a failure
+    while staging changes nothing, and a first write that fails leaves none of the folders it made."""
+    from bts_lightning import runtime
+
+    renamed: list[str] = []
+    real_replace = os.replace
+
+    def replace(source, target):
+        if not renamed:  # the first rename: every file is staged, whole
+            staged = sorted(path.name for path in (tmp_path / "out").rglob(".*.tmp"))
+            assert len(staged) == 3, staged
+        renamed.append(Path(target).name)
+        real_replace(source, target)
+
+    monkeypatch.setattr(runtime.os, "replace", replace)
+    files = {"model.bin": b"weights", "sub/notes.txt": b"notes", "config.json": b"{}"}
+    runtime.write_files_together(tmp_path / "out", files)
+    assert renamed == ["model.bin", "notes.txt", "config.json"]
+    assert {str(path.relative_to(tmp_path / "out")): path.read_bytes() for path in (tmp_path / "out").rglob("*")
+            if path.is_file()} == files
+
+    def full_disk(path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(runtime, "_fsync", full_disk)
+    with pytest.raises(Exception, match="No space left on device"):
+        runtime.write_files_together(tmp_path / "out", {"model.bin": b"other", "config.json": b"[]"})
+    assert (tmp_path / "out" / "model.bin").read_bytes() == b"weights" and not list((tmp_path / "out").rglob(".*.tmp"))
+    with pytest.raises(Exception, match="No space left on device"):
+        runtime.write_files_together(tmp_path / "new" / "deeper", files)
+    assert not (tmp_path / "new").exists()
