@@ -43,6 +43,7 @@ import logging
 import re
 from collections import Counter, OrderedDict
 from collections.abc import Mapping
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -77,14 +78,14 @@ from bts_lightning.inference import (
     resolve_device,
 )
 from bts_lightning.models.cascade import cascade_of
-from bts_lightning.runtime import as_number, hydra_app, make_directory, number_setting, write_bytes_atomic
+from bts_lightning.runtime import as_number, hydra_app, make_directory, number_setting, write_staged
 from bts_lightning.scan_context import (
     ScanContext,
     SegmentationPredictor,
     decision_or_context,
     presence_probabilities,
 )
-from bts_lightning.visualize import overlay, write_png
+from bts_lightning.visualize import encode_png, overlay, write_png
 
 log = logging.getLogger(__name__)
 
@@ -271,6 +272,7 @@ def predict_files(
     decisions: list[dict[str, Any]] | None = None,
     scan_decisions: Mapping[Path, tuple[float, bool]] | None = None,
     reader: InputReader | None = None,
+    staged: ExitStack | None = None,
 ) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Write mask and overlay of every readable file; returns (written masks, (skipped file, reason)).
 
@@ -278,8 +280,17 @@ def predict_files(
     (default: each file alone, :class:`InputReader`); a file lacking one of them is skipped with its reason. ``decisions`` (when given) gets one row per written
     file (:data:`SLICE_COLUMNS`): ``tumor_present`` = the final mask has a tumor pixel; ``score`` =
     the slice decision's score (``None`` without ``options.decision``). ``scan_decisions`` (score, tumor
-    present) by file, decided for all files together (:func:`scan_presence`), replace the slice decision.
+    present) by file, decided for all files together (:func:`scan_presence`), replace the slice decision. With
+    ``staged`` every file is staged on it (:func:`~bts_lightning.runtime.write_staged`), taking its place when it
+    closes; else each is written at once.
     """
+
+    def save(path: Path, image: np.ndarray) -> None:
+        if staged is None:
+            write_png(path, image)
+        else:
+            write_staged(staged, path, encode_png(image))
+
     names = output_names(files)
     reader = reader or InputReader(files, channels)
     written: list[Path] = []
@@ -306,9 +317,9 @@ def predict_files(
                         decisions.append({"file": path.name, "mask": mask_path.name,
                                           "tumor_present": bool(mask.any()), "tumor_area_px": int(mask.sum()),
                                           "score": score})
-                    write_png(mask_path, mask * 255)
-                    write_png(output_dir / f"{names[path]}_overlay.png",
-                              cv2.cvtColor(overlay(image[reader.own_channel], mask), cv2.COLOR_RGB2BGR))
+                    save(mask_path, mask * 255)
+                    save(output_dir / f"{names[path]}_overlay.png",
+                         cv2.cvtColor(overlay(image[reader.own_channel], mask), cv2.COLOR_RGB2BGR))
                     written.append(mask_path)
             bar.update(min(batch_size, len(files) - start))
     return written, skipped
@@ -360,13 +371,13 @@ def unreadable_inputs(skipped: list[tuple[Path, str]], channels: Channels) -> st
     return f"None of the {len(skipped)} input file(s) could be read as the model's input: {reasons}.{advice}"
 
 
-def write_slices_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write the per-slice rows of :func:`predict_files` (:data:`SLICE_COLUMNS`) to ``path`` atomically."""
+def slices_csv(rows: list[dict[str, Any]]) -> bytes:
+    """The ``slices.csv`` of the per-slice rows of :func:`predict_files` (:data:`SLICE_COLUMNS`)."""
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=SLICE_COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows({**row, "score": "" if row["score"] is None else f"{row['score']:.6g}"} for row in rows)
-    write_bytes_atomic(path, text.getvalue().encode())
+    return text.getvalue().encode()
 
 
 def predict(cfg: DictConfig) -> dict[str, Any]:
@@ -419,14 +430,19 @@ def _predict_into(predictor: Predictor, files: list[Path], output_dir: Path, ima
         scan_decisions = scan_presence(predictor, files, image_size, reader, context, batch_size)
         predictor = SegmentationPredictor(predictor)  # decision_or_context left options without a slice decision
     decisions: list[dict[str, Any]] = []
-    written, skipped = predict_files(predictor, files, output_dir, image_size, options, batch_size, channels,
-                                     decisions, scan_decisions, reader)
+    # Every output is staged beside its place and all take their places at the end, slices.csv last (staged first):
+    # a failed or killed run (a full disk, SIGKILL) leaves an earlier run's files in output as they were, never new
+    # masks beside an old slices.csv.
+    with ExitStack() as staged:
+        table = write_staged(staged, output_dir / SLICES_CSV)
+        written, skipped = predict_files(predictor, files, output_dir, image_size, options, batch_size, channels,
+                                         decisions, scan_decisions, reader, staged)
+        if not written:
+            raise DataError(unreadable_inputs(skipped, channels))
+        table.write_bytes(slices_csv(decisions))
     skipped_names = [path.name for path, _ in skipped]
-    if not written:
-        raise DataError(unreadable_inputs(skipped, channels))
     if skipped:
         log.warning("Skipped %d unreadable file(s) of %d: %s", len(skipped), len(files), format_names(skipped_names))
-    write_slices_csv(output_dir / SLICES_CSV, decisions)
     empty = sum(not entry["tumor_present"] for entry in decisions)
     how = f" (slice decision: {options.decision.describe()})" if options.decision is not None else ""
     how = f" (scan context: {context.describe()})" if context is not None else how

@@ -540,6 +540,16 @@ def first_missing_folder(path: str | Path) -> Path | None:
     return missing
 
 
+def write_staged(staged: ExitStack, path: str | Path, data: bytes = b"") -> Path:
+    """Write ``data`` (synced) to a temporary file beside ``path`` that takes its place when ``staged`` closes
+    without an error (:func:`atomic_path` entered on ``staged``); returns the temporary file, to rewrite if needed.
+    Files staged on one stack take their places back to back, the last staged first."""
+    temporary = staged.enter_context(atomic_path(path))
+    temporary.write_bytes(data)
+    _fsync(temporary)
+    return temporary
+
+
 def write_files_together(directory: str | Path, files: Mapping[str, bytes], setting: str = "output") -> Path:
     """Write ``files`` (name relative to ``directory`` -> bytes) so that a failure leaves the folder as it was.
 
@@ -553,9 +563,7 @@ def write_files_together(directory: str | Path, files: Mapping[str, bytes], sett
         directory = make_directory(directory, setting)
         with ExitStack() as staged:
             for name, data in reversed(list(files.items())):  # the stack renames the last entered first
-                temporary = staged.enter_context(atomic_path(directory / name))
-                temporary.write_bytes(data)
-                _fsync(temporary)
+                write_staged(staged, directory / name, data)
     except BaseException:
         if created is not None:
             shutil.rmtree(created, ignore_errors=True)

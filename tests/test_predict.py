@@ -472,3 +472,37 @@ def test_figshare_slice_files_are_inputs_like_their_images(tiny_checkpoint, tmp_
         from_mat, from_png = (cv2.imread(str(tmp_path / name / "out" / f"{index}_mask.png"), cv2.IMREAD_UNCHANGED)
                               for name in ("release", "pngs"))
         assert from_mat is not None and from_mat.shape == (64, 64) and np.array_equal(from_mat, from_png)
+
+
+def test_a_failed_rerun_leaves_the_earlier_predictions_as_they_were(tiny_checkpoint, tmp_path, monkeypatch):
+    """A full disk while the second slice's overlay is written: no new mask beside the old slices.csv (each file was
+    atomic, but the folder mixed two runs); a first run that fails leaves no folder."""
+    from bts_lightning import runtime
+
+    slice_image = cv2.imread(str(next((tiny_checkpoint.data_dir).rglob("images/*.png"))), cv2.IMREAD_GRAYSCALE)
+    source = tmp_path / "input"
+    source.mkdir()
+    for number in (1, 2):
+        assert cv2.imwrite(str(source / f"{number}.png"), slice_image)
+    out = tmp_path / "out"
+    settings = [f"ckpt_path={tiny_checkpoint.path}", f"input={source}", f"output={out}", "image_size=64"]
+    predict(compose_app("predict", settings, tmp_path / "run1"))
+    before = folder_state(out)
+    assert set(before) == {"1_mask.png", "1_overlay.png", "2_mask.png", "2_overlay.png", "slices.csv"}
+    for number in (1, 2):  # other inputs under the same names: a rerun would replace every file
+        assert cv2.imwrite(str(source / f"{number}.png"), cv2.resize(slice_image, (90, 70)))
+    real_fsync = runtime._fsync
+
+    def full_disk(path):
+        if path.name.startswith(".2_overlay.png."):
+            raise OSError(28, "No space left on device")
+        real_fsync(path)
+
+    monkeypatch.setattr(runtime, "_fsync", full_disk)
+    with pytest.raises(Exception, match="No space left on device"):
+        predict(compose_app("predict", settings, tmp_path / "run2"))
+    assert folder_state(out) == before  # no temporary file left either
+    with pytest.raises(Exception, match="No space left on device"):
+        predict(compose_app("predict", [*settings[:2], f"output={tmp_path / 'new'}", "image_size=64"],
+                            tmp_path / "run3"))
+    assert not (tmp_path / "new").exists()
