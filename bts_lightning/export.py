@@ -438,7 +438,11 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         write_space(module, output, contract, image_size, run_metrics(Path(str(cfg.ckpt_path))),
                     check=verified if verify else None, **onnx)
     # A model file is checked before it takes the place of ``output``, so a failed check leaves the previous file.
-    staging = output.with_name(f".{output.stem}.unverified{output.suffix}") if verify and format in FORMATS else None
+    unverified = output.with_name(f".{output.stem}.unverified{output.suffix}")
+    staging = unverified if verify and format in FORMATS else None
+    if staging is None and unverified.is_file():  # a killed verified export's; a verified one replaces it itself
+        with suppress(OSError):
+            unverified.unlink()
     try:
         if format not in FOLDER_FORMATS:
             export_model(module, staging or output, format, image_size, contract=contract, name=output.name, **onnx)
@@ -459,7 +463,9 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         verified(output, staged=False)
     summary: dict[str, Any] = {"output": str(output), "format": format, "model": contract.model,
                                "contract": contract.to_dict(), **checks}
-    size_mb = sum(path.stat().st_size for path in (output.rglob("*") if output.is_dir() else [output])) / 2**20
+    files = [path for path in output.rglob("*") if path.is_file() and not path.name.startswith(".")] \
+        if output.is_dir() else [output]  # hidden: a killed export's temporary files, not the model's
+    size_mb = sum(path.stat().st_size for path in files) / 2**20
     log.info(
         "Exported %s (%s) from %s to %s (%.1f MiB)%s", summary["model"], format, cfg.ckpt_path, output, size_mb,
         f"; max |difference| vs PyTorch {summary['max_abs_difference']:.2g}" if "max_abs_difference" in summary else "",

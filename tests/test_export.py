@@ -8,7 +8,6 @@ import logging
 import os
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import lightning
@@ -139,7 +138,7 @@ def test_a_space_export_that_fails_leaves_the_previous_bundle_whole(tmp_path, mo
     the files are written (a full disk) must not leave the new model under the old card, or half the examples."""
     pytest.importorskip("gradio")
     import bts_lightning.export as export_module
-    import bts_lightning.space as space_module
+    from bts_lightning import runtime
 
     first = _write_checkpoint("unet", tmp_path)
     bundle = tmp_path / "space"
@@ -160,17 +159,15 @@ def test_a_space_export_that_fails_leaves_the_previous_bundle_whole(tmp_path, mo
             export(cfg)
     assert {path.relative_to(bundle): path.read_bytes() for path in sorted(bundle.rglob("*")) if path.is_file()} == before
 
-    real_atomic_path = space_module.atomic_path
+    real_fsync = runtime._fsync
 
-    @contextmanager
     def full_disk_at_the_examples(path):
-        with real_atomic_path(path) as temporary:
-            yield temporary
-            if path.parent.name == "examples":  # the last files the bundle writes
-                raise OSError(28, "No space left on device")
+        if path.parent.name == "examples":  # staged after model.onnx, app.py and requirements.txt
+            raise OSError(28, "No space left on device")
+        real_fsync(path)
 
     with monkeypatch.context() as patched:
-        patched.setattr(space_module, "atomic_path", full_disk_at_the_examples)
+        patched.setattr(runtime, "_fsync", full_disk_at_the_examples)
         with pytest.raises(OutputError, match=r"Could not write .*examples.*: No space left on device"):
             export(cfg)
     assert {path.relative_to(bundle): path.read_bytes() for path in sorted(bundle.rglob("*")) if path.is_file()} == before
@@ -179,7 +176,7 @@ def test_a_space_export_that_fails_leaves_the_previous_bundle_whole(tmp_path, mo
     fresh = _compose_export([f"ckpt_path={second}", "format=space", f"output={tmp_path / 'new_space'}",
                              f"image_size={SIZE}"], tmp_path / "run")
     with monkeypatch.context() as patched:  # a failed first export leaves no folder behind
-        patched.setattr(space_module, "atomic_path", full_disk_at_the_examples)
+        patched.setattr(runtime, "_fsync", full_disk_at_the_examples)
         with pytest.raises(OutputError):
             export(fresh)
     assert not (tmp_path / "new_space").exists()
