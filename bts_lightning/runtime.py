@@ -254,9 +254,17 @@ PLUGIN_OPTIONS = (("hparams_search=optuna", "hydra_plugins.hydra_optuna_sweeper"
 def missing_plugin(arguments: list[str]) -> str | None:
     """The error for an override whose Hydra plugin is not installed (Hydra would say it cannot find the config)."""
     for override, module, extra in PLUGIN_OPTIONS:
-        if override in (argument.lstrip("+") for argument in arguments) and importlib.util.find_spec(module) is None:
+        if override in (argument.lstrip("+") for argument in arguments) and not _importable(module):
             return f"{override} needs the {extra} extra: pip install 'bts_lightning[{extra}]'."
     return None
+
+
+def _importable(module: str) -> bool:
+    """Whether ``module`` can be imported (without importing it; a missing parent package counts as missing)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 # Hydra flags that make an app compose another config than its own.

@@ -142,3 +142,5 @@ def test_a_group_option_whose_plugin_is_missing_names_the_extra(monkeypatch):
                                                          "pip install 'bts_lightning[sweep]'.")
     assert "pip install 'bts_lightning[slurm]'" in missing_plugin(["-m", "hydra/launcher=slurm"])
     assert missing_plugin(["model=unet"]) is None
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: (_ for _ in ()).throw(ModuleNotFoundError(name)))
+    assert missing_plugin(["hparams_search=optuna"]) is not None  # no hydra_plugins package at all
