@@ -54,6 +54,9 @@ from bts_lightning.segmentation_module import SegmentationModule, data_settings_
 log = logging.getLogger(__name__)
 
 MONITOR_MODES = ("max", "min")
+# The metrics monitor.metric can name (what validation logs), each with the direction it improves in.
+NATURAL_MODES = {VAL_DICE: "max", VAL_IOU: "max", "val/loss": "min", "val/dice_tumor": "max", "val/sensitivity": "max",
+                 "val/false_alarm_rate": "min"}
 # Pixel threshold the slice decision is calibrated at after training (the apps' default threshold).
 DECISION_PIXEL_THRESHOLD = 0.5
 
@@ -218,10 +221,6 @@ def check_callback_monitors(callbacks: DictConfig | None, monitor: str, mode: st
                           f"instead, e.g. monitor.metric={metric} monitor.mode=min for a loss.")
 
 
-# The direction each monitorable metric improves in.
-NATURAL_MODES = {VAL_DICE: "max", VAL_IOU: "max", "val/loss": "min", "val/dice_tumor": "max", "val/sensitivity": "max",
-                 "val/false_alarm_rate": "min"}
-
 
 # Seeds are drawn from [0, 2**31): every epoch's seed + epoch (EpochSeed) stays within what NumPy takes.
 MAX_SEED = 2**31 - 1
@@ -239,7 +238,7 @@ def check_monitor(monitor: DictConfig | None) -> tuple[str, str]:
     """``(metric, mode)`` of the ``monitor`` node, checked: a ``val/`` metric and ``max`` or ``min``."""
     metric = (monitor or {}).get("metric")
     mode = (monitor or {}).get("mode")
-    if metric not in (VAL_DICE, VAL_IOU, "val/loss", *(f"val/{name}" for name in SLICE_SCORES)):
+    if metric not in NATURAL_MODES:
         raise ConfigError(
             f"monitor.metric={metric} must name a validation metric: val/dice, val/iou, val/dice_tumor, "
             "val/sensitivity, val/false_alarm_rate (only when the validation split has empty slices) or val/loss."
@@ -247,7 +246,7 @@ def check_monitor(monitor: DictConfig | None) -> tuple[str, str]:
     if mode not in MONITOR_MODES:
         raise ConfigError(f"monitor.mode={mode} must be max (val/dice, val/iou, val/dice_tumor, val/sensitivity) "
                           "or min (val/loss, val/false_alarm_rate).")
-    if NATURAL_MODES.get(metric, mode) != mode:
+    if NATURAL_MODES[metric] != mode:
         log.warning("monitor.mode=%s with monitor.metric=%s: best.ckpt, early stopping and the plateau scheduler take "
                     "the epoch with the %s %s as the best one (the usual mode is %s).", mode, metric,
                     "lowest" if mode == "min" else "highest", metric, NATURAL_MODES[metric])
