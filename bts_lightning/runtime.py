@@ -168,6 +168,12 @@ def run_app(app: Callable[..., T], *args: Any) -> T:
         raise SystemExit(2) from None
 
 
+def _refused_jobs_line(refused_jobs: list[str], ending: str) -> str:
+    """The ``error:`` line naming a sweep's refused jobs (``#<num> (<folder>)`` each), then ``ending``."""
+    return (f"error: {len(refused_jobs)} job(s) of the sweep were refused, each with its error above: "
+            f"{', '.join(refused_jobs)}. {ending}")
+
+
 # Where launchers put a process's rank: torchrun and Lightning's DDP subprocesses, and SLURM tasks.
 _RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
 
@@ -230,10 +236,14 @@ def hydra_app(
             print(f"error: {unknown}", file=sys.stderr)
             raise SystemExit(2)
         try:
-            value = hydra_main()
+            try:
+                value = hydra_main()
+            except BaseException:  # a later job crashed or was stopped: the earlier refusals are still named
+                if refused_jobs:
+                    print(_refused_jobs_line(refused_jobs, "Then a later job stopped the sweep."), file=sys.stderr)
+                raise
             if refused_jobs:
-                print(f"error: {len(refused_jobs)} job(s) of the sweep were refused, each with its error above: "
-                      f"{', '.join(refused_jobs)}. The other jobs ran.", file=sys.stderr)
+                print(_refused_jobs_line(refused_jobs, "The other jobs ran."), file=sys.stderr)
                 raise SystemExit(2)
             return value
         except SystemExit as stop:

@@ -209,6 +209,36 @@ def test_a_sweep_goes_on_past_a_refused_job_and_names_it(tmp_path):
     assert not (tmp_path / "first" / "1").exists()
 
 
+# A sweep's app (train's config, a stand-in for training): job seed=2 is refused, seed=3 crashes.
+REFUSE_THEN_CRASH = """
+import sys
+from bts_lightning.errors import ConfigError
+from bts_lightning.runtime import hydra_app
+
+def app(cfg):
+    if cfg.seed == 2:
+        raise ConfigError("seed 2 is refused")
+    if cfg.seed == 3:
+        raise RuntimeError("seed 3 crashed")
+
+hydra_app("train", app)()
+"""
+
+
+def test_a_sweep_stopped_by_a_later_job_still_names_the_refused_ones(tmp_path):
+    script = tmp_path / "sweep_app.py"
+    script.write_text(REFUSE_THEN_CRASH)
+    environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run([sys.executable, str(script), "-m", "seed=1,2,3", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                            check=False, cwd=tmp_path, env=environment, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 1 and "RuntimeError: seed 3 crashed" in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: seed 2 is refused",
+                      ("error: 1 job(s) of the sweep were refused, each with its error above: "
+                       f"#1 ({tmp_path / 'sweep' / '1'}). Then a later job stopped the sweep.")], result.stderr[-3000:]
+
+
 def test_slurm_launcher_config_composes(tmp_path):
     from hydra import compose, initialize_config_dir
 
