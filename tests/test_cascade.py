@@ -59,6 +59,18 @@ def test_the_segmentation_is_kept_where_the_presence_probability_is_above_the_th
     assert torch.allclose(joined.net.presence_probability(images), torch.sigmoid(torch.tensor([3.0, 0.4, -1.0])))
 
 
+def test_a_slice_at_the_threshold_does_not_pass_the_gate():
+    """Calibration's threshold is one empty slice's own presence probability, and the gate passes only slices above
+    it, as calibration counts them (a float32 logit against a float64 one let about one in six of them through)."""
+    images = torch.randn(200, 1, 4, 4, generator=torch.Generator().manual_seed(2))
+    joined = Cascade(FixedLogits(), FixedLogits(0.5), flips=False)
+    probabilities = joined.presence_probability(images)
+    for index, probability in enumerate(probabilities.tolist()):
+        joined.presence_threshold = probability
+        passes = joined.gate_logit(images) > 0
+        assert not passes[index] and torch.equal(passes, probabilities > probability), index
+
+
 def test_flips_average_the_presence_maps_before_their_largest_value():
     """With flips: max over pixels of the mean of the maps of x, flip(x) flipped back, vflip(x) flipped back."""
 

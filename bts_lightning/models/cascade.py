@@ -28,16 +28,10 @@ from bts_lightning.errors import ConfigError
 from bts_lightning.models.presence import PresenceGated
 from bts_lightning.preprocessing import flip_mean
 
-# Probabilities are kept this far from 0 and 1 so that their logits stay finite.
-_EPSILON = 1e-6
 # The gate's logit: sigmoid(+GATE_LOGIT) is 1 and exp(-GATE_LOGIT) 0 in float32, so a slice's gate is open or shut.
 # (A gate sigmoid(logit P - logit threshold) near 0.5 capped the probabilities of a slice that just passed: its mask
 # shrank under bilinear resizing and vanished at a pixel threshold above 0.5.)
 GATE_LOGIT = 1e4
-
-
-def _fraction(value: float) -> float:
-    return min(max(float(value), _EPSILON), 1.0 - _EPSILON)
 
 
 class Cascade(nn.Module):
@@ -83,10 +77,9 @@ class Cascade(nn.Module):
         """(N,) ``+GATE_LOGIT`` where the slice passes the threshold (``P`` from :meth:`presence_probability` above
         ``presence_threshold``), else ``-GATE_LOGIT``: a step, so the gated probability is the segmentation's own on a
         slice that passes and 0 elsewhere, whatever the pixel threshold, resizing or flip averaging applied to it."""
-        probability = self.presence_probability(x).clamp(_EPSILON, 1.0 - _EPSILON)
-        margin = torch.logit(probability) - math.log(_fraction(self.presence_threshold)
-                                                     / (1.0 - _fraction(self.presence_threshold)))
-        return torch.where(margin > 0, GATE_LOGIT, -GATE_LOGIT)
+        # The probability itself against the threshold, as calibration compares them: the threshold is one of the
+        # calibration slices' float32 probabilities, which a logit in float32 against one in float64 let through.
+        return torch.where(self.presence_probability(x) > self.presence_threshold, GATE_LOGIT, -GATE_LOGIT)
 
     def segmentation_probability(self, x: torch.Tensor) -> torch.Tensor:
         """(N, H, W) ``segmentation``'s tumor probability, not gated."""
