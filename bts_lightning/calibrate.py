@@ -125,7 +125,8 @@ def calibrate_on(predictor: Predictor, dataset: SliceDataset, target: float, rul
     empty = [score for score, has_tumor in zip(scores, tumor) if not has_tumor]
     check_enough_empty(len(empty), target, target_on, split, dataset_name)
     present = [score for score, has_tumor in zip(scores, tumor) if has_tumor]
-    return calibrated_decision(empty, present, target, rule, pixel_threshold, split, dataset_name, target_on, tta)
+    return calibrated_decision(empty, present, target, rule, pixel_threshold, split, dataset_name, target_on, tta,
+                               dataset.files_digest())
 
 
 def calibrate_checkpoint(ckpt_path: Path, predictor: Predictor, dataset: SliceDataset, target: float, rule: str,

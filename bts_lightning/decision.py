@@ -79,7 +79,8 @@ class SliceDecision:
     """Tumor present on a slice iff ``slice_score(probability, rule, pixel_threshold) > threshold``.
 
     ``calibration``: where the threshold was chosen: ``split``, ``dataset``, ``n_empty``, ``n_tumor``,
-    and the ``false_alarm_rate`` / ``sensitivity`` the decision reached there. ``target_on``: what
+    and the ``false_alarm_rate`` / ``sensitivity`` the decision reached there (and ``slices_sha256``, the slices'
+    files, when known). ``target_on``: what
     ``target_false_alarm_rate`` bounded there (:data:`TARGETS_ON`; decisions stored without it: ``split``).
     """
 
@@ -267,10 +268,12 @@ def calibrated_decision(
     dataset: str,
     target_on: str = "split",
     tta: bool = False,
+    slices_sha256: str | None = None,
 ) -> SliceDecision:
     """The :class:`SliceDecision` calibrated by :func:`calibrate` on ``scores_empty``, recording the false-alarm
     rate it reaches there, its sensitivity on ``scores_tumor`` (``None`` without tumor slices) and whether the scores
-    came from flip-TTA probabilities (``tta``), which the decision then needs to hold.
+    came from flip-TTA probabilities (``tta``), which the decision then needs to hold, and ``slices_sha256``: which
+    slices' files (:meth:`~bts_lightning.data.dataset.SliceDataset.files_digest`), so ``evaluate`` knows them again.
 
     The rates count what ``evaluate`` counts, a slice kept by the decision whose mask has a tumor pixel: under
     ``max_probability`` that is a score above both the threshold and ``pixel_threshold``."""
@@ -279,4 +282,6 @@ def calibrated_decision(
     calibration = {"split": split, "dataset": dataset, "n_empty": len(scores_empty), "n_tumor": len(scores_tumor),
                    "false_alarm_rate": rate_above(scores_empty, flagged),
                    "sensitivity": rate_above(scores_tumor, flagged), "tta": bool(tta)}
+    if slices_sha256 is not None:
+        calibration["slices_sha256"] = slices_sha256
     return SliceDecision(rule, threshold, float(pixel_threshold), float(target), calibration, target_on)

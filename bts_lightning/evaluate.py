@@ -308,19 +308,20 @@ def split_note(scored: dict[str, Any]) -> str | None:
 
 
 def decision_note(decision: SliceDecision | None, split: str, dataset: str, what: str = "slice decision",
-                  subsets: Mapping[str, int] | None = None) -> str | None:
+                  subsets: Mapping[str, int] | None = None, same_files: bool = False) -> str | None:
     """What the slice decision's numbers mean on ``split`` of ``dataset``: chosen on it (optimistic), scored on
     training slices (optimistic), or held out.
 
     ``what``: the decision named (a cascade's scan context is calibrated where its slice decision is). ``subsets``:
     how many scored slices are in each subset of the checkpoint's split (``check_scored_slices``' record), when known.
+    ``same_files``: whether the decision's calibration slices are among those scored (:func:`calibration_slices_scored`).
     """
     if decision is None:
         return None
     chosen_on, chosen_data = decision.calibration.get("split"), decision.calibration.get("dataset")
     if chosen_data != dataset:
         return f"{what} calibrated on the {chosen_on} split of {chosen_data}, not this dataset."
-    if calibrated_here(decision, split, dataset, subsets):
+    if calibrated_here(decision, split, dataset, subsets, same_files):
         return (f"{what} calibrated on the {chosen_on} split scored here: its false-alarm rate was chosen "
                 "on these slices (optimistic).")
     if subsets and subsets.get("train"):
@@ -329,9 +330,24 @@ def decision_note(decision: SliceDecision | None, split: str, dataset: str, what
     return f"{what} calibrated on the {chosen_on} split; this {split} split is held out."
 
 
+def calibration_slices_scored(decision: SliceDecision | None, datamodule: Any, split: str) -> bool:
+    """Whether the slices ``decision`` was calibrated on (its ``slices_sha256``) are among the ``split`` slices of
+    ``datamodule``: its calibration split read here holds the same files, and ``split`` is that split or ``all``
+    (or the calibration was on ``all`` of them)."""
+    calibration = {} if decision is None else decision.calibration
+    chosen_on, digest = calibration.get("split"), calibration.get("slices_sha256")
+    if digest is None or chosen_on not in SPLITS or not (split == chosen_on or "all" in (split, chosen_on)):
+        return False
+    try:
+        return select_split(datamodule, chosen_on).files_digest() == digest
+    except BtsError:  # that split is empty here
+        return False
+
+
 def calibrated_here(decision: SliceDecision, split: str, dataset: str,
-                    subsets: Mapping[str, int] | None = None) -> bool:
-    """Whether ``decision`` was calibrated on slices scored here, of ``dataset``: with ``subsets`` (how many scored
+                    subsets: Mapping[str, int] | None = None, same_files: bool = False) -> bool:
+    """Whether ``decision`` was calibrated on slices scored here, of ``dataset``: when ``same_files`` (its calibration
+    slices' files are among those scored, e.g. other data than the training run's); with ``subsets`` (how many scored
     slices are in each subset of the checkpoint's split), whether any is in its calibration split, whatever root or
     split settings they were read with; otherwise whether that split is ``split`` (``all``, on either side, holds every
     split's)."""
@@ -339,6 +355,8 @@ def calibrated_here(decision: SliceDecision, split: str, dataset: str,
     chosen_on = calibration.get("split")
     if calibration.get("dataset") != dataset:
         return False
+    if same_files:
+        return True
     if subsets is not None and chosen_on in ("train", "val", "test"):
         return bool(subsets.get(chosen_on))
     if subsets is not None and chosen_on == "all":
@@ -347,7 +365,8 @@ def calibrated_here(decision: SliceDecision, split: str, dataset: str,
 
 
 def false_alarm_check(decision: SliceDecision | None, empty_slices: dict[str, Any], split: str,
-                      dataset: str, subsets: Mapping[str, int] | None = None) -> dict[str, Any] | None:
+                      dataset: str, subsets: Mapping[str, int] | None = None,
+                      same_files: bool = False) -> dict[str, Any] | None:
     """Are the false alarms on these held-out empty slices what ``decision``'s calibration allows for empty slices
     like its own? ``p_value``: the chance of this many or more were they alike
     (:func:`~bts_lightning.decision.false_alarm_surprise`), with the rate expected and its 95 % bound
@@ -358,7 +377,7 @@ def false_alarm_check(decision: SliceDecision | None, empty_slices: dict[str, An
     """
     if decision is None or not decision.calibration.get("n_empty") or not empty_slices["n"]:
         return None
-    if calibrated_here(decision, split, dataset, subsets):
+    if calibrated_here(decision, split, dataset, subsets, same_files):
         return None
     calibration, target, target_on = decision.calibration, decision.target_false_alarm_rate, decision.target_on
     n_calibration = calibration["n_empty"]
@@ -447,6 +466,7 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[st
     applied = options.decision if context is None else contract_of(predictor).slice_decision  # where it was calibrated
     joined = cascade_of(predictor)
     in_subsets = scoring.scored.get("in_trained_subsets")  # None for a model file without a split record
+    same_files = calibration_slices_scored(applied, datamodule, split)
     by_truth = summarize_by_truth(rows)
     by_truth["empty_slices"]["by_distance_to_tumor"] = (
         empty_slices_by_distance(rows, dataset.scan_positions())
@@ -465,12 +485,14 @@ def evaluate(cfg: DictConfig, overrides: Sequence[str] | None = None) -> dict[st
         "cascade": None if joined is None else joined.record(),
         "split_note": split_note(scoring.scored),
         "decision_note": decision_note(applied, split, datamodule.name,
-                                       "slice decision" if context is None else "scan context", in_subsets),
+                                       "slice decision" if context is None else "scan context", in_subsets,
+                                       same_files),
         "summary": summarize(rows),
         "by_label": summarize_by_type(rows),
         "cases": count_cases(rows),
         **by_truth,
-        "false_alarm_check": false_alarm_check(applied, by_truth["empty_slices"], split, datamodule.name, in_subsets),
+        "false_alarm_check": false_alarm_check(applied, by_truth["empty_slices"], split, datamodule.name, in_subsets,
+                                               same_files),
         "worst": [{"stem": rows[i]["stem"], "dice": rows[i]["dice"], "hd95": rows[i]["hd95"]} for i in worst],
         "eval_time_s": round(eval_time, 2),
     }

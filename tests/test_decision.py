@@ -361,6 +361,36 @@ def test_calibrate_app_stores_the_decision_and_evaluate_applies_it(calibration_s
     assert applied["tumor_slices"]["detected"] == round(cal["sensitivity"] * cal["n_tumor"])
 
 
+def test_a_decision_calibrated_on_other_data_is_known_there_again(calibration_setup, tmp_path):
+    """Calibrated on slices the checkpoint's split record does not know (other names): evaluate of that split, or
+    of every slice, says the false-alarm rate was chosen there (optimistic, no false_alarm_check); its test split is
+    held out."""
+    ckpt, data = calibration_setup
+    source = Path(next(value for value in data if value.startswith("data.root=")).split("=", 1)[1])
+    renamed = tmp_path / "renamed"
+    shutil.copytree(source, renamed)
+    for path in [*(renamed / "images").iterdir(), *(renamed / "masks").iterdir()]:
+        path.rename(path.with_name(f"p{path.name}"))
+    lines = (renamed / "metadata.csv").read_text().splitlines()
+    (renamed / "metadata.csv").write_text("\n".join([lines[0], *(f"p{line}" for line in lines[1:])]) + "\n")
+    other = [f"data.root={renamed}", *(value for value in data if not value.startswith("data.root="))]
+    calibration = run_calibrate(ckpt, other, tmp_path / "cal", "target_false_alarm_rate=0.25")["decision"]["calibration"]
+
+    def evaluated(split: str) -> dict:
+        overrides = [f"ckpt_path={ckpt}", *other, f"split={split}", "worst_k=0"]
+        return evaluate(compose_app("evaluate", overrides, tmp_path / f"eval_{split}"), overrides)
+
+    val = evaluated("val")
+    assert val["slices"]["in_trained_subsets"]["none"] == val["n_images"]  # none known to the training split
+    assert val["empty_slices"]["false_alarm_rate"] == calibration["false_alarm_rate"]
+    for scored in (val, evaluated("all")):
+        assert scored["decision_note"] == ("slice decision calibrated on the val split scored here: its false-alarm "
+                                           "rate was chosen on these slices (optimistic).")
+        assert scored["false_alarm_check"] is None
+    test = evaluated("test")
+    assert "held out" in test["decision_note"] and test["false_alarm_check"] is not None
+
+
 def test_calibration_errors_are_one_clear_line(calibration_setup, tiny_checkpoint, tmp_path, capsys):
     ckpt, data = calibration_setup
     # The tiny checkpoint's own data: every slice has a tumor, so its val split has no empty slice.

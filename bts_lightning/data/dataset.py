@@ -31,6 +31,7 @@ from bts_lightning.data.io import (
     to_channels,
 )
 from bts_lightning.data.neighbours import Position, own_channel, slice_position, stack_window
+from bts_lightning.data.splits import slice_ids_digest
 from bts_lightning.distance_maps import signed_distance_map
 from bts_lightning.errors import ConfigError, DataError, format_names
 
@@ -260,6 +261,11 @@ class SliceDataset(Dataset):
     def stem(self, position: int) -> str:
         """Slice id of the ``position``-th slice."""
         return self.pairs[self.indices[position]].stem
+
+    def files_digest(self) -> str:
+        """SHA-256 of the resolved image paths of the slices (:func:`~bts_lightning.data.splits.slice_ids_digest`):
+        the same slices read from the same files, whatever split settings chose them."""
+        return slice_ids_digest(str(Path(self.pairs[index].image).resolve()) for index in self.indices)
 
     def __getitem__(self, position: int) -> dict[str, torch.Tensor | int]:
         image, mask = self.load(position)
