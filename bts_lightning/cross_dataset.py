@@ -52,7 +52,7 @@ def evaluate_options(cfg: DictConfig) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"cross_evaluate.{unknown[0]} is not an evaluate setting; cross_evaluate takes "
                           f"{', '.join(EVALUATE_KEYS)}.")
-    InferenceOptions.from_config(options)
+    InferenceOptions.from_config(options, prefix="cross_evaluate.")
     return options
 
 

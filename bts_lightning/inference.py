@@ -617,19 +617,25 @@ class InferenceOptions:
             raise ConfigError(f"postprocess.min_size={self.min_size} must be a whole number of pixels >= 0.")
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> InferenceOptions:
+    def from_config(cls, cfg: Mapping[str, Any], prefix: str = "") -> InferenceOptions:
         """From an app config with ``threshold``, ``tta`` and ``postprocess.{largest_component,min_size}``
         (``null`` threshold / tta: 0.5 / false here, the calibrated ones under a decision: see
-        :func:`with_model_decision`); also checks its ``slice_decision`` setting."""
-        decision_setting(cfg)
+        :func:`with_model_decision`); also checks its ``slice_decision`` setting. ``prefix``: where these settings
+        sit in the config (``cross_evaluate.``), for the errors naming them."""
+        decision_setting(cfg, prefix)
         post = cfg.get("postprocess") or {}
         threshold = cfg.get("threshold")
-        return cls(
-            threshold=0.5 if threshold is None else float(as_number("threshold", threshold)),
-            tta=as_flag("tta", cfg.get("tta"), False),
-            largest_component=as_flag("postprocess.largest_component", post.get("largest_component"), False),
-            min_size=int(as_number("postprocess.min_size", post.get("min_size", 0), whole=True)),
-        )
+        options = {
+            "threshold": 0.5 if threshold is None else float(as_number(f"{prefix}threshold", threshold)),
+            "tta": as_flag(f"{prefix}tta", cfg.get("tta"), False),
+            "largest_component": as_flag(f"{prefix}postprocess.largest_component",
+                                         post.get("largest_component"), False),
+            "min_size": int(as_number(f"{prefix}postprocess.min_size", post.get("min_size", 0), whole=True)),
+        }
+        try:
+            return cls(**options)
+        except ConfigError as error:  # __post_init__'s messages start with the key
+            raise ConfigError(f"{prefix}{error}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "decision": None if self.decision is None else self.decision.to_dict()}
@@ -655,21 +661,21 @@ class InferenceOptions:
         return self.masks(predict_probabilities(predictor, images, self.tta).numpy())
 
 
-def auto_or_off(cfg: Mapping[str, Any], key: str, auto_means: str) -> str:
+def auto_or_off(cfg: Mapping[str, Any], key: str, auto_means: str, prefix: str = "") -> str:
     """The app's ``key`` setting, ``auto`` (when absent) or ``off``, checked; YAML reads ``off`` as false.
 
-    ``auto_means``: what ``auto`` does, for the error.
+    ``auto_means``: what ``auto`` does, and ``prefix`` where ``cfg`` sits in the config, for the error.
     """
     value = cfg.get(key, "auto")
     setting = "off" if value is False else str(value)
     if setting not in DECISION_SETTINGS:
-        raise ConfigError(f"{key}={setting} must be auto ({auto_means}) or off.")
+        raise ConfigError(f"{prefix}{key}={setting} must be auto ({auto_means}) or off.")
     return setting
 
 
-def decision_setting(cfg: Mapping[str, Any]) -> str:
+def decision_setting(cfg: Mapping[str, Any], prefix: str = "") -> str:
     """The app's ``slice_decision`` setting (:func:`auto_or_off`)."""
-    return auto_or_off(cfg, "slice_decision", "the model's calibrated decision, when it has one")
+    return auto_or_off(cfg, "slice_decision", "the model's calibrated decision, when it has one", prefix)
 
 
 def with_model_decision(options: InferenceOptions, cfg: Mapping[str, Any], contract: ModelContract) -> InferenceOptions:

@@ -129,6 +129,19 @@ def test_cross_data_is_any_data_option_at_the_training_size(tmp_path):
     assert compose_train(["experiment=cross_dataset"], tmp_path / "run").cross_data.channels == [1]  # lgg: FLAIR
 
 
+@pytest.mark.parametrize(("setting", "message"), [
+    ("cross_evaluate.threshold=2", r"cross_evaluate.threshold=2.0 must be in \[0, 1\)"),
+    ("cross_evaluate.tta=maybe", 'cross_evaluate.tta="maybe" is not true or false; pass cross_evaluate.tta=true'),
+    ("cross_evaluate.postprocess.min_size=2.5", "cross_evaluate.postprocess.min_size=2.5 is not a whole number"),
+    ("+cross_evaluate.slice_decision=on", "cross_evaluate.slice_decision=on must be auto"),
+])
+def test_cross_evaluate_settings_are_refused_by_their_own_key(tmp_path, setting, message):
+    from bts_lightning.cross_dataset import evaluate_options
+
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        evaluate_options(compose_train(["experiment=cross_dataset", setting], tmp_path / "run"))
+
+
 def test_cross_data_channels_are_checked_before_training(tmp_path, datasets):
     gray, flair = datasets
     cfg = compose_train(["experiment=cross_dataset", f"data.root={gray}", f"cross_data.root={flair}",
