@@ -424,7 +424,7 @@ def _onnx_session(path: Path, use_cuda: bool) -> tuple[Any, str, list[str]]:
     wanted = (["CUDAExecutionProvider"] if use_cuda else []) + ["CPUExecutionProvider"]
     providers = [p for p in wanted if p in available] or available
     options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3  # errors only
+    options.log_severity_level = 4  # fatal only: a failed run is a BtsError naming the cause, not logged as well
     try:
         session = onnxruntime.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as error:  # noqa: BLE001  (any failure: a corrupt or foreign file)

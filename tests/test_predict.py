@@ -404,7 +404,7 @@ def test_predict_on_an_export_copied_away_from_its_run_uses_the_trained_size(tin
     assert "trained at 64 px but image_size=32" in caplog.text
 
 
-def test_image_sizes_the_network_cannot_take_are_config_errors(tiny_checkpoint, tmp_path):
+def test_image_sizes_the_network_cannot_take_are_config_errors(tiny_checkpoint, tmp_path, capfd):
     source = tmp_path / "in"
     source.mkdir()
     cv2.imwrite(str(source / "s.png"), np.zeros((64, 64), np.uint8))
@@ -424,6 +424,12 @@ def test_image_sizes_the_network_cannot_take_are_config_errors(tiny_checkpoint, 
     exported = export.export_model(load_module(tiny_checkpoint.path), tmp_path / "model.ts", "torchscript", 64)
     with pytest.raises(ConfigError, match=r"image_size=36: the model cannot run on 36x36 slices"):
         run(exported, 36)
+    pytest.importorskip("onnxruntime")
+    exported = export.export_model(load_module(tiny_checkpoint.path), tmp_path / "model.onnx", "onnx", 64)
+    capfd.readouterr()
+    with pytest.raises(ConfigError, match=r"image_size=36: the model cannot run on 36x36 slices \(Fail: "):
+        run(exported, 36)
+    assert "onnxruntime" not in capfd.readouterr().err  # said once, in the error; not logged by onnxruntime too
     assert not (tmp_path / "out").exists()
 
 
