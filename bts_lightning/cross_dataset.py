@@ -141,7 +141,8 @@ def evaluation_row(role: str, metrics: dict[str, Any], output_dir: Path, chose_c
     """What a training run's ``metrics.json`` keeps of one evaluation (evaluate's ``metrics.json``).
 
     ``chose_checkpoint``: the scored slices also chose the checkpoint (the in-domain val split), so
-    its scores are optimistic.
+    its scores are optimistic; ``decision_note``: where the model's slice decision was calibrated against
+    these slices (evaluate's note; ``None`` without a decision).
     """
     return {
         "role": role,
@@ -153,6 +154,7 @@ def evaluation_row(role: str, metrics: dict[str, Any], output_dir: Path, chose_c
         "tumor_slices": metrics["tumor_slices"],
         "empty_slices": metrics["empty_slices"],
         "channels": metrics["channels"],
+        "decision_note": metrics.get("decision_note"),
         "output_dir": str(output_dir),
     }
 

@@ -158,6 +158,7 @@ CROSS_COLUMNS = (
     "false_alarm_rate_std",
     "all_slices_dice_mean",
     "all_slices_dice_std",
+    "slice_decision",
 )
 # Where each score of an evaluation row (metrics.json ``cross_dataset.evaluations``) is.
 CROSS_SCORES = {
@@ -516,7 +517,8 @@ def _count(sources: Sequence[dict[str, Any]], path: Sequence[str]) -> int | str 
 def cross_dataset_rows(rows: Sequence[ConfigurationRow]) -> list[dict[str, Any]]:
     """The cross-dataset table (:data:`CROSS_COLUMNS`): per configuration (in ``rows``' order), one row per
     evaluation of its ``experiment=cross_dataset`` runs (metrics.json ``cross_dataset.evaluations``: in domain,
-    then cross-dataset), each score's mean and sample std over the runs; empty when no run has them."""
+    then cross-dataset), each score's mean and sample std over the runs, and ``slice_decision``: the runs' distinct
+    notes on where their slice decision was calibrated (``None`` without one); empty when no run has them."""
     table = []
     for row in rows:
         groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
@@ -537,6 +539,8 @@ def cross_dataset_rows(rows: Sequence[ConfigurationRow]) -> list[dict[str, Any]]
             for name, path in CROSS_SCORES.items():
                 scores = [score for e in evaluations if (score := _score(e, path)) is not None]
                 entry[f"{name}_mean"], entry[f"{name}_std"] = _aggregate(scores)
+            notes = sorted({str(note) for e in evaluations if (note := e.get("decision_note"))})
+            entry["slice_decision"] = " / ".join(notes) or None
             table.append(entry)
     return table
 
@@ -727,16 +731,18 @@ def cross_dataset_markdown(table: Sequence[dict[str, Any]]) -> list[str]:
              "whose truth has a tumor; **sensitivity**: share of them with any predicted tumor pixel; **false-alarm "
              "rate**: share of empty-truth slices with any predicted tumor pixel (– without empty slices); **all-slice "
              "Dice**: mean over every slice, an empty slice left empty scoring 1. Mean ± sample std over a "
-             "configuration's runs.")
+             "configuration's runs. **Slice decision**: where the model's calibrated decision (applied to these "
+             "scores) was chosen, as evaluate says it; – without one.")
     header = ["configuration", "trained on", "evaluated on", "split", "role", "slices (tumor / empty)",
-              "tumor-slice Dice", "sensitivity", "false-alarm rate", "all-slice Dice"]
+              "tumor-slice Dice", "sensitivity", "false-alarm rate", "all-slice Dice", "slice decision"]
     lines = ["", "## In-domain and cross-dataset", "", intro, "", "| " + " | ".join(header) + " |",
              "|" + "|".join(["---"] * len(header)) + "|"]
     for entry in table:
         split = f"{entry['split']} (chose the checkpoint: optimistic)" if entry["chose_checkpoint"] else entry["split"]
         scores = [_mean_std(entry[f"{name}_mean"], entry[f"{name}_std"]) for name in CROSS_SCORES]
         cells = [str(entry["config"]).replace("|", "\\|"), _number(entry["trained_on"]), _number(entry["dataset"]),
-                 _number(split), _number(entry["role"]), _slices(entry), *scores]
+                 _number(split), _number(entry["role"]), _slices(entry), *scores,
+                 _number(entry["slice_decision"]).replace("|", "\\|")]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

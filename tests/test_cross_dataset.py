@@ -240,6 +240,7 @@ def test_cross_dataset_both_ways_then_evaluate_and_report(tmp_path, datasets, ca
     assert metrics["dataset"] == "lgg" and cross["checkpoint"] == str(reverse / "checkpoints" / "final.ckpt")
     in_domain, other = cross["evaluations"]
     assert (in_domain["dataset"], in_domain["split"], in_domain["chose_checkpoint"]) == ("lgg", "val", False)
+    assert in_domain["decision_note"] is other["decision_note"] is None  # no decision
     assert other["channels"] == ("model (1 channel, trained on lgg: [1]) reads brain_tumor as gray (each image "
                                  "converted to one grayscale channel)")
     brain_tumor = check_cross_outputs(reverse, "brain_tumor", 16, 16)
@@ -263,6 +264,27 @@ def test_cross_dataset_both_ways_then_evaluate_and_report(tmp_path, datasets, ca
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert "## In-domain and cross-dataset" in markdown and "| brain_tumor | lgg | all | cross-dataset | 6 / 12 |" in markdown
     assert "| lgg | brain_tumor | all | cross-dataset | 16 / 0 |" in markdown
+    assert all(row["slice_decision"] == "" for row in table) and markdown.count(" | – |\n") >= 4  # no decision
+
+
+def test_the_cross_dataset_rows_say_where_the_slice_decision_was_calibrated(tmp_path, datasets):
+    gray, flair = datasets
+    run = tmp_path / "run"
+    metrics = train(compose_train(["experiment=cross_dataset", "data=lgg", f"data.root={flair}",
+                                   "data@cross_data=brain_tumor", f"cross_data.root={gray}",
+                                   "decision.target_false_alarm_rate=0.5", *TINY_RUN], run))
+    in_domain, other = metrics["cross_dataset"]["evaluations"]
+    assert (in_domain["split"], in_domain["chose_checkpoint"]) == ("val", True)  # lgg has no test fold here
+    in_domain_note = ("slice decision calibrated on the val split scored here: its false-alarm rate was chosen on "
+                      "these slices (optimistic).")
+    assert in_domain["decision_note"] == in_domain_note
+    assert other["decision_note"] == "slice decision calibrated on the val split of lgg, not this dataset."
+    report_app(compose_app("report", [f"dirs={run}", f"out={tmp_path / 'report'}"], tmp_path / "r"))
+    table = read_csv(tmp_path / "report" / "cross_dataset.csv")
+    assert [row["slice_decision"] for row in table] == [in_domain_note, other["decision_note"]]
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "| cross-dataset | 16 / 0 |" in markdown and all(f" | {note} |\n" in markdown for note in
+                                                             (in_domain_note, other["decision_note"]))
 
 
 # ---------------------------------------------------------------- the real sample sets
