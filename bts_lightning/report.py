@@ -343,10 +343,16 @@ def find_runs(directories: Sequence[str | Path]) -> list[Run]:
                 checkpoints[_copy_key(run, metrics_path)] = run.directory
                 runs.append(run)
     unfinished = unfinished_runs(directories)
-    if unfinished:
-        print(f"note: {len(unfinished)} training run(s) without metrics.json (killed, crashed or still running) are "
-              f"not in the report: {format_names([str(path) for path in unfinished], 5)}; a killed run finishes with "
+    resumable = [path for path in unfinished if (path / "checkpoints" / "last.ckpt").is_file()]
+    if resumable:
+        print(f"note: {len(resumable)} training run(s) without metrics.json (killed, crashed or still running) are "
+              f"not in the report: {format_names([str(path) for path in resumable], 5)}; a killed run finishes with "
               "python -m bts_lightning.train <its overrides> hydra.run.dir=RUN ckpt_path=last", file=sys.stderr)
+    if stopped := [path for path in unfinished if path not in resumable]:
+        print(f"note: {len(stopped)} training run(s) without metrics.json or a checkpoint (refused by a check, stopped "
+              f"before their first epoch ended, or still in it) are not in the report: "
+              f"{format_names([str(path) for path in stopped], 5)}; each run's train.log says why; run it again",
+              file=sys.stderr)
     if others:
         print(f"note: skipped {others} metrics.json not written by training (evaluate runs or others)", file=sys.stderr)
     if debug:
@@ -373,15 +379,14 @@ _TRAIN_TASK = re.compile(r"^task_name: train$", re.MULTILINE)
 
 
 def unfinished_runs(directories: Sequence[str | Path]) -> list[Path]:
-    """Training-run folders below ``directories`` (a ``.hydra/config.yaml`` of ``task_name: train``) with a
-    ``checkpoints/last.ckpt`` to resume from but no ``metrics.json``: killed, crashed or still running."""
+    """Training-run folders below ``directories`` (a ``.hydra/config.yaml`` of ``task_name: train``) without a
+    ``metrics.json``: killed, crashed, refused or still running (those with ``checkpoints/last.ckpt`` can resume)."""
     found = set()
     for directory in directories:
         for config in Path(directory).rglob(".hydra/config.yaml"):
             run = config.parent.parent
             with suppress(OSError):
-                if (run / "checkpoints" / "last.ckpt").is_file() and not (run / "metrics.json").exists() \
-                        and _TRAIN_TASK.search(config.read_text()):
+                if not (run / "metrics.json").exists() and _TRAIN_TASK.search(config.read_text()):
                     found.add(run)
     return sorted(found)
 

@@ -414,7 +414,7 @@ def test_the_chart_fits_long_run_labels_and_its_legend():
 def test_a_run_without_validation_scores_is_unranked_not_a_reason_to_rank_by_best_val(tmp_path, capsys):
     """callbacks=none records no validation Dice: among cross-validation runs (no test split) it is listed last,
     unranked, and the others stay ranked by last val Dice; a copy of it is skipped like any other copy; a training run
-    without metrics.json (killed) is noted, not silently left out."""
+    without metrics.json is noted, not silently left out: killed (a last.ckpt to resume from) or refused (none)."""
     root = tmp_path / "runs"
     _write_run(root / "cv" / "0", "unet", seed=1, val_fold=1, val_dice=0.9, test_dice=None, last_val_dice=0.5)
     _write_run(root / "cv" / "1", "lraspp", seed=1, val_fold=1, val_dice=0.6, test_dice=None, last_val_dice=0.55)
@@ -432,7 +432,10 @@ def test_a_run_without_validation_scores_is_unranked_not_a_reason_to_rank_by_bes
     assert f"skipped {root / 'nocallbacks_copy'}: a copy of {root / 'nocallbacks'} (the same metrics.json)" in err
     assert f"1 training run(s) without metrics.json (killed, crashed or still running) are not in the report: " \
            f"{root / 'killed'}" in err
-    assert "model=fcn: no last val Dice (e.g. trained with callbacks=none" in err and "refused" not in err
+    assert "model=fcn: no last val Dice (e.g. trained with callbacks=none" in err
+    assert f"1 training run(s) without metrics.json or a checkpoint (refused by a check, stopped before their first " \
+           f"epoch ended, or still in it) are not in the report: {root / 'refused'}; each run's train.log says why" \
+           in err and f"{root / 'refused'}, " not in err  # noted once, apart from the one that can resume
     report_app(compose_app("report", [f"dirs={root}"], tmp_path / "app"))
     printed = capsys.readouterr().out
     assert "Ranked by last val Dice" in printed and "  -. –  model=fcn  (1 run)" in printed
