@@ -448,6 +448,10 @@ def _predict_into(predictor: Predictor, files: list[Path], output_dir: Path, ima
     how = f" (scan context: {context.describe()})" if context is not None else how
     log.info("%d of %d slice(s) without tumor%s; per slice: %s", empty, len(decisions), how, SLICES_CSV)
     log.info("Wrote %d mask(s) and overlay(s) to %s", len(written), output_dir)
+    if earlier := sorted(set(output_dir.glob("*_mask.png")) - set(written)):
+        log.warning("%s also holds %d mask(s) this run did not write (an earlier run's, e.g. %s); %s lists this run's "
+                    "slices. Use a new output folder to keep runs apart.", output_dir, len(earlier),
+                    format_names([path.name for path in earlier], 3), SLICES_CSV)
     return {"written": [str(p) for p in written], "skipped": skipped_names, "output": str(output_dir),
             "image_size": image_size, "channels": channels_setting(channels),
             "decision": None if options.decision is None else options.decision.to_dict(),

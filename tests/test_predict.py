@@ -512,3 +512,26 @@ def test_a_failed_rerun_leaves_the_earlier_predictions_as_they_were(tiny_checkpo
         predict(compose_app("predict", [*settings[:2], f"output={tmp_path / 'new'}", "image_size=64"],
                             tmp_path / "run3"))
     assert not (tmp_path / "new").exists()
+
+
+def test_a_rerun_into_a_used_folder_names_the_masks_it_did_not_write(tiny_checkpoint, tmp_path, caplog):
+    """Masks of an earlier run on other inputs stay in a reused output folder: the rerun says so, naming them, and
+    its slices.csv lists only its own slices."""
+    slice_image = cv2.imread(str(next((tiny_checkpoint.data_dir).rglob("images/*.png"))), cv2.IMREAD_GRAYSCALE)
+    first, second, out = tmp_path / "first", tmp_path / "second", tmp_path / "out"
+    for folder, names in ((first, ("a", "b")), (second, ("a",))):
+        folder.mkdir()
+        for name in names:
+            assert cv2.imwrite(str(folder / f"{name}.png"), slice_image)
+    for number, source in enumerate((first, second)):
+        caplog.clear()
+        predict(compose_app("predict", [f"ckpt_path={tiny_checkpoint.path}", f"input={source}", f"output={out}",
+                                        "image_size=64"], tmp_path / f"run{number}"))
+    assert f"{out} also holds 1 mask(s) this run did not write (an earlier run's, e.g. b_mask.png); slices.csv " \
+           "lists this run's slices" in caplog.text
+    with open(out / "slices.csv", newline="") as handle:
+        assert [row["mask"] for row in csv.DictReader(handle)] == ["a_mask.png"]
+    caplog.clear()
+    predict(compose_app("predict", [f"ckpt_path={tiny_checkpoint.path}", f"input={first}", f"output={out}",
+                                    "image_size=64"], tmp_path / "run2"))
+    assert "this run did not write" not in caplog.text  # every mask there is this run's again
