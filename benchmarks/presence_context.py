@@ -7,8 +7,9 @@ and the slices just before and after it in the same scan (same folder, slice num
 its own threshold, calibrated on the val fold's empty slices to the cascade's target false-alarm rate; on the
 test fold the tumor-only model's mask (``tumor_only_test/per_image.csv``) is kept where the score is above it
 and emptied elsewhere. Per pair and pooled over every test slice: tumor-slice Dice, the drop from the
-tumor-only model, sensitivity and false-alarm rate. The slice-alone rows reproduce the cascade's own
-evaluation (``benchmarks.cascade_cv_table``); the script checks that its threshold is the cascade's. The framework
+tumor-only model, sensitivity and false-alarm rate. A third way (added 2026-12-02) closes one-slice gaps in the
+second (:func:`gaps_closed`: a slice between two slices that pass passes too), with its own threshold. The
+slice-alone rows reproduce the cascade's own evaluation (``benchmarks.cascade_cv_table``); the script checks that its threshold is the cascade's. The framework
 now builds the second way (``python -m bts_lightning.cascade ... context=1``, :mod:`bts_lightning.scan_context`;
 ``benchmarks/cascade_cv.sh`` scores it), and its rows reproduce this script's; this script adds the count of the
 tumor slices the slice-alone score misses.
@@ -34,7 +35,7 @@ from bts_lightning.scan_context import context_means
 
 COLUMNS = ("fold pair (val / test)", "presence score", "threshold (val)", "test slices (tumor/empty)",
            "tumor-only tumor-slice Dice", "tumor-slice Dice", "Dice drop", "sensitivity", "false-alarm rate")
-WAYS = ("slice alone", "mean with the neighbouring slices")
+WAYS = ("slice alone", "mean with the neighbouring slices", "the mean, one-slice gaps closed")
 
 
 def volume_mean(values: Sequence[float], positions: Sequence[Position]) -> list[float]:
@@ -43,6 +44,18 @@ def volume_mean(values: Sequence[float], positions: Sequence[Position]) -> list[
     a slice without neighbours keeps its value."""
     means = context_means(values, positions, 1)
     return [float(value) if mean is None else mean for value, mean in zip(values, means)]
+
+
+def gaps_closed(values: Sequence[float], positions: Sequence[Position]) -> list[float]:
+    """Each value raised to the smaller of its two neighbours' (the slices numbered one below and one above it in the
+    same scan) when both are present: a threshold on the result keeps every slice between two kept slices, a
+    one-slice gap closed (a tumor spans consecutive slices). A slice missing a neighbour keeps its value."""
+    at = dict(zip(positions, values))
+    closed = []
+    for (scan, number), value in zip(positions, values):
+        below, above = at.get((scan, number - 1)), at.get((scan, number + 1))
+        closed.append(float(value) if below is None or above is None else max(float(value), min(below, above)))
+    return closed
 
 
 def gated(rows: Sequence[dict[str, Any]], kept: dict[str, bool]) -> list[dict[str, Any]]:
@@ -107,7 +120,9 @@ def pair_scores(run: Path) -> dict[str, Any]:
         for split, (values, _, positions) in split_scores.items():
             stems = list(values)
             raw = [values[stem] for stem in stems]
-            final = raw if way == WAYS[0] else volume_mean(raw, [positions[stem] for stem in stems])
+            at = [positions[stem] for stem in stems]
+            final = raw if way == WAYS[0] else volume_mean(raw, at)
+            final = gaps_closed(final, at) if way == WAYS[2] else final
             by_split[split] = dict(zip(stems, final))
         val_truth = split_scores["val"][1]
         threshold = calibrate([score for stem, score in by_split["val"].items() if not val_truth[stem]], target)
