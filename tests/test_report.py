@@ -435,7 +435,7 @@ def test_a_run_without_validation_scores_is_unranked_not_a_reason_to_rank_by_bes
     assert "model=fcn: no last val Dice (e.g. trained with callbacks=none" in err
     assert f"1 training run(s) without metrics.json or a checkpoint (refused by a check, stopped before their first " \
            f"epoch ended, or still in it) are not in the report: {root / 'refused'}; each run's train.log says why" \
-           in err and f"{root / 'refused'}, " not in err  # noted once, apart from the one that can resume
+           in err and f"report: {root / 'killed'}; a killed run finishes with" in err  # each in its own note only
     report_app(compose_app("report", [f"dirs={root}"], tmp_path / "app"))
     printed = capsys.readouterr().out
     assert "Ranked by last val Dice" in printed and "  -. –  model=fcn  (1 run)" in printed
