@@ -2,14 +2,14 @@
 
 For every fold pair of ``benchmarks/cascade_cv.sh OUT``: the cascade's presence probability ``P`` of every val
 and test slice (:func:`bts_lightning.cascade.presence_scores`, flip-averaged as the cascade computes it), scored
-two ways: the slice alone (what ``cascade.ckpt`` does) and with volume context, the mean of ``P`` over the slice
-and the slices just before and after it in the same scan (same folder, slice numbers one apart). Each way gets
-its own threshold, calibrated on the val fold's empty slices to the cascade's target false-alarm rate; on the
-test fold the tumor-only model's mask (``tumor_only_test/per_image.csv``) is kept where the score is above it
+three ways: the slice alone (what ``cascade.ckpt`` does); with volume context, the mean of ``P`` over the slice
+and the slices just before and after it in the same scan (same folder, slice numbers one apart); and that mean with
+one-slice gaps closed (:func:`gaps_closed`: a slice between two slices that pass passes too; added 2026-12-02).
+Each way gets its own threshold, calibrated on the val fold's empty slices to the cascade's target false-alarm rate;
+on the test fold the tumor-only model's mask (``tumor_only_test/per_image.csv``) is kept where the score is above it
 and emptied elsewhere. Per pair and pooled over every test slice: tumor-slice Dice, the drop from the
-tumor-only model, sensitivity and false-alarm rate. A third way (added 2026-12-02) closes one-slice gaps in the
-second (:func:`gaps_closed`: a slice between two slices that pass passes too), with its own threshold. The
-slice-alone rows reproduce the cascade's own evaluation (``benchmarks.cascade_cv_table``); the script checks that its threshold is the cascade's. The framework
+tumor-only model, sensitivity and false-alarm rate. The slice-alone rows reproduce the cascade's own evaluation
+(``benchmarks.cascade_cv_table``); the script checks that its threshold is the cascade's. The framework
 now builds the second way (``python -m bts_lightning.cascade ... context=1``, :mod:`bts_lightning.scan_context`;
 ``benchmarks/cascade_cv.sh`` scores it), and its rows reproduce this script's; this script adds the count of the
 tumor slices the slice-alone score misses.
